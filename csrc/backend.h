@@ -1,0 +1,65 @@
+// One interface for every kind of accelerator memory sleepd manages.
+//
+// A backend knows how to create physical memory, share it with another process,
+// map it at an address that stays reserved for the region's whole life, and move
+// bytes. The daemon uses the create/export/release half; engines and movers use
+// the import/reserve/map half. Nothing here keeps process-wide state.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace sleepd {
+
+// Raised when a device has no room for a new allocation.
+struct OutOfMemory : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Raised for every other backend failure; the message names the call.
+struct BackendError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// What crosses a process boundary: a file descriptor (host, CUDA) or opaque
+// bytes sent in-band (Ascend). Exactly one of the two is set.
+struct Shareable {
+  int fd = -1;
+  std::string token;
+};
+
+using Handle = uint64_t;
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  virtual std::string name() const = 0;
+  // Allocation and mapping sizes are multiples of this.
+  virtual size_t granularity(int device) const = 0;
+
+  // Physical memory. `create` fails with OutOfMemory when the device is full.
+  // `label` names the memory where the system shows it (memfd names); may be ignored.
+  virtual Handle create(int device, size_t size, const std::string& label) = 0;
+  // The returned descriptor belongs to the caller, who must close it.
+  virtual Shareable export_handle(Handle handle) = 0;
+  // Does not take ownership of `shareable.fd`: the caller closes it.
+  virtual Handle import_handle(const Shareable& shareable, int device, size_t size) = 0;
+  // Lets process `pid` import the handle (allow-list backends); a no-op elsewhere.
+  virtual void authorize(Handle, int /*pid*/) {}
+  virtual void release(Handle handle) = 0;
+
+  // Virtual address space. `unmap` leaves a bare reservation at the same address.
+  virtual uintptr_t reserve(size_t size) = 0;
+  virtual void free_reservation(uintptr_t address, size_t size) = 0;
+  virtual void map(uintptr_t address, size_t size, Handle handle, int device) = 0;
+  virtual void unmap(uintptr_t address, size_t size) = 0;
+
+  // Bulk data movement between mapped addresses.
+  virtual void copy(uintptr_t dst, uintptr_t src, size_t size) = 0;
+  virtual void zero(uintptr_t dst, size_t size) = 0;
+};
+
+}  // namespace sleepd

@@ -1,0 +1,165 @@
+#include "host_backend.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "copy_engine.h"
+
+namespace sleepd {
+namespace {
+
+std::string errno_text(const char* call) {
+  return std::string(call) + ": " + std::strerror(errno);
+}
+
+size_t page_size() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
+
+}  // namespace
+
+HostBackend::HostBackend(int devices, size_t capacity)
+    : capacity_(capacity), used_(devices < 0 ? 0 : devices, 0) {}
+
+HostBackend::~HostBackend() {
+  for (auto& [handle, memory] : memory_) close(memory.fd);
+}
+
+size_t HostBackend::granularity(int) const { return page_size(); }
+
+size_t HostBackend::used(int device) const {
+  check_device(device);
+  std::lock_guard<std::mutex> lock(mutex_);
+  return used_[device];
+}
+
+void HostBackend::check_device(int device) const {
+  if (device < 0 || device >= static_cast<int>(used_.size()))
+    throw BackendError("host device " + std::to_string(device) + " does not exist (" +
+                       std::to_string(used_.size()) + " configured)");
+}
+
+Handle HostBackend::create(int device, size_t size, const std::string& label) {
+  check_device(device);
+  if (size == 0 || size % page_size() != 0)
+    throw BackendError("create: size " + std::to_string(size) + " is not a positive multiple of the page size");
+  {
+    // Claim the bytes first so that concurrent creates cannot both pass the check.
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (used_[device] + size > capacity_)
+      throw OutOfMemory("host:" + std::to_string(device) + " has " +
+                        std::to_string(capacity_ - used_[device]) + " bytes free, " +
+                        std::to_string(size) + " needed");
+    used_[device] += size;
+  }
+  auto unclaim = [&] {
+    std::lock_guard<std::mutex> lock(mutex_);
+    used_[device] -= size;
+  };
+  int fd = memfd_create(label.c_str(), MFD_CLOEXEC);
+  if (fd < 0) {
+    unclaim();
+    throw BackendError(errno_text("memfd_create"));
+  }
+  // Commit the pages now, as a driver commits device memory at creation: the
+  // capacity check then matches what the kernel really holds.
+  int rc = posix_fallocate(fd, 0, static_cast<off_t>(size));
+  if (rc != 0) {
+    close(fd);
+    unclaim();
+    errno = rc;
+    if (rc == ENOSPC || rc == ENOMEM) throw OutOfMemory(errno_text("fallocate"));
+    throw BackendError(errno_text("fallocate"));
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  Handle handle = next_handle_++;
+  memory_.emplace(handle, Memory{fd, device, size});
+  return handle;
+}
+
+const HostBackend::Memory& HostBackend::find(Handle handle) const {
+  auto it = memory_.find(handle);
+  if (it == memory_.end()) throw BackendError("unknown handle " + std::to_string(handle));
+  return it->second;
+}
+
+Shareable HostBackend::export_handle(Handle handle) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  int fd = fcntl(find(handle).fd, F_DUPFD_CLOEXEC, 0);
+  if (fd < 0) throw BackendError(errno_text("export: dup"));
+  Shareable shareable;
+  shareable.fd = fd;
+  return shareable;
+}
+
+Handle HostBackend::import_handle(const Shareable& shareable, int, size_t size) {
+  if (shareable.fd < 0) throw BackendError("import: the host backend shares file descriptors");
+  struct stat st;
+  if (fstat(shareable.fd, &st) != 0) throw BackendError(errno_text("import: fstat"));
+  if (static_cast<size_t>(st.st_size) < size)
+    throw BackendError("import: memory holds " + std::to_string(st.st_size) + " bytes, " +
+                       std::to_string(size) + " expected");
+  int fd = fcntl(shareable.fd, F_DUPFD_CLOEXEC, 0);
+  if (fd < 0) throw BackendError(errno_text("import: dup"));
+  std::lock_guard<std::mutex> lock(mutex_);
+  Handle handle = next_handle_++;
+  memory_.emplace(handle, Memory{fd, -1, size});
+  return handle;
+}
+
+void HostBackend::release(Handle handle) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const Memory& memory = find(handle);
+  close(memory.fd);
+  if (memory.device >= 0) used_[memory.device] -= memory.size;
+  memory_.erase(handle);
+}
+
+uintptr_t HostBackend::reserve(size_t size) {
+  void* address = mmap(nullptr, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (address == MAP_FAILED) throw BackendError(errno_text("reserve: mmap"));
+  return reinterpret_cast<uintptr_t>(address);
+}
+
+void HostBackend::free_reservation(uintptr_t address, size_t size) {
+  if (munmap(reinterpret_cast<void*>(address), size) != 0)
+    throw BackendError(errno_text("free_reservation: munmap"));
+}
+
+void HostBackend::map(uintptr_t address, size_t size, Handle handle, int) {
+  int fd;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const Memory& memory = find(handle);
+    if (size > memory.size)
+      throw BackendError("map: " + std::to_string(size) + " bytes asked of a " +
+                         std::to_string(memory.size) + "-byte handle");
+    fd = memory.fd;
+  }
+  // MAP_FIXED replaces the PROT_NONE reservation in place; MAP_POPULATE builds
+  // the page tables now rather than one fault at a time during the first copy.
+  void* mapped = mmap(reinterpret_cast<void*>(address), size, PROT_READ | PROT_WRITE,
+                      MAP_SHARED | MAP_FIXED | MAP_POPULATE, fd, 0);
+  if (mapped == MAP_FAILED) throw BackendError(errno_text("map: mmap"));
+}
+
+void HostBackend::unmap(uintptr_t address, size_t size) {
+  // Replacing the shared mapping with a fresh PROT_NONE one drops the reference
+  // to the memory and keeps the address reserved, in one step.
+  void* bare = mmap(reinterpret_cast<void*>(address), size, PROT_NONE,
+                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
+  if (bare == MAP_FAILED) throw BackendError(errno_text("unmap: mmap"));
+}
+
+void HostBackend::copy(uintptr_t dst, uintptr_t src, size_t size) {
+  parallel_copy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), size);
+}
+
+void HostBackend::zero(uintptr_t dst, size_t size) {
+  parallel_zero(reinterpret_cast<void*>(dst), size);
+}
+
+}  // namespace sleepd

@@ -1,0 +1,96 @@
+// Python bindings: sleepd._C. Heavy calls release the GIL; nothing here calls
+// back into Python.
+#include <pybind11/pybind11.h>
+
+#include <cstring>
+#include <memory>
+
+#include "backend.h"
+#include "copy_engine.h"
+#include "host_backend.h"
+
+namespace py = pybind11;
+using namespace sleepd;
+
+namespace {
+
+py::object shareable_to_python(const Shareable& shareable) {
+  if (shareable.fd >= 0) return py::int_(shareable.fd);
+  return py::bytes(shareable.token);
+}
+
+Shareable shareable_from_python(const py::object& value) {
+  Shareable shareable;
+  if (py::isinstance<py::bytes>(value)) {
+    shareable.token = value.cast<std::string>();
+  } else {
+    shareable.fd = value.cast<int>();
+  }
+  return shareable;
+}
+
+void* as_pointer(uintptr_t address) { return reinterpret_cast<void*>(address); }
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "sleepd native core: memory backends and bulk copies";
+
+  auto base_error = py::register_exception<BackendError>(m, "BackendError", PyExc_RuntimeError);
+  py::register_exception<OutOfMemory>(m, "OutOfMemoryError", PyExc_MemoryError);
+  (void)base_error;
+
+  py::class_<Backend, std::shared_ptr<Backend>>(m, "Backend")
+      .def_property_readonly("name", &Backend::name)
+      .def("granularity", &Backend::granularity, py::arg("device"))
+      .def("create", &Backend::create, py::arg("device"), py::arg("size"), py::arg("label") = "sleepd",
+           py::call_guard<py::gil_scoped_release>(),
+           "Create physical memory; raises OutOfMemoryError when the device is full.")
+      .def(
+          "export_handle",
+          [](Backend& self, Handle handle) { return shareable_to_python(self.export_handle(handle)); },
+          py::arg("handle"), "An fd the caller must close, or opaque bytes.")
+      .def(
+          "import_handle",
+          [](Backend& self, const py::object& shareable, int device, size_t size) {
+            return self.import_handle(shareable_from_python(shareable), device, size);
+          },
+          py::arg("shareable"), py::arg("device"), py::arg("size"),
+          "Import memory shared by another process; a passed fd stays the caller's to close.")
+      .def("authorize", &Backend::authorize, py::arg("handle"), py::arg("pid"))
+      .def("release", &Backend::release, py::arg("handle"))
+      .def("reserve", &Backend::reserve, py::arg("size"))
+      .def("free_reservation", &Backend::free_reservation, py::arg("address"), py::arg("size"))
+      .def("map", &Backend::map, py::arg("address"), py::arg("size"), py::arg("handle"), py::arg("device"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("unmap", &Backend::unmap, py::arg("address"), py::arg("size"))
+      .def("copy", &Backend::copy, py::arg("dst"), py::arg("src"), py::arg("size"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("zero", &Backend::zero, py::arg("dst"), py::arg("size"), py::call_guard<py::gil_scoped_release>());
+
+  py::class_<HostBackend, Backend, std::shared_ptr<HostBackend>>(m, "HostBackend")
+      .def(py::init<int, size_t>(), py::arg("devices") = 0, py::arg("capacity") = 0)
+      .def_property_readonly("devices", &HostBackend::devices)
+      .def_property_readonly("capacity", &HostBackend::capacity)
+      .def("used", &HostBackend::used, py::arg("device"));
+
+  m.def(
+      "memoryview",
+      [](uintptr_t address, size_t size, bool readonly) {
+        return py::memoryview::from_memory(as_pointer(address), static_cast<py::ssize_t>(size), readonly);
+      },
+      py::arg("address"), py::arg("size"), py::arg("readonly") = false,
+      "A memoryview over mapped memory; it does not keep the mapping alive.");
+  m.def(
+      "parallel_copy",
+      [](uintptr_t dst, uintptr_t src, size_t size, unsigned threads) {
+        parallel_copy(as_pointer(dst), as_pointer(src), size, threads);
+      },
+      py::arg("dst"), py::arg("src"), py::arg("size"), py::arg("threads") = 0,
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "plain_memcpy",
+      [](uintptr_t dst, uintptr_t src, size_t size) { std::memcpy(as_pointer(dst), as_pointer(src), size); },
+      py::arg("dst"), py::arg("src"), py::arg("size"), py::call_guard<py::gil_scoped_release>(),
+      "One single-threaded memcpy: the baseline benchmarks compare against.");
+}

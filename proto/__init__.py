@@ -1,0 +1,1 @@
+"""Generated gRPC and protobuf code for sleepd.v1 (built from sleepd.proto at install time)."""
