@@ -139,10 +139,10 @@ void HostBackend::map(uintptr_t address, size_t size, Handle handle, int) {
                          std::to_string(memory.size) + "-byte handle");
     fd = memory.fd;
   }
-  // MAP_FIXED replaces the PROT_NONE reservation in place; MAP_POPULATE builds
-  // the page tables now rather than one fault at a time during the first copy.
+  // MAP_FIXED replaces the PROT_NONE reservation in place. No MAP_POPULATE:
+  // on a sparse file (a backup pool slab) it would allocate every page.
   void* mapped = mmap(reinterpret_cast<void*>(address), size, PROT_READ | PROT_WRITE,
-                      MAP_SHARED | MAP_FIXED | MAP_POPULATE, fd, 0);
+                      MAP_SHARED | MAP_FIXED, fd, 0);
   if (mapped == MAP_FAILED) throw BackendError(errno_text("map: mmap"));
 }
 

@@ -2,6 +2,9 @@
 // back into Python.
 #include <pybind11/pybind11.h>
 
+#include <fcntl.h>
+
+#include <cerrno>
 #include <cstring>
 #include <memory>
 
@@ -93,4 +96,13 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t dst, uintptr_t src, size_t size) { std::memcpy(as_pointer(dst), as_pointer(src), size); },
       py::arg("dst"), py::arg("src"), py::arg("size"), py::call_guard<py::gil_scoped_release>(),
       "One single-threaded memcpy: the baseline benchmarks compare against.");
+  m.def(
+      "punch_hole",
+      [](int fd, size_t offset, size_t length) {
+        if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
+                      static_cast<off_t>(length)) != 0)
+          throw BackendError(std::string("punch_hole: ") + std::strerror(errno));
+      },
+      py::arg("fd"), py::arg("offset"), py::arg("length"),
+      "Give a file range's pages back to the kernel, keeping the file's size.");
 }

@@ -1,0 +1,1 @@
+"""The sleepd daemon: the control plane that owns every region's physical memory."""

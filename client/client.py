@@ -1,0 +1,227 @@
+"""SleepClient: what an engine process imports to put its memory in sleepd's hands.
+
+    c = SleepClient.connect(model="qwen", rank=0, device=0)
+    r = c.alloc(64 << 20, tag="kv_cache")
+    c.on_sleep(pause); c.on_wake(resume)
+    c.sleep(level=1); c.wake(); c.is_sleeping()
+
+One session stream per process is its lease with the daemon: a background thread
+answers the daemon's commands on it (run hooks, unmap, remap) while the caller's
+thread goes on. Closing the client, or the process dying, ends the lease and the
+daemon reclaims the memory.
+"""
+
+import logging
+import os
+import queue
+import threading
+from typing import Callable
+
+import grpc
+
+from sleepd.common import paths
+from sleepd.common.native import engine_backend
+from sleepd.proto import sleepd_pb2 as pb
+from sleepd.proto import sleepd_pb2_grpc as pb_grpc
+
+from .errors import SleepdError
+from .handles import HandleConnection
+from .region import Region, State
+
+log = logging.getLogger(__name__)
+
+_STATES = {pb.OFFLOADED: State.OFFLOADED, pb.DISCARDED: State.DISCARDED}
+
+
+def _rpc(call, *args, **kwargs):
+    try:
+        return call(*args, **kwargs)
+    except grpc.RpcError as error:
+        raise SleepdError.from_rpc(error) from None
+
+
+class SleepClient:
+    def __init__(self, model: str, rank: int, device: int, socket_path: str):
+        self.model, self.rank, self.device = model, rank, device
+        self._regions: dict[int, Region] = {}
+        self._regions_lock = threading.Lock()
+        self._sleep_hooks: list[Callable[[], None]] = []
+        self._wake_hooks: list[Callable[[], None]] = []
+        self._tag_wake_hooks: dict[str, list[Callable[[], None]]] = {}
+        self._closed = False
+
+        self._handles = HandleConnection(paths.handle_socket(socket_path))
+        self._channel = grpc.insecure_channel(f"unix:{socket_path}")
+        self._stub = pb_grpc.SleepdStub(self._channel)
+        self._outgoing: "queue.Queue[pb.EngineMessage | None]" = queue.Queue()
+        self._outgoing.put(pb.EngineMessage(attach=pb.Attach(token=self._handles.token, model=model, rank=rank,
+                                                             device=device)))
+        self._stream = self._stub.Session(iter(self._outgoing.get, None))
+        try:
+            attached = next(self._stream).attached
+        except grpc.RpcError as error:
+            self._handles.close()
+            self._channel.close()
+            raise SleepdError.from_rpc(error) from None
+        self._session_id = attached.session_id
+        self._backend = engine_backend(attached.backend)
+        self._thread = threading.Thread(target=self._serve_commands, name="sleepd-session", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def connect(cls, model: str, rank: int = 0, device: int = 0, socket: str | None = None) -> "SleepClient":
+        """Attaches this process as `rank` of `model` on `device`. The socket is
+        `socket`, else $SLEEPD_SOCKET, else the system or per-user default."""
+        return cls(model, rank, device, paths.client_socket(socket))
+
+    def __enter__(self) -> "SleepClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- memory ----
+
+    def alloc(self, nbytes: int, tag: str) -> Region:
+        """A new region of at least `nbytes`, mapped at an address it keeps for life."""
+        info = _rpc(self._stub.Allocate, pb.AllocateRequest(session_id=self._session_id, size=nbytes, tag=tag))
+        try:
+            fd, mapped_size = self._handles.fetch(info.id)
+            address = self._backend.reserve(mapped_size)
+            try:
+                self._map(fd, address, mapped_size)
+            except BaseException:
+                self._backend.free_reservation(address, mapped_size)
+                raise
+        except BaseException:
+            _rpc(self._stub.Free, pb.FreeRequest(session_id=self._session_id, region_id=info.id))
+            raise
+        region = Region(info.id, info.tag, info.size, mapped_size, info.device, address)
+        with self._regions_lock:
+            self._regions[region.id] = region
+        return region
+
+    def free(self, region: Region) -> None:
+        """Gives the region back. Tensors and views over it must not be used afterwards."""
+        with self._regions_lock:
+            if self._regions.pop(region.id, None) is None:
+                raise ValueError(f"region {region.id} is not one of this client's regions")
+        self._backend.free_reservation(region.address, region.mapped_size)
+        region.state = State.FREED
+        _rpc(self._stub.Free, pb.FreeRequest(session_id=self._session_id, region_id=region.id))
+
+    def adopt(self, module, tag: str = "weights") -> list[Region]:
+        """Moves a torch module's parameters and buffers into a few large regions."""
+        from .adopt import adopt
+
+        return adopt(self, module, tag)
+
+    def regions(self) -> list[Region]:
+        with self._regions_lock:
+            return sorted(self._regions.values(), key=lambda region: region.id)
+
+    # ---- hooks ----
+
+    def on_sleep(self, fn: Callable[[], None]) -> None:
+        """`fn` runs before any memory of this model goes (pause the scheduler here)."""
+        self._sleep_hooks.append(fn)
+
+    def on_wake(self, fn: Callable[[], None], tag: str | None = None) -> None:
+        """`fn` runs once every region is back (resume here); with `tag`, as soon
+        as that tag's regions are back (reload weights here)."""
+        if tag is None:
+            self._wake_hooks.append(fn)
+        else:
+            self._tag_wake_hooks.setdefault(tag, []).append(fn)
+
+    # ---- control of this model ----
+
+    def sleep(self, level: int = 1, tags: list[str] | None = None, actions: dict[str, str] | None = None) -> pb.OperationReply:
+        request = pb.SleepRequest(model=self.model, level=level, tags=tags or [], actions=[
+            pb.TagAction(tag=tag, action=pb.Action.Value(action.upper())) for tag, action in (actions or {}).items()])
+        return _rpc(self._stub.Sleep, request)
+
+    def wake(self, tags: list[str] | None = None) -> pb.OperationReply:
+        return _rpc(self._stub.Wake, pb.WakeRequest(model=self.model, tags=tags or []))
+
+    def is_sleeping(self) -> bool:
+        return self.status().sleeping
+
+    def status(self) -> pb.ModelStatus:
+        return _rpc(self._stub.Status, pb.StatusRequest(model=self.model)).models[0]
+
+    def close(self) -> None:
+        """Ends the lease: the daemon reclaims every region; local reservations go too."""
+        if self._closed:
+            return
+        self._closed = True
+        self._outgoing.put(None)
+        self._stream.cancel()
+        self._thread.join(timeout=5)
+        with self._regions_lock:
+            regions, self._regions = list(self._regions.values()), {}
+        for region in regions:
+            self._backend.free_reservation(region.address, region.mapped_size)
+            region.state = State.FREED
+        self._handles.close()
+        self._channel.close()
+
+    # ---- the daemon's commands ----
+
+    def _serve_commands(self) -> None:
+        handlers = {"quiesce": self._quiesce, "unmap": self._unmap, "remap": self._remap, "resume": self._resume}
+        try:
+            for command in self._stream:
+                kind = command.WhichOneof("kind")
+                try:
+                    handlers[kind](getattr(command, kind))
+                    ack = pb.Ack(op_id=command.op_id, ok=True)
+                except Exception as error:  # reported to the daemon, which rolls the model back
+                    log.exception("sleepd %s command failed", kind)
+                    ack = pb.Ack(op_id=command.op_id, ok=False, error=f"{type(error).__name__}: {error}")
+                self._outgoing.put(pb.EngineMessage(ack=ack))
+        except grpc.RpcError as error:
+            if not self._closed:
+                log.error("sleepd session of %s rank %d ended: %s", self.model, self.rank, error.details())
+
+    def _quiesce(self, command: pb.Quiesce) -> None:
+        for hook in self._sleep_hooks:
+            hook()
+
+    def _unmap(self, command: pb.Unmap) -> None:
+        for change in command.regions:
+            region = self._region(change.region_id)
+            self._backend.unmap(region.address, region.mapped_size)
+            region.state = _STATES[change.state]
+
+    def _remap(self, command: pb.Remap) -> None:
+        woken = set()
+        for region_id in command.region_ids:
+            region = self._region(region_id)
+            fd, _ = self._handles.fetch(region_id)
+            self._map(fd, region.address, region.mapped_size)
+            region.state = State.MAPPED
+            woken.add(region.tag)
+        for tag in sorted(woken):
+            if all(r.state is State.MAPPED for r in self.regions() if r.tag == tag):
+                for hook in self._tag_wake_hooks.get(tag, []):
+                    hook()
+
+    def _resume(self, command: pb.Resume) -> None:
+        for hook in self._wake_hooks:
+            hook()
+
+    def _map(self, fd: int, address: int, size: int) -> None:
+        """Imports the memory, maps it and drops every reference but the mapping."""
+        try:
+            handle = self._backend.import_handle(fd, self.device, size)
+        finally:
+            os.close(fd)
+        try:
+            self._backend.map(address, size, handle, self.device)
+        finally:
+            self._backend.release(handle)
+
+    def _region(self, region_id: int) -> Region:
+        with self._regions_lock:
+            return self._regions[region_id]

@@ -1,0 +1,76 @@
+"""Prometheus metrics, prefixed sleepd_. Memory gauges are read from the manager
+at scrape time, so they can never drift from the daemon's state; durations,
+bytes moved and errors are recorded as operations happen."""
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+
+# Sleep and wake run from milliseconds (small models, level 2) to minutes.
+_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.sleep_seconds = Histogram("sleepd_sleep_duration_seconds", "Time to put a model to sleep.",
+                                       ["model", "level"], buckets=_DURATION_BUCKETS, registry=self.registry)
+        self.wake_seconds = Histogram("sleepd_wake_duration_seconds", "Time to wake a model (all or some tags).",
+                                      ["model"], buckets=_DURATION_BUCKETS, registry=self.registry)
+        self.bytes_moved = Counter("sleepd_moved_bytes", "Bytes copied by the movers.", ["direction"],
+                                   registry=self.registry)
+        self.errors = Counter("sleepd_errors", "Requests refused or failed, by operation and gRPC code.",
+                              ["operation", "code"], registry=self.registry)
+
+    def observe(self, operation: str, model: str, detail: str, result) -> None:
+        if operation == "sleep":
+            self.sleep_seconds.labels(model=model, level=detail).observe(result.seconds)
+        else:
+            self.wake_seconds.labels(model=model).observe(result.seconds)
+
+    def watch(self, manager) -> None:
+        self.registry.register(_StateCollector(manager))
+
+    def serve(self, address: str) -> str:
+        """Starts /metrics and returns the address it listens on (port 0 picks one)."""
+        host, _, port = address.rpartition(":")
+        host = host.strip("[]") or "127.0.0.1"
+        server, _ = start_http_server(int(port), addr=host, registry=self.registry)
+        return f"{host}:{server.server_port}"
+
+
+class _StateCollector:
+    def __init__(self, manager):
+        self._manager = manager
+
+    def collect(self):
+        manager = self._manager
+        region_bytes = GaugeMetricFamily("sleepd_region_bytes", "Bytes of regions by model, tag, state and device.",
+                                         labels=["model", "tag", "state", "device"])
+        sleeping = GaugeMetricFamily("sleepd_model_sleeping", "1 while a model is asleep (not every tag awake).",
+                                     labels=["model"])
+        totals: dict[tuple, int] = {}
+        for model in manager.snapshot():
+            sleeping.add_metric([model.name], 1 if model.sleeping else 0)
+            for rank in model.ranks:
+                for region in rank.regions:
+                    key = (model.name, region.tag, region.state.label, manager.backend.devices[region.device].name)
+                    totals[key] = totals.get(key, 0) + region.mapped_size
+        for labels, value in sorted(totals.items()):
+            region_bytes.add_metric(list(labels), value)
+        yield region_bytes
+        yield sleeping
+
+        used = GaugeMetricFamily("sleepd_device_used_bytes", "Device memory held by sleepd.", labels=["device"])
+        capacity = GaugeMetricFamily("sleepd_device_capacity_bytes", "Device memory sleepd may use.",
+                                     labels=["device"])
+        for device in manager.backend.devices:
+            used.add_metric([device.name], manager.backend.used(device.index))
+            capacity.add_metric([device.name], device.capacity)
+        yield used
+        yield capacity
+
+        yield GaugeMetricFamily("sleepd_host_pool_used_bytes", "Host backup pool bytes in use.",
+                                value=manager.pool.used)
+        yield GaugeMetricFamily("sleepd_host_pool_budget_bytes", "Host backup pool budget.",
+                                value=manager.pool.budget)
+        yield GaugeMetricFamily("sleepd_sessions", "Engine processes attached.", value=manager.session_count())

@@ -1,0 +1,166 @@
+"""The host backup pool: where offloaded regions wait, in daemon-owned shared
+memory files under a tmpfs directory, within a byte budget.
+
+The pool is a few large slab files rather than a file per backup, so that a
+mover maps (and on a GPU, pins) each slab once and reuses it for every sleep.
+A backup is a list of pieces of slabs. Freed pieces give their pages back to
+the kernel unless the pool is pre-faulted, in which case it keeps them so the
+next sleep runs without page faults.
+"""
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+
+from sleepd import _C
+from sleepd.common.sizes import format_size
+
+from .errors import exhausted
+
+log = logging.getLogger(__name__)
+
+PAGE = os.sysconf("SC_PAGESIZE")
+SLAB_PREFIX = "slab-"
+
+
+def _round_up(size: int, unit: int) -> int:
+    return (size + unit - 1) // unit * unit
+
+
+@dataclass(frozen=True)
+class Piece:
+    slab: int
+    offset: int
+    length: int
+
+
+@dataclass
+class Backup:
+    size: int
+    pieces: list[Piece]
+
+
+@dataclass
+class Slab:
+    index: int
+    path: str
+    fd: int
+    size: int
+    free: list[tuple[int, int]] = field(default_factory=list)  # (offset, length), sorted by offset
+
+    def take(self, wanted: int) -> list[Piece]:
+        """Up to `wanted` bytes from this slab's free extents, first fit."""
+        pieces, remaining = [], wanted
+        while remaining and self.free:
+            offset, length = self.free[0]
+            used = min(length, remaining)
+            pieces.append(Piece(self.index, offset, used))
+            if used == length:
+                self.free.pop(0)
+            else:
+                self.free[0] = (offset + used, length - used)
+            remaining -= used
+        return pieces
+
+    def give_back(self, offset: int, length: int) -> None:
+        """Returns an extent, merging it with its neighbours."""
+        self.free.append((offset, length))
+        self.free.sort()
+        merged = [self.free[0]]
+        for start, size in self.free[1:]:
+            last_start, last_size = merged[-1]
+            if last_start + last_size == start:
+                merged[-1] = (last_start, last_size + size)
+            else:
+                merged.append((start, size))
+        self.free = merged
+
+
+class HostPool:
+    def __init__(self, directory: str, budget: int, slab_size: int = 1 << 30, prefault: bool = False):
+        self.directory = directory
+        self.budget = budget
+        self.prefault = prefault
+        self._slab_size = _round_up(min(slab_size, max(budget, PAGE)), PAGE)
+        self._lock = threading.Lock()
+        self._slabs: list[Slab] = []
+        self._used = 0
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self._remove_stale_slabs()
+        if prefault:
+            while self._slab_bytes() < budget:
+                self._add_slab()
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    @property
+    def available(self) -> int:
+        return self.budget - self._used
+
+    def slabs(self) -> list[Slab]:
+        with self._lock:
+            return list(self._slabs)
+
+    def allocate(self, size: int) -> Backup:
+        wanted = _round_up(size, PAGE)
+        with self._lock:
+            if wanted > self.budget - self._used:
+                raise exhausted(
+                    f"host backup pool needs {format_size(wanted)}, has {format_size(self.budget - self._used)} "
+                    f"free of its {format_size(self.budget)} budget; raise --host-pool-budget or discard instead"
+                )
+            pieces: list[Piece] = []
+            remaining = wanted
+            for slab in self._slabs:
+                taken = slab.take(remaining)
+                pieces += taken
+                remaining -= sum(piece.length for piece in taken)
+                if not remaining:
+                    break
+            while remaining:
+                taken = self._add_slab().take(remaining)
+                pieces += taken
+                remaining -= sum(piece.length for piece in taken)
+            self._used += wanted
+            return Backup(size=size, pieces=pieces)
+
+    def free(self, backup: Backup) -> None:
+        with self._lock:
+            for piece in backup.pieces:
+                slab = self._slabs[piece.slab]
+                if not self.prefault:
+                    _C.punch_hole(slab.fd, piece.offset, piece.length)
+                slab.give_back(piece.offset, piece.length)
+                self._used -= piece.length
+        backup.pieces = []
+
+    def close(self) -> None:
+        with self._lock:
+            for slab in self._slabs:
+                os.close(slab.fd)
+                os.unlink(slab.path)
+            self._slabs = []
+
+    def _slab_bytes(self) -> int:
+        return sum(slab.size for slab in self._slabs)
+
+    def _add_slab(self) -> Slab:
+        size = min(self._slab_size, _round_up(self.budget - self._slab_bytes(), PAGE))
+        index = len(self._slabs)
+        path = os.path.join(self.directory, f"{SLAB_PREFIX}{index:04d}")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        os.ftruncate(fd, size)
+        if self.prefault:
+            os.posix_fallocate(fd, 0, size)
+        slab = Slab(index, path, fd, size, free=[(0, size)])
+        self._slabs.append(slab)
+        return slab
+
+    def _remove_stale_slabs(self) -> None:
+        for name in os.listdir(self.directory):
+            if name.startswith(SLAB_PREFIX):
+                log.warning("removing stale host pool file %s from an earlier daemon", name)
+                os.unlink(os.path.join(self.directory, name))
