@@ -1,0 +1,94 @@
+"""A real engine process for the end-to-end tests.
+
+It attaches to sleepd as one rank of a model, allocates regions, fills them with
+seeded random bytes, records its hooks, and then answers one-line JSON commands
+on stdin with one-line JSON replies on stdout:
+
+    {"op": "report"}                   regions (address, state, sha256 when mapped), hook counts
+    {"op": "sleep", "level": 1}        sleep its own model through the client API
+    {"op": "wake", "tags": [...]}      wake its own model
+    {"op": "exit"}
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import sys
+import threading
+import time
+
+from sleepd.client import SleepClient, SleepdError, State
+
+
+def fill(region, seed: int) -> None:
+    region.memoryview[:] = random.Random(seed).randbytes(region.size)
+
+
+def report(client, hooks) -> dict:
+    regions = []
+    for region in client.regions():
+        entry = {"id": region.id, "tag": region.tag, "size": region.size, "address": region.address,
+                 "state": region.state.value}
+        if region.state is State.MAPPED:
+            data = bytes(region.memoryview)
+            entry["sha256"] = hashlib.sha256(data).hexdigest()
+            entry["zero"] = data.count(0) == len(data)
+        regions.append(entry)
+    return {"pid": os.getpid(), "regions": regions, "hooks": dict(hooks)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--socket", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--rank", type=int, default=0)
+    parser.add_argument("--device", type=int, default=0)
+    parser.add_argument("--region", action="append", default=[], help="TAG:BYTES")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sleep-hook", choices=["ok", "fail", "hang"], default="ok")
+    args = parser.parse_args()
+
+    hooks = {"sleep": 0, "wake": 0}
+    client = SleepClient.connect(args.model, args.rank, args.device, socket=args.socket)
+
+    def on_sleep():
+        hooks["sleep"] += 1
+        if args.sleep_hook == "fail":
+            raise RuntimeError("the scheduler refused to pause")
+        if args.sleep_hook == "hang":
+            threading.Event().wait()
+
+    def on_wake():
+        hooks["wake"] += 1
+
+    client.on_sleep(on_sleep)
+    client.on_wake(on_wake)
+    for index, spec in enumerate(args.region):
+        tag, size = spec.split(":")
+        fill(client.alloc(int(size), tag), args.seed * 1000 + index)
+    print(json.dumps(report(client, hooks)), flush=True)
+
+    for line in sys.stdin:
+        command = json.loads(line)
+        try:
+            if command["op"] == "report":
+                reply = report(client, hooks)
+            elif command["op"] == "sleep":
+                reply = {"sleeping": client.sleep(level=command.get("level", 1)).sleeping}
+            elif command["op"] == "wake":
+                reply = {"sleeping": client.wake(tags=command.get("tags")).sleeping}
+            elif command["op"] == "exit":
+                break
+            else:
+                reply = {"error": f"unknown op {command['op']}"}
+        except SleepdError as error:
+            reply = {"error": error.message, "code": error.code.name}
+        print(json.dumps(reply), flush=True)
+    client.close()
+    time.sleep(0)
+
+
+if __name__ == "__main__":
+    main()
