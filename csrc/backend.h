@@ -57,9 +57,14 @@ class Backend {
   virtual void map(uintptr_t address, size_t size, Handle handle, int device) = 0;
   virtual void unmap(uintptr_t address, size_t size) = 0;
 
-  // Bulk data movement between mapped addresses.
-  virtual void copy(uintptr_t dst, uintptr_t src, size_t size) = 0;
-  virtual void zero(uintptr_t dst, size_t size) = 0;
+  // Bulk movement between a handle's memory (from `offset`) and host memory of
+  // this process, such as a backup pool slab. Large transfers are split across
+  // threads (host) or streams (GPU); each call returns when its bytes have moved.
+  virtual void copy_to_host(Handle src, size_t offset, void* dst, size_t size) = 0;
+  virtual void copy_from_host(Handle dst, size_t offset, const void* src, size_t size) = 0;
+  virtual void zero(Handle dst, size_t offset, size_t size) = 0;
+  // Prepares host memory for fast copies once (a GPU pins it); a no-op elsewhere.
+  virtual void register_host(void* /*address*/, size_t /*size*/) {}
 };
 
 }  // namespace sleepd

@@ -1,9 +1,16 @@
 #include "copy_engine.h"
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
+#include <cerrno>
 #include <cstring>
+#include <string>
 #include <thread>
 #include <vector>
+
+#include "backend.h"
 
 namespace sleepd {
 namespace {
@@ -46,10 +53,35 @@ void parallel_copy(void* dst, const void* src, size_t size, unsigned threads) {
         [=](size_t offset, size_t length) { std::memcpy(d + offset, s + offset, length); });
 }
 
-void parallel_zero(void* dst, size_t size, unsigned threads) {
+void parallel_pread(int fd, size_t offset, void* dst, size_t size, unsigned threads) {
   auto* d = static_cast<char*>(dst);
-  split(size, thread_count(size, threads),
-        [=](size_t offset, size_t length) { std::memset(d + offset, 0, length); });
+  std::atomic<int> error{0};
+  split(size, thread_count(size, threads), [&, d](size_t start, size_t length) {
+    while (length > 0 && error.load() == 0) {
+      ssize_t got = pread(fd, d + start, length, static_cast<off_t>(offset + start));
+      if (got < 0 && errno == EINTR) continue;
+      if (got <= 0) {
+        error = got < 0 ? errno : EIO;  // a short file is as wrong as a failed read
+        return;
+      }
+      start += static_cast<size_t>(got);
+      length -= static_cast<size_t>(got);
+    }
+  });
+  if (error) throw BackendError(std::string("copy: pread: ") + std::strerror(error));
+}
+
+void pwrite_all(int fd, size_t offset, const void* src, size_t size) {
+  const auto* s = static_cast<const char*>(src);
+  // One writer: tmpfs serialises writes to a file, so threads would only queue.
+  while (size > 0) {
+    ssize_t put = pwrite(fd, s, size, static_cast<off_t>(offset));
+    if (put < 0 && errno == EINTR) continue;
+    if (put <= 0) throw BackendError(std::string("copy: pwrite: ") + std::strerror(put < 0 ? errno : EIO));
+    s += put;
+    offset += static_cast<size_t>(put);
+    size -= static_cast<size_t>(put);
+  }
 }
 
 }  // namespace sleepd

@@ -139,10 +139,8 @@ void HostBackend::map(uintptr_t address, size_t size, Handle handle, int) {
                          std::to_string(memory.size) + "-byte handle");
     fd = memory.fd;
   }
-  // MAP_FIXED replaces the PROT_NONE reservation in place. No MAP_POPULATE:
-  // on a sparse file (a backup pool slab) it would allocate every page.
-  void* mapped = mmap(reinterpret_cast<void*>(address), size, PROT_READ | PROT_WRITE,
-                      MAP_SHARED | MAP_FIXED, fd, 0);
+  // MAP_FIXED replaces the PROT_NONE reservation in place.
+  void* mapped = mmap(reinterpret_cast<void*>(address), size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0);
   if (mapped == MAP_FAILED) throw BackendError(errno_text("map: mmap"));
 }
 
@@ -154,12 +152,37 @@ void HostBackend::unmap(uintptr_t address, size_t size) {
   if (bare == MAP_FAILED) throw BackendError(errno_text("unmap: mmap"));
 }
 
-void HostBackend::copy(uintptr_t dst, uintptr_t src, size_t size) {
-  parallel_copy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), size);
+int HostBackend::fd_for(Handle handle, size_t offset, size_t size, const char* call) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const Memory& memory = find(handle);
+  if (offset > memory.size || size > memory.size - offset)
+    throw BackendError(std::string(call) + ": range [" + std::to_string(offset) + ", +" + std::to_string(size) +
+                       ") is outside the " + std::to_string(memory.size) + "-byte handle");
+  return memory.fd;
 }
 
-void HostBackend::zero(uintptr_t dst, size_t size) {
-  parallel_zero(reinterpret_cast<void*>(dst), size);
+// Through the file rather than a mapping: the kernel copies straight from the
+// page cache, so no page tables are built for memory we touch only once.
+void HostBackend::copy_to_host(Handle src, size_t offset, void* dst, size_t size) {
+  parallel_pread(fd_for(src, offset, size, "copy_to_host"), offset, dst, size);
+}
+
+void HostBackend::copy_from_host(Handle dst, size_t offset, const void* src, size_t size) {
+  pwrite_all(fd_for(dst, offset, size, "copy_from_host"), offset, src, size);
+}
+
+void HostBackend::zero(Handle dst, size_t offset, size_t size) {
+  int fd = fd_for(dst, offset, size, "zero");
+  if (size == 0) return;
+  // tmpfs has no ZERO_RANGE: drop the pages (they read as zeros), then commit fresh ones.
+  if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
+                static_cast<off_t>(size)) != 0)
+    throw BackendError(errno_text("zero: punch hole"));
+  int rc = posix_fallocate(fd, static_cast<off_t>(offset), static_cast<off_t>(size));
+  if (rc != 0) {
+    errno = rc;
+    throw BackendError(errno_text("zero: fallocate"));
+  }
 }
 
 }  // namespace sleepd

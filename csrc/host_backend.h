@@ -30,8 +30,9 @@ class HostBackend : public Backend {
   void map(uintptr_t address, size_t size, Handle handle, int device) override;
   void unmap(uintptr_t address, size_t size) override;
 
-  void copy(uintptr_t dst, uintptr_t src, size_t size) override;
-  void zero(uintptr_t dst, size_t size) override;
+  void copy_to_host(Handle src, size_t offset, void* dst, size_t size) override;
+  void copy_from_host(Handle dst, size_t offset, const void* src, size_t size) override;
+  void zero(Handle dst, size_t offset, size_t size) override;
 
   int devices() const { return static_cast<int>(used_.size()); }
   size_t capacity() const { return capacity_; }
@@ -44,6 +45,8 @@ class HostBackend : public Backend {
     size_t size;
   };
   const Memory& find(Handle handle) const;
+  // The handle's fd, after checking that [offset, offset + size) lies inside it.
+  int fd_for(Handle handle, size_t offset, size_t size, const char* call) const;
   void check_device(int device) const;
 
   size_t capacity_;

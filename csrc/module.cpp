@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 
 #include <fcntl.h>
+#include <sys/mman.h>
 
 #include <cerrno>
 #include <cstring>
@@ -67,9 +68,23 @@ PYBIND11_MODULE(_C, m) {
       .def("map", &Backend::map, py::arg("address"), py::arg("size"), py::arg("handle"), py::arg("device"),
            py::call_guard<py::gil_scoped_release>())
       .def("unmap", &Backend::unmap, py::arg("address"), py::arg("size"))
-      .def("copy", &Backend::copy, py::arg("dst"), py::arg("src"), py::arg("size"),
+      .def(
+          "copy_to_host",
+          [](Backend& self, Handle src, size_t offset, uintptr_t dst, size_t size) {
+            self.copy_to_host(src, offset, as_pointer(dst), size);
+          },
+          py::arg("src"), py::arg("offset"), py::arg("dst"), py::arg("size"), py::call_guard<py::gil_scoped_release>())
+      .def(
+          "copy_from_host",
+          [](Backend& self, Handle dst, size_t offset, uintptr_t src, size_t size) {
+            self.copy_from_host(dst, offset, as_pointer(src), size);
+          },
+          py::arg("dst"), py::arg("offset"), py::arg("src"), py::arg("size"), py::call_guard<py::gil_scoped_release>())
+      .def("zero", &Backend::zero, py::arg("dst"), py::arg("offset"), py::arg("size"),
            py::call_guard<py::gil_scoped_release>())
-      .def("zero", &Backend::zero, py::arg("dst"), py::arg("size"), py::call_guard<py::gil_scoped_release>());
+      .def(
+          "register_host", [](Backend& self, uintptr_t address, size_t size) { self.register_host(as_pointer(address), size); },
+          py::arg("address"), py::arg("size"), py::call_guard<py::gil_scoped_release>());
 
   py::class_<HostBackend, Backend, std::shared_ptr<HostBackend>>(m, "HostBackend")
       .def(py::init<int, size_t>(), py::arg("devices") = 0, py::arg("capacity") = 0)
@@ -77,6 +92,22 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("capacity", &HostBackend::capacity)
       .def("used", &HostBackend::used, py::arg("device"));
 
+  m.def(
+      "map_file",
+      [](int fd, size_t size, bool populate) {
+        void* address = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED | (populate ? MAP_POPULATE : 0), fd, 0);
+        if (address == MAP_FAILED) throw BackendError(std::string("map_file: mmap: ") + std::strerror(errno));
+        return reinterpret_cast<uintptr_t>(address);
+      },
+      py::arg("fd"), py::arg("size"), py::arg("populate") = false, py::call_guard<py::gil_scoped_release>(),
+      "Map a whole file shared, for host memory such as backup pool slabs.");
+  m.def(
+      "unmap_file",
+      [](uintptr_t address, size_t size) {
+        if (munmap(as_pointer(address), size) != 0)
+          throw BackendError(std::string("unmap_file: munmap: ") + std::strerror(errno));
+      },
+      py::arg("address"), py::arg("size"));
   m.def(
       "memoryview",
       [](uintptr_t address, size_t size, bool readonly) {

@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from sleepd import _C
 from sleepd.common import wire
 from sleepd.common.native import engine_backend
 
@@ -137,41 +138,36 @@ class _MoverProcess:
         self._slabs: dict[int, int] = {}  # slab index -> mapped address
 
     def add_slab(self, message: dict, fds: list[int]) -> None:
+        """Maps a pool slab for good and registers it once (pinned, on a GPU)."""
         size = message["size"]
-        handle = self._backend.import_handle(fds[0], self._device, size)
-        address = self._backend.reserve(size)
-        self._backend.map(address, size, handle, self._device)
-        self._backend.release(handle)  # the mapping keeps the memory
+        address = _C.map_file(fds[0], size)
+        self._backend.register_host(address, size)
         self._slabs[message["slab"]] = address
 
     def copy(self, message: dict, fds: list[int]) -> None:
         for job, fd in zip(message["jobs"], fds, strict=True):
-            size = job["size"]
-            handle = self._backend.import_handle(fd, self._device, size)
-            address = self._backend.reserve(size)
+            handle = self._backend.import_handle(fd, self._device, job["size"])
             try:
-                self._backend.map(address, size, handle, self._device)
-                self._move(job, address)
+                self._move(job, handle)
             finally:
-                self._backend.free_reservation(address, size)
                 self._backend.release(handle)
 
-    def _move(self, job: dict, address: int) -> None:
+    def _move(self, job: dict, handle: int) -> None:
+        size = job["size"]
         if job["direction"] == ZERO:
-            self._backend.zero(address, job["size"])
+            self._backend.zero(handle, 0, size)
             return
-        cursor, remaining = address, job["size"]
-        for slab, offset, length in job["pieces"]:
-            length = min(length, remaining)
-            backup_address = self._slabs[slab] + offset
+        offset = 0
+        for slab, slab_offset, length in job["pieces"]:
+            length = min(length, size - offset)
+            host = self._slabs[slab] + slab_offset
             if job["direction"] == OFFLOAD:
-                self._backend.copy(backup_address, cursor, length)
+                self._backend.copy_to_host(handle, offset, host, length)
             else:
-                self._backend.copy(cursor, backup_address, length)
-            cursor += length
-            remaining -= length
-        if remaining:
-            raise RuntimeError(f"backup pieces cover {job['size'] - remaining} of {job['size']} bytes")
+                self._backend.copy_from_host(handle, offset, host, length)
+            offset += length
+        if offset != size:
+            raise RuntimeError(f"backup pieces cover {offset} of {size} bytes")
 
 
 def _serve(sock: socket.socket, process: _MoverProcess) -> None:

@@ -2,12 +2,13 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
+
+from sleepd.bench.local import LocalDaemon
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MiB = 1 << 20
@@ -23,29 +24,11 @@ def wait_for(predicate, timeout=20.0, interval=0.02, what="condition"):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-class Daemon:
-    """A sleepd process on its own socket, state directory and host pool."""
+class Daemon(LocalDaemon):
+    """A sleepd process on its own socket, state directory and host pool, with test helpers."""
 
     def __init__(self, tmp_path, *flags):
-        self.dir = tmp_path
-        self.socket = str(tmp_path / "sleepd.sock")
-        self.state_dir = tmp_path / "state"
-        self.log_path = tmp_path / "sleepd.log"
-        self.pool_dir = f"/dev/shm/sleepd-test-{os.getpid()}-{tmp_path.name}"
-        self._log = open(self.log_path, "w")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "sleepd.daemon.main", "--socket", self.socket, "--state-dir", str(self.state_dir),
-             "--metrics-address", "127.0.0.1:0", "--host-pool-dir", self.pool_dir, *flags],
-            stdout=self._log, stderr=subprocess.STDOUT)
-        runtime = self.state_dir / "daemon.json"
-        wait_for(lambda: runtime.exists() or self.process.poll() is not None, what="sleepd to start")
-        if self.process.poll() is not None:
-            raise AssertionError(f"sleepd exited at start:\n{self.log()}")
-        self.info = json.loads(runtime.read_text())
-        self.pid = self.process.pid
-
-    def log(self) -> str:
-        return self.log_path.read_text()
+        super().__init__(str(tmp_path), *flags)
 
     def ctl(self, *args, check=True) -> subprocess.CompletedProcess:
         result = subprocess.run([sys.executable, "-m", "sleepd.client.ctl", "--socket", self.socket, *args],
@@ -60,18 +43,14 @@ class Daemon:
     def mover_pids(self) -> list[int]:
         import psutil
 
-        return [child.pid for child in psutil.Process(self.pid).children() if "mover" in " ".join(child.cmdline())]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+        pids = []
+        for child in psutil.Process(self.pid).children():
             try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-        subprocess.run(["rm", "-rf", self.pool_dir])
+                if child.status() != psutil.STATUS_ZOMBIE and "sleepd.daemon.mover" in child.cmdline():
+                    pids.append(child.pid)
+            except psutil.NoSuchProcess:
+                continue
+        return pids
 
 
 class Engine:

@@ -1,0 +1,123 @@
+"""When an engine dies or refuses, the daemon reclaims or rolls back, and says so."""
+
+import os
+import signal
+import subprocess
+import sys
+
+from conftest import MiB, wait_for
+from kernel import memfd_bytes, shmem_bytes
+
+REGIONS = [("weights", 4 * MiB), ("kv_cache", 2 * MiB)]
+
+
+def test_a_killed_engine_has_its_memory_reclaimed(daemon, start_engine):
+    victim = start_engine(daemon, "qwen", rank=0, regions=[("weights", 32 * MiB), ("kv_cache", 32 * MiB)])
+    survivor = start_engine(daemon, "qwen", rank=1, device=1, regions=REGIONS, seed=1)
+    bystander = start_engine(daemon, "llama", regions=REGIONS, seed=2)
+    bystander_report = bystander.report()
+    assert memfd_bytes([daemon.pid], "qwen") >= 64 * MiB
+    shmem_before = shmem_bytes()
+
+    victim.kill()
+
+    def rank_gone():
+        ranks = [r["rank"] for m in daemon.status()["models"] if m["name"] == "qwen" for r in m["ranks"]]
+        return ranks == [1]
+    wait_for(rank_gone, what="the killed rank to be reclaimed")
+    # Rank 1's memory is all that is left of qwen, as the kernel sees it.
+    assert memfd_bytes([daemon.pid, *daemon.mover_pids()], "qwen") == 6 * MiB
+    assert shmem_before - shmem_bytes() >= 60 * MiB
+    assert survivor.report()["regions"] == survivor.initial["regions"]
+    assert bystander.report() == bystander_report
+
+
+def test_the_model_disappears_with_its_last_rank(daemon, start_engine):
+    engine = start_engine(daemon, "qwen", regions=REGIONS)
+    daemon.ctl("sleep", "--model", "qwen")
+    assert daemon.status()["pool"]["used"] == str(4 * MiB)
+    engine.kill()
+    wait_for(lambda: daemon.status()["models"] == [], what="qwen to disappear")
+    assert daemon.status()["pool"]["used"] == "0", "the dead model's backups were kept"
+
+
+def test_a_failing_sleep_hook_rolls_the_whole_model_back(daemon, start_engine):
+    good = start_engine(daemon, "qwen", rank=0, regions=REGIONS)
+    bad = start_engine(daemon, "qwen", rank=1, device=1, regions=REGIONS, seed=1, sleep_hook="fail")
+    before = daemon.status()
+
+    result = daemon.ctl("sleep", "--model", "qwen", check=False)
+    assert result.returncode != 0
+    assert "ABORTED" in result.stderr and "rank 1" in result.stderr and "refused to pause" in result.stderr
+
+    assert daemon.status() == before
+    for engine in (good, bad):
+        assert engine.report()["regions"] == engine.initial["regions"]
+    # The rank that did pause was resumed.
+    assert good.report()["hooks"] == {"sleep": 1, "wake": 1}
+
+
+def test_a_rank_that_never_answers_fails_the_sleep_after_the_timeout(start_daemon, start_engine):
+    daemon = start_daemon("--host-devices", "2", "--host-device-capacity", "64MiB", "--hook-timeout", "1")
+    good = start_engine(daemon, "qwen", rank=0, regions=REGIONS)
+    hung = start_engine(daemon, "qwen", rank=1, device=1, regions=REGIONS, seed=1, sleep_hook="hang")
+    before = daemon.status()
+
+    result = daemon.ctl("sleep", "--model", "qwen", check=False)
+    assert result.returncode != 0
+    assert "DEADLINE_EXCEEDED" in result.stderr and f"pid {hung.pid}" in result.stderr
+    assert daemon.status() == before
+    assert good.report()["regions"] == good.initial["regions"]
+
+
+def test_a_rank_killed_during_sleep_rolls_the_others_back(start_daemon, start_engine):
+    daemon = start_daemon("--host-devices", "2", "--host-device-capacity", "64MiB", "--hook-timeout", "20")
+    good = start_engine(daemon, "qwen", rank=0, regions=REGIONS)
+    hung = start_engine(daemon, "qwen", rank=1, device=1, regions=REGIONS, seed=1, sleep_hook="hang")
+    sleeper = subprocess.Popen([sys.executable, "-m", "sleepd.client.ctl", "--socket", daemon.socket,
+                                "sleep", "--model", "qwen"], stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: good.report()["hooks"]["sleep"] == 1, what="the sleep to begin")
+    os.kill(hung.pid, signal.SIGKILL)
+    _, stderr = sleeper.communicate(timeout=30)
+    assert sleeper.returncode != 0 and "UNAVAILABLE" in stderr
+    assert good.report()["regions"] == good.initial["regions"]
+    assert good.report()["hooks"] == {"sleep": 1, "wake": 1}
+    wait_for(lambda: [r["rank"] for r in daemon.status()["models"][0]["ranks"]] == [0], what="rank 1 reclaimed")
+
+
+def test_a_mover_that_died_is_restarted_and_the_sleep_succeeds(daemon, start_engine):
+    engine = start_engine(daemon, "qwen", regions=REGIONS)
+    movers = daemon.mover_pids()
+    for pid in movers:
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not set(movers) & set(daemon.mover_pids()), what="the movers to die")
+    daemon.ctl("sleep", "--model", "qwen")
+    daemon.ctl("wake", "--model", "qwen")
+    after = {r["tag"]: r for r in engine.report()["regions"]}
+    before = {r["tag"]: r for r in engine.initial["regions"]}
+    assert after["weights"]["sha256"] == before["weights"]["sha256"]
+
+
+def test_wake_that_does_not_fit_is_refused_and_changes_nothing(start_daemon, start_engine):
+    daemon = start_daemon("--host-device-capacity", "8MiB")
+    sleeper = start_engine(daemon, "qwen", regions=[("weights", 6 * MiB)])
+    daemon.ctl("sleep", "--model", "qwen")
+    start_engine(daemon, "llama", regions=[("weights", 4 * MiB)])
+    before = daemon.status()
+    result = daemon.ctl("wake", "--model", "qwen", check=False)
+    assert result.returncode != 0
+    assert "RESOURCE_EXHAUSTED" in result.stderr and "llama 4.0 MiB" in result.stderr
+    assert daemon.status() == before
+    assert {r["state"] for r in sleeper.report()["regions"]} == {"offloaded"}
+
+
+def test_sleep_that_overflows_the_host_pool_is_refused_before_anything_moves(start_daemon, start_engine):
+    daemon = start_daemon("--host-pool-budget", "2MiB")
+    engine = start_engine(daemon, "qwen", regions=REGIONS)
+    before = daemon.status()
+    result = daemon.ctl("sleep", "--model", "qwen", check=False)
+    assert result.returncode != 0 and "RESOURCE_EXHAUSTED" in result.stderr and "host pool" in result.stderr
+    assert daemon.status() == before
+    assert engine.report()["hooks"] == {"sleep": 0, "wake": 0}
+    # A level that discards everything still works.
+    daemon.ctl("sleep", "--model", "qwen", "--level", "2")

@@ -1,0 +1,48 @@
+"""Prometheus sees the same memory, sessions and latencies that sleepctl shows."""
+
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import MiB
+
+
+def scrape(daemon) -> dict:
+    with urllib.request.urlopen(f"http://{daemon.info['metrics_address']}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples, name, **labels):
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
+def test_metrics_follow_a_sleep_and_a_wake(daemon, start_engine):
+    start_engine(daemon, "qwen", regions=[("weights", 4 * MiB), ("kv_cache", 2 * MiB)])
+    samples = scrape(daemon)
+    assert value(samples, "sleepd_region_bytes", model="qwen", tag="weights", state="mapped", device="host:0") == 4 * MiB
+    assert value(samples, "sleepd_device_used_bytes", device="host:0") == 6 * MiB
+    assert value(samples, "sleepd_device_capacity_bytes", device="host:1") == 256 * MiB
+    assert value(samples, "sleepd_sessions") == 1
+    assert value(samples, "sleepd_model_sleeping", model="qwen") == 0
+
+    daemon.ctl("sleep", "--model", "qwen", "--level", "1")
+    samples = scrape(daemon)
+    assert value(samples, "sleepd_region_bytes", model="qwen", tag="weights", state="offloaded", device="host:0") == 4 * MiB
+    assert value(samples, "sleepd_region_bytes", model="qwen", tag="kv_cache", state="discarded", device="host:0") == 2 * MiB
+    assert value(samples, "sleepd_device_used_bytes", device="host:0") == 0
+    assert value(samples, "sleepd_host_pool_used_bytes") == 4 * MiB
+    assert value(samples, "sleepd_model_sleeping", model="qwen") == 1
+    assert value(samples, "sleepd_sleep_duration_seconds_count", model="qwen", level="1") == 1
+    assert value(samples, "sleepd_moved_bytes_total", direction="offload") == 4 * MiB
+
+    daemon.ctl("wake", "--model", "qwen")
+    daemon.ctl("wake", "--model", "nobody", check=False)
+    samples = scrape(daemon)
+    assert value(samples, "sleepd_wake_duration_seconds_count", model="qwen") >= 1
+    assert value(samples, "sleepd_host_pool_used_bytes") == 0
+    assert value(samples, "sleepd_errors_total", operation="Wake", code="NOT_FOUND") == 1

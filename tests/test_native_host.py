@@ -1,0 +1,137 @@
+"""The host backend in sleepd._C, checked against what the kernel reports."""
+
+import os
+
+import pytest
+
+from sleepd import _C
+
+MiB = 1 << 20
+
+
+def memfd_blocks(backend, handle) -> int:
+    fd = backend.export_handle(handle)
+    try:
+        return os.fstat(fd).st_blocks * 512
+    finally:
+        os.close(fd)
+
+
+def test_create_commits_memory_and_release_frees_it():
+    backend = _C.HostBackend(1, 64 * MiB)
+    handle = backend.create(0, 8 * MiB, "sleepd:test")
+    fd = backend.export_handle(handle)
+    assert os.fstat(fd).st_blocks * 512 >= 8 * MiB
+    assert os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:sleepd:test")
+    assert backend.used(0) == 8 * MiB
+    backend.release(handle)
+    assert backend.used(0) == 0
+    # Our exported fd is still a reference: the memory lives until it closes.
+    assert os.fstat(fd).st_blocks * 512 >= 8 * MiB
+    os.close(fd)
+
+
+def test_capacity_is_enforced_and_a_refusal_changes_nothing():
+    backend = _C.HostBackend(2, 16 * MiB)
+    first = backend.create(0, 12 * MiB)
+    with pytest.raises(_C.OutOfMemoryError, match="host:0"):
+        backend.create(0, 8 * MiB)
+    assert backend.used(0) == 12 * MiB
+    backend.create(1, 16 * MiB)  # devices are independent
+    backend.release(first)
+    backend.create(0, 16 * MiB)
+    with pytest.raises(_C.BackendError, match="does not exist"):
+        backend.create(2, MiB)
+    with pytest.raises(_C.BackendError, match="page size"):
+        backend.create(0, 100)
+
+
+def test_map_unmap_and_remap_keep_the_address_and_the_bytes():
+    daemon_side = _C.HostBackend(1, 64 * MiB)
+    engine_side = _C.HostBackend()
+    handle = daemon_side.create(0, 4 * MiB)
+
+    def map_at(address):
+        fd = daemon_side.export_handle(handle)
+        imported = engine_side.import_handle(fd, 0, 4 * MiB)
+        os.close(fd)
+        engine_side.map(address, 4 * MiB, imported, 0)
+        engine_side.release(imported)
+
+    address = engine_side.reserve(4 * MiB)
+    map_at(address)
+    view = _C.memoryview(address, 4 * MiB)
+    view[:5] = b"hello"
+    engine_side.unmap(address, 4 * MiB)
+    # The address is still reserved: a new mapping elsewhere cannot land on it.
+    other = engine_side.reserve(4 * MiB)
+    assert not (address <= other < address + 4 * MiB)
+    map_at(address)
+    assert bytes(_C.memoryview(address, 5)) == b"hello"
+    engine_side.free_reservation(address, 4 * MiB)
+    engine_side.free_reservation(other, 4 * MiB)
+
+
+def test_import_checks_the_size_and_does_not_take_the_fd():
+    backend = _C.HostBackend(1, 64 * MiB)
+    handle = backend.create(0, MiB)
+    fd = backend.export_handle(handle)
+    with pytest.raises(_C.BackendError, match="expected"):
+        backend.import_handle(fd, 0, 2 * MiB)
+    imported = backend.import_handle(fd, 0, MiB)
+    os.fstat(fd)  # still open: the caller owns it
+    os.close(fd)
+    backend.release(imported)
+    with pytest.raises(_C.BackendError, match="unknown handle"):
+        backend.release(imported)
+
+
+@pytest.mark.parametrize("size", [4096, 3 * MiB + 4096, 64 * MiB])
+def test_copies_between_a_handle_and_host_memory_are_exact(size):
+    backend = _C.HostBackend(1, 256 * MiB)
+    source, target = backend.create(0, size), backend.create(0, size)
+    host_fd = os.memfd_create("host")
+    os.ftruncate(host_fd, size)
+    host = _C.map_file(host_fd, size)
+    payload = os.urandom(size)
+    fd = backend.export_handle(source)
+    os.pwrite(fd, payload, 0)
+    os.close(fd)
+
+    backend.copy_to_host(source, 0, host, size)
+    assert bytes(_C.memoryview(host, size)) == payload
+    backend.copy_from_host(target, 0, host, size)
+    fd = backend.export_handle(target)
+    assert os.pread(fd, size, 0) == payload
+    backend.zero(target, 4096, size - 4096)
+    assert os.pread(fd, size, 0) == payload[:4096] + bytes(size - 4096)
+    os.close(fd)
+    with pytest.raises(_C.BackendError, match="outside"):
+        backend.copy_to_host(source, 4096, host, size)
+    _C.unmap_file(host, size)
+    os.close(host_fd)
+
+
+@pytest.mark.parametrize("size", [1, 4095, 3 * MiB + 17, 64 * MiB])
+def test_parallel_copy_matches_the_source(size):
+    source, target = bytearray(os.urandom(size)), bytearray(size)
+    fd = os.memfd_create("copy")
+    os.ftruncate(fd, 2 * size)
+    base = _C.map_file(fd, 2 * size)
+    _C.memoryview(base, size)[:] = source
+    _C.parallel_copy(base + size, base, size)
+    assert bytes(_C.memoryview(base + size, size)) == bytes(source)
+    _C.unmap_file(base, 2 * size)
+    os.close(fd)
+    del target
+
+
+def test_punch_hole_gives_pages_back_to_the_kernel(tmp_path):
+    path = tmp_path / "slab"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    os.posix_fallocate(fd, 0, 4 * MiB)
+    before = os.fstat(fd).st_blocks
+    _C.punch_hole(fd, 0, 2 * MiB)
+    assert os.fstat(fd).st_blocks < before
+    assert os.fstat(fd).st_size == 4 * MiB
+    os.close(fd)

@@ -1,0 +1,119 @@
+"""The daemon's pure parts: sizes, rules, the region state machine, the pool allocator."""
+
+import os
+
+import grpc
+import pytest
+
+from sleepd.common.sizes import format_size, parse_size
+from sleepd.daemon.errors import SleepdError
+from sleepd.daemon.lifecycle import IllegalTransition, RegionState, advance
+from sleepd.daemon.pool import HostPool
+from sleepd.daemon.rules import Action, SleepRules
+
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize("text, value", [("512MiB", 512 * MiB), ("4GiB", 4 << 30), ("1.5G", 3 << 29),
+                                         ("4096", 4096), ("64 kb", 64 << 10)])
+def test_sizes_parse_as_people_write_them(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "lots", "4XB", "-1GiB"])
+def test_sizes_that_are_not_sizes_are_refused(text):
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size(text)
+
+
+def test_format_size():
+    assert format_size(1536 * MiB) == "1.5 GiB"
+    assert format_size(100) == "100 B"
+
+
+def test_default_rules_follow_the_brief():
+    rules = SleepRules()
+    tags = {"weights", "kv_cache", "buffers"}
+    assert rules.plan(0, tags, {}) is None
+    assert rules.plan(1, tags, {}) == {"weights": Action.OFFLOAD, "kv_cache": Action.DISCARD,
+                                       "buffers": Action.OFFLOAD}
+    assert rules.plan(2, tags, {}) == {"weights": Action.DISCARD, "kv_cache": Action.DISCARD,
+                                       "buffers": Action.OFFLOAD}
+    assert rules.plan(2, {"weights"}, {"weights": Action.OFFLOAD}) == {"weights": Action.OFFLOAD}
+    with pytest.raises(SleepdError) as error:
+        rules.plan(7, tags, {})
+    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+class FakeRegion:
+    def __init__(self, state):
+        self.id, self.state, self.backup = 1, state, None
+
+
+def test_region_life_follows_the_table():
+    region = FakeRegion(RegionState.MAPPED)
+    assert advance(region, "begin_offload") is RegionState.OFFLOADING
+    assert advance(region, "released") is RegionState.OFFLOADED
+    region.backup = object()
+    assert advance(region, "begin_restore") is RegionState.RESTORING
+    assert advance(region, "abort") is RegionState.OFFLOADED  # a backup exists
+    advance(region, "begin_restore")
+    assert advance(region, "restored") is RegionState.MAPPED
+    assert advance(region, "released") is RegionState.DISCARDED  # discard
+    region.backup = None
+    advance(region, "begin_restore")
+    assert advance(region, "abort") is RegionState.DISCARDED
+    with pytest.raises(IllegalTransition):
+        advance(region, "begin_offload")
+
+
+@pytest.fixture
+def pool(tmp_path):
+    pool = HostPool(str(tmp_path / "pool"), budget=8 * MiB, slab_size=4 * MiB)
+    yield pool
+    pool.close()
+
+
+def test_pool_allocates_across_slabs_within_its_budget(pool):
+    a = pool.allocate(3 * MiB)
+    b = pool.allocate(3 * MiB)  # spills into a second slab
+    assert {piece.slab for piece in b.pieces} == {0, 1}
+    assert pool.used == 6 * MiB
+    with pytest.raises(SleepdError) as error:
+        pool.allocate(3 * MiB)
+    assert error.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert pool.used == 6 * MiB
+    pool.free(a)
+    c = pool.allocate(5 * MiB)  # fits in the freed extent plus the rest
+    assert sum(piece.length for piece in c.pieces) == 5 * MiB
+    pool.free(b)
+    pool.free(c)
+    assert pool.used == 0
+    assert [slab.free for slab in pool.slabs()] == [[(0, 4 * MiB)], [(0, 4 * MiB)]]
+
+
+def test_pool_returns_freed_pages_to_the_kernel(pool):
+    backup = pool.allocate(4 * MiB)
+    slab = pool.slabs()[0]
+    os.pwrite(slab.fd, b"x" * (4 * MiB), 0)
+    assert os.fstat(slab.fd).st_blocks * 512 >= 4 * MiB
+    pool.free(backup)
+    assert os.fstat(slab.fd).st_blocks == 0
+
+
+def test_prefaulted_pool_keeps_its_pages(tmp_path):
+    pool = HostPool(str(tmp_path / "pool"), budget=4 * MiB, prefault=True)
+    slab = pool.slabs()[0]
+    assert os.fstat(slab.fd).st_blocks * 512 >= 4 * MiB
+    pool.free(pool.allocate(MiB))
+    assert os.fstat(slab.fd).st_blocks * 512 >= 4 * MiB
+    pool.close()
+
+
+def test_a_new_pool_removes_stale_slabs(tmp_path):
+    directory = tmp_path / "pool"
+    directory.mkdir()
+    (directory / "slab-0000").write_bytes(b"old")
+    pool = HostPool(str(directory), budget=MiB)
+    assert not (directory / "slab-0000").exists()
+    pool.close()
