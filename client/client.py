@@ -44,7 +44,10 @@ class SleepClient:
     def __init__(self, model: str, rank: int, device: int, socket_path: str):
         self.model, self.rank, self.device = model, rank, device
         self._regions: dict[int, Region] = {}
-        self._regions_lock = threading.Lock()
+        # Guards _regions. Allocations in flight are counted, so that a command
+        # naming a region the daemon has just created waits for it to be registered.
+        self._regions_changed = threading.Condition()
+        self._allocating = 0
         self._sleep_hooks: list[Callable[[], None]] = []
         self._wake_hooks: list[Callable[[], None]] = []
         self._tag_wake_hooks: dict[str, list[Callable[[], None]]] = {}
@@ -84,26 +87,33 @@ class SleepClient:
 
     def alloc(self, nbytes: int, tag: str) -> Region:
         """A new region of at least `nbytes`, mapped at an address it keeps for life."""
-        info = _rpc(self._stub.Allocate, pb.AllocateRequest(session_id=self._session_id, size=nbytes, tag=tag))
+        with self._regions_changed:
+            self._allocating += 1
         try:
-            fd, mapped_size = self._handles.fetch(info.id)
-            address = self._backend.reserve(mapped_size)
+            info = _rpc(self._stub.Allocate, pb.AllocateRequest(session_id=self._session_id, size=nbytes, tag=tag))
             try:
-                self._map(fd, address, mapped_size)
+                fd, mapped_size = self._handles.fetch(info.id)
+                address = self._backend.reserve(mapped_size)
+                try:
+                    self._map(fd, address, mapped_size)
+                except BaseException:
+                    self._backend.free_reservation(address, mapped_size)
+                    raise
             except BaseException:
-                self._backend.free_reservation(address, mapped_size)
+                _rpc(self._stub.Free, pb.FreeRequest(session_id=self._session_id, region_id=info.id))
                 raise
-        except BaseException:
-            _rpc(self._stub.Free, pb.FreeRequest(session_id=self._session_id, region_id=info.id))
-            raise
-        region = Region(info.id, info.tag, info.size, mapped_size, info.device, address)
-        with self._regions_lock:
-            self._regions[region.id] = region
+            region = Region(info.id, info.tag, info.size, mapped_size, info.device, address)
+            with self._regions_changed:
+                self._regions[region.id] = region
+        finally:
+            with self._regions_changed:
+                self._allocating -= 1
+                self._regions_changed.notify_all()
         return region
 
     def free(self, region: Region) -> None:
         """Gives the region back. Tensors and views over it must not be used afterwards."""
-        with self._regions_lock:
+        with self._regions_changed:
             if self._regions.pop(region.id, None) is None:
                 raise ValueError(f"region {region.id} is not one of this client's regions")
         self._backend.free_reservation(region.address, region.mapped_size)
@@ -117,7 +127,7 @@ class SleepClient:
         return adopt(self, module, tag)
 
     def regions(self) -> list[Region]:
-        with self._regions_lock:
+        with self._regions_changed:
             return sorted(self._regions.values(), key=lambda region: region.id)
 
     # ---- hooks ----
@@ -158,7 +168,7 @@ class SleepClient:
         self._outgoing.put(None)
         self._stream.cancel()
         self._thread.join(timeout=5)
-        with self._regions_lock:
+        with self._regions_changed:
             regions, self._regions = list(self._regions.values()), {}
         for region in regions:
             self._backend.free_reservation(region.address, region.mapped_size)
@@ -223,5 +233,8 @@ class SleepClient:
             self._backend.release(handle)
 
     def _region(self, region_id: int) -> Region:
-        with self._regions_lock:
+        with self._regions_changed:
+            self._regions_changed.wait_for(lambda: region_id in self._regions or not self._allocating)
+            if region_id not in self._regions:
+                raise KeyError(f"region {region_id} is not one of this client's regions")
             return self._regions[region_id]

@@ -136,3 +136,38 @@ def test_explicit_tag_actions_override_the_level(daemon, start_engine):
     assert asleep["weights"]["state"] == "mapped"
     daemon.ctl("wake", "--model", "qwen")
     assert by_tag(engine.report())["kv_cache"]["sha256"] == before["kv_cache"]["sha256"]
+
+
+def test_allocations_racing_with_sleep_and_wake_lose_nothing(daemon):
+    import threading
+
+    from sleepd.client import SleepClient
+
+    with SleepClient.connect("racer", socket=daemon.socket) as client:
+        stop, errors, regions = threading.Event(), [], []
+
+        def allocate():
+            index = 0
+            while not stop.is_set():
+                try:
+                    region = client.alloc(64 << 10, "buffers")
+                    region.memoryview[:8] = index.to_bytes(8, "little")
+                    regions.append((region, index))
+                    index += 1
+                except Exception as error:  # any failure here is the bug under test
+                    errors.append(error)
+                    return
+
+        thread = threading.Thread(target=allocate)
+        thread.start()
+        try:
+            for _ in range(10):
+                daemon.ctl("sleep", "--model", "racer", "--level", "1")
+                daemon.ctl("wake", "--model", "racer")
+        finally:
+            stop.set()
+            thread.join()
+        assert not errors
+        assert len(regions) > 10
+        for region, index in regions:
+            assert bytes(region.memoryview[:8]) == index.to_bytes(8, "little")
