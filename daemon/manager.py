@@ -24,7 +24,7 @@ from sleepd.common.sizes import format_size
 from sleepd.proto import sleepd_pb2 as pb
 
 from .backends import ZEROED_ON_CREATE, DaemonBackend
-from .errors import SleepdError, denied, exhausted, invalid, not_found
+from .errors import SleepdError, denied, exhausted, invalid, not_found, precondition
 from .lifecycle import RegionState, advance
 from .mover import OFFLOAD, RESTORE, ZERO, CopyJob, Mover
 from .pool import Backup, HostPool
@@ -175,14 +175,9 @@ class MemoryManager:
     def export(self, session: Session, region_id: int) -> tuple[int, Region]:
         """A new descriptor for a region's memory, for the session that owns it."""
         with self._registry:
-            region = self._regions.get(region_id)
-            if region is None:
-                raise not_found(f"region {region_id} does not exist")
-            if region.session is not session:
-                raise denied(f"region {region_id} belongs to {region.session.describe()}, not to this session")
+            region = self._owned_region(session, region_id)
             if region.handle is None:
-                raise SleepdError(grpc.StatusCode.FAILED_PRECONDITION,
-                                  f"region {region_id} is {region.state.label}; wake the model first")
+                raise precondition(f"region {region_id} is {region.state.label}; wake the model first")
             return self.backend.native.export_handle(region.handle), region
 
     # ---- regions ----
@@ -201,14 +196,12 @@ class MemoryManager:
                             f"of {format_size(device.capacity)}")
         model = self._model(session.model)
         with model.lock, self._devices_locked({device.index}):
-            region_id = next(self._region_ids)
+            region = Region(next(self._region_ids), tag, size, mapped_size, device.index, session, handle=None)
             try:
-                handle = self.backend.native.create(
-                    device.index, mapped_size, f"sleepd:{model.name}:r{session.rank}:{tag}:{region_id}")
+                region.handle = self._create(region)
             except _C.OutOfMemoryError:
                 raise exhausted(f"allocate {format_size(mapped_size)} for {session.describe()} on {device.name}: "
                                 f"{self._room(device.index)}; free regions or put a model to sleep") from None
-            region = Region(region_id, tag, size, mapped_size, device.index, session, handle)
             with self._registry:
                 self._regions[region.id] = region
                 session.regions[region.id] = region
@@ -217,11 +210,7 @@ class MemoryManager:
     def free(self, session_id: str, region_id: int) -> None:
         session = self._session(session_id)
         with self._registry:
-            region = self._regions.get(region_id)
-        if region is None:
-            raise not_found(f"region {region_id} does not exist")
-        if region.session is not session:
-            raise denied(f"region {region_id} belongs to {region.session.describe()}, not to this session")
+            region = self._owned_region(session, region_id)
         with self._model(session.model).lock:
             self._drop_region(region)
 
@@ -374,9 +363,7 @@ class MemoryManager:
         try:
             for region in targets:
                 advance(region, "begin_restore")
-                region.handle = self.backend.native.create(
-                    region.device, region.mapped_size,
-                    f"sleepd:{model.name}:r{region.session.rank}:{region.tag}:{region.id}")
+                region.handle = self._create(region)
             jobs = [CopyJob(RESTORE, r.device, r.handle, r.mapped_size, r.backup) for r in targets if r.backup is not None]
             if self.backend.name not in ZEROED_ON_CREATE:
                 jobs += [CopyJob(ZERO, r.device, r.handle, r.mapped_size) for r in targets if r.backup is None]
@@ -404,6 +391,11 @@ class MemoryManager:
                 region.handle = None
             if region.state is RegionState.RESTORING:
                 advance(region, "abort")
+
+    def _create(self, region: Region) -> int:
+        """New device memory for a region, named so that it shows in /proc as the model's."""
+        label = f"sleepd:{region.session.model}:r{region.session.rank}:{region.tag}:{region.id}"
+        return self.backend.native.create(region.device, region.mapped_size, label)
 
     def _remap(self, model: Model, regions: set[Region], only=None):
         return self._command_all(model, lambda session: {"remap": pb.Remap(
@@ -462,6 +454,15 @@ class MemoryManager:
         if session is None:
             raise not_found("unknown session; attach first")
         return session
+
+    def _owned_region(self, session: Session, region_id: int) -> Region:
+        """The region, if it exists and belongs to `session`; the caller holds the registry lock."""
+        region = self._regions.get(region_id)
+        if region is None:
+            raise not_found(f"region {region_id} does not exist")
+        if region.session is not session:
+            raise denied(f"region {region_id} belongs to {region.session.describe()}, not to this session")
+        return region
 
     def _model(self, name: str) -> Model:
         with self._registry:
