@@ -1,4 +1,5 @@
-"""Moving a torch module's parameters and buffers into daemon-owned regions.
+"""Moving a torch module's parameters and buffers into daemon-owned regions
+(CPU tensors on the host backend, CUDA tensors on a GPU).
 
 Tensors are packed into a few large regions (not one per tensor), each tensor
 at an aligned offset, and the module is repointed at views of those regions.
@@ -44,8 +45,6 @@ def adopt(client, module, tag: str):
 
     slots = list(_slots(module))
     unique = list({id(tensor): tensor for _, _, tensor in slots}.values())
-    if any(tensor.device.type != "cpu" for tensor in unique):
-        raise ValueError("adopt on the host backend takes a module on the CPU")
     moved, regions = {}, []
     try:
         for size, members in _packs(unique):

@@ -67,7 +67,7 @@ class SleepClient:
             self._channel.close()
             raise SleepdError.from_rpc(error) from None
         self._session_id = attached.session_id
-        self._backend = engine_backend(attached.backend)
+        self._backend = engine_backend(attached.backend, device)
         self._thread = threading.Thread(target=self._serve_commands, name="sleepd-session", daemon=True)
         self._thread.start()
 
@@ -102,7 +102,7 @@ class SleepClient:
             except BaseException:
                 _rpc(self._stub.Free, pb.FreeRequest(session_id=self._session_id, region_id=info.id))
                 raise
-            region = Region(info.id, info.tag, info.size, mapped_size, info.device, address)
+            region = Region(self._backend, info.id, info.tag, info.size, mapped_size, info.device, address)
             with self._regions_changed:
                 self._regions[region.id] = region
         finally:
@@ -116,8 +116,7 @@ class SleepClient:
         with self._regions_changed:
             if self._regions.pop(region.id, None) is None:
                 raise ValueError(f"region {region.id} is not one of this client's regions")
-        self._backend.free_reservation(region.address, region.mapped_size)
-        region.state = State.FREED
+        self._release_address(region)
         _rpc(self._stub.Free, pb.FreeRequest(session_id=self._session_id, region_id=region.id))
 
     def adopt(self, module, tag: str = "weights") -> list[Region]:
@@ -171,8 +170,7 @@ class SleepClient:
         with self._regions_changed:
             regions, self._regions = list(self._regions.values()), {}
         for region in regions:
-            self._backend.free_reservation(region.address, region.mapped_size)
-            region.state = State.FREED
+            self._release_address(region)
         self._handles.close()
         self._channel.close()
 
@@ -231,6 +229,13 @@ class SleepClient:
             self._backend.map(address, size, handle, self.device)
         finally:
             self._backend.release(handle)
+
+    def _release_address(self, region: Region) -> None:
+        """Drops the mapping (a GPU refuses to free a reservation that is still mapped) and the reservation."""
+        if region.state is State.MAPPED:
+            self._backend.unmap(region.address, region.mapped_size)
+        self._backend.free_reservation(region.address, region.mapped_size)
+        region.state = State.FREED
 
     def _region(self, region_id: int) -> Region:
         with self._regions_changed:

@@ -57,6 +57,8 @@ class Backend {
   virtual void map(uintptr_t address, size_t size, Handle handle, int device) = 0;
   virtual void unmap(uintptr_t address, size_t size) = 0;
 
+  // Copies between addresses mapped in this process (device or host alike).
+  virtual void copy(uintptr_t dst, uintptr_t src, size_t size) = 0;
   // Bulk movement between a handle's memory (from `offset`) and host memory of
   // this process, such as a backup pool slab. Large transfers are split across
   // threads (host) or streams (GPU); each call returns when its bytes have moved.

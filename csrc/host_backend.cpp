@@ -152,6 +152,10 @@ void HostBackend::unmap(uintptr_t address, size_t size) {
   if (bare == MAP_FAILED) throw BackendError(errno_text("unmap: mmap"));
 }
 
+void HostBackend::copy(uintptr_t dst, uintptr_t src, size_t size) {
+  parallel_copy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), size);
+}
+
 int HostBackend::fd_for(Handle handle, size_t offset, size_t size, const char* call) const {
   std::lock_guard<std::mutex> lock(mutex_);
   const Memory& memory = find(handle);

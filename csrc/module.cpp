@@ -11,6 +11,7 @@
 
 #include "backend.h"
 #include "copy_engine.h"
+#include "cuda_backend.h"
 #include "host_backend.h"
 
 namespace py = pybind11;
@@ -80,6 +81,28 @@ PYBIND11_MODULE(_C, m) {
             self.copy_from_host(dst, offset, as_pointer(src), size);
           },
           py::arg("dst"), py::arg("offset"), py::arg("src"), py::arg("size"), py::call_guard<py::gil_scoped_release>())
+      .def("copy", &Backend::copy, py::arg("dst"), py::arg("src"), py::arg("size"),
+           py::call_guard<py::gil_scoped_release>(), "Copy between addresses mapped in this process.")
+      .def(
+          "read",
+          [](Backend& self, uintptr_t address, size_t size) {
+            std::string data(size, '\0');
+            {
+              py::gil_scoped_release release;
+              self.copy(reinterpret_cast<uintptr_t>(data.data()), address, size);
+            }
+            return py::bytes(data);
+          },
+          py::arg("address"), py::arg("size"), "The bytes at a mapped address (device or host).")
+      .def(
+          "write",
+          [](Backend& self, uintptr_t address, const py::buffer& data) {
+            py::buffer_info info = data.request();
+            size_t size = static_cast<size_t>(info.size * info.itemsize);
+            py::gil_scoped_release release;
+            self.copy(address, reinterpret_cast<uintptr_t>(info.ptr), size);
+          },
+          py::arg("address"), py::arg("data"), "Copy a bytes-like object to a mapped address.")
       .def("zero", &Backend::zero, py::arg("dst"), py::arg("offset"), py::arg("size"),
            py::call_guard<py::gil_scoped_release>())
       .def(
@@ -92,6 +115,29 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("capacity", &HostBackend::capacity)
       .def("used", &HostBackend::used, py::arg("device"));
 
+  py::class_<CudaBackend, Backend, std::shared_ptr<CudaBackend>>(m, "CudaBackend")
+      .def(py::init([](const std::string& library, unsigned streams) {
+             std::string reason;
+             auto driver = cu::Driver::load(library, &reason);
+             if (!driver) throw BackendError("the CUDA backend is unavailable: " + reason);
+             return std::make_shared<CudaBackend>(driver, streams);
+           }),
+           py::arg("library") = "", py::arg("streams") = 4,
+           "Loads the driver (library, else $SLEEPD_LIBCUDA, else libcuda.so.1).")
+      .def_property_readonly("device_count", &CudaBackend::device_count)
+      .def("total_memory", &CudaBackend::total_memory, py::arg("device"))
+      .def("used", &CudaBackend::used, py::arg("device"))
+      .def("set_device", &CudaBackend::set_device, py::arg("device"))
+      .def("synchronize", &CudaBackend::synchronize, py::call_guard<py::gil_scoped_release>());
+
+  m.def(
+      "cuda_unavailable_reason",
+      [](const std::string& library) -> py::object {
+        std::string reason;
+        if (cu::Driver::load(library, &reason)) return py::none();
+        return py::str(reason);
+      },
+      py::arg("library") = "", "Why the CUDA backend cannot run here, or None when it can.");
   m.def(
       "map_file",
       [](int fd, size_t size, bool populate) {

@@ -1,9 +1,15 @@
-"""Choosing and building a memory backend, for the daemon and for the processes
-that map its memory (engines, movers)."""
+"""Choosing and building the daemon's memory backend.
 
+The daemon itself never creates a device context: the CUDA backend's create,
+export and release need none, and device totals come from the driver (or NVML).
+"""
+
+import logging
 from dataclasses import dataclass
 
 from sleepd import _C
+
+log = logging.getLogger(__name__)
 
 # Backends whose freshly created memory reads as zeros, so a discarded region
 # needs no explicit zero-fill on wake.
@@ -36,3 +42,22 @@ def host_backend(devices: int, capacity: int) -> DaemonBackend:
     native = _C.HostBackend(devices, capacity)
     return DaemonBackend(native, [Device(i, f"host:{i}", capacity) for i in range(devices)])
 
+
+def cuda_backend() -> DaemonBackend:
+    native = _C.CudaBackend()
+    return DaemonBackend(native, [Device(i, f"cuda:{i}", native.total_memory(i)) for i in range(native.device_count)])
+
+
+def choose(requested: str, host_devices: int, host_capacity: int) -> DaemonBackend:
+    """`auto` takes CUDA when the driver loads and sees a device, and the host backend otherwise."""
+    if requested == "cuda":
+        reason = _C.cuda_unavailable_reason()
+        if reason:
+            raise SystemExit(f"sleepd: --backend cuda: {reason}")
+        return cuda_backend()
+    if requested == "auto":
+        reason = _C.cuda_unavailable_reason()
+        if reason is None:
+            return cuda_backend()
+        log.info("using the host backend: %s", reason)
+    return host_backend(host_devices, host_capacity)

@@ -22,7 +22,7 @@ from sleepd.common import paths
 from sleepd.common.sizes import format_size, parse_size
 from sleepd.proto import sleepd_pb2_grpc as pb_grpc
 
-from .backends import host_backend
+from . import backends
 from .handles import HandleServer
 from .manager import MemoryManager
 from .metrics import Metrics
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--socket", help="gRPC Unix socket (default $SLEEPD_SOCKET or /run/sleepd/sleepd.sock)")
     parser.add_argument("--metrics-address", default="127.0.0.1:9464",
                         help="HOST:PORT for Prometheus /metrics; port 0 picks a free one; 'off' disables")
-    parser.add_argument("--backend", choices=["auto", "host"], default="auto",
+    parser.add_argument("--backend", choices=["auto", "host", "cuda"], default="auto",
                         help="memory backend (auto: a GPU backend when one is usable, else host)")
     parser.add_argument("--host-devices", type=int, default=1, help="devices the host backend simulates")
     parser.add_argument("--host-device-capacity", type=_size, default=parse_size("4GiB"),
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     state_dir = args.state_dir or paths.default_state_dir()
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
 
-    backend = host_backend(args.host_devices, args.host_device_capacity)
+    backend = backends.choose(args.backend, args.host_devices, args.host_device_capacity)
     pool = HostPool(args.host_pool_dir or paths.default_pool_dir(socket_path), args.host_pool_budget,
                     prefault=args.host_pool_prefault)
     # Movers start before any gRPC object exists (and by exec, never by fork).

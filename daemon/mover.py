@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=args.socket_fd)
     try:
-        _serve(sock, _MoverProcess(engine_backend(args.backend), args.device))
+        _serve(sock, _MoverProcess(engine_backend(args.backend, args.device), args.device))
     finally:
         sock.close()
         os._exit(0)

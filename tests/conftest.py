@@ -9,6 +9,7 @@ import time
 import pytest
 
 from sleepd.bench.local import LocalDaemon
+from sleepd.common.sizes import parse_size
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MiB = 1 << 20
@@ -27,8 +28,13 @@ def wait_for(predicate, timeout=20.0, interval=0.02, what="condition"):
 class Daemon(LocalDaemon):
     """A sleepd process on its own socket, state directory and host pool, with test helpers."""
 
-    def __init__(self, tmp_path, *flags):
-        super().__init__(str(tmp_path), *flags)
+    def __init__(self, tmp_path, backend: str, *flags):
+        super().__init__(str(tmp_path), "--backend", backend, *flags)
+        self.backend = backend
+
+    def memfd_prefix(self, model: str) -> str:
+        """How the kernel names this model's device memory (the driver double names none by model)."""
+        return f"/memfd:sleepd:{model}:" if self.backend == "host" else "/memfd:fakecuda"
 
     def ctl(self, *args, check=True) -> subprocess.CompletedProcess:
         result = subprocess.run([sys.executable, "-m", "sleepd.client.ctl", "--socket", self.socket, *args],
@@ -97,12 +103,60 @@ class Engine:
                 self.process.wait()
 
 
+@pytest.fixture(scope="session")
+def fake_cuda(tmp_path_factory) -> str:
+    """The driver double (tests/fakecuda), built once per session."""
+    library = tmp_path_factory.mktemp("fakecuda") / "libfakecuda.so"
+    subprocess.run(["g++", "-std=c++17", "-O2", "-shared", "-fPIC", "-o", str(library),
+                    os.path.join(HERE, "fakecuda", "fakecuda.cpp")], check=True)
+    return str(library)
+
+
+class FakeCuda:
+    """The double's knobs and counters, for the processes of one test."""
+
+    def __init__(self, directory):
+        self.counters_dir = directory / "counters"
+        self.counters_dir.mkdir()
+        self.control_file = directory / "control"
+        self.control_file.write_text("")
+
+    def counters(self, pid: int) -> dict:
+        return json.loads((self.counters_dir / f"{pid}.json").read_text())
+
+    def inject(self, **faults) -> None:
+        self.control_file.write_text("".join(f"{key}={value}\n" for key, value in faults.items()))
+
+
+@pytest.fixture(params=["host", "cuda"])
+def backend(request) -> str:
+    """Every end-to-end scenario runs on the host backend and on CUDA over the driver double."""
+    return request.param
+
+
 @pytest.fixture
-def start_daemon(tmp_path):
+def fake(backend, fake_cuda, tmp_path, monkeypatch):
+    if backend != "cuda":
+        return None
+    double = FakeCuda(tmp_path)
+    # Inherited by the daemon, its movers, the engines and sleepctl alike.
+    monkeypatch.setenv("SLEEPD_LIBCUDA", fake_cuda)
+    monkeypatch.setenv("FAKE_CUDA_COUNTERS", str(double.counters_dir))
+    monkeypatch.setenv("FAKE_CUDA_CONTROL", str(double.control_file))
+    return double
+
+
+@pytest.fixture
+def start_daemon(tmp_path, backend, fake, monkeypatch):
     daemons = []
 
-    def start(*flags):
-        daemon = Daemon(tmp_path, *flags)
+    def start(*flags, devices: int = 2, capacity: str = "256MiB"):
+        if backend == "host":
+            flags = ("--host-devices", str(devices), "--host-device-capacity", capacity, *flags)
+        else:
+            monkeypatch.setenv("FAKE_CUDA_DEVICES", str(devices))
+            monkeypatch.setenv("FAKE_CUDA_MEMORY", str(parse_size(capacity)))
+        daemon = Daemon(tmp_path, backend, *flags)
         daemons.append(daemon)
         return daemon
 
@@ -113,7 +167,7 @@ def start_daemon(tmp_path):
 
 @pytest.fixture
 def daemon(start_daemon):
-    return start_daemon("--host-devices", "2", "--host-device-capacity", "256MiB")
+    return start_daemon()
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from sleepd.client import SleepClient, SleepdError, State
 
 
 def fill(region, seed: int) -> None:
-    region.memoryview[:] = random.Random(seed).randbytes(region.size)
+    region.write(random.Random(seed).randbytes(region.size))
 
 
 def report(client, hooks) -> dict:
@@ -32,7 +32,7 @@ def report(client, hooks) -> dict:
         entry = {"id": region.id, "tag": region.tag, "size": region.size, "address": region.address,
                  "state": region.state.value}
         if region.state is State.MAPPED:
-            data = bytes(region.memoryview)
+            data = region.read()
             entry["sha256"] = hashlib.sha256(data).hexdigest()
             entry["zero"] = data.count(0) == len(data)
         regions.append(entry)

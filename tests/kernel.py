@@ -3,19 +3,15 @@
 import os
 
 
-def memfd_prefix(model: str) -> str:
-    return f"/memfd:sleepd:{model}:"
-
-
-def memfd_bytes(pids, model: str) -> int:
-    """Bytes of pages backing the model's memfds that any of `pids` holds open
-    (each memfd counted once), from st_blocks."""
+def memfd_bytes(pids, prefix: str) -> int:
+    """Bytes of pages backing the memfds named `prefix...` that any of `pids`
+    holds open (each memfd counted once), from st_blocks."""
     seen = {}
     for pid in pids:
         fd_dir = f"/proc/{pid}/fd"
         for name in os.listdir(fd_dir):
             try:
-                if os.readlink(f"{fd_dir}/{name}").startswith(memfd_prefix(model)):
+                if os.readlink(f"{fd_dir}/{name}").startswith(prefix):
                     st = os.stat(f"{fd_dir}/{name}")
                     seen[st.st_ino] = st.st_blocks * 512
             except FileNotFoundError:
@@ -23,10 +19,10 @@ def memfd_bytes(pids, model: str) -> int:
     return sum(seen.values())
 
 
-def memfd_mappings(pid: int, model: str) -> list[str]:
-    """Lines of /proc/PID/maps that map one of the model's memfds."""
+def memfd_mappings(pid: int, prefix: str) -> list[str]:
+    """Lines of /proc/PID/maps that map a memfd named `prefix...`."""
     with open(f"/proc/{pid}/maps") as maps:
-        return [line for line in maps if memfd_prefix(model) in line]
+        return [line for line in maps if prefix in line]
 
 
 def shmem_bytes() -> int:

@@ -16,7 +16,7 @@ def test_a_killed_engine_has_its_memory_reclaimed(daemon, start_engine):
     survivor = start_engine(daemon, "qwen", rank=1, device=1, regions=REGIONS, seed=1)
     bystander = start_engine(daemon, "llama", regions=REGIONS, seed=2)
     bystander_report = bystander.report()
-    assert memfd_bytes([daemon.pid], "qwen") >= 64 * MiB
+    assert memfd_bytes([daemon.pid], daemon.memfd_prefix("qwen")) >= 64 * MiB
     shmem_before = shmem_bytes()
 
     victim.kill()
@@ -25,8 +25,10 @@ def test_a_killed_engine_has_its_memory_reclaimed(daemon, start_engine):
         ranks = [r["rank"] for m in daemon.status()["models"] if m["name"] == "qwen" for r in m["ranks"]]
         return ranks == [1]
     wait_for(rank_gone, what="the killed rank to be reclaimed")
-    # Rank 1's memory is all that is left of qwen, as the kernel sees it.
-    assert memfd_bytes([daemon.pid, *daemon.mover_pids()], "qwen") == 6 * MiB
+    # Rank 1's memory is all that is left of qwen, as the kernel sees it (the
+    # driver double does not name memory by model, so llama's counts there too).
+    left = 6 * MiB if daemon.backend == "host" else 12 * MiB
+    assert memfd_bytes([daemon.pid, *daemon.mover_pids()], daemon.memfd_prefix("qwen")) == left
     assert shmem_before - shmem_bytes() >= 60 * MiB
     assert survivor.report()["regions"] == survivor.initial["regions"]
     assert bystander.report() == bystander_report
@@ -58,7 +60,7 @@ def test_a_failing_sleep_hook_rolls_the_whole_model_back(daemon, start_engine):
 
 
 def test_a_rank_that_never_answers_fails_the_sleep_after_the_timeout(start_daemon, start_engine):
-    daemon = start_daemon("--host-devices", "2", "--host-device-capacity", "64MiB", "--hook-timeout", "1")
+    daemon = start_daemon("--hook-timeout", "1", capacity="64MiB")
     good = start_engine(daemon, "qwen", rank=0, regions=REGIONS)
     hung = start_engine(daemon, "qwen", rank=1, device=1, regions=REGIONS, seed=1, sleep_hook="hang")
     before = daemon.status()
@@ -71,7 +73,7 @@ def test_a_rank_that_never_answers_fails_the_sleep_after_the_timeout(start_daemo
 
 
 def test_a_rank_killed_during_sleep_rolls_the_others_back(start_daemon, start_engine):
-    daemon = start_daemon("--host-devices", "2", "--host-device-capacity", "64MiB", "--hook-timeout", "20")
+    daemon = start_daemon("--hook-timeout", "20", capacity="64MiB")
     good = start_engine(daemon, "qwen", rank=0, regions=REGIONS)
     hung = start_engine(daemon, "qwen", rank=1, device=1, regions=REGIONS, seed=1, sleep_hook="hang")
     sleeper = subprocess.Popen([sys.executable, "-m", "sleepd.client.ctl", "--socket", daemon.socket,
@@ -99,7 +101,7 @@ def test_a_mover_that_died_is_restarted_and_the_sleep_succeeds(daemon, start_eng
 
 
 def test_wake_that_does_not_fit_is_refused_and_changes_nothing(start_daemon, start_engine):
-    daemon = start_daemon("--host-device-capacity", "8MiB")
+    daemon = start_daemon(devices=1, capacity="8MiB")
     sleeper = start_engine(daemon, "qwen", regions=[("weights", 6 * MiB)])
     daemon.ctl("sleep", "--model", "qwen")
     start_engine(daemon, "llama", regions=[("weights", 4 * MiB)])

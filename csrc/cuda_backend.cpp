@@ -1,0 +1,270 @@
+#include "cuda_backend.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+
+namespace sleepd {
+namespace {
+
+// Copies are issued in chunks of this size, round-robin over the streams, so
+// that several DMA transfers are in flight at once.
+constexpr size_t kChunk = 64u << 20;
+
+cu::CUmemAllocationProp device_memory(int device) {
+  cu::CUmemAllocationProp prop{};
+  prop.type = cu::CU_MEM_ALLOCATION_TYPE_PINNED;
+  prop.requestedHandleTypes = cu::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+  prop.location.type = cu::CU_MEM_LOCATION_TYPE_DEVICE;
+  prop.location.id = device;
+  return prop;
+}
+
+}  // namespace
+
+CudaBackend::CudaBackend(std::shared_ptr<cu::Driver> driver, unsigned streams)
+    : driver_(std::move(driver)), stream_count_(std::max(1u, streams)) {
+  int count = 0;
+  driver_->check(driver_->cuDeviceGetCount(&count), "cuDeviceGetCount");
+  used_.assign(count, 0);
+  contexts_.assign(count, nullptr);
+  streams_.assign(count, {});
+  granularity_.assign(count, 0);
+}
+
+void CudaBackend::check_device(int device) const {
+  if (device < 0 || device >= device_count())
+    throw BackendError("cuda device " + std::to_string(device) + " does not exist (" +
+                       std::to_string(device_count()) + " visible)");
+}
+
+size_t CudaBackend::granularity(int device) const {
+  check_device(device);
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (granularity_[device] == 0) {
+    cu::CUmemAllocationProp prop = device_memory(device);
+    driver_->check(driver_->cuMemGetAllocationGranularity(&granularity_[device], &prop,
+                                                           cu::CU_MEM_ALLOC_GRANULARITY_MINIMUM),
+                   "cuMemGetAllocationGranularity");
+  }
+  return granularity_[device];
+}
+
+size_t CudaBackend::total_memory(int device) const {
+  check_device(device);
+  size_t bytes = 0;
+  driver_->check(driver_->cuDeviceTotalMem(&bytes, device), "cuDeviceTotalMem");
+  return bytes;
+}
+
+size_t CudaBackend::used(int device) const {
+  check_device(device);
+  std::lock_guard<std::mutex> lock(mutex_);
+  return used_[device];
+}
+
+Handle CudaBackend::create(int device, size_t size, const std::string&) {
+  size_t unit = granularity(device);
+  if (size == 0 || size % unit != 0)
+    throw BackendError("cuMemCreate: size " + std::to_string(size) + " is not a positive multiple of " +
+                       std::to_string(unit));
+  cu::CUmemAllocationProp prop = device_memory(device);
+  cu::CUmemGenericAllocationHandle handle = 0;
+  driver_->check(driver_->cuMemCreate(&handle, size, &prop, 0), "cuMemCreate");
+  std::lock_guard<std::mutex> lock(mutex_);
+  used_[device] += size;
+  Handle id = next_handle_++;
+  memory_.emplace(id, Memory{handle, device, size, true});
+  return id;
+}
+
+Shareable CudaBackend::export_handle(Handle handle) {
+  cu::CUmemGenericAllocationHandle native;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = memory_.find(handle);
+    if (it == memory_.end()) throw BackendError("unknown handle " + std::to_string(handle));
+    native = it->second.handle;
+  }
+  Shareable shareable;
+  driver_->check(driver_->cuMemExportToShareableHandle(&shareable.fd, native,
+                                                       cu::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
+                 "cuMemExportToShareableHandle");
+  return shareable;
+}
+
+Handle CudaBackend::import_handle(const Shareable& shareable, int device, size_t size) {
+  if (shareable.fd < 0) throw BackendError("import: the CUDA backend shares file descriptors");
+  check_device(device);
+  cu::CUmemGenericAllocationHandle native = 0;
+  // The descriptor goes by value and stays ours: the caller closes it.
+  driver_->check(driver_->cuMemImportFromShareableHandle(
+                     &native, reinterpret_cast<void*>(static_cast<uintptr_t>(shareable.fd)),
+                     cu::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
+                 "cuMemImportFromShareableHandle");
+  std::lock_guard<std::mutex> lock(mutex_);
+  Handle id = next_handle_++;
+  // An imported handle does not know its size; the daemon sends it alongside.
+  memory_.emplace(id, Memory{native, device, size, false});
+  return id;
+}
+
+void CudaBackend::release(Handle handle) {
+  Memory memory;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = memory_.find(handle);
+    if (it == memory_.end()) throw BackendError("unknown handle " + std::to_string(handle));
+    memory = it->second;
+    memory_.erase(it);
+    if (memory.created) used_[memory.device] -= memory.size;
+  }
+  if (memory.staging) {
+    use_context(memory.device);
+    driver_->check(driver_->cuCtxSynchronize(), "cuCtxSynchronize");
+    driver_->check(driver_->cuMemUnmap(memory.staging, memory.size), "cuMemUnmap");
+    driver_->check(driver_->cuMemAddressFree(memory.staging, memory.size), "cuMemAddressFree");
+  }
+  driver_->check(driver_->cuMemRelease(memory.handle), "cuMemRelease");
+}
+
+void CudaBackend::set_device(int device) {
+  check_device(device);
+  device_ = device;
+  use_context(device);
+}
+
+void CudaBackend::use_context(int device) {
+  cu::CUcontext context;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!contexts_[device])
+      driver_->check(driver_->cuDevicePrimaryCtxRetain(&contexts_[device], device), "cuDevicePrimaryCtxRetain");
+    context = contexts_[device];
+  }
+  // The current context is per thread; setting it is cheap.
+  driver_->check(driver_->cuCtxSetCurrent(context), "cuCtxSetCurrent");
+}
+
+void CudaBackend::synchronize() {
+  use_context(device_);
+  driver_->check(driver_->cuCtxSynchronize(), "cuCtxSynchronize");
+}
+
+uintptr_t CudaBackend::reserve(size_t size) {
+  use_context(device_);
+  cu::CUdeviceptr address = 0;
+  driver_->check(driver_->cuMemAddressReserve(&address, size, 0, 0, 0), "cuMemAddressReserve");
+  return static_cast<uintptr_t>(address);
+}
+
+void CudaBackend::free_reservation(uintptr_t address, size_t size) {
+  use_context(device_);
+  driver_->check(driver_->cuMemAddressFree(address, size), "cuMemAddressFree");
+}
+
+void CudaBackend::map(uintptr_t address, size_t size, Handle handle, int device) {
+  cu::CUmemGenericAllocationHandle native;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = memory_.find(handle);
+    if (it == memory_.end()) throw BackendError("unknown handle " + std::to_string(handle));
+    native = it->second.handle;
+  }
+  use_context(device);
+  driver_->check(driver_->cuMemMap(address, size, 0, native, 0), "cuMemMap");
+  cu::CUmemAccessDesc access{};
+  access.location.type = cu::CU_MEM_LOCATION_TYPE_DEVICE;
+  access.location.id = device;
+  access.flags = cu::CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+  cu::CUresult result = driver_->cuMemSetAccess(address, size, &access, 1);
+  if (result != cu::CUDA_SUCCESS) {
+    driver_->cuMemUnmap(address, size);
+    driver_->check(result, "cuMemSetAccess");
+  }
+}
+
+void CudaBackend::unmap(uintptr_t address, size_t size) {
+  use_context(device_);
+  // Unmapping does not wait for work in flight on the memory: wait first.
+  driver_->check(driver_->cuCtxSynchronize(), "cuCtxSynchronize");
+  driver_->check(driver_->cuMemUnmap(address, size), "cuMemUnmap");
+}
+
+void CudaBackend::copy(uintptr_t dst, uintptr_t src, size_t size) {
+  use_context(device_);
+  driver_->check(driver_->cuMemcpy(dst, src, size), "cuMemcpy");
+}
+
+std::pair<cu::CUdeviceptr, int> CudaBackend::staging(Handle handle, size_t offset, size_t size, const char* call) {
+  Memory* memory;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = memory_.find(handle);
+    if (it == memory_.end()) throw BackendError("unknown handle " + std::to_string(handle));
+    memory = &it->second;
+    if (offset > memory->size || size > memory->size - offset)
+      throw BackendError(std::string(call) + ": range is outside the " + std::to_string(memory->size) +
+                         "-byte handle");
+    if (memory->staging) return {memory->staging + offset, memory->device};
+  }
+  cu::CUdeviceptr address = reserve(memory->size);
+  try {
+    map(address, memory->size, handle, memory->device);
+  } catch (...) {
+    free_reservation(address, memory->size);
+    throw;
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  memory->staging = address;
+  return {address + offset, memory->device};
+}
+
+template <typename Issue>
+void CudaBackend::chunked(int device, size_t size, Issue issue) {
+  use_context(device);
+  std::vector<cu::CUstream>* streams;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    streams = &streams_[device];
+    while (streams->size() < stream_count_) {
+      cu::CUstream stream = nullptr;
+      driver_->check(driver_->cuStreamCreate(&stream, cu::CU_STREAM_NON_BLOCKING), "cuStreamCreate");
+      streams->push_back(stream);
+    }
+  }
+  size_t index = 0;
+  for (size_t offset = 0; offset < size; offset += kChunk, ++index)
+    issue(offset, std::min(kChunk, size - offset), (*streams)[index % streams->size()]);
+  for (cu::CUstream stream : *streams) driver_->check(driver_->cuStreamSynchronize(stream), "cuStreamSynchronize");
+}
+
+void CudaBackend::copy_to_host(Handle src, size_t offset, void* dst, size_t size) {
+  auto [device_address, device] = staging(src, offset, size, "copy_to_host");
+  auto* host = static_cast<char*>(dst);
+  chunked(device, size, [&](size_t at, size_t length, cu::CUstream stream) {
+    driver_->check(driver_->cuMemcpyDtoHAsync(host + at, device_address + at, length, stream), "cuMemcpyDtoHAsync");
+  });
+}
+
+void CudaBackend::copy_from_host(Handle dst, size_t offset, const void* src, size_t size) {
+  auto [device_address, device] = staging(dst, offset, size, "copy_from_host");
+  const auto* host = static_cast<const char*>(src);
+  chunked(device, size, [&](size_t at, size_t length, cu::CUstream stream) {
+    driver_->check(driver_->cuMemcpyHtoDAsync(device_address + at, host + at, length, stream), "cuMemcpyHtoDAsync");
+  });
+}
+
+void CudaBackend::zero(Handle dst, size_t offset, size_t size) {
+  auto [device_address, device] = staging(dst, offset, size, "zero");
+  chunked(device, size, [&](size_t at, size_t length, cu::CUstream stream) {
+    driver_->check(driver_->cuMemsetD8Async(device_address + at, 0, length, stream), "cuMemsetD8Async");
+  });
+}
+
+void CudaBackend::register_host(void* address, size_t size) {
+  use_context(device_);
+  driver_->check(driver_->cuMemHostRegister(address, size, cu::CU_MEMHOSTREGISTER_PORTABLE), "cuMemHostRegister");
+}
+
+}  // namespace sleepd

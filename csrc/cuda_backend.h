@@ -1,0 +1,76 @@
+// The CUDA backend: device memory through the driver's virtual memory API
+// (cuMemCreate / cuMemMap), shared between processes as POSIX file descriptors.
+//
+// The daemon uses only create/export/release, which need no context. Engines
+// and movers call set_device() once; every call that needs a context makes the
+// device's primary context current on the calling thread first.
+#pragma once
+
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+#include "backend.h"
+#include "cuda_driver.h"
+
+namespace sleepd {
+
+class CudaBackend : public Backend {
+ public:
+  CudaBackend(std::shared_ptr<cu::Driver> driver, unsigned streams);
+
+  std::string name() const override { return "cuda"; }
+  size_t granularity(int device) const override;
+
+  Handle create(int device, size_t size, const std::string& label) override;
+  Shareable export_handle(Handle handle) override;
+  Handle import_handle(const Shareable& shareable, int device, size_t size) override;
+  void release(Handle handle) override;
+
+  uintptr_t reserve(size_t size) override;
+  void free_reservation(uintptr_t address, size_t size) override;
+  void map(uintptr_t address, size_t size, Handle handle, int device) override;
+  void unmap(uintptr_t address, size_t size) override;
+
+  void copy(uintptr_t dst, uintptr_t src, size_t size) override;
+  void copy_to_host(Handle src, size_t offset, void* dst, size_t size) override;
+  void copy_from_host(Handle dst, size_t offset, const void* src, size_t size) override;
+  void zero(Handle dst, size_t offset, size_t size) override;
+  void register_host(void* address, size_t size) override;
+
+  int device_count() const { return static_cast<int>(used_.size()); }
+  size_t total_memory(int device) const;
+  size_t used(int device) const;
+  // The device whose context this process works in (engines, movers).
+  void set_device(int device);
+  void synchronize();
+
+ private:
+  struct Memory {
+    cu::CUmemGenericAllocationHandle handle;
+    int device;
+    size_t size;
+    bool created;               // counts against the device (created here, not imported)
+    cu::CUdeviceptr staging = 0;  // this process's own mapping, made on the first copy
+  };
+
+  void check_device(int device) const;
+  void use_context(int device);
+  // The handle mapped in this process for copies, and its device.
+  std::pair<cu::CUdeviceptr, int> staging(Handle handle, size_t offset, size_t size, const char* call);
+  template <typename Issue>
+  void chunked(int device, size_t size, Issue issue);
+
+  std::shared_ptr<cu::Driver> driver_;
+  unsigned stream_count_;
+  mutable std::mutex mutex_;
+  std::unordered_map<Handle, Memory> memory_;
+  std::vector<size_t> used_;
+  std::vector<cu::CUcontext> contexts_;            // primary contexts, retained on first use
+  std::vector<std::vector<cu::CUstream>> streams_;  // per device, made on first use
+  mutable std::vector<size_t> granularity_;        // per device, 0 until asked
+  int device_ = 0;
+  Handle next_handle_ = 1;
+};
+
+}  // namespace sleepd

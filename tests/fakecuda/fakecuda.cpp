@@ -1,0 +1,387 @@
+// A driver double: the subset of the CUDA driver API that sleepd uses,
+// implemented over memfd and mmap, so that the CUDA backend's logic runs in CI
+// where there is no GPU. "Device memory" is host shared memory here.
+//
+// Like the real driver:
+//  * memory lives until its last reference is gone: the handle, every mapping
+//    and every exported descriptor (the kernel's own reference counting on the
+//    memfd gives exactly this);
+//  * cuMemMap maps with no access until cuMemSetAccess; cuMemUnmap must cover a
+//    whole earlier map; calls that need a context fail without a current one;
+//  * an imported handle does not take ownership of the descriptor.
+//
+// Configuration (environment, read at cuInit):
+//   FAKE_CUDA_DEVICES      devices (default 1)
+//   FAKE_CUDA_MEMORY       bytes per device (default 1 GiB)
+//   FAKE_CUDA_COUNTERS     directory where each process writes <pid>.json counters
+//   FAKE_CUDA_CONTROL      a file of key=value lines, re-read on every call, for
+//                          fault injection; a change of its contents resets the counts:
+//                            oom_at_create=N    the Nth cuMemCreate from now fails with OOM
+//                            fail_map=1         cuMemMap fails
+//                            fail_import_pid=P  cuMemImportFromShareableHandle fails in process P
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <sstream>
+#include <string>
+
+namespace {
+
+using CUresult = int;
+using CUdeviceptr = unsigned long long;
+using Handle = unsigned long long;
+
+constexpr CUresult SUCCESS = 0, INVALID_VALUE = 1, OUT_OF_MEMORY = 2, NOT_INITIALIZED = 3, INVALID_DEVICE = 101,
+                   INVALID_CONTEXT = 201, INVALID_HANDLE = 400, UNKNOWN = 999;
+
+struct Location {
+  int type;
+  int id;
+};
+struct AllocationProp {
+  int type;
+  int requestedHandleTypes;
+  Location location;
+  void* win32HandleMetaData;
+  unsigned char flags[8];
+};
+struct AccessDesc {
+  Location location;
+  int flags;
+};
+
+struct Allocation {
+  int fd;
+  size_t size;
+  int device;
+  bool created;
+};
+
+struct Counters {
+  long contexts_retained = 0, creates = 0, live_handles = 0, live_created_bytes = 0, exports = 0, imports = 0,
+       maps = 0, live_mappings = 0, host_register_calls = 0, host_registered_bytes = 0, copies = 0;
+};
+
+std::mutex mutex;
+bool initialised = false;
+int devices = 1;
+size_t memory_per_device = size_t(1) << 30;
+constexpr size_t kGranularity = 2u << 20;
+size_t used[64];
+std::map<CUdeviceptr, size_t> reservations;  // start -> size
+std::map<CUdeviceptr, size_t> mappings;      // start -> size
+Counters counters;
+std::string control_text;
+long creates_since_control = 0;
+thread_local void* current_context = nullptr;
+char contexts[64];  // one address per device stands for its primary context
+
+std::string env(const char* name) {
+  const char* value = std::getenv(name);
+  return value ? value : "";
+}
+
+// Re-reads the control file; a change of contents starts the counts afresh.
+std::map<std::string, long> control() {
+  std::map<std::string, long> values;
+  std::string path = env("FAKE_CUDA_CONTROL");
+  if (path.empty()) return values;
+  std::ifstream file(path);
+  std::stringstream text;
+  text << file.rdbuf();
+  if (text.str() != control_text) {
+    control_text = text.str();
+    creates_since_control = 0;
+  }
+  std::string line;
+  std::istringstream lines(control_text);
+  while (std::getline(lines, line)) {
+    auto eq = line.find('=');
+    if (eq != std::string::npos) values[line.substr(0, eq)] = std::atol(line.c_str() + eq + 1);
+  }
+  return values;
+}
+
+void write_counters() {
+  std::string dir = env("FAKE_CUDA_COUNTERS");
+  if (dir.empty()) return;
+  char json[1024];
+  std::snprintf(json, sizeof json,
+                "{\"contexts_retained\": %ld, \"creates\": %ld, \"live_handles\": %ld, \"live_created_bytes\": %ld, "
+                "\"exports\": %ld, \"imports\": %ld, \"maps\": %ld, \"live_mappings\": %ld, "
+                "\"host_register_calls\": %ld, \"host_registered_bytes\": %ld, \"copies\": %ld}\n",
+                counters.contexts_retained, counters.creates, counters.live_handles, counters.live_created_bytes,
+                counters.exports, counters.imports, counters.maps, counters.live_mappings,
+                counters.host_register_calls, counters.host_registered_bytes, counters.copies);
+  std::string path = dir + "/" + std::to_string(getpid()) + ".json";
+  std::string tmp = path + ".tmp";
+  if (FILE* file = std::fopen(tmp.c_str(), "w")) {
+    std::fputs(json, file);
+    std::fclose(file);
+    std::rename(tmp.c_str(), path.c_str());
+  }
+}
+
+Allocation* allocation(Handle handle) { return reinterpret_cast<Allocation*>(handle); }
+
+bool inside(const std::map<CUdeviceptr, size_t>& ranges, CUdeviceptr address, size_t size) {
+  auto it = ranges.upper_bound(address);
+  if (it == ranges.begin()) return false;
+  --it;
+  return address >= it->first && address + size <= it->first + it->second;
+}
+
+}  // namespace
+
+extern "C" {
+
+CUresult cuInit(unsigned) {
+  std::lock_guard<std::mutex> lock(mutex);
+  if (!env("FAKE_CUDA_DEVICES").empty()) devices = std::atoi(env("FAKE_CUDA_DEVICES").c_str());
+  if (!env("FAKE_CUDA_MEMORY").empty()) memory_per_device = std::strtoull(env("FAKE_CUDA_MEMORY").c_str(), nullptr, 10);
+  initialised = true;
+  write_counters();
+  return SUCCESS;
+}
+
+CUresult cuGetErrorString(CUresult error, const char** text) {
+  switch (error) {
+    case SUCCESS: *text = "no error"; break;
+    case INVALID_VALUE: *text = "invalid argument"; break;
+    case OUT_OF_MEMORY: *text = "out of memory"; break;
+    case NOT_INITIALIZED: *text = "initialization error"; break;
+    case INVALID_DEVICE: *text = "invalid device ordinal"; break;
+    case INVALID_CONTEXT: *text = "invalid device context"; break;
+    case INVALID_HANDLE: *text = "invalid resource handle"; break;
+    default: *text = "unknown error"; break;
+  }
+  return SUCCESS;
+}
+
+CUresult cuDeviceGetCount(int* count) {
+  if (!initialised) return NOT_INITIALIZED;
+  *count = devices;
+  return SUCCESS;
+}
+
+CUresult cuDeviceGet(int* device, int ordinal) {
+  if (ordinal < 0 || ordinal >= devices) return INVALID_DEVICE;
+  *device = ordinal;
+  return SUCCESS;
+}
+
+CUresult cuDeviceTotalMem_v2(size_t* bytes, int device) {
+  if (device < 0 || device >= devices) return INVALID_DEVICE;
+  *bytes = memory_per_device;
+  return SUCCESS;
+}
+
+CUresult cuDevicePrimaryCtxRetain(void** context, int device) {
+  if (device < 0 || device >= devices) return INVALID_DEVICE;
+  std::lock_guard<std::mutex> lock(mutex);
+  *context = &contexts[device];
+  counters.contexts_retained++;
+  write_counters();
+  return SUCCESS;
+}
+
+CUresult cuDevicePrimaryCtxRelease_v2(int) { return SUCCESS; }
+
+CUresult cuCtxSetCurrent(void* context) {
+  current_context = context;
+  return SUCCESS;
+}
+
+CUresult cuCtxSynchronize() { return current_context ? SUCCESS : INVALID_CONTEXT; }
+
+CUresult cuMemGetAllocationGranularity(size_t* granularity, const AllocationProp* prop, int) {
+  if (prop->location.id < 0 || prop->location.id >= devices) return INVALID_DEVICE;
+  *granularity = kGranularity;
+  return SUCCESS;
+}
+
+// Needs no context, as with the real driver: the daemon relies on that.
+CUresult cuMemCreate(Handle* handle, size_t size, const AllocationProp* prop, unsigned long long) {
+  std::lock_guard<std::mutex> lock(mutex);
+  int device = prop->location.id;
+  if (device < 0 || device >= devices) return INVALID_DEVICE;
+  if (size == 0 || size % kGranularity != 0 || prop->requestedHandleTypes != 1) return INVALID_VALUE;
+  auto faults = control();
+  ++creates_since_control;
+  if (faults.count("oom_at_create") && creates_since_control == faults["oom_at_create"]) return OUT_OF_MEMORY;
+  if (used[device] + size > memory_per_device) return OUT_OF_MEMORY;
+  int fd = memfd_create("fakecuda", MFD_CLOEXEC);
+  if (fd < 0) return UNKNOWN;
+  if (posix_fallocate(fd, 0, static_cast<off_t>(size)) != 0) {
+    close(fd);
+    return OUT_OF_MEMORY;
+  }
+  used[device] += size;
+  *handle = reinterpret_cast<Handle>(new Allocation{fd, size, device, true});
+  counters.creates++;
+  counters.live_handles++;
+  counters.live_created_bytes += static_cast<long>(size);
+  write_counters();
+  return SUCCESS;
+}
+
+CUresult cuMemRelease(Handle handle) {
+  std::lock_guard<std::mutex> lock(mutex);
+  Allocation* memory = allocation(handle);
+  if (!memory) return INVALID_HANDLE;
+  close(memory->fd);
+  if (memory->created) {
+    used[memory->device] -= memory->size;
+    counters.live_created_bytes -= static_cast<long>(memory->size);
+  }
+  counters.live_handles--;
+  delete memory;
+  write_counters();
+  return SUCCESS;
+}
+
+CUresult cuMemExportToShareableHandle(void* out, Handle handle, int type, unsigned long long) {
+  if (type != 1) return INVALID_VALUE;
+  std::lock_guard<std::mutex> lock(mutex);
+  int fd = fcntl(allocation(handle)->fd, F_DUPFD_CLOEXEC, 0);
+  if (fd < 0) return UNKNOWN;
+  *static_cast<int*>(out) = fd;
+  counters.exports++;
+  write_counters();
+  return SUCCESS;
+}
+
+CUresult cuMemImportFromShareableHandle(Handle* handle, void* os_handle, int type) {
+  if (type != 1) return INVALID_VALUE;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto faults = control();
+  if (faults.count("fail_import_pid") && faults["fail_import_pid"] == getpid()) return INVALID_VALUE;
+  int fd = fcntl(static_cast<int>(reinterpret_cast<uintptr_t>(os_handle)), F_DUPFD_CLOEXEC, 0);
+  if (fd < 0) return INVALID_VALUE;
+  struct stat st;
+  fstat(fd, &st);
+  *handle = reinterpret_cast<Handle>(new Allocation{fd, static_cast<size_t>(st.st_size), -1, false});
+  counters.imports++;
+  counters.live_handles++;
+  write_counters();
+  return SUCCESS;
+}
+
+CUresult cuMemAddressReserve(CUdeviceptr* address, size_t size, size_t, CUdeviceptr, unsigned long long) {
+  if (size == 0 || size % kGranularity != 0) return INVALID_VALUE;
+  void* base = mmap(nullptr, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (base == MAP_FAILED) return OUT_OF_MEMORY;
+  std::lock_guard<std::mutex> lock(mutex);
+  *address = reinterpret_cast<CUdeviceptr>(base);
+  reservations[*address] = size;
+  return SUCCESS;
+}
+
+CUresult cuMemAddressFree(CUdeviceptr address, size_t size) {
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = reservations.find(address);
+  if (it == reservations.end() || it->second != size) return INVALID_VALUE;
+  for (auto m = mappings.begin(); m != mappings.end(); ++m)
+    if (m->first >= address && m->first < address + size) return INVALID_VALUE;  // still mapped
+  munmap(reinterpret_cast<void*>(address), size);
+  reservations.erase(it);
+  return SUCCESS;
+}
+
+CUresult cuMemMap(CUdeviceptr address, size_t size, size_t offset, Handle handle, unsigned long long) {
+  if (!current_context) return INVALID_CONTEXT;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (control().count("fail_map")) return UNKNOWN;
+  Allocation* memory = allocation(handle);
+  if (offset != 0 || size == 0 || size % kGranularity != 0 || size > memory->size) return INVALID_VALUE;
+  if (!inside(reservations, address, size)) return INVALID_VALUE;
+  // No access until cuMemSetAccess, as on a GPU.
+  void* mapped = mmap(reinterpret_cast<void*>(address), size, PROT_NONE, MAP_SHARED | MAP_FIXED, memory->fd, 0);
+  if (mapped == MAP_FAILED) return UNKNOWN;
+  mappings[address] = size;
+  counters.maps++;
+  counters.live_mappings++;
+  write_counters();
+  return SUCCESS;
+}
+
+CUresult cuMemSetAccess(CUdeviceptr address, size_t size, const AccessDesc* desc, size_t count) {
+  if (!current_context) return INVALID_CONTEXT;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (count != 1 || desc->location.id < 0 || desc->location.id >= devices) return INVALID_VALUE;
+  if (!inside(mappings, address, size)) return INVALID_VALUE;
+  int prot = desc->flags == 3 ? PROT_READ | PROT_WRITE : desc->flags == 1 ? PROT_READ : PROT_NONE;
+  return mprotect(reinterpret_cast<void*>(address), size, prot) == 0 ? SUCCESS : UNKNOWN;
+}
+
+CUresult cuMemUnmap(CUdeviceptr address, size_t size) {
+  if (!current_context) return INVALID_CONTEXT;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = mappings.find(address);
+  if (it == mappings.end() || it->second != size) return INVALID_VALUE;  // must be a whole earlier map
+  mmap(reinterpret_cast<void*>(address), size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED,
+       -1, 0);
+  mappings.erase(it);
+  counters.live_mappings--;
+  write_counters();
+  return SUCCESS;
+}
+
+CUresult cuMemcpy(CUdeviceptr dst, CUdeviceptr src, size_t size) {
+  if (!current_context) return INVALID_CONTEXT;
+  std::memcpy(reinterpret_cast<void*>(dst), reinterpret_cast<void*>(src), size);
+  return SUCCESS;
+}
+
+CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t size, void*) {
+  if (!current_context) return INVALID_CONTEXT;
+  std::memcpy(dst, reinterpret_cast<void*>(src), size);
+  std::lock_guard<std::mutex> lock(mutex);
+  counters.copies++;
+  return SUCCESS;
+}
+
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t size, void*) {
+  if (!current_context) return INVALID_CONTEXT;
+  std::memcpy(reinterpret_cast<void*>(dst), src, size);
+  std::lock_guard<std::mutex> lock(mutex);
+  counters.copies++;
+  return SUCCESS;
+}
+
+CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t size, void*) {
+  if (!current_context) return INVALID_CONTEXT;
+  std::memset(reinterpret_cast<void*>(dst), value, size);
+  return SUCCESS;
+}
+
+CUresult cuStreamCreate(void** stream, unsigned) {
+  if (!current_context) return INVALID_CONTEXT;
+  static char streams[1];
+  *stream = streams;
+  return SUCCESS;
+}
+
+CUresult cuStreamSynchronize(void*) { return current_context ? SUCCESS : INVALID_CONTEXT; }
+
+CUresult cuMemHostRegister_v2(void*, size_t size, unsigned) {
+  if (!current_context) return INVALID_CONTEXT;
+  std::lock_guard<std::mutex> lock(mutex);
+  counters.host_register_calls++;
+  counters.host_registered_bytes += static_cast<long>(size);
+  write_counters();
+  return SUCCESS;
+}
+
+CUresult cuMemHostUnregister(void*) { return current_context ? SUCCESS : INVALID_CONTEXT; }
+
+}  // extern "C"
