@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     movers = {device.index: Mover(backend.native, backend.name, device.index, pool) for device in backend.devices}
     for mover in movers.values():
         mover.start()
+        if pool.prefault:
+            mover.register_pool()
 
     metrics = Metrics()
     manager = MemoryManager(backend, pool, movers, SleepRules(), args.hook_timeout, metrics)

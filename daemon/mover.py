@@ -72,6 +72,13 @@ class Mover:
 
     def run(self, jobs: list[CopyJob]) -> None:
         """Runs the copies, raising SleepdError(UNAVAILABLE) if the mover fails or dies."""
+        self._call(lambda: [self._run_batch(jobs[first:first + _BATCH]) for first in range(0, len(jobs), _BATCH)])
+
+    def register_pool(self) -> None:
+        """Hands the mover every pool slab now (it maps and pins each once), rather than at the first sleep."""
+        self._call(lambda: None)
+
+    def _call(self, work) -> None:
         with self._lock:
             if self._process is None or self._process.poll() is not None:
                 if self._process is not None:
@@ -80,8 +87,7 @@ class Mover:
                 self.start()
             try:
                 self._register_slabs()
-                for first in range(0, len(jobs), _BATCH):
-                    self._run_batch(jobs[first:first + _BATCH])
+                work()
             except (OSError, wire.ProtocolError) as error:
                 self._stop()
                 raise unavailable(f"mover for device {self.device} failed during the copy ({error}); "
