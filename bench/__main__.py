@@ -1,17 +1,18 @@
-"""python -m sleepd.bench {host} [options]"""
+"""python -m sleepd.bench {host,gpu} [options]"""
 
 import argparse
 import sys
 
-from . import host
+from . import gpu, host
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sleepd.bench", description=__doc__)
     commands = parser.add_subparsers(dest="bench", required=True)
     host.add_arguments(commands.add_parser("host", help="sleep/wake throughput on the host backend vs memcpy"))
+    gpu.add_arguments(commands.add_parser("gpu", help="sleep/wake on a GPU vs pinned bandwidth and the naive way"))
     args = parser.parse_args(argv)
-    return {"host": host.run}[args.bench](args)
+    return {"host": host.run, "gpu": gpu.run}[args.bench](args)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ thread goes on. Closing the client, or the process dying, ends the lease and the
 daemon reclaims the memory.
 """
 
+import contextlib
 import logging
 import os
 import queue
@@ -31,6 +32,8 @@ from .region import Region, State
 log = logging.getLogger(__name__)
 
 _STATES = {pb.OFFLOADED: State.OFFLOADED, pb.DISCARDED: State.DISCARDED}
+# Chunks this large keep a model's handle count small (weights of 8 GiB: 16 handles).
+DEFAULT_CHUNK_BYTES = 512 << 20
 
 
 def _rpc(call, *args, **kwargs):
@@ -48,6 +51,7 @@ class SleepClient:
         # naming a region the daemon has just created waits for it to be registered.
         self._regions_changed = threading.Condition()
         self._allocating = 0
+        self._pools: dict = {}  # tag -> TorchPool, alive as long as the client
         self._sleep_hooks: list[Callable[[], None]] = []
         self._wake_hooks: list[Callable[[], None]] = []
         self._tag_wake_hooks: dict[str, list[Callable[[], None]]] = {}
@@ -124,6 +128,27 @@ class SleepClient:
         from .adopt import adopt
 
         return adopt(self, module, tag)
+
+    @contextlib.contextmanager
+    def pool(self, tag: str = "weights", chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        """Inside this block, torch CUDA allocations on this thread land in
+        daemon-owned regions tagged `tag`, carved from chunks of `chunk_bytes`.
+
+        torch's pitfalls, handled here: expandable segments are switched off
+        (they bypass a pluggable allocator); the MemPool and the allocator live
+        as long as this client, because every tensor in them needs them;
+        torch.cuda.empty_cache() does not give pool memory back, sleep does.
+        """
+        from .torch_pool import TorchPool
+
+        torch_pool = self._pools.get(tag)
+        if torch_pool is None:
+            if self._backend.name != "cuda":
+                raise RuntimeError("pool() routes torch CUDA allocations; this daemon runs the "
+                                   f"{self._backend.name} backend, so use alloc() or adopt() instead")
+            torch_pool = self._pools[tag] = TorchPool(self, tag, chunk_bytes)
+        with torch_pool.active(self.device):
+            yield torch_pool
 
     def regions(self) -> list[Region]:
         with self._regions_changed:

@@ -1,6 +1,8 @@
 // Python bindings: sleepd._C. Heavy calls release the GIL; nothing here calls
 // back into Python.
+#include <pybind11/functional.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -10,6 +12,7 @@
 #include <memory>
 
 #include "backend.h"
+#include "chunk_pool.h"
 #include "copy_engine.h"
 #include "cuda_backend.h"
 #include "host_backend.h"
@@ -129,6 +132,24 @@ PYBIND11_MODULE(_C, m) {
       .def("used", &CudaBackend::used, py::arg("device"))
       .def("set_device", &CudaBackend::set_device, py::arg("device"))
       .def("synchronize", &CudaBackend::synchronize, py::call_guard<py::gil_scoped_release>());
+
+  py::class_<ChunkPool, std::shared_ptr<ChunkPool>>(m, "ChunkPool",
+                                                   "Carves allocations out of large chunks from `refill`.")
+      .def(py::init([](py::function refill, size_t chunk_bytes, size_t alignment) {
+             // Called from torch's allocator hooks, possibly without the GIL.
+             auto call = [refill](size_t bytes) {
+               py::gil_scoped_acquire gil;
+               return refill(bytes).cast<std::pair<uintptr_t, size_t>>();
+             };
+             return std::make_shared<ChunkPool>(call, chunk_bytes, alignment);
+           }),
+           py::arg("refill"), py::arg("chunk_bytes"), py::arg("alignment") = 512)
+      .def("allocate", &ChunkPool::allocate, py::arg("size"), py::call_guard<py::gil_scoped_release>())
+      .def("deallocate", &ChunkPool::deallocate, py::arg("address"))
+      .def_property_readonly("chunk_count", &ChunkPool::chunk_count)
+      .def_property_readonly("bytes_in_use", &ChunkPool::bytes_in_use)
+      .def("activate", &ChunkPool::activate, "Serve this thread's allocations through the C hooks.")
+      .def("deactivate", &ChunkPool::deactivate);
 
   m.def(
       "cuda_unavailable_reason",

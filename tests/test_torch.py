@@ -72,3 +72,10 @@ def test_region_tensors_are_views_without_a_copy(daemon):
         client.wake()
         assert region.tensor(torch.float16, (256, 512)).abs().sum().item() == 0  # discarded: zeros
         assert region.tensor(torch.float16, (4,)).data_ptr() == kv.data_ptr()
+
+
+def test_pool_needs_the_cuda_backend(daemon):
+    with SleepClient.connect("qwen", socket=daemon.socket) as client:
+        with pytest.raises(RuntimeError, match="host backend"):
+            with client.pool("weights"):
+                pass

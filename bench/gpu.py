@@ -1,0 +1,123 @@
+"""GPU sleep and wake throughput, each as a ratio to raw pinned-memory copy
+bandwidth measured in the same run, against the naive in-process way (per
+tensor .to("cpu") into freshly pinned memory, then back), with level-2
+latency and the device memory left in use while asleep.
+
+Needs an NVIDIA GPU, its driver and a CUDA build of torch; nvidia-ml-py for the
+memory-left figures."""
+
+import statistics
+import time
+
+from sleepd import _C
+from sleepd.common.sizes import format_size, parse_size
+
+from .local import LocalDaemon
+
+GiB = 1 << 30
+TENSOR_BYTES = 256 << 20
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--size", default="8GiB", help="bytes of weights (default 8GiB)")
+    parser.add_argument("--rounds", type=int, default=3, help="sleep/wake cycles after the first")
+    parser.add_argument("--no-prefault", action="store_true", help="do not pre-fault and pin the pool at start")
+
+
+def _seconds(fn) -> float:
+    import torch
+
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def pinned_bandwidth(size: int) -> tuple[float, float]:
+    """Bytes/s device-to-host and host-to-device between one device buffer and pinned memory."""
+    import torch
+
+    device = torch.empty(size, dtype=torch.uint8, device="cuda")
+    host = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+    host.copy_(device)  # warm up both directions
+    device.copy_(host)
+    dtoh = min(_seconds(lambda: host.copy_(device, non_blocking=True)) for _ in range(3))
+    htod = min(_seconds(lambda: device.copy_(host, non_blocking=True)) for _ in range(3))
+    return size / dtoh, size / htod
+
+
+def naive_seconds(tensors) -> tuple[float, float]:
+    """vLLM-style in-process offload: per tensor into freshly pinned memory, then back."""
+    import torch
+
+    backups = []
+    down = _seconds(lambda: backups.extend(
+        torch.empty_like(t, device="cpu", pin_memory=True).copy_(t, non_blocking=True) for t in tensors))
+    up = _seconds(lambda: [t.copy_(b, non_blocking=True) for t, b in zip(tensors, backups)])
+    return down, up
+
+
+def process_device_bytes(pid: int) -> int | None:
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    pynvml.nvmlInit()
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        return sum(p.usedGpuMemory or 0 for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle) if p.pid == pid)
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def run(args) -> int:
+    reason = _C.cuda_unavailable_reason()
+    if reason:
+        print(f"no GPU benchmark here: {reason}")
+        return 2
+    import os
+
+    import torch
+
+    from sleepd.client import SleepClient
+
+    size = parse_size(args.size) // TENSOR_BYTES * TENSOR_BYTES
+    dtoh, htod = pinned_bandwidth(min(size, 2 * GiB))
+    print(f"raw pinned copy: DtoH {dtoh / GiB:.1f} GiB/s, HtoD {htod / GiB:.1f} GiB/s")
+
+    flags = ["--backend", "cuda", "--host-pool-budget", str(size + GiB)]
+    if not args.no_prefault:
+        flags.append("--host-pool-prefault")
+    with LocalDaemon(None, *flags) as daemon, SleepClient.connect("bench", socket=daemon.socket) as client:
+        with client.pool("weights"):
+            tensors = [torch.empty(TENSOR_BYTES, dtype=torch.uint8, device="cuda").fill_(7)
+                       for _ in range(size // TENSOR_BYTES)]
+        torch.cuda.synchronize()
+        sleeps, wakes = [], []
+        for _ in range(1 + args.rounds):
+            sleeps.append(client.sleep(level=1).seconds)
+            if len(sleeps) == 1:
+                engine_left = process_device_bytes(os.getpid())
+                daemon_left = process_device_bytes(daemon.pid)
+            wakes.append(client.wake().seconds)
+        level2_sleep = client.sleep(level=2).seconds
+        level2_wake = client.wake().seconds
+
+    naive_down, naive_up = naive_seconds([torch.empty(TENSOR_BYTES, dtype=torch.uint8, device="cuda")
+                                          for _ in range(size // TENSOR_BYTES)])
+    print(f"\n{format_size(size)} of weights in {size // TENSOR_BYTES} tensors, pool "
+          f"{'not ' if args.no_prefault else ''}pre-faulted:")
+    rows = [("first sleep (DtoH)", sleeps[0], dtoh), ("later sleeps, median", statistics.median(sleeps[1:]), dtoh),
+            ("first wake (HtoD)", wakes[0], htod), ("later wakes, median", statistics.median(wakes[1:]), htod)]
+    for name, seconds, raw in rows:
+        print(f"  {name:22} {seconds:7.3f} s  {size / seconds / GiB:6.1f} GiB/s  {size / seconds / raw:5.2f} x pinned")
+    print(f"  naive per-tensor offload {naive_down:7.3f} s, restore {naive_up:.3f} s; "
+          f"first sleep is {naive_down / sleeps[0]:.1f} x faster, first wake {naive_up / wakes[0]:.1f} x")
+    print(f"  level 2: sleep {level2_sleep * 1000:.1f} ms, wake {level2_wake * 1000:.1f} ms")
+    if engine_left is None:
+        print("  device memory left while asleep: install nvidia-ml-py to measure")
+    else:
+        print(f"  device memory left while asleep: engine {format_size(engine_left)} (its CUDA context and "
+              f"torch's own), daemon {format_size(daemon_left)}")
+    return 0

@@ -1,0 +1,136 @@
+"""What a vLLM sleep-mode user relies on, on a real GPU."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from sleepd.client import SleepClient  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MiB = 1 << 20
+
+
+def device_used_bytes() -> int:
+    """Used memory on GPU 0 as NVML reports it (the driver's view, not ours)."""
+    pynvml = pytest.importorskip("pynvml", reason="nvidia-ml-py is needed to read NVML")
+    pynvml.nvmlInit()
+    try:
+        return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def test_pool_tensors_come_back_bit_identical_after_a_level_1_sleep(gpu_daemon):
+    with SleepClient.connect("qwen", socket=gpu_daemon.socket) as client:
+        with client.pool("weights"):
+            weights = torch.randn(64 * MiB // 4, device="cuda")
+        with client.pool("kv_cache"):
+            kv = torch.ones(32 * MiB // 4, device="cuda")
+        saved = weights.cpu()
+        pointer = weights.data_ptr()
+        client.sleep(level=1)
+        client.wake()
+        assert weights.data_ptr() == pointer
+        assert torch.equal(weights.cpu(), saved)
+        assert kv.abs().sum().item() == 0  # discarded: zero-filled
+
+
+def test_nvml_shows_the_memory_freed_while_asleep_and_back_after_wake(gpu_daemon):
+    size = 2 << 30
+    with SleepClient.connect("qwen", socket=gpu_daemon.socket) as client:
+        with client.pool("weights"):
+            weights = torch.empty(size // 4, device="cuda").fill_(1.0)
+        torch.cuda.synchronize()
+        awake = device_used_bytes()
+        client.sleep(level=1)
+        asleep = device_used_bytes()
+        assert awake - asleep >= 0.95 * size, f"NVML: {awake} bytes used awake, {asleep} asleep"
+        client.wake()
+        assert device_used_bytes() - asleep >= 0.95 * size
+        assert weights[:16].sum().item() == 16
+
+
+def test_a_cuda_graph_captured_before_sleep_replays_after_wake(gpu_daemon):
+    with SleepClient.connect("qwen", socket=gpu_daemon.socket) as client:
+        with client.pool("weights"):
+            w = torch.randn(256, 256, device="cuda")
+            x = torch.randn(64, 256, device="cuda")
+            y = torch.empty(64, 256, device="cuda")
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            with torch.cuda.graph(graph):
+                torch.matmul(x, w, out=y)
+        expected = x @ w
+        client.sleep(level=1)
+        client.wake()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.allclose(y, expected)
+
+
+def test_a_torch_model_gives_the_same_outputs_after_sleep(gpu_daemon):
+    torch.manual_seed(0)
+    with SleepClient.connect("tiny", socket=gpu_daemon.socket) as client:
+        with client.pool("weights"):
+            layer = torch.nn.TransformerEncoderLayer(128, 4, batch_first=True, dropout=0.0).cuda().eval()
+        tokens = torch.randn(4, 32, 128, device="cuda")
+        with torch.no_grad():
+            before = layer(tokens)
+            client.sleep(level=1)
+            client.wake()
+            assert torch.equal(layer(tokens), before)
+
+
+def start_engine(daemon, model: str, megabytes: int, seed: int):
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "gpu_engine.py"), daemon.socket, model,
+                                str(megabytes), str(seed)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert json.loads(process.stdout.readline())["ready"]
+    return process
+
+
+def ask(process, op: str) -> dict:
+    process.stdin.write(json.dumps({"op": op}) + "\n")
+    process.stdin.flush()
+    return json.loads(process.stdout.readline())
+
+
+def test_two_engine_processes_share_one_gpu_and_swap(gpu_daemon):
+    ctl = [sys.executable, "-m", "sleepd.client.ctl", "--socket", gpu_daemon.socket]
+    a = start_engine(gpu_daemon, "a", 512, 1)
+    b = start_engine(gpu_daemon, "b", 512, 2)
+    try:
+        subprocess.run([*ctl, "sleep", "--model", "a"], check=True)
+        assert ask(b, "check")["weights_ok"]
+        subprocess.run([*ctl, "sleep", "--model", "b"], check=True)
+        subprocess.run([*ctl, "wake", "--model", "a"], check=True)
+        assert ask(a, "check") == {"weights_ok": True, "kv_sum": 0.0}
+        subprocess.run([*ctl, "wake", "--model", "b"], check=True)
+        assert ask(b, "check")["weights_ok"]
+    finally:
+        for process in (a, b):
+            process.stdin.write('{"op": "exit"}\n')
+            process.stdin.flush()
+            process.wait(timeout=60)
+
+
+def test_the_rl_weight_update_flow(gpu_daemon):
+    with SleepClient.connect("policy", socket=gpu_daemon.socket) as client:
+        with client.pool("weights"):
+            weights = torch.randn(16 * MiB // 4, device="cuda")
+        with client.pool("kv_cache"):
+            kv = torch.ones(16 * MiB // 4, device="cuda")
+        client.sleep(level=2)
+        client.wake(tags=["weights"])
+        assert client.is_sleeping()
+        new = torch.randn_like(weights)
+        weights.copy_(new)  # the trainer's update lands in the same memory
+        client.wake(tags=["kv_cache"])
+        assert not client.is_sleeping()
+        assert torch.equal(weights, new)
+        assert kv.abs().sum().item() == 0
