@@ -103,6 +103,7 @@ def run(args) -> int:
             wakes.append(client.wake().seconds)
         level2_sleep = client.sleep(level=2).seconds
         level2_wake = client.wake().seconds
+        del tensors  # alive until here: the pool's memory is theirs
 
     naive_down, naive_up = naive_seconds([torch.empty(TENSOR_BYTES, dtype=torch.uint8, device="cuda")
                                           for _ in range(size // TENSOR_BYTES)])

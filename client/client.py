@@ -89,12 +89,14 @@ class SleepClient:
 
     # ---- memory ----
 
-    def alloc(self, nbytes: int, tag: str) -> Region:
-        """A new region of at least `nbytes`, mapped at an address it keeps for life."""
+    def alloc(self, nbytes: int, tag: str, evict: bool = False) -> Region:
+        """A new region of at least `nbytes`, mapped at an address it keeps for life.
+        With `evict`, the daemon may put other models to sleep to make room."""
         with self._regions_changed:
             self._allocating += 1
         try:
-            info = _rpc(self._stub.Allocate, pb.AllocateRequest(session_id=self._session_id, size=nbytes, tag=tag))
+            info = _rpc(self._stub.Allocate, pb.AllocateRequest(session_id=self._session_id, size=nbytes, tag=tag,
+                                                                     evict=evict))
             try:
                 fd, mapped_size = self._handles.fetch(info.id)
                 address = self._backend.reserve(mapped_size)
@@ -175,8 +177,31 @@ class SleepClient:
             pb.TagAction(tag=tag, action=pb.Action.Value(action.upper())) for tag, action in (actions or {}).items()])
         return _rpc(self._stub.Sleep, request)
 
-    def wake(self, tags: list[str] | None = None) -> pb.OperationReply:
-        return _rpc(self._stub.Wake, pb.WakeRequest(model=self.model, tags=tags or []))
+    def wake(self, tags: list[str] | None = None, evict: bool = False) -> pb.OperationReply:
+        """Restores some tags, or all; with `evict`, other models may be put to sleep to make room."""
+        self.touch()
+        return _rpc(self._stub.Wake, pb.WakeRequest(model=self.model, tags=tags or [], evict=evict))
+
+    def ensure_awake(self, evict: bool = True) -> None:
+        """Returns once the model is fully awake, waking it (and, with `evict`,
+        making room as policy allows) if it sleeps. Call it before serving a
+        request instead of touching memory that may be unmapped."""
+        if self.is_sleeping():
+            self.wake(evict=evict)
+        else:
+            self.touch()
+
+    def touch(self) -> None:
+        """Marks the model as in use: eviction and idle sleep take the least recently active first."""
+        _rpc(self._stub.Touch, pb.TouchRequest(session_id=self._session_id))
+
+    def set_policy(self, priority: int | None = None, pinned: bool | None = None,
+                   eviction_level: int | None = None, idle_seconds: float | None = None) -> pb.ModelPolicy:
+        """Changes this model's eviction policy; unset arguments keep their value."""
+        fields = {"priority": priority, "pinned": pinned, "eviction_level": eviction_level,
+                  "idle_seconds": idle_seconds}
+        request = pb.PolicyRequest(model=self.model, **{k: v for k, v in fields.items() if v is not None})
+        return _rpc(self._stub.SetPolicy, request)
 
     def is_sleeping(self) -> bool:
         return self.status().sleeping
@@ -189,9 +214,13 @@ class SleepClient:
         if self._closed:
             return
         self._closed = True
+        # Say goodbye and half-close; the daemon reclaims and ends the stream.
+        self._outgoing.put(pb.EngineMessage(detach=pb.Detach()))
         self._outgoing.put(None)
-        self._stream.cancel()
         self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._stream.cancel()
+            self._thread.join(timeout=5)
         with self._regions_changed:
             regions, self._regions = list(self._regions.values()), {}
         for region in regions:

@@ -17,13 +17,16 @@ from concurrent import futures
 
 import grpc
 import psutil
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from sleepd.common import paths
 from sleepd.common.sizes import format_size, parse_size
-from sleepd.proto import sleepd_pb2_grpc as pb_grpc
+from sleepd.proto import sleepd_pb2, sleepd_pb2_grpc as pb_grpc
 
 from . import backends
 from .handles import HandleServer
+from .idle import IdleWatcher
 from .manager import MemoryManager
 from .metrics import Metrics
 from .mover import Mover
@@ -32,6 +35,8 @@ from .rules import SleepRules
 from .service import SleepdService
 
 log = logging.getLogger("sleepd")
+
+SERVICE_NAME = sleepd_pb2.DESCRIPTOR.services_by_name["Sleepd"].full_name
 
 
 def _size(text: str) -> int:
@@ -51,6 +56,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--host-devices", type=int, default=1, help="devices the host backend simulates")
     parser.add_argument("--host-device-capacity", type=_size, default=parse_size("4GiB"),
                         help="bytes per simulated host device, e.g. 512MiB or 4GiB")
+    parser.add_argument("--device-reserve", type=_size, default=0,
+                        help="bytes per device kept outside sleepd (CUDA context, NCCL, activations); "
+                             "the device's budget is its capacity less this")
     parser.add_argument("--host-pool-dir", help="tmpfs directory of the host backup pool "
                                                 "(default: unique per socket under /dev/shm)")
     parser.add_argument("--host-pool-budget", type=_size,
@@ -98,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     state_dir = args.state_dir or paths.default_state_dir()
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
 
-    backend = backends.choose(args.backend, args.host_devices, args.host_device_capacity)
+    backend = backends.choose(args.backend, args.host_devices, args.host_device_capacity, args.device_reserve)
     pool = HostPool(args.host_pool_dir or paths.default_pool_dir(socket_path), args.host_pool_budget,
                     prefault=args.host_pool_prefault)
     # Movers start before any gRPC object exists (and by exec, never by fork).
@@ -111,10 +119,20 @@ def main(argv: list[str] | None = None) -> None:
     metrics = Metrics()
     manager = MemoryManager(backend, pool, movers, SleepRules(), args.hook_timeout, metrics)
     metrics.watch(manager)
+    idle_watcher = IdleWatcher(manager)
+    idle_watcher.start()
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=1024, thread_name_prefix="grpc"),
                          options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_SleepdServicer_to_server(SleepdService(manager, metrics), server)
+    # The standard health service answers NOT_SERVING until both sockets are up,
+    # and again from the moment the daemon starts stopping; reflection lets
+    # grpcurl and friends discover the API without a copy of sleepd.proto.
+    health_service = health.HealthServicer()
+    for name in ("", SERVICE_NAME):
+        health_service.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     server.add_insecure_port(f"unix:{socket_path}")
     handles = HandleServer(paths.handle_socket(socket_path), manager)
 
@@ -124,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
 
     server.start()
     handles.start()
+    for name in ("", SERVICE_NAME):
+        health_service.set(name, health_pb2.HealthCheckResponse.SERVING)
     _write_runtime_file(state_dir, socket_path, handles.path, metrics_address, pool.directory, movers)
     log.info("sleepd ready: backend %s (%s), socket %s, metrics %s, host pool %s (%s budget)", backend.name,
              ", ".join(f"{d.name} {format_size(d.capacity)}" for d in backend.devices), socket_path,
@@ -134,8 +154,10 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signum, lambda *_: stop.set())
     stop.wait()
     log.info("sleepd stopping")
+    health_service.enter_graceful_shutdown()  # every service NOT_SERVING, for good
     handles.stop()
     server.stop(grace=2).wait()
+    idle_watcher.stop()
     for mover in movers.values():
         mover.close()
     pool.close()

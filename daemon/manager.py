@@ -6,6 +6,8 @@ then the locks of the devices it touches, taken in index order (one VMM-heavy
 operation per device at a time), then the registry lock, held only briefly to
 read or change the maps below. A session's handle-socket requests take only the
 registry lock, so an engine can fetch memory while an operation waits on it.
+Eviction takes another model's lock only with a timeout, skipping a busy one,
+so two operations evicting each other cannot deadlock.
 """
 
 import contextlib
@@ -15,7 +17,6 @@ import re
 import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
 
 import grpc
 
@@ -25,92 +26,32 @@ from sleepd.proto import sleepd_pb2 as pb
 
 from .backends import ZEROED_ON_CREATE, DaemonBackend
 from .errors import SleepdError, denied, exhausted, invalid, not_found, precondition
+from .events import EventBus
 from .lifecycle import RegionState, advance
+from .model import Model, ModelView, OperationResult, Policy, RankView, Region, RegionView
 from .mover import OFFLOAD, RESTORE, ZERO, CopyJob, Mover
-from .pool import Backup, HostPool
-from .rules import Action, SleepRules
+from .pool import HostPool
+from .rules import MAX_LEVEL, Action, SleepRules
 from .sessions import RankLost, Session
 
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 _TAG = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-
-
-@dataclass(eq=False)
-class Region:
-    id: int
-    tag: str
-    size: int          # what the engine asked for
-    mapped_size: int   # rounded up to the device's granularity
-    device: int
-    session: Session
-    handle: int | None  # the daemon's handle to the device memory; None while asleep
-    state: RegionState = RegionState.MAPPED
-    backup: Backup | None = None
-
-
-@dataclass(eq=False)
-class Model:
-    name: str
-    ranks: dict[int, Session] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    # True from the sleep hooks until every region is mapped again and the wake hooks ran.
-    sleeping: bool = False
-
-    def regions(self) -> list[Region]:
-        return [region for session in self.ranks.values() for region in session.regions.values()]
-
-    def devices(self) -> set[int]:
-        return {session.device for session in self.ranks.values()}
-
-
-@dataclass(frozen=True)
-class RegionView:
-    id: int
-    tag: str
-    size: int
-    mapped_size: int
-    device: int
-    state: RegionState
-
-
-@dataclass(frozen=True)
-class RankView:
-    rank: int
-    device: int
-    pid: int
-    regions: list[RegionView]
-
-
-@dataclass(frozen=True)
-class ModelView:
-    name: str
-    sleeping: bool
-    ranks: list[RankView]
-
-
-@dataclass
-class OperationResult:
-    model: str
-    bytes_offloaded: int = 0
-    bytes_discarded: int = 0
-    bytes_restored: int = 0
-    bytes_zeroed: int = 0
-    regions: int = 0
-    seconds: float = 0.0
-    sleeping: bool = False
+# How long eviction waits for another model's lock before trying the next model.
+_VICTIM_LOCK_SECONDS = 0.5
 
 
 class MemoryManager:
     def __init__(self, backend: DaemonBackend, pool: HostPool, movers: dict[int, Mover],
-                 rules: SleepRules, hook_timeout: float, metrics=None):
+                 rules: SleepRules, hook_timeout: float, metrics=None, events: EventBus | None = None):
         self.backend = backend
         self.pool = pool
-        self._movers = movers
-        self._rules = rules
-        self._hook_timeout = hook_timeout
-        self._metrics = metrics
+        self.movers = movers
+        self.rules = rules
+        self.events = events or EventBus()
+        self.hook_timeout = hook_timeout
+        self.metrics = metrics
         self._registry = threading.Lock()
         self._pending_sessions: dict[str, Session] = {}  # by token, until attached
         self._sessions: dict[str, Session] = {}          # by session id, once attached
@@ -144,9 +85,12 @@ class MemoryManager:
             del self._pending_sessions[token]
             session.model, session.rank, session.device = model_name, rank, device
             model.ranks[rank] = session
+            model.touch()
             self._models[model_name] = model
             self._sessions[session.id] = session
         log.info("attached %s on %s", session.describe(), self.backend.devices[device].name)
+        self.events.publish("attached", model_name, f"rank {rank} pid {session.pid} on "
+                                                    f"{self.backend.devices[device].name}")
         return session
 
     def end_session(self, session: Session, reason: str) -> None:
@@ -171,6 +115,12 @@ class MemoryManager:
                 if not model.ranks and self._models.get(model.name) is model:
                     del self._models[model.name]
         log.info("session of %s ended (%s); reclaimed %s", session.describe(), reason, format_size(freed))
+        if session.detached:
+            self.events.publish("detached", model.name, f"rank {session.rank} pid {session.pid}", freed)
+        else:
+            self.events.publish("rank_lost", model.name, f"rank {session.rank} pid {session.pid}: {reason}", freed)
+            if self.metrics:
+                self.metrics.ranks_lost.labels(model=model.name).inc()
 
     def export(self, session: Session, region_id: int) -> tuple[int, Region]:
         """A new descriptor for a region's memory, for the session that owns it."""
@@ -180,9 +130,12 @@ class MemoryManager:
                 raise precondition(f"region {region_id} is {region.state.label}; wake the model first")
             return self.backend.native.export_handle(region.handle), region
 
+    def touch(self, session_id: str) -> None:
+        self._model(self._session(session_id).model).touch()
+
     # ---- regions ----
 
-    def allocate(self, session_id: str, size: int, tag: str) -> Region:
+    def allocate(self, session_id: str, size: int, tag: str, evict: bool = False) -> Region:
         session = self._session(session_id)
         if size <= 0:
             raise invalid(f"allocation size must be positive, got {size}")
@@ -191,123 +144,168 @@ class MemoryManager:
         device = self.backend.devices[session.device]
         granularity = self.backend.native.granularity(device.index)
         mapped_size = -(-size // granularity) * granularity
-        if mapped_size > device.capacity:
-            raise exhausted(f"allocate {format_size(size)} on {device.name}: larger than its whole capacity "
-                            f"of {format_size(device.capacity)}")
+        if mapped_size > device.budget:
+            raise exhausted(f"allocate {format_size(size)} on {device.name}: larger than its whole budget "
+                            f"of {format_size(device.budget)}")
         model = self._model(session.model)
-        with model.lock, self._devices_locked({device.index}):
-            region = Region(next(self._region_ids), tag, size, mapped_size, device.index, session, handle=None)
-            try:
-                region.handle = self._create(region)
-            except _C.OutOfMemoryError:
-                raise exhausted(f"allocate {format_size(mapped_size)} for {session.describe()} on {device.name}: "
-                                f"{self._room(device.index)}; free regions or put a model to sleep") from None
-            with self._registry:
-                self._regions[region.id] = region
-                session.regions[region.id] = region
+        with model.lock:
+            model.touch()
+            what = f"allocate {format_size(mapped_size)} for {session.describe()}"
+            evicted = self._ensure_room(model, {device.index: mapped_size}, what, evict)
+            with self.devices_locked({device.index}):
+                region = Region(next(self._region_ids), tag, size, mapped_size, device.index, session, handle=None)
+                try:
+                    region.handle = self._create(region)
+                except _C.OutOfMemoryError as error:
+                    raise exhausted(f"{what} on {device.name}: the device refused ({error}); "
+                                    f"{self._room(device.index)}") from None
+                with self._registry:
+                    self._regions[region.id] = region
+                    session.regions[region.id] = region
+        if evicted:
+            log.info("%s: evicted %s", what, ", ".join(evicted))
         return region
 
     def free(self, session_id: str, region_id: int) -> None:
         session = self._session(session_id)
         with self._registry:
             region = self._owned_region(session, region_id)
-        with self._model(session.model).lock:
+        model = self._model(session.model)
+        with model.lock:
+            model.touch()
             self._drop_region(region)
 
     # ---- sleep and wake ----
 
-    def sleep(self, model_name: str, level: int, tags: list[str], actions: dict[str, Action]) -> OperationResult:
-        started = time.perf_counter()
+    def sleep(self, model_name: str, level: int, tags: list[str], actions: dict[str, Action],
+              reason: str = "") -> OperationResult:
         model = self._model(model_name)
         with model.lock:
-            regions = model.regions()
-            self._check_tags(model, regions, list(tags) + list(actions))
-            selected = set(tags) | set(actions) or {region.tag for region in regions}
-            plan = self._rules.plan(level, selected, actions)
-            work = [(r, plan[r.tag]) for r in regions if plan and r.tag in plan and r.state is RegionState.MAPPED]
-            result = OperationResult(model_name)
-            if not work and model.sleeping:
-                result.sleeping = True
-                return result  # already asleep: sleeping again is a no-op
-            offload_bytes = sum(r.mapped_size for r, action in work if action is Action.OFFLOAD)
-            if offload_bytes > self.pool.available:
-                raise exhausted(f"sleep {model_name}: offloading needs {format_size(offload_bytes)} of host pool, "
-                                f"{format_size(self.pool.available)} free of {format_size(self.pool.budget)}; "
-                                "raise --host-pool-budget or use a level that discards")
-            with self._devices_locked(model.devices()):
-                quiesced_here = not model.sleeping
+            return self.sleep_locked(model, level, tags, actions, reason)
+
+    def sleep_locked(self, model: Model, level: int, tags: list[str], actions: dict[str, Action],
+                     reason: str = "") -> OperationResult:
+        """Sleep with the model's lock already held (by the caller, or by eviction)."""
+        started = time.perf_counter()
+        work = self.plan_sleep(model, level, tags, actions)
+        result = OperationResult(model.name, sleeping=True)
+        if not work and model.sleeping:
+            return result  # already asleep: sleeping again is a no-op
+        with self.devices_locked(model.devices()):
+            quiesced_here = not model.sleeping
+            if quiesced_here:
+                self.quiesce(model, level)
+            try:
+                self.offload_and_unmap(model, work)
+            except BaseException:
                 if quiesced_here:
-                    self._quiesce(model, level)
-                try:
-                    self._offload_and_unmap(model, work)
-                except BaseException:
-                    if quiesced_here:
-                        self._resume(model, best_effort=True)
-                    raise
-                model.sleeping = True
-            for region, action in work:
-                if action is Action.OFFLOAD:
-                    result.bytes_offloaded += region.mapped_size
-                else:
-                    result.bytes_discarded += region.mapped_size
-            result.regions = len(work)
-            result.sleeping = True
+                    self.resume(model, best_effort=True)
+                raise
+            model.sleeping = True
+        for region, action in work:
+            if action is Action.OFFLOAD:
+                result.bytes_offloaded += region.mapped_size
+            else:
+                result.bytes_discarded += region.mapped_size
+        result.regions = len(work)
         result.seconds = time.perf_counter() - started
-        if self._metrics:
-            self._metrics.observe("sleep", model_name, str(level), result)
-        log.info("slept %s at level %d: %d regions, %s offloaded, %s discarded, %.3f s", model_name, level,
-                 result.regions, format_size(result.bytes_offloaded), format_size(result.bytes_discarded),
-                 result.seconds)
+        self.record("sleep", model.name, str(level), result, reason)
         return result
 
-    def wake(self, model_name: str, tags: list[str]) -> OperationResult:
+    def plan_sleep(self, model: Model, level: int, tags: list[str], actions: dict[str, Action]):
+        """[(region, action)] for the model's mapped regions, refused before anything moves
+        when the host pool cannot take the offloads even after discarding what may be discarded."""
+        regions = model.regions()
+        self._check_tags(model, regions, list(tags) + list(actions))
+        selected = set(tags) | set(actions) or {region.tag for region in regions}
+        plan = self.rules.plan(level, selected, actions)
+        work = [(r, plan[r.tag]) for r in regions if plan and r.tag in plan and r.state is RegionState.MAPPED]
+        offload_bytes = sum(r.mapped_size for r, action in work if action is Action.OFFLOAD)
+        if offload_bytes <= self.pool.available:
+            return work
+        # The pool is too small: discard instead, largest first, only tags some rule discards anyway.
+        fallback = sorted(((r, a) for r, a in work if a is Action.OFFLOAD and self.rules.discardable(r.tag)
+                           and r.tag not in actions), key=lambda item: -item[0].mapped_size)
+        demoted = set()
+        for region, _ in fallback:
+            if offload_bytes <= self.pool.available:
+                break
+            demoted.add(region)
+            offload_bytes -= region.mapped_size
+        if offload_bytes > self.pool.available:
+            raise exhausted(f"sleep {model.name}: offloading needs {format_size(offload_bytes)} of host pool, "
+                            f"{format_size(self.pool.available)} free of {format_size(self.pool.budget)}, "
+                            "and no more of it may be discarded; raise --host-pool-budget or use a level "
+                            "that discards")
+        log.warning("sleep %s: host pool short; discarding %s instead of offloading them", model.name,
+                    ", ".join(sorted({r.tag for r in demoted})))
+        return [(r, Action.DISCARD if r in demoted else a) for r, a in work]
+
+    def wake(self, model_name: str, tags: list[str], evict: bool = False) -> OperationResult:
         started = time.perf_counter()
         model = self._model(model_name)
         result = OperationResult(model_name)
         with model.lock:
+            model.touch()
             regions = model.regions()
             self._check_tags(model, regions, tags)
             asleep = (RegionState.OFFLOADED, RegionState.DISCARDED)
             targets = [r for r in regions if r.state in asleep and (not tags or r.tag in tags)]
             if targets:
-                self._check_room(model, targets)
-                with self._devices_locked(model.devices()):
-                    self._restore_and_remap(model, targets)
-                for region in targets:
-                    if region.backup is not None:
-                        result.bytes_restored += region.mapped_size
-                        self.pool.free(region.backup)
-                        region.backup = None
-                    else:
-                        result.bytes_zeroed += region.mapped_size
+                result.evicted = self._ensure_room(model, _needed(targets), f"wake {model.name}", evict)
+                with self.devices_locked(model.devices()):
+                    self.materialize(model, targets)
+                    self.remap_or_undo(model, targets)
+                self.commit_restore(targets, result)
             result.regions = len(targets)
             if model.sleeping and all(r.state is RegionState.MAPPED for r in model.regions()):
                 model.sleeping = False
-                self._resume(model, best_effort=False)
+                self.resume(model, best_effort=False)
             result.sleeping = model.sleeping
         result.seconds = time.perf_counter() - started
-        if self._metrics:
-            self._metrics.observe("wake", model_name, ",".join(sorted(tags)) or "all", result)
-        log.info("woke %s (%s): %d regions, %s restored, %s zero-filled, %.3f s", model_name,
-                 ",".join(tags) or "all tags", result.regions, format_size(result.bytes_restored),
-                 format_size(result.bytes_zeroed), result.seconds)
+        self.record("wake", model_name, ",".join(sorted(tags)) or "all", result)
         return result
+
+    def set_policy(self, model_name: str, **changes) -> Policy:
+        model = self._model(model_name)
+        level = changes.get("eviction_level")
+        if level is not None and not 0 <= level <= MAX_LEVEL:
+            raise invalid(f"eviction level {level} does not exist; use 0, 1 or 2")
+        if (changes.get("idle_seconds") or 0) < 0:
+            raise invalid("idle_seconds must be zero (never) or positive")
+        for name, value in changes.items():
+            if value is not None:
+                setattr(model.policy, name, value)
+        log.info("policy of %s: %s", model_name, model.policy)
+        return model.policy
 
     # ---- status ----
 
     def snapshot(self, model_name: str = "") -> list[ModelView]:
         """A consistent copy of every model (or one), for status and metrics."""
+        now = time.monotonic()
         with self._registry:
             models = sorted(self._models.values(), key=lambda model: model.name)
             views = [ModelView(model.name, model.sleeping, [
                 RankView(rank, session.device, session.pid, [
                     RegionView(r.id, r.tag, r.size, r.mapped_size, r.device, r.state)
                     for r in sorted(session.regions.values(), key=lambda r: r.id)])
-                for rank, session in sorted(model.ranks.items())])
+                for rank, session in sorted(model.ranks.items())], Policy(**vars(model.policy)),
+                now - model.last_active)
                 for model in models if not model_name or model.name == model_name]
         if model_name and not views:
             self._model(model_name)  # raises NOT_FOUND, naming the attached models
         return views
+
+    def committed(self, device: int) -> int:
+        """Device memory in use plus what sleeping models need to wake."""
+        with self._registry:
+            asleep = sum(r.mapped_size for r in self._regions.values() if r.device == device and r.handle is None)
+        return self.backend.used(device) + asleep
+
+    def models(self) -> list[Model]:
+        with self._registry:
+            return list(self._models.values())
 
     def is_sleeping(self, model_name: str) -> bool:
         return self._model(model_name).sleeping
@@ -316,20 +314,25 @@ class MemoryManager:
         with self._registry:
             return len(self._sessions)
 
-    # ---- the steps of an operation ----
+    def model(self, name: str) -> Model:
+        return self._model(name)
 
-    def _quiesce(self, model: Model, level: int) -> None:
+    # ---- the steps of an operation (also used by swap) ----
+
+    def quiesce(self, model: Model, level: int) -> None:
         failures, done = self._command_all(model, lambda s: {"quiesce": pb.Quiesce(level=level)})
         if failures:
             self._command_all(model, lambda s: {"resume": pb.Resume()}, only=done)
             raise _rank_failure(f"sleep {model.name}", failures)
 
-    def _resume(self, model: Model, best_effort: bool) -> None:
+    def resume(self, model: Model, best_effort: bool) -> None:
         failures, _ = self._command_all(model, lambda s: {"resume": pb.Resume()})
         if failures and not best_effort:
             raise _rank_failure(f"woke {model.name}, but its wake hooks failed", failures)
 
-    def _offload_and_unmap(self, model: Model, work: list[tuple[Region, Action]]) -> None:
+    def offload_and_unmap(self, model: Model, work: list[tuple[Region, Action]]) -> None:
+        """Copies the offloads out, has every rank unmap, then releases the memory;
+        on any failure before the release, puts everything back as it was."""
         offloads = [region for region, action in work if action is Action.OFFLOAD]
         unmapped: list[Session] = []
         try:
@@ -358,30 +361,44 @@ class MemoryManager:
             region.handle = None
             advance(region, "released")
 
-    def _restore_and_remap(self, model: Model, targets: list[Region]) -> None:
-        remapped: list[Session] = []
+    def materialize(self, model: Model, targets: list[Region]) -> None:
+        """Creates device memory for sleeping regions and fills it (backup or zeros);
+        on failure releases what it created and leaves them asleep."""
         try:
             for region in targets:
                 advance(region, "begin_restore")
                 region.handle = self._create(region)
-            jobs = [CopyJob(RESTORE, r.device, r.handle, r.mapped_size, r.backup) for r in targets if r.backup is not None]
+            jobs = [CopyJob(RESTORE, r.device, r.handle, r.mapped_size, r.backup) for r in targets if r.backup]
             if self.backend.name not in ZEROED_ON_CREATE:
                 jobs += [CopyJob(ZERO, r.device, r.handle, r.mapped_size) for r in targets if r.backup is None]
             self._copy(jobs)
-            failures, remapped = self._remap(model, set(targets))
-            if failures:
-                raise _rank_failure(f"wake {model.name}", failures)
         except _C.OutOfMemoryError as error:
-            self._undo_restore(model, targets, remapped)
+            self.undo_restore(model, targets, remapped=[])
             raise exhausted(f"wake {model.name}: out of device memory midway ({error}); "
                             "it is asleep as before, its backups intact") from None
         except BaseException:
-            self._undo_restore(model, targets, remapped)
+            self.undo_restore(model, targets, remapped=[])
             raise
+
+    def remap_or_undo(self, model: Model, targets: list[Region]) -> None:
+        failures, remapped = self._remap(model, set(targets))
+        if failures:
+            self.undo_restore(model, targets, remapped)
+            raise _rank_failure(f"wake {model.name}", failures)
         for region in targets:
             advance(region, "restored")
 
-    def _undo_restore(self, model: Model, targets: list[Region], remapped: list[Session]) -> None:
+    def commit_restore(self, targets: list[Region], result: OperationResult) -> None:
+        """Frees the backups of regions that are mapped again, counting the bytes."""
+        for region in targets:
+            if region.backup is not None:
+                result.bytes_restored += region.mapped_size
+                self.pool.free(region.backup)
+                region.backup = None
+            else:
+                result.bytes_zeroed += region.mapped_size
+
+    def undo_restore(self, model: Model, targets: list[Region], remapped: list[Session]) -> None:
         self._command_all(model, lambda session: {"unmap": pb.Unmap(regions=[
             pb.RegionChange(region_id=r.id, state=RegionState.OFFLOADED if r.backup else RegionState.DISCARDED)
             for r in targets if r.session is session])}, only=remapped)
@@ -391,6 +408,72 @@ class MemoryManager:
                 region.handle = None
             if region.state is RegionState.RESTORING:
                 advance(region, "abort")
+
+    # ---- room on devices ----
+
+    def _ensure_room(self, model: Model, needed: dict[int, int], what: str, evict: bool) -> list[str]:
+        """Makes `needed` bytes fit on each device, evicting other models when
+        allowed; refuses naming the bytes missing and what holds them otherwise."""
+        evicted: list[str] = []
+        while True:
+            short = {d: n - self.backend.free(d) for d, n in needed.items() if n > self.backend.free(d)}
+            if not short:
+                return evicted
+            device, missing = next(iter(sorted(short.items())))
+            if not evict:
+                self._refuse(model.name, f"{what}: needs {format_size(needed[device])} on "
+                             f"{self.backend.devices[device].name}, {format_size(missing)} more than its "
+                             f"{self._room(device)}; put a model to sleep or allow eviction (--evict)")
+            victim = self._evict_one(model, short)
+            if victim is None:
+                self._refuse(model.name, f"{what}: needs {format_size(missing)} more on "
+                             f"{self.backend.devices[device].name} ({self._room(device)}) and no model may be "
+                             "evicted (the rest are pinned, busy or already asleep)")
+            evicted.append(victim)
+
+    def eviction_candidates(self, requester: Model, devices) -> list[Model]:
+        """Models that could give memory back on `devices`, in eviction order."""
+        candidates = [m for m in self.models() if m is not requester and not m.policy.pinned
+                      and m.policy.eviction_level > 0 and any(m.held_on(d) for d in devices)]
+        return sorted(candidates, key=lambda m: (m.policy.priority, m.last_active))
+
+    def _evict_one(self, requester: Model, short: dict[int, int]) -> str | None:
+        for victim in self.eviction_candidates(requester, short):
+            if not victim.lock.acquire(timeout=_VICTIM_LOCK_SECONDS):
+                continue  # busy with its own operation; try the next
+            idle = time.monotonic() - victim.last_active
+            try:
+                self.sleep_locked(victim, victim.policy.eviction_level, [], {}, reason=f"evicted for {requester.name}")
+            finally:
+                victim.lock.release()
+            log.warning("evicted %s (priority %d, idle %.0f s) to make room for %s", victim.name,
+                        victim.policy.priority, idle, requester.name)
+            self.events.publish("evicted", victim.name, f"room for {requester.name}")
+            if self.metrics:
+                self.metrics.evictions.labels(model=victim.name, reason="room").inc()
+            return victim.name
+        return None
+
+    def _refuse(self, model_name: str, message: str):
+        self.events.publish("refused", model_name, message)
+        raise exhausted(message)
+
+    # ---- internals ----
+
+    def record(self, operation: str, model: str, detail: str, result: OperationResult, reason: str = "") -> None:
+        if self.metrics:
+            self.metrics.observe(operation, model, detail, result)
+        if operation == "sleep":
+            log.info("slept %s at level %s%s: %d regions, %s offloaded, %s discarded, %.3f s", model, detail,
+                     f" ({reason})" if reason else "", result.regions, format_size(result.bytes_offloaded),
+                     format_size(result.bytes_discarded), result.seconds)
+            self.events.publish("slept", model, f"level {detail}" + (f", {reason}" if reason else ""),
+                                result.bytes_offloaded + result.bytes_discarded)
+        else:
+            log.info("woke %s (%s): %d regions, %s restored, %s zero-filled, %.3f s", model,
+                     detail if detail != "all" else "all tags", result.regions, format_size(result.bytes_restored),
+                     format_size(result.bytes_zeroed), result.seconds)
+            self.events.publish("woke", model, detail, result.bytes_restored + result.bytes_zeroed)
 
     def _create(self, region: Region) -> int:
         """New device memory for a region, named so that it shows in /proc as the model's."""
@@ -406,10 +489,10 @@ class MemoryManager:
         for job in jobs:
             by_device.setdefault(job.device, []).append(job)
         for device, device_jobs in sorted(by_device.items()):
-            self._movers[device].run(device_jobs)
-        if self._metrics:
+            self.movers[device].run(device_jobs)
+        if self.metrics:
             for job in jobs:
-                self._metrics.bytes_moved.labels(direction=job.direction).inc(job.size)
+                self.metrics.bytes_moved.labels(direction=job.direction).inc(job.size)
 
     def _command_all(self, model: Model, command, only=None) -> tuple[list[tuple[Session, Exception]], list[Session]]:
         """Sends a command to every rank (or to `only`) and waits for all acks.
@@ -418,13 +501,13 @@ class MemoryManager:
         """
         sessions = list(model.ranks.values()) if only is None else list(only)
         futures = [(session, session.send(**command(session))) for session in sessions]
-        deadline = time.monotonic() + self._hook_timeout
+        deadline = time.monotonic() + self.hook_timeout
         failures, done = [], []
         for session, future in futures:
             try:
                 ack = future.result(timeout=max(0.0, deadline - time.monotonic()))
             except FutureTimeout:
-                failures.append((session, TimeoutError(f"did not answer within {self._hook_timeout:g} s")))
+                failures.append((session, TimeoutError(f"did not answer within {self.hook_timeout:g} s")))
                 continue
             except RankLost as error:
                 failures.append((session, error))
@@ -445,8 +528,6 @@ class MemoryManager:
         if region.backup is not None:
             self.pool.free(region.backup)
             region.backup = None
-
-    # ---- lookups and checks ----
 
     def _session(self, session_id: str) -> Session:
         with self._registry:
@@ -480,16 +561,6 @@ class MemoryManager:
                 raise not_found(f"model {model.name} has no region tagged {tag!r} "
                                 f"(its tags: {', '.join(sorted(known)) or 'none'})")
 
-    def _check_room(self, model: Model, targets: list[Region]) -> None:
-        needed: dict[int, int] = {}
-        for region in targets:
-            needed[region.device] = needed.get(region.device, 0) + region.mapped_size
-        for device, size in sorted(needed.items()):
-            if size > self.backend.free(device):
-                raise exhausted(f"wake {model.name}: needs {format_size(size)} on "
-                                f"{self.backend.devices[device].name}, {self._room(device)}; "
-                                "put another model to sleep first")
-
     def _room(self, device: int) -> str:
         holders: dict[str, int] = {}
         with self._registry:
@@ -498,15 +569,22 @@ class MemoryManager:
                     model = region.session.model
                     holders[model] = holders.get(model, 0) + region.mapped_size
         held = ", ".join(f"{name} {format_size(size)}" for name, size in sorted(holders.items())) or "nothing"
-        capacity = self.backend.devices[device].capacity
-        return f"{format_size(self.backend.free(device))} free of {format_size(capacity)} (held by {held})"
+        budget = self.backend.devices[device].budget
+        return f"{format_size(self.backend.free(device))} free of its {format_size(budget)} budget (held by {held})"
 
     @contextlib.contextmanager
-    def _devices_locked(self, devices: set[int]):
+    def devices_locked(self, devices: set[int]):
         with contextlib.ExitStack() as stack:
             for device in sorted(devices):
                 stack.enter_context(self._device_locks[device])
             yield
+
+
+def _needed(regions: list[Region]) -> dict[int, int]:
+    needed: dict[int, int] = {}
+    for region in regions:
+        needed[region.device] = needed.get(region.device, 0) + region.mapped_size
+    return needed
 
 
 def _check_name(name: str) -> None:

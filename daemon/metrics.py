@@ -20,6 +20,10 @@ class Metrics:
                                    registry=self.registry)
         self.errors = Counter("sleepd_errors", "Requests refused or failed, by operation and gRPC code.",
                               ["operation", "code"], registry=self.registry)
+        self.evictions = Counter("sleepd_evictions", "Models put to sleep by the daemon, by reason.",
+                                 ["model", "reason"], registry=self.registry)
+        self.ranks_lost = Counter("sleepd_ranks_lost", "Engine processes whose lease broke without a goodbye.",
+                                  ["model"], registry=self.registry)
 
     def observe(self, operation: str, model: str, detail: str, result) -> None:
         if operation == "sleep":
@@ -61,13 +65,17 @@ class _StateCollector:
         yield sleeping
 
         used = GaugeMetricFamily("sleepd_device_used_bytes", "Device memory held by sleepd.", labels=["device"])
-        capacity = GaugeMetricFamily("sleepd_device_capacity_bytes", "Device memory sleepd may use.",
-                                     labels=["device"])
+        capacity = GaugeMetricFamily("sleepd_device_capacity_bytes", "Device memory in all.", labels=["device"])
+        budget = GaugeMetricFamily("sleepd_device_budget_bytes", "Device memory sleepd may hand out "
+                                   "(capacity less the reserve).", labels=["device"])
+        committed = GaugeMetricFamily("sleepd_device_committed_bytes", "Device memory in use plus what "
+                                      "sleeping models need to wake.", labels=["device"])
         for device in manager.backend.devices:
             used.add_metric([device.name], manager.backend.used(device.index))
             capacity.add_metric([device.name], device.capacity)
-        yield used
-        yield capacity
+            budget.add_metric([device.name], device.budget)
+            committed.add_metric([device.name], manager.committed(device.index))
+        yield from (used, capacity, budget, committed)
 
         yield GaugeMetricFamily("sleepd_host_pool_used_bytes", "Host backup pool bytes in use.",
                                 value=manager.pool.used)

@@ -43,90 +43,128 @@ class CopyJob:
     backup: Backup | None = None
 
 
+class _Channel:
+    """One request at a time on one socket; the mover serves each channel on its own thread."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.socket: socket.socket | None = None
+
+
 class Mover:
-    """The daemon's end of one device's mover process."""
+    """The daemon's end of one device's mover process.
+
+    Offloads and restores travel on separate channels, so that one model's
+    offload and another's restore run at the same time, in both directions.
+    """
 
     def __init__(self, backend, backend_name: str, device: int, pool: HostPool):
         self._backend = backend
         self._backend_name = backend_name
         self.device = device
         self._pool = pool
-        self._lock = threading.Lock()
+        self._process_lock = threading.Lock()
         self._process: subprocess.Popen | None = None
-        self._socket: socket.socket | None = None
-        self._registered: set[int] = set()
+        self._channels = {OFFLOAD: _Channel(), RESTORE: _Channel()}
+        self._registered: dict[str, set[int]] = {}  # per channel: slabs the mover has (mapped once, process-wide)
+        self.throughput = {OFFLOAD: 0.0, RESTORE: 0.0}  # bytes/s, smoothed over recent copies
 
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
     def start(self) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        command = [sys.executable, "-m", "sleepd.daemon.mover", "--socket-fd", str(theirs.fileno()),
-                   "--backend", self._backend_name, "--device", str(self.device)]
+        pairs = {direction: socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for direction in self._channels}
+        command = [sys.executable, "-m", "sleepd.daemon.mover", "--backend", self._backend_name,
+                   "--device", str(self.device)]
+        for _, theirs in pairs.values():
+            command += ["--socket-fd", str(theirs.fileno())]
         # exec, never a bare fork: gRPC objects do not survive fork().
-        self._process = subprocess.Popen(command, pass_fds=[theirs.fileno()])
-        theirs.close()
-        self._socket = ours
-        self._registered = set()
+        self._process = subprocess.Popen(command, pass_fds=[theirs.fileno() for _, theirs in pairs.values()])
+        for direction, (ours, theirs) in pairs.items():
+            theirs.close()
+            self._channels[direction].socket = ours
+        self._registered = {direction: set() for direction in self._channels}
 
     def run(self, jobs: list[CopyJob]) -> None:
         """Runs the copies, raising SleepdError(UNAVAILABLE) if the mover fails or dies."""
-        self._call(lambda: [self._run_batch(jobs[first:first + _BATCH]) for first in range(0, len(jobs), _BATCH)])
+        for direction in (OFFLOAD, RESTORE):
+            batch = [job for job in jobs if (job.direction == OFFLOAD) == (direction == OFFLOAD)]
+            if batch:
+                self._call(direction, lambda channel, batch=batch: self._copy(channel, batch))
 
     def register_pool(self) -> None:
         """Hands the mover every pool slab now (it maps and pins each once), rather than at the first sleep."""
-        self._call(lambda: None)
+        self._call(OFFLOAD, lambda channel: None)
 
-    def _call(self, work) -> None:
-        with self._lock:
-            if self._process is None or self._process.poll() is not None:
-                if self._process is not None:
-                    log.warning("mover for device %d had exited (%s); starting a new one",
-                                self.device, self._process.returncode)
-                self.start()
+    def close(self) -> None:
+        with self._process_lock:
+            self._stop()
+
+    def _call(self, direction: str, work) -> None:
+        channel = self._channels[direction]
+        with channel.lock:
+            with self._process_lock:
+                if self._process is None or self._process.poll() is not None:
+                    if self._process is not None:
+                        log.warning("mover for device %d had exited (%s); starting a new one",
+                                    self.device, self._process.returncode)
+                        self._stop()
+                    self.start()
             try:
-                self._register_slabs()
-                work()
+                self._register_slabs(direction)
+                work(channel)
             except (OSError, wire.ProtocolError) as error:
-                self._stop()
+                with self._process_lock:
+                    self._stop()
                 raise unavailable(f"mover for device {self.device} failed during the copy ({error}); "
                                   "nothing was released; try again") from None
 
-    def close(self) -> None:
-        with self._lock:
-            self._stop()
-
     def _stop(self) -> None:
-        if self._socket:
-            self._socket.close()
-            self._socket = None
+        for channel in self._channels.values():
+            if channel.socket:
+                channel.socket.close()
+                channel.socket = None
         if self._process and self._process.poll() is None:
             self._process.kill()
         if self._process:
             self._process.wait()
 
-    def _register_slabs(self) -> None:
+    def _register_slabs(self, direction: str) -> None:
+        # Every slab once per channel message stream; the mover maps (and pins) a slab only the first time.
         for slab in self._pool.slabs():
-            if slab.index not in self._registered:
-                self._request({"op": "add_slab", "slab": slab.index, "size": slab.size}, [slab.fd])
-                self._registered.add(slab.index)
+            if slab.index not in self._registered[direction]:
+                self._request(self._channels[direction], {"op": "add_slab", "slab": slab.index, "size": slab.size},
+                              [slab.fd])
+                self._registered[direction].add(slab.index)
 
-    def _run_batch(self, jobs: list[CopyJob]) -> None:
+    def _copy(self, channel: _Channel, jobs: list[CopyJob]) -> None:
+        started = time.perf_counter()
+        for first in range(0, len(jobs), _BATCH):
+            self._run_batch(channel, jobs[first:first + _BATCH])
+        elapsed = time.perf_counter() - started
+        moved = sum(job.size for job in jobs)
+        if elapsed > 0 and moved >= 16 << 20:  # small copies say more about latency than throughput
+            direction = OFFLOAD if jobs[0].direction == OFFLOAD else RESTORE
+            rate = moved / elapsed
+            previous = self.throughput[direction]
+            self.throughput[direction] = rate if not previous else 0.5 * previous + 0.5 * rate
+
+    def _run_batch(self, channel: _Channel, jobs: list[CopyJob]) -> None:
         fds = [self._backend.export_handle(job.handle) for job in jobs]
         try:
             message = {"op": "copy", "jobs": [
                 {"direction": job.direction, "size": job.size,
                  "pieces": [[p.slab, p.offset, p.length] for p in (job.backup.pieces if job.backup else [])]}
                 for job in jobs]}
-            self._request(message, fds)
+            self._request(channel, message, fds)
         finally:
             # Our copies must not outlive the request: an open fd pins memory.
             wire.close_all(fds)
 
-    def _request(self, message: dict, fds: list[int]) -> dict:
-        wire.send(self._socket, message, fds)
-        reply, stray = wire.recv(self._socket)
+    def _request(self, channel: _Channel, message: dict, fds: list[int]) -> dict:
+        wire.send(channel.socket, message, fds)
+        reply, stray = wire.recv(channel.socket)
         wire.close_all(stray)
         if reply is None:
             raise OSError(f"mover exited ({self._process.wait()})")
@@ -142,13 +180,17 @@ class _MoverProcess:
         self._backend = backend
         self._device = device
         self._slabs: dict[int, int] = {}  # slab index -> mapped address
+        self._lock = threading.Lock()
 
     def add_slab(self, message: dict, fds: list[int]) -> None:
         """Maps a pool slab for good and registers it once (pinned, on a GPU)."""
-        size = message["size"]
-        address = _C.map_file(fds[0], size)
-        self._backend.register_host(address, size)
-        self._slabs[message["slab"]] = address
+        with self._lock:
+            if message["slab"] in self._slabs:
+                return  # already announced on the other channel
+            size = message["size"]
+            address = _C.map_file(fds[0], size)
+            self._backend.register_host(address, size)
+            self._slabs[message["slab"]] = address
 
     def copy(self, message: dict, fds: list[int]) -> None:
         for job, fd in zip(message["jobs"], fds, strict=True):
@@ -179,7 +221,10 @@ class _MoverProcess:
 def _serve(sock: socket.socket, process: _MoverProcess) -> None:
     handlers = {"add_slab": process.add_slab, "copy": process.copy}
     while True:
-        message, fds = wire.recv(sock)
+        try:
+            message, fds = wire.recv(sock)
+        except OSError:
+            return
         if message is None:
             return
         started = time.perf_counter()
@@ -195,18 +240,21 @@ def _serve(sock: socket.socket, process: _MoverProcess) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sleepd-mover")
-    parser.add_argument("--socket-fd", type=int, required=True)
+    parser.add_argument("--socket-fd", type=int, action="append", required=True, help="one per channel")
     parser.add_argument("--backend", required=True)
     parser.add_argument("--device", type=int, required=True)
     args = parser.parse_args(argv)
     # The daemon decides when a mover stops; a Ctrl-C meant for it must not kill a copy.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sock = socket.socket(fileno=args.socket_fd)
-    try:
-        _serve(sock, _MoverProcess(engine_backend(args.backend, args.device), args.device))
-    finally:
-        sock.close()
-        os._exit(0)
+    process = _MoverProcess(engine_backend(args.backend, args.device), args.device)
+    channels = [threading.Thread(target=_serve, args=(socket.socket(fileno=fd), process), daemon=True)
+                for fd in args.socket_fd]
+    for channel in channels:
+        channel.start()
+    # The daemon closing any channel (or dying) ends the mover.
+    while all(channel.is_alive() for channel in channels):
+        channels[0].join(timeout=0.5)
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,11 @@ class SleepRules:
     def action(self, level: int, tag: str) -> Action:
         return self._rules.get(level, {}).get(tag, Action.OFFLOAD)
 
+    def discardable(self, tag: str) -> bool:
+        """Whether some level's rule discards the tag: only such a tag may be
+        discarded instead of offloaded when the host pool is full."""
+        return any(tags.get(tag) is Action.DISCARD for tags in self._rules.values())
+
     def plan(self, level: int, tags: set[str], explicit: dict[str, Action]) -> dict[str, Action] | None:
         """Action per tag for a sleep; None for level 0, which moves nothing.
 

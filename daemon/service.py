@@ -12,6 +12,7 @@ from sleepd.proto import sleepd_pb2_grpc as pb_grpc
 from .errors import SleepdError, invalid
 from .manager import MemoryManager, OperationResult
 from .rules import parse_action
+from .swap import swap
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,11 @@ class SleepdService(pb_grpc.SleepdServicer):
         def read_acks():
             try:
                 for message in request_iterator:
-                    if message.WhichOneof("kind") == "ack":
+                    kind = message.WhichOneof("kind")
+                    if kind == "ack":
                         session.acknowledge(message.ack)
+                    elif kind == "detach":
+                        session.detached = True
             except grpc.RpcError:
                 pass
             finally:
@@ -64,7 +68,12 @@ class SleepdService(pb_grpc.SleepdServicer):
 
     @_refusals
     def Allocate(self, request, context):
-        return _region(self._manager.allocate(request.session_id, request.size, request.tag))
+        return _region(self._manager.allocate(request.session_id, request.size, request.tag, request.evict))
+
+    @_refusals
+    def Touch(self, request, context):
+        self._manager.touch(request.session_id)
+        return pb.TouchReply()
 
     @_refusals
     def Free(self, request, context):
@@ -83,21 +92,46 @@ class SleepdService(pb_grpc.SleepdServicer):
 
     @_refusals
     def Wake(self, request, context):
-        return _reply(self._manager.wake(request.model, list(request.tags)))
+        return _reply(self._manager.wake(request.model, list(request.tags), request.evict))
+
+    @_refusals
+    def Swap(self, request, context):
+        result = swap(self._manager, request.to_model, list(request.from_models))
+        return pb.SwapReply(slept=[_reply(r) for r in result.slept], woke=_reply(result.woke),
+                            seconds=result.seconds, sequential_estimate_seconds=result.sequential_estimate_seconds)
+
+    @_refusals
+    def SetPolicy(self, request, context):
+        changes = {field: getattr(request, field) if request.HasField(field) else None
+                   for field in ("priority", "pinned", "eviction_level", "idle_seconds")}
+        return _policy(self._manager.set_policy(request.model, **changes))
+
+    def Events(self, request, context):
+        subscription = self._manager.events.subscribe(request.model)
+        context.add_callback(subscription.close)
+        while context.is_active():
+            event = subscription.get(timeout=1.0)
+            if event is not None:
+                yield pb.Event(time=event.time, kind=event.kind, model=event.model, detail=event.detail,
+                               bytes=event.bytes)
 
     @_refusals
     def Status(self, request, context):
         manager = self._manager
         pool = manager.pool
+        models = manager.snapshot(request.model)
         return pb.StatusReply(
             backend=manager.backend.name,
-            devices=[pb.DeviceStatus(index=d.index, name=d.name, capacity=d.capacity, used=manager.backend.used(d.index))
+            devices=[pb.DeviceStatus(index=d.index, name=d.name, capacity=d.capacity, reserve=d.reserve,
+                                     budget=d.budget, used=manager.backend.used(d.index),
+                                     free=manager.backend.free(d.index), committed=manager.committed(d.index))
                      for d in manager.backend.devices],
             pool=pb.PoolStatus(directory=pool.directory, budget=pool.budget, used=pool.used),
-            models=[pb.ModelStatus(name=model.name, sleeping=model.sleeping, ranks=[
+            models=[pb.ModelStatus(name=model.name, sleeping=model.sleeping, policy=_policy(model.policy),
+                                   idle_seconds=model.idle_seconds, ranks=[
                 pb.RankStatus(rank=rank.rank, device=rank.device, pid=rank.pid,
                               regions=[_region(region) for region in rank.regions])
-                for rank in model.ranks]) for model in manager.snapshot(request.model)],
+                for rank in model.ranks]) for model in models],
         )
 
 
@@ -109,4 +143,9 @@ def _reply(result: OperationResult) -> pb.OperationReply:
     return pb.OperationReply(
         model=result.model, bytes_offloaded=result.bytes_offloaded, bytes_discarded=result.bytes_discarded,
         bytes_restored=result.bytes_restored, bytes_zeroed=result.bytes_zeroed, regions=result.regions,
-        seconds=result.seconds, sleeping=result.sleeping)
+        seconds=result.seconds, sleeping=result.sleeping, evicted=result.evicted)
+
+
+def _policy(policy) -> pb.ModelPolicy:
+    return pb.ModelPolicy(priority=policy.priority, pinned=policy.pinned, eviction_level=policy.eviction_level,
+                          idle_seconds=policy.idle_seconds)

@@ -34,6 +34,7 @@ class Session:
         self._op_ids = itertools.count(1)
         self._lock = threading.Lock()
         self.lost: str | None = None        # why the session ended, once it has
+        self.detached = False               # the engine said goodbye before its lease ended
 
     @property
     def attached(self) -> bool:

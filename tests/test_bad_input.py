@@ -8,7 +8,7 @@ import pytest
 from sleepd.client import SleepClient, SleepdError
 from sleepd.common import paths, wire
 
-from conftest import MiB
+from support import MiB
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ in the daemon, a pool pinned once, and clean rollback when the driver fails."""
 
 import pytest
 
-from conftest import MiB, wait_for
+from support import MiB, wait_for
 
 REGIONS = [("weights", 4 * MiB), ("weights", 4 * MiB), ("weights", 4 * MiB), ("kv_cache", 2 * MiB)]
 

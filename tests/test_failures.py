@@ -5,7 +5,7 @@ import signal
 import subprocess
 import sys
 
-from conftest import MiB, wait_for
+from support import MiB, wait_for
 from kernel import memfd_bytes, shmem_bytes
 
 REGIONS = [("weights", 4 * MiB), ("kv_cache", 2 * MiB)]
@@ -115,11 +115,22 @@ def test_wake_that_does_not_fit_is_refused_and_changes_nothing(start_daemon, sta
 
 def test_sleep_that_overflows_the_host_pool_is_refused_before_anything_moves(start_daemon, start_engine):
     daemon = start_daemon("--host-pool-budget", "2MiB")
-    engine = start_engine(daemon, "qwen", regions=REGIONS)
+    engine = start_engine(daemon, "qwen", regions=[("buffers", 4 * MiB), ("kv_cache", 2 * MiB)])
     before = daemon.status()
     result = daemon.ctl("sleep", "--model", "qwen", check=False)
     assert result.returncode != 0 and "RESOURCE_EXHAUSTED" in result.stderr and "host pool" in result.stderr
     assert daemon.status() == before
     assert engine.report()["hooks"] == {"sleep": 0, "wake": 0}
-    # A level that discards everything still works.
-    daemon.ctl("sleep", "--model", "qwen", "--level", "2")
+    # Naming the tags that may go shows the way out.
+    daemon.ctl("sleep", "--model", "qwen", "--action", "buffers=discard")
+
+
+def test_a_full_host_pool_falls_back_to_discard_only_where_the_tag_allows_it(start_daemon, start_engine):
+    daemon = start_daemon("--host-pool-budget", "5MiB")
+    engine = start_engine(daemon, "qwen", regions=[("weights", 4 * MiB), ("weights", 2 * MiB), ("buffers", 2 * MiB)])
+    out = daemon.ctl("sleep", "--model", "qwen", "--level", "1").stdout
+    states = [(r["tag"], r["size"], r["state"]) for r in engine.report()["regions"]]
+    # buffers (no rule) must be offloaded; the largest weights region is discarded to make it fit.
+    assert states == [("weights", 4 * MiB, "discarded"), ("weights", 2 * MiB, "offloaded"),
+                      ("buffers", 2 * MiB, "offloaded")]
+    assert "4.0 MiB discarded" in out

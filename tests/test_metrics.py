@@ -4,7 +4,7 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import MiB
+from support import MiB
 
 
 def scrape(daemon) -> dict:

@@ -3,7 +3,7 @@ every byte, address and hook behaves as an engine relies on."""
 
 import pytest
 
-from conftest import MiB
+from support import MiB
 from kernel import memfd_bytes, memfd_mappings, shmem_bytes
 
 REGIONS = [("weights", 3 * MiB + 123), ("kv_cache", 2 * MiB), ("buffers", 100_000)]

@@ -1,0 +1,219 @@
+"""Swapping models on devices: put some models to sleep and wake another in
+their place, with the two copy directions overlapped.
+
+The victims' memory is offloaded and released in batches; the target's memory
+is created region by region as soon as the released bytes make room for it,
+and restored on the mover's other channel while the next batch goes out. The
+device never holds more than its budget. If the target cannot be woken, the
+victims are woken again: a failed swap leaves the victims awake and the target
+asleep, its backups intact.
+"""
+
+import threading
+import time
+
+from sleepd.common.sizes import format_size
+
+from .errors import SleepdError, exhausted, invalid, unavailable
+from .lifecycle import RegionState
+from .model import Model, OperationResult, Region, SwapResult
+from .mover import OFFLOAD, RESTORE
+from .rules import Action
+
+# Offload batch size: small enough that restores start early, large enough to keep copies efficient.
+BATCH_BYTES = 256 << 20
+
+
+def swap(manager, to_name: str, from_names: list[str]) -> SwapResult:
+    started = time.perf_counter()
+    if to_name in from_names:
+        raise invalid(f"swap: {to_name} cannot be swapped out for itself")
+    target = manager.model(to_name)
+    named = [manager.model(name) for name in dict.fromkeys(from_names)]
+    with target.lock:
+        target.touch()
+        targets = [r for r in target.regions() if r.state in (RegionState.OFFLOADED, RegionState.DISCARDED)]
+        needed = _needed(targets)
+        victims = named or _choose_victims(manager, target, needed)
+        _check_enough(manager, target, victims, needed)
+        locked = []
+        try:
+            for victim in sorted(victims, key=lambda model: model.name):
+                if not victim.lock.acquire(timeout=manager.hook_timeout):
+                    raise unavailable(f"swap to {to_name}: {victim.name} is busy with another operation; try again")
+                locked.append(victim)
+            result = _overlapped(manager, target, victims, targets)
+        finally:
+            for victim in locked:
+                victim.lock.release()
+    result.seconds = time.perf_counter() - started
+    for slept in result.slept:
+        manager.events.publish("evicted", slept.model, f"swapped out for {to_name}")
+    return result
+
+
+def _needed(regions: list[Region]) -> dict[int, int]:
+    needed: dict[int, int] = {}
+    for region in regions:
+        needed[region.device] = needed.get(region.device, 0) + region.mapped_size
+    return needed
+
+
+def _short(manager, needed: dict[int, int], freed: dict[int, int]) -> dict[int, int]:
+    return {d: n - manager.backend.free(d) - freed.get(d, 0) for d, n in needed.items()
+            if n > manager.backend.free(d) + freed.get(d, 0)}
+
+
+def _choose_victims(manager, target: Model, needed: dict[int, int]) -> list[Model]:
+    """Models in eviction order until their memory makes the target fit."""
+    victims, freed = [], {}
+    for candidate in manager.eviction_candidates(target, needed):
+        if not _short(manager, needed, freed):
+            break
+        victims.append(candidate)
+        for device in needed:
+            freed[device] = freed.get(device, 0) + candidate.held_on(device)
+    return victims
+
+
+def _check_enough(manager, target: Model, victims: list[Model], needed: dict[int, int]) -> None:
+    freed: dict[int, int] = {}
+    for victim in victims:
+        if victim.policy.pinned:
+            raise exhausted(f"swap to {target.name}: {victim.name} is pinned and is never put to sleep for room")
+        for device in needed:
+            freed[device] = freed.get(device, 0) + victim.held_on(device)
+    short = _short(manager, needed, freed)
+    if short:
+        device, missing = next(iter(sorted(short.items())))
+        names = ", ".join(victim.name for victim in victims) or "no model that may be evicted"
+        message = (f"swap to {target.name}: needs {format_size(needed[device])} on "
+                   f"{manager.backend.devices[device].name}; sleeping {names} leaves it "
+                   f"{format_size(missing)} short")
+        manager.events.publish("refused", target.name, message)
+        raise exhausted(message)
+
+
+def _batches(work):
+    batch, size = [], 0
+    for item in work:
+        batch.append(item)
+        size += item[0].mapped_size
+        if size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+class _Restorer(threading.Thread):
+    """Creates and fills the target's regions as room appears."""
+
+    def __init__(self, manager, target: Model, regions: list[Region], room: threading.Condition):
+        super().__init__(name=f"swap-restore-{target.name}", daemon=True)
+        self.manager, self.target, self.regions, self.room = manager, target, regions, room
+        self.done: list[Region] = []
+        self.error: BaseException | None = None
+        self.senders_done = False
+
+    def run(self) -> None:
+        try:
+            for region in self.regions:
+                with self.room:
+                    self.room.wait_for(lambda: self.manager.backend.free(region.device) >= region.mapped_size
+                                       or self.senders_done)
+                    if self.manager.backend.free(region.device) < region.mapped_size:
+                        raise exhausted(f"swap to {self.target.name}: no room for region {region.id} after the "
+                                        "other models slept")
+                self.manager.materialize(self.target, [region])
+                self.done.append(region)
+        except BaseException as error:  # reported by the swap, which rolls back
+            self.error = error
+
+
+def _overlapped(manager, target: Model, victims: list[Model], targets: list[Region]) -> SwapResult:
+    works = {victim: manager.plan_sleep(victim, victim.policy.eviction_level, [], {}) for victim in victims}
+    offload_bytes = sum(r.mapped_size for work in works.values() for r, a in work if a is Action.OFFLOAD)
+    if offload_bytes > manager.pool.available:
+        raise exhausted(f"swap to {target.name}: the models going to sleep need {format_size(offload_bytes)} of "
+                        f"host pool, {format_size(manager.pool.available)} free")
+    devices = set(target.devices()).union(*(victim.devices() for victim in victims))
+    slept = {victim: OperationResult(victim.name, sleeping=True) for victim in victims}
+    woke = OperationResult(target.name)
+    quiesced: list[Model] = []
+    room = threading.Condition()
+    restorer = _Restorer(manager, target, targets, room)
+    with manager.devices_locked(devices):
+        try:
+            for victim in victims:
+                if not victim.sleeping:
+                    manager.quiesce(victim, victim.policy.eviction_level)
+                    quiesced.append(victim)
+            restorer.start()
+            for victim, work in works.items():
+                for batch in _batches(work):
+                    manager.offload_and_unmap(victim, batch)
+                    with room:
+                        room.notify_all()
+                    for region, action in batch:
+                        if action is Action.OFFLOAD:
+                            slept[victim].bytes_offloaded += region.mapped_size
+                        else:
+                            slept[victim].bytes_discarded += region.mapped_size
+                        slept[victim].regions += 1
+                victim.sleeping = True
+            with room:
+                restorer.senders_done = True
+                room.notify_all()
+            restorer.join()
+            if restorer.error:
+                raise restorer.error
+            manager.remap_or_undo(target, targets)
+        except BaseException as error:
+            with room:
+                restorer.senders_done = True
+                room.notify_all()
+            if restorer.is_alive():
+                restorer.join()
+            manager.undo_restore(target, restorer.done, remapped=[])
+            _wake_again(manager, victims, works, quiesced)
+            if isinstance(error, SleepdError):
+                raise SleepdError(error.code, f"swap to {target.name} failed; "
+                                  f"{', '.join(v.name for v in victims)} woken again: {error.message}") from None
+            raise
+    manager.commit_restore(targets, woke)
+    woke.regions = len(targets)
+    if target.sleeping and all(r.state is RegionState.MAPPED for r in target.regions()):
+        target.sleeping = False
+        manager.resume(target, best_effort=False)
+    woke.sleeping = target.sleeping
+    for victim in victims:
+        manager.record("sleep", victim.name, str(victim.policy.eviction_level), slept[victim],
+                       reason=f"swapped out for {target.name}")
+    manager.record("wake", target.name, "all", woke, reason="swapped in")
+    return SwapResult(list(slept.values()), woke, 0.0, _sequential_estimate(manager, slept.values(), woke, devices))
+
+
+def _wake_again(manager, victims: list[Model], works, quiesced: list[Model]) -> None:
+    """Rollback: every region a victim released in this swap comes back, and its ranks resume."""
+    for victim in victims:
+        released = [r for r, _ in works[victim] if r.state in (RegionState.OFFLOADED, RegionState.DISCARDED)]
+        if released:
+            manager.materialize(victim, released)
+            manager.remap_or_undo(victim, released)
+            manager.commit_restore(released, OperationResult(victim.name))
+        if victim in quiesced or released:
+            victim.sleeping = False
+            manager.resume(victim, best_effort=True)
+
+
+def _sequential_estimate(manager, slept, woke: OperationResult, devices: set[int]) -> float:
+    """The same bytes moved one direction after the other at the movers' measured throughput (0: unknown)."""
+    out_bytes = sum(result.bytes_offloaded for result in slept)
+    in_bytes = woke.bytes_restored
+    rates = [manager.movers[d].throughput for d in devices]
+    out_rate = max((rate[OFFLOAD] for rate in rates), default=0.0)
+    in_rate = max((rate[RESTORE] for rate in rates), default=0.0)
+    if (out_bytes and not out_rate) or (in_bytes and not in_rate):
+        return 0.0
+    return (out_bytes / out_rate if out_bytes else 0.0) + (in_bytes / in_rate if in_bytes else 0.0)
