@@ -141,6 +141,9 @@ def main(argv: list[str] | None = None) -> None:
         metrics_address = metrics.serve(args.metrics_address)
 
     server.start()
+    # Engines of any uid connect; what each may do is decided per request from the
+    # credentials the handle socket reads, not by the socket's mode.
+    os.chmod(socket_path, 0o666)
     handles.start()
     for name in ("", SERVICE_NAME):
         health_service.set(name, health_pb2.HealthCheckResponse.SERVING)
