@@ -251,15 +251,19 @@ class SleepClient:
             hook()
 
     def _unmap(self, command: pb.Unmap) -> None:
+        # Idempotent: a rollback may name regions this client never got to map.
         for change in command.regions:
             region = self._region(change.region_id)
-            self._backend.unmap(region.address, region.mapped_size)
+            if region.state is State.MAPPED:
+                self._backend.unmap(region.address, region.mapped_size)
             region.state = _STATES[change.state]
 
     def _remap(self, command: pb.Remap) -> None:
         woken = set()
         for region_id in command.region_ids:
             region = self._region(region_id)
+            if region.state is State.MAPPED:
+                continue  # idempotent: a rollback may name regions that never went away
             fd, _ = self._handles.fetch(region_id)
             self._map(fd, region.address, region.mapped_size)
             region.state = State.MAPPED

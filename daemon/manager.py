@@ -334,20 +334,21 @@ class MemoryManager:
         """Copies the offloads out, has every rank unmap, then releases the memory;
         on any failure before the release, puts everything back as it was."""
         offloads = [region for region, action in work if action is Action.OFFLOAD]
-        unmapped: list[Session] = []
+        asked: list[Session] = []  # ranks told to unmap: each may have done some of it
         try:
             for region in offloads:
                 region.backup = self.pool.allocate(region.mapped_size)
                 advance(region, "begin_offload")
             self._copy([CopyJob(OFFLOAD, r.device, r.handle, r.mapped_size, r.backup) for r in offloads])
-            failures, unmapped = self._command_all(model, lambda session: {"unmap": pb.Unmap(regions=[
+            asked = _owners(r for r, _ in work)
+            failures, _ = self._command_all(model, lambda session: {"unmap": pb.Unmap(regions=[
                 pb.RegionChange(region_id=r.id, state=_state_after(action))
-                for r, action in work if r.session is session])})
+                for r, action in work if r.session is session])}, only=asked)
             if failures:
                 raise _rank_failure(f"sleep {model.name}", failures)
         except BaseException:
             # Nothing was released yet: every engine that unmapped maps the same memory again.
-            self._remap(model, {r for r, _ in work}, only=unmapped)
+            self._remap(model, {r for r, _ in work}, only=asked)
             for region in offloads:
                 if region.state is RegionState.OFFLOADING:
                     advance(region, "abort")
@@ -381,9 +382,11 @@ class MemoryManager:
             raise
 
     def remap_or_undo(self, model: Model, targets: list[Region]) -> None:
-        failures, remapped = self._remap(model, set(targets))
+        asked = _owners(targets)
+        failures, _ = self._remap(model, set(targets), only=asked)
         if failures:
-            self.undo_restore(model, targets, remapped)
+            # A rank that failed may have mapped some regions before it did: every rank asked unmaps again.
+            self.undo_restore(model, targets, remapped=asked)
             raise _rank_failure(f"wake {model.name}", failures)
         for region in targets:
             advance(region, "restored")
@@ -578,6 +581,11 @@ class MemoryManager:
             for device in sorted(devices):
                 stack.enter_context(self._device_locks[device])
             yield
+
+
+def _owners(regions) -> list[Session]:
+    """The sessions owning `regions`, each once, in a stable order."""
+    return list({region.session.id: region.session for region in regions}.values())
 
 
 def _needed(regions: list[Region]) -> dict[int, int]:

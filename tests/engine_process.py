@@ -7,6 +7,8 @@ on stdin with one-line JSON replies on stdout:
     {"op": "report"}                   regions (address, state, sha256 when mapped), hook counts
     {"op": "sleep", "level": 1}        sleep its own model through the client API
     {"op": "wake", "tags": [...]}      wake its own model
+    {"op": "touch"}                    mark the model active
+    {"op": "ensure_awake"}             wake it (evicting as policy allows) if it sleeps
     {"op": "exit"}
 """
 
@@ -48,6 +50,8 @@ def main() -> None:
     parser.add_argument("--region", action="append", default=[], help="TAG:BYTES")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sleep-hook", choices=["ok", "fail", "hang"], default="ok")
+    parser.add_argument("--weights-hook", choices=["ok", "fail"], default="ok",
+                        help="the per-tag hook that runs as soon as weights are back")
     args = parser.parse_args()
 
     hooks = {"sleep": 0, "wake": 0}
@@ -63,8 +67,13 @@ def main() -> None:
     def on_wake():
         hooks["wake"] += 1
 
+    def on_weights():
+        if args.weights_hook == "fail":
+            raise RuntimeError("the new weights did not load")
+
     client.on_sleep(on_sleep)
     client.on_wake(on_wake)
+    client.on_wake(on_weights, tag="weights")
     for index, spec in enumerate(args.region):
         tag, size = spec.split(":")
         fill(client.alloc(int(size), tag), args.seed * 1000 + index)
@@ -79,6 +88,12 @@ def main() -> None:
                 reply = {"sleeping": client.sleep(level=command.get("level", 1)).sleeping}
             elif command["op"] == "wake":
                 reply = {"sleeping": client.wake(tags=command.get("tags")).sleeping}
+            elif command["op"] == "touch":
+                client.touch()
+                reply = {}
+            elif command["op"] == "ensure_awake":
+                client.ensure_awake()
+                reply = {"sleeping": client.is_sleeping()}
             elif command["op"] == "exit":
                 break
             else:

@@ -65,10 +65,10 @@ class Engine:
     """A real engine process (tests/engine_process.py) attached as one rank."""
 
     def __init__(self, daemon: Daemon, model: str, rank: int = 0, device: int = 0, regions=(), seed: int = 0,
-                 sleep_hook: str = "ok"):
+                 sleep_hook: str = "ok", weights_hook: str = "ok"):
         args = [sys.executable, os.path.join(HERE, "engine_process.py"), "--socket", daemon.socket,
                 "--model", model, "--rank", str(rank), "--device", str(device), "--seed", str(seed),
-                "--sleep-hook", sleep_hook]
+                "--sleep-hook", sleep_hook, "--weights-hook", weights_hook]
         for tag, size in regions:
             args += ["--region", f"{tag}:{size}"]
         self.model, self.rank = model, rank
