@@ -1,9 +1,9 @@
-"""python -m sleepd.bench {host,gpu} [options]"""
+"""python -m sleepd.bench {host,gpu,swap} [options]"""
 
 import argparse
 import sys
 
-from . import gpu, host
+from . import gpu, host, swap
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -11,8 +11,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="bench", required=True)
     host.add_arguments(commands.add_parser("host", help="sleep/wake throughput on the host backend vs memcpy"))
     gpu.add_arguments(commands.add_parser("gpu", help="sleep/wake on a GPU vs pinned bandwidth and the naive way"))
+    swap.add_arguments(commands.add_parser("swap", help="overlapped swap vs sleep then wake"))
     args = parser.parse_args(argv)
-    return {"host": host.run, "gpu": gpu.run}[args.bench](args)
+    return {"host": host.run, "gpu": gpu.run, "swap": swap.run}[args.bench](args)
 
 
 if __name__ == "__main__":

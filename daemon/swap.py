@@ -21,7 +21,7 @@ from .mover import OFFLOAD, RESTORE
 from .rules import Action
 
 # Offload batch size: small enough that restores start early, large enough to keep copies efficient.
-BATCH_BYTES = 256 << 20
+BATCH_BYTES = 64 << 20
 
 
 def swap(manager, to_name: str, from_names: list[str]) -> SwapResult:
@@ -118,17 +118,31 @@ class _Restorer(threading.Thread):
 
     def run(self) -> None:
         try:
-            for region in self.regions:
+            pending = list(self.regions)
+            while pending:
                 with self.room:
-                    self.room.wait_for(lambda: self.manager.backend.free(region.device) >= region.mapped_size
-                                       or self.senders_done)
-                    if self.manager.backend.free(region.device) < region.mapped_size:
-                        raise exhausted(f"swap to {self.target.name}: no room for region {region.id} after the "
-                                        "other models slept")
-                self.manager.materialize(self.target, [region])
-                self.done.append(region)
+                    self.room.wait_for(lambda: self._fitting(pending) or self.senders_done)
+                    batch = self._fitting(pending)
+                    if not batch:
+                        raise exhausted(f"swap to {self.target.name}: no room for region {pending[0].id} after "
+                                        "the other models slept")
+                # Everything that fits now goes in one request: fewer round trips to the mover.
+                self.manager.materialize(self.target, batch)
+                self.done += batch
+                pending = pending[len(batch):]
         except BaseException as error:  # reported by the swap, which rolls back
             self.error = error
+
+    def _fitting(self, pending: list[Region]) -> list[Region]:
+        """The longest prefix of `pending` that fits in the room there is now."""
+        free = {device: self.manager.backend.free(device) for device in {r.device for r in pending}}
+        batch = []
+        for region in pending:
+            if free[region.device] < region.mapped_size:
+                break
+            free[region.device] -= region.mapped_size
+            batch.append(region)
+        return batch
 
 
 def _overlapped(manager, target: Model, victims: list[Model], targets: list[Region]) -> SwapResult:
