@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 from support import MiB, wait_for
 from kernel import memfd_bytes, shmem_bytes
@@ -134,3 +135,28 @@ def test_a_full_host_pool_falls_back_to_discard_only_where_the_tag_allows_it(sta
     assert states == [("weights", 4 * MiB, "discarded"), ("weights", 2 * MiB, "offloaded"),
                       ("buffers", 2 * MiB, "offloaded")]
     assert "4.0 MiB discarded" in out
+
+
+def test_a_mover_killed_during_a_copy_fails_the_sleep_cleanly_and_the_next_try_succeeds(daemon, start_engine):
+    engine = start_engine(daemon, "qwen", regions=[("weights", 8 * MiB), ("kv_cache", 2 * MiB)])
+    awake = daemon.status()
+    movers = daemon.mover_pids()
+    for pid in movers:
+        os.kill(pid, signal.SIGSTOP)  # the copy request will wait in its socket
+    sleeper = subprocess.Popen([sys.executable, "-m", "sleepd.client.ctl", "--socket", daemon.socket,
+                                "sleep", "--model", "qwen"], stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: engine.report()["hooks"]["sleep"] == 1, what="the sleep to reach its copy")
+    time.sleep(0.5)
+    for pid in movers:
+        os.kill(pid, signal.SIGKILL)
+    _, stderr = sleeper.communicate(timeout=30)
+    assert sleeper.returncode != 0
+    assert "UNAVAILABLE" in stderr and "mover" in stderr and "nothing was released" in stderr
+    assert daemon.status() == awake
+    assert engine.report()["regions"] == engine.initial["regions"]
+
+    daemon.ctl("sleep", "--model", "qwen")  # a new mover takes over
+    assert set(daemon.mover_pids()).isdisjoint(movers)
+    daemon.ctl("wake", "--model", "qwen")
+    weights = [r for r in engine.report()["regions"] if r["tag"] == "weights"]
+    assert weights[0]["sha256"] == engine.initial["regions"][0]["sha256"]
