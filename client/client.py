@@ -26,7 +26,7 @@ from sleepd.proto import sleepd_pb2 as pb
 from sleepd.proto import sleepd_pb2_grpc as pb_grpc
 
 from .errors import SleepdError
-from .handles import HandleConnection
+from .control import control_channel
 from .region import Region, State
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ def _rpc(call, *args, **kwargs):
         raise SleepdError.from_rpc(error) from None
 
 
+
 class SleepClient:
     def __init__(self, model: str, rank: int, device: int, socket_path: str):
         self.model, self.rank, self.device = model, rank, device
@@ -57,8 +58,7 @@ class SleepClient:
         self._tag_wake_hooks: dict[str, list[Callable[[], None]]] = {}
         self._closed = False
 
-        self._handles = HandleConnection(paths.handle_socket(socket_path))
-        self._channel = grpc.insecure_channel(f"unix:{socket_path}")
+        self._channel, self._handles = control_channel(socket_path)
         self._stub = pb_grpc.SleepdStub(self._channel)
         self._outgoing: "queue.Queue[pb.EngineMessage | None]" = queue.Queue()
         self._outgoing.put(pb.EngineMessage(attach=pb.Attach(token=self._handles.token, model=model, rank=rank,

@@ -16,6 +16,7 @@ import threading
 
 from sleepd.common import wire
 
+from .auth import Peer
 from .errors import SleepdError
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class HandleServer:
             threading.Thread(target=self._serve, args=(conn,), name="handle-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        session = self._manager.open_session(*peer_credentials(conn))
+        session = self._manager.open_session(Peer.of_process(*peer_credentials(conn)))
         reason = "handle socket closed"
         try:
             while True:

@@ -24,6 +24,7 @@ from sleepd import _C
 from sleepd.common.sizes import format_size
 from sleepd.proto import sleepd_pb2 as pb
 
+from .auth import Authorizer, Peer
 from .backends import ZEROED_ON_CREATE, DaemonBackend
 from .errors import SleepdError, denied, exhausted, invalid, not_found, precondition
 from .events import EventBus
@@ -44,8 +45,10 @@ _VICTIM_LOCK_SECONDS = 0.5
 
 class MemoryManager:
     def __init__(self, backend: DaemonBackend, pool: HostPool, movers: dict[int, Mover],
-                 rules: SleepRules, hook_timeout: float, metrics=None, events: EventBus | None = None):
+                 rules: SleepRules, hook_timeout: float, metrics=None, events: EventBus | None = None,
+                 authorizer: Authorizer | None = None):
         self.backend = backend
+        self.authorizer = authorizer or Authorizer("sleepd")
         self.pool = pool
         self.movers = movers
         self.rules = rules
@@ -53,7 +56,7 @@ class MemoryManager:
         self.hook_timeout = hook_timeout
         self.metrics = metrics
         self._registry = threading.Lock()
-        self._pending_sessions: dict[str, Session] = {}  # by token, until attached
+        self._by_token: dict[str, Session] = {}          # every live session, attached or not
         self._sessions: dict[str, Session] = {}          # by session id, once attached
         self._models: dict[str, Model] = {}
         self._regions: dict[int, Region] = {}
@@ -62,11 +65,23 @@ class MemoryManager:
 
     # ---- sessions ----
 
-    def open_session(self, pid: int, uid: int, gid: int) -> Session:
-        session = Session(pid, uid, gid)
+    def open_session(self, peer: Peer) -> Session:
+        session = Session(peer)
         with self._registry:
-            self._pending_sessions[session.token] = session
+            self._by_token[session.token] = session
         return session
+
+    def caller(self, token: str) -> Peer | None:
+        """The peer a control request's token stands for, or None."""
+        with self._registry:
+            session = self._by_token.get(token)
+        return session.peer if session else None
+
+    def authorize(self, caller: Peer | None, model_name: str, what: str) -> Model:
+        """The model, if `caller` may act on it."""
+        model = self._model(model_name)
+        self.authorizer.check(caller, model.owner_uid, f"{what} {model_name}")
+        return model
 
     def attach(self, token: str, model_name: str, rank: int, device: int) -> Session:
         _check_name(model_name)
@@ -74,15 +89,15 @@ class MemoryManager:
             raise invalid(f"device {device} does not exist; this daemon has {len(self.backend.devices)} "
                           f"({', '.join(d.name for d in self.backend.devices)})")
         with self._registry:
-            session = self._pending_sessions.get(token)
-            if session is None:
+            session = self._by_token.get(token)
+            if session is None or session.attached:
                 raise denied("unknown session token; connect to the handle socket first")
-            model = self._models.get(model_name) or Model(model_name)
+            model = self._models.get(model_name) or Model(model_name, owner_uid=session.uid)
+            self.authorizer.check(session.peer, model.owner_uid, f"attach to {model_name}")
             holder = model.ranks.get(rank)
             if holder is not None:
                 raise SleepdError(grpc.StatusCode.ALREADY_EXISTS,
                                   f"{model_name} rank {rank} is already attached (pid {holder.pid})")
-            del self._pending_sessions[token]
             session.model, session.rank, session.device = model_name, rank, device
             model.ranks[rank] = session
             model.touch()
@@ -98,7 +113,7 @@ class MemoryManager:
         if not session.end(reason):
             return
         with self._registry:
-            self._pending_sessions.pop(session.token, None)
+            self._by_token.pop(session.token, None)
             self._sessions.pop(session.id, None)
             model = self._models.get(session.model) if session.attached else None
         if model is None:
@@ -286,7 +301,7 @@ class MemoryManager:
         now = time.monotonic()
         with self._registry:
             models = sorted(self._models.values(), key=lambda model: model.name)
-            views = [ModelView(model.name, model.sleeping, [
+            views = [ModelView(model.name, model.owner_uid, model.sleeping, [
                 RankView(rank, session.device, session.pid, [
                     RegionView(r.id, r.tag, r.size, r.mapped_size, r.device, r.state)
                     for r in sorted(session.regions.values(), key=lambda r: r.id)])

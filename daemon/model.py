@@ -35,6 +35,7 @@ class Policy:
 @dataclass(eq=False)
 class Model:
     name: str
+    owner_uid: int  # the uid of its first rank; see auth.py
     ranks: dict[int, Session] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     # True from the sleep hooks until every region is mapped again and the wake hooks ran.
@@ -77,6 +78,7 @@ class RankView:
 @dataclass(frozen=True)
 class ModelView:
     name: str
+    owner_uid: int
     sleeping: bool
     ranks: list[RankView]
     policy: Policy

@@ -9,12 +9,15 @@ import grpc
 from sleepd.proto import sleepd_pb2 as pb
 from sleepd.proto import sleepd_pb2_grpc as pb_grpc
 
-from .errors import SleepdError, invalid
+from .errors import SleepdError, denied, invalid
 from .manager import MemoryManager, OperationResult
 from .rules import parse_action
 from .swap import swap
 
 log = logging.getLogger(__name__)
+
+# Control requests carry the caller's handle-socket token in this metadata key.
+TOKEN_METADATA = "sleepd-token"
 
 
 def _refusals(method):
@@ -80,8 +83,14 @@ class SleepdService(pb_grpc.SleepdServicer):
         self._manager.free(request.session_id, request.region_id)
         return pb.FreeReply()
 
+    def _caller(self, context):
+        """Who is asking, from the token the handle socket gave them; None without one."""
+        token = dict(context.invocation_metadata()).get(TOKEN_METADATA)
+        return self._manager.caller(token) if token else None
+
     @_refusals
     def Sleep(self, request, context):
+        self._manager.authorize(self._caller(context), request.model, "sleep")
         actions = {}
         for item in request.actions:
             if item.action == pb.ACTION_UNSPECIFIED:
@@ -92,18 +101,28 @@ class SleepdService(pb_grpc.SleepdServicer):
 
     @_refusals
     def Wake(self, request, context):
+        self._manager.authorize(self._caller(context), request.model, "wake")
         return _reply(self._manager.wake(request.model, list(request.tags), request.evict))
 
     @_refusals
     def Swap(self, request, context):
+        caller = self._caller(context)
+        for model in [request.to_model, *request.from_models]:
+            self._manager.authorize(caller, model, "swap")
         result = swap(self._manager, request.to_model, list(request.from_models))
         return pb.SwapReply(slept=[_reply(r) for r in result.slept], woke=_reply(result.woke),
                             seconds=result.seconds, sequential_estimate_seconds=result.sequential_estimate_seconds)
 
     @_refusals
     def SetPolicy(self, request, context):
+        caller = self._caller(context)
+        self._manager.authorize(caller, request.model, "set the policy of")
         changes = {field: getattr(request, field) if request.HasField(field) else None
                    for field in ("priority", "pinned", "eviction_level", "idle_seconds")}
+        if (changes["priority"] is not None or changes["pinned"] is not None) \
+                and not self._manager.authorizer.is_admin(caller):
+            raise denied(f"priority and pinning of {request.model} decide over other users' models; "
+                         f"only root or group {self._manager.authorizer.admin_group!r} may set them")
         return _policy(self._manager.set_policy(request.model, **changes))
 
     def Events(self, request, context):

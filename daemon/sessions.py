@@ -21,8 +21,9 @@ class RankLost(Exception):
 
 
 class Session:
-    def __init__(self, pid: int, uid: int, gid: int):
-        self.pid, self.uid, self.gid = pid, uid, gid
+    def __init__(self, peer):
+        self.peer = peer                    # who the kernel says is at the other end (auth.Peer)
+        self.pid, self.uid = peer.pid, peer.uid
         self.token = secrets.token_hex(16)  # proves the stream and the handle socket are one process
         self.id = secrets.token_hex(16)     # names the session in region requests
         self.model: str | None = None

@@ -24,6 +24,14 @@ import time
 from sleepd.client import SleepClient, SleepdError, State
 
 
+def drop_privileges(uid: int) -> None:
+    """Become another tenant. Python and sleepd are loaded already, so this works
+    even where that uid could not start Python itself (a root-only toolchain)."""
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+
+
 def fill(region, seed: int) -> None:
     region.write(random.Random(seed).randbytes(region.size))
 
@@ -50,10 +58,13 @@ def main() -> None:
     parser.add_argument("--region", action="append", default=[], help="TAG:BYTES")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sleep-hook", choices=["ok", "fail", "hang"], default="ok")
+    parser.add_argument("--as-uid", type=int, help="drop to this uid (and its gid) before connecting")
     parser.add_argument("--weights-hook", choices=["ok", "fail"], default="ok",
                         help="the per-tag hook that runs as soon as weights are back")
     args = parser.parse_args()
 
+    if args.as_uid is not None:
+        drop_privileges(args.as_uid)
     hooks = {"sleep": 0, "wake": 0}
     client = SleepClient.connect(args.model, args.rank, args.device, socket=args.socket)
 

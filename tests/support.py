@@ -65,13 +65,15 @@ class Engine:
     """A real engine process (tests/engine_process.py) attached as one rank."""
 
     def __init__(self, daemon: Daemon, model: str, rank: int = 0, device: int = 0, regions=(), seed: int = 0,
-                 sleep_hook: str = "ok", weights_hook: str = "ok"):
+                 sleep_hook: str = "ok", weights_hook: str = "ok", as_uid: int | None = None):
         args = [sys.executable, os.path.join(HERE, "engine_process.py"), "--socket", daemon.socket,
                 "--model", model, "--rank", str(rank), "--device", str(device), "--seed", str(seed),
                 "--sleep-hook", sleep_hook, "--weights-hook", weights_hook]
         for tag, size in regions:
             args += ["--region", f"{tag}:{size}"]
         self.model, self.rank = model, rank
+        if as_uid is not None:  # a second tenant: the engine drops to that uid before it connects
+            args += ["--as-uid", str(as_uid)]
         self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.pid = self.process.pid
         first = self.process.stdout.readline()

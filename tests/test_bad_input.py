@@ -52,10 +52,13 @@ def test_invalid_action_is_refused(daemon, qwen):
     from sleepd.proto import sleepd_pb2 as pb
     from sleepd.proto import sleepd_pb2_grpc as pb_grpc
 
+    from sleepd.client.control import control_channel
+
     before = daemon.status()
-    with grpc.insecure_channel(f"unix:{daemon.socket}") as channel:
-        with pytest.raises(grpc.RpcError) as error:
-            pb_grpc.SleepdStub(channel).Sleep(pb.SleepRequest(model="qwen", actions=[pb.TagAction(tag="weights")]))
+    channel, handles = control_channel(daemon.socket)
+    with channel, pytest.raises(grpc.RpcError) as error:
+        pb_grpc.SleepdStub(channel).Sleep(pb.SleepRequest(model="qwen", actions=[pb.TagAction(tag="weights")]))
+    handles.close()
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert daemon.status() == before
 

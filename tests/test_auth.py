@@ -1,0 +1,110 @@
+"""Two tenants on one node: each uid acts on its own models only; root and the
+admin group act on all. Real processes under two uids, identified by the kernel."""
+
+import os
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from support import MiB, Daemon
+
+OTHER = 65534  # nobody / nogroup on Debian
+
+
+# Processes become the other tenant by dropping privileges after Python and sleepd
+# are loaded, so the test works even where that uid cannot read the toolchain.
+AS_OTHER = ("import os, sys, shutil, gettext; import sleepd.client.ctl as ctl; ctl._parser(); "
+            "os.setgroups([]); os.setgid({uid}); os.setuid({uid}); sys.exit(ctl.main(sys.argv[1:]))")
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="acting as a second uid needs root to drop to it")
+
+
+@pytest.fixture
+def backend():
+    """Host only: the CUDA double lives in a directory only root may read."""
+    return "host"
+
+
+@pytest.fixture
+def shared_daemon(backend, monkeypatch):
+    """A daemon whose socket directory every uid can reach (pytest's tmp_path is root-only)."""
+    directory = Path(tempfile.mkdtemp(prefix="sleepd-auth-"))
+    directory.chmod(0o755)
+    started = []
+
+    def start(*flags):
+        daemon = Daemon(directory, backend, "--host-devices", "1", "--host-device-capacity", "64MiB", *flags)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+    subprocess.run(["rm", "-rf", str(directory)])
+
+
+def ctl_as(daemon, uid, *args) -> subprocess.CompletedProcess:
+    """sleepctl run by a process of `uid`, as the kernel will report it to the daemon."""
+    return subprocess.run([sys.executable, "-c", AS_OTHER.format(uid=uid), "--socket", daemon.socket, *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_uid_may_act_only_on_its_own_models(shared_daemon, start_engine):
+    daemon = shared_daemon()
+    start_engine(daemon, "root-model", regions=[("weights", 4 * MiB)])
+    theirs = start_engine(daemon, "nobody-model", regions=[("weights", 4 * MiB)], as_uid=OTHER)
+    before = daemon.status()
+
+    refused = ctl_as(daemon, OTHER, "sleep", "--model", "root-model")
+    assert refused.returncode != 0 and "PERMISSION_DENIED" in refused.stderr
+    assert f"uid {OTHER}" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert daemon.status() == before
+
+    assert ctl_as(daemon, OTHER, "sleep", "--model", "nobody-model").returncode == 0
+    assert [r["state"] for r in theirs.report()["regions"]] == ["offloaded"]
+    assert ctl_as(daemon, 0, "wake", "--model", "nobody-model").returncode == 0  # root acts on all
+    models = {m["name"]: m for m in daemon.status()["models"]}
+    assert models["nobody-model"]["ranks"][0]["pid"] == theirs.pid
+
+
+def test_another_uid_cannot_attach_to_a_model_it_does_not_own(shared_daemon, start_engine):
+    daemon = shared_daemon()
+    start_engine(daemon, "root-model", regions=[("weights", 4 * MiB)])
+    with pytest.raises(AssertionError, match="exited at start"):
+        start_engine(daemon, "root-model", rank=1, regions=[("weights", 4 * MiB)], as_uid=OTHER)
+    assert [r["rank"] for r in daemon.status()["models"][0]["ranks"]] == [0]
+
+
+def test_members_of_the_admin_group_act_on_every_model(shared_daemon, start_engine):
+    daemon = shared_daemon("--admin-group", "nogroup")
+    engine = start_engine(daemon, "root-model", regions=[("weights", 4 * MiB)])
+    assert ctl_as(daemon, OTHER, "sleep", "--model", "root-model").returncode == 0
+    assert [r["state"] for r in engine.report()["regions"]] == ["offloaded"]
+
+
+def test_only_admins_set_priority_and_pinning(shared_daemon, start_engine):
+    daemon = shared_daemon()
+    start_engine(daemon, "nobody-model", regions=[("weights", 4 * MiB)], as_uid=OTHER)
+    refused = ctl_as(daemon, OTHER, "policy", "--model", "nobody-model", "--pinned", "yes")
+    assert refused.returncode != 0 and "PERMISSION_DENIED" in refused.stderr
+    assert ctl_as(daemon, OTHER, "policy", "--model", "nobody-model", "--idle-seconds", "60").returncode == 0
+    assert ctl_as(daemon, 0, "policy", "--model", "nobody-model", "--pinned", "yes").returncode == 0
+
+
+def test_the_sockets_let_every_uid_connect_and_requests_without_credentials_are_refused(shared_daemon):
+    daemon = shared_daemon()
+    for path in (daemon.socket, daemon.socket + ".fds"):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o666  # authorisation is per request, by uid
+    import grpc
+
+    from sleepd.proto import sleepd_pb2 as pb
+    from sleepd.proto import sleepd_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(f"unix:{daemon.socket}") as channel:
+        with pytest.raises(grpc.RpcError) as error:
+            pb_grpc.SleepdStub(channel).Wake(pb.WakeRequest(model="anything"))
+    assert error.value.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND)
