@@ -72,6 +72,8 @@ class SleepClient:
             raise SleepdError.from_rpc(error) from None
         self._session_id = attached.session_id
         self._backend = engine_backend(attached.backend, device)
+        for info in attached.regions:
+            self._take_back(info)
         self._thread = threading.Thread(target=self._serve_commands, name="sleepd-session", daemon=True)
         self._thread.start()
 
@@ -89,14 +91,16 @@ class SleepClient:
 
     # ---- memory ----
 
-    def alloc(self, nbytes: int, tag: str, evict: bool = False) -> Region:
+    def alloc(self, nbytes: int, tag: str, evict: bool = False, persist: bool = False) -> Region:
         """A new region of at least `nbytes`, mapped at an address it keeps for life.
-        With `evict`, the daemon may put other models to sleep to make room."""
+        With `evict`, the daemon may put other models to sleep to make room. With
+        `persist`, the region outlives this process: if it dies, the next process
+        to attach as the same model and rank gets it back (see regions())."""
         with self._regions_changed:
             self._allocating += 1
         try:
             info = _rpc(self._stub.Allocate, pb.AllocateRequest(session_id=self._session_id, size=nbytes, tag=tag,
-                                                                     evict=evict))
+                                                                     evict=evict, persist=persist))
             try:
                 fd, mapped_size = self._handles.fetch(info.id)
                 address = self._backend.reserve(mapped_size)
@@ -108,7 +112,8 @@ class SleepClient:
             except BaseException:
                 _rpc(self._stub.Free, pb.FreeRequest(session_id=self._session_id, region_id=info.id))
                 raise
-            region = Region(self._backend, info.id, info.tag, info.size, mapped_size, info.device, address)
+            region = Region(self._backend, info.id, info.tag, info.size, mapped_size, info.device, address,
+                            info.persist)
             with self._regions_changed:
                 self._regions[region.id] = region
         finally:
@@ -231,12 +236,11 @@ class SleepClient:
     # ---- the daemon's commands ----
 
     def _serve_commands(self) -> None:
-        handlers = {"quiesce": self._quiesce, "unmap": self._unmap, "remap": self._remap, "resume": self._resume}
         try:
             for command in self._stream:
-                kind = command.WhichOneof("kind")
+                kind = command.WhichOneof("kind")  # quiesce, unmap, remap or resume: handled by _<kind>
                 try:
-                    handlers[kind](getattr(command, kind))
+                    getattr(self, f"_{kind}")(getattr(command, kind))
                     ack = pb.Ack(op_id=command.op_id, ok=True)
                 except Exception as error:  # reported to the daemon, which rolls the model back
                     log.exception("sleepd %s command failed", kind)
@@ -287,6 +291,19 @@ class SleepClient:
             self._backend.map(address, size, handle, self.device)
         finally:
             self._backend.release(handle)
+
+    def _take_back(self, info: pb.Region) -> None:
+        """Adopts a persistent region an earlier process of this rank left: a new
+        address here, mapped now if the region is awake."""
+        address = self._backend.reserve(info.mapped_size)
+        region = Region(self._backend, info.id, info.tag, info.size, info.mapped_size, info.device, address,
+                        info.persist)
+        if info.state == pb.MAPPED:
+            fd, _ = self._handles.fetch(info.id)
+            self._map(fd, address, info.mapped_size)
+        else:
+            region.state = _STATES[info.state]
+        self._regions[region.id] = region
 
     def _release_address(self, region: Region) -> None:
         """Drops the mapping (a GPU refuses to free a reservation that is still mapped) and the reservation."""

@@ -25,7 +25,8 @@ class Region:
     """Memory at `address` for the region's whole life; touching it while the
     model sleeps faults, exactly as device memory would."""
 
-    def __init__(self, backend, region_id: int, tag: str, size: int, mapped_size: int, device: int, address: int):
+    def __init__(self, backend, region_id: int, tag: str, size: int, mapped_size: int, device: int, address: int,
+                 persist: bool = False):
         self._backend = backend
         self.id = region_id
         self.tag = tag
@@ -33,6 +34,7 @@ class Region:
         self.mapped_size = mapped_size
         self.device = device
         self.address = address
+        self.persist = persist  # outlives this process (SleepClient.alloc(persist=True))
         self.state = State.MAPPED
 
     def __repr__(self) -> str:

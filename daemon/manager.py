@@ -98,7 +98,17 @@ class MemoryManager:
             if holder is not None:
                 raise SleepdError(grpc.StatusCode.ALREADY_EXISTS,
                                   f"{model_name} rank {rank} is already attached (pid {holder.pid})")
+            orphan = model.orphans.get(rank)
+            if orphan is not None and orphan.device != device:
+                raise invalid(f"{model_name} rank {rank} left persistent regions on "
+                              f"{self.backend.devices[orphan.device].name}; attach it there")
             session.model, session.rank, session.device = model_name, rank, device
+            if orphan is not None:
+                # The previous process of this rank died: its persistent regions are this one's now.
+                del model.orphans[rank]
+                for region in orphan.regions.values():
+                    region.session = session
+                session.regions = orphan.regions
             model.ranks[rank] = session
             model.touch()
             self._models[model_name] = model
@@ -121,13 +131,18 @@ class MemoryManager:
         # Waiters on this session have already failed, so any operation holding
         # the model's lock finishes its rollback and lets us in.
         with model.lock:
-            freed = sum(region.mapped_size for region in session.regions.values() if region.handle is not None)
+            kept = {r.id: r for r in session.regions.values() if r.persist}
+            freed = sum(r.mapped_size for r in session.regions.values() if r.handle is not None and not r.persist)
             for region in list(session.regions.values()):
-                self._drop_region(region)
+                if not region.persist:
+                    self._drop_region(region)
             with self._registry:
                 if model.ranks.get(session.rank) is session:
                     del model.ranks[session.rank]
-                if not model.ranks and self._models.get(model.name) is model:
+                    if kept:
+                        session.regions = kept
+                        model.orphans[session.rank] = session
+                if not model.ranks and not model.orphans and self._models.get(model.name) is model:
                     del self._models[model.name]
         log.info("session of %s ended (%s); reclaimed %s", session.describe(), reason, format_size(freed))
         if session.detached:
@@ -150,7 +165,7 @@ class MemoryManager:
 
     # ---- regions ----
 
-    def allocate(self, session_id: str, size: int, tag: str, evict: bool = False) -> Region:
+    def allocate(self, session_id: str, size: int, tag: str, evict: bool = False, persist: bool = False) -> Region:
         session = self._session(session_id)
         if size <= 0:
             raise invalid(f"allocation size must be positive, got {size}")
@@ -168,7 +183,8 @@ class MemoryManager:
             what = f"allocate {format_size(mapped_size)} for {session.describe()}"
             evicted = self._ensure_room(model, {device.index: mapped_size}, what, evict)
             with self.devices_locked({device.index}):
-                region = Region(next(self._region_ids), tag, size, mapped_size, device.index, session, handle=None)
+                region = Region(next(self._region_ids), tag, size, mapped_size, device.index, session, handle=None,
+                                persist=persist)
                 try:
                     region.handle = self._create(region)
                 except _C.OutOfMemoryError as error:
@@ -303,9 +319,9 @@ class MemoryManager:
             models = sorted(self._models.values(), key=lambda model: model.name)
             views = [ModelView(model.name, model.owner_uid, model.sleeping, [
                 RankView(rank, session.device, session.pid, [
-                    RegionView(r.id, r.tag, r.size, r.mapped_size, r.device, r.state)
-                    for r in sorted(session.regions.values(), key=lambda r: r.id)])
-                for rank, session in sorted(model.ranks.items())], Policy(**vars(model.policy)),
+                    RegionView(r.id, r.tag, r.size, r.mapped_size, r.device, r.state, r.persist)
+                    for r in sorted(session.regions.values(), key=lambda r: r.id)], detached=session.lost is not None)
+                for rank, session in sorted({**model.ranks, **model.orphans}.items())], Policy(**vars(model.policy)),
                 now - model.last_active)
                 for model in models if not model_name or model.name == model_name]
         if model_name and not views:
@@ -599,8 +615,9 @@ class MemoryManager:
 
 
 def _owners(regions) -> list[Session]:
-    """The sessions owning `regions`, each once, in a stable order."""
-    return list({region.session.id: region.session for region in regions}.values())
+    """The live sessions owning `regions`, each once, in a stable order. An
+    orphaned rank's regions are mapped by nobody, so there is no one to ask."""
+    return list({r.session.id: r.session for r in regions if r.session.lost is None}.values())
 
 
 def _needed(regions: list[Region]) -> dict[int, int]:

@@ -21,6 +21,7 @@ class Region:
     handle: int | None  # the daemon's handle to the device memory; None while asleep
     state: RegionState = RegionState.MAPPED
     backup: Backup | None = None
+    persist: bool = False  # outlives its engine process; see Model.orphans
 
 
 @dataclass
@@ -37,17 +38,23 @@ class Model:
     name: str
     owner_uid: int  # the uid of its first rank; see auth.py
     ranks: dict[int, Session] = field(default_factory=dict)
+    # Ranks whose process died leaving persistent regions: rank -> the ended session, until re-attached.
+    orphans: dict[int, Session] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     # True from the sleep hooks until every region is mapped again and the wake hooks ran.
     sleeping: bool = False
     policy: Policy = field(default_factory=Policy)
     last_active: float = field(default_factory=time.monotonic)
 
+    def sessions(self) -> list[Session]:
+        """Live ranks and orphaned ones alike."""
+        return [*self.ranks.values(), *self.orphans.values()]
+
     def regions(self) -> list[Region]:
-        return [region for session in self.ranks.values() for region in session.regions.values()]
+        return [region for session in self.sessions() for region in session.regions.values()]
 
     def devices(self) -> set[int]:
-        return {session.device for session in self.ranks.values()}
+        return {session.device for session in self.sessions()}
 
     def held_on(self, device: int) -> int:
         """Device memory this model holds on `device` now."""
@@ -65,6 +72,7 @@ class RegionView:
     mapped_size: int
     device: int
     state: RegionState
+    persist: bool = False
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,7 @@ class RankView:
     device: int
     pid: int
     regions: list[RegionView]
+    detached: bool = False
 
 
 @dataclass(frozen=True)

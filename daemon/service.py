@@ -64,14 +64,20 @@ class SleepdService(pb_grpc.SleepdServicer):
                 self._manager.end_session(session, "session stream closed")
 
         threading.Thread(target=read_acks, name=f"session-{session.pid}", daemon=True).start()
-        context.add_callback(lambda: self._manager.end_session(session, "session stream ended"))
-        yield pb.DaemonCommand(attached=pb.Attached(session_id=session.id, backend=self._manager.backend.name))
+        # gRPC runs this callback on its own poller thread, which must never wait on
+        # a model's lock (acks of other ranks arrive through it): reclaim elsewhere.
+        context.add_callback(lambda: threading.Thread(
+            target=self._manager.end_session, args=(session, "session stream ended"), daemon=True).start())
+        yield pb.DaemonCommand(attached=pb.Attached(
+            session_id=session.id, backend=self._manager.backend.name,
+            regions=[_region(region) for region in sorted(session.regions.values(), key=lambda r: r.id)]))
         while (command := session.outbox.get()) is not None:
             yield command
 
     @_refusals
     def Allocate(self, request, context):
-        return _region(self._manager.allocate(request.session_id, request.size, request.tag, request.evict))
+        return _region(self._manager.allocate(request.session_id, request.size, request.tag, request.evict,
+                                              request.persist))
 
     @_refusals
     def Touch(self, request, context):
@@ -148,14 +154,15 @@ class SleepdService(pb_grpc.SleepdServicer):
             pool=pb.PoolStatus(directory=pool.directory, budget=pool.budget, used=pool.used),
             models=[pb.ModelStatus(name=model.name, sleeping=model.sleeping, policy=_policy(model.policy),
                                    idle_seconds=model.idle_seconds, ranks=[
-                pb.RankStatus(rank=rank.rank, device=rank.device, pid=rank.pid,
+                pb.RankStatus(rank=rank.rank, device=rank.device, pid=rank.pid, detached=rank.detached,
                               regions=[_region(region) for region in rank.regions])
                 for rank in model.ranks]) for model in models],
         )
 
 
 def _region(region) -> pb.Region:
-    return pb.Region(id=region.id, tag=region.tag, size=region.size, device=region.device, state=int(region.state))
+    return pb.Region(id=region.id, tag=region.tag, size=region.size, device=region.device, state=int(region.state),
+                     persist=region.persist, mapped_size=region.mapped_size)
 
 
 def _reply(result: OperationResult) -> pb.OperationReply:

@@ -7,6 +7,8 @@ on stdin with one-line JSON replies on stdout:
     {"op": "report"}                   regions (address, state, sha256 when mapped), hook counts
     {"op": "sleep", "level": 1}        sleep its own model through the client API
     {"op": "wake", "tags": [...]}      wake its own model
+    {"op": "die_on", "moment": m}      SIGKILL itself at that protocol moment (fetch, unmap, remap)
+    {"op": "alloc", "size": n, "tag": t}
     {"op": "touch"}                    mark the model active
     {"op": "ensure_awake"}             wake it (evicting as policy allows) if it sleeps
     {"op": "exit"}
@@ -17,6 +19,7 @@ import hashlib
 import json
 import os
 import random
+import signal
 import sys
 import threading
 import time
@@ -30,6 +33,19 @@ def drop_privileges(uid: int) -> None:
     os.setgroups([])
     os.setgid(uid)
     os.setuid(uid)
+
+
+def die_on(client, moment: str) -> None:
+    """Arms a SIGKILL of this process at one moment of the protocol: after the
+    daemon created an allocation but before we mapped it ("fetch"), or on
+    receiving an unmap (the sleep's copy is done, our ack never comes) or a remap."""
+    def die(*_):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if moment == "fetch":
+        client._handles.fetch = die
+    else:
+        setattr(client, f"_{moment}", die)
 
 
 def fill(region, seed: int) -> None:
@@ -59,6 +75,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sleep-hook", choices=["ok", "fail", "hang"], default="ok")
     parser.add_argument("--as-uid", type=int, help="drop to this uid (and its gid) before connecting")
+    parser.add_argument("--persist", action="store_true", help="allocate persistent regions")
     parser.add_argument("--weights-hook", choices=["ok", "fail"], default="ok",
                         help="the per-tag hook that runs as soon as weights are back")
     args = parser.parse_args()
@@ -87,7 +104,7 @@ def main() -> None:
     client.on_wake(on_weights, tag="weights")
     for index, spec in enumerate(args.region):
         tag, size = spec.split(":")
-        fill(client.alloc(int(size), tag), args.seed * 1000 + index)
+        fill(client.alloc(int(size), tag, persist=args.persist), args.seed * 1000 + index)
     print(json.dumps(report(client, hooks)), flush=True)
 
     for line in sys.stdin:
@@ -99,6 +116,12 @@ def main() -> None:
                 reply = {"sleeping": client.sleep(level=command.get("level", 1)).sleeping}
             elif command["op"] == "wake":
                 reply = {"sleeping": client.wake(tags=command.get("tags")).sleeping}
+            elif command["op"] == "die_on":
+                die_on(client, command["moment"])
+                reply = {}
+            elif command["op"] == "alloc":
+                region = client.alloc(command["size"], command["tag"])
+                reply = {"id": region.id}
             elif command["op"] == "touch":
                 client.touch()
                 reply = {}

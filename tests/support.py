@@ -65,7 +65,8 @@ class Engine:
     """A real engine process (tests/engine_process.py) attached as one rank."""
 
     def __init__(self, daemon: Daemon, model: str, rank: int = 0, device: int = 0, regions=(), seed: int = 0,
-                 sleep_hook: str = "ok", weights_hook: str = "ok", as_uid: int | None = None):
+                 sleep_hook: str = "ok", weights_hook: str = "ok", as_uid: int | None = None,
+                 persist: bool = False):
         args = [sys.executable, os.path.join(HERE, "engine_process.py"), "--socket", daemon.socket,
                 "--model", model, "--rank", str(rank), "--device", str(device), "--seed", str(seed),
                 "--sleep-hook", sleep_hook, "--weights-hook", weights_hook]
@@ -74,6 +75,8 @@ class Engine:
         self.model, self.rank = model, rank
         if as_uid is not None:  # a second tenant: the engine drops to that uid before it connects
             args += ["--as-uid", str(as_uid)]
+        if persist:
+            args.append("--persist")
         self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.pid = self.process.pid
         first = self.process.stdout.readline()
@@ -81,9 +84,13 @@ class Engine:
             raise AssertionError(f"engine {model} rank {rank} exited at start ({self.process.wait()})")
         self.initial = json.loads(first)
 
-    def request(self, op: str, **fields) -> dict:
+    def send(self, op: str, **fields) -> None:
+        """A command without waiting for its answer (the engine may die on it)."""
         self.process.stdin.write(json.dumps({"op": op, **fields}) + "\n")
         self.process.stdin.flush()
+
+    def request(self, op: str, **fields) -> dict:
+        self.send(op, **fields)
         line = self.process.stdout.readline()
         if not line:
             raise AssertionError(f"engine {self.model} rank {self.rank} died")
