@@ -19,13 +19,15 @@ class LocalDaemon:
         self.state_dir = os.path.join(self.dir, "state")
         self.pool_dir = f"/dev/shm/sleepd-local-{os.getpid()}-{abs(hash(self.dir)):x}"
         self.log_path = log_path or os.path.join(self.dir, "sleepd.log")
-        self._log = open(self.log_path, "w")
+        self._log = open(self.log_path, "a")
+        runtime = os.path.join(self.state_dir, "daemon.json")
+        if os.path.exists(runtime):  # left by a daemon that was killed: not a sign that this one is up
+            os.unlink(runtime)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "sleepd.daemon.main", "--socket", self.socket, "--state-dir", self.state_dir,
              "--metrics-address", "127.0.0.1:0", "--host-pool-dir", self.pool_dir, *flags],
             stdout=self._log, stderr=subprocess.STDOUT)
         self.pid = self.process.pid
-        runtime = os.path.join(self.state_dir, "daemon.json")
         deadline = time.monotonic() + 30
         while not os.path.exists(runtime):
             if self.process.poll() is not None or time.monotonic() > deadline:

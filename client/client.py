@@ -16,6 +16,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from typing import Callable
 
 import grpc
@@ -32,6 +33,8 @@ from .region import Region, State
 log = logging.getLogger(__name__)
 
 _STATES = {pb.OFFLOADED: State.OFFLOADED, pb.DISCARDED: State.DISCARDED}
+# How long a client keeps trying to attach again after the daemon went away.
+RECONNECT_SECONDS = 120
 # Chunks this large keep a model's handle count small (weights of 8 GiB: 16 handles).
 DEFAULT_CHUNK_BYTES = 512 << 20
 
@@ -58,24 +61,53 @@ class SleepClient:
         self._tag_wake_hooks: dict[str, list[Callable[[], None]]] = {}
         self._closed = False
 
-        self._channel, self._handles = control_channel(socket_path)
-        self._stub = pb_grpc.SleepdStub(self._channel)
-        self._outgoing: "queue.Queue[pb.EngineMessage | None]" = queue.Queue()
-        self._outgoing.put(pb.EngineMessage(attach=pb.Attach(token=self._handles.token, model=model, rank=rank,
-                                                             device=device)))
-        self._stream = self._stub.Session(iter(self._outgoing.get, None))
-        try:
-            attached = next(self._stream).attached
-        except grpc.RpcError as error:
-            self._handles.close()
-            self._channel.close()
-            raise SleepdError.from_rpc(error) from None
+        self._socket_path = socket_path
+        self._channel, self._handles, self._stub, self._outgoing, self._stream, attached = self._open_session()
         self._session_id = attached.session_id
         self._backend = engine_backend(attached.backend, device)
-        for info in attached.regions:
-            self._take_back(info)
+        self._adopt(attached)
         self._thread = threading.Thread(target=self._serve_commands, name="sleepd-session", daemon=True)
         self._thread.start()
+
+    def _open_session(self):
+        """A handle connection, a channel and an attached session stream."""
+        channel, handles = control_channel(self._socket_path)
+        stub = pb_grpc.SleepdStub(channel)
+        outgoing: "queue.Queue[pb.EngineMessage | None]" = queue.Queue()
+        outgoing.put(pb.EngineMessage(attach=pb.Attach(token=handles.token, model=self.model, rank=self.rank,
+                                                       device=self.device)))
+        stream = stub.Session(iter(outgoing.get, None))
+        try:
+            attached = next(stream).attached
+        except grpc.RpcError as error:
+            handles.close()
+            channel.close()
+            raise SleepdError.from_rpc(error) from None
+        return channel, handles, stub, outgoing, stream, attached
+
+    def _adopt(self, attached: pb.Attached) -> None:
+        """Takes the regions the daemon hands this rank: persistent ones an earlier
+        process left, or, after a daemon restart, our own, whose memory we hand back."""
+        for info in attached.regions:
+            region = self._regions.get(info.id)
+            if region is None:
+                try:
+                    self._take_back(info)
+                except SleepdError as error:  # its memory died with an engine while the daemon was down
+                    log.warning("region %d (%s) cannot be taken back: %s", info.id, info.tag, error.message)
+            elif region.state is State.MAPPED:
+                fd = self._backend.export_handle(region.handle)
+                try:
+                    self._handles.give_back(region.id, fd)
+                finally:
+                    os.close(fd)
+        if attached.resuming:
+            self._handles.resumed()
+            known = {info.id for info in attached.regions}
+            for region in self.regions():
+                if region.id not in known:
+                    log.warning("region %d (%s) is unknown to the restarted daemon: it stays mapped here "
+                                "but will not sleep", region.id, region.tag)
 
     @classmethod
     def connect(cls, model: str, rank: int = 0, device: int = 0, socket: str | None = None) -> "SleepClient":
@@ -105,7 +137,7 @@ class SleepClient:
                 fd, mapped_size = self._handles.fetch(info.id)
                 address = self._backend.reserve(mapped_size)
                 try:
-                    self._map(fd, address, mapped_size)
+                    handle = self._map(fd, address, mapped_size)
                 except BaseException:
                     self._backend.free_reservation(address, mapped_size)
                     raise
@@ -114,6 +146,7 @@ class SleepClient:
                 raise
             region = Region(self._backend, info.id, info.tag, info.size, mapped_size, info.device, address,
                             info.persist)
+            region.handle = handle
             with self._regions_changed:
                 self._regions[region.id] = region
         finally:
@@ -236,19 +269,45 @@ class SleepClient:
     # ---- the daemon's commands ----
 
     def _serve_commands(self) -> None:
-        try:
-            for command in self._stream:
-                kind = command.WhichOneof("kind")  # quiesce, unmap, remap or resume: handled by _<kind>
-                try:
-                    getattr(self, f"_{kind}")(getattr(command, kind))
-                    ack = pb.Ack(op_id=command.op_id, ok=True)
-                except Exception as error:  # reported to the daemon, which rolls the model back
-                    log.exception("sleepd %s command failed", kind)
-                    ack = pb.Ack(op_id=command.op_id, ok=False, error=f"{type(error).__name__}: {error}")
-                self._outgoing.put(pb.EngineMessage(ack=ack))
-        except grpc.RpcError as error:
-            if not self._closed:
-                log.error("sleepd session of %s rank %d ended: %s", self.model, self.rank, error.details())
+        while True:
+            try:
+                for command in self._stream:
+                    kind = command.WhichOneof("kind")  # quiesce, unmap, remap or resume: handled by _<kind>
+                    try:
+                        getattr(self, f"_{kind}")(getattr(command, kind))
+                        ack = pb.Ack(op_id=command.op_id, ok=True)
+                    except Exception as error:  # reported to the daemon, which rolls the model back
+                        log.exception("sleepd %s command failed", kind)
+                        ack = pb.Ack(op_id=command.op_id, ok=False, error=f"{type(error).__name__}: {error}")
+                    self._outgoing.put(pb.EngineMessage(ack=ack))
+            except grpc.RpcError as error:
+                if not self._closed:
+                    log.warning("sleepd session of %s rank %d broke (%s); attaching again", self.model, self.rank,
+                                error.details())
+            if self._closed or not self._reconnect():
+                return
+
+    def _reconnect(self) -> bool:
+        """Attaches again after the daemon went away (a restart): our mappings stayed
+        valid all along; the new daemon gets their memory back from us."""
+        deadline = time.monotonic() + RECONNECT_SECONDS
+        while not self._closed and time.monotonic() < deadline:
+            try:
+                opened = self._open_session()
+            except (SleepdError, grpc.RpcError, OSError):
+                time.sleep(0.2)
+                continue
+            old_channel, old_handles = self._channel, self._handles
+            self._channel, self._handles, self._stub, self._outgoing, self._stream, attached = opened
+            self._session_id = attached.session_id
+            old_handles.close()
+            old_channel.close()
+            self._adopt(attached)
+            log.info("%s rank %d attached again%s", self.model, self.rank,
+                     " and handed its memory back" if attached.resuming else "")
+            return True
+        log.error("%s rank %d could not attach again within %d s", self.model, self.rank, RECONNECT_SECONDS)
+        return False
 
     def _quiesce(self, command: pb.Quiesce) -> None:
         for hook in self._sleep_hooks:
@@ -259,7 +318,7 @@ class SleepClient:
         for change in command.regions:
             region = self._region(change.region_id)
             if region.state is State.MAPPED:
-                self._backend.unmap(region.address, region.mapped_size)
+                self._unmap_region(region)
             region.state = _STATES[change.state]
 
     def _remap(self, command: pb.Remap) -> None:
@@ -269,7 +328,7 @@ class SleepClient:
             if region.state is State.MAPPED:
                 continue  # idempotent: a rollback may name regions that never went away
             fd, _ = self._handles.fetch(region_id)
-            self._map(fd, region.address, region.mapped_size)
+            region.handle = self._map(fd, region.address, region.mapped_size)
             region.state = State.MAPPED
             woken.add(region.tag)
         for tag in sorted(woken):
@@ -281,16 +340,20 @@ class SleepClient:
         for hook in self._wake_hooks:
             hook()
 
-    def _map(self, fd: int, address: int, size: int) -> None:
-        """Imports the memory, maps it and drops every reference but the mapping."""
+    def _map(self, fd: int, address: int, size: int) -> int:
+        """Imports the memory and maps it, closing the descriptor. The imported
+        handle is kept while mapped (released on unmap): after a daemon restart it
+        is what this process hands back."""
         try:
             handle = self._backend.import_handle(fd, self.device, size)
         finally:
             os.close(fd)
         try:
             self._backend.map(address, size, handle, self.device)
-        finally:
+        except BaseException:
             self._backend.release(handle)
+            raise
+        return handle
 
     def _take_back(self, info: pb.Region) -> None:
         """Adopts a persistent region an earlier process of this rank left: a new
@@ -300,7 +363,7 @@ class SleepClient:
                         info.persist)
         if info.state == pb.MAPPED:
             fd, _ = self._handles.fetch(info.id)
-            self._map(fd, address, info.mapped_size)
+            region.handle = self._map(fd, address, info.mapped_size)
         else:
             region.state = _STATES[info.state]
         self._regions[region.id] = region
@@ -308,9 +371,15 @@ class SleepClient:
     def _release_address(self, region: Region) -> None:
         """Drops the mapping (a GPU refuses to free a reservation that is still mapped) and the reservation."""
         if region.state is State.MAPPED:
-            self._backend.unmap(region.address, region.mapped_size)
+            self._unmap_region(region)
         self._backend.free_reservation(region.address, region.mapped_size)
         region.state = State.FREED
+
+    def _unmap_region(self, region: Region) -> None:
+        """Back to a bare reservation, and this process's last reference to the memory gone."""
+        self._backend.unmap(region.address, region.mapped_size)
+        self._backend.release(region.handle)
+        region.handle = None
 
     def _region(self, region_id: int) -> Region:
         with self._regions_changed:

@@ -31,12 +31,20 @@ class HandleConnection:
             raise SleepdError(grpc.StatusCode.INTERNAL, f"fetch of region {region_id} brought {len(fds)} descriptors")
         return fds[0], reply["size"]
 
+    def give_back(self, region_id: int, fd: int) -> None:
+        """After a daemon restart: hands the daemon the memory of a region this process maps."""
+        self._request({"op": "return", "region": region_id}, [fd])
+
+    def resumed(self) -> None:
+        """After a daemon restart: everything this process maps has been handed back."""
+        self._request({"op": "resumed"})
+
     def close(self) -> None:
         self._sock.close()
 
-    def _request(self, message: dict) -> tuple[dict, list[int]]:
+    def _request(self, message: dict, fds: list[int] = ()) -> tuple[dict, list[int]]:
         with self._lock:
-            wire.send(self._sock, message)
+            wire.send(self._sock, message, fds)
             reply, fds = wire.recv(self._sock)
         if reply is None:
             raise SleepdError(grpc.StatusCode.UNAVAILABLE, "sleepd closed the handle socket")

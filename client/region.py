@@ -36,6 +36,7 @@ class Region:
         self.address = address
         self.persist = persist  # outlives this process (SleepClient.alloc(persist=True))
         self.state = State.MAPPED
+        self.handle: int | None = None  # the imported handle behind the mapping, while mapped
 
     def __repr__(self) -> str:
         return (f"Region(id={self.id}, tag={self.tag!r}, size={self.size}, address={self.address:#x}, "

@@ -47,6 +47,9 @@ class Backend {
   virtual Shareable export_handle(Handle handle) = 0;
   // Does not take ownership of `shareable.fd`: the caller closes it.
   virtual Handle import_handle(const Shareable& shareable, int device, size_t size) = 0;
+  // Takes memory back from an engine after a daemon restart: like import, but the
+  // handle becomes the daemon's own and counts against the device again.
+  virtual Handle adopt_handle(const Shareable& shareable, int device, size_t size) = 0;
   // Lets process `pid` import the handle (allow-list backends); a no-op elsewhere.
   virtual void authorize(Handle, int /*pid*/) {}
   virtual void release(Handle handle) = 0;

@@ -109,6 +109,14 @@ Handle CudaBackend::import_handle(const Shareable& shareable, int device, size_t
   return id;
 }
 
+Handle CudaBackend::adopt_handle(const Shareable& shareable, int device, size_t size) {
+  Handle handle = import_handle(shareable, device, size);
+  std::lock_guard<std::mutex> lock(mutex_);
+  memory_.at(handle).created = true;
+  used_[device] += size;
+  return handle;
+}
+
 void CudaBackend::release(Handle handle) {
   Memory memory;
   {

@@ -110,6 +110,15 @@ Handle HostBackend::import_handle(const Shareable& shareable, int, size_t size) 
   return handle;
 }
 
+Handle HostBackend::adopt_handle(const Shareable& shareable, int device, size_t size) {
+  check_device(device);
+  Handle handle = import_handle(shareable, device, size);
+  std::lock_guard<std::mutex> lock(mutex_);
+  memory_.at(handle).device = device;
+  used_[device] += size;
+  return handle;
+}
+
 void HostBackend::release(Handle handle) {
   std::lock_guard<std::mutex> lock(mutex_);
   const Memory& memory = find(handle);

@@ -23,6 +23,7 @@ class HostBackend : public Backend {
   Handle create(int device, size_t size, const std::string& label) override;
   Shareable export_handle(Handle handle) override;
   Handle import_handle(const Shareable& shareable, int device, size_t size) override;
+  Handle adopt_handle(const Shareable& shareable, int device, size_t size) override;
   void release(Handle handle) override;
 
   uintptr_t reserve(size_t size) override;

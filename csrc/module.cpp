@@ -65,6 +65,13 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("shareable"), py::arg("device"), py::arg("size"),
           "Import memory shared by another process; a passed fd stays the caller's to close.")
+      .def(
+          "adopt_handle",
+          [](Backend& self, const py::object& shareable, int device, size_t size) {
+            return self.adopt_handle(shareable_from_python(shareable), device, size);
+          },
+          py::arg("shareable"), py::arg("device"), py::arg("size"),
+          "Take memory an engine hands back as the daemon's own (after a restart); the fd stays the caller's.")
       .def("authorize", &Backend::authorize, py::arg("handle"), py::arg("pid"))
       .def("release", &Backend::release, py::arg("handle"))
       .def("reserve", &Backend::reserve, py::arg("size"))

@@ -3,9 +3,10 @@
 It sits beside the gRPC socket. The kernel tells us each peer's pid and uid
 (SO_PEERCRED); a connection becomes a session, and the token it is given here is
 what ties the engine's gRPC stream to these credentials. Requests, one packet
-each: {"op": "hello"} and {"op": "fetch", "region": id}. A peer that sends
-anything malformed loses its connection; the daemon keeps running. Descriptors
-sent to the daemon are closed unread.
+each: {"op": "hello"} and {"op": "fetch", "region": id}; after a daemon restart
+also {"op": "return", "region": id} with the region's descriptor and then
+{"op": "resumed"}. A peer that sends anything malformed loses its connection;
+the daemon keeps running. Descriptors the daemon did not ask for are closed unread.
 """
 
 import logging
@@ -63,10 +64,12 @@ class HandleServer:
         try:
             while True:
                 message, fds = wire.recv(conn)
-                wire.close_all(fds)  # engines never send us memory
-                if message is None:
-                    break
-                self._answer(conn, session, message)
+                try:
+                    if message is None:
+                        break
+                    self._answer(conn, session, message, fds)
+                finally:
+                    wire.close_all(fds)  # whatever we keep, we keep as our own handle, never this fd
         except wire.ProtocolError as error:
             reason = f"malformed request on the handle socket: {error}"
             log.warning("dropping handle connection of pid %d: %s", session.pid, error)
@@ -76,9 +79,13 @@ class HandleServer:
             conn.close()
             self._manager.end_session(session, reason)
 
-    def _answer(self, conn: socket.socket, session, message: dict) -> None:
+    def _answer(self, conn: socket.socket, session, message: dict, fds: list[int]) -> None:
         op = message.get("op")
-        if op == "hello":
+        if op in ("return", "resumed"):
+            self._resume(conn, session, message, fds)
+        elif fds:
+            raise wire.ProtocolError(f"{op!r} takes no descriptors")
+        elif op == "hello":
             wire.send(conn, {"ok": True, "token": session.token, "pid": session.pid, "uid": session.uid})
         elif op == "fetch":
             region_id = message.get("region")
@@ -96,3 +103,20 @@ class HandleServer:
                 os.close(fd)  # the sender's copy must not pin memory
         else:
             raise wire.ProtocolError(f"unknown operation {op!r}")
+
+    def _resume(self, conn: socket.socket, session, message: dict, fds: list[int]) -> None:
+        """After a daemon restart: an engine hands back the memory it maps, then says it is done."""
+        try:
+            if message["op"] == "resumed":
+                self._manager.finish_resume(session)
+            else:
+                region_id = message.get("region")
+                if not isinstance(region_id, int) or len(fds) != 1:
+                    wire.send(conn, {"ok": False, "code": "INVALID_ARGUMENT",
+                                     "error": "return needs an integer region and exactly one descriptor"})
+                    return
+                self._manager.take_back(session, region_id, fds[0])
+        except SleepdError as error:
+            wire.send(conn, {"ok": False, "code": error.code.name, "error": error.message})
+            return
+        wire.send(conn, {"ok": True})

@@ -31,9 +31,10 @@ from .events import EventBus
 from .lifecycle import RegionState, advance
 from .model import Model, ModelView, OperationResult, Policy, RankView, Region, RegionView
 from .mover import OFFLOAD, RESTORE, ZERO, CopyJob, Mover
-from .pool import HostPool
+from .pool import HostPool, Piece
 from .rules import MAX_LEVEL, Action, SleepRules
 from .sessions import RankLost, Session
+from .state import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ _VICTIM_LOCK_SECONDS = 0.5
 class MemoryManager:
     def __init__(self, backend: DaemonBackend, pool: HostPool, movers: dict[int, Mover],
                  rules: SleepRules, hook_timeout: float, metrics=None, events: EventBus | None = None,
-                 authorizer: Authorizer | None = None):
+                 authorizer: Authorizer | None = None, store: StateStore | None = None):
         self.backend = backend
         self.authorizer = authorizer or Authorizer("sleepd")
         self.pool = pool
@@ -60,7 +61,10 @@ class MemoryManager:
         self._sessions: dict[str, Session] = {}          # by session id, once attached
         self._models: dict[str, Model] = {}
         self._regions: dict[int, Region] = {}
-        self._region_ids = itertools.count(1)
+        self._next_region_id = 1
+        self._store = store
+        self._frozen = False
+        self._state_sequence = itertools.count(1)
         self._device_locks = {device.index: threading.Lock() for device in backend.devices}
 
     # ---- sessions ----
@@ -104,23 +108,31 @@ class MemoryManager:
                               f"{self.backend.devices[orphan.device].name}; attach it there")
             session.model, session.rank, session.device = model_name, rank, device
             if orphan is not None:
-                # The previous process of this rank died: its persistent regions are this one's now.
+                # The previous process of this rank died, or the daemon restarted: its regions are this one's now.
                 del model.orphans[rank]
                 for region in orphan.regions.values():
                     region.session = session
                 session.regions = orphan.regions
+                session.resuming = orphan.recovering
             model.ranks[rank] = session
             model.touch()
             self._models[model_name] = model
             self._sessions[session.id] = session
-        log.info("attached %s on %s", session.describe(), self.backend.devices[device].name)
+        self.persist()
+        log.info("attached %s on %s%s", session.describe(), self.backend.devices[device].name,
+                 " (resuming after a daemon restart)" if session.resuming else "")
         self.events.publish("attached", model_name, f"rank {rank} pid {session.pid} on "
                                                     f"{self.backend.devices[device].name}")
         return session
 
+    def freeze(self) -> None:
+        """The daemon is stopping: sessions that end from now on are not reclaimed,
+        so that the state file keeps them for the next daemon to recover."""
+        self._frozen = True
+
     def end_session(self, session: Session, reason: str) -> None:
         """Reclaims every reference a session held. Safe to call more than once."""
-        if not session.end(reason):
+        if not session.end(reason) or self._frozen:
             return
         with self._registry:
             self._by_token.pop(session.token, None)
@@ -144,6 +156,7 @@ class MemoryManager:
                         model.orphans[session.rank] = session
                 if not model.ranks and not model.orphans and self._models.get(model.name) is model:
                     del self._models[model.name]
+        self.persist()
         log.info("session of %s ended (%s); reclaimed %s", session.describe(), reason, format_size(freed))
         if session.detached:
             self.events.publish("detached", model.name, f"rank {session.rank} pid {session.pid}", freed)
@@ -183,7 +196,7 @@ class MemoryManager:
             what = f"allocate {format_size(mapped_size)} for {session.describe()}"
             evicted = self._ensure_room(model, {device.index: mapped_size}, what, evict)
             with self.devices_locked({device.index}):
-                region = Region(next(self._region_ids), tag, size, mapped_size, device.index, session, handle=None,
+                region = Region(self._new_region_id(), tag, size, mapped_size, device.index, session, handle=None,
                                 persist=persist)
                 try:
                     region.handle = self._create(region)
@@ -193,6 +206,7 @@ class MemoryManager:
                 with self._registry:
                     self._regions[region.id] = region
                     session.regions[region.id] = region
+        self.persist()
         if evicted:
             log.info("%s: evicted %s", what, ", ".join(evicted))
         return region
@@ -205,6 +219,7 @@ class MemoryManager:
         with model.lock:
             model.touch()
             self._drop_region(region)
+        self.persist()
 
     # ---- sleep and wake ----
 
@@ -217,6 +232,7 @@ class MemoryManager:
     def sleep_locked(self, model: Model, level: int, tags: list[str], actions: dict[str, Action],
                      reason: str = "") -> OperationResult:
         """Sleep with the model's lock already held (by the caller, or by eviction)."""
+        self.check_ready(model, "sleep")
         started = time.perf_counter()
         work = self.plan_sleep(model, level, tags, actions)
         result = OperationResult(model.name, sleeping=True)
@@ -277,6 +293,7 @@ class MemoryManager:
         model = self._model(model_name)
         result = OperationResult(model_name)
         with model.lock:
+            self.check_ready(model, "wake")
             model.touch()
             regions = model.regions()
             self._check_tags(model, regions, tags)
@@ -307,8 +324,117 @@ class MemoryManager:
         for name, value in changes.items():
             if value is not None:
                 setattr(model.policy, name, value)
+        self.persist()
         log.info("policy of %s: %s", model_name, model.policy)
         return model.policy
+
+    # ---- surviving a daemon restart ----
+
+    def persist(self) -> None:
+        """Records the state on disk (see state.py); a no-op without a store."""
+        if self._store is None:
+            return
+        with self._registry:
+            sequence = next(self._state_sequence)
+            state = {"backend": self.backend.name, "next_region_id": self._next_region_id, "models": [
+                {"name": model.name, "owner_uid": model.owner_uid, "sleeping": model.sleeping,
+                 "policy": vars(model.policy), "ranks": [
+                     {"rank": rank, "device": session.device, "pid": session.pid, "uid": session.uid,
+                      "regions": [{"id": r.id, "tag": r.tag, "size": r.size, "mapped_size": r.mapped_size,
+                                   "device": r.device, "state": r.state.label, "persist": r.persist,
+                                   "backup": [[p.slab, p.offset, p.length] for p in r.backup.pieces]
+                                   if r.backup else None} for r in session.regions.values()]}
+                     for rank, session in {**model.ranks, **model.orphans}.items()]}
+                for model in self._models.values()]}
+        self._store.save(state, sequence)
+
+    def recover(self, state: dict) -> None:
+        """Rebuilds models from a restarted daemon's state file. Every rank waits for
+        its engine (a recovering orphan) until it attaches again or expire_recovery()."""
+        restored = 0
+        with self._registry:
+            self._next_region_id = state["next_region_id"]
+            for entry in state["models"]:
+                model = Model(entry["name"], owner_uid=entry["owner_uid"], sleeping=entry["sleeping"],
+                              policy=Policy(**entry["policy"]))
+                for rank in entry["ranks"]:
+                    session = Session(Peer(rank["pid"], rank["uid"], rank["uid"], frozenset()))
+                    session.model, session.rank, session.device = model.name, rank["rank"], rank["device"]
+                    session.end("its engine has not attached since the daemon restarted")
+                    session.recovering = True
+                    for saved in rank["regions"]:
+                        region = _recovered_region(saved, session, self.pool)
+                        session.regions[region.id] = region
+                        self._regions[region.id] = region
+                        restored += 1
+                    model.orphans[session.rank] = session
+                self._models[model.name] = model
+        log.info("recovered %d models with %d regions from the state file; waiting for their engines",
+                 len(state["models"]), restored)
+
+    def take_back(self, session: Session, region_id: int, fd: int) -> None:
+        """An engine hands back memory it maps, after a daemon restart."""
+        with self._registry:
+            region = self._owned_region(session, region_id)
+            if not session.resuming or region.handle is not None:
+                raise precondition(f"region {region_id} is not waiting to be handed back")
+            region.handle = self.backend.native.adopt_handle(fd, region.device, region.mapped_size)
+            region.state = RegionState.MAPPED
+
+    def finish_resume(self, session: Session) -> None:
+        """The engine has handed back all it maps: what it did not is asleep (its
+        backup recorded) or, with no backup, gone with the engine that held it."""
+        model = self._model(session.model)
+        with model.lock:
+            for region in list(session.regions.values()):
+                if region.handle is not None:
+                    if region.backup is not None:  # copied out, but the engine kept it: it is awake
+                        self.pool.free(region.backup)
+                        region.backup = None
+                elif region.backup is not None:
+                    region.state = RegionState.OFFLOADED
+                elif region.state is not RegionState.DISCARDED:
+                    log.warning("region %d of %s: no engine holds it and it has no backup; it is gone",
+                                region.id, session.describe())
+                    self._drop_region(region)
+            session.resuming = False
+        self.persist()
+
+    def expire_recovery(self) -> None:
+        """Ranks whose engine did not come back: their persistent asleep regions wait
+        as orphans; everything else is released."""
+        for model in self.models():
+            with model.lock:
+                for rank, session in list(model.orphans.items()):
+                    if not session.recovering:
+                        continue
+                    for region in list(session.regions.values()):
+                        if not (region.persist and region.backup is not None):
+                            self._drop_region(region)
+                        else:
+                            region.state = RegionState.OFFLOADED
+                    session.recovering = False
+                    with self._registry:
+                        if not session.regions:
+                            del model.orphans[rank]
+                        if not model.ranks and not model.orphans:
+                            self._models.pop(model.name, None)
+                    log.warning("%s did not come back after the daemon restarted; released its regions",
+                                session.describe())
+        self.persist()
+
+    def _new_region_id(self) -> int:
+        with self._registry:
+            region_id = self._next_region_id
+            self._next_region_id += 1
+        return region_id
+
+    def check_ready(self, model: Model, what: str) -> None:
+        """Refuses operations on a model some of whose ranks are still coming back from a daemon restart."""
+        waiting = [s for s in model.sessions() if s.recovering or s.resuming]
+        if waiting:
+            raise precondition(f"{what} {model.name}: {', '.join(s.describe() for s in waiting)} has not "
+                               "handed its memory back since the daemon restarted; try again shortly")
 
     # ---- status ----
 
@@ -371,6 +497,7 @@ class MemoryManager:
                 region.backup = self.pool.allocate(region.mapped_size)
                 advance(region, "begin_offload")
             self._copy([CopyJob(OFFLOAD, r.device, r.handle, r.mapped_size, r.backup) for r in offloads])
+            self.persist()  # the backups are on disk's record before any engine lets go of the memory
             asked = _owners(r for r, _ in work)
             failures, _ = self._command_all(model, lambda session: {"unmap": pb.Unmap(regions=[
                 pb.RegionChange(region_id=r.id, state=_state_after(action))
@@ -392,6 +519,7 @@ class MemoryManager:
             self.backend.native.release(region.handle)
             region.handle = None
             advance(region, "released")
+        self.persist()
 
     def materialize(self, model: Model, targets: list[Region]) -> None:
         """Creates device memory for sleeping regions and fills it (backup or zeros);
@@ -431,6 +559,7 @@ class MemoryManager:
                 region.backup = None
             else:
                 result.bytes_zeroed += region.mapped_size
+        self.persist()
 
     def undo_restore(self, model: Model, targets: list[Region], remapped: list[Session]) -> None:
         self._command_all(model, lambda session: {"unmap": pb.Unmap(regions=[
@@ -468,7 +597,8 @@ class MemoryManager:
     def eviction_candidates(self, requester: Model, devices) -> list[Model]:
         """Models that could give memory back on `devices`, in eviction order."""
         candidates = [m for m in self.models() if m is not requester and not m.policy.pinned
-                      and m.policy.eviction_level > 0 and any(m.held_on(d) for d in devices)]
+                      and m.policy.eviction_level > 0 and any(m.held_on(d) for d in devices)
+                      and not any(s.recovering or s.resuming for s in m.sessions())]
         return sorted(candidates, key=lambda m: (m.policy.priority, m.last_active))
 
     def _evict_one(self, requester: Model, short: dict[int, int]) -> str | None:
@@ -612,6 +742,20 @@ class MemoryManager:
             for device in sorted(devices):
                 stack.enter_context(self._device_locks[device])
             yield
+
+
+def _recovered_region(saved: dict, session: Session, pool: HostPool) -> Region:
+    """A region as the state file recorded it. In-flight states resolve when the
+    engine hands back what it maps: until then an offload in progress counts as
+    mapped (its backup kept), a restore in progress as asleep."""
+    backup = pool.recovered([Piece(*piece) for piece in saved["backup"]]) if saved["backup"] else None
+    state = RegionState[saved["state"].upper()]
+    if state is RegionState.OFFLOADING:
+        state = RegionState.MAPPED
+    elif state is RegionState.RESTORING:
+        state = RegionState.OFFLOADED if backup else RegionState.DISCARDED
+    return Region(saved["id"], saved["tag"], saved["size"], saved["mapped_size"], saved["device"], session,
+                  handle=None, state=state, backup=backup, persist=saved["persist"])
 
 
 def _owners(regions) -> list[Session]:

@@ -78,7 +78,10 @@ class Slab:
 
 
 class HostPool:
-    def __init__(self, directory: str, budget: int, slab_size: int = 1 << 30, prefault: bool = False):
+    def __init__(self, directory: str, budget: int, slab_size: int = 1 << 30, prefault: bool = False,
+                 keep: list[list[Piece]] | None = None):
+        """`keep`: the pieces of backups a restarted daemon recovers; the slab files
+        holding them are reopened. Without it, slabs left by an earlier daemon are removed."""
         self.directory = directory
         self.budget = budget
         self.prefault = prefault
@@ -87,7 +90,10 @@ class HostPool:
         self._slabs: list[Slab] = []
         self._used = 0
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        self._remove_stale_slabs()
+        if keep is None:
+            self._remove_stale_slabs()
+        else:
+            self._reopen_slabs(keep)
         if prefault:
             while self._slab_bytes() < budget:
                 self._add_slab()
@@ -137,11 +143,13 @@ class HostPool:
                 self._used -= piece.length
         backup.pieces = []
 
-    def close(self) -> None:
+    def close(self, keep_files: bool = False) -> None:
+        """Closes the slabs; `keep_files` leaves them for the next daemon to recover."""
         with self._lock:
             for slab in self._slabs:
                 os.close(slab.fd)
-                os.unlink(slab.path)
+                if not keep_files:
+                    os.unlink(slab.path)
             self._slabs = []
 
     def _slab_bytes(self) -> int:
@@ -158,6 +166,35 @@ class HostPool:
         slab = Slab(index, path, fd, size, free=[(0, size)])
         self._slabs.append(slab)
         return slab
+
+    def recovered(self, pieces: list[Piece]) -> Backup:
+        """The Backup object for pieces recovered at start (their bytes are already in use)."""
+        return Backup(size=sum(piece.length for piece in pieces), pieces=list(pieces))
+
+    def _reopen_slabs(self, keep: list[list[Piece]]) -> None:
+        names = sorted(name for name in os.listdir(self.directory) if name.startswith(SLAB_PREFIX))
+        for index, name in enumerate(names):
+            if name != f"{SLAB_PREFIX}{index:04d}":
+                raise RuntimeError(f"host pool {self.directory}: slab files are not contiguous at {name}")
+            path = os.path.join(self.directory, name)
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            size = os.fstat(fd).st_size
+            self._slabs.append(Slab(index, path, fd, size, free=[(0, size)]))
+        for pieces in keep:
+            for piece in (Piece(*piece) for piece in pieces):
+                slab = self._slabs[piece.slab]
+                # Carve the piece out of the slab's free extents.
+                for position, (offset, length) in enumerate(slab.free):
+                    if offset <= piece.offset and piece.offset + piece.length <= offset + length:
+                        rest = [(offset, piece.offset - offset),
+                                (piece.offset + piece.length, offset + length - piece.offset - piece.length)]
+                        slab.free[position:position + 1] = [(o, n) for o, n in rest if n]
+                        break
+                else:
+                    raise RuntimeError(f"host pool: recovered backup piece {piece} overlaps another")
+                self._used += piece.length
+        log.info("host pool %s: reopened %d slabs holding %s of recovered backups", self.directory,
+                 len(self._slabs), format_size(self._used))
 
     def _remove_stale_slabs(self) -> None:
         for name in os.listdir(self.directory):

@@ -69,7 +69,7 @@ class SleepdService(pb_grpc.SleepdServicer):
         context.add_callback(lambda: threading.Thread(
             target=self._manager.end_session, args=(session, "session stream ended"), daemon=True).start())
         yield pb.DaemonCommand(attached=pb.Attached(
-            session_id=session.id, backend=self._manager.backend.name,
+            session_id=session.id, backend=self._manager.backend.name, resuming=session.resuming,
             regions=[_region(region) for region in sorted(session.regions.values(), key=lambda r: r.id)]))
         while (command := session.outbox.get()) is not None:
             yield command

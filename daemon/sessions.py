@@ -36,6 +36,10 @@ class Session:
         self._lock = threading.Lock()
         self.lost: str | None = None        # why the session ended, once it has
         self.detached = False               # the engine said goodbye before its lease ended
+        # After a daemon restart: a placeholder for a rank whose engine has not come back
+        # (recovering), then the engine's session until it has handed its memory back (resuming).
+        self.recovering = False
+        self.resuming = False
 
     @property
     def attached(self) -> bool:

@@ -31,6 +31,8 @@ def swap(manager, to_name: str, from_names: list[str]) -> SwapResult:
     target = manager.model(to_name)
     named = [manager.model(name) for name in dict.fromkeys(from_names)]
     with target.lock:
+        for model in (target, *named):
+            manager.check_ready(model, "swap")
         target.touch()
         targets = [r for r in target.regions() if r.state in (RegionState.OFFLOADED, RegionState.DISCARDED)]
         needed = _needed(targets)

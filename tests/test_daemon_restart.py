@@ -1,0 +1,60 @@
+"""sleepd killed with SIGKILL and started again: engines keep computing, attach
+again by themselves, hand their memory back, and every byte checks out."""
+
+import os
+import signal
+
+import pytest
+
+from kernel import memfd_mappings
+from support import MiB, Daemon, wait_for
+
+REGIONS = [("weights", 4 * MiB), ("kv_cache", 2 * MiB), ("buffers", 2 * MiB)]
+
+
+def by_tag(report) -> dict:
+    return {region["tag"]: region for region in report["regions"]}
+
+
+def attached(daemon) -> dict:
+    return {m["name"]: [(r["rank"], r.get("detached", False)) for r in m["ranks"]] for m in daemon.status()["models"]}
+
+
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "stopped"])
+def test_a_restarted_daemon_comes_back_with_every_model_and_every_byte(stop, tmp_path, backend, fake, start_daemon,
+                                                                       start_engine):
+    daemon = start_daemon()
+    awake = [start_engine(daemon, "awake", rank=rank, device=rank, regions=REGIONS, seed=rank) for rank in (0, 1)]
+    asleep = start_engine(daemon, "asleep", regions=REGIONS, seed=7)
+    daemon.ctl("sleep", "--model", "asleep", "--level", "1")
+    asleep_before = asleep.report()
+
+    os.kill(daemon.pid, stop)
+    daemon.process.wait(timeout=30)
+    # The engines keep computing on memory that stays mapped.
+    for engine in awake:
+        assert engine.report()["regions"] == engine.initial["regions"]
+
+    again = Daemon(tmp_path, backend, "--host-devices", "2", "--host-device-capacity", "256MiB") \
+        if backend == "host" else Daemon(tmp_path, backend)
+    try:
+        wait_for(lambda: attached(again) == {"asleep": [(0, False)], "awake": [(0, False), (1, False)]},
+                 timeout=30, what="the engines to attach to the new daemon")
+        for engine in awake:
+            assert engine.report()["regions"] == engine.initial["regions"]
+        assert asleep.report()["regions"] == asleep_before["regions"]
+        assert int(again.status()["devices"][0]["used"]) == 8 * MiB  # awake rank 0's memory is the daemon's again
+
+        # The new daemon really holds the memory: it can put the model to sleep and wake it.
+        again.ctl("sleep", "--model", "awake", "--level", "1")
+        assert memfd_mappings(awake[0].pid, again.memfd_prefix("awake")) == []
+        again.ctl("wake", "--model", "awake")
+        again.ctl("wake", "--model", "asleep")
+        for engine in awake + [asleep]:
+            now, original = by_tag(engine.report()), by_tag(engine.initial)
+            for tag in ("weights", "buffers"):
+                assert now[tag]["sha256"] == original[tag]["sha256"], f"{engine.model} {tag} changed"
+            assert now["kv_cache"]["zero"]
+        assert again.status()["pool"]["used"] == "0"
+    finally:
+        again.stop()
