@@ -13,6 +13,7 @@ from .errors import SleepdError, denied, invalid
 from .manager import MemoryManager, OperationResult
 from .rules import parse_action
 from .swap import swap
+from .tcp import TCP_PEER
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,11 @@ class SleepdService(pb_grpc.SleepdServicer):
         return pb.FreeReply()
 
     def _caller(self, context):
-        """Who is asking, from the token the handle socket gave them; None without one."""
+        """Who is asking: from the token the handle socket gave them on the Unix
+        socket (None without one); on TCP, where only callers with the bearer
+        token get this far (see tcp.py), an admin."""
+        if not context.peer().startswith("unix:"):
+            return TCP_PEER
         token = dict(context.invocation_metadata()).get(TOKEN_METADATA)
         return self._manager.caller(token) if token else None
 

@@ -1,0 +1,50 @@
+"""The optional TCP listener: the same gRPC service for tools on other hosts,
+only over TLS and only with a bearer token. Off unless an address is set.
+
+Engines cannot use it (file descriptors travel only on Unix sockets); it is for
+control: status, sleep, wake, swap, policy, events. A caller with the token
+acts as an admin.
+"""
+
+import hmac
+from concurrent import futures
+
+import grpc
+
+from sleepd.proto import sleepd_pb2_grpc as pb_grpc
+
+from .auth import Peer
+
+# Who a TCP caller is, once its token checked out: an admin with no local uid.
+TCP_PEER = Peer(pid=0, uid=0, gid=0, groups=frozenset())
+
+
+class _RequireToken(grpc.ServerInterceptor):
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+        def refuse(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid bearer token is required on sleepd's TCP port")
+
+        self._refusal = grpc.unary_unary_rpc_method_handler(refuse)
+
+    def intercept_service(self, continuation, handler_call_details):
+        offered = dict(handler_call_details.invocation_metadata).get("authorization", "")
+        if hmac.compare_digest(offered.encode(), self._expected):
+            return continuation(handler_call_details)
+        return self._refusal
+
+
+def serve_tcp(servicer, address: str, cert_path: str, key_path: str, token_path: str) -> tuple[grpc.Server, int]:
+    """Starts a TLS-only server for `servicer` on `address`; returns it and the port it bound."""
+    with open(cert_path, "rb") as cert, open(key_path, "rb") as key, open(token_path) as token:
+        credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+        secret = token.read().strip()
+    if not secret:
+        raise ValueError(f"{token_path} holds no token")
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="grpc-tcp"),
+                         interceptors=[_RequireToken(secret)])
+    pb_grpc.add_SleepdServicer_to_server(servicer, server)
+    port = server.add_secure_port(address, credentials)
+    server.start()
+    return server, port
