@@ -300,16 +300,11 @@ class MemoryManager:
             asleep = (RegionState.OFFLOADED, RegionState.DISCARDED)
             targets = [r for r in regions if r.state in asleep and (not tags or r.tag in tags)]
             if targets:
-                result.evicted = self._ensure_room(model, _needed(targets), f"wake {model.name}", evict)
+                result.evicted = self._ensure_room(model, needed_by_device(targets), f"wake {model.name}", evict)
                 with self.devices_locked(model.devices()):
                     self.materialize(model, targets)
                     self.remap_or_undo(model, targets)
-                self.commit_restore(targets, result)
-            result.regions = len(targets)
-            if model.sleeping and all(r.state is RegionState.MAPPED for r in model.regions()):
-                model.sleeping = False
-                self.resume(model, best_effort=False)
-            result.sleeping = model.sleeping
+            self.finish_wake(model, targets, result)
         result.seconds = time.perf_counter() - started
         self.record("wake", model_name, ",".join(sorted(tags)) or "all", result)
         return result
@@ -550,6 +545,16 @@ class MemoryManager:
         for region in targets:
             advance(region, "restored")
 
+    def finish_wake(self, model: Model, targets: list[Region], result: OperationResult) -> None:
+        """After `targets` are mapped again: backups freed, and once every region
+        of the model is back, its wake hooks run."""
+        self.commit_restore(targets, result)
+        result.regions = len(targets)
+        if model.sleeping and all(r.state is RegionState.MAPPED for r in model.regions()):
+            model.sleeping = False
+            self.resume(model, best_effort=False)
+        result.sleeping = model.sleeping
+
     def commit_restore(self, targets: list[Region], result: OperationResult) -> None:
         """Frees the backups of regions that are mapped again, counting the bytes."""
         for region in targets:
@@ -764,7 +769,7 @@ def _owners(regions) -> list[Session]:
     return list({r.session.id: r.session for r in regions if r.session.lost is None}.values())
 
 
-def _needed(regions: list[Region]) -> dict[int, int]:
+def needed_by_device(regions: list[Region]) -> dict[int, int]:
     needed: dict[int, int] = {}
     for region in regions:
         needed[region.device] = needed.get(region.device, 0) + region.mapped_size

@@ -16,6 +16,7 @@ from sleepd.common.sizes import format_size
 
 from .errors import SleepdError, exhausted, invalid, unavailable
 from .lifecycle import RegionState
+from .manager import needed_by_device
 from .model import Model, OperationResult, Region, SwapResult
 from .mover import OFFLOAD, RESTORE
 from .rules import Action
@@ -35,7 +36,7 @@ def swap(manager, to_name: str, from_names: list[str]) -> SwapResult:
             manager.check_ready(model, "swap")
         target.touch()
         targets = [r for r in target.regions() if r.state in (RegionState.OFFLOADED, RegionState.DISCARDED)]
-        needed = _needed(targets)
+        needed = needed_by_device(targets)
         victims = named or _choose_victims(manager, target, needed)
         _check_enough(manager, target, victims, needed)
         locked = []
@@ -52,13 +53,6 @@ def swap(manager, to_name: str, from_names: list[str]) -> SwapResult:
     for slept in result.slept:
         manager.events.publish("evicted", slept.model, f"swapped out for {to_name}")
     return result
-
-
-def _needed(regions: list[Region]) -> dict[int, int]:
-    needed: dict[int, int] = {}
-    for region in regions:
-        needed[region.device] = needed.get(region.device, 0) + region.mapped_size
-    return needed
 
 
 def _short(manager, needed: dict[int, int], freed: dict[int, int]) -> dict[int, int]:
@@ -197,12 +191,7 @@ def _overlapped(manager, target: Model, victims: list[Model], targets: list[Regi
                 raise SleepdError(error.code, f"swap to {target.name} failed; "
                                   f"{', '.join(v.name for v in victims)} woken again: {error.message}") from None
             raise
-    manager.commit_restore(targets, woke)
-    woke.regions = len(targets)
-    if target.sleeping and all(r.state is RegionState.MAPPED for r in target.regions()):
-        target.sleeping = False
-        manager.resume(target, best_effort=False)
-    woke.sleeping = target.sleeping
+    manager.finish_wake(target, targets, woke)
     for victim in victims:
         manager.record("sleep", victim.name, str(victim.policy.eviction_level), slept[victim],
                        reason=f"swapped out for {target.name}")
