@@ -47,7 +47,8 @@ _VICTIM_LOCK_SECONDS = 0.5
 class MemoryManager:
     def __init__(self, backend: DaemonBackend, pool: HostPool, movers: dict[int, Mover],
                  rules: SleepRules, hook_timeout: float, metrics=None, events: EventBus | None = None,
-                 authorizer: Authorizer | None = None, store: StateStore | None = None):
+                 authorizer: Authorizer | None = None, store: StateStore | None = None,
+                 default_policies: dict[str, dict] | None = None):
         self.backend = backend
         self.authorizer = authorizer or Authorizer("sleepd")
         self.pool = pool
@@ -64,6 +65,8 @@ class MemoryManager:
         self._next_region_id = 1
         self._store = store
         self._frozen = False
+        # Per-model policy from the configuration, applied when the model first attaches.
+        self._default_policies = default_policies or {}
         self._state_sequence = itertools.count(1)
         self._device_locks = {device.index: threading.Lock() for device in backend.devices}
 
@@ -96,7 +99,8 @@ class MemoryManager:
             session = self._by_token.get(token)
             if session is None or session.attached:
                 raise denied("unknown session token; connect to the handle socket first")
-            model = self._models.get(model_name) or Model(model_name, owner_uid=session.uid)
+            model = self._models.get(model_name) or Model(
+                model_name, owner_uid=session.uid, policy=Policy(**self._default_policies.get(model_name, {})))
             self.authorizer.check(session.peer, model.owner_uid, f"attach to {model_name}")
             holder = model.ranks.get(rank)
             if holder is not None:

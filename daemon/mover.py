@@ -134,8 +134,9 @@ class Mover:
         # Every slab once per channel message stream; the mover maps (and pins) a slab only the first time.
         for slab in self._pool.slabs():
             if slab.index not in self._registered[direction]:
-                self._request(self._channels[direction], {"op": "add_slab", "slab": slab.index, "size": slab.size},
-                              [slab.fd])
+                # A pre-faulted pool is mapped with its page tables built, so the first copy runs at full speed.
+                self._request(self._channels[direction], {"op": "add_slab", "slab": slab.index, "size": slab.size,
+                                                          "populate": self._pool.prefault}, [slab.fd])
                 self._registered[direction].add(slab.index)
 
     def _copy(self, channel: _Channel, jobs: list[CopyJob]) -> None:
@@ -188,7 +189,7 @@ class _MoverProcess:
             if message["slab"] in self._slabs:
                 return  # already announced on the other channel
             size = message["size"]
-            address = _C.map_file(fds[0], size)
+            address = _C.map_file(fds[0], size, populate=message.get("populate", False))
             self._backend.register_host(address, size)
             self._slabs[message["slab"]] = address
 

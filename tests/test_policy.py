@@ -227,3 +227,12 @@ def test_events_tell_of_sleep_wake_eviction_refusal_and_a_lost_rank(start_daemon
         ("slept", "b"), ("evicted", "b"), ("woke", "a"), ("rank_lost", "a")]
     assert "room for a" in events[6]["detail"]
     assert int(events[2]["bytes"]) == 4 * MiB
+
+
+def test_a_model_gets_its_configured_policy_when_it_first_attaches(start_daemon, start_engine, tmp_path):
+    config = tmp_path / "sleepd.toml"
+    config.write_text('[models.qwen]\npriority = 3\npinned = true\neviction_level = 2\nidle_seconds = 90\n')
+    daemon = start_daemon("--config", str(config))
+    start_engine(daemon, "qwen", regions=[("weights", 4 * MiB)])
+    policy = daemon.status()["models"][0]["policy"]
+    assert (policy["priority"], policy["pinned"], policy["evictionLevel"], policy["idleSeconds"]) == (3, True, 2, 90)
