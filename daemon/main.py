@@ -3,9 +3,12 @@
 With no flags it runs on its embedded default: the host backend (memfd memory
 standing in for device memory) when no GPU backend is usable, the system socket
 under /run/sleepd (or the per-user one), and metrics on 127.0.0.1:9464.
+Settings come from flags, then SLEEPD_* environment variables, then the TOML
+file (--config, default /etc/sleepd/sleepd.toml), then defaults: see
+daemon/config.py and docs/configuration.md. Under systemd (Type=notify) it
+reports readiness, a status line and watchdog pings on $NOTIFY_SOCKET.
 """
 
-import argparse
 import json
 import logging
 import os
@@ -16,67 +19,41 @@ import threading
 from concurrent import futures
 
 import grpc
-import psutil
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sleepd.common import paths
-from sleepd.common.sizes import format_size, parse_size
+from sleepd.common.sizes import format_size
 from sleepd.proto import sleepd_pb2, sleepd_pb2_grpc as pb_grpc
 
-from . import backends
+from . import backends, config, logs
+from .auth import Authorizer
 from .handles import HandleServer
 from .idle import IdleWatcher
 from .manager import MemoryManager
 from .metrics import Metrics
 from .mover import Mover
+from .notify import Notifier, StatusReporter, summary
 from .pool import HostPool
 from .rules import SleepRules
 from .service import SleepdService
+from .state import REATTACH_SECONDS, StateStore, backup_pieces
+from .tcp import serve_tcp
 
 log = logging.getLogger("sleepd")
 
 SERVICE_NAME = sleepd_pb2.DESCRIPTOR.services_by_name["Sleepd"].full_name
 
 
-def _size(text: str) -> int:
+def parse_args(argv: list[str] | None = None) -> config.Config:
+    """The effective configuration: flags over the environment over the file over defaults.
+    Exits with EX_CONFIG (78) and one line per problem when something is wrong."""
     try:
-        return parse_size(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="sleepd", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--socket", help="gRPC Unix socket (default $SLEEPD_SOCKET or /run/sleepd/sleepd.sock)")
-    parser.add_argument("--metrics-address", default="127.0.0.1:9464",
-                        help="HOST:PORT for Prometheus /metrics; port 0 picks a free one; 'off' disables")
-    parser.add_argument("--backend", choices=["auto", "host", "cuda"], default="auto",
-                        help="memory backend (auto: a GPU backend when one is usable, else host)")
-    parser.add_argument("--host-devices", type=int, default=1, help="devices the host backend simulates")
-    parser.add_argument("--host-device-capacity", type=_size, default=parse_size("4GiB"),
-                        help="bytes per simulated host device, e.g. 512MiB or 4GiB")
-    parser.add_argument("--device-reserve", type=_size, default=0,
-                        help="bytes per device kept outside sleepd (CUDA context, NCCL, activations); "
-                             "the device's budget is its capacity less this")
-    parser.add_argument("--host-pool-dir", help="tmpfs directory of the host backup pool "
-                                                "(default: unique per socket under /dev/shm)")
-    parser.add_argument("--host-pool-budget", type=_size,
-                        default=psutil.virtual_memory().total // 2 // 4096 * 4096,
-                        help="bytes the host backup pool may hold (default: half the RAM)")
-    parser.add_argument("--host-pool-prefault", action="store_true",
-                        help="fault in the whole pool at start so that even the first sleep runs at full speed")
-    parser.add_argument("--state-dir", help="where the daemon keeps its state "
-                                            "(default $STATE_DIRECTORY, /var/lib/sleepd, or $XDG_STATE_HOME/sleepd)")
-    parser.add_argument("--hook-timeout", type=float, default=30.0,
-                        help="seconds each engine has to answer a quiesce, unmap, remap or resume")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    args = parser.parse_args(argv)
-    if args.host_devices < 1:
-        parser.error("--host-devices must be at least 1")
-    if args.hook_timeout <= 0:
-        parser.error("--hook-timeout must be positive")
-    return args
+        return config.load(argv, description=__doc__.split("\n\n")[0])
+    except config.ConfigError as error:
+        for problem in error.problems:
+            print(f"sleepd: {problem}", file=sys.stderr)
+        sys.exit(config.EXIT_CONFIG)
 
 
 def _claim_socket(path: str) -> None:
@@ -96,19 +73,39 @@ def _claim_socket(path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = parse_args(argv)
+    if cfg.check_config:
+        sys.stdout.write(cfg.render())
+        return
+    logs.setup(cfg.log_level, cfg.log_format)
+    # Read (and removed from the environment) before any child process starts.
+    notifier = Notifier.from_environment()
 
-    socket_path, fallback_note = paths.daemon_socket(args.socket)
-    if fallback_note:
-        log.info(fallback_note)
+    if cfg.explicit("socket"):
+        socket_path = cfg.socket
+    else:
+        socket_path, fallback_note = paths.daemon_socket(None)
+        if fallback_note:
+            log.info(fallback_note)
+    log.info("configuration: %s", cfg.path or "no file; flags, environment and defaults")
+    for note in cfg.notes(startup=True):
+        log.warning("%s", note)
     _claim_socket(socket_path)
-    state_dir = args.state_dir or paths.default_state_dir()
+    state_dir = cfg.state_dir
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
 
-    backend = backends.choose(args.backend, args.host_devices, args.host_device_capacity, args.device_reserve)
-    pool = HostPool(args.host_pool_dir or paths.default_pool_dir(socket_path), args.host_pool_budget,
-                    prefault=args.host_pool_prefault)
+    backend = backends.choose(cfg.backend, cfg.host_devices, cfg.host_device_capacity, cfg.device_reserve)
+    pool_dir = cfg.host_pool_dir if cfg.explicit("host_pool.dir") else paths.default_pool_dir(socket_path)
+    # A state file from an earlier daemon of this backend means models to recover,
+    # with their backups in the pool's slab files.
+    store = StateStore(state_dir)
+    state = store.load()
+    if state is not None and state.get("backend") != backend.name:
+        log.warning("the state file is for the %s backend, this daemon runs %s: starting afresh",
+                    state.get("backend"), backend.name)
+        state = None
+    pool = HostPool(pool_dir, cfg.host_pool_budget, prefault=cfg.host_pool_prefault,
+                    keep=backup_pieces(state) if state else None)
     # Movers start before any gRPC object exists (and by exec, never by fork).
     movers = {device.index: Mover(backend.native, backend.name, device.index, pool) for device in backend.devices}
     for mover in movers.values():
@@ -117,14 +114,23 @@ def main(argv: list[str] | None = None) -> None:
             mover.register_pool()
 
     metrics = Metrics()
-    manager = MemoryManager(backend, pool, movers, SleepRules(), args.hook_timeout, metrics)
+    # [models.NAME] policies apply when a model first attaches.
+    manager = MemoryManager(backend, pool, movers, SleepRules(cfg.rules), cfg.hook_timeout, metrics,
+                            authorizer=Authorizer(cfg.admin_group), store=store, default_policies=cfg.models)
+    if state is not None:
+        manager.recover(state)
+        # Engines that do not come back in time lose what only they held.
+        expiry = threading.Timer(REATTACH_SECONDS, manager.expire_recovery)
+        expiry.daemon = True
+        expiry.start()
     metrics.watch(manager)
     idle_watcher = IdleWatcher(manager)
     idle_watcher.start()
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=1024, thread_name_prefix="grpc"),
                          options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_SleepdServicer_to_server(SleepdService(manager, metrics), server)
+    service = SleepdService(manager, metrics)
+    pb_grpc.add_SleepdServicer_to_server(service, server)
     # The standard health service answers NOT_SERVING until both sockets are up,
     # and again from the moment the daemon starts stopping; reflection lets
     # grpcurl and friends discover the API without a copy of sleepd.proto.
@@ -137,38 +143,59 @@ def main(argv: list[str] | None = None) -> None:
     handles = HandleServer(paths.handle_socket(socket_path), manager)
 
     metrics_address = None
-    if args.metrics_address != "off":
-        metrics_address = metrics.serve(args.metrics_address)
+    if cfg.metrics_address != "off":
+        metrics_address = metrics.serve(cfg.metrics_address)
 
     server.start()
     # Engines of any uid connect; what each may do is decided per request from the
     # credentials the handle socket reads, not by the socket's mode.
     os.chmod(socket_path, 0o666)
     handles.start()
+    tcp_server = None
+    if cfg.tcp_enabled:  # control from other hosts: TLS and the bearer token only (config checked all three files)
+        try:
+            tcp_server, tcp_port = serve_tcp(service, cfg.tcp_address, cfg.tcp_cert, cfg.tcp_key, cfg.tcp_token_file)
+        except (OSError, ValueError, RuntimeError, grpc.RpcError) as error:
+            log.critical("tcp.address %s: cannot serve: %s", cfg.tcp_address, error)
+            sys.exit(f"sleepd: tcp.address {cfg.tcp_address}: cannot serve: {error}")
+        log.info("TCP listener on %s:%d (TLS, bearer token from %s)", cfg.tcp_address.rpartition(":")[0], tcp_port,
+                 cfg.tcp_token_file)
     for name in ("", SERVICE_NAME):
         health_service.set(name, health_pb2.HealthCheckResponse.SERVING)
     _write_runtime_file(state_dir, socket_path, handles.path, metrics_address, pool.directory, movers)
     log.info("sleepd ready: backend %s (%s), socket %s, metrics %s, host pool %s (%s budget)", backend.name,
              ", ".join(f"{d.name} {format_size(d.capacity)}" for d in backend.devices), socket_path,
              metrics_address or "off", pool.directory, format_size(pool.budget))
+    # Both sockets accept from here on: tell systemd (Type=notify), then keep STATUS= and the watchdog going.
+    notifier.ready(summary(manager))
+    reporter = StatusReporter(notifier, lambda: summary(manager))
+    reporter.start()
 
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     stop.wait()
     log.info("sleepd stopping")
+    reporter.stop()
+    notifier.stopping(f"stopping; {summary(manager)}")
     health_service.enter_graceful_shutdown()  # every service NOT_SERVING, for good
+    manager.freeze()  # engines outlive us: their sessions stay recorded for the next daemon
     handles.stop()
+    if tcp_server is not None:
+        tcp_server.stop(grace=2)
     server.stop(grace=2).wait()
     idle_watcher.stop()
     for mover in movers.values():
         mover.close()
-    pool.close()
+    # Engines keep running without us: the state file and the pool's slabs stay for the next daemon.
+    manager.persist()
+    pool.close(keep_files=True)
     for name in (socket_path, os.path.join(state_dir, RUNTIME_FILE)):
         try:
             os.unlink(name)
         except FileNotFoundError:
             pass
+    notifier.close()
 
 
 RUNTIME_FILE = "daemon.json"

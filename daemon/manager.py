@@ -636,16 +636,24 @@ class MemoryManager:
     def record(self, operation: str, model: str, detail: str, result: OperationResult, reason: str = "") -> None:
         if self.metrics:
             self.metrics.observe(operation, model, detail, result)
+        # One line per operation, with the same facts as fields for --log-format json.
+        fields = {"operation": operation, "model": model, "reason": reason or None, "regions": result.regions,
+                  "seconds": round(result.seconds, 6)}
         if operation == "sleep":
-            log.info("slept %s at level %s%s: %d regions, %s offloaded, %s discarded, %.3f s", model, detail,
-                     f" ({reason})" if reason else "", result.regions, format_size(result.bytes_offloaded),
-                     format_size(result.bytes_discarded), result.seconds)
-            self.events.publish("slept", model, f"level {detail}" + (f", {reason}" if reason else ""),
-                                result.bytes_offloaded + result.bytes_discarded)
+            freed = result.bytes_offloaded + result.bytes_discarded
+            fields.update(sleep_level=int(detail), bytes_freed=freed, bytes_offloaded=result.bytes_offloaded,
+                          bytes_discarded=result.bytes_discarded)
+            log.info("slept %s at level %s%s: %d regions, %s freed (%s offloaded, %s discarded), %.3f s", model,
+                     detail, f" ({reason})" if reason else "", result.regions, format_size(freed),
+                     format_size(result.bytes_offloaded), format_size(result.bytes_discarded), result.seconds,
+                     extra=fields)
+            self.events.publish("slept", model, f"level {detail}" + (f", {reason}" if reason else ""), freed)
         else:
+            fields.update(tags=[] if detail == "all" else detail.split(","), bytes_restored=result.bytes_restored,
+                          bytes_zeroed=result.bytes_zeroed, evicted=list(result.evicted))
             log.info("woke %s (%s): %d regions, %s restored, %s zero-filled, %.3f s", model,
                      detail if detail != "all" else "all tags", result.regions, format_size(result.bytes_restored),
-                     format_size(result.bytes_zeroed), result.seconds)
+                     format_size(result.bytes_zeroed), result.seconds, extra=fields)
             self.events.publish("woke", model, detail, result.bytes_restored + result.bytes_zeroed)
 
     def _create(self, region: Region) -> int:

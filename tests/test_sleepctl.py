@@ -1,0 +1,214 @@
+"""sleepctl as people use it: tables for people and JSON for scripts, a progress bar when an
+operation takes a while on a terminal, `top`, shell completion, and one-line errors."""
+
+import functools
+import json
+import os
+import pty
+import subprocess
+import sys
+import time
+
+import pytest
+
+from support import HERE, MiB
+
+
+@pytest.fixture
+def backend():
+    """What sleepctl shows does not depend on the memory backend."""
+    return "host"
+
+
+@pytest.fixture
+def qwen(daemon, start_engine):
+    return start_engine(daemon, "qwen", regions=[("weights", 4 * MiB), ("kv_cache", 2 * MiB)])
+
+
+def sleepctl(*args, env=None, check=True) -> subprocess.CompletedProcess:
+    environment = {**os.environ, **(env or {})}
+    result = subprocess.run([sys.executable, "-m", "sleepd.client.ctl", *args], capture_output=True, text=True,
+                            timeout=60, env=environment)
+    if check and result.returncode != 0:
+        raise AssertionError(f"sleepctl {' '.join(args)}: {result.stderr}")
+    return result
+
+
+def on_a_terminal(*args, columns: int = 120) -> tuple[int, str]:
+    """Runs sleepctl with a pseudo-terminal as its stdout, as in an interactive shell."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: stdin, stdout and stderr are the terminal
+        os.environ.update(TERM="xterm-256color", COLUMNS=str(columns))
+        os.execv(sys.executable, [sys.executable, "-m", "sleepd.client.ctl", *args])
+    output = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), output.decode(errors="replace")
+
+
+class SlowEngine:
+    """An engine whose sleep and wake hooks take `delay` seconds (tests/slow_engine.py)."""
+
+    def __init__(self, daemon, model: str, delay: float, nbytes: int = 8 * MiB):
+        self.process = subprocess.Popen([sys.executable, os.path.join(HERE, "slow_engine.py"), "--socket",
+                                         daemon.socket, "--model", model, "--delay", str(delay), "--bytes",
+                                         str(nbytes)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout.readline().strip() == "ready"
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=30)
+
+
+def test_status_is_a_table_for_people_and_json_for_scripts_with_the_option_before_or_after(daemon, qwen):
+    daemon.ctl("sleep", "--model", "qwen")
+    table = daemon.ctl("status").stdout
+    lines = table.splitlines()
+    header = next(line for line in lines if line.startswith("MODEL"))
+    assert header.split() == ["MODEL", "STATE", "RANK", "DEVICE", "PID", "TAG", "REGIONS", "BYTES", "REGION",
+                              "STATE"]
+    rows = [line.split() for line in lines[lines.index(header) + 2:] if line.strip()]
+    assert rows[0][:5] == ["qwen", "asleep", "0", "host:0", str(qwen.pid)]
+    assert ["kv_cache", "1", "2.0", "MiB", "discarded"] == rows[0][5:]
+    assert ["weights", "1", "4.0", "MiB", "offloaded"] == rows[1][-5:]
+    assert all(line == line.rstrip() for line in lines), "piped tables carry no trailing padding"
+    assert any(line.split()[:1] == ["host:0"] for line in lines)  # the devices table
+
+    before = json.loads(daemon.ctl("--json", "status").stdout)
+    after = json.loads(daemon.ctl("status", "--json").stdout)
+    for status in (before, after):
+        assert [model["name"] for model in status["models"]] == ["qwen"]
+        assert status["models"][0]["sleeping"] is True
+    for command in (["sleep", "--model", "qwen"], ["wake", "--model", "qwen"],
+                    ["policy", "--model", "qwen", "--priority", "3"]):
+        assert isinstance(json.loads(daemon.ctl(*command, "--json").stdout), dict)
+
+    # No --socket: $SLEEPD_SOCKET names the daemon.
+    assert "qwen" in sleepctl("status", env={"SLEEPD_SOCKET": daemon.socket}).stdout
+
+
+def test_top_shows_devices_models_and_their_states_in_one_frame(daemon, qwen, start_engine):
+    start_engine(daemon, "llama", device=1, regions=[("weights", 2 * MiB)])
+    daemon.ctl("sleep", "--model", "qwen")
+    frame = daemon.ctl("top", "--once").stdout
+    rows = {line.split()[0]: line.split() for line in frame.splitlines() if line.strip()}
+    assert rows["qwen"][1] == "asleep" and rows["llama"][1] == "awake"
+    assert rows["qwen"][4:10] == ["0", "B", "4.0", "MiB", "2.0", "MiB"]  # awake, offloaded, discarded
+    assert rows["host:0"][1:3] == ["0", "B"] and rows["host:1"][1:3] == ["2.0", "MiB"]  # devices: used
+    assert "host pool" in frame and "4.0 MiB of" in frame
+
+    code, screen = on_a_terminal("--socket", daemon.socket, "top", "--once")
+    assert code == 0 and "\x1b[" in screen and "asleep" in screen  # colours on a terminal
+    snapshot = json.loads(daemon.ctl("--json", "top", "--once").stdout)
+    assert {model["name"] for model in snapshot["models"]} == {"qwen", "llama"}
+
+
+def test_top_refreshes_until_interrupted(daemon, qwen):
+    process = subprocess.Popen([sys.executable, "-m", "sleepd.client.ctl", "--socket", daemon.socket, "--json",
+                                "top", "--interval", "0.2"], stdout=subprocess.PIPE, text=True)
+    frames = [json.loads(process.stdout.readline()) for _ in range(2)]
+    daemon.ctl("sleep", "--model", "qwen")
+    deadline = time.monotonic() + 10
+    while not json.loads(process.stdout.readline())["models"][0]["sleeping"]:
+        assert time.monotonic() < deadline, "top never showed the sleep"
+    process.send_signal(2)  # Ctrl-C
+    assert process.wait(timeout=10) == 0
+    assert not frames[0]["models"][0]["sleeping"]
+
+
+def test_a_long_sleep_or_wake_shows_a_progress_bar_on_a_terminal_and_nowhere_else(daemon):
+    slow = SlowEngine(daemon, "slow", delay=1.2)
+    fast = SlowEngine(daemon, "fast", delay=0)
+    try:
+        code, screen = on_a_terminal("--socket", daemon.socket, "sleep", "--model", "slow")
+        assert code == 0, screen
+        assert "━" in screen and "8.0/8.0 MiB" in screen and "B/s" in screen, screen
+        assert "slept slow: 1 regions, 8.0 MiB offloaded" in screen
+
+        # Not a terminal: the same summary line, no bar.
+        result = daemon.ctl("wake", "--model", "slow")
+        assert result.stdout.startswith("woke slow") and "B/s" not in result.stdout
+        assert len(result.stdout.splitlines()) == 1
+
+        # --json on a terminal: JSON only.
+        code, screen = on_a_terminal("--socket", daemon.socket, "--json", "sleep", "--model", "slow")
+        assert code == 0 and json.loads(screen.replace("\r\n", "\n"))["model"] == "slow"
+
+        # Under a second: no bar either.
+        code, screen = on_a_terminal("--socket", daemon.socket, "sleep", "--model", "fast")
+        assert code == 0 and "━" not in screen and screen.startswith("slept fast")
+    finally:
+        slow.close()
+        fast.close()
+
+
+@functools.cache
+def bash_script() -> str:
+    return sleepctl("completion", "bash").stdout
+
+
+def completions(line: str, env=None) -> list[str]:
+    """What bash offers for `line` (the cursor at its end), with the script sleepctl prints."""
+    words = line.split(" ")
+    script = bash_script()
+    program = (f"{script}\nCOMP_WORDS=({' '.join(repr(word) for word in words)})\n"
+               f"COMP_CWORD={len(words) - 1}\n_sleepctl\nprintf '%s\\n' \"${{COMPREPLY[@]}}\"\n"
+               "complete -p sleepctl >&2\n")
+    environment = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+                   **(env or {})}
+    result = subprocess.run(["bash", "--norc", "--noprofile"], input=program, capture_output=True, text=True,
+                            timeout=60, env=environment)
+    assert result.returncode == 0 and "complete -F _sleepctl sleepctl" in result.stderr, result.stderr
+    return sorted(filter(None, result.stdout.splitlines()))
+
+
+def test_bash_completion_offers_commands_options_values_and_the_daemons_models(daemon, qwen, start_engine):
+    start_engine(daemon, "llama", regions=[("weights", MiB)])
+    assert completions("sleepctl s") == ["sleep", "status", "swap"]
+    assert completions("sleepctl --json w") == ["wake"]
+    assert completions("sleepctl wake --") == ["--evict", "--help", "--json", "--model", "--socket", "--tags",
+                                               "--timeout"]
+    assert completions("sleepctl sleep --level ") == ["0", "1", "2"]
+    assert completions("sleepctl completion ") == ["bash", "zsh"]
+    # Names come from the daemon the command line (or $SLEEPD_SOCKET) names.
+    assert completions(f"sleepctl --socket {daemon.socket} sleep --model ") == ["llama", "qwen"]
+    assert completions("sleepctl wake --model q", env={"SLEEPD_SOCKET": daemon.socket}) == ["qwen"]
+    assert completions(f"sleepctl --socket {daemon.socket} sleep --model qwen --tags kv_cache w") == ["weights"]
+    # No daemon: nothing to offer, and no error on the terminal.
+    assert completions("sleepctl wake --model ", env={"SLEEPD_SOCKET": daemon.socket + ".gone"}) == []
+
+
+@pytest.mark.skipif(not os.path.exists("/bin/zsh") and not os.path.exists("/usr/bin/zsh"), reason="zsh not installed")
+def test_the_zsh_script_loads_in_zsh_and_offers_the_same_words():
+    script = sleepctl("completion", "zsh").stdout
+    # bashcompinit calls the function with ksharrays set and lets zsh filter by the typed prefix.
+    probe = ("setopt ksharrays\n"
+             "COMP_WORDS=(sleepctl completion ''); COMP_CWORD=2; _sleepctl; print -l -- \"${COMPREPLY[@]}\"\n"
+             "COMP_WORDS=(sleepctl wake --ev); COMP_CWORD=2; _sleepctl; print -l -- \"${COMPREPLY[@]}\"\n")
+    result = subprocess.run(["zsh", "-f", "-c", script + probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:2] == ["bash", "zsh"] and "--evict" in lines[2:]
+
+
+def test_errors_are_one_line_with_a_non_zero_status(daemon, qwen, tmp_path):
+    cases = [
+        (["--socket", str(tmp_path / "none.sock"), "status"], "is sleepd running?"),
+        (["--socket", daemon.socket, "sleep"], "required: --model"),
+        (["--socket", daemon.socket, "snooze"], "invalid choice: 'snooze'"),
+        (["--socket", daemon.socket, "sleep", "--model", "mistral"], "NOT_FOUND"),
+        (["--socket", daemon.socket, "top", "--once", "--model", "mistral"], "NOT_FOUND"),
+    ]
+    for args, words in cases:
+        result = sleepctl(*args, check=False)
+        assert result.returncode != 0, args
+        assert len(result.stderr.strip().splitlines()) == 1 and words in result.stderr, (args, result.stderr)
+        assert result.stderr.startswith("sleepctl"), result.stderr
