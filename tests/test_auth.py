@@ -20,7 +20,28 @@ OTHER = 65534  # nobody / nogroup on Debian
 AS_OTHER = ("import os, sys, shutil, gettext; import sleepd.client.ctl as ctl; ctl._parser(); "
             "os.setgroups([]); os.setgid({uid}); os.setuid({uid}); sys.exit(ctl.main(sys.argv[1:]))")
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="acting as a second uid needs root to drop to it")
+def _why_not() -> str | None:
+    if os.geteuid() != 0:
+        return "acting as a second uid needs root to drop to it"
+    # Modules still load after the drop (grpc imports some lazily): the packages must be readable by that uid.
+    import sleepd
+
+    for directory in {os.path.dirname(os.path.dirname(grpc_module_file())), os.path.dirname(sleepd.__path__[0])}:
+        path = directory
+        while path != "/":
+            if not os.stat(path).st_mode & stat.S_IXOTH:
+                return f"{path} is closed to other uids, so uid {OTHER} cannot load sleepd's packages"
+            path = os.path.dirname(path)
+    return None
+
+
+def grpc_module_file() -> str:
+    import grpc
+
+    return grpc.__file__
+
+
+pytestmark = pytest.mark.skipif(_why_not() is not None, reason=str(_why_not()))
 
 
 @pytest.fixture
