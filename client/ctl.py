@@ -447,6 +447,10 @@ def _with_progress(stub, args, call, request, title: str, tracker_for):
 def _stream_events(stub, args) -> int:
     seen = 0
     for event in stub.Events(pb.EventsRequest(model=args.model)):
+        if event.kind == "subscribed":  # the stream is live; scripts may wait for this line
+            if args.json:
+                print(json.dumps(MessageToDict(event, always_print_fields_with_no_presence=True)), flush=True)
+            continue
         if args.json:
             print(json.dumps(MessageToDict(event, always_print_fields_with_no_presence=True)), flush=True)
         else:

@@ -3,6 +3,7 @@ SleepdError to gRPC status codes."""
 
 import logging
 import threading
+import time
 
 import grpc
 
@@ -139,6 +140,8 @@ class SleepdService(pb_grpc.SleepdServicer):
     def Events(self, request, context):
         subscription = self._manager.events.subscribe(request.model)
         context.add_callback(subscription.close)
+        # The first message says the stream is live: nothing after it will be missed.
+        yield pb.Event(time=time.time(), kind="subscribed", model=request.model, detail="events from here on")
         while context.is_active():
             event = subscription.get(timeout=1.0)
             if event is not None:
