@@ -381,21 +381,19 @@ class MemoryManager:
             region.state = RegionState.MAPPED
 
     def finish_resume(self, session: Session) -> None:
-        """The engine has handed back all it maps: what it did not is asleep (its
-        backup recorded) or, with no backup, gone with the engine that held it."""
+        """The engine has handed back all it maps. What it did not hand back it has
+        unmapped, on our word before the restart: asleep, with its backup if one was
+        recorded (an offload), else discarded."""
         model = self._model(session.model)
         with model.lock:
-            for region in list(session.regions.values()):
+            for region in session.regions.values():
                 if region.handle is not None:
                     if region.backup is not None:  # copied out, but the engine kept it: it is awake
                         self.pool.free(region.backup)
                         region.backup = None
-                elif region.backup is not None:
-                    region.state = RegionState.OFFLOADED
-                elif region.state is not RegionState.DISCARDED:
-                    log.warning("region %d of %s: no engine holds it and it has no backup; it is gone",
-                                region.id, session.describe())
-                    self._drop_region(region)
+                else:
+                    region.state = RegionState.OFFLOADED if region.backup is not None else RegionState.DISCARDED
+                    model.sleeping = True  # its sleep hooks ran before the restart; wake will resume it
             session.resuming = False
         self.persist()
 

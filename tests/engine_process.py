@@ -7,7 +7,8 @@ on stdin with one-line JSON replies on stdout:
     {"op": "report"}                   regions (address, state, sha256 when mapped), hook counts
     {"op": "sleep", "level": 1}        sleep its own model through the client API
     {"op": "wake", "tags": [...]}      wake its own model
-    {"op": "die_on", "moment": m}      SIGKILL itself at that protocol moment (fetch, unmap, remap)
+    {"op": "die_on", "moment": m}      SIGKILL itself at that protocol moment (fetch, unmap, remap), or
+                                       stop itself on an unmap (stop_before_unmap)
     {"op": "alloc", "size": n, "tag": t}
     {"op": "touch"}                    mark the model active
     {"op": "ensure_awake"}             wake it (evicting as policy allows) if it sleeps
@@ -44,6 +45,14 @@ def die_on(client, moment: str) -> None:
 
     if moment == "fetch":
         client._handles.fetch = die
+    elif moment == "stop_before_unmap":  # freeze (SIGSTOP) on the unmap command, and carry on when continued
+        unmap = client._unmap
+
+        def stop_then_unmap(command):
+            os.kill(os.getpid(), signal.SIGSTOP)
+            unmap(command)
+
+        client._unmap = stop_then_unmap
     else:
         setattr(client, f"_{moment}", die)
 

@@ -58,3 +58,41 @@ def test_a_restarted_daemon_comes_back_with_every_model_and_every_byte(stop, tmp
         assert again.status()["pool"]["used"] == "0"
     finally:
         again.stop()
+
+
+def process_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_a_daemon_killed_in_the_middle_of_a_sleep_loses_no_byte(tmp_path, backend, fake, start_daemon, start_engine):
+    import subprocess
+    import sys
+
+    daemon = start_daemon()
+    engine = start_engine(daemon, "qwen", regions=REGIONS)
+    engine.request("die_on", moment="stop_before_unmap")
+    sleeper = subprocess.Popen([sys.executable, "-m", "sleepd.client.ctl", "--socket", daemon.socket,
+                                "sleep", "--model", "qwen"], stderr=subprocess.PIPE, text=True)
+    # The copy is done and recorded; the engine holds the unmap command, frozen.
+    wait_for(lambda: process_state(engine.pid) == "T", what="the engine to stop on the unmap")
+    os.kill(daemon.pid, signal.SIGKILL)
+    daemon.process.wait()
+    os.kill(engine.pid, signal.SIGCONT)  # it unmaps as told; its ack finds no daemon
+    sleeper.communicate(timeout=30)
+
+    again = Daemon(tmp_path, backend, "--host-devices", "2", "--host-device-capacity", "256MiB") \
+        if backend == "host" else Daemon(tmp_path, backend)
+    try:
+        wait_for(lambda: attached(again) == {"qwen": [(0, False)]}, timeout=30, what="the engine to come back")
+        wait_for(lambda: again.status()["models"][0]["sleeping"], what="the resume to finish")
+        states = {r["tag"]: r["state"] for r in engine.report()["regions"]}
+        assert states == {"weights": "offloaded", "kv_cache": "discarded", "buffers": "offloaded"}
+        again.ctl("wake", "--model", "qwen")
+        now, original = by_tag(engine.report()), by_tag(engine.initial)
+        for tag in ("weights", "buffers"):
+            assert now[tag]["sha256"] == original[tag]["sha256"], f"{tag} lost in the crash"
+        assert now["kv_cache"]["zero"]
+        assert engine.report()["hooks"] == {"sleep": 1, "wake": 1}
+    finally:
+        again.stop()
