@@ -13,8 +13,6 @@ from sleepd.proto import sleepd_pb2_grpc as pb_grpc
 
 from .local import LocalDaemon
 
-MiB = 1 << 20
-
 
 def add_arguments(parser) -> None:
     parser.add_argument("--size", default="512MiB", help="bytes of weights per model (default 512MiB)")

@@ -9,10 +9,10 @@ The handle connection must stay open while the channel is used.
 import grpc
 
 from sleepd.common import paths
+from sleepd.common.wire import TOKEN_METADATA
 
 from .handles import HandleConnection
 
-TOKEN_METADATA = "sleepd-token"
 
 
 class _Credentials(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
@@ -21,8 +21,7 @@ class _Credentials(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
         self._token = token
 
     def _with_token(self, details):
-        metadata = list(details.metadata or []) + [(TOKEN_METADATA, self._token)]
-        return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(details, metadata)
+        return _Details(details, list(details.metadata or []) + [(TOKEN_METADATA, self._token)])
 
     def intercept_unary_unary(self, continuation, details, request):
         return continuation(self._with_token(details), request)

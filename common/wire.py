@@ -10,6 +10,9 @@ import os
 import socket
 
 MAX_MESSAGE = 64 * 1024
+# gRPC metadata key under which control requests carry the token a hello on the
+# handle socket returned: how the daemon learns the caller's uid (daemon/auth.py).
+TOKEN_METADATA = "sleepd-token"
 MAX_FDS = 253  # the kernel's SCM_MAX_FD
 
 

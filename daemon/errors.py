@@ -34,6 +34,3 @@ def denied(message: str) -> SleepdError:
 def unavailable(message: str) -> SleepdError:
     return SleepdError(grpc.StatusCode.UNAVAILABLE, message)
 
-
-def deadline(message: str) -> SleepdError:
-    return SleepdError(grpc.StatusCode.DEADLINE_EXCEEDED, message)

@@ -1,7 +1,7 @@
 """State changes, fanned out to every subscriber (sleepctl events, the Events RPC).
 
 A subscriber that stops reading loses its oldest events rather than holding the
-daemon back: each has a bounded queue, and the overflow is counted.
+daemon back: each has a bounded queue.
 """
 
 import queue
@@ -26,7 +26,6 @@ class Subscription:
         self._bus = bus
         self.model = model
         self.queue: "queue.Queue[Event | None]" = queue.Queue(MAX_QUEUED)
-        self.dropped = 0
 
     def get(self, timeout: float | None = None) -> Event | None:
         """The next event, or None once the subscription is closed (or after `timeout`)."""
@@ -73,6 +72,5 @@ class EventBus:
                 except queue.Full:  # a slow reader loses its oldest event, never blocks the daemon
                     try:
                         subscription.queue.get_nowait()
-                        subscription.dropped += 1
                     except queue.Empty:
                         pass

@@ -57,10 +57,6 @@ class Notifier:
         return cls(address, watchdog)
 
     @property
-    def enabled(self) -> bool:
-        return self._socket is not None
-
-    @property
     def watchdog_interval(self) -> float | None:
         """Seconds between pings: half the watchdog timeout, as sd_watchdog_enabled(3) advises."""
         return self.watchdog_usec / 2e6 if self.watchdog_usec else None

@@ -7,6 +7,7 @@ import time
 
 import grpc
 
+from sleepd.common.wire import TOKEN_METADATA
 from sleepd.proto import sleepd_pb2 as pb
 from sleepd.proto import sleepd_pb2_grpc as pb_grpc
 
@@ -17,9 +18,6 @@ from .swap import swap
 from .tcp import TCP_PEER
 
 log = logging.getLogger(__name__)
-
-# Control requests carry the caller's handle-socket token in this metadata key.
-TOKEN_METADATA = "sleepd-token"
 
 
 def _refusals(method):

@@ -22,23 +22,18 @@ def digests(report) -> list:
     return [region.get("sha256") for region in report["regions"]]
 
 
-def three_models(start_daemon, start_engine, *flags):
-    """a and b awake, c asleep; the device holds two of the three."""
-    daemon = start_daemon(*flags, devices=1, capacity="10MiB")
-    a = start_engine(daemon, "a", regions=[("weights", 4 * MiB)], seed=1)
-    b = start_engine(daemon, "b", regions=[("weights", 4 * MiB)], seed=2)
-    daemon.ctl("sleep", "--model", "a")
-    c = start_engine(daemon, "c", regions=[("weights", 4 * MiB)], seed=3)
-    daemon.ctl("wake", "--model", "a", "--evict")  # makes a awake again at the cost of b or c
-    return daemon, a, b, c
-
-
-def test_waking_with_eviction_sleeps_the_least_recently_active_model(start_daemon, start_engine):
+def three_models(start_daemon, start_engine):
+    """a asleep, b and c awake, on a device that holds two of the three."""
     daemon = start_daemon(devices=1, capacity="10MiB")
     a = start_engine(daemon, "a", regions=[("weights", 4 * MiB)], seed=1)
     b = start_engine(daemon, "b", regions=[("weights", 4 * MiB)], seed=2)
     daemon.ctl("sleep", "--model", "a")
     c = start_engine(daemon, "c", regions=[("weights", 4 * MiB)], seed=3)
+    return daemon, a, b, c
+
+
+def test_waking_with_eviction_sleeps_the_least_recently_active_model(start_daemon, start_engine):
+    daemon, a, b, c = three_models(start_daemon, start_engine)
     c.request("touch")  # b is now the least recently active
 
     out = daemon.ctl("wake", "--model", "a", "--evict").stdout
@@ -56,11 +51,7 @@ def test_waking_with_eviction_sleeps_the_least_recently_active_model(start_daemo
 
 
 def test_a_pinned_model_is_never_evicted_and_priority_comes_first(start_daemon, start_engine):
-    daemon = start_daemon(devices=1, capacity="10MiB")
-    start_engine(daemon, "a", regions=[("weights", 4 * MiB)], seed=1)
-    b = start_engine(daemon, "b", regions=[("weights", 4 * MiB)], seed=2)
-    daemon.ctl("sleep", "--model", "a")
-    c = start_engine(daemon, "c", regions=[("weights", 4 * MiB)], seed=3)
+    daemon, _, b, c = three_models(start_daemon, start_engine)
     c.request("touch")
     assert "pinned" in daemon.ctl("policy", "--model", "b", "--pinned", "yes").stdout  # b is older, but pinned
 
@@ -76,11 +67,7 @@ def test_a_pinned_model_is_never_evicted_and_priority_comes_first(start_daemon, 
 
 
 def test_a_refused_wake_names_the_bytes_missing_and_changes_nothing(start_daemon, start_engine):
-    daemon = start_daemon(devices=1, capacity="10MiB")
-    start_engine(daemon, "a", regions=[("weights", 4 * MiB)], seed=1)
-    start_engine(daemon, "b", regions=[("weights", 4 * MiB)], seed=2)
-    daemon.ctl("sleep", "--model", "a")
-    start_engine(daemon, "c", regions=[("weights", 4 * MiB)], seed=3)
+    daemon = three_models(start_daemon, start_engine)[0]
     before = daemon.status()
 
     result = daemon.ctl("wake", "--model", "a", check=False)
