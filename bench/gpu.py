@@ -3,8 +3,7 @@ bandwidth measured in the same run, against the naive in-process way (per
 tensor .to("cpu") into freshly pinned memory, then back), with level-2
 latency and the device memory left in use while asleep.
 
-Needs an NVIDIA GPU, its driver and a CUDA build of torch; nvidia-ml-py for the
-memory-left figures."""
+Needs an NVIDIA GPU, its driver and a CUDA build of torch."""
 
 import statistics
 import time
@@ -58,14 +57,13 @@ def naive_seconds(tensors) -> tuple[float, float]:
     return down, up
 
 
-def process_device_bytes(pid: int) -> int | None:
-    try:
-        import pynvml
-    except ImportError:
-        return None
+def process_device_bytes(pid: int) -> int:
+    """What NVML says `pid` holds on CUDA device 0 (found by UUID: NVML's indices can differ)."""
+    import pynvml
+
     pynvml.nvmlInit()
     try:
-        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        handle = pynvml.nvmlDeviceGetHandleByUUID(_C.CudaBackend().uuid(0))
         return sum(p.usedGpuMemory or 0 for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle) if p.pid == pid)
     finally:
         pynvml.nvmlShutdown()
@@ -116,9 +114,6 @@ def run(args) -> int:
     print(f"  naive per-tensor offload {naive_down:7.3f} s, restore {naive_up:.3f} s; "
           f"first sleep is {naive_down / sleeps[0]:.1f} x faster, first wake {naive_up / wakes[0]:.1f} x")
     print(f"  level 2: sleep {level2_sleep * 1000:.1f} ms, wake {level2_wake * 1000:.1f} ms")
-    if engine_left is None:
-        print("  device memory left while asleep: install nvidia-ml-py to measure")
-    else:
-        print(f"  device memory left while asleep: engine {format_size(engine_left)} (its CUDA context and "
-              f"torch's own), daemon {format_size(daemon_left)}")
+    print(f"  device memory left while asleep: engine {format_size(engine_left)} (its CUDA context and "
+          f"torch's own), daemon {format_size(daemon_left)}")
     return 0

@@ -194,13 +194,18 @@ def _devices_table(reply: pb.StatusReply, bars: bool = False):
     from rich.table import Table
 
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    for header in ("DEVICE", "USED", "FREE", "BUDGET", "COMMITTED", "CAPACITY", "RESERVE"):
+    # What the driver reports (NVML) shows only where the daemon has it: memory other processes hold.
+    driver = any(device.HasField("driver_used") for device in reply.devices)
+    headers = ["DEVICE", "USED", "FREE", "BUDGET", "COMMITTED", "CAPACITY", "RESERVE"]
+    for header in headers + (["DRIVER USED"] if driver else []):
         table.add_column(header, justify="left" if header == "DEVICE" else "right")
     if bars:
         table.add_column("")
     for device in reply.devices:
         row = [device.name, format_size(device.used), format_size(device.free), format_size(device.budget),
                format_size(device.committed), format_size(device.capacity), format_size(device.reserve)]
+        if driver:
+            row.append(format_size(device.driver_used) if device.HasField("driver_used") else "-")
         if bars:
             row.append(ProgressBar(total=max(device.budget, 1), completed=device.used, width=24))
         table.add_row(*row)

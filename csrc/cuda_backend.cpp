@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 
 namespace sleepd {
 namespace {
@@ -28,7 +29,6 @@ CudaBackend::CudaBackend(std::shared_ptr<cu::Driver> driver, unsigned streams)
   driver_->check(driver_->cuDeviceGetCount(&count), "cuDeviceGetCount");
   used_.assign(count, 0);
   contexts_.assign(count, nullptr);
-  streams_.assign(count, {});
   granularity_.assign(count, 0);
 }
 
@@ -55,6 +55,20 @@ size_t CudaBackend::total_memory(int device) const {
   size_t bytes = 0;
   driver_->check(driver_->cuDeviceTotalMem(&bytes, device), "cuDeviceTotalMem");
   return bytes;
+}
+
+std::string CudaBackend::uuid(int device) const {
+  check_device(device);
+  cu::CUuuid id{};
+  driver_->check(driver_->cuDeviceGetUuid(&id, device), "cuDeviceGetUuid");
+  std::string text = "GPU-";
+  char hex[3];
+  for (int i = 0; i < 16; ++i) {
+    if (i == 4 || i == 6 || i == 8 || i == 10) text += '-';
+    std::snprintf(hex, sizeof hex, "%02x", id.bytes[i]);
+    text += hex;
+  }
+  return text;
 }
 
 size_t CudaBackend::used(int device) const {
@@ -234,7 +248,7 @@ void CudaBackend::chunked(int device, size_t size, Issue issue) {
   std::vector<cu::CUstream>* streams;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    streams = &streams_[device];
+    streams = &streams_[{device, std::this_thread::get_id()}];
     while (streams->size() < stream_count_) {
       cu::CUstream stream = nullptr;
       driver_->check(driver_->cuStreamCreate(&stream, cu::CU_STREAM_NON_BLOCKING), "cuStreamCreate");

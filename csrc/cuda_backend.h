@@ -6,7 +6,9 @@
 // device's primary context current on the calling thread first.
 #pragma once
 
+#include <map>
 #include <mutex>
+#include <thread>
 #include <unordered_map>
 #include <vector>
 
@@ -41,6 +43,8 @@ class CudaBackend : public Backend {
 
   int device_count() const { return static_cast<int>(used_.size()); }
   size_t total_memory(int device) const;
+  // As NVML and nvidia-smi name the GPU: "GPU-" and the 16 bytes in hex, 8-4-4-4-12.
+  std::string uuid(int device) const;
   size_t used(int device) const;
   // The device whose context this process works in (engines, movers).
   void set_device(int device);
@@ -68,7 +72,10 @@ class CudaBackend : public Backend {
   std::unordered_map<Handle, Memory> memory_;
   std::vector<size_t> used_;
   std::vector<cu::CUcontext> contexts_;            // primary contexts, retained on first use
-  std::vector<std::vector<cu::CUstream>> streams_;  // per device, made on first use
+  // Per device and calling thread, made on first use: the mover copies in both
+  // directions at once from two threads, and a shared stream would run one
+  // direction's copies after the other's.
+  std::map<std::pair<int, std::thread::id>, std::vector<cu::CUstream>> streams_;
   mutable std::vector<size_t> granularity_;        // per device, 0 until asked
   int device_ = 0;
   Handle next_handle_ = 1;

@@ -39,6 +39,7 @@ std::shared_ptr<Driver> Driver::load(const std::string& path, std::string* reaso
       {"cuDeviceGetCount", reinterpret_cast<void**>(&d.cuDeviceGetCount)},
       {"cuDeviceGet", reinterpret_cast<void**>(&d.cuDeviceGet)},
       {"cuDeviceTotalMem_v2", reinterpret_cast<void**>(&d.cuDeviceTotalMem)},
+      {"cuDeviceGetUuid", reinterpret_cast<void**>(&d.cuDeviceGetUuid)},
       {"cuDevicePrimaryCtxRetain", reinterpret_cast<void**>(&d.cuDevicePrimaryCtxRetain)},
       {"cuDevicePrimaryCtxRelease_v2", reinterpret_cast<void**>(&d.cuDevicePrimaryCtxRelease)},
       {"cuCtxSetCurrent", reinterpret_cast<void**>(&d.cuCtxSetCurrent)},

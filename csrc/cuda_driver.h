@@ -28,6 +28,10 @@ constexpr int CU_MEM_ALLOC_GRANULARITY_MINIMUM = 0x0;
 constexpr unsigned CU_MEMHOSTREGISTER_PORTABLE = 0x01;
 constexpr unsigned CU_STREAM_NON_BLOCKING = 0x1;
 
+struct CUuuid {
+  unsigned char bytes[16];
+};
+
 struct CUmemLocation {
   int type;
   int id;
@@ -61,6 +65,7 @@ struct Driver {
   CUresult (*cuDeviceGetCount)(int*);
   CUresult (*cuDeviceGet)(CUdevice*, int);
   CUresult (*cuDeviceTotalMem)(size_t*, CUdevice);
+  CUresult (*cuDeviceGetUuid)(CUuuid*, CUdevice);
   CUresult (*cuDevicePrimaryCtxRetain)(CUcontext*, CUdevice);
   CUresult (*cuDevicePrimaryCtxRelease)(CUdevice);
   CUresult (*cuCtxSetCurrent)(CUcontext);

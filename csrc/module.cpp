@@ -136,6 +136,7 @@ PYBIND11_MODULE(_C, m) {
            "Loads the driver (library, else $SLEEPD_LIBCUDA, else libcuda.so.1).")
       .def_property_readonly("device_count", &CudaBackend::device_count)
       .def("total_memory", &CudaBackend::total_memory, py::arg("device"))
+      .def("uuid", &CudaBackend::uuid, py::arg("device"))
       .def("used", &CudaBackend::used, py::arg("device"))
       .def("set_device", &CudaBackend::set_device, py::arg("device"))
       .def("synchronize", &CudaBackend::synchronize, py::call_guard<py::gil_scoped_release>());

@@ -1,13 +1,16 @@
 """Choosing and building the daemon's memory backend.
 
 The daemon itself never creates a device context: the CUDA backend's create,
-export and release need none, and device totals come from the driver (or NVML).
+export and release need none, and device memory figures come from NVML, which
+needs none either (from the driver's total, with a warning, where NVML is missing).
 """
 
 import logging
 from dataclasses import dataclass
 
 from sleepd import _C
+
+from .nvml import DriverMemory, Nvml, NvmlUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +25,7 @@ class Device:
     name: str
     capacity: int
     reserve: int = 0  # kept outside sleepd: contexts, NCCL, activations
+    uuid: str = ""    # the GPU's, as nvidia-smi shows it; empty on the host backend
 
     @property
     def budget(self) -> int:
@@ -31,17 +35,28 @@ class Device:
 class DaemonBackend:
     """The daemon's view: the backend plus the devices it manages."""
 
-    def __init__(self, native, devices: list[Device]):
+    def __init__(self, native, devices: list[Device], driver: Nvml | None = None):
         self.native = native
         self.name = native.name
         self.devices = devices
+        self._driver = driver
 
     def used(self, device: int) -> int:
         return self.native.used(device)
 
+    def driver_memory(self, device: int) -> DriverMemory | None:
+        """The device's memory as the driver reports it, every process counted (None without NVML)."""
+        return self._driver.memory(device) if self._driver else None
+
     def free(self, device: int) -> int:
-        """What sleepd may still hand out on the device: its budget less what it holds."""
-        return max(0, self.devices[device].budget - self.used(device))
+        """What sleepd may still hand out on the device: its budget less what it
+        holds, and never more than the driver says is free (other processes use
+        the device too)."""
+        room = self.devices[device].budget - self.used(device)
+        driver = self.driver_memory(device)
+        if driver is not None:
+            room = min(room, driver.free)
+        return max(0, room)
 
 
 def host_backend(devices: int, capacity: int, reserve: int = 0) -> DaemonBackend:
@@ -51,8 +66,15 @@ def host_backend(devices: int, capacity: int, reserve: int = 0) -> DaemonBackend
 
 def cuda_backend(reserve: int = 0) -> DaemonBackend:
     native = _C.CudaBackend()
-    return DaemonBackend(native, [Device(i, f"cuda:{i}", native.total_memory(i), reserve)
-                                  for i in range(native.device_count)])
+    uuids = [native.uuid(i) for i in range(native.device_count)]
+    try:
+        driver = Nvml.open(uuids)
+    except NvmlUnavailable as why:
+        log.warning("device memory from the CUDA driver's totals, blind to other processes on the GPUs: %s", why)
+        driver = None
+    devices = [Device(i, f"cuda:{i}", driver.memory(i).total if driver else native.total_memory(i), reserve, uuid)
+               for i, uuid in enumerate(uuids)]
+    return DaemonBackend(native, devices, driver)
 
 
 def choose(requested: str, host_devices: int, host_capacity: int, reserve: int = 0) -> DaemonBackend:

@@ -2,12 +2,21 @@
 operations that move them between states.
 
 Locking, outermost first: a model's lock (one operation per model at a time),
-then the locks of the devices it touches, taken in index order (one VMM-heavy
-operation per device at a time), then the registry lock, held only briefly to
-read or change the maps below. A session's handle-socket requests take only the
-registry lock, so an engine can fetch memory while an operation waits on it.
-Eviction takes another model's lock only with a timeout, skipping a busy one,
-so two operations evicting each other cannot deadlock.
+then the locks of the devices a step touches, taken in index order, then the
+registry lock, held only briefly to read or change the maps below.
+
+A device's lock serialises its memory-management steps: creating and releasing
+device memory, and engines mapping and unmapping it (concurrent VMM calls from
+several processes on one GPU are a known source of driver crashes). It is not
+held across hooks or copies: the mover has one channel per direction, so one
+model's offload and another's restore run at the same time. Room is checked
+again under the lock when memory is created, so two operations racing for the
+same bytes cannot both have them.
+
+A session's handle-socket requests take only the registry lock, so an engine
+can fetch memory while an operation waits on it. Eviction takes another model's
+lock only with a timeout, skipping a busy one, so two operations evicting each
+other cannot deadlock.
 """
 
 import contextlib
@@ -199,17 +208,16 @@ class MemoryManager:
             model.touch()
             what = f"allocate {format_size(mapped_size)} for {session.describe()}"
             evicted = self._ensure_room(model, {device.index: mapped_size}, what, evict)
-            with self.devices_locked({device.index}):
-                region = Region(self._new_region_id(), tag, size, mapped_size, device.index, session, handle=None,
-                                persist=persist)
-                try:
-                    region.handle = self._create(region)
-                except _C.OutOfMemoryError as error:
-                    raise exhausted(f"{what} on {device.name}: the device refused ({error}); "
-                                    f"{self._room(device.index)}") from None
-                with self._registry:
-                    self._regions[region.id] = region
-                    session.regions[region.id] = region
+            region = Region(self._new_region_id(), tag, size, mapped_size, device.index, session, handle=None,
+                            persist=persist)
+            try:
+                self._create_all([region], what)
+            except _C.OutOfMemoryError as error:
+                raise exhausted(f"{what} on {device.name}: the device refused ({error}); "
+                                f"{self._room(device.index)}") from None
+            with self._registry:
+                self._regions[region.id] = region
+                session.regions[region.id] = region
         self.persist()
         if evicted:
             log.info("%s: evicted %s", what, ", ".join(evicted))
@@ -242,17 +250,16 @@ class MemoryManager:
         result = OperationResult(model.name, sleeping=True)
         if not work and model.sleeping:
             return result  # already asleep: sleeping again is a no-op
-        with self.devices_locked(model.devices()):
-            quiesced_here = not model.sleeping
+        quiesced_here = not model.sleeping
+        if quiesced_here:
+            self.quiesce(model, level)
+        try:
+            self.offload_and_unmap(model, work)
+        except BaseException:
             if quiesced_here:
-                self.quiesce(model, level)
-            try:
-                self.offload_and_unmap(model, work)
-            except BaseException:
-                if quiesced_here:
-                    self.resume(model, best_effort=True)
-                raise
-            model.sleeping = True
+                self.resume(model, best_effort=True)
+            raise
+        model.sleeping = True
         for region, action in work:
             if action is Action.OFFLOAD:
                 result.bytes_offloaded += region.mapped_size
@@ -305,9 +312,8 @@ class MemoryManager:
             targets = [r for r in regions if r.state in asleep and (not tags or r.tag in tags)]
             if targets:
                 result.evicted = self._ensure_room(model, needed_by_device(targets), f"wake {model.name}", evict)
-                with self.devices_locked(model.devices()):
-                    self.materialize(model, targets)
-                    self.remap_or_undo(model, targets)
+                self.materialize(model, targets)
+                self.remap_or_undo(model, targets)
             self.finish_wake(model, targets, result)
         result.seconds = time.perf_counter() - started
         self.record("wake", model_name, ",".join(sorted(tags)) or "all", result)
@@ -488,35 +494,43 @@ class MemoryManager:
         """Copies the offloads out, has every rank unmap, then releases the memory;
         on any failure before the release, puts everything back as it was."""
         offloads = [region for region, action in work if action is Action.OFFLOAD]
-        asked: list[Session] = []  # ranks told to unmap: each may have done some of it
         try:
             for region in offloads:
                 region.backup = self.pool.allocate(region.mapped_size)
                 advance(region, "begin_offload")
             self._copy([CopyJob(OFFLOAD, r.device, r.handle, r.mapped_size, r.backup) for r in offloads])
             self.persist()  # the backups are on disk's record before any engine lets go of the memory
-            asked = _owners(r for r, _ in work)
-            failures, _ = self._command_all(model, lambda session: {"unmap": pb.Unmap(regions=[
-                pb.RegionChange(region_id=r.id, state=_state_after(action))
-                for r, action in work if r.session is session])}, only=asked)
-            if failures:
-                raise _rank_failure(f"sleep {model.name}", failures)
         except BaseException:
-            # Nothing was released yet: every engine that unmapped maps the same memory again.
-            self._remap(model, {r for r, _ in work}, only=asked)
-            for region in offloads:
-                if region.state is RegionState.OFFLOADING:
-                    advance(region, "abort")
-                if region.backup is not None:
-                    self.pool.free(region.backup)
-                    region.backup = None
+            self._abort_offload(offloads)
             raise
-        # Every engine has dropped its references; the daemon's handle is the last one.
-        for region, _ in work:
-            self.backend.native.release(region.handle)
-            region.handle = None
-            advance(region, "released")
+        regions = [region for region, _ in work]
+        with self.devices_locked(_devices(regions)):
+            asked = _owners(regions)  # each rank told to unmap may have done some of it
+            try:
+                failures, _ = self._command_all(model, lambda session: {"unmap": pb.Unmap(regions=[
+                    pb.RegionChange(region_id=r.id, state=_state_after(action))
+                    for r, action in work if r.session is session])}, only=asked)
+                if failures:
+                    raise _rank_failure(f"sleep {model.name}", failures)
+            except BaseException:
+                # Nothing was released yet: every engine that unmapped maps the same memory again.
+                self._remap(model, set(regions), only=asked)
+                self._abort_offload(offloads)
+                raise
+            # Every engine has dropped its references; the daemon's handle is the last one.
+            for region in regions:
+                self.backend.native.release(region.handle)
+                region.handle = None
+                advance(region, "released")
         self.persist()
+
+    def _abort_offload(self, offloads: list[Region]) -> None:
+        for region in offloads:
+            if region.state is RegionState.OFFLOADING:
+                advance(region, "abort")
+            if region.backup is not None:
+                self.pool.free(region.backup)
+                region.backup = None
 
     def materialize(self, model: Model, targets: list[Region]) -> None:
         """Creates device memory for sleeping regions and fills it (backup or zeros);
@@ -524,7 +538,7 @@ class MemoryManager:
         try:
             for region in targets:
                 advance(region, "begin_restore")
-                region.handle = self._create(region)
+            self._create_all(targets, f"wake {model.name}")
             jobs = [CopyJob(RESTORE, r.device, r.handle, r.mapped_size, r.backup) for r in targets if r.backup]
             if self.backend.name not in ZEROED_ON_CREATE:
                 jobs += [CopyJob(ZERO, r.device, r.handle, r.mapped_size) for r in targets if r.backup is None]
@@ -539,7 +553,8 @@ class MemoryManager:
 
     def remap_or_undo(self, model: Model, targets: list[Region]) -> None:
         asked = _owners(targets)
-        failures, _ = self._remap(model, set(targets), only=asked)
+        with self.devices_locked(_devices(targets)):
+            failures, _ = self._remap(model, set(targets), only=asked)
         if failures:
             # A rank that failed may have mapped some regions before it did: every rank asked unmaps again.
             self.undo_restore(model, targets, remapped=asked)
@@ -569,15 +584,16 @@ class MemoryManager:
         self.persist()
 
     def undo_restore(self, model: Model, targets: list[Region], remapped: list[Session]) -> None:
-        self._command_all(model, lambda session: {"unmap": pb.Unmap(regions=[
-            pb.RegionChange(region_id=r.id, state=RegionState.OFFLOADED if r.backup else RegionState.DISCARDED)
-            for r in targets if r.session is session])}, only=remapped)
-        for region in targets:
-            if region.handle is not None:
-                self.backend.native.release(region.handle)
-                region.handle = None
-            if region.state is RegionState.RESTORING:
-                advance(region, "abort")
+        with self.devices_locked(_devices(targets)):
+            self._command_all(model, lambda session: {"unmap": pb.Unmap(regions=[
+                pb.RegionChange(region_id=r.id, state=RegionState.OFFLOADED if r.backup else RegionState.DISCARDED)
+                for r in targets if r.session is session])}, only=remapped)
+            for region in targets:
+                if region.handle is not None:
+                    self.backend.native.release(region.handle)
+                    region.handle = None
+                if region.state is RegionState.RESTORING:
+                    advance(region, "abort")
 
     # ---- room on devices ----
 
@@ -654,10 +670,18 @@ class MemoryManager:
                      format_size(result.bytes_zeroed), result.seconds, extra=fields)
             self.events.publish("woke", model, detail, result.bytes_restored + result.bytes_zeroed)
 
-    def _create(self, region: Region) -> int:
-        """New device memory for a region, named so that it shows in /proc as the model's."""
-        label = f"sleepd:{region.session.model}:r{region.session.rank}:{region.tag}:{region.id}"
-        return self.backend.native.create(region.device, region.mapped_size, label)
+    def _create_all(self, regions: list[Region], what: str) -> None:
+        """New device memory for each region, named so that it shows in /proc as the
+        model's. The room is checked under the device locks, so that an operation
+        running beside this one cannot have taken it since this one checked."""
+        with self.devices_locked(_devices(regions)):
+            for device, needed in needed_by_device(regions).items():
+                if needed > self.backend.free(device):
+                    raise exhausted(f"{what}: needs {format_size(needed)} on {self.backend.devices[device].name}, "
+                                    f"more than its {self._room(device)}; another operation took the room")
+            for region in regions:
+                label = f"sleepd:{region.session.model}:r{region.session.rank}:{region.tag}:{region.id}"
+                region.handle = self.backend.native.create(region.device, region.mapped_size, label)
 
     def _remap(self, model: Model, regions: set[Region], only=None):
         return self._command_all(model, lambda session: {"remap": pb.Remap(
@@ -749,7 +773,12 @@ class MemoryManager:
                     holders[model] = holders.get(model, 0) + region.mapped_size
         held = ", ".join(f"{name} {format_size(size)}" for name, size in sorted(holders.items())) or "nothing"
         budget = self.backend.devices[device].budget
-        return f"{format_size(self.backend.free(device))} free of its {format_size(budget)} budget (held by {held})"
+        room = f"{format_size(self.backend.free(device))} free of its {format_size(budget)} budget (held by {held})"
+        driver = self.backend.driver_memory(device)
+        if driver is not None and driver.free < budget - self.backend.used(device):
+            outside = max(0, driver.used - self.backend.used(device))
+            room += f"; the driver reports {format_size(outside)} held outside sleepd"
+        return room
 
     @contextlib.contextmanager
     def devices_locked(self, devices: set[int]):
@@ -777,6 +806,10 @@ def _owners(regions) -> list[Session]:
     """The live sessions owning `regions`, each once, in a stable order. An
     orphaned rank's regions are mapped by nobody, so there is no one to ask."""
     return list({r.session.id: r.session for r in regions if r.session.lost is None}.values())
+
+
+def _devices(regions) -> set[int]:
+    return {region.device for region in regions}
 
 
 def needed_by_device(regions: list[Region]) -> dict[int, int]:

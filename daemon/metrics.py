@@ -70,12 +70,18 @@ class _StateCollector:
                                    "(capacity less the reserve).", labels=["device"])
         committed = GaugeMetricFamily("sleepd_device_committed_bytes", "Device memory in use plus what "
                                       "sleeping models need to wake.", labels=["device"])
+        driver = GaugeMetricFamily("sleepd_device_driver_bytes", "Device memory as the driver reports it "
+                                   "(NVML), every process counted; absent without NVML.", labels=["device", "kind"])
         for device in manager.backend.devices:
             used.add_metric([device.name], manager.backend.used(device.index))
             capacity.add_metric([device.name], device.capacity)
             budget.add_metric([device.name], device.budget)
             committed.add_metric([device.name], manager.committed(device.index))
-        yield from (used, capacity, budget, committed)
+            reported = manager.backend.driver_memory(device.index)
+            if reported is not None:
+                driver.add_metric([device.name, "used"], reported.used)
+                driver.add_metric([device.name, "free"], reported.free)
+        yield from (used, capacity, budget, committed, driver)
 
         yield GaugeMetricFamily("sleepd_host_pool_used_bytes", "Host backup pool bytes in use.",
                                 value=manager.pool.used)

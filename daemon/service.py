@@ -153,10 +153,7 @@ class SleepdService(pb_grpc.SleepdServicer):
         models = manager.snapshot(request.model)
         return pb.StatusReply(
             backend=manager.backend.name,
-            devices=[pb.DeviceStatus(index=d.index, name=d.name, capacity=d.capacity, reserve=d.reserve,
-                                     budget=d.budget, used=manager.backend.used(d.index),
-                                     free=manager.backend.free(d.index), committed=manager.committed(d.index))
-                     for d in manager.backend.devices],
+            devices=[_device(manager, device) for device in manager.backend.devices],
             pool=pb.PoolStatus(directory=pool.directory, budget=pool.budget, used=pool.used),
             models=[pb.ModelStatus(name=model.name, sleeping=model.sleeping, policy=_policy(model.policy),
                                    idle_seconds=model.idle_seconds, ranks=[
@@ -164,6 +161,16 @@ class SleepdService(pb_grpc.SleepdServicer):
                               regions=[_region(region) for region in rank.regions])
                 for rank in model.ranks]) for model in models],
         )
+
+
+def _device(manager, device) -> pb.DeviceStatus:
+    status = pb.DeviceStatus(index=device.index, name=device.name, uuid=device.uuid, capacity=device.capacity,
+                             reserve=device.reserve, budget=device.budget, used=manager.backend.used(device.index),
+                             free=manager.backend.free(device.index), committed=manager.committed(device.index))
+    driver = manager.backend.driver_memory(device.index)
+    if driver is not None:
+        status.driver_used, status.driver_free = driver.used, driver.free
+    return status
 
 
 def _region(region) -> pb.Region:

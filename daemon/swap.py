@@ -153,44 +153,43 @@ def _overlapped(manager, target: Model, victims: list[Model], targets: list[Regi
     quiesced: list[Model] = []
     room = threading.Condition()
     restorer = _Restorer(manager, target, targets, room)
-    with manager.devices_locked(devices):
-        try:
-            for victim in victims:
-                if not victim.sleeping:
-                    manager.quiesce(victim, victim.policy.eviction_level)
-                    quiesced.append(victim)
-            restorer.start()
-            for victim, work in works.items():
-                for batch in _batches(work):
-                    manager.offload_and_unmap(victim, batch)
-                    with room:
-                        room.notify_all()
-                    for region, action in batch:
-                        if action is Action.OFFLOAD:
-                            slept[victim].bytes_offloaded += region.mapped_size
-                        else:
-                            slept[victim].bytes_discarded += region.mapped_size
-                        slept[victim].regions += 1
-                victim.sleeping = True
-            with room:
-                restorer.senders_done = True
-                room.notify_all()
+    try:
+        for victim in victims:
+            if not victim.sleeping:
+                manager.quiesce(victim, victim.policy.eviction_level)
+                quiesced.append(victim)
+        restorer.start()
+        for victim, work in works.items():
+            for batch in _batches(work):
+                manager.offload_and_unmap(victim, batch)
+                with room:
+                    room.notify_all()
+                for region, action in batch:
+                    if action is Action.OFFLOAD:
+                        slept[victim].bytes_offloaded += region.mapped_size
+                    else:
+                        slept[victim].bytes_discarded += region.mapped_size
+                    slept[victim].regions += 1
+            victim.sleeping = True
+        with room:
+            restorer.senders_done = True
+            room.notify_all()
+        restorer.join()
+        if restorer.error:
+            raise restorer.error
+        manager.remap_or_undo(target, targets)
+    except BaseException as error:
+        with room:
+            restorer.senders_done = True
+            room.notify_all()
+        if restorer.is_alive():
             restorer.join()
-            if restorer.error:
-                raise restorer.error
-            manager.remap_or_undo(target, targets)
-        except BaseException as error:
-            with room:
-                restorer.senders_done = True
-                room.notify_all()
-            if restorer.is_alive():
-                restorer.join()
-            manager.undo_restore(target, restorer.done, remapped=[])
-            _wake_again(manager, victims, works, quiesced)
-            if isinstance(error, SleepdError):
-                raise SleepdError(error.code, f"swap to {target.name} failed; "
-                                  f"{', '.join(v.name for v in victims)} woken again: {error.message}") from None
-            raise
+        manager.undo_restore(target, restorer.done, remapped=[])
+        _wake_again(manager, victims, works, quiesced)
+        if isinstance(error, SleepdError):
+            raise SleepdError(error.code, f"swap to {target.name} failed; "
+                              f"{', '.join(v.name for v in victims)} woken again: {error.message}") from None
+        raise
     manager.finish_wake(target, targets, woke)
     for victim in victims:
         manager.record("sleep", victim.name, str(victim.policy.eviction_level), slept[victim],

@@ -9,13 +9,25 @@ from sleepd.common.sizes import parse_size
 from support import HERE, Daemon, Engine, FakeCuda
 
 
+def _build(source: str, library) -> None:
+    subprocess.run(["g++", "-std=c++17", "-O2", "-shared", "-fPIC", "-o", str(library),
+                    os.path.join(HERE, "fakecuda", source)], check=True)
+
+
 @pytest.fixture(scope="session")
 def fake_cuda(tmp_path_factory) -> str:
     """The driver double (tests/fakecuda), built once per session."""
     library = tmp_path_factory.mktemp("fakecuda") / "libfakecuda.so"
-    subprocess.run(["g++", "-std=c++17", "-O2", "-shared", "-fPIC", "-o", str(library),
-                    os.path.join(HERE, "fakecuda", "fakecuda.cpp")], check=True)
+    _build("fakecuda.cpp", library)
     return str(library)
+
+
+@pytest.fixture(scope="session")
+def fake_nvml(tmp_path_factory) -> str:
+    """A directory holding the NVML double under the name nvidia-ml-py loads, libnvidia-ml.so.1."""
+    directory = tmp_path_factory.mktemp("fakenvml")
+    _build("fakenvml.cpp", directory / "libnvidia-ml.so.1")
+    return str(directory)
 
 
 @pytest.fixture(params=["host", "cuda"])
@@ -25,12 +37,13 @@ def backend(request) -> str:
 
 
 @pytest.fixture
-def fake(backend, fake_cuda, tmp_path, monkeypatch):
+def fake(backend, fake_cuda, fake_nvml, tmp_path, monkeypatch):
     if backend != "cuda":
         return None
     double = FakeCuda(tmp_path)
     # Inherited by the daemon, its movers, the engines and sleepctl alike.
     monkeypatch.setenv("SLEEPD_LIBCUDA", fake_cuda)
+    monkeypatch.setenv("LD_LIBRARY_PATH", os.pathsep.join(filter(None, [fake_nvml, os.environ.get("LD_LIBRARY_PATH")])))
     monkeypatch.setenv("FAKE_CUDA_COUNTERS", str(double.counters_dir))
     monkeypatch.setenv("FAKE_CUDA_CONTROL", str(double.control_file))
     return double

@@ -5,6 +5,9 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from sleepd.bench.local import LocalDaemon
 
@@ -20,6 +23,22 @@ def wait_for(predicate, timeout=20.0, interval=0.02, what="condition"):
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def scrape(daemon) -> dict:
+    """The daemon's /metrics: {(name, sorted labels): value}."""
+    with urllib.request.urlopen(f"http://{daemon.info['metrics_address']}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples, name, **labels):
+    """A sample of a scrape, or None."""
+    return samples.get((name, tuple(sorted(labels.items()))))
 
 
 class Daemon(LocalDaemon):

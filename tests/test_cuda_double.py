@@ -1,9 +1,12 @@
 """The CUDA backend's own promises, shown against the driver double: no context
 in the daemon, a pool pinned once, and clean rollback when the driver fails."""
 
+import subprocess
+import sys
+
 import pytest
 
-from support import MiB, wait_for
+from support import MiB, scrape, value, wait_for
 
 REGIONS = [("weights", 4 * MiB), ("weights", 4 * MiB), ("weights", 4 * MiB), ("kv_cache", 2 * MiB)]
 
@@ -98,3 +101,74 @@ def test_a_failing_map_in_the_mover_fails_the_sleep_and_loses_nothing(daemon, fa
     assert result.returncode != 0 and "cuMemMap" in result.stderr
     assert daemon.status() == awake
     assert engine.report()["regions"] == engine.initial["regions"]
+
+
+def daemon_states(daemon, model: str) -> list[str]:
+    [entry] = daemon.status(model)["models"]
+    return [region["state"] for rank in entry["ranks"] for region in rank["regions"]]
+
+
+def test_one_models_offload_and_anothers_restore_run_at_the_same_time(daemon, fake, start_engine):
+    leaving = start_engine(daemon, "qwen", regions=REGIONS)
+    arriving = start_engine(daemon, "llama", regions=REGIONS, seed=1)
+    daemon.ctl("sleep", "--model", "llama")
+
+    fake.inject(hold_dtoh=1)  # qwen's offload cannot finish until this is lifted
+    sleeping = subprocess.Popen([sys.executable, "-m", "sleepd.client.ctl", "--socket", daemon.socket,
+                                 "sleep", "--model", "qwen"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: "OFFLOADING" in daemon_states(daemon, "qwen"), what="qwen's offload to start")
+        # llama's restore runs while qwen's offload is still in its copy.
+        daemon.ctl("--timeout", "30", "wake", "--model", "llama")
+        assert "OFFLOADING" in daemon_states(daemon, "qwen")
+    finally:
+        fake.inject()
+        _, errors = sleeping.communicate(timeout=60)
+    assert sleeping.returncode == 0, errors
+
+    weights = [r for r in arriving.initial["regions"] if r["tag"] == "weights"]
+    assert [r for r in arriving.report()["regions"] if r["tag"] == "weights"] == weights
+    assert states(leaving) == ["offloaded", "offloaded", "offloaded", "discarded"]
+    daemon.ctl("wake", "--model", "qwen")
+    assert [r["sha256"] for r in leaving.report()["regions"] if r["tag"] == "weights"] == \
+        [r["sha256"] for r in leaving.initial["regions"] if r["tag"] == "weights"]
+
+
+def device(daemon, index: int) -> dict:
+    return daemon.status()["devices"][index]
+
+
+def test_device_memory_is_the_drivers_view_from_nvml_matched_by_uuid(daemon, fake, start_engine):
+    uuids = [device(daemon, index)["uuid"] for index in (0, 1)]
+    # The double's NVML numbers devices in reverse: only matching by UUID gets each device's own figures.
+    assert uuids == ["GPU-a0a1a2a3-a4a5-a6a7-a8a9-aaabacadae00", "GPU-a0a1a2a3-a4a5-a6a7-a8a9-aaabacadae01"]
+    idle = int(device(daemon, 1)["driverUsed"])
+    engine = start_engine(daemon, "qwen", device=1, regions=[("weights", 64 * MiB)])
+    awake = int(device(daemon, 1)["driverUsed"])
+    assert awake - idle == 64 * MiB
+    assert int(device(daemon, 0)["driverUsed"]) < 64 * MiB
+    assert value(scrape(daemon), "sleepd_device_driver_bytes", device="cuda:1", kind="used") == awake
+
+    daemon.ctl("sleep", "--model", "qwen")
+    assert int(device(daemon, 1)["driverUsed"]) == idle, "the driver still holds the memory of a sleeping model"
+    asleep = daemon.status()
+
+    # Another process takes most of the device: sleepd sees it and refuses the wake, naming why.
+    fake.inject(foreign_used_1=200 * MiB)
+    assert int(device(daemon, 1)["free"]) <= 56 * MiB
+    result = daemon.ctl("wake", "--model", "qwen", check=False)
+    assert result.returncode != 0
+    assert "RESOURCE_EXHAUSTED" in result.stderr and "held outside sleepd" in result.stderr
+    fake.inject()
+    assert daemon.status() == asleep
+    daemon.ctl("wake", "--model", "qwen")
+    assert engine.report()["regions"] == engine.initial["regions"]
+
+
+def test_without_nvml_the_daemon_uses_the_drivers_totals_and_says_so(start_daemon, fake, monkeypatch):
+    monkeypatch.delenv("LD_LIBRARY_PATH")
+    daemon = start_daemon(capacity="256MiB")
+    assert "blind to other processes" in daemon.log()
+    for entry in daemon.status()["devices"]:
+        assert int(entry["capacity"]) == 256 * MiB
+        assert "driverUsed" not in entry

@@ -1,24 +1,6 @@
 """Prometheus sees the same memory, sessions and latencies that sleepctl shows."""
 
-import urllib.request
-
-from prometheus_client.parser import text_string_to_metric_families
-
-from support import MiB
-
-
-def scrape(daemon) -> dict:
-    with urllib.request.urlopen(f"http://{daemon.info['metrics_address']}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def value(samples, name, **labels):
-    return samples.get((name, tuple(sorted(labels.items()))))
+from support import MiB, scrape, value
 
 
 def test_metrics_follow_a_sleep_and_a_wake(daemon, start_engine):

@@ -19,6 +19,7 @@
 //                            oom_at_create=N    the Nth cuMemCreate from now fails with OOM
 //                            fail_map=1         cuMemMap fails
 //                            fail_import_pid=P  cuMemImportFromShareableHandle fails in process P
+//                            hold_dtoh=1        device-to-host copies wait until this line is gone
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -131,6 +132,14 @@ void write_counters() {
   }
 }
 
+// True while the control file sets `key`; takes the lock only to read it, so
+// that a copy waiting on it holds up no other call.
+bool holding(const char* key) {
+  std::lock_guard<std::mutex> lock(mutex);
+  auto faults = control();
+  return faults.count(key) && faults[key] != 0;
+}
+
 Allocation* allocation(Handle handle) { return reinterpret_cast<Allocation*>(handle); }
 
 bool inside(const std::map<CUdeviceptr, size_t>& ranges, CUdeviceptr address, size_t size) {
@@ -185,6 +194,14 @@ CUresult cuDeviceTotalMem_v2(size_t* bytes, int device) {
   return SUCCESS;
 }
 
+// A fixed pattern plus the ordinal, as fakenvml.cpp expects.
+CUresult cuDeviceGetUuid(unsigned char* uuid, int device) {
+  if (device < 0 || device >= devices) return INVALID_DEVICE;
+  for (int i = 0; i < 16; ++i) uuid[i] = static_cast<unsigned char>(0xa0 + i);
+  uuid[15] = static_cast<unsigned char>(device);
+  return SUCCESS;
+}
+
 CUresult cuDevicePrimaryCtxRetain(void** context, int device) {
   if (device < 0 || device >= devices) return INVALID_DEVICE;
   std::lock_guard<std::mutex> lock(mutex);
@@ -219,7 +236,9 @@ CUresult cuMemCreate(Handle* handle, size_t size, const AllocationProp* prop, un
   ++creates_since_control;
   if (faults.count("oom_at_create") && creates_since_control == faults["oom_at_create"]) return OUT_OF_MEMORY;
   if (used[device] + size > memory_per_device) return OUT_OF_MEMORY;
-  int fd = memfd_create("fakecuda", MFD_CLOEXEC);
+  // Named by device, so that fakenvml.cpp can tell how much each device holds.
+  std::string name = "fakecuda:d" + std::to_string(device);
+  int fd = memfd_create(name.c_str(), MFD_CLOEXEC);
   if (fd < 0) return UNKNOWN;
   if (posix_fallocate(fd, 0, static_cast<off_t>(size)) != 0) {
     close(fd);
@@ -344,6 +363,7 @@ CUresult cuMemcpy(CUdeviceptr dst, CUdeviceptr src, size_t size) {
 
 CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t size, void*) {
   if (!current_context) return INVALID_CONTEXT;
+  while (holding("hold_dtoh")) usleep(10000);
   std::memcpy(dst, reinterpret_cast<void*>(src), size);
   std::lock_guard<std::mutex> lock(mutex);
   counters.copies++;

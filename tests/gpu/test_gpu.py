@@ -9,20 +9,17 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from sleepd import _C  # noqa: E402
 from sleepd.client import SleepClient  # noqa: E402
+from sleepd.daemon.nvml import Nvml  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MiB = 1 << 20
 
 
 def device_used_bytes() -> int:
-    """Used memory on GPU 0 as NVML reports it (the driver's view, not ours)."""
-    pynvml = pytest.importorskip("pynvml", reason="nvidia-ml-py is needed to read NVML")
-    pynvml.nvmlInit()
-    try:
-        return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used
-    finally:
-        pynvml.nvmlShutdown()
+    """Used memory on CUDA device 0 as NVML reports it (the driver's view, not ours)."""
+    return Nvml.open([_C.CudaBackend().uuid(0)]).memory(0).used
 
 
 def test_pool_tensors_come_back_bit_identical_after_a_level_1_sleep(gpu_daemon):

@@ -1,0 +1,171 @@
+// An NVML double, built as libnvidia-ml.so.1 for nvidia-ml-py to load: the
+// calls sleepd uses, reporting the devices of the driver double (fakecuda.cpp).
+//
+// Memory "used" is what the kernel says is alive, as a real driver's own
+// accounting would: every memfd the driver double made for the device that any
+// process still holds open or mapped, each counted once, plus memory the
+// control file says processes outside sleepd hold (foreign_used_<device>=BYTES).
+//
+// NVML numbers devices in the reverse order of the driver double, as NVML's
+// PCI order and CUDA's ordinals can differ on a real machine: only UUIDs match.
+#include <dirent.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <utility>
+
+namespace {
+
+constexpr int SUCCESS = 0, INVALID_ARGUMENT = 2, NOT_FOUND = 6;
+constexpr char kPrefix[] = "/memfd:fakecuda:d";
+
+struct Memory {
+  unsigned long long total, free, used;
+};
+
+int devices() {
+  const char* value = std::getenv("FAKE_CUDA_DEVICES");
+  return value ? std::atoi(value) : 1;
+}
+
+unsigned long long capacity() {
+  const char* value = std::getenv("FAKE_CUDA_MEMORY");
+  return value ? std::strtoull(value, nullptr, 10) : 1ull << 30;
+}
+
+// The CUDA ordinal whose memory a /proc path names, or -1.
+int device_of(const std::string& path) {
+  if (path.compare(0, sizeof kPrefix - 1, kPrefix) != 0) return -1;
+  return std::atoi(path.c_str() + sizeof kPrefix - 1);
+}
+
+std::string uuid(int ordinal) {
+  char text[64];
+  std::snprintf(text, sizeof text, "GPU-a0a1a2a3-a4a5-a6a7-a8a9-aaabacadae%02x", ordinal);
+  return text;
+}
+
+// Bytes of driver-double memory alive on `ordinal`, from every process's open
+// descriptors and mappings, each memfd counted once at its largest extent.
+unsigned long long alive(int ordinal) {
+  std::map<std::pair<unsigned long, unsigned long>, unsigned long long> extent;  // (dev, inode) -> bytes
+  DIR* proc = opendir("/proc");
+  if (!proc) return 0;
+  while (dirent* entry = readdir(proc)) {
+    if (entry->d_name[0] < '0' || entry->d_name[0] > '9') continue;
+    std::string base = std::string("/proc/") + entry->d_name;
+    if (DIR* fds = opendir((base + "/fd").c_str())) {
+      while (dirent* fd = readdir(fds)) {
+        std::string link = base + "/fd/" + fd->d_name;
+        char target[256];
+        ssize_t length = readlink(link.c_str(), target, sizeof target - 1);
+        if (length <= 0) continue;
+        target[length] = '\0';
+        struct stat info;
+        if (device_of(target) == ordinal && stat(link.c_str(), &info) == 0) {
+          auto& bytes = extent[{info.st_dev, info.st_ino}];
+          bytes = std::max<unsigned long long>(bytes, info.st_size);
+        }
+      }
+      closedir(fds);
+    }
+    std::ifstream maps(base + "/maps");
+    std::string line;
+    while (std::getline(maps, line)) {
+      unsigned long long start, end, offset;
+      char device[16], path[256] = "";
+      unsigned long inode;
+      if (std::sscanf(line.c_str(), "%llx-%llx %*s %llx %15s %lu %255s", &start, &end, &offset, device, &inode,
+                      path) < 6 ||
+          device_of(path) != ordinal)
+        continue;
+      auto& bytes = extent[{0, inode}];  // mappings name the inode only; memfds share one device
+      bytes = std::max(bytes, offset + (end - start));
+    }
+  }
+  closedir(proc);
+  // An fd and a mapping of the same memfd appear under two keys: keep the larger, per inode.
+  std::map<unsigned long, unsigned long long> by_inode;
+  for (const auto& [key, bytes] : extent) by_inode[key.second] = std::max(by_inode[key.second], bytes);
+  unsigned long long total = 0;
+  for (const auto& [inode, bytes] : by_inode) total += bytes;
+  return total;
+}
+
+unsigned long long foreign(int ordinal) {
+  const char* path = std::getenv("FAKE_CUDA_CONTROL");
+  if (!path) return 0;
+  std::ifstream file(path);
+  std::string line, key = "foreign_used_" + std::to_string(ordinal) + "=";
+  while (std::getline(file, line))
+    if (line.compare(0, key.size(), key) == 0) return std::strtoull(line.c_str() + key.size(), nullptr, 10);
+  return 0;
+}
+
+// Handles are the CUDA ordinal plus one, so that none is null.
+int ordinal_of(void* handle) { return static_cast<int>(reinterpret_cast<long>(handle)) - 1; }
+void* handle_of(int ordinal) { return reinterpret_cast<void*>(static_cast<long>(ordinal) + 1); }
+
+}  // namespace
+
+extern "C" {
+
+int nvmlInitWithFlags(unsigned) { return SUCCESS; }
+int nvmlInit_v2() { return SUCCESS; }
+int nvmlShutdown() { return SUCCESS; }
+
+const char* nvmlErrorString(int result) {
+  switch (result) {
+    case SUCCESS: return "Success";
+    case INVALID_ARGUMENT: return "Invalid Argument";
+    case NOT_FOUND: return "Not Found";
+    default: return "Unknown Error";
+  }
+}
+
+int nvmlDeviceGetCount_v2(unsigned* count) {
+  *count = static_cast<unsigned>(devices());
+  return SUCCESS;
+}
+
+int nvmlDeviceGetHandleByIndex_v2(unsigned index, void** handle) {
+  if (static_cast<int>(index) >= devices()) return INVALID_ARGUMENT;
+  *handle = handle_of(devices() - 1 - static_cast<int>(index));
+  return SUCCESS;
+}
+
+int nvmlDeviceGetHandleByUUID(const char* text, void** handle) {
+  for (int ordinal = 0; ordinal < devices(); ++ordinal) {
+    if (uuid(ordinal) == text) {
+      *handle = handle_of(ordinal);
+      return SUCCESS;
+    }
+  }
+  return NOT_FOUND;
+}
+
+int nvmlDeviceGetUUID(void* handle, char* text, unsigned length) {
+  int ordinal = ordinal_of(handle);
+  if (ordinal < 0 || ordinal >= devices()) return INVALID_ARGUMENT;
+  std::snprintf(text, length, "%s", uuid(ordinal).c_str());
+  return SUCCESS;
+}
+
+int nvmlDeviceGetMemoryInfo(void* handle, Memory* memory) {
+  int ordinal = ordinal_of(handle);
+  if (ordinal < 0 || ordinal >= devices()) return INVALID_ARGUMENT;
+  memory->total = capacity();
+  memory->used = std::min(memory->total, alive(ordinal) + foreign(ordinal));
+  memory->free = memory->total - memory->used;
+  return SUCCESS;
+}
+
+}  // extern "C"
