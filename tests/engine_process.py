@@ -8,7 +8,7 @@ on stdin with one-line JSON replies on stdout:
     {"op": "sleep", "level": 1}        sleep its own model through the client API
     {"op": "wake", "tags": [...]}      wake its own model
     {"op": "die_on", "moment": m}      SIGKILL itself at that protocol moment (fetch, unmap, remap), or
-                                       stop itself on an unmap (stop_before_unmap)
+                                       stop itself on an unmap or a remap (stop_before_unmap, _remap)
     {"op": "alloc", "size": n, "tag": t}
     {"op": "touch"}                    mark the model active
     {"op": "ensure_awake"}             wake it (evicting as policy allows) if it sleeps
@@ -45,14 +45,16 @@ def die_on(client, moment: str) -> None:
 
     if moment == "fetch":
         client._handles.fetch = die
-    elif moment == "stop_before_unmap":  # freeze (SIGSTOP) on the unmap command, and carry on when continued
-        unmap = client._unmap
+    elif moment.startswith("stop_before_"):  # freeze (SIGSTOP) on that command once, and carry on when continued
+        name = "_" + moment.removeprefix("stop_before_")
+        handle = getattr(client, name)
 
-        def stop_then_unmap(command):
+        def stop_then_handle(command):
+            setattr(client, name, handle)
             os.kill(os.getpid(), signal.SIGSTOP)
-            unmap(command)
+            handle(command)
 
-        client._unmap = stop_then_unmap
+        setattr(client, name, stop_then_handle)
     else:
         setattr(client, f"_{moment}", die)
 

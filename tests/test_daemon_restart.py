@@ -3,6 +3,8 @@ again by themselves, hand their memory back, and every byte checks out."""
 
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -65,34 +67,58 @@ def process_state(pid: int) -> str:
         return stat.read().rsplit(")", 1)[1].split()[0]
 
 
-def test_a_daemon_killed_in_the_middle_of_a_sleep_loses_no_byte(tmp_path, backend, fake, start_daemon, start_engine):
-    import subprocess
-    import sys
-
-    daemon = start_daemon()
-    engine = start_engine(daemon, "qwen", regions=REGIONS)
-    engine.request("die_on", moment="stop_before_unmap")
-    sleeper = subprocess.Popen([sys.executable, "-m", "sleepd.client.ctl", "--socket", daemon.socket,
-                                "sleep", "--model", "qwen"], stderr=subprocess.PIPE, text=True)
-    # The copy is done and recorded; the engine holds the unmap command, frozen.
-    wait_for(lambda: process_state(engine.pid) == "T", what="the engine to stop on the unmap")
+def kill_daemon_in_the_middle(daemon, engine, operation: str, stop_on: str) -> None:
+    """Runs `sleepctl OPERATION --model qwen` and SIGKILLs the daemon while the
+    engine sits frozen on the command `stop_on`; the engine then carries on."""
+    engine.request("die_on", moment=f"stop_before_{stop_on}")
+    caller = subprocess.Popen([sys.executable, "-m", "sleepd.client.ctl", "--socket", daemon.socket,
+                               operation, "--model", "qwen"], stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: process_state(engine.pid) == "T", what=f"the engine to stop on the {stop_on}")
     os.kill(daemon.pid, signal.SIGKILL)
     daemon.process.wait()
-    os.kill(engine.pid, signal.SIGCONT)  # it unmaps as told; its ack finds no daemon
-    sleeper.communicate(timeout=30)
+    os.kill(engine.pid, signal.SIGCONT)  # it goes on as told; what it needs of the daemon finds none
+    caller.communicate(timeout=30)
 
-    again = Daemon(tmp_path, backend, "--host-devices", "2", "--host-device-capacity", "256MiB") \
+
+def restart(tmp_path, backend) -> Daemon:
+    return Daemon(tmp_path, backend, "--host-devices", "2", "--host-device-capacity", "256MiB") \
         if backend == "host" else Daemon(tmp_path, backend)
+
+
+def assert_wakes_whole(daemon, engine) -> None:
+    """The model sleeps after the restart; a wake brings back every offloaded byte and zeroes the rest."""
+    wait_for(lambda: attached(daemon) == {"qwen": [(0, False)]}, timeout=30, what="the engine to come back")
+    wait_for(lambda: daemon.status()["models"][0]["sleeping"], what="the resume to finish")
+    states = {r["tag"]: r["state"] for r in engine.report()["regions"]}
+    assert states == {"weights": "offloaded", "kv_cache": "discarded", "buffers": "offloaded"}
+    daemon.ctl("wake", "--model", "qwen")
+    now, original = by_tag(engine.report()), by_tag(engine.initial)
+    for tag in ("weights", "buffers"):
+        assert now[tag]["sha256"] == original[tag]["sha256"], f"{tag} lost in the crash"
+    assert now["kv_cache"]["zero"]
+    assert engine.report()["hooks"] == {"sleep": 1, "wake": 1}
+
+
+def test_a_daemon_killed_in_the_middle_of_a_sleep_loses_no_byte(tmp_path, backend, fake, start_daemon, start_engine):
+    daemon = start_daemon()
+    engine = start_engine(daemon, "qwen", regions=REGIONS)
+    # The copy is done and recorded when the engine gets the unmap.
+    kill_daemon_in_the_middle(daemon, engine, "sleep", stop_on="unmap")
+    again = restart(tmp_path, backend)
     try:
-        wait_for(lambda: attached(again) == {"qwen": [(0, False)]}, timeout=30, what="the engine to come back")
-        wait_for(lambda: again.status()["models"][0]["sleeping"], what="the resume to finish")
-        states = {r["tag"]: r["state"] for r in engine.report()["regions"]}
-        assert states == {"weights": "offloaded", "kv_cache": "discarded", "buffers": "offloaded"}
-        again.ctl("wake", "--model", "qwen")
-        now, original = by_tag(engine.report()), by_tag(engine.initial)
-        for tag in ("weights", "buffers"):
-            assert now[tag]["sha256"] == original[tag]["sha256"], f"{tag} lost in the crash"
-        assert now["kv_cache"]["zero"]
-        assert engine.report()["hooks"] == {"sleep": 1, "wake": 1}
+        assert_wakes_whole(again, engine)
+    finally:
+        again.stop()
+
+
+def test_a_daemon_killed_in_the_middle_of_a_wake_loses_no_byte(tmp_path, backend, fake, start_daemon, start_engine):
+    daemon = start_daemon()
+    engine = start_engine(daemon, "qwen", regions=REGIONS)
+    daemon.ctl("sleep", "--model", "qwen")
+    # The memory is created and filled when the engine gets the remap; its backups are not yet freed.
+    kill_daemon_in_the_middle(daemon, engine, "wake", stop_on="remap")
+    again = restart(tmp_path, backend)
+    try:
+        assert_wakes_whole(again, engine)
     finally:
         again.stop()
