@@ -22,7 +22,7 @@ from typing import Callable
 import grpc
 
 from sleepd.common import paths
-from sleepd.common.native import engine_backend
+from sleepd.common.native import engine_backend, gpu_uuid
 from sleepd.proto import sleepd_pb2 as pb
 from sleepd.proto import sleepd_pb2_grpc as pb_grpc
 
@@ -62,6 +62,7 @@ class SleepClient:
         self._closed = False
 
         self._socket_path = socket_path
+        self._device_uuid = gpu_uuid(device)
         self._channel, self._handles, self._stub, self._outgoing, self._stream, attached = self._open_session()
         self._session_id = attached.session_id
         self._backend = engine_backend(attached.backend, device)
@@ -75,7 +76,7 @@ class SleepClient:
         stub = pb_grpc.SleepdStub(channel)
         outgoing: "queue.Queue[pb.EngineMessage | None]" = queue.Queue()
         outgoing.put(pb.EngineMessage(attach=pb.Attach(token=handles.token, model=self.model, rank=self.rank,
-                                                       device=self.device)))
+                                                       device=self.device, device_uuid=self._device_uuid)))
         stream = stub.Session(iter(outgoing.get, None))
         try:
             attached = next(stream).attached
@@ -144,7 +145,7 @@ class SleepClient:
             except BaseException:
                 _rpc(self._stub.Free, pb.FreeRequest(session_id=self._session_id, region_id=info.id))
                 raise
-            region = Region(self._backend, info.id, info.tag, info.size, mapped_size, info.device, address,
+            region = Region(self._backend, info.id, info.tag, info.size, mapped_size, self.device, address,
                             info.persist)
             region.handle = handle
             with self._regions_changed:
@@ -359,7 +360,7 @@ class SleepClient:
         """Adopts a persistent region an earlier process of this rank left: a new
         address here, mapped now if the region is awake."""
         address = self._backend.reserve(info.mapped_size)
-        region = Region(self._backend, info.id, info.tag, info.size, info.mapped_size, info.device, address,
+        region = Region(self._backend, info.id, info.tag, info.size, info.mapped_size, self.device, address,
                         info.persist)
         if info.state == pb.MAPPED:
             fd, _ = self._handles.fetch(info.id)

@@ -4,6 +4,14 @@
 from sleepd import _C
 
 
+def gpu_uuid(device: int) -> str:
+    """The UUID of this process's CUDA `device`, or "" where this process has no such GPU."""
+    if _C.cuda_unavailable_reason() is not None:
+        return ""
+    backend = _C.CudaBackend()
+    return backend.uuid(device) if device < backend.device_count else ""
+
+
 def engine_backend(name: str, device: int):
     """A backend for `device`, with that device's context current where it has one."""
     if name == "host":

@@ -99,11 +99,9 @@ class MemoryManager:
         self.authorizer.check(caller, model.owner_uid, f"{what} {model_name}")
         return model
 
-    def attach(self, token: str, model_name: str, rank: int, device: int) -> Session:
+    def attach(self, token: str, model_name: str, rank: int, ordinal: int, uuid: str = "") -> Session:
         _check_name(model_name)
-        if device >= len(self.backend.devices):
-            raise invalid(f"device {device} does not exist; this daemon has {len(self.backend.devices)} "
-                          f"({', '.join(d.name for d in self.backend.devices)})")
+        device = self._device_index(ordinal, uuid)
         with self._registry:
             session = self._by_token.get(token)
             if session is None or session.attached:
@@ -132,11 +130,29 @@ class MemoryManager:
             self._models[model_name] = model
             self._sessions[session.id] = session
         self.persist()
-        log.info("attached %s on %s%s", session.describe(), self.backend.devices[device].name,
+        log.info("attached %s on %s%s%s", session.describe(), self.backend.devices[device].name,
+                 f" (its device {ordinal})" if ordinal != device else "",
                  " (resuming after a daemon restart)" if session.resuming else "")
         self.events.publish("attached", model_name, f"rank {rank} pid {session.pid} on "
                                                     f"{self.backend.devices[device].name}")
         return session
+
+    def _device_index(self, ordinal: int, uuid: str) -> int:
+        """The daemon's index of an engine's device: found by GPU UUID where both
+        know one, since an engine's ordinals are its own (CUDA_VISIBLE_DEVICES,
+        containers); else the engine's ordinal is the daemon's (host backend)."""
+        devices = self.backend.devices
+        by_uuid = {d.uuid: d.index for d in devices if d.uuid}
+        if uuid and by_uuid:
+            if uuid not in by_uuid:
+                raise precondition(f"this process's device {ordinal} is GPU {uuid}, which this daemon does not "
+                                   f"manage (it has {', '.join(f'{d.name} {d.uuid}' for d in devices)}); "
+                                   "give the daemon that GPU, or attach to the daemon that has it")
+            return by_uuid[uuid]
+        if ordinal >= len(devices):
+            raise invalid(f"device {ordinal} does not exist; this daemon has {len(devices)} "
+                          f"({', '.join(d.name for d in devices)})")
+        return ordinal
 
     def freeze(self) -> None:
         """The daemon is stopping: sessions that end from now on are not reclaimed,

@@ -46,7 +46,8 @@ class SleepdService(pb_grpc.SleepdServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a session must begin with an attach message")
         attach = first.attach
         try:
-            session = self._manager.attach(attach.token, attach.model, attach.rank, attach.device)
+            session = self._manager.attach(attach.token, attach.model, attach.rank, attach.device,
+                                           attach.device_uuid)
         except SleepdError as error:
             context.abort(error.code, error.message)
 

@@ -85,7 +85,7 @@ class Engine:
 
     def __init__(self, daemon: Daemon, model: str, rank: int = 0, device: int = 0, regions=(), seed: int = 0,
                  sleep_hook: str = "ok", weights_hook: str = "ok", as_uid: int | None = None,
-                 persist: bool = False):
+                 persist: bool = False, env: dict | None = None):
         args = [sys.executable, os.path.join(HERE, "engine_process.py"), "--socket", daemon.socket,
                 "--model", model, "--rank", str(rank), "--device", str(device), "--seed", str(seed),
                 "--sleep-hook", sleep_hook, "--weights-hook", weights_hook]
@@ -96,7 +96,8 @@ class Engine:
             args += ["--as-uid", str(as_uid)]
         if persist:
             args.append("--persist")
-        self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                        env={**os.environ, **(env or {})})
         self.pid = self.process.pid
         first = self.process.stdout.readline()
         if not first:

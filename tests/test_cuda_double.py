@@ -1,6 +1,7 @@
 """The CUDA backend's own promises, shown against the driver double: no context
 in the daemon, a pool pinned once, and clean rollback when the driver fails."""
 
+import os
 import subprocess
 import sys
 
@@ -172,3 +173,25 @@ def test_without_nvml_the_daemon_uses_the_drivers_totals_and_says_so(start_daemo
     for entry in daemon.status()["devices"]:
         assert int(entry["capacity"]) == 256 * MiB
         assert "driverUsed" not in entry
+
+
+def test_an_engine_that_numbers_its_gpus_differently_gets_memory_on_its_own_gpu(daemon, fake, start_engine):
+    # The engine sees only GPU 1, as its device 0 (a container, or CUDA_VISIBLE_DEVICES=1).
+    engine = start_engine(daemon, "qwen", device=0, regions=REGIONS, env={"CUDA_VISIBLE_DEVICES": "1"})
+    [rank] = daemon.status("qwen")["models"][0]["ranks"]
+    assert rank["device"] == 1, "the daemon put the engine's memory on another GPU"
+    daemon.ctl("sleep", "--model", "qwen")
+    daemon.ctl("wake", "--model", "qwen")
+    assert [r["sha256"] for r in engine.report()["regions"] if r["tag"] == "weights"] == \
+        [r["sha256"] for r in engine.initial["regions"] if r["tag"] == "weights"]
+
+
+def test_an_engine_on_a_gpu_the_daemon_does_not_manage_is_refused_by_name(start_daemon, fake, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    daemon = start_daemon()  # manages GPU 0 only
+    attach = f"from sleepd.client import SleepClient; SleepClient.connect('qwen', socket={daemon.socket!r})"
+    result = subprocess.run([sys.executable, "-c", attach], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": "1"})
+    assert result.returncode != 0
+    assert "GPU-a0a1a2a3-a4a5-a6a7-a8a9-aaabacadae01, which this daemon does not manage" in result.stderr
+    assert daemon.status()["models"] == []

@@ -229,9 +229,10 @@ def test_the_example_engine_mounts_the_daemons_socket_directory():
     socket = container_env(engine)["SLEEPD_SOCKET"]
     daemon_socket_dir = host_path_mounts(daemon_spec, daemon)[os.path.dirname(container_env(daemon)["SLEEPD_SOCKET"])]
     assert host_path_mounts(engine_pod, engine)[os.path.dirname(socket)] == daemon_socket_dir
-    # Device indices mean the same GPU on both sides.
-    for name in ("NVIDIA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"):
-        assert container_env(engine)[name] == container_env(daemon)[name]
+    # Both see GPUs without taking them from the device plugin; the daemon sees every one.
+    assert container_env(daemon)["NVIDIA_VISIBLE_DEVICES"] == "all"
+    assert container_env(engine)["NVIDIA_VISIBLE_DEVICES"]
+    assert "compute" in container_env(engine)["NVIDIA_DRIVER_CAPABILITIES"]
 
 
 def probe_commands() -> list[list[str]]:

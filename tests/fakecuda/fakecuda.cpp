@@ -8,10 +8,15 @@
 //    memfd gives exactly this);
 //  * cuMemMap maps with no access until cuMemSetAccess; cuMemUnmap must cover a
 //    whole earlier map; calls that need a context fail without a current one;
-//  * an imported handle does not take ownership of the descriptor.
+//  * an imported handle does not take ownership of the descriptor;
+//  * CUDA_VISIBLE_DEVICES picks and renumbers the GPUs a process sees, and
+//    UUIDs name the GPU whatever its ordinal.
+// Stricter than the driver: cuMemSetAccess refuses to open memory to a device
+// other than the GPU it lives on (a driver with peer access would allow it,
+// and the engine would silently compute on another GPU's memory).
 //
 // Configuration (environment, read at cuInit):
-//   FAKE_CUDA_DEVICES      devices (default 1)
+//   FAKE_CUDA_DEVICES      GPUs on the machine (default 1)
 //   FAKE_CUDA_MEMORY       bytes per device (default 1 GiB)
 //   FAKE_CUDA_COUNTERS     directory where each process writes <pid>.json counters
 //   FAKE_CUDA_CONTROL      a file of key=value lines, re-read on every call, for
@@ -34,6 +39,7 @@
 #include <mutex>
 #include <sstream>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -63,8 +69,9 @@ struct AccessDesc {
 struct Allocation {
   int fd;
   size_t size;
-  int device;
+  int device;  // the ordinal it was created on here; -1 if imported
   bool created;
+  int gpu;     // the GPU it lives on, as the machine numbers them
 };
 
 struct Counters {
@@ -75,11 +82,13 @@ struct Counters {
 std::mutex mutex;
 bool initialised = false;
 int devices = 1;
+std::vector<int> visible;  // ordinal -> GPU
 size_t memory_per_device = size_t(1) << 30;
 constexpr size_t kGranularity = 2u << 20;
 size_t used[64];
 std::map<CUdeviceptr, size_t> reservations;  // start -> size
 std::map<CUdeviceptr, size_t> mappings;      // start -> size
+std::map<CUdeviceptr, int> mapped_gpu;       // start -> the GPU of the memory mapped there
 Counters counters;
 std::string control_text;
 long creates_since_control = 0;
@@ -155,7 +164,22 @@ extern "C" {
 
 CUresult cuInit(unsigned) {
   std::lock_guard<std::mutex> lock(mutex);
-  if (!env("FAKE_CUDA_DEVICES").empty()) devices = std::atoi(env("FAKE_CUDA_DEVICES").c_str());
+  int gpus = env("FAKE_CUDA_DEVICES").empty() ? 1 : std::atoi(env("FAKE_CUDA_DEVICES").c_str());
+  visible.clear();
+  if (const char* list = std::getenv("CUDA_VISIBLE_DEVICES")) {
+    // As the driver reads it: indices up to the first that is not a GPU here.
+    std::istringstream items(list);
+    std::string item;
+    while (std::getline(items, item, ',')) {
+      char* end = nullptr;
+      long gpu = std::strtol(item.c_str(), &end, 10);
+      if (item.empty() || *end || gpu < 0 || gpu >= gpus) break;
+      visible.push_back(static_cast<int>(gpu));
+    }
+  } else {
+    for (int gpu = 0; gpu < gpus; ++gpu) visible.push_back(gpu);
+  }
+  devices = static_cast<int>(visible.size());
   if (!env("FAKE_CUDA_MEMORY").empty()) memory_per_device = std::strtoull(env("FAKE_CUDA_MEMORY").c_str(), nullptr, 10);
   initialised = true;
   write_counters();
@@ -198,7 +222,7 @@ CUresult cuDeviceTotalMem_v2(size_t* bytes, int device) {
 CUresult cuDeviceGetUuid(unsigned char* uuid, int device) {
   if (device < 0 || device >= devices) return INVALID_DEVICE;
   for (int i = 0; i < 16; ++i) uuid[i] = static_cast<unsigned char>(0xa0 + i);
-  uuid[15] = static_cast<unsigned char>(device);
+  uuid[15] = static_cast<unsigned char>(visible[device]);
   return SUCCESS;
 }
 
@@ -236,8 +260,8 @@ CUresult cuMemCreate(Handle* handle, size_t size, const AllocationProp* prop, un
   ++creates_since_control;
   if (faults.count("oom_at_create") && creates_since_control == faults["oom_at_create"]) return OUT_OF_MEMORY;
   if (used[device] + size > memory_per_device) return OUT_OF_MEMORY;
-  // Named by device, so that fakenvml.cpp can tell how much each device holds.
-  std::string name = "fakecuda:d" + std::to_string(device);
+  // Named by GPU, so that fakenvml.cpp and importers can tell where it lives.
+  std::string name = "fakecuda:d" + std::to_string(visible[device]);
   int fd = memfd_create(name.c_str(), MFD_CLOEXEC);
   if (fd < 0) return UNKNOWN;
   if (posix_fallocate(fd, 0, static_cast<off_t>(size)) != 0) {
@@ -245,7 +269,7 @@ CUresult cuMemCreate(Handle* handle, size_t size, const AllocationProp* prop, un
     return OUT_OF_MEMORY;
   }
   used[device] += size;
-  *handle = reinterpret_cast<Handle>(new Allocation{fd, size, device, true});
+  *handle = reinterpret_cast<Handle>(new Allocation{fd, size, device, true, visible[device]});
   counters.creates++;
   counters.live_handles++;
   counters.live_created_bytes += static_cast<long>(size);
@@ -288,7 +312,12 @@ CUresult cuMemImportFromShareableHandle(Handle* handle, void* os_handle, int typ
   if (fd < 0) return INVALID_VALUE;
   struct stat st;
   fstat(fd, &st);
-  *handle = reinterpret_cast<Handle>(new Allocation{fd, static_cast<size_t>(st.st_size), -1, false});
+  char name[128] = "";
+  std::string link = "/proc/self/fd/" + std::to_string(fd);
+  ssize_t length = readlink(link.c_str(), name, sizeof name - 1);
+  int gpu = -1;
+  if (length > 0) std::sscanf(name, "/memfd:fakecuda:d%d", &gpu);
+  *handle = reinterpret_cast<Handle>(new Allocation{fd, static_cast<size_t>(st.st_size), -1, false, gpu});
   counters.imports++;
   counters.live_handles++;
   write_counters();
@@ -327,6 +356,7 @@ CUresult cuMemMap(CUdeviceptr address, size_t size, size_t offset, Handle handle
   void* mapped = mmap(reinterpret_cast<void*>(address), size, PROT_NONE, MAP_SHARED | MAP_FIXED, memory->fd, 0);
   if (mapped == MAP_FAILED) return UNKNOWN;
   mappings[address] = size;
+  mapped_gpu[address] = memory->gpu;
   counters.maps++;
   counters.live_mappings++;
   write_counters();
@@ -338,6 +368,8 @@ CUresult cuMemSetAccess(CUdeviceptr address, size_t size, const AccessDesc* desc
   std::lock_guard<std::mutex> lock(mutex);
   if (count != 1 || desc->location.id < 0 || desc->location.id >= devices) return INVALID_VALUE;
   if (!inside(mappings, address, size)) return INVALID_VALUE;
+  auto mapped = --mapped_gpu.upper_bound(address);
+  if (mapped->second != visible[desc->location.id]) return INVALID_DEVICE;
   int prot = desc->flags == 3 ? PROT_READ | PROT_WRITE : desc->flags == 1 ? PROT_READ : PROT_NONE;
   return mprotect(reinterpret_cast<void*>(address), size, prot) == 0 ? SUCCESS : UNKNOWN;
 }
@@ -350,6 +382,7 @@ CUresult cuMemUnmap(CUdeviceptr address, size_t size) {
   mmap(reinterpret_cast<void*>(address), size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED,
        -1, 0);
   mappings.erase(it);
+  mapped_gpu.erase(address);
   counters.live_mappings--;
   write_counters();
   return SUCCESS;

@@ -2,12 +2,13 @@
 // calls sleepd uses, reporting the devices of the driver double (fakecuda.cpp).
 //
 // Memory "used" is what the kernel says is alive, as a real driver's own
-// accounting would: every memfd the driver double made for the device that any
+// accounting would: every memfd the driver double made on the GPU that any
 // process still holds open or mapped, each counted once, plus memory the
-// control file says processes outside sleepd hold (foreign_used_<device>=BYTES).
+// control file says processes outside sleepd hold (foreign_used_<gpu>=BYTES).
 //
-// NVML numbers devices in the reverse order of the driver double, as NVML's
-// PCI order and CUDA's ordinals can differ on a real machine: only UUIDs match.
+// GPUs are numbered as the machine numbers them (CUDA_VISIBLE_DEVICES does not
+// apply to NVML), and NVML's indices run in reverse, as NVML's PCI order and
+// CUDA's ordinals can differ on a real machine: only UUIDs match.
 #include <dirent.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -41,21 +42,21 @@ unsigned long long capacity() {
   return value ? std::strtoull(value, nullptr, 10) : 1ull << 30;
 }
 
-// The CUDA ordinal whose memory a /proc path names, or -1.
+// The GPU whose memory a /proc path names, or -1.
 int device_of(const std::string& path) {
   if (path.compare(0, sizeof kPrefix - 1, kPrefix) != 0) return -1;
   return std::atoi(path.c_str() + sizeof kPrefix - 1);
 }
 
-std::string uuid(int ordinal) {
+std::string uuid(int gpu) {
   char text[64];
-  std::snprintf(text, sizeof text, "GPU-a0a1a2a3-a4a5-a6a7-a8a9-aaabacadae%02x", ordinal);
+  std::snprintf(text, sizeof text, "GPU-a0a1a2a3-a4a5-a6a7-a8a9-aaabacadae%02x", gpu);
   return text;
 }
 
-// Bytes of driver-double memory alive on `ordinal`, from every process's open
+// Bytes of driver-double memory alive on `gpu`, from every process's open
 // descriptors and mappings, each memfd counted once at its largest extent.
-unsigned long long alive(int ordinal) {
+unsigned long long alive(int gpu) {
   std::map<std::pair<unsigned long, unsigned long>, unsigned long long> extent;  // (dev, inode) -> bytes
   DIR* proc = opendir("/proc");
   if (!proc) return 0;
@@ -70,7 +71,7 @@ unsigned long long alive(int ordinal) {
         if (length <= 0) continue;
         target[length] = '\0';
         struct stat info;
-        if (device_of(target) == ordinal && stat(link.c_str(), &info) == 0) {
+        if (device_of(target) == gpu && stat(link.c_str(), &info) == 0) {
           auto& bytes = extent[{info.st_dev, info.st_ino}];
           bytes = std::max<unsigned long long>(bytes, info.st_size);
         }
@@ -85,7 +86,7 @@ unsigned long long alive(int ordinal) {
       unsigned long inode;
       if (std::sscanf(line.c_str(), "%llx-%llx %*s %llx %15s %lu %255s", &start, &end, &offset, device, &inode,
                       path) < 6 ||
-          device_of(path) != ordinal)
+          device_of(path) != gpu)
         continue;
       auto& bytes = extent[{0, inode}];  // mappings name the inode only; memfds share one device
       bytes = std::max(bytes, offset + (end - start));
@@ -100,19 +101,19 @@ unsigned long long alive(int ordinal) {
   return total;
 }
 
-unsigned long long foreign(int ordinal) {
+unsigned long long foreign(int gpu) {
   const char* path = std::getenv("FAKE_CUDA_CONTROL");
   if (!path) return 0;
   std::ifstream file(path);
-  std::string line, key = "foreign_used_" + std::to_string(ordinal) + "=";
+  std::string line, key = "foreign_used_" + std::to_string(gpu) + "=";
   while (std::getline(file, line))
     if (line.compare(0, key.size(), key) == 0) return std::strtoull(line.c_str() + key.size(), nullptr, 10);
   return 0;
 }
 
-// Handles are the CUDA ordinal plus one, so that none is null.
-int ordinal_of(void* handle) { return static_cast<int>(reinterpret_cast<long>(handle)) - 1; }
-void* handle_of(int ordinal) { return reinterpret_cast<void*>(static_cast<long>(ordinal) + 1); }
+// Handles are the GPU index plus one, so that none is null.
+int gpu_of(void* handle) { return static_cast<int>(reinterpret_cast<long>(handle)) - 1; }
+void* handle_of(int gpu) { return reinterpret_cast<void*>(static_cast<long>(gpu) + 1); }
 
 }  // namespace
 
@@ -143,9 +144,9 @@ int nvmlDeviceGetHandleByIndex_v2(unsigned index, void** handle) {
 }
 
 int nvmlDeviceGetHandleByUUID(const char* text, void** handle) {
-  for (int ordinal = 0; ordinal < devices(); ++ordinal) {
-    if (uuid(ordinal) == text) {
-      *handle = handle_of(ordinal);
+  for (int gpu = 0; gpu < devices(); ++gpu) {
+    if (uuid(gpu) == text) {
+      *handle = handle_of(gpu);
       return SUCCESS;
     }
   }
@@ -153,17 +154,17 @@ int nvmlDeviceGetHandleByUUID(const char* text, void** handle) {
 }
 
 int nvmlDeviceGetUUID(void* handle, char* text, unsigned length) {
-  int ordinal = ordinal_of(handle);
-  if (ordinal < 0 || ordinal >= devices()) return INVALID_ARGUMENT;
-  std::snprintf(text, length, "%s", uuid(ordinal).c_str());
+  int gpu = gpu_of(handle);
+  if (gpu < 0 || gpu >= devices()) return INVALID_ARGUMENT;
+  std::snprintf(text, length, "%s", uuid(gpu).c_str());
   return SUCCESS;
 }
 
 int nvmlDeviceGetMemoryInfo(void* handle, Memory* memory) {
-  int ordinal = ordinal_of(handle);
-  if (ordinal < 0 || ordinal >= devices()) return INVALID_ARGUMENT;
+  int gpu = gpu_of(handle);
+  if (gpu < 0 || gpu >= devices()) return INVALID_ARGUMENT;
   memory->total = capacity();
-  memory->used = std::min(memory->total, alive(ordinal) + foreign(ordinal));
+  memory->used = std::min(memory->total, alive(gpu) + foreign(gpu));
   memory->free = memory->total - memory->used;
   return SUCCESS;
 }
