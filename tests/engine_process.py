@@ -8,7 +8,8 @@ on stdin with one-line JSON replies on stdout:
     {"op": "sleep", "level": 1}        sleep its own model through the client API
     {"op": "wake", "tags": [...]}      wake its own model
     {"op": "die_on", "moment": m}      SIGKILL itself at that protocol moment (fetch, unmap, remap), or
-                                       stop itself on an unmap or a remap (stop_before_unmap, _remap)
+                                       stop itself on an unmap or a remap (stop_before_unmap, _remap) or
+                                       between a remap's regions (stop_on_second_fetch)
     {"op": "alloc", "size": n, "tag": t}
     {"op": "touch"}                    mark the model active
     {"op": "ensure_awake"}             wake it (evicting as policy allows) if it sleeps
@@ -45,13 +46,25 @@ def die_on(client, moment: str) -> None:
 
     if moment == "fetch":
         client._handles.fetch = die
+    elif moment == "stop_on_second_fetch":  # a remap that has mapped its first region freezes before the next
+        fetch, calls = client._handles.fetch, []
+
+        def stop_on_second(region_id):
+            calls.append(region_id)
+            if len(calls) == 2:
+                signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
+            return fetch(region_id)
+
+        client._handles.fetch = stop_on_second
     elif moment.startswith("stop_before_"):  # freeze (SIGSTOP) on that command once, and carry on when continued
         name = "_" + moment.removeprefix("stop_before_")
         handle = getattr(client, name)
 
         def stop_then_handle(command):
             setattr(client, name, handle)
-            os.kill(os.getpid(), signal.SIGSTOP)
+            # Sent to this thread, the stop takes it before the call returns; sent to the
+            # process, the main thread may take it while this one goes on for a moment.
+            signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
             handle(command)
 
         setattr(client, name, stop_then_handle)

@@ -67,13 +67,13 @@ def process_state(pid: int) -> str:
         return stat.read().rsplit(")", 1)[1].split()[0]
 
 
-def kill_daemon_in_the_middle(daemon, engine, operation: str, stop_on: str) -> None:
+def kill_daemon_in_the_middle(daemon, engine, operation: str, moment: str) -> None:
     """Runs `sleepctl OPERATION --model qwen` and SIGKILLs the daemon while the
-    engine sits frozen on the command `stop_on`; the engine then carries on."""
-    engine.request("die_on", moment=f"stop_before_{stop_on}")
+    engine sits frozen at `moment` (see engine_process.py); the engine then carries on."""
+    engine.request("die_on", moment=moment)
     caller = subprocess.Popen([sys.executable, "-m", "sleepd.client.ctl", "--socket", daemon.socket,
                                operation, "--model", "qwen"], stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: process_state(engine.pid) == "T", what=f"the engine to stop on the {stop_on}")
+    wait_for(lambda: process_state(engine.pid) == "T", what=f"the engine to stop at {moment}")
     os.kill(daemon.pid, signal.SIGKILL)
     daemon.process.wait()
     os.kill(engine.pid, signal.SIGCONT)  # it goes on as told; what it needs of the daemon finds none
@@ -85,12 +85,19 @@ def restart(tmp_path, backend) -> Daemon:
         if backend == "host" else Daemon(tmp_path, backend)
 
 
-def assert_wakes_whole(daemon, engine) -> None:
-    """The model sleeps after the restart; a wake brings back every offloaded byte and zeroes the rest."""
+ASLEEP = {"weights": "offloaded", "kv_cache": "discarded", "buffers": "offloaded"}
+
+
+def assert_wakes_whole(daemon, engine, states=ASLEEP) -> None:
+    """After the restart the model sleeps, its regions in `states`; a wake brings
+    back every offloaded byte and zeroes the rest."""
     wait_for(lambda: attached(daemon) == {"qwen": [(0, False)]}, timeout=30, what="the engine to come back")
-    wait_for(lambda: daemon.status()["models"][0]["sleeping"], what="the resume to finish")
-    states = {r["tag"]: r["state"] for r in engine.report()["regions"]}
-    assert states == {"weights": "offloaded", "kv_cache": "discarded", "buffers": "offloaded"}
+    wait_for(lambda: not any(r.get("detached") for r in daemon.status()["models"][0]["ranks"])
+             and daemon.status()["models"][0]["sleeping"], what="the resume to finish")
+    assert {r["tag"]: r["state"] for r in engine.report()["regions"]} == states
+    # Backups are kept for what is asleep with contents, and only for that.
+    kept = sum(size for tag, size in REGIONS if states[tag] == "offloaded")
+    wait_for(lambda: daemon.status()["pool"]["used"] == str(kept), what="the backups of what woke to be freed")
     daemon.ctl("wake", "--model", "qwen")
     now, original = by_tag(engine.report()), by_tag(engine.initial)
     for tag in ("weights", "buffers"):
@@ -103,7 +110,7 @@ def test_a_daemon_killed_in_the_middle_of_a_sleep_loses_no_byte(tmp_path, backen
     daemon = start_daemon()
     engine = start_engine(daemon, "qwen", regions=REGIONS)
     # The copy is done and recorded when the engine gets the unmap.
-    kill_daemon_in_the_middle(daemon, engine, "sleep", stop_on="unmap")
+    kill_daemon_in_the_middle(daemon, engine, "sleep", "stop_before_unmap")
     again = restart(tmp_path, backend)
     try:
         assert_wakes_whole(again, engine)
@@ -116,9 +123,23 @@ def test_a_daemon_killed_in_the_middle_of_a_wake_loses_no_byte(tmp_path, backend
     engine = start_engine(daemon, "qwen", regions=REGIONS)
     daemon.ctl("sleep", "--model", "qwen")
     # The memory is created and filled when the engine gets the remap; its backups are not yet freed.
-    kill_daemon_in_the_middle(daemon, engine, "wake", stop_on="remap")
+    kill_daemon_in_the_middle(daemon, engine, "wake", "stop_before_remap")
     again = restart(tmp_path, backend)
     try:
         assert_wakes_whole(again, engine)
+    finally:
+        again.stop()
+
+
+def test_a_daemon_killed_between_the_regions_of_a_wake_keeps_what_came_back(tmp_path, backend, fake, start_daemon,
+                                                                            start_engine):
+    daemon = start_daemon()
+    engine = start_engine(daemon, "qwen", regions=REGIONS)
+    daemon.ctl("sleep", "--model", "qwen")
+    # The engine has mapped the weights (restored), not yet the rest, when the daemon dies.
+    kill_daemon_in_the_middle(daemon, engine, "wake", "stop_on_second_fetch")
+    again = restart(tmp_path, backend)
+    try:
+        assert_wakes_whole(again, engine, states={**ASLEEP, "weights": "mapped"})
     finally:
         again.stop()
