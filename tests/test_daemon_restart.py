@@ -106,40 +106,23 @@ def assert_wakes_whole(daemon, engine, states=ASLEEP) -> None:
     assert engine.report()["hooks"] == {"sleep": 1, "wake": 1}
 
 
-def test_a_daemon_killed_in_the_middle_of_a_sleep_loses_no_byte(tmp_path, backend, fake, start_daemon, start_engine):
-    daemon = start_daemon()
-    engine = start_engine(daemon, "qwen", regions=REGIONS)
+@pytest.mark.parametrize("operation, moment, states", [
     # The copy is done and recorded when the engine gets the unmap.
-    kill_daemon_in_the_middle(daemon, engine, "sleep", "stop_before_unmap")
-    again = restart(tmp_path, backend)
-    try:
-        assert_wakes_whole(again, engine)
-    finally:
-        again.stop()
-
-
-def test_a_daemon_killed_in_the_middle_of_a_wake_loses_no_byte(tmp_path, backend, fake, start_daemon, start_engine):
+    ("sleep", "stop_before_unmap", ASLEEP),
+    # The memory is created and filled when the engine gets the remap; the backups are not yet freed.
+    ("wake", "stop_before_remap", ASLEEP),
+    # The engine has mapped the weights (restored), not yet the rest: they stay awake.
+    ("wake", "stop_on_second_fetch", {**ASLEEP, "weights": "mapped"}),
+], ids=["mid-sleep", "mid-wake", "between-the-regions-of-a-wake"])
+def test_a_daemon_killed_in_the_middle_of_an_operation_loses_no_byte(operation, moment, states, tmp_path, backend,
+                                                                     fake, start_daemon, start_engine):
     daemon = start_daemon()
     engine = start_engine(daemon, "qwen", regions=REGIONS)
-    daemon.ctl("sleep", "--model", "qwen")
-    # The memory is created and filled when the engine gets the remap; its backups are not yet freed.
-    kill_daemon_in_the_middle(daemon, engine, "wake", "stop_before_remap")
+    if operation == "wake":
+        daemon.ctl("sleep", "--model", "qwen")
+    kill_daemon_in_the_middle(daemon, engine, operation, moment)
     again = restart(tmp_path, backend)
     try:
-        assert_wakes_whole(again, engine)
-    finally:
-        again.stop()
-
-
-def test_a_daemon_killed_between_the_regions_of_a_wake_keeps_what_came_back(tmp_path, backend, fake, start_daemon,
-                                                                            start_engine):
-    daemon = start_daemon()
-    engine = start_engine(daemon, "qwen", regions=REGIONS)
-    daemon.ctl("sleep", "--model", "qwen")
-    # The engine has mapped the weights (restored), not yet the rest, when the daemon dies.
-    kill_daemon_in_the_middle(daemon, engine, "wake", "stop_on_second_fetch")
-    again = restart(tmp_path, backend)
-    try:
-        assert_wakes_whole(again, engine, states={**ASLEEP, "weights": "mapped"})
+        assert_wakes_whole(again, engine, states)
     finally:
         again.stop()
