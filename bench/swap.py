@@ -1,12 +1,12 @@
 """Swap time (A out, B in, overlapped) as a ratio to sleep(A) followed by
 wake(B), both measured in the same run on the same daemon."""
 
+import contextlib
 import statistics
 import time
 
-import grpc
-
 from sleepd.client import SleepClient
+from sleepd.client.control import control_channel
 from sleepd.common.sizes import format_size, parse_size
 from sleepd.proto import sleepd_pb2 as pb
 from sleepd.proto import sleepd_pb2_grpc as pb_grpc
@@ -32,9 +32,12 @@ def run(args) -> int:
         flags += ["--host-device-capacity", str(size + 4 * region_size)]
     else:
         flags += ["--device-reserve", "0"]
-    with LocalDaemon(None, *flags) as daemon, \
-            SleepClient.connect("a", socket=daemon.socket) as a, SleepClient.connect("b", socket=daemon.socket) as b, \
-            grpc.insecure_channel(f"unix:{daemon.socket}") as channel:
+    with LocalDaemon(None, *flags) as daemon, contextlib.ExitStack() as stack:
+        a = stack.enter_context(SleepClient.connect("a", socket=daemon.socket))
+        b = stack.enter_context(SleepClient.connect("b", socket=daemon.socket))
+        channel, handles = control_channel(daemon.socket)  # Swap, like every request, carries our credentials
+        stack.callback(handles.close)
+        stack.enter_context(channel)
         stub = pb_grpc.SleepdStub(channel)
         for client in (b, a):
             for _ in range(count):
