@@ -1,8 +1,11 @@
 """Swap time (A out, B in, overlapped) as a ratio to sleep(A) followed by
-wake(B), both measured in the same run on the same daemon."""
+wake(B), both measured in the same run on the same daemon; and, with room for
+both models, a sleep of A and a wake of B sent at once against one after the
+other."""
 
 import contextlib
 import statistics
+import threading
 import time
 
 from sleepd.client import SleepClient
@@ -22,14 +25,16 @@ def add_arguments(parser) -> None:
                         help="cuda needs a GPU (and allocates raw regions, no torch)")
 
 
-def run(args) -> int:
+@contextlib.contextmanager
+def _two_models(args, room_for: int):
+    """A daemon whose device has room for `room_for` models and a little, with
+    model A awake and model B asleep (level 1), and a credentialed stub."""
     region_size = parse_size(args.region_size)
     count = max(1, parse_size(args.size) // region_size)
     size = count * region_size
-    # The device holds one model and a little: B can come in only as A goes out.
     flags = ["--backend", args.backend, "--host-pool-budget", str(3 * size), "--host-pool-prefault"]
     if args.backend == "host":
-        flags += ["--host-device-capacity", str(size + 4 * region_size)]
+        flags += ["--host-device-capacity", str(room_for * size + 4 * region_size)]
     else:
         flags += ["--device-reserve", "0"]
     with LocalDaemon(None, *flags) as daemon, contextlib.ExitStack() as stack:
@@ -38,29 +43,60 @@ def run(args) -> int:
         channel, handles = control_channel(daemon.socket)  # Swap, like every request, carries our credentials
         stack.callback(handles.close)
         stack.enter_context(channel)
-        stub = pb_grpc.SleepdStub(channel)
         for client in (b, a):
             for _ in range(count):
                 region = client.alloc(region_size, "weights")
                 region.write(b"\x5a" * region_size)
             if client is b:
                 client.sleep(level=1)
+        yield a, b, pb_grpc.SleepdStub(channel), count, region_size
+
+
+def _timed(work) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
+
+
+def _at_once(*works) -> None:
+    threads = [threading.Thread(target=work) for work in works]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def run(args) -> int:
+    # Room for one model: B can come in only as A goes out.
+    with _two_models(args, room_for=1) as (a, b, stub, count, region_size):
         sequential, overlapped = [], []
         for _ in range(args.rounds):
-            started = time.perf_counter()
-            a.sleep(level=1)
-            b.wake()
-            sequential.append(time.perf_counter() - started)
+            sequential.append(_timed(lambda: (a.sleep(level=1), b.wake())))
             b.sleep(level=1)
             a.wake()
-            started = time.perf_counter()
-            stub.Swap(pb.SwapRequest(to_model="b", from_models=["a"]))
-            overlapped.append(time.perf_counter() - started)
+            overlapped.append(_timed(lambda: stub.Swap(pb.SwapRequest(to_model="b", from_models=["a"]))))
             stub.Swap(pb.SwapRequest(to_model="a", from_models=["b"]))
+    # Room for both: a sleep of A and a wake of B, sent as two requests at once.
+    with _two_models(args, room_for=2) as (a, b, stub, count, region_size):
+        one_by_one, together = [], []
+        for _ in range(args.rounds):
+            one_by_one.append(_timed(lambda: (a.sleep(level=1), b.wake())))
+            b.sleep(level=1)
+            a.wake()
+            together.append(_timed(lambda: _at_once(lambda: a.sleep(level=1), b.wake)))
+            b.sleep(level=1)
+            a.wake()
+    size = count * region_size
     seq, swap = statistics.median(sequential), statistics.median(overlapped)
     print(f"{args.backend} backend, two models of {count} x {format_size(region_size)} ({format_size(size)}), "
-          f"device room for one, {args.rounds} rounds:")
-    print(f"  sleep(A) then wake(B): {seq:.3f} s (median)")
-    print(f"  swap A -> B:           {swap:.3f} s (median)")
-    print(f"  swap / sequential:     {swap / seq:.2f}")
+          f"{args.rounds} rounds, medians:")
+    print("  device room for one model:")
+    print(f"    sleep(A) then wake(B): {seq:.3f} s")
+    print(f"    swap A -> B:           {swap:.3f} s")
+    print(f"    swap / sequential:     {swap / seq:.2f}")
+    apart, at_once = statistics.median(one_by_one), statistics.median(together)
+    print("  device room for both, sleep(A) and wake(B) as two requests:")
+    print(f"    one after the other:   {apart:.3f} s")
+    print(f"    at the same time:      {at_once:.3f} s")
+    print(f"    together / apart:      {at_once / apart:.2f}")
     return 0

@@ -13,9 +13,10 @@ def bench(*args) -> str:
     return result.stdout
 
 
-def test_the_swap_benchmark_prints_its_ratio():
+def test_the_swap_benchmark_prints_its_ratios():
     out = bench("swap", "--size", "64MiB", "--region-size", "8MiB", "--rounds", "1")
     assert float(re.search(r"swap / sequential:\s+([0-9.]+)", out).group(1)) > 0
+    assert float(re.search(r"together / apart:\s+([0-9.]+)", out).group(1)) > 0
 
 
 def test_the_host_benchmark_prints_ratios_to_memcpy():
