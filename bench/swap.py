@@ -59,11 +59,22 @@ def _timed(work) -> float:
 
 
 def _at_once(*works) -> None:
-    threads = [threading.Thread(target=work) for work in works]
+    """Runs `works` in threads started together; raises the first error any of them met."""
+    errors = []
+
+    def run(work):
+        try:
+            work()
+        except Exception as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(work,)) for work in works]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    if errors:
+        raise errors[0]
 
 
 def run(args) -> int:

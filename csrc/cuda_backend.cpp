@@ -142,8 +142,10 @@ void CudaBackend::release(Handle handle) {
     if (memory.created) used_[memory.device] -= memory.size;
   }
   if (memory.staging) {
+    // Every copy through the staging mapping synchronised its own streams before
+    // returning; a context-wide synchronise here would also wait for the copies
+    // another thread runs in the other direction.
     use_context(memory.device);
-    driver_->check(driver_->cuCtxSynchronize(), "cuCtxSynchronize");
     driver_->check(driver_->cuMemUnmap(memory.staging, memory.size), "cuMemUnmap");
     driver_->check(driver_->cuMemAddressFree(memory.staging, memory.size), "cuMemAddressFree");
   }
@@ -256,8 +258,14 @@ void CudaBackend::chunked(int device, size_t size, Issue issue) {
     }
   }
   size_t index = 0;
-  for (size_t offset = 0; offset < size; offset += kChunk, ++index)
-    issue(offset, std::min(kChunk, size - offset), (*streams)[index % streams->size()]);
+  try {
+    for (size_t offset = 0; offset < size; offset += kChunk, ++index)
+      issue(offset, std::min(kChunk, size - offset), (*streams)[index % streams->size()]);
+  } catch (...) {
+    // Chunks already queued use the staging mapping: they finish before anyone may unmap it.
+    for (cu::CUstream stream : *streams) driver_->cuStreamSynchronize(stream);
+    throw;
+  }
   for (cu::CUstream stream : *streams) driver_->check(driver_->cuStreamSynchronize(stream), "cuStreamSynchronize");
 }
 

@@ -40,13 +40,25 @@ class DaemonBackend:
         self.name = native.name
         self.devices = devices
         self._driver = driver
+        self._unreadable: set[int] = set()  # devices NVML failed on, so that the log says it once
 
     def used(self, device: int) -> int:
         return self.native.used(device)
 
     def driver_memory(self, device: int) -> DriverMemory | None:
-        """The device's memory as the driver reports it, every process counted (None without NVML)."""
-        return self._driver.memory(device) if self._driver else None
+        """The device's memory as the driver reports it, every process counted
+        (None without NVML, or while NVML cannot read it: said once in the log)."""
+        if self._driver is None:
+            return None
+        try:
+            memory = self._driver.memory(device)
+        except NvmlUnavailable as why:
+            if device not in self._unreadable:
+                self._unreadable.add(device)
+                log.warning("%s; counting only sleepd's own memory on it until NVML reads it again", why)
+            return None
+        self._unreadable.discard(device)
+        return memory
 
     def free(self, device: int) -> int:
         """What sleepd may still hand out on the device: its budget less what it

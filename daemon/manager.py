@@ -5,13 +5,15 @@ Locking, outermost first: a model's lock (one operation per model at a time),
 then the locks of the devices a step touches, taken in index order, then the
 registry lock, held only briefly to read or change the maps below.
 
-A device's lock serialises its memory-management steps: creating and releasing
-device memory, and engines mapping and unmapping it (concurrent VMM calls from
-several processes on one GPU are a known source of driver crashes). It is not
-held across hooks or copies: the mover has one channel per direction, so one
-model's offload and another's restore run at the same time. Room is checked
+A device's lock serialises the daemon's creating and releasing of device memory
+and the rounds in which engines map or unmap it (concurrent VMM calls from
+several engine processes on one GPU are a known source of driver crashes). It is
+not held across hooks or copies: the mover has one channel per direction, so one
+model's offload and another's restore run at the same time (the mover's own
+short-lived import and mapping for a copy happen outside it). Room is checked
 again under the lock when memory is created, so two operations racing for the
-same bytes cannot both have them.
+same bytes cannot both have them; a swap sets aside the room it frees for the
+model it brings in.
 
 A session's handle-socket requests take only the registry lock, so an engine
 can fetch memory while an operation waits on it. Eviction takes another model's
@@ -78,6 +80,8 @@ class MemoryManager:
         self._default_policies = default_policies or {}
         self._state_sequence = itertools.count(1)
         self._device_locks = {device.index: threading.Lock() for device in backend.devices}
+        # Room a swap in progress has set aside for the model it brings in: {model: {device: bytes}}.
+        self._promised: dict[str, dict[int, int]] = {}
 
     # ---- sessions ----
 
@@ -479,6 +483,25 @@ class MemoryManager:
             asleep = sum(r.mapped_size for r in self._regions.values() if r.device == device and r.handle is None)
         return self.backend.used(device) + asleep
 
+    def room_for(self, model_name: str, device: int) -> int:
+        """What `model_name` may still get on the device: its free room less what
+        swaps in progress have set aside for other models."""
+        with self._registry:
+            promised = sum(p.get(device, 0) for name, p in self._promised.items() if name != model_name)
+        return max(0, self.backend.free(device) - promised)
+
+    @contextlib.contextmanager
+    def set_aside(self, model_name: str, needed: dict[int, int]):
+        """Keeps `needed` bytes per device for `model_name` while the block runs:
+        room freed for it goes to it, not to whichever operation asks first."""
+        with self._registry:
+            self._promised[model_name] = dict(needed)
+        try:
+            yield
+        finally:
+            with self._registry:
+                self._promised.pop(model_name, None)
+
     def models(self) -> list[Model]:
         with self._registry:
             return list(self._models.values())
@@ -618,7 +641,8 @@ class MemoryManager:
         allowed; refuses naming the bytes missing and what holds them otherwise."""
         evicted: list[str] = []
         while True:
-            short = {d: n - self.backend.free(d) for d, n in needed.items() if n > self.backend.free(d)}
+            room = {d: self.room_for(model.name, d) for d in needed}
+            short = {d: n - room[d] for d, n in needed.items() if n > room[d]}
             if not short:
                 return evicted
             device, missing = next(iter(sorted(short.items())))
@@ -690,9 +714,10 @@ class MemoryManager:
         """New device memory for each region, named so that it shows in /proc as the
         model's. The room is checked under the device locks, so that an operation
         running beside this one cannot have taken it since this one checked."""
+        model_name = regions[0].session.model if regions else ""
         with self.devices_locked(_devices(regions)):
             for device, needed in needed_by_device(regions).items():
-                if needed > self.backend.free(device):
+                if needed > self.room_for(model_name, device):
                     raise exhausted(f"{what}: needs {format_size(needed)} on {self.backend.devices[device].name}, "
                                     f"more than its {self._room(device)}; another operation took the room")
             for region in regions:
@@ -790,6 +815,11 @@ class MemoryManager:
         held = ", ".join(f"{name} {format_size(size)}" for name, size in sorted(holders.items())) or "nothing"
         budget = self.backend.devices[device].budget
         room = f"{format_size(self.backend.free(device))} free of its {format_size(budget)} budget (held by {held})"
+        with self._registry:
+            promised = {name: p[device] for name, p in self._promised.items() if p.get(device)}
+        if promised:
+            room += "; " + ", ".join(f"{format_size(size)} set aside for swapping in {name}"
+                                     for name, size in sorted(promised.items()))
         driver = self.backend.driver_memory(device)
         if driver is not None and driver.free < budget - self.backend.used(device):
             outside = max(0, driver.used - self.backend.used(device))

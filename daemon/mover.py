@@ -43,6 +43,10 @@ class CopyJob:
     backup: Backup | None = None
 
 
+class _Refused(Exception):
+    """The mover answered that a request failed; unlike a broken channel, it is still fine."""
+
+
 class _Channel:
     """One request at a time on one socket; the mover serves each channel on its own thread."""
 
@@ -114,6 +118,10 @@ class Mover:
             try:
                 self._register_slabs(direction)
                 work(channel)
+            except _Refused as error:
+                # The mover is alive and well (a driver call failed): the other channel's copy goes on.
+                raise unavailable(f"mover for device {self.device} could not copy ({error}); "
+                                  "nothing was released; try again") from None
             except (OSError, wire.ProtocolError) as error:
                 with self._process_lock:
                     self._stop()
@@ -170,7 +178,7 @@ class Mover:
         if reply is None:
             raise OSError(f"mover exited ({self._process.wait()})")
         if not reply.get("ok"):
-            raise OSError(reply.get("error", "mover refused the request"))
+            raise _Refused(reply.get("error", "mover refused the request"))
         return reply
 
 

@@ -48,5 +48,8 @@ class Nvml:
         return cls(pynvml, handles)
 
     def memory(self, device: int) -> DriverMemory:
-        info = self._pynvml.nvmlDeviceGetMemoryInfo(self._handles[device])  # NVML is thread-safe
+        try:
+            info = self._pynvml.nvmlDeviceGetMemoryInfo(self._handles[device])  # NVML is thread-safe
+        except self._pynvml.NVMLError as error:  # a GPU fallen off the bus, a driver being reloaded
+            raise NvmlUnavailable(f"NVML cannot read device {device}: {error}") from None
         return DriverMemory(int(info.total), int(info.used), int(info.free))

@@ -55,16 +55,16 @@ def swap(manager, to_name: str, from_names: list[str]) -> SwapResult:
     return result
 
 
-def _short(manager, needed: dict[int, int], freed: dict[int, int]) -> dict[int, int]:
-    return {d: n - manager.backend.free(d) - freed.get(d, 0) for d, n in needed.items()
-            if n > manager.backend.free(d) + freed.get(d, 0)}
+def _short(manager, target: Model, needed: dict[int, int], freed: dict[int, int]) -> dict[int, int]:
+    room = {d: manager.room_for(target.name, d) + freed.get(d, 0) for d in needed}
+    return {d: n - room[d] for d, n in needed.items() if n > room[d]}
 
 
 def _choose_victims(manager, target: Model, needed: dict[int, int]) -> list[Model]:
     """Models in eviction order until their memory makes the target fit."""
     victims, freed = [], {}
     for candidate in manager.eviction_candidates(target, needed):
-        if not _short(manager, needed, freed):
+        if not _short(manager, target, needed, freed):
             break
         victims.append(candidate)
         for device in needed:
@@ -79,7 +79,7 @@ def _check_enough(manager, target: Model, victims: list[Model], needed: dict[int
             raise exhausted(f"swap to {target.name}: {victim.name} is pinned and is never put to sleep for room")
         for device in needed:
             freed[device] = freed.get(device, 0) + victim.held_on(device)
-    short = _short(manager, needed, freed)
+    short = _short(manager, target, needed, freed)
     if short:
         device, missing = next(iter(sorted(short.items())))
         names = ", ".join(victim.name for victim in victims) or "no model that may be evicted"
@@ -131,7 +131,7 @@ class _Restorer(threading.Thread):
 
     def _fitting(self, pending: list[Region]) -> list[Region]:
         """The longest prefix of `pending` that fits in the room there is now."""
-        free = {device: self.manager.backend.free(device) for device in {r.device for r in pending}}
+        free = {device: self.manager.room_for(self.target.name, device) for device in {r.device for r in pending}}
         batch = []
         for region in pending:
             if free[region.device] < region.mapped_size:
@@ -154,30 +154,32 @@ def _overlapped(manager, target: Model, victims: list[Model], targets: list[Regi
     room = threading.Condition()
     restorer = _Restorer(manager, target, targets, room)
     try:
-        for victim in victims:
-            if not victim.sleeping:
-                manager.quiesce(victim, victim.policy.eviction_level)
-                quiesced.append(victim)
-        restorer.start()
-        for victim, work in works.items():
-            for batch in _batches(work):
-                manager.offload_and_unmap(victim, batch)
-                with room:
-                    room.notify_all()
-                for region, action in batch:
-                    if action is Action.OFFLOAD:
-                        slept[victim].bytes_offloaded += region.mapped_size
-                    else:
-                        slept[victim].bytes_discarded += region.mapped_size
-                    slept[victim].regions += 1
-            victim.sleeping = True
-        with room:
-            restorer.senders_done = True
-            room.notify_all()
-        restorer.join()
-        if restorer.error:
-            raise restorer.error
-        manager.remap_or_undo(target, targets)
+        # Until the swap ends (not during a rollback), the room it frees is the target's.
+        with manager.set_aside(target.name, needed_by_device(targets)):
+            for victim in victims:
+                if not victim.sleeping:
+                    manager.quiesce(victim, victim.policy.eviction_level)
+                    quiesced.append(victim)
+            restorer.start()
+            for victim, work in works.items():
+                for batch in _batches(work):
+                    manager.offload_and_unmap(victim, batch)
+                    with room:
+                        room.notify_all()
+                    for region, action in batch:
+                        if action is Action.OFFLOAD:
+                            slept[victim].bytes_offloaded += region.mapped_size
+                        else:
+                            slept[victim].bytes_discarded += region.mapped_size
+                        slept[victim].regions += 1
+                victim.sleeping = True
+            with room:
+                restorer.senders_done = True
+                room.notify_all()
+            restorer.join()
+            if restorer.error:
+                raise restorer.error
+            manager.remap_or_undo(target, targets)
     except BaseException as error:
         with room:
             restorer.senders_done = True
@@ -185,10 +187,13 @@ def _overlapped(manager, target: Model, victims: list[Model], targets: list[Regi
         if restorer.is_alive():
             restorer.join()
         manager.undo_restore(target, restorer.done, remapped=[])
-        _wake_again(manager, victims, works, quiesced)
+        left_asleep = _wake_again(manager, victims, works, quiesced)
         if isinstance(error, SleepdError):
-            raise SleepdError(error.code, f"swap to {target.name} failed; "
-                              f"{', '.join(v.name for v in victims)} woken again: {error.message}") from None
+            woken = [v.name for v in victims if v.name not in left_asleep]
+            outcome = [f"{', '.join(woken)} woken again"] if woken else []
+            outcome += [f"{name} left asleep with its backups ({why})" for name, why in left_asleep.items()]
+            raise SleepdError(error.code, f"swap to {target.name} failed; {'; '.join(outcome)}: "
+                              f"{error.message}") from None
         raise
     manager.finish_wake(target, targets, woke)
     for victim in victims:
@@ -198,17 +203,26 @@ def _overlapped(manager, target: Model, victims: list[Model], targets: list[Regi
     return SwapResult(list(slept.values()), woke, 0.0, _sequential_estimate(manager, slept.values(), woke, devices))
 
 
-def _wake_again(manager, victims: list[Model], works, quiesced: list[Model]) -> None:
-    """Rollback: every region a victim released in this swap comes back, and its ranks resume."""
+def _wake_again(manager, victims: list[Model], works, quiesced: list[Model]) -> dict[str, str]:
+    """Rollback: every region a victim released in this swap comes back, and its
+    ranks resume. A victim that cannot have its memory back (the room went
+    elsewhere) stays asleep, backups intact, until woken; returns those, with why."""
+    left_asleep = {}
     for victim in victims:
         released = [r for r, _ in works[victim] if r.state in (RegionState.OFFLOADED, RegionState.DISCARDED)]
-        if released:
-            manager.materialize(victim, released)
-            manager.remap_or_undo(victim, released)
-            manager.commit_restore(released, OperationResult(victim.name))
+        try:
+            if released:
+                manager.materialize(victim, released)
+                manager.remap_or_undo(victim, released)
+                manager.commit_restore(released, OperationResult(victim.name))
+        except Exception as error:  # the next victims still get theirs back
+            victim.sleeping = True  # its sleep hooks ran; a wake brings the rest back and resumes it
+            left_asleep[victim.name] = error.message if isinstance(error, SleepdError) else str(error)
+            continue
         if victim in quiesced or released:
             victim.sleeping = False
             manager.resume(victim, best_effort=True)
+    return left_asleep
 
 
 def _sequential_estimate(manager, slept, woke: OperationResult, devices: set[int]) -> float:

@@ -128,7 +128,7 @@ def demo(engine: Engine) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny", help="the model name sleepd knows this engine by")
-    parser.add_argument("--device", type=int, default=0, help="the daemon's device index")
+    parser.add_argument("--device", type=int, default=0, help="this process's device number (sleepd finds the GPU by its UUID)")
     parser.add_argument("--socket", help="sleepd's socket (default $SLEEPD_SOCKET or the system socket)")
     parser.add_argument("--demo", action="store_true", help="serve, sleep at levels 1 and 2, serve again, check")
     args = parser.parse_args()

@@ -1,5 +1,6 @@
 """Fixtures: a real sleepd on each backend, real engine processes, the CUDA driver double."""
 
+import hashlib
 import os
 import subprocess
 
@@ -46,6 +47,8 @@ def fake(backend, fake_cuda, fake_nvml, tmp_path, monkeypatch):
     monkeypatch.setenv("LD_LIBRARY_PATH", os.pathsep.join(filter(None, [fake_nvml, os.environ.get("LD_LIBRARY_PATH")])))
     monkeypatch.setenv("FAKE_CUDA_COUNTERS", str(double.counters_dir))
     monkeypatch.setenv("FAKE_CUDA_CONTROL", str(double.control_file))
+    # The NVML double counts only this test's memory, whatever else runs on the machine.
+    monkeypatch.setenv("FAKE_CUDA_TAG", hashlib.sha1(str(tmp_path).encode()).hexdigest()[:12])
     return double
 
 

@@ -19,9 +19,11 @@
 //   FAKE_CUDA_DEVICES      GPUs on the machine (default 1)
 //   FAKE_CUDA_MEMORY       bytes per device (default 1 GiB)
 //   FAKE_CUDA_COUNTERS     directory where each process writes <pid>.json counters
+//   FAKE_CUDA_TAG          names this test's memory, which fakenvml.cpp counts alone
 //   FAKE_CUDA_CONTROL      a file of key=value lines, re-read on every call, for
 //                          fault injection; a change of its contents resets the counts:
 //                            oom_at_create=N    the Nth cuMemCreate from now fails with OOM
+//                            oom_from_create=N  so do the Nth and every later one
 //                            fail_map=1         cuMemMap fails
 //                            fail_import_pid=P  cuMemImportFromShareableHandle fails in process P
 //                            hold_dtoh=1        device-to-host copies wait until this line is gone
@@ -259,9 +261,10 @@ CUresult cuMemCreate(Handle* handle, size_t size, const AllocationProp* prop, un
   auto faults = control();
   ++creates_since_control;
   if (faults.count("oom_at_create") && creates_since_control == faults["oom_at_create"]) return OUT_OF_MEMORY;
+  if (faults.count("oom_from_create") && creates_since_control >= faults["oom_from_create"]) return OUT_OF_MEMORY;
   if (used[device] + size > memory_per_device) return OUT_OF_MEMORY;
-  // Named by GPU, so that fakenvml.cpp and importers can tell where it lives.
-  std::string name = "fakecuda:d" + std::to_string(visible[device]);
+  // Named by test and GPU, so that fakenvml.cpp and importers can tell where it lives.
+  std::string name = "fakecuda:t" + env("FAKE_CUDA_TAG") + ":d" + std::to_string(visible[device]);
   int fd = memfd_create(name.c_str(), MFD_CLOEXEC);
   if (fd < 0) return UNKNOWN;
   if (posix_fallocate(fd, 0, static_cast<off_t>(size)) != 0) {
@@ -316,7 +319,7 @@ CUresult cuMemImportFromShareableHandle(Handle* handle, void* os_handle, int typ
   std::string link = "/proc/self/fd/" + std::to_string(fd);
   ssize_t length = readlink(link.c_str(), name, sizeof name - 1);
   int gpu = -1;
-  if (length > 0) std::sscanf(name, "/memfd:fakecuda:d%d", &gpu);
+  if (length > 0) std::sscanf(name, "/memfd:fakecuda:t%*[^:]:d%d", &gpu);
   *handle = reinterpret_cast<Handle>(new Allocation{fd, static_cast<size_t>(st.st_size), -1, false, gpu});
   counters.imports++;
   counters.live_handles++;

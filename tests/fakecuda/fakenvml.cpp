@@ -2,9 +2,10 @@
 // calls sleepd uses, reporting the devices of the driver double (fakecuda.cpp).
 //
 // Memory "used" is what the kernel says is alive, as a real driver's own
-// accounting would: every memfd the driver double made on the GPU that any
-// process still holds open or mapped, each counted once, plus memory the
-// control file says processes outside sleepd hold (foreign_used_<gpu>=BYTES).
+// accounting would: every memfd the driver double made on the GPU for this test
+// that any process still holds open or mapped, each counted once, plus memory the
+// control file says processes outside sleepd hold (foreign_used_<gpu>=BYTES);
+// nvml_lost=1 there makes memory queries fail as for a GPU fallen off the bus.
 //
 // GPUs are numbered as the machine numbers them (CUDA_VISIBLE_DEVICES does not
 // apply to NVML), and NVML's indices run in reverse, as NVML's PCI order and
@@ -25,8 +26,7 @@
 
 namespace {
 
-constexpr int SUCCESS = 0, INVALID_ARGUMENT = 2, NOT_FOUND = 6;
-constexpr char kPrefix[] = "/memfd:fakecuda:d";
+constexpr int SUCCESS = 0, INVALID_ARGUMENT = 2, NOT_FOUND = 6, GPU_IS_LOST = 15;
 
 struct Memory {
   unsigned long long total, free, used;
@@ -42,10 +42,13 @@ unsigned long long capacity() {
   return value ? std::strtoull(value, nullptr, 10) : 1ull << 30;
 }
 
-// The GPU whose memory a /proc path names, or -1.
+// The GPU whose memory a /proc path names, if the driver double made it for
+// this test (FAKE_CUDA_TAG), or -1.
 int device_of(const std::string& path) {
-  if (path.compare(0, sizeof kPrefix - 1, kPrefix) != 0) return -1;
-  return std::atoi(path.c_str() + sizeof kPrefix - 1);
+  const char* tag = std::getenv("FAKE_CUDA_TAG");
+  std::string prefix = std::string("/memfd:fakecuda:t") + (tag ? tag : "") + ":d";
+  if (path.compare(0, prefix.size(), prefix) != 0) return -1;
+  return std::atoi(path.c_str() + prefix.size());
 }
 
 std::string uuid(int gpu) {
@@ -101,11 +104,12 @@ unsigned long long alive(int gpu) {
   return total;
 }
 
-unsigned long long foreign(int gpu) {
+// A value from the driver double's control file, or 0.
+unsigned long long control(const std::string& name) {
   const char* path = std::getenv("FAKE_CUDA_CONTROL");
   if (!path) return 0;
   std::ifstream file(path);
-  std::string line, key = "foreign_used_" + std::to_string(gpu) + "=";
+  std::string line, key = name + "=";
   while (std::getline(file, line))
     if (line.compare(0, key.size(), key) == 0) return std::strtoull(line.c_str() + key.size(), nullptr, 10);
   return 0;
@@ -128,6 +132,7 @@ const char* nvmlErrorString(int result) {
     case SUCCESS: return "Success";
     case INVALID_ARGUMENT: return "Invalid Argument";
     case NOT_FOUND: return "Not Found";
+    case GPU_IS_LOST: return "GPU is lost";
     default: return "Unknown Error";
   }
 }
@@ -164,7 +169,8 @@ int nvmlDeviceGetMemoryInfo(void* handle, Memory* memory) {
   int gpu = gpu_of(handle);
   if (gpu < 0 || gpu >= devices()) return INVALID_ARGUMENT;
   memory->total = capacity();
-  memory->used = std::min(memory->total, alive(gpu) + foreign(gpu));
+  if (control("nvml_lost")) return GPU_IS_LOST;
+  memory->used = std::min(memory->total, alive(gpu) + control("foreign_used_" + std::to_string(gpu)));
   memory->free = memory->total - memory->used;
   return SUCCESS;
 }
