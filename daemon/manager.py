@@ -719,7 +719,8 @@ class MemoryManager:
             for device, needed in needed_by_device(regions).items():
                 if needed > self.room_for(model_name, device):
                     raise exhausted(f"{what}: needs {format_size(needed)} on {self.backend.devices[device].name}, "
-                                    f"more than its {self._room(device)}; another operation took the room")
+                                    f"more than its {self._room(device)}; the room went meanwhile to another "
+                                    "operation or process")
             for region in regions:
                 label = f"sleepd:{region.session.model}:r{region.session.rank}:{region.tag}:{region.id}"
                 region.handle = self.backend.native.create(region.device, region.mapped_size, label)
