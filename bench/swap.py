@@ -77,35 +77,33 @@ def _at_once(*works) -> None:
         raise errors[0]
 
 
+def _against_one_by_one(rounds: int, a, b, together) -> tuple[float, float]:
+    """Medians of sleep(A) then wake(B), and of `together` doing the same, in
+    alternating rounds; each round starts with A awake and B asleep."""
+    apart, joint = [], []
+    for _ in range(rounds):
+        for times, work in ((apart, lambda: (a.sleep(level=1), b.wake())), (joint, together)):
+            times.append(_timed(work))
+            b.sleep(level=1)
+            a.wake()
+    return statistics.median(apart), statistics.median(joint)
+
+
 def run(args) -> int:
     # Room for one model: B can come in only as A goes out.
     with _two_models(args, room_for=1) as (a, b, stub, count, region_size):
-        sequential, overlapped = [], []
-        for _ in range(args.rounds):
-            sequential.append(_timed(lambda: (a.sleep(level=1), b.wake())))
-            b.sleep(level=1)
-            a.wake()
-            overlapped.append(_timed(lambda: stub.Swap(pb.SwapRequest(to_model="b", from_models=["a"]))))
-            stub.Swap(pb.SwapRequest(to_model="a", from_models=["b"]))
+        seq, swap = _against_one_by_one(args.rounds, a, b,
+                                        lambda: stub.Swap(pb.SwapRequest(to_model="b", from_models=["a"])))
     # Room for both: a sleep of A and a wake of B, sent as two requests at once.
     with _two_models(args, room_for=2) as (a, b, stub, count, region_size):
-        one_by_one, together = [], []
-        for _ in range(args.rounds):
-            one_by_one.append(_timed(lambda: (a.sleep(level=1), b.wake())))
-            b.sleep(level=1)
-            a.wake()
-            together.append(_timed(lambda: _at_once(lambda: a.sleep(level=1), b.wake)))
-            b.sleep(level=1)
-            a.wake()
+        apart, at_once = _against_one_by_one(args.rounds, a, b, lambda: _at_once(lambda: a.sleep(level=1), b.wake))
     size = count * region_size
-    seq, swap = statistics.median(sequential), statistics.median(overlapped)
     print(f"{args.backend} backend, two models of {count} x {format_size(region_size)} ({format_size(size)}), "
           f"{args.rounds} rounds, medians:")
     print("  device room for one model:")
     print(f"    sleep(A) then wake(B): {seq:.3f} s")
     print(f"    swap A -> B:           {swap:.3f} s")
     print(f"    swap / sequential:     {swap / seq:.2f}")
-    apart, at_once = statistics.median(one_by_one), statistics.median(together)
     print("  device room for both, sleep(A) and wake(B) as two requests:")
     print(f"    one after the other:   {apart:.3f} s")
     print(f"    at the same time:      {at_once:.3f} s")
