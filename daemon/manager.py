@@ -490,6 +490,11 @@ class MemoryManager:
             promised = sum(p.get(device, 0) for name, p in self._promised.items() if name != model_name)
         return max(0, self.backend.free(device) - promised)
 
+    def shortfall(self, model_name: str, needed: dict[int, int], freed: dict[int, int] | None = None) -> dict[int, int]:
+        """{device: bytes missing} for `needed` to fit, counting `freed` bytes as room too."""
+        room = {d: self.room_for(model_name, d) + (freed or {}).get(d, 0) for d in needed}
+        return {d: n - room[d] for d, n in needed.items() if n > room[d]}
+
     @contextlib.contextmanager
     def set_aside(self, model_name: str, needed: dict[int, int]):
         """Keeps `needed` bytes per device for `model_name` while the block runs:
@@ -641,8 +646,7 @@ class MemoryManager:
         allowed; refuses naming the bytes missing and what holds them otherwise."""
         evicted: list[str] = []
         while True:
-            room = {d: self.room_for(model.name, d) for d in needed}
-            short = {d: n - room[d] for d, n in needed.items() if n > room[d]}
+            short = self.shortfall(model.name, needed)
             if not short:
                 return evicted
             device, missing = next(iter(sorted(short.items())))

@@ -55,16 +55,11 @@ def swap(manager, to_name: str, from_names: list[str]) -> SwapResult:
     return result
 
 
-def _short(manager, target: Model, needed: dict[int, int], freed: dict[int, int]) -> dict[int, int]:
-    room = {d: manager.room_for(target.name, d) + freed.get(d, 0) for d in needed}
-    return {d: n - room[d] for d, n in needed.items() if n > room[d]}
-
-
 def _choose_victims(manager, target: Model, needed: dict[int, int]) -> list[Model]:
     """Models in eviction order until their memory makes the target fit."""
     victims, freed = [], {}
     for candidate in manager.eviction_candidates(target, needed):
-        if not _short(manager, target, needed, freed):
+        if not manager.shortfall(target.name, needed, freed):
             break
         victims.append(candidate)
         for device in needed:
@@ -79,7 +74,7 @@ def _check_enough(manager, target: Model, victims: list[Model], needed: dict[int
             raise exhausted(f"swap to {target.name}: {victim.name} is pinned and is never put to sleep for room")
         for device in needed:
             freed[device] = freed.get(device, 0) + victim.held_on(device)
-    short = _short(manager, target, needed, freed)
+    short = manager.shortfall(target.name, needed, freed)
     if short:
         device, missing = next(iter(sorted(short.items())))
         names = ", ".join(victim.name for victim in victims) or "no model that may be evicted"

@@ -25,6 +25,16 @@ def wait_for(predicate, timeout=20.0, interval=0.02, what="condition"):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def by_tag(report) -> dict:
+    """An engine's report's regions by tag."""
+    return {region["tag"]: region for region in report["regions"]}
+
+
+def sleeping(daemon) -> dict:
+    """{model: whether it sleeps}, from the daemon's status."""
+    return {model["name"]: model["sleeping"] for model in daemon.status()["models"]}
+
+
 def scrape(daemon) -> dict:
     """The daemon's /metrics: {(name, sorted labels): value}."""
     with urllib.request.urlopen(f"http://{daemon.info['metrics_address']}/metrics", timeout=10) as response:

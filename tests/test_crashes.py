@@ -5,7 +5,7 @@ regions outlive their engine and come back to the next process of the rank."""
 import pytest
 
 from kernel import memfd_bytes
-from support import MiB, wait_for
+from support import MiB, by_tag, wait_for
 
 REGIONS = [("weights", 4 * MiB), ("kv_cache", 2 * MiB)]
 
@@ -13,10 +13,6 @@ REGIONS = [("weights", 4 * MiB), ("kv_cache", 2 * MiB)]
 def ranks(daemon, model: str) -> list[tuple[int, bool]]:
     return [(rank["rank"], rank.get("detached", False))
             for entry in daemon.status()["models"] if entry["name"] == model for rank in entry["ranks"]]
-
-
-def by_tag(report) -> dict:
-    return {region["tag"]: region for region in report["regions"]}
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from support import MiB, scrape, value, wait_for
+from support import MiB, scrape, sleeping, value, wait_for
 
 REGIONS = [("weights", 4 * MiB), ("weights", 4 * MiB), ("weights", 4 * MiB), ("kv_cache", 2 * MiB)]
 
@@ -203,10 +203,6 @@ def test_an_engine_on_a_gpu_the_daemon_does_not_manage_is_refused_by_name(start_
     assert result.returncode != 0
     assert "GPU-a0a1a2a3-a4a5-a6a7-a8a9-aaabacadae01, which this daemon does not manage" in result.stderr
     assert daemon.status()["models"] == []
-
-
-def sleeping(daemon) -> dict:
-    return {m["name"]: m.get("sleeping", False) for m in daemon.status()["models"]}
 
 
 def weights_digests(report) -> list[str]:

@@ -9,13 +9,9 @@ import sys
 import pytest
 
 from kernel import memfd_mappings
-from support import MiB, Daemon, wait_for
+from support import MiB, Daemon, by_tag, wait_for
 
 REGIONS = [("weights", 4 * MiB), ("kv_cache", 2 * MiB), ("buffers", 2 * MiB)]
-
-
-def by_tag(report) -> dict:
-    return {region["tag"]: region for region in report["regions"]}
 
 
 def attached(daemon) -> dict:

@@ -11,11 +11,7 @@ import grpc
 
 from sleepd.proto import sleepd_pb2 as pb
 from sleepd.proto import sleepd_pb2_grpc as pb_grpc
-from support import MiB, wait_for
-
-
-def sleeping(daemon) -> dict:
-    return {model["name"]: model["sleeping"] for model in daemon.status()["models"]}
+from support import MiB, sleeping, wait_for
 
 
 def digests(report) -> list:

@@ -3,14 +3,10 @@ every byte, address and hook behaves as an engine relies on."""
 
 import pytest
 
-from support import MiB
+from support import MiB, by_tag
 from kernel import memfd_bytes, memfd_mappings, shmem_bytes
 
 REGIONS = [("weights", 3 * MiB + 123), ("kv_cache", 2 * MiB), ("buffers", 100_000)]
-
-
-def by_tag(report: dict) -> dict:
-    return {region["tag"]: region for region in report["regions"]}
 
 
 @pytest.fixture
