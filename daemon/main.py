@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     tcp_server = None
     if cfg.tcp_enabled:  # control from other hosts: TLS and the bearer token only (config checked all three files)
         try:
-            tcp_server, tcp_port = serve_tcp(service, cfg.tcp_address, cfg.tcp_cert, cfg.tcp_key, cfg.tcp_token_file)
+            tcp_server, tcp_port = serve_tcp(manager, metrics, cfg.tcp_address, cfg.tcp_cert, cfg.tcp_key,
+                                             cfg.tcp_token_file)
         except (OSError, ValueError, RuntimeError, grpc.RpcError) as error:
             log.critical("tcp.address %s: cannot serve: %s", cfg.tcp_address, error)
             sys.exit(f"sleepd: tcp.address {cfg.tcp_address}: cannot serve: {error}")

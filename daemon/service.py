@@ -15,7 +15,6 @@ from .errors import SleepdError, denied, invalid
 from .manager import MemoryManager, OperationResult
 from .rules import parse_action
 from .swap import swap
-from .tcp import TCP_PEER
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +35,16 @@ def _refusals(method):
 
 
 class SleepdService(pb_grpc.SleepdServicer):
-    def __init__(self, manager: MemoryManager, metrics=None):
+    """One instance per listener. `identify` says who a caller is, and only the
+    listener knows that: the Unix socket's service looks up the token the handle
+    socket gave the caller; the TCP listener's service (tcp.py), reached only
+    through its bearer-token check, answers the TCP admin. A peer's address is
+    never evidence: any local process can choose the one gRPC reports."""
+
+    def __init__(self, manager: MemoryManager, metrics=None, identify=None):
         self._manager = manager
         self._metrics = metrics
+        self._identify = identify or self._token_holder
 
     def Session(self, request_iterator, context):
         first = next(request_iterator, None)
@@ -90,14 +96,14 @@ class SleepdService(pb_grpc.SleepdServicer):
         self._manager.free(request.session_id, request.region_id)
         return pb.FreeReply()
 
-    def _caller(self, context):
-        """Who is asking: from the token the handle socket gave them on the Unix
-        socket (None without one); on TCP, where only callers with the bearer
-        token get this far (see tcp.py), an admin."""
-        if not context.peer().startswith("unix:"):
-            return TCP_PEER
+    def _token_holder(self, context):
+        """The Unix socket's callers: whoever the handle socket gave the request's
+        token to, or None (unauthenticated) without a valid one."""
         token = dict(context.invocation_metadata()).get(TOKEN_METADATA)
         return self._manager.caller(token) if token else None
+
+    def _caller(self, context):
+        return self._identify(context)
 
     @_refusals
     def Sleep(self, request, context):

@@ -14,6 +14,7 @@ import grpc
 from sleepd.proto import sleepd_pb2_grpc as pb_grpc
 
 from .auth import Peer
+from .service import SleepdService
 
 # Who a TCP caller is, once its token checked out: an admin with no local uid.
 TCP_PEER = Peer(pid=0, uid=0, gid=0, groups=frozenset())
@@ -35,8 +36,11 @@ class _RequireToken(grpc.ServerInterceptor):
         return self._refusal
 
 
-def serve_tcp(servicer, address: str, cert_path: str, key_path: str, token_path: str) -> tuple[grpc.Server, int]:
-    """Starts a TLS-only server for `servicer` on `address`; returns it and the port it bound."""
+def serve_tcp(manager, metrics, address: str, cert_path: str, key_path: str,
+              token_path: str) -> tuple[grpc.Server, int]:
+    """Starts a TLS-only server on `address`; returns it and the port it bound.
+    It has a service of its own, so that being the TCP admin is decided by this
+    listener alone: its callers got past _RequireToken."""
     with open(cert_path, "rb") as cert, open(key_path, "rb") as key, open(token_path) as token:
         credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
         secret = token.read().strip()
@@ -44,6 +48,7 @@ def serve_tcp(servicer, address: str, cert_path: str, key_path: str, token_path:
         raise ValueError(f"{token_path} holds no token")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="grpc-tcp"),
                          interceptors=[_RequireToken(secret)])
+    servicer = SleepdService(manager, metrics, identify=lambda context: TCP_PEER)
     pb_grpc.add_SleepdServicer_to_server(servicer, server)
     port = server.add_secure_port(address, credentials)
     server.start()

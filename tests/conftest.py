@@ -3,6 +3,8 @@
 import hashlib
 import os
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +90,22 @@ def start_engine():
     yield start
     for engine in engines:
         engine.close()
+
+
+@pytest.fixture
+def shared_daemon(backend):
+    """Starts daemons whose socket directory every uid can reach (pytest's tmp_path
+    is root-only), for tests with a second tenant."""
+    directory = Path(tempfile.mkdtemp(prefix="sleepd-tenants-"))
+    directory.chmod(0o755)
+    started = []
+
+    def start(*flags):
+        daemon = Daemon(directory, backend, "--host-devices", "1", "--host-device-capacity", "64MiB", *flags)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+    subprocess.run(["rm", "-rf", str(directory)])

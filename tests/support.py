@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -13,6 +14,36 @@ from sleepd.bench.local import LocalDaemon
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MiB = 1 << 20
+OTHER = 65534  # a second tenant: nobody / nogroup on Debian
+
+
+def second_tenant_unavailable() -> str | None:
+    """Why this machine cannot run a process as uid OTHER beside root's, or None."""
+    if os.geteuid() != 0:
+        return "acting as a second uid needs root to drop to it"
+    # Modules still load after the drop (grpc imports some lazily): the packages must be readable by that uid.
+    import grpc
+    import sleepd
+
+    for directory in {os.path.dirname(os.path.dirname(grpc.__file__)), os.path.dirname(sleepd.__path__[0])}:
+        path = directory
+        while path != "/":
+            if not os.stat(path).st_mode & stat.S_IXOTH:
+                return f"{path} is closed to other uids, so uid {OTHER} cannot load sleepd's packages"
+            path = os.path.dirname(path)
+    return None
+
+
+# Processes become the other tenant by dropping privileges after Python and sleepd
+# are loaded, so this works even where that uid cannot read the toolchain.
+AS_UID = ("import os, sys, shutil, gettext; import sleepd.client.ctl as ctl; ctl._parser(); "
+          "os.setgroups([]); os.setgid({uid}); os.setuid({uid}); sys.exit(ctl.main(sys.argv[1:]))")
+
+
+def ctl_as(daemon, uid, *args) -> subprocess.CompletedProcess:
+    """sleepctl run by a process of `uid`, as the kernel will report it to the daemon."""
+    return subprocess.run([sys.executable, "-c", AS_UID.format(uid=uid), "--socket", daemon.socket, *args],
+                          capture_output=True, text=True, timeout=60)
 
 
 def wait_for(predicate, timeout=20.0, interval=0.02, what="condition"):

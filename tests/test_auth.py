@@ -3,75 +3,18 @@ admin group act on all. Real processes under two uids, identified by the kernel.
 
 import os
 import stat
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 
-from support import MiB, Daemon
+from support import OTHER, MiB, ctl_as, second_tenant_unavailable
 
-OTHER = 65534  # nobody / nogroup on Debian
-
-
-# Processes become the other tenant by dropping privileges after Python and sleepd
-# are loaded, so the test works even where that uid cannot read the toolchain.
-AS_OTHER = ("import os, sys, shutil, gettext; import sleepd.client.ctl as ctl; ctl._parser(); "
-            "os.setgroups([]); os.setgid({uid}); os.setuid({uid}); sys.exit(ctl.main(sys.argv[1:]))")
-
-def _why_not() -> str | None:
-    if os.geteuid() != 0:
-        return "acting as a second uid needs root to drop to it"
-    # Modules still load after the drop (grpc imports some lazily): the packages must be readable by that uid.
-    import sleepd
-
-    for directory in {os.path.dirname(os.path.dirname(grpc_module_file())), os.path.dirname(sleepd.__path__[0])}:
-        path = directory
-        while path != "/":
-            if not os.stat(path).st_mode & stat.S_IXOTH:
-                return f"{path} is closed to other uids, so uid {OTHER} cannot load sleepd's packages"
-            path = os.path.dirname(path)
-    return None
-
-
-def grpc_module_file() -> str:
-    import grpc
-
-    return grpc.__file__
-
-
-pytestmark = pytest.mark.skipif(_why_not() is not None, reason=str(_why_not()))
+pytestmark = pytest.mark.skipif(second_tenant_unavailable() is not None, reason=str(second_tenant_unavailable()))
 
 
 @pytest.fixture
 def backend():
     """Host only: the CUDA double lives in a directory only root may read."""
     return "host"
-
-
-@pytest.fixture
-def shared_daemon(backend, monkeypatch):
-    """A daemon whose socket directory every uid can reach (pytest's tmp_path is root-only)."""
-    directory = Path(tempfile.mkdtemp(prefix="sleepd-auth-"))
-    directory.chmod(0o755)
-    started = []
-
-    def start(*flags):
-        daemon = Daemon(directory, backend, "--host-devices", "1", "--host-device-capacity", "64MiB", *flags)
-        started.append(daemon)
-        return daemon
-
-    yield start
-    for daemon in started:
-        daemon.stop()
-    subprocess.run(["rm", "-rf", str(directory)])
-
-
-def ctl_as(daemon, uid, *args) -> subprocess.CompletedProcess:
-    """sleepctl run by a process of `uid`, as the kernel will report it to the daemon."""
-    return subprocess.run([sys.executable, "-c", AS_OTHER.format(uid=uid), "--socket", daemon.socket, *args],
-                          capture_output=True, text=True, timeout=60)
 
 
 def test_a_uid_may_act_only_on_its_own_models(shared_daemon, start_engine):
