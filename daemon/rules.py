@@ -8,6 +8,7 @@ is discarded that nobody declared discardable.
 from enum import Enum
 
 from .errors import invalid
+from .limits import MAX_LEVEL
 
 
 class Action(str, Enum):
@@ -15,7 +16,6 @@ class Action(str, Enum):
     DISCARD = "discard"
 
 
-MAX_LEVEL = 2
 
 DEFAULT_RULES: dict[int, dict[str, Action]] = {
     1: {"weights": Action.OFFLOAD, "kv_cache": Action.DISCARD},
