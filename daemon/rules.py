@@ -16,7 +16,6 @@ class Action(str, Enum):
     DISCARD = "discard"
 
 
-
 DEFAULT_RULES: dict[int, dict[str, Action]] = {
     1: {"weights": Action.OFFLOAD, "kv_cache": Action.DISCARD},
     2: {"weights": Action.DISCARD, "kv_cache": Action.DISCARD},
