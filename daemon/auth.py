@@ -6,18 +6,35 @@ hands it a token. Control requests carry that token, so the daemon knows the
 caller's uid without trusting anything the caller says about itself.
 
 A model belongs to the uid of its first rank. A uid may act only on its own
-models; root and members of the admin group may act on all.
+models; root and members of the admin group may act on all. RIGHTS says which
+right each request needs; Authorizer.require is where it is checked.
 """
 
 import grp
 import logging
 from dataclasses import dataclass
+from enum import Enum
 
 import grpc
 
 from .errors import SleepdError, denied
 
 log = logging.getLogger(__name__)
+
+
+class Right(Enum):
+    SESSION = "session"  # holds the session id the request names: an engine acting on its own regions
+    ANYONE = "anyone"    # any local process
+    OWNER = "owner"      # owns every model the request names, or is an admin (see is_admin)
+
+
+RIGHTS = {
+    "Allocate": Right.SESSION, "Free": Right.SESSION, "Touch": Right.SESSION,
+    "Sleep": Right.OWNER, "Wake": Right.OWNER, "Swap": Right.OWNER, "SetPolicy": Right.OWNER,
+    "Status": Right.ANYONE, "Events": Right.ANYONE,
+}
+# Policy settings that decide over other users' models, beyond what Right.OWNER allows.
+ADMIN_POLICY = {"priority": "priority", "pinned": "pinning"}
 
 
 @dataclass(frozen=True)
@@ -58,6 +75,20 @@ class Authorizer:
     def is_admin(self, peer: Peer) -> bool:
         return peer.uid == 0 or (self.admin_gid is not None and self.admin_gid in peer.groups)
 
+    def require(self, peer: Peer | None, operation: str, owners: dict[str, int], policy_changes=()) -> None:
+        """Refuses `operation` on the models named in `owners` ({name: owner uid}) unless
+        `peer` has the right RIGHTS gives it; `policy_changes` are the policy fields a
+        SetPolicy request sets."""
+        right = RIGHTS[operation]
+        if right in (Right.SESSION, Right.ANYONE):
+            return
+        for name, owner_uid in owners.items():
+            self.check(peer, owner_uid, f"{_VERBS.get(operation, operation)} {name}")
+        admin_only = [ADMIN_POLICY[field] for field in policy_changes if field in ADMIN_POLICY]
+        if admin_only and not self.is_admin(peer):
+            what = " and ".join(admin_only) + f" of {', '.join(owners)} decide over other users' models"
+            raise denied(f"{what}; only root or group {self.admin_group!r} may set them")
+
     def check(self, peer: Peer | None, owner_uid: int, what: str) -> None:
         """Raises PERMISSION_DENIED unless `peer` owns the model or is an admin."""
         if peer is None:
@@ -67,3 +98,7 @@ class Authorizer:
         if peer.uid != owner_uid and not self.is_admin(peer):
             raise denied(f"{what}: {peer.describe()} may not act on a model uid {owner_uid} owns; "
                          f"ask its owner, root, or a member of group {self.admin_group!r}")
+
+
+# How a refusal names each operation ("sleep qwen: ...").
+_VERBS = {"Sleep": "sleep", "Wake": "wake", "Swap": "swap", "SetPolicy": "set the policy of"}

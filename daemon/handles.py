@@ -29,8 +29,8 @@ def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
 
 
 class HandleServer:
-    def __init__(self, path: str, manager, mode: int = 0o666):
-        self._manager = manager
+    def __init__(self, path: str, core, mode: int = 0o666):
+        self._core = core
         self.path = path
         if os.path.exists(path):
             os.unlink(path)
@@ -59,7 +59,7 @@ class HandleServer:
             threading.Thread(target=self._serve, args=(conn,), name="handle-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        session = self._manager.open_session(Peer.of_process(*peer_credentials(conn)))
+        session = self._core.registry.open_session(Peer.of_process(*peer_credentials(conn)))
         reason = "handle socket closed"
         try:
             while True:
@@ -77,7 +77,7 @@ class HandleServer:
             reason = f"handle socket error: {error}"
         finally:
             conn.close()
-            self._manager.end_session(session, reason)
+            self._core.operations.end_session(session, reason)
 
     def _answer(self, conn: socket.socket, session, message: dict, fds: list[int]) -> None:
         op = message.get("op")
@@ -93,7 +93,7 @@ class HandleServer:
                 wire.send(conn, {"ok": False, "code": "INVALID_ARGUMENT", "error": "fetch needs an integer region"})
                 return
             try:
-                fd, region = self._manager.export(session, region_id)
+                fd, region = self._core.registry.export(session, region_id)
             except SleepdError as error:
                 wire.send(conn, {"ok": False, "code": error.code.name, "error": error.message})
                 return
@@ -108,14 +108,14 @@ class HandleServer:
         """After a daemon restart: an engine hands back the memory it maps, then says it is done."""
         try:
             if message["op"] == "resumed":
-                self._manager.finish_resume(session)
+                self._core.recovery.finish_hand_back(session)
             else:
                 region_id = message.get("region")
                 if not isinstance(region_id, int) or len(fds) != 1:
                     wire.send(conn, {"ok": False, "code": "INVALID_ARGUMENT",
                                      "error": "return needs an integer region and exactly one descriptor"})
                     return
-                self._manager.take_back(session, region_id, fds[0])
+                self._core.recovery.hand_back(session, region_id, fds[0])
         except SleepdError as error:
             wire.send(conn, {"ok": False, "code": error.code.name, "error": error.message})
             return

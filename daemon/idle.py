@@ -11,9 +11,9 @@ log = logging.getLogger(__name__)
 
 
 class IdleWatcher(threading.Thread):
-    def __init__(self, manager, interval: float = 0.25):
+    def __init__(self, operations, interval: float = 0.25):
         super().__init__(name="idle-watcher", daemon=True)
-        self._manager = manager
+        self._ops = operations
         self._interval = interval
         self._stop = threading.Event()
 
@@ -23,17 +23,17 @@ class IdleWatcher(threading.Thread):
     def run(self) -> None:
         while not self._stop.wait(self._interval):
             now = time.monotonic()
-            for model in self._manager.models():
+            for model in self._ops.registry.models():
                 idle = now - model.last_active
                 if model.sleeping or not model.policy.idle_seconds or idle < model.policy.idle_seconds:
                     continue
                 if not model.lock.acquire(blocking=False):
                     continue  # an operation is running on it: it is not idle
                 try:
-                    self._manager.sleep_locked(model, model.policy.eviction_level, [], {},
-                                               reason=f"idle for {idle:.0f} s")
-                    if self._manager.metrics:
-                        self._manager.metrics.evictions.labels(model=model.name, reason="idle").inc()
+                    self._ops.sleep_locked(model, model.policy.eviction_level, [], {},
+                                           reason=f"idle for {idle:.0f} s")
+                    if self._ops.reporter.metrics:
+                        self._ops.reporter.metrics.evictions.labels(model=model.name, reason="idle").inc()
                 except SleepdError as error:
                     log.warning("idle sleep of %s failed: %s", model.name, error.message)
                     model.touch()  # try again after another idle period, not at once

@@ -26,18 +26,18 @@ from sleepd.common import paths
 from sleepd.common.sizes import format_size
 from sleepd.proto import sleepd_pb2, sleepd_pb2_grpc as pb_grpc
 
-from . import backends, config, logs
+from . import backends, config, core as control_plane, logs
 from .auth import Authorizer
 from .handles import HandleServer
 from .idle import IdleWatcher
-from .manager import MemoryManager
 from .metrics import Metrics
 from .mover import Mover
 from .notify import Notifier, StatusReporter, summary
 from .pool import HostPool
 from .rules import SleepRules
 from .service import SleepdService
-from .state import REATTACH_SECONDS, StateStore, backup_pieces
+from .recovery import REATTACH_SECONDS, StateStore, backup_pieces
+from .regions import stop_on_bugs
 from .tcp import serve_tcp
 
 log = logging.getLogger("sleepd")
@@ -114,22 +114,23 @@ def main(argv: list[str] | None = None) -> None:
             mover.register_pool()
 
     metrics = Metrics()
+    stop_on_bugs()  # a broken state machine stops the daemon; recovery runs when it is restarted
     # [models.NAME] policies apply when a model first attaches.
-    manager = MemoryManager(backend, pool, movers, SleepRules(cfg.rules), cfg.hook_timeout, metrics,
-                            authorizer=Authorizer(cfg.admin_group), store=store, default_policies=cfg.models)
+    core = control_plane.build(backend, pool, movers, SleepRules(cfg.rules), cfg.hook_timeout, metrics,
+                               authorizer=Authorizer(cfg.admin_group), store=store, default_policies=cfg.models)
     if state is not None:
-        manager.recover(state)
+        core.recovery.recover(state)
         # Engines that do not come back in time lose what only they held.
-        expiry = threading.Timer(REATTACH_SECONDS, manager.expire_recovery)
+        expiry = threading.Timer(REATTACH_SECONDS, core.recovery.expire)
         expiry.daemon = True
         expiry.start()
-    metrics.watch(manager)
-    idle_watcher = IdleWatcher(manager)
+    metrics.watch(core)
+    idle_watcher = IdleWatcher(core.operations)
     idle_watcher.start()
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=1024, thread_name_prefix="grpc"),
                          options=[("grpc.so_reuseport", 0)])
-    service = SleepdService(manager, metrics)
+    service = SleepdService(core)
     pb_grpc.add_SleepdServicer_to_server(service, server)
     # The standard health service answers NOT_SERVING until both sockets are up,
     # and again from the moment the daemon starts stopping; reflection lets
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     server.add_insecure_port(f"unix:{socket_path}")
-    handles = HandleServer(paths.handle_socket(socket_path), manager)
+    handles = HandleServer(paths.handle_socket(socket_path), core)
 
     metrics_address = None
     if cfg.metrics_address != "off":
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     tcp_server = None
     if cfg.tcp_enabled:  # control from other hosts: TLS and the bearer token only (config checked all three files)
         try:
-            tcp_server, tcp_port = serve_tcp(manager, metrics, cfg.tcp_address, cfg.tcp_cert, cfg.tcp_key,
+            tcp_server, tcp_port = serve_tcp(core, cfg.tcp_address, cfg.tcp_cert, cfg.tcp_key,
                                              cfg.tcp_token_file)
         except (OSError, ValueError, RuntimeError, grpc.RpcError) as error:
             log.critical("tcp.address %s: cannot serve: %s", cfg.tcp_address, error)
@@ -168,8 +169,8 @@ def main(argv: list[str] | None = None) -> None:
              ", ".join(f"{d.name} {format_size(d.capacity)}" for d in backend.devices), socket_path,
              metrics_address or "off", pool.directory, format_size(pool.budget))
     # Both sockets accept from here on: tell systemd (Type=notify), then keep STATUS= and the watchdog going.
-    notifier.ready(summary(manager))
-    reporter = StatusReporter(notifier, lambda: summary(manager))
+    notifier.ready(summary(core))
+    reporter = StatusReporter(notifier, lambda: summary(core))
     reporter.start()
 
     stop = threading.Event()
@@ -178,9 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     stop.wait()
     log.info("sleepd stopping")
     reporter.stop()
-    notifier.stopping(f"stopping; {summary(manager)}")
+    notifier.stopping(f"stopping; {summary(core)}")
     health_service.enter_graceful_shutdown()  # every service NOT_SERVING, for good
-    manager.freeze()  # engines outlive us: their sessions stay recorded for the next daemon
+    core.operations.freeze()  # engines outlive us: their sessions stay recorded for the next daemon
     handles.stop()
     if tcp_server is not None:
         tcp_server.stop(grace=2)
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     for mover in movers.values():
         mover.close()
     # Engines keep running without us: the state file and the pool's slabs stay for the next daemon.
-    manager.persist()
+    core.operations.checkpoint()
     pool.close(keep_files=True)
     for name in (socket_path, os.path.join(state_dir, RUNTIME_FILE)):
         try:

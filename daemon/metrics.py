@@ -1,4 +1,4 @@
-"""Prometheus metrics, prefixed sleepd_. Memory gauges are read from the manager
+"""Prometheus metrics, prefixed sleepd_. Memory gauges are read from the registry
 at scrape time, so they can never drift from the daemon's state; durations,
 bytes moved and errors are recorded as operations happen."""
 
@@ -31,8 +31,8 @@ class Metrics:
         else:
             self.wake_seconds.labels(model=model).observe(result.seconds)
 
-    def watch(self, manager) -> None:
-        self.registry.register(_StateCollector(manager))
+    def watch(self, core) -> None:
+        self.registry.register(_StateCollector(core))
 
     def serve(self, address: str) -> str:
         """Starts /metrics and returns the address it listens on (port 0 picks one)."""
@@ -43,21 +43,21 @@ class Metrics:
 
 
 class _StateCollector:
-    def __init__(self, manager):
-        self._manager = manager
+    def __init__(self, core):
+        self._core = core
 
     def collect(self):
-        manager = self._manager
+        core = self._core
         region_bytes = GaugeMetricFamily("sleepd_region_bytes", "Bytes of regions by model, tag, state and device.",
                                          labels=["model", "tag", "state", "device"])
         sleeping = GaugeMetricFamily("sleepd_model_sleeping", "1 while a model is asleep (not every tag awake).",
                                      labels=["model"])
         totals: dict[tuple, int] = {}
-        for model in manager.snapshot():
+        for model in core.registry.snapshot():
             sleeping.add_metric([model.name], 1 if model.sleeping else 0)
             for rank in model.ranks:
                 for region in rank.regions:
-                    key = (model.name, region.tag, region.state.label, manager.backend.devices[region.device].name)
+                    key = (model.name, region.tag, region.state.label, core.backend.devices[region.device].name)
                     totals[key] = totals.get(key, 0) + region.mapped_size
         for labels, value in sorted(totals.items()):
             region_bytes.add_metric(list(labels), value)
@@ -72,19 +72,19 @@ class _StateCollector:
                                       "sleeping models need to wake.", labels=["device"])
         driver = GaugeMetricFamily("sleepd_device_driver_bytes", "Device memory as the driver reports it "
                                    "(NVML), every process counted; absent without NVML.", labels=["device", "kind"])
-        for device in manager.backend.devices:
-            used.add_metric([device.name], manager.backend.used(device.index))
+        for device in core.backend.devices:
+            used.add_metric([device.name], core.backend.used(device.index))
             capacity.add_metric([device.name], device.capacity)
             budget.add_metric([device.name], device.budget)
-            committed.add_metric([device.name], manager.committed(device.index))
-            reported = manager.backend.driver_memory(device.index)
+            committed.add_metric([device.name], core.room.committed(device.index))
+            reported = core.backend.driver_memory(device.index)
             if reported is not None:
                 driver.add_metric([device.name, "used"], reported.used)
                 driver.add_metric([device.name, "free"], reported.free)
         yield from (used, capacity, budget, committed, driver)
 
         yield GaugeMetricFamily("sleepd_host_pool_used_bytes", "Host backup pool bytes in use.",
-                                value=manager.pool.used)
+                                value=core.pool.used)
         yield GaugeMetricFamily("sleepd_host_pool_budget_bytes", "Host backup pool budget.",
-                                value=manager.pool.budget)
-        yield GaugeMetricFamily("sleepd_sessions", "Engine processes attached.", value=manager.session_count())
+                                value=core.pool.budget)
+        yield GaugeMetricFamily("sleepd_sessions", "Engine processes attached.", value=core.registry.session_count())

@@ -1,27 +1,21 @@
-"""What the daemon knows: regions, models and their policy, and the read-only
-views and results it hands out."""
+"""A model's life, and the read-only views and results the daemon hands out.
 
-import threading
+A model is a name, its ranks, and the orphans its dead ranks left. The one
+fact it stores is whether its engine is paused: the sleep hooks ran and the
+wake hooks have not yet (a level-0 sleep moves no memory, so this cannot follow
+from the regions). Whether it sleeps is derived:
+
+    sleeping = paused, or some region is not mapped
+
+`pause` and `unpause` are the only code that changes it.
+"""
+
 import time
 from dataclasses import dataclass, field
 
-from .lifecycle import RegionState
-from .pool import Backup
+from .locks import MODEL, OrderedLock
+from .regions import Region, RegionState, bug
 from .sessions import Session
-
-
-@dataclass(eq=False)
-class Region:
-    id: int
-    tag: str
-    size: int          # what the engine asked for
-    mapped_size: int   # rounded up to the device's granularity
-    device: int
-    session: Session
-    handle: int | None  # the daemon's handle to the device memory; None while asleep
-    state: RegionState = RegionState.MAPPED
-    backup: Backup | None = None
-    persist: bool = False  # outlives its engine process; see Model.orphans
 
 
 @dataclass
@@ -40,11 +34,17 @@ class Model:
     ranks: dict[int, Session] = field(default_factory=dict)
     # Ranks whose process died leaving persistent regions: rank -> the ended session, until re-attached.
     orphans: dict[int, Session] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    # True from the sleep hooks until every region is mapped again and the wake hooks ran.
-    sleeping: bool = False
+    lock: OrderedLock = field(init=False)  # one operation on the model at a time
     policy: Policy = field(default_factory=Policy)
     last_active: float = field(default_factory=time.monotonic)
+    paused: bool = False
+
+    def __post_init__(self):
+        self.lock = OrderedLock(MODEL, self.name)
+
+    @property
+    def sleeping(self) -> bool:
+        return self.paused or any(region.state is not RegionState.MAPPED for region in self.regions())
 
     def sessions(self) -> list[Session]:
         """Live ranks and orphaned ones alike."""
@@ -58,10 +58,29 @@ class Model:
 
     def held_on(self, device: int) -> int:
         """Device memory this model holds on `device` now."""
-        return sum(r.mapped_size for r in self.regions() if r.device == device and r.handle is not None)
+        return sum(r.mapped_size for r in self.regions() if r.device == device and r.holds_memory)
 
     def touch(self) -> None:
         self.last_active = time.monotonic()
+
+    # ---- transitions ----
+
+    def pause(self) -> None:
+        """Its ranks ran their sleep hooks."""
+        if self.paused:
+            bug(f"model {self.name}: paused twice")
+        self.paused = True
+
+    def unpause(self) -> None:
+        """Its ranks are told to run their wake hooks."""
+        if not self.paused:
+            bug(f"model {self.name}: unpaused while running")
+        self.paused = False
+
+    def change_policy(self, **changes) -> None:
+        for name, value in changes.items():
+            if value is not None:
+                setattr(self.policy, name, value)
 
 
 @dataclass(frozen=True)
@@ -81,7 +100,7 @@ class RankView:
     device: int
     pid: int
     regions: list[RegionView]
-    detached: bool = False
+    orphaned: bool = False  # its process is gone; its persistent regions wait for the rank to attach again
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,7 @@ class StatusReporter(threading.Thread):
     """Keeps STATUS= current and pings the watchdog.
 
     Each round takes a summary of the daemon's state before it pings, and the
-    summary takes the manager's registry lock: a daemon wedged on that lock stops
+    summary takes the registry lock: a daemon wedged on that lock stops
     pinging, and systemd restarts it, rather than a thread that pings regardless.
     """
 
@@ -135,13 +135,13 @@ class StatusReporter(threading.Thread):
                 self._notifier.notify(**fields)
 
 
-def summary(manager) -> str:
+def summary(core) -> str:
     """One line for `systemctl status`: models awake and asleep, device and host pool bytes, sessions."""
-    models = manager.snapshot()
+    models = core.registry.snapshot()
     asleep = sum(1 for model in models if model.sleeping)
-    used = sum(manager.backend.used(device.index) for device in manager.backend.devices)
-    budget = sum(device.budget for device in manager.backend.devices)
-    sessions = manager.session_count()
+    used = sum(core.backend.used(device.index) for device in core.backend.devices)
+    budget = sum(device.budget for device in core.backend.devices)
+    sessions = core.registry.session_count()
     return (f"models: {len(models) - asleep} awake, {asleep} asleep; devices: {format_size(used)} used of "
-            f"{format_size(budget)}; host pool: {format_size(manager.pool.used)} used of "
-            f"{format_size(manager.pool.budget)}; {sessions} session{'s' if sessions != 1 else ''}")
+            f"{format_size(budget)}; host pool: {format_size(core.pool.used)} used of "
+            f"{format_size(core.pool.budget)}; {sessions} session{'s' if sessions != 1 else ''}")

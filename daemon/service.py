@@ -1,5 +1,5 @@
-"""The gRPC service sleepd.v1.Sleepd: translates requests to the manager and
-SleepdError to gRPC status codes."""
+"""The gRPC service sleepd.v1.Sleepd: checks each request's right (auth.RIGHTS),
+hands it to the operations, and turns SleepdError into the gRPC status it names."""
 
 import logging
 import threading
@@ -11,12 +11,16 @@ from sleepd.common.wire import TOKEN_METADATA
 from sleepd.proto import sleepd_pb2 as pb
 from sleepd.proto import sleepd_pb2_grpc as pb_grpc
 
-from .errors import SleepdError, denied, invalid
-from .manager import MemoryManager, OperationResult
+from .core import Core
+from .errors import SleepdError, invalid
+from .fanout import attached_message, region_message
+from .model import OperationResult
 from .rules import parse_action
 from .swap import swap
 
 log = logging.getLogger(__name__)
+
+POLICY_FIELDS = ("priority", "pinned", "eviction_level", "idle_seconds")
 
 
 def _refusals(method):
@@ -26,8 +30,8 @@ def _refusals(method):
         try:
             return method(self, request, context)
         except SleepdError as error:
-            if self._metrics:
-                self._metrics.errors.labels(operation=method.__name__, code=error.code.name).inc()
+            if self._core.metrics:
+                self._core.metrics.errors.labels(operation=method.__name__, code=error.code.name).inc()
             context.abort(error.code, error.message)
 
     wrapper.__name__ = method.__name__
@@ -41,10 +45,20 @@ class SleepdService(pb_grpc.SleepdServicer):
     through its bearer-token check, answers the TCP admin. A peer's address is
     never evidence: any local process can choose the one gRPC reports."""
 
-    def __init__(self, manager: MemoryManager, metrics=None, identify=None):
-        self._manager = manager
-        self._metrics = metrics
+    def __init__(self, core: Core, identify=None):
+        self._core = core
+        self._ops = core.operations
         self._identify = identify or self._token_holder
+
+    def _token_holder(self, context):
+        """The Unix socket's callers: whoever the handle socket gave the request's
+        token to, or None (unauthenticated) without a valid one."""
+        token = dict(context.invocation_metadata()).get(TOKEN_METADATA)
+        return self._core.registry.caller(token) if token else None
+
+    def _authorize(self, operation: str, context, models: list[str], policy_changes=()) -> None:
+        owners = {name: self._core.registry.model(name).owner_uid for name in dict.fromkeys(models)}
+        self._core.authorizer.require(self._identify(context), operation, owners, policy_changes)
 
     def Session(self, request_iterator, context):
         first = next(request_iterator, None)
@@ -52,8 +66,7 @@ class SleepdService(pb_grpc.SleepdServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a session must begin with an attach message")
         attach = first.attach
         try:
-            session = self._manager.attach(attach.token, attach.model, attach.rank, attach.device,
-                                           attach.device_uuid)
+            session = self._ops.attach(attach.token, attach.model, attach.rank, attach.device, attach.device_uuid)
         except SleepdError as error:
             context.abort(error.code, error.message)
 
@@ -64,86 +77,68 @@ class SleepdService(pb_grpc.SleepdServicer):
                     if kind == "ack":
                         session.acknowledge(message.ack)
                     elif kind == "detach":
-                        session.detached = True
+                        session.say_goodbye()
             except grpc.RpcError:
                 pass
             finally:
-                self._manager.end_session(session, "session stream closed")
+                self._ops.end_session(session, "session stream closed")
 
         threading.Thread(target=read_acks, name=f"session-{session.pid}", daemon=True).start()
         # gRPC runs this callback on its own poller thread, which must never wait on
         # a model's lock (acks of other ranks arrive through it): reclaim elsewhere.
         context.add_callback(lambda: threading.Thread(
-            target=self._manager.end_session, args=(session, "session stream ended"), daemon=True).start())
-        yield pb.DaemonCommand(attached=pb.Attached(
-            session_id=session.id, backend=self._manager.backend.name, resuming=session.resuming,
-            regions=[_region(region) for region in sorted(session.regions.values(), key=lambda r: r.id)]))
+            target=self._ops.end_session, args=(session, "session stream ended"), daemon=True).start())
+        yield attached_message(session, self._core.backend.name)
         while (command := session.outbox.get()) is not None:
             yield command
 
     @_refusals
     def Allocate(self, request, context):
-        return _region(self._manager.allocate(request.session_id, request.size, request.tag, request.evict,
-                                              request.persist))
+        return region_message(self._ops.allocate(request.session_id, request.size, request.tag, request.evict,
+                                                 request.persist))
 
     @_refusals
     def Touch(self, request, context):
-        self._manager.touch(request.session_id)
+        self._ops.touch(request.session_id)
         return pb.TouchReply()
 
     @_refusals
     def Free(self, request, context):
-        self._manager.free(request.session_id, request.region_id)
+        self._ops.free(request.session_id, request.region_id)
         return pb.FreeReply()
-
-    def _token_holder(self, context):
-        """The Unix socket's callers: whoever the handle socket gave the request's
-        token to, or None (unauthenticated) without a valid one."""
-        token = dict(context.invocation_metadata()).get(TOKEN_METADATA)
-        return self._manager.caller(token) if token else None
-
-    def _caller(self, context):
-        return self._identify(context)
 
     @_refusals
     def Sleep(self, request, context):
-        self._manager.authorize(self._caller(context), request.model, "sleep")
+        self._authorize("Sleep", context, [request.model])
         actions = {}
         for item in request.actions:
             if item.action == pb.ACTION_UNSPECIFIED:
                 raise invalid(f"tag {item.tag!r} has no action; use offload or discard")
             actions[item.tag] = parse_action(pb.Action.Name(item.action))
         level = request.level if request.HasField("level") else 1
-        return _reply(self._manager.sleep(request.model, level, list(request.tags), actions))
+        return _reply(self._ops.sleep(request.model, level, list(request.tags), actions))
 
     @_refusals
     def Wake(self, request, context):
-        self._manager.authorize(self._caller(context), request.model, "wake")
-        return _reply(self._manager.wake(request.model, list(request.tags), request.evict))
+        self._authorize("Wake", context, [request.model])
+        return _reply(self._ops.wake(request.model, list(request.tags), request.evict))
 
     @_refusals
     def Swap(self, request, context):
-        caller = self._caller(context)
-        for model in [request.to_model, *request.from_models]:
-            self._manager.authorize(caller, model, "swap")
-        result = swap(self._manager, request.to_model, list(request.from_models))
+        self._authorize("Swap", context, [request.to_model, *request.from_models])
+        result = swap(self._ops, request.to_model, list(request.from_models))
         return pb.SwapReply(slept=[_reply(r) for r in result.slept], woke=_reply(result.woke),
                             seconds=result.seconds, sequential_estimate_seconds=result.sequential_estimate_seconds)
 
     @_refusals
     def SetPolicy(self, request, context):
-        caller = self._caller(context)
-        self._manager.authorize(caller, request.model, "set the policy of")
-        changes = {field: getattr(request, field) if request.HasField(field) else None
-                   for field in ("priority", "pinned", "eviction_level", "idle_seconds")}
-        if (changes["priority"] is not None or changes["pinned"] is not None) \
-                and not self._manager.authorizer.is_admin(caller):
-            raise denied(f"priority and pinning of {request.model} decide over other users' models; "
-                         f"only root or group {self._manager.authorizer.admin_group!r} may set them")
-        return _policy(self._manager.set_policy(request.model, **changes))
+        changes = {field: getattr(request, field) if request.HasField(field) else None for field in POLICY_FIELDS}
+        self._authorize("SetPolicy", context, [request.model],
+                        policy_changes=[field for field, value in changes.items() if value is not None])
+        return _policy(self._ops.set_policy(request.model, **changes))
 
     def Events(self, request, context):
-        subscription = self._manager.events.subscribe(request.model)
+        subscription = self._core.events.subscribe(request.model)
         context.add_callback(subscription.close)
         # The first message says the stream is live: nothing after it will be missed.
         yield pb.Event(time=time.time(), kind="subscribed", model=request.model, detail="events from here on")
@@ -155,34 +150,28 @@ class SleepdService(pb_grpc.SleepdServicer):
 
     @_refusals
     def Status(self, request, context):
-        manager = self._manager
-        pool = manager.pool
-        models = manager.snapshot(request.model)
+        core = self._core
+        models = core.registry.snapshot(request.model)
         return pb.StatusReply(
-            backend=manager.backend.name,
-            devices=[_device(manager, device) for device in manager.backend.devices],
-            pool=pb.PoolStatus(directory=pool.directory, budget=pool.budget, used=pool.used),
+            backend=core.backend.name,
+            devices=[_device(core, device) for device in core.backend.devices],
+            pool=pb.PoolStatus(directory=core.pool.directory, budget=core.pool.budget, used=core.pool.used),
             models=[pb.ModelStatus(name=model.name, sleeping=model.sleeping, policy=_policy(model.policy),
                                    idle_seconds=model.idle_seconds, ranks=[
-                pb.RankStatus(rank=rank.rank, device=rank.device, pid=rank.pid, detached=rank.detached,
-                              regions=[_region(region) for region in rank.regions])
+                pb.RankStatus(rank=rank.rank, device=rank.device, pid=rank.pid, detached=rank.orphaned,
+                              regions=[region_message(region) for region in rank.regions])
                 for rank in model.ranks]) for model in models],
         )
 
 
-def _device(manager, device) -> pb.DeviceStatus:
+def _device(core: Core, device) -> pb.DeviceStatus:
     status = pb.DeviceStatus(index=device.index, name=device.name, uuid=device.uuid, capacity=device.capacity,
-                             reserve=device.reserve, budget=device.budget, used=manager.backend.used(device.index),
-                             free=manager.backend.free(device.index), committed=manager.committed(device.index))
-    driver = manager.backend.driver_memory(device.index)
+                             reserve=device.reserve, budget=device.budget, used=core.backend.used(device.index),
+                             free=core.backend.free(device.index), committed=core.room.committed(device.index))
+    driver = core.backend.driver_memory(device.index)
     if driver is not None:
         status.driver_used, status.driver_free = driver.used, driver.free
     return status
-
-
-def _region(region) -> pb.Region:
-    return pb.Region(id=region.id, tag=region.tag, size=region.size, device=region.device, state=int(region.state),
-                     persist=region.persist, mapped_size=region.mapped_size)
 
 
 def _reply(result: OperationResult) -> pb.OperationReply:

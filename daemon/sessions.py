@@ -1,10 +1,21 @@
-"""An engine process's session: its credentials, its regions, and the command
-channel through which the daemon asks it to quiesce, unmap, remap and resume.
+"""A rank's life: an engine process's session, from the handle socket's
+connection to its end, and the transitions that are the only code changing it.
 
 A session begins when the process connects to the handle socket (where the
 kernel tells us its pid and uid), becomes a rank of a model when its gRPC stream
-attaches, and ends when either connection breaks. Liveness is derived from the
-connections, never from a flag the engine sets.
+attaches, and ends when either connection breaks: the two connections are its
+lease, and its condition follows from them and from what the engine said.
+
+    condition     how it comes about
+    connected     handle socket open, no stream attached yet
+    attached      a rank of a model
+    handing_back  attached after a daemon restart, handing back the memory it maps
+    recovering    a placeholder from the state file: the rank's engine has not come back
+    detached      ended after the engine said goodbye
+    lost          ended otherwise (a crash, a broken connection, a timeout)
+
+A rank whose session ended with persistent regions stays in its model as an
+orphan until a process of the same rank attaches and takes them over.
 """
 
 import itertools
@@ -12,12 +23,24 @@ import queue
 import secrets
 import threading
 from concurrent.futures import Future
+from enum import Enum
 
 from sleepd.proto import sleepd_pb2 as pb
+
+from .regions import bug
 
 
 class RankLost(Exception):
     """The engine process went away while the daemon waited for it."""
+
+
+class Condition(Enum):
+    CONNECTED = "connected"
+    ATTACHED = "attached"
+    HANDING_BACK = "handing_back"
+    RECOVERING = "recovering"
+    DETACHED = "detached"
+    LOST = "lost"
 
 
 class Session:
@@ -34,30 +57,104 @@ class Session:
         self._pending: dict[int, Future] = {}
         self._op_ids = itertools.count(1)
         self._lock = threading.Lock()
-        self.lost: str | None = None        # why the session ended, once it has
-        self.detached = False               # the engine said goodbye before its lease ended
-        # After a daemon restart: a placeholder for a rank whose engine has not come back
-        # (recovering), then the engine's session until it has handed its memory back (resuming).
-        self.recovering = False
-        self.resuming = False
+        # The facts the condition follows from, each written by one transition below.
+        self.ended: str | None = None       # why the session ended, once it has
+        self._goodbye = False
+        self._placeholder = False           # rebuilt from the state file, waiting for its engine
+        self._handing_back = False
+
+    @classmethod
+    def recovered(cls, peer, model: str, rank: int, device: int) -> "Session":
+        """A rank the state file names, waiting for its engine to attach again."""
+        session = cls(peer)
+        session.model, session.rank, session.device = model, rank, device
+        session.ended = "its engine has not attached since the daemon restarted"
+        session.outbox.put(None)
+        session._placeholder = True
+        return session
+
+    @property
+    def condition(self) -> Condition:
+        if self._placeholder:
+            return Condition.RECOVERING
+        if self.ended is not None:
+            return Condition.DETACHED if self._goodbye else Condition.LOST
+        if self.model is None:
+            return Condition.CONNECTED
+        return Condition.HANDING_BACK if self._handing_back else Condition.ATTACHED
 
     @property
     def attached(self) -> bool:
         return self.model is not None
 
+    @property
+    def returning(self) -> bool:
+        """Still coming back from a daemon restart: recovering or handing back."""
+        return self.condition in (Condition.RECOVERING, Condition.HANDING_BACK)
+
     def describe(self) -> str:
         return f"{self.model} rank {self.rank} (pid {self.pid})"
 
-    def send(self, **command) -> Future:
+    # ---- transitions ----
+
+    def attach(self, model: str, rank: int, device: int, orphan: "Session | None") -> None:
+        """Becomes `model`'s rank on `device`, taking over the regions an earlier process of
+        the rank left (`orphan`); after a daemon restart it must hand their memory back."""
+        if self.condition is not Condition.CONNECTED:
+            bug(f"session of pid {self.pid}: attach while {self.condition.value}")
+        self.model, self.rank, self.device = model, rank, device
+        if orphan is not None:
+            for region in orphan.regions.values():
+                region.session = self
+            self.regions, orphan.regions = orphan.regions, {}
+            self._handing_back = orphan._placeholder
+
+    def say_goodbye(self) -> None:
+        """The engine detaches on purpose; its lease ends with its connections."""
+        self._goodbye = True
+
+    def handed_back(self) -> None:
+        """After a daemon restart: the engine has handed back all the memory it maps."""
+        if self.condition is not Condition.HANDING_BACK:
+            bug(f"{self.describe()}: hand-back finished while {self.condition.value}")
+        self._handing_back = False
+
+    def stop_waiting(self) -> None:
+        """A placeholder's engine did not come back in time: an orphan like any other."""
+        if self.condition is not Condition.RECOVERING:
+            bug(f"{self.describe()}: stop waiting while {self.condition.value}")
+        self._placeholder = False
+
+    def keep_only(self, regions: dict) -> None:
+        """An ending rank keeps its persistent regions as an orphan."""
+        self.regions = regions
+
+    def end(self, reason: str) -> bool:
+        """Marks the session ended and fails everything waiting on it; True the first time."""
+        with self._lock:
+            if self.ended:
+                return False
+            self.ended = reason
+            pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(RankLost(f"{self.describe()} is gone: {reason}"))
+        self.outbox.put(None)
+        return True
+
+    # ---- commands (built by fanout.py) ----
+
+    def send(self, command: pb.DaemonCommand) -> Future:
         """Queues a command for the engine; the future resolves with its Ack."""
         future: Future = Future()
         with self._lock:
-            if self.lost:
-                future.set_exception(RankLost(f"{self.describe()} is gone: {self.lost}"))
+            if self.ended:
+                future.set_exception(RankLost(f"{self.describe()} is gone: {self.ended}"))
                 return future
             op_id = next(self._op_ids)
             self._pending[op_id] = future
-        self.outbox.put(pb.DaemonCommand(op_id=op_id, **command))
+        command.op_id = op_id
+        self.outbox.put(command)
         return future
 
     def acknowledge(self, ack: pb.Ack) -> None:
@@ -65,16 +162,3 @@ class Session:
             future = self._pending.pop(ack.op_id, None)
         if future is not None and not future.done():
             future.set_result(ack)
-
-    def end(self, reason: str) -> bool:
-        """Marks the session lost and fails everything waiting on it; True the first time."""
-        with self._lock:
-            if self.lost:
-                return False
-            self.lost = reason
-            pending, self._pending = self._pending, {}
-        for future in pending.values():
-            if not future.done():
-                future.set_exception(RankLost(f"{self.describe()} is gone: {reason}"))
-        self.outbox.put(None)
-        return True

@@ -5,8 +5,11 @@ The victims' memory is offloaded and released in batches; the target's memory
 is created region by region as soon as the released bytes make room for it,
 and restored on the mover's other channel while the next batch goes out. The
 device never holds more than its budget. If the target cannot be woken, the
-victims are woken again: a failed swap leaves the victims awake and the target
-asleep, its backups intact.
+victims are woken again: a failed swap leaves the target asleep, its backups
+intact, and each victim awake again, or, where its memory cannot come back (the
+room went elsewhere), asleep with its backups and named in the error.
+
+It works through the operations' interface (operations.py), like any other operation.
 """
 
 import threading
@@ -15,51 +18,52 @@ import time
 from sleepd.common.sizes import format_size
 
 from .errors import SleepdError, exhausted, invalid, unavailable
-from .lifecycle import RegionState
-from .manager import needed_by_device
-from .model import Model, OperationResult, Region, SwapResult
+from .model import Model, OperationResult, SwapResult
 from .mover import OFFLOAD, RESTORE
+from .operations import Operations
+from .regions import ASLEEP, Region
+from .room import needed_by_device
 from .rules import Action
 
 # Offload batch size: small enough that restores start early, large enough to keep copies efficient.
 BATCH_BYTES = 64 << 20
 
 
-def swap(manager, to_name: str, from_names: list[str]) -> SwapResult:
+def swap(ops: Operations, to_name: str, from_names: list[str]) -> SwapResult:
     started = time.perf_counter()
     if to_name in from_names:
         raise invalid(f"swap: {to_name} cannot be swapped out for itself")
-    target = manager.model(to_name)
-    named = [manager.model(name) for name in dict.fromkeys(from_names)]
+    target = ops.registry.model(to_name)
+    named = [ops.registry.model(name) for name in dict.fromkeys(from_names)]
     with target.lock:
         for model in (target, *named):
-            manager.check_ready(model, "swap")
+            ops.check_ready(model, "swap")
         target.touch()
-        targets = [r for r in target.regions() if r.state in (RegionState.OFFLOADED, RegionState.DISCARDED)]
+        targets = [r for r in target.regions() if r.state in ASLEEP]
         needed = needed_by_device(targets)
-        victims = named or _choose_victims(manager, target, needed)
-        _check_enough(manager, target, victims, needed)
+        victims = named or _choose_victims(ops, target, needed)
+        _check_enough(ops, target, victims, needed)
         locked = []
         try:
             for victim in sorted(victims, key=lambda model: model.name):
-                if not victim.lock.acquire(timeout=manager.hook_timeout):
+                if not victim.lock.acquire(timeout=ops.fanout.hook_timeout):
                     raise unavailable(f"swap to {to_name}: {victim.name} is busy with another operation; try again")
                 locked.append(victim)
-            result = _overlapped(manager, target, victims, targets)
+            result = _overlapped(ops, target, victims, targets)
         finally:
             for victim in locked:
                 victim.lock.release()
     result.seconds = time.perf_counter() - started
     for slept in result.slept:
-        manager.events.publish("evicted", slept.model, f"swapped out for {to_name}")
+        ops.reporter.events.publish("evicted", slept.model, f"swapped out for {to_name}")
     return result
 
 
-def _choose_victims(manager, target: Model, needed: dict[int, int]) -> list[Model]:
+def _choose_victims(ops: Operations, target: Model, needed: dict[int, int]) -> list[Model]:
     """Models in eviction order until their memory makes the target fit."""
     victims, freed = [], {}
-    for candidate in manager.eviction_candidates(target, needed):
-        if not manager.shortfall(target.name, needed, freed):
+    for candidate in ops.room.eviction_candidates(target, needed):
+        if not ops.room.shortfall(target.name, needed, freed):
             break
         victims.append(candidate)
         for device in needed:
@@ -67,22 +71,21 @@ def _choose_victims(manager, target: Model, needed: dict[int, int]) -> list[Mode
     return victims
 
 
-def _check_enough(manager, target: Model, victims: list[Model], needed: dict[int, int]) -> None:
+def _check_enough(ops: Operations, target: Model, victims: list[Model], needed: dict[int, int]) -> None:
     freed: dict[int, int] = {}
     for victim in victims:
         if victim.policy.pinned:
             raise exhausted(f"swap to {target.name}: {victim.name} is pinned and is never put to sleep for room")
         for device in needed:
             freed[device] = freed.get(device, 0) + victim.held_on(device)
-    short = manager.shortfall(target.name, needed, freed)
+    short = ops.room.shortfall(target.name, needed, freed)
     if short:
         device, missing = next(iter(sorted(short.items())))
         names = ", ".join(victim.name for victim in victims) or "no model that may be evicted"
         message = (f"swap to {target.name}: needs {format_size(needed[device])} on "
-                   f"{manager.backend.devices[device].name}; sleeping {names} leaves it "
+                   f"{ops.backend.devices[device].name}; sleeping {names} leaves it "
                    f"{format_size(missing)} short")
-        manager.events.publish("refused", target.name, message)
-        raise exhausted(message)
+        ops.room.refuse(target.name, message)
 
 
 def _batches(work):
@@ -100,11 +103,11 @@ def _batches(work):
 class _Restorer(threading.Thread):
     """Creates and fills the target's regions as room appears."""
 
-    def __init__(self, manager, target: Model, regions: list[Region], room: threading.Condition):
+    def __init__(self, ops: Operations, target: Model, regions: list[Region], room: threading.Condition):
         super().__init__(name=f"swap-restore-{target.name}", daemon=True)
-        self.manager, self.target, self.regions, self.room = manager, target, regions, room
+        self.ops, self.target, self.regions, self.room = ops, target, regions, room
         self.done: list[Region] = []
-        self.error: BaseException | None = None
+        self.error: Exception | None = None
         self.senders_done = False
 
     def run(self) -> None:
@@ -118,15 +121,15 @@ class _Restorer(threading.Thread):
                         raise exhausted(f"swap to {self.target.name}: no room for region {pending[0].id} after "
                                         "the other models slept")
                 # Everything that fits now goes in one request: fewer round trips to the mover.
-                self.manager.materialize(self.target, batch)
+                self.ops.materialize(self.target, batch)
                 self.done += batch
                 pending = pending[len(batch):]
-        except BaseException as error:  # reported by the swap, which rolls back
+        except Exception as error:  # reported by the swap, which rolls back
             self.error = error
 
     def _fitting(self, pending: list[Region]) -> list[Region]:
         """The longest prefix of `pending` that fits in the room there is now."""
-        free = {device: self.manager.room_for(self.target.name, device) for device in {r.device for r in pending}}
+        free = {device: self.ops.room.room_for(self.target.name, device) for device in {r.device for r in pending}}
         batch = []
         for region in pending:
             if free[region.device] < region.mapped_size:
@@ -136,29 +139,29 @@ class _Restorer(threading.Thread):
         return batch
 
 
-def _overlapped(manager, target: Model, victims: list[Model], targets: list[Region]) -> SwapResult:
-    works = {victim: manager.plan_sleep(victim, victim.policy.eviction_level, [], {}) for victim in victims}
+def _overlapped(ops: Operations, target: Model, victims: list[Model], targets: list[Region]) -> SwapResult:
+    works = {victim: ops.plan_sleep(victim, victim.policy.eviction_level, [], {}) for victim in victims}
     offload_bytes = sum(r.mapped_size for work in works.values() for r, a in work if a is Action.OFFLOAD)
-    if offload_bytes > manager.pool.available:
+    if offload_bytes > ops.pool.available:
         raise exhausted(f"swap to {target.name}: the models going to sleep need {format_size(offload_bytes)} of "
-                        f"host pool, {format_size(manager.pool.available)} free")
+                        f"host pool, {format_size(ops.pool.available)} free")
     devices = set(target.devices()).union(*(victim.devices() for victim in victims))
     slept = {victim: OperationResult(victim.name, sleeping=True) for victim in victims}
     woke = OperationResult(target.name)
     quiesced: list[Model] = []
     room = threading.Condition()
-    restorer = _Restorer(manager, target, targets, room)
+    restorer = _Restorer(ops, target, targets, room)
     try:
         # Until the swap ends (not during a rollback), the room it frees is the target's.
-        with manager.set_aside(target.name, needed_by_device(targets)):
+        with ops.room.set_aside(target.name, needed_by_device(targets)):
             for victim in victims:
-                if not victim.sleeping:
-                    manager.quiesce(victim, victim.policy.eviction_level)
+                if not victim.paused:
+                    ops.quiesce(victim, victim.policy.eviction_level)
                     quiesced.append(victim)
             restorer.start()
             for victim, work in works.items():
                 for batch in _batches(work):
-                    manager.offload_and_unmap(victim, batch)
+                    ops.offload_and_unmap(victim, batch)
                     with room:
                         room.notify_all()
                     for region, action in batch:
@@ -167,22 +170,21 @@ def _overlapped(manager, target: Model, victims: list[Model], targets: list[Regi
                         else:
                             slept[victim].bytes_discarded += region.mapped_size
                         slept[victim].regions += 1
-                victim.sleeping = True
             with room:
                 restorer.senders_done = True
                 room.notify_all()
             restorer.join()
             if restorer.error:
                 raise restorer.error
-            manager.remap_or_undo(target, targets)
-    except BaseException as error:
+            ops.remap_or_undo(target, targets, woke)
+    except Exception as error:
         with room:
             restorer.senders_done = True
             room.notify_all()
         if restorer.is_alive():
             restorer.join()
-        manager.undo_restore(target, restorer.done, remapped=[])
-        left_asleep = _wake_again(manager, victims, works, quiesced)
+        ops.undo_restore(target, restorer.done, remapped=[])
+        left_asleep = _wake_again(ops, victims, works, quiesced)
         if isinstance(error, SleepdError):
             woken = [v.name for v in victims if v.name not in left_asleep]
             outcome = [f"{', '.join(woken)} woken again"] if woken else []
@@ -190,41 +192,38 @@ def _overlapped(manager, target: Model, victims: list[Model], targets: list[Regi
             raise SleepdError(error.code, f"swap to {target.name} failed; {'; '.join(outcome)}: "
                               f"{error.message}") from None
         raise
-    manager.finish_wake(target, targets, woke)
+    ops.finish_wake(target, targets, woke)
     for victim in victims:
-        manager.record("sleep", victim.name, str(victim.policy.eviction_level), slept[victim],
-                       reason=f"swapped out for {target.name}")
-    manager.record("wake", target.name, "all", woke, reason="swapped in")
-    return SwapResult(list(slept.values()), woke, 0.0, _sequential_estimate(manager, slept.values(), woke, devices))
+        ops.reporter.slept(victim.name, victim.policy.eviction_level, slept[victim],
+                           reason=f"swapped out for {target.name}")
+    ops.reporter.woke(target.name, [], woke, reason="swapped in")
+    return SwapResult(list(slept.values()), woke, 0.0, _sequential_estimate(ops, slept.values(), woke, devices))
 
 
-def _wake_again(manager, victims: list[Model], works, quiesced: list[Model]) -> dict[str, str]:
+def _wake_again(ops: Operations, victims: list[Model], works, quiesced: list[Model]) -> dict[str, str]:
     """Rollback: every region a victim released in this swap comes back, and its
     ranks resume. A victim that cannot have its memory back (the room went
     elsewhere) stays asleep, backups intact, until woken; returns those, with why."""
     left_asleep = {}
     for victim in victims:
-        released = [r for r, _ in works[victim] if r.state in (RegionState.OFFLOADED, RegionState.DISCARDED)]
+        released = [r for r, _ in works[victim] if r.state in ASLEEP]
         try:
             if released:
-                manager.materialize(victim, released)
-                manager.remap_or_undo(victim, released)
-                manager.commit_restore(released, OperationResult(victim.name))
-        except Exception as error:  # the next victims still get theirs back
-            victim.sleeping = True  # its sleep hooks ran; a wake brings the rest back and resumes it
+                ops.materialize(victim, released)
+                ops.remap_or_undo(victim, released, OperationResult(victim.name))
+        except Exception as error:  # the next victims still get theirs back; a wake brings the rest back
             left_asleep[victim.name] = error.message if isinstance(error, SleepdError) else str(error)
             continue
-        if victim in quiesced or released:
-            victim.sleeping = False
-            manager.resume(victim, best_effort=True)
+        if victim.paused and (victim in quiesced or released):
+            ops.resume(victim, best_effort=True)
     return left_asleep
 
 
-def _sequential_estimate(manager, slept, woke: OperationResult, devices: set[int]) -> float:
+def _sequential_estimate(ops: Operations, slept, woke: OperationResult, devices: set[int]) -> float:
     """The same bytes moved one direction after the other at the movers' measured throughput (0: unknown)."""
     out_bytes = sum(result.bytes_offloaded for result in slept)
     in_bytes = woke.bytes_restored
-    rates = [manager.movers[d].throughput for d in devices]
+    rates = [ops.movers[d].throughput for d in devices]
     out_rate = max((rate[OFFLOAD] for rate in rates), default=0.0)
     in_rate = max((rate[RESTORE] for rate in rates), default=0.0)
     if (out_bytes and not out_rate) or (in_bytes and not in_rate):

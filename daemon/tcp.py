@@ -36,7 +36,7 @@ class _RequireToken(grpc.ServerInterceptor):
         return self._refusal
 
 
-def serve_tcp(manager, metrics, address: str, cert_path: str, key_path: str,
+def serve_tcp(core, address: str, cert_path: str, key_path: str,
               token_path: str) -> tuple[grpc.Server, int]:
     """Starts a TLS-only server on `address`; returns it and the port it bound.
     It has a service of its own, so that being the TCP admin is decided by this
@@ -48,7 +48,7 @@ def serve_tcp(manager, metrics, address: str, cert_path: str, key_path: str,
         raise ValueError(f"{token_path} holds no token")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="grpc-tcp"),
                          interceptors=[_RequireToken(secret)])
-    servicer = SleepdService(manager, metrics, identify=lambda context: TCP_PEER)
+    servicer = SleepdService(core, identify=lambda context: TCP_PEER)
     pb_grpc.add_SleepdServicer_to_server(servicer, server)
     port = server.add_secure_port(address, credentials)
     server.start()

@@ -11,6 +11,10 @@ import pytest
 from sleepd.common.sizes import parse_size
 from support import HERE, Daemon, Engine, FakeCuda
 
+# Every daemon the tests start checks its lock order (daemon/locks.py): a lock taken
+# out of order stops it, and the test that did it fails.
+os.environ.setdefault("SLEEPD_CHECK_LOCKS", "1")
+
 
 def _build(source: str, library) -> None:
     subprocess.run(["g++", "-std=c++17", "-O2", "-shared", "-fPIC", "-o", str(library),

@@ -7,8 +7,8 @@ import pytest
 
 from sleepd.common.sizes import format_size, parse_size
 from sleepd.daemon.errors import SleepdError
-from sleepd.daemon.lifecycle import IllegalTransition, RegionState, advance
-from sleepd.daemon.pool import HostPool
+from sleepd.daemon.pool import Backup, HostPool
+from sleepd.daemon.regions import IllegalTransition, Region, RegionState
 from sleepd.daemon.rules import Action, SleepRules
 
 MiB = 1 << 20
@@ -45,26 +45,37 @@ def test_default_rules_follow_the_brief():
     assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
-class FakeRegion:
-    def __init__(self, state):
-        self.id, self.state, self.backup = 1, state, None
+class Owner:
+    model = "qwen"
+
+    @staticmethod
+    def describe():
+        return "qwen rank 0 (pid 1)"
 
 
 def test_region_life_follows_the_table():
-    region = FakeRegion(RegionState.MAPPED)
-    assert advance(region, "begin_offload") is RegionState.OFFLOADING
-    assert advance(region, "released") is RegionState.OFFLOADED
-    region.backup = object()
-    assert advance(region, "begin_restore") is RegionState.RESTORING
-    assert advance(region, "abort") is RegionState.OFFLOADED  # a backup exists
-    advance(region, "begin_restore")
-    assert advance(region, "restored") is RegionState.MAPPED
-    assert advance(region, "released") is RegionState.DISCARDED  # discard
-    region.backup = None
-    advance(region, "begin_restore")
-    assert advance(region, "abort") is RegionState.DISCARDED
-    with pytest.raises(IllegalTransition):
-        advance(region, "begin_offload")
+    region = Region.new(1, "weights", 4096, 4096, 0, Owner(), persist=False)
+    region.created(handle=11)
+    assert region.restored() is None and region.state is RegionState.MAPPED and region.holds_memory
+    backup = Backup(4096, [])
+    region.offload(backup)
+    assert region.state is RegionState.OFFLOADING
+    assert region.release() == 11 and region.state is RegionState.OFFLOADED and not region.holds_memory
+    region.begin_restore()
+    assert region.state is RegionState.RESTORING
+    region.created(handle=12)
+    assert region.cancel_restore() == 12 and region.state is RegionState.OFFLOADED  # a backup exists
+    region.begin_restore()
+    region.created(handle=13)
+    assert region.restored() is backup and region.state is RegionState.MAPPED and region.backup is None
+    assert region.release() == 13 and region.state is RegionState.DISCARDED  # discard
+    region.begin_restore()
+    assert region.cancel_restore() is None and region.state is RegionState.DISCARDED
+    with pytest.raises(IllegalTransition, match="region 1 .*no transition from discarded on offload"):
+        region.offload(backup)
+    with pytest.raises(IllegalTransition, match="release while discarded without device memory"):
+        region.release()
+    assert region.state is RegionState.DISCARDED
 
 
 @pytest.fixture

@@ -1,0 +1,44 @@
+"""The control plane's parts, wired together once: who uses which part is
+visible here. No part reaches into another's internals."""
+
+from dataclasses import dataclass
+
+from .auth import Authorizer
+from .backends import DaemonBackend
+from .events import EventBus
+from .fanout import Fanout
+from .mover import Mover
+from .operations import Operations
+from .pool import HostPool
+from .recovery import Checkpoints, Recovery, StateStore
+from .registry import Registry
+from .reporting import Reporter
+from .room import Room
+from .rules import SleepRules
+
+
+@dataclass
+class Core:
+    backend: DaemonBackend
+    pool: HostPool
+    authorizer: Authorizer
+    events: EventBus
+    metrics: object
+    registry: Registry
+    room: Room
+    operations: Operations
+    recovery: Recovery
+
+
+def build(backend: DaemonBackend, pool: HostPool, movers: dict[int, Mover], rules: SleepRules, hook_timeout: float,
+          metrics=None, authorizer: Authorizer | None = None, store: StateStore | None = None,
+          default_policies: dict[str, dict] | None = None) -> Core:
+    authorizer = authorizer or Authorizer("sleepd")
+    events = EventBus()
+    registry = Registry(backend, authorizer, default_policies or {})
+    room = Room(registry, backend, events, metrics)
+    checkpoints = Checkpoints(registry, backend.name, store)
+    operations = Operations(registry, room, Fanout(hook_timeout), backend, pool, movers, rules,
+                            Reporter(events, metrics), checkpoints.save)
+    recovery = Recovery(registry, backend, pool, operations)
+    return Core(backend, pool, authorizer, events, metrics, registry, room, operations, recovery)

@@ -1,0 +1,89 @@
+"""Commands to a model's ranks: the only code that builds the messages the
+daemon sends engines on their session streams, and the one place that waits
+for their acks. Each command carries everything its rank must do (all of its
+regions), so a step costs one round trip per rank, whatever the region count.
+"""
+
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+
+import grpc
+
+from sleepd.proto import sleepd_pb2 as pb
+
+from .errors import SleepdError
+from .regions import Region, RegionState
+from .sessions import RankLost, Session
+
+Failures = list[tuple[Session, Exception]]
+
+
+def region_message(region: Region) -> pb.Region:
+    return pb.Region(id=region.id, tag=region.tag, size=region.size, device=region.device, state=int(region.state),
+                     persist=region.persist, mapped_size=region.mapped_size)
+
+
+def attached_message(session: Session, backend_name: str) -> pb.DaemonCommand:
+    """The first message of a session stream: who it is, and the regions it already owns."""
+    return pb.DaemonCommand(attached=pb.Attached(
+        session_id=session.id, backend=backend_name, resuming=session.returning,
+        regions=[region_message(region) for region in sorted(session.regions.values(), key=lambda r: r.id)]))
+
+
+def owners(regions) -> list[Session]:
+    """The live sessions owning `regions`, each once, in a stable order. An
+    orphaned rank's regions are mapped by nobody, so there is no one to ask."""
+    return list({r.session.id: r.session for r in regions if r.session.ended is None}.values())
+
+
+class Fanout:
+    def __init__(self, hook_timeout: float):
+        self.hook_timeout = hook_timeout
+
+    def quiesce(self, sessions, level: int):
+        return self._all(sessions, lambda session: pb.DaemonCommand(quiesce=pb.Quiesce(level=level)))
+
+    def resume(self, sessions):
+        return self._all(sessions, lambda session: pb.DaemonCommand(resume=pb.Resume()))
+
+    def unmap(self, sessions, after: dict[Region, RegionState]):
+        """Each rank unmaps its regions among `after`, which says the state each goes to."""
+        return self._all(sessions, lambda session: pb.DaemonCommand(unmap=pb.Unmap(regions=[
+            pb.RegionChange(region_id=region.id, state=state)
+            for region, state in after.items() if region.session is session])))
+
+    def remap(self, sessions, regions):
+        return self._all(sessions, lambda session: pb.DaemonCommand(remap=pb.Remap(
+            region_ids=sorted(region.id for region in regions if region.session is session))))
+
+    def _all(self, sessions, command) -> tuple[Failures, list[Session]]:
+        """Sends each session its command and waits for every ack, within one hook timeout.
+        Returns the failures and the sessions that acknowledged success."""
+        futures = [(session, session.send(command(session))) for session in sessions]
+        deadline = time.monotonic() + self.hook_timeout
+        failures, done = [], []
+        for session, future in futures:
+            try:
+                ack = future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except FutureTimeout:
+                failures.append((session, TimeoutError(f"did not answer within {self.hook_timeout:g} s")))
+                continue
+            except RankLost as error:
+                failures.append((session, error))
+                continue
+            if ack.ok:
+                done.append(session)
+            else:
+                failures.append((session, RuntimeError(ack.error)))
+        return failures, done
+
+
+def rank_failure(what: str, failures: Failures) -> SleepdError:
+    details = "; ".join(f"{session.describe()}: {error}" for session, error in failures)
+    if any(isinstance(error, TimeoutError) for _, error in failures):
+        code = grpc.StatusCode.DEADLINE_EXCEEDED
+    elif any(isinstance(error, RankLost) for _, error in failures):
+        code = grpc.StatusCode.UNAVAILABLE
+    else:
+        code = grpc.StatusCode.ABORTED
+    return SleepdError(code, f"{what} failed and was rolled back: {details}")

@@ -1,0 +1,411 @@
+"""The operations on models: allocate and free regions, sleep, wake, set a
+policy, end a session; and the steps they are made of, which swap.py and idle
+sleep use too. Every state change they make goes through the state machines
+(regions.py, sessions.py, model.py).
+
+Lock order, outermost first (locks.py checks it under SLEEPD_CHECK_LOCKS=1):
+  1. a model's lock: one operation per model at a time. Eviction and swap take
+     other models' locks only with a timeout, skipping or refusing a busy one,
+     so two operations evicting each other cannot deadlock;
+  2. the locks of the devices a step touches, in index order. A device's lock
+     serialises the daemon's creating and releasing of device memory and the
+     rounds in which engines map or unmap it (concurrent VMM calls from several
+     processes on one GPU are a known source of driver crashes). It is not held
+     across hooks or copies: the mover has one channel per direction, so one
+     model's offload and another's restore run at the same time;
+  3. the registry lock, held only to read or change its maps.
+A session's handle-socket requests take only the registry lock, so an engine
+can fetch memory while an operation waits on it.
+"""
+
+import contextlib
+import logging
+import time
+
+from sleepd import _C
+from sleepd.common.sizes import format_size
+
+from .backends import ZEROED_ON_CREATE, DaemonBackend
+from .errors import exhausted, invalid, not_found, precondition
+from .fanout import Fanout, owners, rank_failure
+from .limits import MAX_LEVEL
+from .locks import DEVICE, OrderedLock
+from .model import Model, OperationResult, Policy
+from .mover import OFFLOAD, RESTORE, ZERO, CopyJob, Mover
+from .pool import HostPool
+from .regions import ASLEEP, Region, RegionState
+from .registry import Registry, check_tag
+from .reporting import Reporter
+from .room import Room, needed_by_device
+from .rules import Action, SleepRules
+from .sessions import Condition, Session
+
+log = logging.getLogger(__name__)
+
+
+class Operations:
+    def __init__(self, registry: Registry, room: Room, fanout: Fanout, backend: DaemonBackend, pool: HostPool,
+                 movers: dict[int, Mover], rules: SleepRules, reporter: Reporter, checkpoint):
+        self.registry = registry
+        self.room = room
+        self.fanout = fanout
+        self.backend = backend
+        self.pool = pool
+        self.movers = movers
+        self.rules = rules
+        self.reporter = reporter
+        self.checkpoint = checkpoint  # records the state on disk: recovery.Checkpoints.save
+        self._device_locks = {device.index: OrderedLock(DEVICE, device.index) for device in backend.devices}
+        self._frozen = False
+
+    # ---- sessions ----
+
+    def freeze(self) -> None:
+        """The daemon is stopping: sessions that end from now on are not reclaimed,
+        so that the state file keeps them for the next daemon to recover."""
+        self._frozen = True
+
+    def attach(self, token: str, model_name: str, rank: int, ordinal: int, uuid: str = "") -> Session:
+        session = self.registry.attach(token, model_name, rank, ordinal, uuid)
+        self.checkpoint()
+        self.reporter.events.publish("attached", model_name, f"rank {rank} pid {session.pid} on "
+                                                            f"{self.backend.devices[session.device].name}")
+        return session
+
+    def end_session(self, session: Session, reason: str) -> None:
+        """Reclaims every reference a session held. Safe to call more than once."""
+        if not session.end(reason) or self._frozen:
+            return
+        model = self.registry.forget_session(session)
+        if model is None:
+            return
+        # Waiters on this session have already failed, so any operation holding
+        # the model's lock finishes its rollback and lets us in.
+        with model.lock:
+            kept = {r.id: r for r in session.regions.values() if r.persist}
+            freed = sum(r.mapped_size for r in session.regions.values() if r.holds_memory and not r.persist)
+            for region in list(session.regions.values()):
+                if not region.persist:
+                    self.drop_region(region)
+            self.registry.remove_rank(model, session, kept)
+        self.checkpoint()
+        log.info("session of %s ended (%s); reclaimed %s", session.describe(), reason, format_size(freed))
+        detail = f"rank {session.rank} pid {session.pid}"
+        if session.condition is Condition.DETACHED:
+            self.reporter.events.publish("detached", model.name, detail, freed)
+        else:
+            self.reporter.events.publish("rank_lost", model.name, f"{detail}: {reason}", freed)
+            if self.reporter.metrics:
+                self.reporter.metrics.ranks_lost.labels(model=model.name).inc()
+
+    def touch(self, session_id: str) -> None:
+        self.registry.model(self.registry.session(session_id).model).touch()
+
+    # ---- regions ----
+
+    def allocate(self, session_id: str, size: int, tag: str, evict: bool = False, persist: bool = False) -> Region:
+        session = self.registry.session(session_id)
+        if size <= 0:
+            raise invalid(f"allocation size must be positive, got {size}")
+        check_tag(tag)
+        device = self.backend.devices[session.device]
+        granularity = self.backend.native.granularity(device.index)
+        mapped_size = -(-size // granularity) * granularity
+        if mapped_size > device.budget:
+            raise exhausted(f"allocate {format_size(size)} on {device.name}: larger than its whole budget "
+                            f"of {format_size(device.budget)}")
+        model = self.registry.model(session.model)
+        with model.lock:
+            model.touch()
+            what = f"allocate {format_size(mapped_size)} for {session.describe()}"
+            evicted = self.room.ensure(model, {device.index: mapped_size}, what, evict, self._evict)
+            region = Region.new(self.registry.new_region_id(), tag, size, mapped_size, device.index, session, persist)
+            try:
+                self._create_all([region], what)
+            except _C.OutOfMemoryError as error:
+                raise exhausted(f"{what} on {device.name}: the device refused ({error}); "
+                                f"{self.room.describe(device.index)}") from None
+            region.restored()
+            self.registry.add_region(region)
+        self.checkpoint()
+        if evicted:
+            log.info("%s: evicted %s", what, ", ".join(evicted))
+        return region
+
+    def free(self, session_id: str, region_id: int) -> None:
+        session = self.registry.session(session_id)
+        region = self.registry.owned_region(session, region_id)
+        model = self.registry.model(session.model)
+        with model.lock:
+            model.touch()
+            self.drop_region(region)
+        self.checkpoint()
+
+    def drop_region(self, region: Region) -> None:
+        self.registry.remove_region(region)
+        handle, backup = region.dropped()
+        if handle is not None:
+            self.backend.native.release(handle)
+        if backup is not None:
+            self.pool.free(backup)
+
+    # ---- sleep and wake ----
+
+    def sleep(self, model_name: str, level: int, tags: list[str], actions: dict[str, Action],
+              reason: str = "") -> OperationResult:
+        model = self.registry.model(model_name)
+        with model.lock:
+            return self.sleep_locked(model, level, tags, actions, reason)
+
+    def sleep_locked(self, model: Model, level: int, tags: list[str], actions: dict[str, Action],
+                     reason: str = "") -> OperationResult:
+        """Sleep with the model's lock already held (by the caller, or by eviction)."""
+        self.check_ready(model, "sleep")
+        started = time.perf_counter()
+        work = self.plan_sleep(model, level, tags, actions)
+        result = OperationResult(model.name, sleeping=True)
+        if not work and model.sleeping:
+            return result  # already asleep: sleeping again is a no-op
+        quiesced_here = not model.paused
+        if quiesced_here:
+            self.quiesce(model, level)
+        try:
+            self.offload_and_unmap(model, work)
+        except Exception:
+            if quiesced_here:
+                self.resume(model, best_effort=True)
+            raise
+        for region, action in work:
+            if action is Action.OFFLOAD:
+                result.bytes_offloaded += region.mapped_size
+            else:
+                result.bytes_discarded += region.mapped_size
+        result.regions = len(work)
+        result.seconds = time.perf_counter() - started
+        self.reporter.slept(model.name, level, result, reason)
+        return result
+
+    def _evict(self, victim: Model, reason: str) -> None:
+        self.sleep_locked(victim, victim.policy.eviction_level, [], {}, reason=reason)
+
+    def plan_sleep(self, model: Model, level: int, tags: list[str], actions: dict[str, Action]):
+        """[(region, action)] for the model's mapped regions, refused before anything moves
+        when the host pool cannot take the offloads even after discarding what may be discarded."""
+        regions = model.regions()
+        _check_tags(model, regions, list(tags) + list(actions))
+        selected = set(tags) | set(actions) or {region.tag for region in regions}
+        plan = self.rules.plan(level, selected, actions)
+        work = [(r, plan[r.tag]) for r in regions if plan and r.tag in plan and r.state is RegionState.MAPPED]
+        offload_bytes = sum(r.mapped_size for r, action in work if action is Action.OFFLOAD)
+        if offload_bytes <= self.pool.available:
+            return work
+        # The pool is too small: discard instead, largest first, only tags some rule discards anyway.
+        fallback = sorted(((r, a) for r, a in work if a is Action.OFFLOAD and self.rules.discardable(r.tag)
+                           and r.tag not in actions), key=lambda item: -item[0].mapped_size)
+        demoted = set()
+        for region, _ in fallback:
+            if offload_bytes <= self.pool.available:
+                break
+            demoted.add(region)
+            offload_bytes -= region.mapped_size
+        if offload_bytes > self.pool.available:
+            raise exhausted(f"sleep {model.name}: offloading needs {format_size(offload_bytes)} of host pool, "
+                            f"{format_size(self.pool.available)} free of {format_size(self.pool.budget)}, "
+                            "and no more of it may be discarded; raise --host-pool-budget or use a level "
+                            "that discards")
+        log.warning("sleep %s: host pool short; discarding %s instead of offloading them", model.name,
+                    ", ".join(sorted({r.tag for r in demoted})))
+        return [(r, Action.DISCARD if r in demoted else a) for r, a in work]
+
+    def wake(self, model_name: str, tags: list[str], evict: bool = False) -> OperationResult:
+        started = time.perf_counter()
+        model = self.registry.model(model_name)
+        result = OperationResult(model_name)
+        with model.lock:
+            self.check_ready(model, "wake")
+            model.touch()
+            regions = model.regions()
+            _check_tags(model, regions, tags)
+            targets = [r for r in regions if r.state in ASLEEP and (not tags or r.tag in tags)]
+            if targets:
+                result.evicted = self.room.ensure(model, needed_by_device(targets), f"wake {model.name}", evict,
+                                                  self._evict)
+                self.materialize(model, targets)
+                self.remap_or_undo(model, targets, result)
+            self.finish_wake(model, targets, result)
+        result.seconds = time.perf_counter() - started
+        self.reporter.woke(model_name, tags, result)
+        return result
+
+    def set_policy(self, model_name: str, **changes) -> Policy:
+        model = self.registry.model(model_name)
+        level = changes.get("eviction_level")
+        if level is not None and not 0 <= level <= MAX_LEVEL:
+            raise invalid(f"eviction level {level} does not exist; use 0, 1 or 2")
+        if (changes.get("idle_seconds") or 0) < 0:
+            raise invalid("idle_seconds must be zero (never) or positive")
+        model.change_policy(**changes)
+        self.checkpoint()
+        log.info("policy of %s: %s", model_name, model.policy)
+        return model.policy
+
+    def check_ready(self, model: Model, what: str) -> None:
+        """Refuses operations on a model some of whose ranks are still coming back from a daemon restart."""
+        waiting = [s for s in model.sessions() if s.returning]
+        if waiting:
+            raise precondition(f"{what} {model.name}: {', '.join(s.describe() for s in waiting)} has not "
+                               "handed its memory back since the daemon restarted; try again shortly")
+
+    # ---- the steps of an operation (also used by swap) ----
+
+    def quiesce(self, model: Model, level: int) -> None:
+        failures, done = self.fanout.quiesce(model.ranks.values(), level)
+        if failures:
+            self.fanout.resume(done)
+            raise rank_failure(f"sleep {model.name}", failures)
+        model.pause()
+
+    def resume(self, model: Model, best_effort: bool) -> None:
+        model.unpause()
+        failures, _ = self.fanout.resume(model.ranks.values())
+        if failures and not best_effort:
+            raise rank_failure(f"woke {model.name}, but its wake hooks failed", failures)
+
+    def offload_and_unmap(self, model: Model, work: list[tuple[Region, Action]]) -> None:
+        """Copies the offloads out, has every rank unmap, then releases the memory;
+        on any failure before the release, puts everything back as it was."""
+        offloads = [region for region, action in work if action is Action.OFFLOAD]
+        try:
+            for region in offloads:
+                region.offload(self.pool.allocate(region.mapped_size))
+            self._copy([CopyJob(OFFLOAD, r.device, r.handle, r.mapped_size, r.backup) for r in offloads])
+            self.checkpoint()  # the backups are on disk's record before any engine lets go of the memory
+        except Exception:
+            self._cancel_offloads(offloads)
+            raise
+        regions = [region for region, _ in work]
+        after = {region: _state_after(action) for region, action in work}
+        with self.devices_locked(_devices(regions)):
+            asked = owners(regions)  # each rank told to unmap may have done some of it
+            try:
+                failures, _ = self.fanout.unmap(asked, after)
+                if failures:
+                    raise rank_failure(f"sleep {model.name}", failures)
+            except Exception:
+                # Nothing was released yet: every engine that unmapped maps the same memory again.
+                self.fanout.remap(asked, regions)
+                self._cancel_offloads(offloads)
+                raise
+            # Every engine has dropped its references; the daemon's handle is the last one.
+            for region in regions:
+                self.backend.native.release(region.release())
+        self.checkpoint()
+
+    def _cancel_offloads(self, offloads: list[Region]) -> None:
+        for region in offloads:
+            if region.state is RegionState.OFFLOADING:
+                backup = region.cancel_offload()
+                if backup is not None:
+                    self.pool.free(backup)
+
+    def materialize(self, model: Model, targets: list[Region]) -> None:
+        """Creates device memory for sleeping regions and fills it (backup or zeros);
+        on failure releases what it created and leaves them asleep."""
+        try:
+            for region in targets:
+                region.begin_restore()
+            self._create_all(targets, f"wake {model.name}")
+            jobs = [CopyJob(RESTORE, r.device, r.handle, r.mapped_size, r.backup) for r in targets if r.backup]
+            if self.backend.name not in ZEROED_ON_CREATE:
+                jobs += [CopyJob(ZERO, r.device, r.handle, r.mapped_size) for r in targets if r.backup is None]
+            self._copy(jobs)
+        except _C.OutOfMemoryError as error:
+            self.undo_restore(model, targets, remapped=[])
+            raise exhausted(f"wake {model.name}: out of device memory midway ({error}); "
+                            "it is asleep as before, its backups intact") from None
+        except Exception:
+            self.undo_restore(model, targets, remapped=[])
+            raise
+
+    def remap_or_undo(self, model: Model, targets: list[Region], result: OperationResult) -> None:
+        """Has every rank map `targets` again, then frees their backups, counting the bytes
+        restored and zero-filled into `result`; on failure, leaves them asleep as before."""
+        asked = owners(targets)
+        with self.devices_locked(_devices(targets)):
+            failures, _ = self.fanout.remap(asked, targets)
+        if failures:
+            # A rank that failed may have mapped some regions before it did: every rank asked unmaps again.
+            self.undo_restore(model, targets, remapped=asked)
+            raise rank_failure(f"wake {model.name}", failures)
+        for region in targets:
+            backup = region.restored()
+            if backup is not None:
+                result.bytes_restored += region.mapped_size
+                self.pool.free(backup)
+            else:
+                result.bytes_zeroed += region.mapped_size
+        self.checkpoint()
+
+    def finish_wake(self, model: Model, targets: list[Region], result: OperationResult) -> None:
+        """Once every region of the model is mapped again, its wake hooks run."""
+        result.regions = len(targets)
+        if model.paused and all(r.state is RegionState.MAPPED for r in model.regions()):
+            self.resume(model, best_effort=False)
+        result.sleeping = model.sleeping
+
+    def undo_restore(self, model: Model, targets: list[Region], remapped: list[Session]) -> None:
+        """Puts regions being restored back to sleep, their backups intact: ranks in `remapped`
+        unmap them again, and memory created for them is released."""
+        with self.devices_locked(_devices(targets)):
+            self.fanout.unmap(remapped, {r: RegionState.OFFLOADED if r.backup else RegionState.DISCARDED
+                                         for r in targets})
+            for region in targets:
+                if region.state is RegionState.RESTORING:
+                    handle = region.cancel_restore()
+                    if handle is not None:
+                        self.backend.native.release(handle)
+
+    # ---- devices ----
+
+    @contextlib.contextmanager
+    def devices_locked(self, devices: set[int]):
+        with contextlib.ExitStack() as stack:
+            for device in sorted(devices):
+                stack.enter_context(self._device_locks[device])
+            yield
+
+    def _create_all(self, regions: list[Region], what: str) -> None:
+        """New device memory for each region, named so that it shows in /proc as the
+        model's. The room is checked again under the device locks."""
+        model_name = regions[0].model if regions else ""
+        with self.devices_locked(_devices(regions)):
+            self.room.check_created_fit(model_name, regions, what)
+            for region in regions:
+                label = f"sleepd:{region.model}:r{region.session.rank}:{region.tag}:{region.id}"
+                region.created(self.backend.native.create(region.device, region.mapped_size, label))
+
+    def _copy(self, jobs: list[CopyJob]) -> None:
+        by_device: dict[int, list[CopyJob]] = {}
+        for job in jobs:
+            by_device.setdefault(job.device, []).append(job)
+        for device, device_jobs in sorted(by_device.items()):
+            self.movers[device].run(device_jobs)
+        if self.reporter.metrics:
+            for job in jobs:
+                self.reporter.metrics.bytes_moved.labels(direction=job.direction).inc(job.size)
+
+
+def _check_tags(model: Model, regions: list[Region], tags) -> None:
+    known = {region.tag for region in regions}
+    for tag in tags:
+        if tag not in known:
+            raise not_found(f"model {model.name} has no region tagged {tag!r} "
+                            f"(its tags: {', '.join(sorted(known)) or 'none'})")
+
+
+def _devices(regions) -> set[int]:
+    return {region.device for region in regions}
+
+
+def _state_after(action: Action) -> RegionState:
+    return RegionState.OFFLOADED if action is Action.OFFLOAD else RegionState.DISCARDED

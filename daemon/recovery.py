@@ -1,0 +1,175 @@
+"""Surviving a daemon restart: the state file (its schema lives here alone), the
+models rebuilt from it, and the engines handing back the memory they still map.
+
+The state is one JSON file under the state directory, replaced atomically
+(write, fsync, rename) after every change that matters. Backups are recorded
+before engines are told to unmap, so a crash at any point leaves a file that
+names every backup whose region an engine may no longer hold.
+"""
+
+import itertools
+import json
+import logging
+import os
+import threading
+
+from .auth import Peer
+from .backends import DaemonBackend
+from .errors import precondition
+from .model import Model, Policy
+from .pool import HostPool, Piece
+from .regions import ASLEEP, Region, RegionState
+from .registry import Registry
+from .sessions import Condition, Session
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+VERSION = 1
+# How long a restarted daemon waits for engines to attach again and hand back their memory.
+REATTACH_SECONDS = 60
+
+
+class StateStore:
+    """The state file itself."""
+
+    def __init__(self, directory: str):
+        self.path = os.path.join(directory, STATE_FILE)
+        self._lock = threading.Lock()
+        self._written = -1
+
+    def load(self) -> dict | None:
+        try:
+            with open(self.path) as file:
+                state = json.load(file)
+        except FileNotFoundError:
+            return None
+        except (OSError, json.JSONDecodeError) as error:
+            log.error("ignoring unreadable state file %s: %s", self.path, error)
+            return None
+        if state.get("version") != VERSION:
+            log.error("ignoring state file %s of version %s", self.path, state.get("version"))
+            return None
+        return state
+
+    def save(self, state: dict, sequence: int) -> None:
+        """Writes `state` unless a newer snapshot (higher sequence) is on disk already."""
+        with self._lock:
+            if sequence <= self._written:
+                return
+            temporary = self.path + ".tmp"
+            with open(temporary, "w") as file:
+                json.dump({"version": VERSION, **state}, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, self.path)
+            self._written = sequence
+
+
+def backup_pieces(state: dict) -> list[list[tuple[int, int, int]]]:
+    """The (slab, offset, length) pieces of every backup the state records."""
+    return [[tuple(piece) for piece in region["backup"]]
+            for model in state["models"] for rank in model["ranks"] for region in rank["regions"]
+            if region["backup"]]
+
+
+class Checkpoints:
+    """Records the registry's state in the store after every change that matters."""
+
+    def __init__(self, registry: Registry, backend_name: str, store: StateStore | None):
+        self._registry = registry
+        self._backend_name = backend_name
+        self._store = store
+        self._sequence = itertools.count(1)
+
+    def save(self) -> None:
+        if self._store is None:
+            return
+        with self._registry.lock:
+            sequence = next(self._sequence)
+            state = {"backend": self._backend_name, "next_region_id": self._registry.next_region_id, "models": [
+                {"name": model.name, "owner_uid": model.owner_uid, "sleeping": model.sleeping,
+                 "policy": vars(model.policy), "ranks": [
+                     {"rank": rank, "device": session.device, "pid": session.pid, "uid": session.uid,
+                      "regions": [{"id": r.id, "tag": r.tag, "size": r.size, "mapped_size": r.mapped_size,
+                                   "device": r.device, "state": r.state.label, "persist": r.persist,
+                                   "backup": [[p.slab, p.offset, p.length] for p in r.backup.pieces]
+                                   if r.backup else None} for r in session.regions.values()]}
+                     for rank, session in {**model.ranks, **model.orphans}.items()]}
+                for model in self._registry.models_locked()]}
+        self._store.save(state, sequence)
+
+
+class Recovery:
+    def __init__(self, registry: Registry, backend: DaemonBackend, pool: HostPool, operations):
+        self._registry = registry
+        self._backend = backend
+        self._pool = pool
+        self._operations = operations
+
+    def recover(self, state: dict) -> None:
+        """Rebuilds models from a restarted daemon's state file. Every rank waits for
+        its engine (a recovering orphan) until it attaches again or expire() runs."""
+        restored = 0
+        self._registry.next_region_id = state["next_region_id"]
+        for entry in state["models"]:
+            model = Model(entry["name"], owner_uid=entry["owner_uid"], paused=entry["sleeping"],
+                          policy=Policy(**entry["policy"]))
+            for rank in entry["ranks"]:
+                session = Session.recovered(Peer(rank["pid"], rank["uid"], rank["uid"], frozenset()), model.name,
+                                            rank["rank"], rank["device"])
+                for saved in rank["regions"]:
+                    backup = (self._pool.recovered([Piece(*piece) for piece in saved["backup"]])
+                              if saved["backup"] else None)
+                    session.regions[saved["id"]] = Region.recovered(
+                        saved["id"], saved["tag"], saved["size"], saved["mapped_size"], saved["device"], session,
+                        saved["persist"], RegionState[saved["state"].upper()], backup)
+                    restored += 1
+                model.orphans[session.rank] = session
+            self._registry.add_recovered(model)
+        log.info("recovered %d models with %d regions from the state file; waiting for their engines",
+                 len(state["models"]), restored)
+
+    def hand_back(self, session: Session, region_id: int, fd: int) -> None:
+        """An engine hands back memory it maps, after a daemon restart."""
+        region = self._registry.owned_region(session, region_id)
+        if session.condition is not Condition.HANDING_BACK or region.holds_memory:
+            raise precondition(f"region {region_id} is not waiting to be handed back")
+        region.handed_back(self._backend.native.adopt_handle(fd, region.device, region.mapped_size))
+
+    def finish_hand_back(self, session: Session) -> None:
+        """The engine has handed back all it maps. What it did not hand back it has
+        unmapped, on our word before the restart: asleep, with its backup if one was
+        recorded (an offload), else discarded."""
+        model = self._registry.model(session.model)
+        with model.lock:
+            for region in session.regions.values():
+                if region.holds_memory:
+                    if region.backup is not None:  # copied out, but the engine kept it: it is awake
+                        self._pool.free(region.kept_backup())
+                elif region.state is RegionState.MAPPED:
+                    region.unclaimed()
+            if not model.paused and any(r.state in ASLEEP for r in session.regions.values()):
+                model.pause()  # its sleep hooks ran before the restart; a wake resumes it
+            session.handed_back()
+        self._operations.checkpoint()
+
+    def expire(self) -> None:
+        """Ranks whose engine did not come back: their persistent asleep regions wait
+        as orphans; everything else is released."""
+        for model in self._registry.models():
+            with model.lock:
+                for rank, session in list(model.orphans.items()):
+                    if session.condition is not Condition.RECOVERING:
+                        continue
+                    for region in list(session.regions.values()):
+                        if not (region.persist and region.backup is not None):
+                            self._operations.drop_region(region)
+                        elif region.state is RegionState.MAPPED:
+                            region.unclaimed()
+                    session.stop_waiting()
+                    if not session.regions:
+                        self._registry.remove_orphan(model, rank)
+                    log.warning("%s did not come back after the daemon restarted; released its regions",
+                                session.describe())
+        self._operations.checkpoint()

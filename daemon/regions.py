@@ -1,0 +1,231 @@
+"""A region's life: its states, and the transitions that are the only code
+changing a region's state, its device-memory handle and its host backup.
+
+    state       handle (device memory)   backup (host pool)
+    MAPPED      held                     none
+    OFFLOADING  held                     being written
+    OFFLOADED   none                     holds the contents
+    RESTORING   none, then held          kept until restored
+    DISCARDED   none                     none
+
+    MAPPED ──offload──▶ OFFLOADING ──release──▶ OFFLOADED ──begin_restore──┐
+      ▲ │                  │                                               ▼
+      │ │◀─cancel_offload──┘                                          RESTORING ──restored──▶ MAPPED
+      │ └──release (discard)──▶ DISCARDED ──begin_restore──────────────▲   │
+      │                                                                    │
+      └──── cancel_restore: back to OFFLOADED (backup kept) or DISCARDED ◀─┘
+
+"release" means every engine acked its unmap and the daemon dropped its own
+handle: only then is the device memory gone. Each transition hands the caller
+whatever it takes out of the region (a handle to release, a backup to free),
+so that nothing is dropped without being given back.
+
+After a daemon restart a region is rebuilt from the state file (`recovered`),
+with no handle: the engine hands back the memory of each region it still maps
+(`handed_back`: mapped, whatever the file said, since a wake may have mapped it
+before the old daemon could record so), and a region recorded as mapped that
+the engine does not hand back is asleep (`unclaimed`).
+
+A transition the table does not allow is a bug, never a failed operation: see
+`IllegalTransition`.
+"""
+
+import logging
+import os
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from .pool import Backup
+
+log = logging.getLogger(__name__)
+
+# What the daemon exits with when its own state machine breaks (EX_SOFTWARE):
+# systemd restarts it, and recovery runs from the state file.
+EXIT_BUG = 70
+
+
+class RegionState(IntEnum):
+    # Values match sleepd.v1.RegionState.
+    MAPPED = 1
+    OFFLOADING = 2
+    OFFLOADED = 3
+    RESTORING = 4
+    DISCARDED = 5
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+ASLEEP = (RegionState.OFFLOADED, RegionState.DISCARDED)
+
+# (state, event) -> the state after it; cancel_restore and unclaimed depend on the backup.
+TRANSITIONS = {
+    (RegionState.MAPPED, "offload"): RegionState.OFFLOADING,
+    (RegionState.OFFLOADING, "cancel_offload"): RegionState.MAPPED,
+    (RegionState.OFFLOADING, "release"): RegionState.OFFLOADED,
+    (RegionState.MAPPED, "release"): RegionState.DISCARDED,
+    (RegionState.OFFLOADED, "begin_restore"): RegionState.RESTORING,
+    (RegionState.DISCARDED, "begin_restore"): RegionState.RESTORING,
+    (RegionState.RESTORING, "created"): RegionState.RESTORING,
+    (RegionState.RESTORING, "restored"): RegionState.MAPPED,
+    (RegionState.RESTORING, "cancel_restore"): None,
+    (RegionState.MAPPED, "handed_back"): RegionState.MAPPED,
+    # A wake had mapped it again when the old daemon died, before recording so.
+    (RegionState.OFFLOADED, "handed_back"): RegionState.MAPPED,
+    (RegionState.DISCARDED, "handed_back"): RegionState.MAPPED,
+    (RegionState.MAPPED, "unclaimed"): None,
+}
+
+
+class IllegalTransition(Exception):
+    """A transition the table does not allow: a bug in the daemon."""
+
+
+def _stop_the_daemon(error: IllegalTransition) -> None:
+    log.critical("%s; stopping: a broken state machine must not be rolled back as if it were a failed "
+                 "operation (the restarted daemon recovers from its state file)", error)
+    logging.shutdown()
+    os._exit(EXIT_BUG)
+
+
+# What a broken transition does: the daemon installs stop_on_bugs(); elsewhere (unit tests) it raises.
+_on_bug = None
+
+
+def stop_on_bugs() -> None:
+    """From now on an illegal transition in this process logs and exits EXIT_BUG at once,
+    so that no rollback path can catch it and carry on."""
+    global _on_bug
+    _on_bug = _stop_the_daemon
+
+
+def bug(message: str) -> None:
+    """Reports a broken invariant of any of the daemon's state machines."""
+    error = IllegalTransition(message)
+    if _on_bug is not None:
+        _on_bug(error)
+    raise error
+
+
+@dataclass(eq=False)
+class Region:
+    id: int
+    tag: str
+    size: int          # what the engine asked for
+    mapped_size: int   # rounded up to the device's granularity
+    device: int
+    session: "object"  # the owning rank's sessions.Session
+    persist: bool = False  # outlives its engine process; see Model.orphans
+    # The state and the data that goes with it: written only by the transitions below.
+    state: RegionState = field(default=RegionState.RESTORING)
+    handle: int | None = None
+    backup: Backup | None = None
+
+    @classmethod
+    def new(cls, region_id: int, tag: str, size: int, mapped_size: int, device: int, session,
+            persist: bool) -> "Region":
+        """A region about to get its first device memory: RESTORING with nothing to restore."""
+        return cls(region_id, tag, size, mapped_size, device, session, persist)
+
+    @classmethod
+    def recovered(cls, region_id: int, tag: str, size: int, mapped_size: int, device: int, session,
+                  persist: bool, state: RegionState, backup: Backup | None) -> "Region":
+        """As a restarted daemon's state file recorded it. In-flight states resolve when
+        the engine hands back what it maps: until then an offload in progress counts as
+        mapped (its backup kept), a restore in progress as asleep."""
+        if state is RegionState.OFFLOADING:
+            state = RegionState.MAPPED
+        elif state is RegionState.RESTORING:
+            state = RegionState.OFFLOADED if backup else RegionState.DISCARDED
+        return cls(region_id, tag, size, mapped_size, device, session, persist, state, None, backup)
+
+    @property
+    def holds_memory(self) -> bool:
+        """Whether device memory exists for the region now (the daemon holds its handle)."""
+        return self.handle is not None
+
+    @property
+    def model(self) -> str:
+        return self.session.model
+
+    def describe(self) -> str:
+        return f"region {self.id} ({self.tag}) of {self.session.describe()}"
+
+    # ---- transitions ----
+
+    def _move(self, event: str, after: RegionState | None = None) -> None:
+        if (self.state, event) not in TRANSITIONS:
+            bug(f"{self.describe()}: no transition from {self.state.label} on {event}")
+        self.state = after or TRANSITIONS[(self.state, event)]
+
+    def _require(self, event: str, holds: bool) -> None:
+        if self.holds_memory is not holds:
+            bug(f"{self.describe()}: {event} while {self.state.label} "
+                f"{'without' if holds else 'with'} device memory")
+
+    def created(self, handle: int) -> None:
+        """New device memory exists for a region being restored (or first allocated)."""
+        self._require("created", holds=False)
+        self._move("created")
+        self.handle = handle
+
+    def offload(self, backup: Backup) -> None:
+        """Its contents are being copied into `backup`."""
+        self._move("offload")
+        self.backup = backup
+
+    def cancel_offload(self) -> Backup | None:
+        """The offload did not finish: mapped as before; returns the backup to free."""
+        self._move("cancel_offload")
+        backup, self.backup = self.backup, None
+        return backup
+
+    def release(self) -> int:
+        """Every engine unmapped it: asleep; returns the handle, for the daemon to release."""
+        self._require("release", holds=True)
+        self._move("release")
+        handle, self.handle = self.handle, None
+        return handle
+
+    def begin_restore(self) -> None:
+        self._move("begin_restore")
+
+    def restored(self) -> Backup | None:
+        """Mapped again with its contents: returns the backup, now free to go."""
+        self._require("restored", holds=True)
+        self._move("restored")
+        backup, self.backup = self.backup, None
+        return backup
+
+    def cancel_restore(self) -> int | None:
+        """The restore did not finish: asleep as before, its backup kept; returns the handle
+        of memory created for it (to release), if any."""
+        self._move("cancel_restore", RegionState.OFFLOADED if self.backup else RegionState.DISCARDED)
+        handle, self.handle = self.handle, None
+        return handle
+
+    def handed_back(self, handle: int) -> None:
+        """After a restart: the engine handed back the memory it maps; the daemon holds it again."""
+        self._require("handed_back", holds=False)
+        self._move("handed_back")
+        self.handle = handle
+
+    def kept_backup(self) -> Backup | None:
+        """After a restart: an offload had copied it out but the engine kept it mapped, so it is
+        awake; returns the backup to free."""
+        self._require("kept_backup", holds=True)
+        backup, self.backup = self.backup, None
+        return backup
+
+    def unclaimed(self) -> None:
+        """After a restart: the engine did not hand it back, so it no longer maps it (it did so on
+        the old daemon's word): asleep, with its backup if one was recorded, else discarded."""
+        self._require("unclaimed", holds=False)
+        self._move("unclaimed", RegionState.OFFLOADED if self.backup else RegionState.DISCARDED)
+
+    def dropped(self) -> tuple[int | None, Backup | None]:
+        """The region goes away: returns its handle and backup, for the daemon to release and free."""
+        taken = (self.handle, self.backup)
+        self.handle = self.backup = None
+        return taken

@@ -1,0 +1,246 @@
+"""Who and what the daemon knows: sessions, models and regions, their lookups
+and consistent snapshots, and which session becomes which model's rank.
+
+Its lock (the registry lock) is the innermost of the daemon's locks (see
+operations.py), held only to read or change the maps here; it never waits on
+an engine, a copy or another lock.
+"""
+
+import logging
+import threading
+import time
+
+import grpc
+
+from sleepd.common.sizes import format_size
+
+from .auth import Authorizer, Peer
+from .backends import DaemonBackend
+from .errors import SleepdError, denied, invalid, not_found, precondition
+from .limits import MODEL_NAME, MODEL_NAME_RULE, TAG_NAME, TAG_NAME_RULE
+from .model import Model, ModelView, Policy, RankView, RegionView
+from .regions import Region
+from .sessions import Session
+
+log = logging.getLogger(__name__)
+
+
+class Registry:
+    def __init__(self, backend: DaemonBackend, authorizer: Authorizer, default_policies: dict[str, dict]):
+        self.backend = backend
+        self.authorizer = authorizer
+        self.lock = threading.Lock()
+        self._by_token: dict[str, Session] = {}          # every live session, attached or not
+        self._sessions: dict[str, Session] = {}          # by session id, once attached
+        self._models: dict[str, Model] = {}
+        self._regions: dict[int, Region] = {}
+        self.next_region_id = 1
+        # Per-model policy from the configuration, applied when the model first attaches.
+        self._default_policies = default_policies
+
+    # ---- sessions and ranks ----
+
+    def open_session(self, peer: Peer) -> Session:
+        session = Session(peer)
+        with self.lock:
+            self._by_token[session.token] = session
+        return session
+
+    def caller(self, token: str) -> Peer | None:
+        """The peer a control request's token stands for, or None."""
+        with self.lock:
+            session = self._by_token.get(token)
+        return session.peer if session else None
+
+    def attach(self, token: str, model_name: str, rank: int, ordinal: int, uuid: str = "") -> Session:
+        """Makes the session holding `token` a rank of `model_name`, taking over what an earlier
+        process of that rank left behind."""
+        check_model_name(model_name)
+        device = self._device_index(ordinal, uuid)
+        with self.lock:
+            session = self._by_token.get(token)
+            if session is None or session.attached:
+                raise denied("unknown session token; connect to the handle socket first")
+            model = self._models.get(model_name) or Model(
+                model_name, owner_uid=session.uid, policy=Policy(**self._default_policies.get(model_name, {})))
+            self.authorizer.check(session.peer, model.owner_uid, f"attach to {model_name}")
+            holder = model.ranks.get(rank)
+            if holder is not None:
+                raise SleepdError(grpc.StatusCode.ALREADY_EXISTS,
+                                  f"{model_name} rank {rank} is already attached (pid {holder.pid})")
+            orphan = model.orphans.get(rank)
+            if orphan is not None and orphan.device != device:
+                raise invalid(f"{model_name} rank {rank} left persistent regions on "
+                              f"{self.backend.devices[orphan.device].name}; attach it there")
+            session.attach(model_name, rank, device, orphan)
+            model.orphans.pop(rank, None)
+            model.ranks[rank] = session
+            model.touch()
+            self._models[model_name] = model
+            self._sessions[session.id] = session
+        log.info("attached %s on %s%s%s", session.describe(), self.backend.devices[device].name,
+                 f" (its device {ordinal})" if ordinal != device else "",
+                 " (handing back its memory after a daemon restart)" if session.returning else "")
+        return session
+
+    def _device_index(self, ordinal: int, uuid: str) -> int:
+        """The daemon's index of an engine's device: found by GPU UUID where both
+        know one, since an engine's ordinals are its own (CUDA_VISIBLE_DEVICES,
+        containers); else the engine's ordinal is the daemon's (host backend)."""
+        devices = self.backend.devices
+        by_uuid = {d.uuid: d.index for d in devices if d.uuid}
+        if uuid and by_uuid:
+            if uuid not in by_uuid:
+                raise precondition(f"this process's device {ordinal} is GPU {uuid}, which this daemon does not "
+                                   f"manage (it has {', '.join(f'{d.name} {d.uuid}' for d in devices)}); "
+                                   "give the daemon that GPU, or attach to the daemon that has it")
+            return by_uuid[uuid]
+        if ordinal >= len(devices):
+            raise invalid(f"device {ordinal} does not exist; this daemon has {len(devices)} "
+                          f"({', '.join(d.name for d in devices)})")
+        return ordinal
+
+    def forget_session(self, session: Session) -> Model | None:
+        """The session's connections are gone: it is no longer found by token or id.
+        Returns its model, if it was a rank of one."""
+        with self.lock:
+            self._by_token.pop(session.token, None)
+            self._sessions.pop(session.id, None)
+            return self._models.get(session.model) if session.attached else None
+
+    def remove_rank(self, model: Model, session: Session, kept: dict) -> None:
+        """An ended rank leaves its model; with persistent regions `kept`, it stays an orphan.
+        A model with neither ranks nor orphans is forgotten."""
+        with self.lock:
+            if model.ranks.get(session.rank) is session:
+                del model.ranks[session.rank]
+                if kept:
+                    session.keep_only(kept)
+                    model.orphans[session.rank] = session
+            self._forget_if_empty(model)
+
+    def remove_orphan(self, model: Model, rank: int) -> None:
+        with self.lock:
+            del model.orphans[rank]
+            self._forget_if_empty(model)
+
+    def _forget_if_empty(self, model: Model) -> None:
+        if not model.ranks and not model.orphans and self._models.get(model.name) is model:
+            del self._models[model.name]
+
+    def add_recovered(self, model: Model) -> None:
+        with self.lock:
+            self._models[model.name] = model
+            for region in model.regions():
+                self._regions[region.id] = region
+
+    # ---- regions ----
+
+    def new_region_id(self) -> int:
+        with self.lock:
+            region_id = self.next_region_id
+            self.next_region_id += 1
+        return region_id
+
+    def add_region(self, region: Region) -> None:
+        with self.lock:
+            self._regions[region.id] = region
+            region.session.regions[region.id] = region
+
+    def remove_region(self, region: Region) -> None:
+        with self.lock:
+            self._regions.pop(region.id, None)
+            region.session.regions.pop(region.id, None)
+
+    def owned_region(self, session: Session, region_id: int) -> Region:
+        """The region, if it exists and belongs to `session`."""
+        with self.lock:
+            return self._owned_region(session, region_id)
+
+    def export(self, session: Session, region_id: int) -> tuple[int, Region]:
+        """A new descriptor for a region's memory, for the session that owns it."""
+        with self.lock:
+            region = self._owned_region(session, region_id)
+            if not region.holds_memory:
+                raise precondition(f"region {region_id} is {region.state.label}; wake the model first")
+            return self.backend.native.export_handle(region.handle), region
+
+    def _owned_region(self, session: Session, region_id: int) -> Region:
+        region = self._regions.get(region_id)
+        if region is None:
+            raise not_found(f"region {region_id} does not exist")
+        if region.session is not session:
+            raise denied(f"region {region_id} belongs to {region.session.describe()}, not to this session")
+        return region
+
+    # ---- lookups ----
+
+    def session(self, session_id: str) -> Session:
+        with self.lock:
+            session = self._sessions.get(session_id)
+        if session is None:
+            raise not_found("unknown session; attach first")
+        return session
+
+    def model(self, name: str) -> Model:
+        with self.lock:
+            model = self._models.get(name)
+            known = ", ".join(sorted(self._models)) or "none"
+        if model is None:
+            raise not_found(f"model {name!r} is not attached (attached: {known})")
+        return model
+
+    def models(self) -> list[Model]:
+        with self.lock:
+            return self.models_locked()
+
+    def models_locked(self) -> list[Model]:
+        """The models, for a caller that holds the registry lock."""
+        return list(self._models.values())
+
+    def session_count(self) -> int:
+        with self.lock:
+            return len(self._sessions)
+
+    def regions_on(self, device: int) -> list[Region]:
+        with self.lock:
+            return [region for region in self._regions.values() if region.device == device]
+
+    def holders(self, device: int) -> dict[str, int]:
+        """{model: device bytes it holds on `device`}."""
+        held: dict[str, int] = {}
+        for region in self.regions_on(device):
+            if region.holds_memory:
+                held[region.model] = held.get(region.model, 0) + region.mapped_size
+        return held
+
+    def snapshot(self, model_name: str = "") -> list[ModelView]:
+        """A consistent copy of every model (or one), for status and metrics."""
+        now = time.monotonic()
+        with self.lock:
+            models = sorted(self._models.values(), key=lambda model: model.name)
+            views = [ModelView(model.name, model.owner_uid, model.sleeping, [
+                RankView(rank, session.device, session.pid, [
+                    RegionView(r.id, r.tag, r.size, r.mapped_size, r.device, r.state, r.persist)
+                    for r in sorted(session.regions.values(), key=lambda r: r.id)],
+                    orphaned=session.ended is not None)
+                for rank, session in sorted({**model.ranks, **model.orphans}.items())], Policy(**vars(model.policy)),
+                now - model.last_active)
+                for model in models if not model_name or model.name == model_name]
+        if model_name and not views:
+            self.model(model_name)  # raises NOT_FOUND, naming the attached models
+        return views
+
+    def describe_holders(self, device: int) -> str:
+        held = self.holders(device)
+        return ", ".join(f"{name} {format_size(size)}" for name, size in sorted(held.items())) or "nothing"
+
+
+def check_model_name(name: str) -> None:
+    if not MODEL_NAME.match(name):
+        raise invalid(f"model name {name!r} is not valid; use {MODEL_NAME_RULE}")
+
+
+def check_tag(tag: str) -> None:
+    if not TAG_NAME.match(tag):
+        raise invalid(f"tag {tag!r} is not valid; use {TAG_NAME_RULE}")
