@@ -12,7 +12,8 @@ import time
 class LocalDaemon:
     """A sleepd process with its own socket, state directory and host pool under `directory`."""
 
-    def __init__(self, directory: str | None = None, *flags: str, log_path: str | None = None):
+    def __init__(self, directory: str | None = None, *flags: str, log_path: str | None = None,
+                 launcher: tuple[str, ...] = (sys.executable, "-m", "sleepd.daemon.main")):
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="sleepd-")
         self.dir = directory or self._tmp.name
         self.socket = os.path.join(self.dir, "sleepd.sock")
@@ -24,7 +25,7 @@ class LocalDaemon:
         if os.path.exists(runtime):  # left by a daemon that was killed: not a sign that this one is up
             os.unlink(runtime)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "sleepd.daemon.main", "--socket", self.socket, "--state-dir", self.state_dir,
+            [*launcher, "--socket", self.socket, "--state-dir", self.state_dir,
              "--metrics-address", "127.0.0.1:0", "--host-pool-dir", self.pool_dir, *flags],
             stdout=self._log, stderr=subprocess.STDOUT)
         self.pid = self.process.pid

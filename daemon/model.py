@@ -120,7 +120,7 @@ class OperationResult:
     bytes_discarded: int = 0
     bytes_restored: int = 0
     bytes_zeroed: int = 0
-    regions: int = 0
+    region_count: int = 0
     seconds: float = 0.0
     sleeping: bool = False
     evicted: list[str] = field(default_factory=list)

@@ -180,7 +180,7 @@ class Operations:
                 result.bytes_offloaded += region.mapped_size
             else:
                 result.bytes_discarded += region.mapped_size
-        result.regions = len(work)
+        result.region_count = len(work)
         result.seconds = time.perf_counter() - started
         self.reporter.slept(model.name, level, result, reason)
         return result
@@ -348,7 +348,7 @@ class Operations:
 
     def finish_wake(self, model: Model, targets: list[Region], result: OperationResult) -> None:
         """Once every region of the model is mapped again, its wake hooks run."""
-        result.regions = len(targets)
+        result.region_count = len(targets)
         if model.paused and all(r.state is RegionState.MAPPED for r in model.regions()):
             self.resume(model, best_effort=False)
         result.sleeping = model.sleeping

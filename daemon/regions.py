@@ -8,12 +8,16 @@ changing a region's state, its device-memory handle and its host backup.
     RESTORING   none, then held          kept until restored
     DISCARDED   none                     none
 
-    MAPPED ──offload──▶ OFFLOADING ──release──▶ OFFLOADED ──begin_restore──┐
-      ▲ │                  │                                               ▼
-      │ │◀─cancel_offload──┘                                          RESTORING ──restored──▶ MAPPED
-      │ └──release (discard)──▶ DISCARDED ──begin_restore──────────────▲   │
-      │                                                                    │
-      └──── cancel_restore: back to OFFLOADED (backup kept) or DISCARDED ◀─┘
+    from        event            to                                   handle      backup
+    MAPPED      offload          OFFLOADING                           kept        allocated
+    OFFLOADING  cancel_offload   MAPPED                               kept        freed
+    OFFLOADING  release          OFFLOADED                            released    kept
+    MAPPED      release          DISCARDED                            released    none
+    OFFLOADED   begin_restore    RESTORING                            none        kept
+    DISCARDED   begin_restore    RESTORING                            none        none
+    RESTORING   created          RESTORING                            created     kept
+    RESTORING   restored         MAPPED                               kept        freed
+    RESTORING   cancel_restore   OFFLOADED with a backup, else DISCARDED  released    kept
 
 "release" means every engine acked its unmap and the daemon dropped its own
 handle: only then is the device memory gone. Each transition hands the caller

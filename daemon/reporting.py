@@ -20,11 +20,11 @@ class Reporter:
         if self.metrics:
             self.metrics.observe("sleep", model, str(level), result)
         freed = result.bytes_offloaded + result.bytes_discarded
-        fields = {"operation": "sleep", "model": model, "reason": reason or None, "regions": result.regions,
+        fields = {"operation": "sleep", "model": model, "reason": reason or None, "regions": result.region_count,
                   "seconds": round(result.seconds, 6), "sleep_level": level, "bytes_freed": freed,
                   "bytes_offloaded": result.bytes_offloaded, "bytes_discarded": result.bytes_discarded}
         log.info("slept %s at level %s%s: %d regions, %s freed (%s offloaded, %s discarded), %.3f s", model,
-                 level, f" ({reason})" if reason else "", result.regions, format_size(freed),
+                 level, f" ({reason})" if reason else "", result.region_count, format_size(freed),
                  format_size(result.bytes_offloaded), format_size(result.bytes_discarded), result.seconds,
                  extra=fields)
         self.events.publish("slept", model, f"level {level}" + (f", {reason}" if reason else ""), freed)
@@ -33,10 +33,10 @@ class Reporter:
         detail = ",".join(sorted(tags)) or "all"
         if self.metrics:
             self.metrics.observe("wake", model, detail, result)
-        fields = {"operation": "wake", "model": model, "reason": reason or None, "regions": result.regions,
+        fields = {"operation": "wake", "model": model, "reason": reason or None, "regions": result.region_count,
                   "seconds": round(result.seconds, 6), "tags": sorted(tags), "bytes_restored": result.bytes_restored,
                   "bytes_zeroed": result.bytes_zeroed, "evicted": list(result.evicted)}
         log.info("woke %s (%s): %d regions, %s restored, %s zero-filled, %.3f s", model,
-                 detail if tags else "all tags", result.regions, format_size(result.bytes_restored),
+                 detail if tags else "all tags", result.region_count, format_size(result.bytes_restored),
                  format_size(result.bytes_zeroed), result.seconds, extra=fields)
         self.events.publish("woke", model, detail, result.bytes_restored + result.bytes_zeroed)

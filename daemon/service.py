@@ -177,7 +177,7 @@ def _device(core: Core, device) -> pb.DeviceStatus:
 def _reply(result: OperationResult) -> pb.OperationReply:
     return pb.OperationReply(
         model=result.model, bytes_offloaded=result.bytes_offloaded, bytes_discarded=result.bytes_discarded,
-        bytes_restored=result.bytes_restored, bytes_zeroed=result.bytes_zeroed, regions=result.regions,
+        bytes_restored=result.bytes_restored, bytes_zeroed=result.bytes_zeroed, regions=result.region_count,
         seconds=result.seconds, sleeping=result.sleeping, evicted=result.evicted)
 
 

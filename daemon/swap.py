@@ -169,7 +169,7 @@ def _overlapped(ops: Operations, target: Model, victims: list[Model], targets: l
                             slept[victim].bytes_offloaded += region.mapped_size
                         else:
                             slept[victim].bytes_discarded += region.mapped_size
-                        slept[victim].regions += 1
+                        slept[victim].region_count += 1
             with room:
                 restorer.senders_done = True
                 room.notify_all()

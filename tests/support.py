@@ -85,8 +85,8 @@ def value(samples, name, **labels):
 class Daemon(LocalDaemon):
     """A sleepd process on its own socket, state directory and host pool, with test helpers."""
 
-    def __init__(self, tmp_path, backend: str, *flags):
-        super().__init__(str(tmp_path), "--backend", backend, *flags)
+    def __init__(self, tmp_path, backend: str, *flags, **options):
+        super().__init__(str(tmp_path), "--backend", backend, *flags, **options)
         self.backend = backend
 
     def memfd_prefix(self, model: str) -> str:
