@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK (argcomplete's global completion looks for this marker)
 """`sleepctl`: look at and control a running sleepd.
 
     sleepctl status                        devices, models, ranks, tags, bytes, state
@@ -24,14 +25,17 @@ import time
 from collections import deque
 from datetime import datetime
 
+import argcomplete
 import grpc
 from google.protobuf.json_format import MessageToDict
 
 from sleepd.common import paths
 from sleepd.common.sizes import format_size
+from sleepd.daemon.limits import MAX_LEVEL
 from sleepd.proto import sleepd_pb2 as pb
 from sleepd.proto import sleepd_pb2_grpc as pb_grpc
 
+from . import completion
 from .control import control_channel
 from .errors import SleepdError
 
@@ -64,20 +68,14 @@ def _actions(values: list[str] | None) -> list[pb.TagAction]:
     return actions
 
 
-# What the completion script offers after an option, by its dest: a word list,
-# or @models / @tags (asked of the daemon) or @files.
-_COMPLETE_VALUES = {"model": "@models", "to_model": "@models", "from_models": "@models", "tags": "@tags",
-                    "action": "@actions", "level": "0 1 2", "eviction_level": "0 1 2", "socket": "@files",
-                    "priority": "", "idle_seconds": "", "count": "", "timeout": "", "interval": ""}
-
-
 def _parser() -> argparse.ArgumentParser:
     def global_options(target: argparse.ArgumentParser, top: bool) -> None:
         # Accepted after the command too; there they override what came before it.
         default = (lambda value: value) if top else (lambda value: argparse.SUPPRESS)
-        target.add_argument("--socket", default=default(None),
-                            help="sleepd's gRPC socket (default $SLEEPD_SOCKET, else /run/sleepd/sleepd.sock, "
-                                 "else $XDG_RUNTIME_DIR/sleepd/sleepd.sock)")
+        socket = target.add_argument("--socket", default=default(None),
+                                     help="sleepd's gRPC socket (default $SLEEPD_SOCKET, else "
+                                          "/run/sleepd/sleepd.sock, else $XDG_RUNTIME_DIR/sleepd/sleepd.sock)")
+        socket.completer = argcomplete.FilesCompleter()
         target.add_argument("--json", action="store_true", default=default(False), help="print JSON for scripts")
         target.add_argument("--timeout", type=float, default=default(600.0),
                             help="seconds to wait for the daemon (default 600)")
@@ -92,52 +90,53 @@ def _parser() -> argparse.ArgumentParser:
         global_options(sub, top=False)
         return sub
 
+    levels = argcomplete.ChoicesCompleter(range(MAX_LEVEL + 1))
+
     status = command("status", "devices, models, ranks, tags, bytes and state", aliases=["ls"])
-    status.add_argument("--model", default="", help="only this model")
+    status.add_argument("--model", default="", help="only this model").completer = completion.models
 
     sleep = command("sleep", "put a model to sleep")
-    sleep.add_argument("--model", required=True)
-    sleep.add_argument("--level", type=int, default=1, help="0 quiesce, 1 weights offloaded and kv_cache "
-                                                            "discarded, 2 both discarded (default 1)")
-    sleep.add_argument("--tags", nargs="+", help="only these tags")
-    sleep.add_argument("--action", nargs="+", metavar="TAG=ACTION", help="explicit offload or discard per tag")
+    sleep.add_argument("--model", required=True).completer = completion.models
+    level = sleep.add_argument("--level", type=int, default=1, help="0 quiesce, 1 weights offloaded and kv_cache "
+                                                                    "discarded, 2 both discarded (default 1)")
+    level.completer = levels
+    sleep.add_argument("--tags", nargs="+", help="only these tags").completer = completion.tags
+    action = sleep.add_argument("--action", nargs="+", metavar="TAG=ACTION", help="explicit offload or discard per tag")
+    action.completer = completion.tag_actions
 
     wake = command("wake", "wake a model, all tags or some")
-    wake.add_argument("--model", required=True)
-    wake.add_argument("--tags", nargs="+", help="only these tags")
+    wake.add_argument("--model", required=True).completer = completion.models
+    wake.add_argument("--tags", nargs="+", help="only these tags").completer = completion.tags
     wake.add_argument("--evict", action="store_true", help="put other models to sleep to make room")
 
     swap = command("swap", "put models to sleep and wake another in their place, overlapped")
-    swap.add_argument("--to", required=True, dest="to_model", help="the model to wake")
-    swap.add_argument("--from", nargs="+", dest="from_models", default=[],
-                      help="the models to put to sleep (default: as eviction policy picks)")
+    swap.add_argument("--to", required=True, dest="to_model", help="the model to wake").completer = completion.models
+    from_models = swap.add_argument("--from", nargs="+", dest="from_models", default=[],
+                                    help="the models to put to sleep (default: as eviction policy picks)")
+    from_models.completer = completion.models
 
     policy = command("policy", "show or change a model's eviction policy")
-    policy.add_argument("--model", required=True)
+    policy.add_argument("--model", required=True).completer = completion.models
     policy.add_argument("--priority", type=int, help="lower is evicted first")
     policy.add_argument("--pinned", choices=["yes", "no"], help="a pinned model is never evicted")
-    policy.add_argument("--eviction-level", type=int, help="the sleep level eviction uses (default 1)")
+    eviction_level = policy.add_argument("--eviction-level", type=int, help="the sleep level eviction uses (default 1)")
+    eviction_level.completer = levels
     policy.add_argument("--idle-seconds", type=float, help="sleep by itself after this long idle (0: never)")
 
     events = command("events", "stream state changes as they happen")
-    events.add_argument("--model", default="", help="only this model")
+    events.add_argument("--model", default="", help="only this model").completer = completion.models
     events.add_argument("--count", type=int, help="stop after this many events")
 
     top = command("top", "a live view of devices, models and states")
-    top.add_argument("--model", default="", help="only this model")
+    top.add_argument("--model", default="", help="only this model").completer = completion.models
     top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
     top.add_argument("--once", action="store_true", help="print one frame and exit")
 
-    completion = command("completion", "print a shell completion script",
-                         epilog="bash: source <(sleepctl completion bash), or save it in "
-                                "/etc/bash_completion.d/sleepctl; zsh: sleepctl completion zsh > "
-                                "\"${fpath[1]}/_sleepctl\"")
-    completion.add_argument("shell", choices=["bash", "zsh"])
-
-    # For the completion script: names the daemon knows, one per line. Not listed in --help.
-    complete = commands.add_parser("__complete")
-    global_options(complete, top=False)
-    complete.add_argument("what", choices=["models", "tags"])
+    completion_command = command("completion", "print a shell completion script",
+                                 epilog="bash: source <(sleepctl completion bash), or save it in "
+                                        "/etc/bash_completion.d/sleepctl; zsh: sleepctl completion zsh > "
+                                        "\"${fpath[1]}/_sleepctl\"")
+    completion_command.add_argument("shell", choices=["bash", "zsh"])
     return parser
 
 
@@ -505,19 +504,6 @@ def _top(stub, args, socket_path: str) -> int:
         stream.cancel()
 
 
-def _complete(stub, args) -> int:
-    try:
-        reply = stub.Status(pb.StatusRequest(), timeout=min(args.timeout, 2))
-    except grpc.RpcError:
-        return 0  # nothing to offer; a completion never prints an error
-    if args.what == "models":
-        names = [model.name for model in reply.models]
-    else:
-        names = sorted({region.tag for model in reply.models for region in _regions(model)})
-    print("\n".join(names))
-    return 0
-
-
 def _call(stub, args):
     """The request for `args.command`, and the line to print for it (None: a table)."""
     if args.command in ("status", "ls"):
@@ -566,25 +552,22 @@ def _rpc_failure(error: grpc.RpcError, socket_path: str, timeout: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
+    # Under a shell's completion (argcomplete's environment) this prints the words and exits. Options are
+    # offered once a word starts with "-"; options without a completer (numbers) offer nothing, not file names.
+    argcomplete.autocomplete(parser, always_complete_options=False, default_completer=argcomplete.SuppressCompleter())
     args = parser.parse_args(argv)
     if args.command == "completion":
-        from .completion import script
-
-        sys.stdout.write(script(parser, args.shell, _COMPLETE_VALUES))
+        sys.stdout.write(completion.script(args.shell))
         return 0
     socket_path = paths.client_socket(args.socket)
     try:
         # The daemon authorises control requests by the uid it reads on the handle socket.
         channel, handles = control_channel(socket_path)
     except SleepdError as error:
-        if args.command == "__complete":
-            return 0
         print(f"sleepctl: {error.message} [{error.code.name}]", file=sys.stderr)
         return 1
     stub = pb_grpc.SleepdStub(channel)
     try:
-        if args.command == "__complete":
-            return _complete(stub, args)
         if args.command == "events":
             return _stream_events(stub, args)
         if args.command == "top":

@@ -5,6 +5,7 @@ import functools
 import json
 import os
 import pty
+import shlex
 import subprocess
 import sys
 import time
@@ -156,18 +157,23 @@ def bash_script() -> str:
 
 
 def completions(line: str, env=None) -> list[str]:
-    """What bash offers for `line` (the cursor at its end), with the script sleepctl prints."""
+    """What bash offers for `line` (the cursor at its end), with the script sleepctl prints: the function
+    it registers for sleepctl is called with the variables and arguments bash's completion gives it."""
     words = line.split(" ")
-    script = bash_script()
-    program = (f"{script}\nCOMP_WORDS=({' '.join(repr(word) for word in words)})\n"
-               f"COMP_CWORD={len(words) - 1}\n_sleepctl\nprintf '%s\\n' \"${{COMPREPLY[@]}}\"\n"
-               "complete -p sleepctl >&2\n")
+    program = (f"{bash_script()}\n"
+               "[[ $(complete -p sleepctl) =~ -F\\ ([^ ]+)\\ sleepctl$ ]] || exit 3\n"
+               f"COMP_LINE={shlex.quote(line)} COMP_POINT={len(line)}\n"
+               f"COMP_WORDS=({' '.join(shlex.quote(word) for word in words)}) COMP_CWORD={len(words) - 1}\n"
+               '"${BASH_REMATCH[1]}" sleepctl "${COMP_WORDS[COMP_CWORD]}" "${COMP_WORDS[COMP_CWORD-1]}"\n'
+               "printf '%s\\n' \"${COMPREPLY[@]}\"\n")
     environment = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
                    **(env or {})}
     result = subprocess.run(["bash", "--norc", "--noprofile"], input=program, capture_output=True, text=True,
                             timeout=60, env=environment)
-    assert result.returncode == 0 and "complete -F _sleepctl sleepctl" in result.stderr, result.stderr
-    return sorted(filter(None, result.stdout.splitlines()))
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    # Outside a real completion `compopt` fails, so argcomplete itself ends a lone match with the space that
+    # bash would add.
+    return sorted(filter(None, (word.removesuffix(" ") for word in result.stdout.splitlines())))
 
 
 def test_bash_completion_offers_commands_options_values_and_the_daemons_models(daemon, qwen, start_engine):
@@ -189,13 +195,17 @@ def test_bash_completion_offers_commands_options_values_and_the_daemons_models(d
 @pytest.mark.skipif(not os.path.exists("/bin/zsh") and not os.path.exists("/usr/bin/zsh"), reason="zsh not installed")
 def test_the_zsh_script_loads_in_zsh_and_offers_the_same_words():
     script = sleepctl("completion", "zsh").stdout
-    # bashcompinit calls the function with ksharrays set and lets zsh filter by the typed prefix.
-    probe = ("setopt ksharrays\n"
-             "COMP_WORDS=(sleepctl completion ''); COMP_CWORD=2; _sleepctl; print -l -- \"${COMPREPLY[@]}\"\n"
-             "COMP_WORDS=(sleepctl wake --ev); COMP_CWORD=2; _sleepctl; print -l -- \"${COMPREPLY[@]}\"\n")
-    result = subprocess.run(["zsh", "-f", "-c", script + probe], capture_output=True, text=True, timeout=60)
+    # The function the script registers with compinit runs as a completion widget would run it, with
+    # `_describe` (which would show a menu) printing the "word:description" pairs it is handed instead.
+    probe = ("(( ${+_comps[sleepctl]} )) || exit 3\n"
+             "_describe() { print -rl -- \"${(@P)2}\" }\n"
+             "BUFFER='sleepctl completion '; CURSOR=${#BUFFER}; words=(${=BUFFER} ''); $_comps[sleepctl]\n"
+             "BUFFER='sleepctl wake --ev'; CURSOR=${#BUFFER}; words=(${=BUFFER}); $_comps[sleepctl]\n")
+    environment = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    result = subprocess.run(["zsh", "-f", "-c", "autoload -U compinit && compinit -u\n" + script + probe],
+                            capture_output=True, text=True, timeout=60, env=environment)
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+    lines = [line.partition(":")[0] for line in result.stdout.splitlines()]
     assert lines[:2] == ["bash", "zsh"] and "--evict" in lines[2:]
 
 
