@@ -23,14 +23,21 @@ struct BackendError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// What crosses a process boundary: a file descriptor (host, CUDA) or opaque
-// bytes sent in-band (Ascend). Exactly one of the two is set.
+// What crosses a process boundary: a file descriptor (host, CUDA).
 struct Shareable {
   int fd = -1;
-  std::string token;
 };
 
 using Handle = uint64_t;
+
+// A backend's record of `handle` in `table` (handle -> record); the caller holds
+// the lock that guards the table.
+template <typename Table>
+auto& find_handle(Table& table, Handle handle) {
+  auto it = table.find(handle);
+  if (it == table.end()) throw BackendError("unknown handle " + std::to_string(handle));
+  return it->second;
+}
 
 class Backend {
  public:
@@ -46,12 +53,14 @@ class Backend {
   // The returned descriptor belongs to the caller, who must close it.
   virtual Shareable export_handle(Handle handle) = 0;
   // Does not take ownership of `shareable.fd`: the caller closes it.
-  virtual Handle import_handle(const Shareable& shareable, int device, size_t size) = 0;
+  Handle import_handle(const Shareable& shareable, int device, size_t size) {
+    return import_memory(shareable, device, size, false);
+  }
   // Takes memory back from an engine after a daemon restart: like import, but the
   // handle becomes the daemon's own and counts against the device again.
-  virtual Handle adopt_handle(const Shareable& shareable, int device, size_t size) = 0;
-  // Lets process `pid` import the handle (allow-list backends); a no-op elsewhere.
-  virtual void authorize(Handle, int /*pid*/) {}
+  Handle adopt_handle(const Shareable& shareable, int device, size_t size) {
+    return import_memory(shareable, device, size, true);
+  }
   virtual void release(Handle handle) = 0;
 
   // Virtual address space. `unmap` leaves a bare reservation at the same address.
@@ -70,6 +79,10 @@ class Backend {
   virtual void zero(Handle dst, size_t offset, size_t size) = 0;
   // Prepares host memory for fast copies once (a GPU pins it); a no-op elsewhere.
   virtual void register_host(void* /*address*/, size_t /*size*/) {}
+
+ protected:
+  // Import and adopt in one: `adopt` makes the memory count against `device`.
+  virtual Handle import_memory(const Shareable& shareable, int device, size_t size, bool adopt) = 0;
 };
 
 }  // namespace sleepd

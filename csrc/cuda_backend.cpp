@@ -1,7 +1,5 @@
 #include "cuda_backend.h"
 
-#include <unistd.h>
-
 #include <algorithm>
 #include <cstdio>
 
@@ -92,22 +90,20 @@ Handle CudaBackend::create(int device, size_t size, const std::string&) {
   return id;
 }
 
+cu::CUmemGenericAllocationHandle CudaBackend::driver_handle(Handle handle) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return find_handle(memory_, handle).handle;
+}
+
 Shareable CudaBackend::export_handle(Handle handle) {
-  cu::CUmemGenericAllocationHandle native;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    auto it = memory_.find(handle);
-    if (it == memory_.end()) throw BackendError("unknown handle " + std::to_string(handle));
-    native = it->second.handle;
-  }
   Shareable shareable;
-  driver_->check(driver_->cuMemExportToShareableHandle(&shareable.fd, native,
+  driver_->check(driver_->cuMemExportToShareableHandle(&shareable.fd, driver_handle(handle),
                                                        cu::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
                  "cuMemExportToShareableHandle");
   return shareable;
 }
 
-Handle CudaBackend::import_handle(const Shareable& shareable, int device, size_t size) {
+Handle CudaBackend::import_memory(const Shareable& shareable, int device, size_t size, bool adopt) {
   if (shareable.fd < 0) throw BackendError("import: the CUDA backend shares file descriptors");
   check_device(device);
   cu::CUmemGenericAllocationHandle native = 0;
@@ -119,27 +115,18 @@ Handle CudaBackend::import_handle(const Shareable& shareable, int device, size_t
   std::lock_guard<std::mutex> lock(mutex_);
   Handle id = next_handle_++;
   // An imported handle does not know its size; the daemon sends it alongside.
-  memory_.emplace(id, Memory{native, device, size, false});
+  memory_.emplace(id, Memory{native, device, size, adopt});
+  if (adopt) used_[device] += size;
   return id;
-}
-
-Handle CudaBackend::adopt_handle(const Shareable& shareable, int device, size_t size) {
-  Handle handle = import_handle(shareable, device, size);
-  std::lock_guard<std::mutex> lock(mutex_);
-  memory_.at(handle).created = true;
-  used_[device] += size;
-  return handle;
 }
 
 void CudaBackend::release(Handle handle) {
   Memory memory;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    auto it = memory_.find(handle);
-    if (it == memory_.end()) throw BackendError("unknown handle " + std::to_string(handle));
-    memory = it->second;
-    memory_.erase(it);
-    if (memory.created) used_[memory.device] -= memory.size;
+    memory = find_handle(memory_, handle);
+    memory_.erase(handle);
+    if (memory.owned) used_[memory.device] -= memory.size;
   }
   if (memory.staging) {
     // Every copy through the staging mapping synchronised its own streams before
@@ -170,11 +157,6 @@ void CudaBackend::use_context(int device) {
   driver_->check(driver_->cuCtxSetCurrent(context), "cuCtxSetCurrent");
 }
 
-void CudaBackend::synchronize() {
-  use_context(device_);
-  driver_->check(driver_->cuCtxSynchronize(), "cuCtxSynchronize");
-}
-
 uintptr_t CudaBackend::reserve(size_t size) {
   use_context(device_);
   cu::CUdeviceptr address = 0;
@@ -188,13 +170,7 @@ void CudaBackend::free_reservation(uintptr_t address, size_t size) {
 }
 
 void CudaBackend::map(uintptr_t address, size_t size, Handle handle, int device) {
-  cu::CUmemGenericAllocationHandle native;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    auto it = memory_.find(handle);
-    if (it == memory_.end()) throw BackendError("unknown handle " + std::to_string(handle));
-    native = it->second.handle;
-  }
+  cu::CUmemGenericAllocationHandle native = driver_handle(handle);
   use_context(device);
   driver_->check(driver_->cuMemMap(address, size, 0, native, 0), "cuMemMap");
   cu::CUmemAccessDesc access{};
@@ -224,9 +200,7 @@ std::pair<cu::CUdeviceptr, int> CudaBackend::staging(Handle handle, size_t offse
   Memory* memory;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    auto it = memory_.find(handle);
-    if (it == memory_.end()) throw BackendError("unknown handle " + std::to_string(handle));
-    memory = &it->second;
+    memory = &find_handle(memory_, handle);
     if (offset > memory->size || size > memory->size - offset)
       throw BackendError(std::string(call) + ": range is outside the " + std::to_string(memory->size) +
                          "-byte handle");

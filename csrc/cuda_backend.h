@@ -26,8 +26,6 @@ class CudaBackend : public Backend {
 
   Handle create(int device, size_t size, const std::string& label) override;
   Shareable export_handle(Handle handle) override;
-  Handle import_handle(const Shareable& shareable, int device, size_t size) override;
-  Handle adopt_handle(const Shareable& shareable, int device, size_t size) override;
   void release(Handle handle) override;
 
   uintptr_t reserve(size_t size) override;
@@ -48,18 +46,22 @@ class CudaBackend : public Backend {
   size_t used(int device) const;
   // The device whose context this process works in (engines, movers).
   void set_device(int device);
-  void synchronize();
+
+ protected:
+  Handle import_memory(const Shareable& shareable, int device, size_t size, bool adopt) override;
 
  private:
   struct Memory {
     cu::CUmemGenericAllocationHandle handle;
     int device;
     size_t size;
-    bool created;               // counts against the device (created here, not imported)
+    bool owned;                 // counts against the device: created or adopted here, not imported
     cu::CUdeviceptr staging = 0;  // this process's own mapping, made on the first copy
   };
 
   void check_device(int device) const;
+  // The driver's handle for `handle`.
+  cu::CUmemGenericAllocationHandle driver_handle(Handle handle) const;
   void use_context(int device);
   // The handle mapped in this process for copies, and its device.
   std::pair<cu::CUdeviceptr, int> staging(Handle handle, size_t offset, size_t size, const char* call);

@@ -37,11 +37,9 @@ std::shared_ptr<Driver> Driver::load(const std::string& path, std::string* reaso
       {"cuInit", reinterpret_cast<void**>(&d.cuInit)},
       {"cuGetErrorString", reinterpret_cast<void**>(&d.cuGetErrorString)},
       {"cuDeviceGetCount", reinterpret_cast<void**>(&d.cuDeviceGetCount)},
-      {"cuDeviceGet", reinterpret_cast<void**>(&d.cuDeviceGet)},
       {"cuDeviceTotalMem_v2", reinterpret_cast<void**>(&d.cuDeviceTotalMem)},
       {"cuDeviceGetUuid", reinterpret_cast<void**>(&d.cuDeviceGetUuid)},
       {"cuDevicePrimaryCtxRetain", reinterpret_cast<void**>(&d.cuDevicePrimaryCtxRetain)},
-      {"cuDevicePrimaryCtxRelease_v2", reinterpret_cast<void**>(&d.cuDevicePrimaryCtxRelease)},
       {"cuCtxSetCurrent", reinterpret_cast<void**>(&d.cuCtxSetCurrent)},
       {"cuCtxSynchronize", reinterpret_cast<void**>(&d.cuCtxSynchronize)},
       {"cuMemGetAllocationGranularity", reinterpret_cast<void**>(&d.cuMemGetAllocationGranularity)},
@@ -61,7 +59,6 @@ std::shared_ptr<Driver> Driver::load(const std::string& path, std::string* reaso
       {"cuStreamCreate", reinterpret_cast<void**>(&d.cuStreamCreate)},
       {"cuStreamSynchronize", reinterpret_cast<void**>(&d.cuStreamSynchronize)},
       {"cuMemHostRegister_v2", reinterpret_cast<void**>(&d.cuMemHostRegister)},
-      {"cuMemHostUnregister", reinterpret_cast<void**>(&d.cuMemHostUnregister)},
   };
   for (const Symbol& symbol : symbols) {
     *symbol.slot = dlsym(handle, symbol.name);

@@ -63,11 +63,9 @@ struct Driver {
   CUresult (*cuInit)(unsigned);
   CUresult (*cuGetErrorString)(CUresult, const char**);
   CUresult (*cuDeviceGetCount)(int*);
-  CUresult (*cuDeviceGet)(CUdevice*, int);
   CUresult (*cuDeviceTotalMem)(size_t*, CUdevice);
   CUresult (*cuDeviceGetUuid)(CUuuid*, CUdevice);
   CUresult (*cuDevicePrimaryCtxRetain)(CUcontext*, CUdevice);
-  CUresult (*cuDevicePrimaryCtxRelease)(CUdevice);
   CUresult (*cuCtxSetCurrent)(CUcontext);
   CUresult (*cuCtxSynchronize)();
   CUresult (*cuMemGetAllocationGranularity)(size_t*, const CUmemAllocationProp*, int);
@@ -87,7 +85,6 @@ struct Driver {
   CUresult (*cuStreamCreate)(CUstream*, unsigned);
   CUresult (*cuStreamSynchronize)(CUstream);
   CUresult (*cuMemHostRegister)(void*, size_t, unsigned);
-  CUresult (*cuMemHostUnregister)(void*);
 
   // Loads `path` (empty: $SLEEPD_LIBCUDA, else libcuda.so.1) and calls cuInit.
   // Returns null and sets `reason` when the driver or a usable device is missing.

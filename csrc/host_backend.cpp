@@ -80,22 +80,16 @@ Handle HostBackend::create(int device, size_t size, const std::string& label) {
   return handle;
 }
 
-const HostBackend::Memory& HostBackend::find(Handle handle) const {
-  auto it = memory_.find(handle);
-  if (it == memory_.end()) throw BackendError("unknown handle " + std::to_string(handle));
-  return it->second;
-}
-
 Shareable HostBackend::export_handle(Handle handle) {
   std::lock_guard<std::mutex> lock(mutex_);
-  int fd = fcntl(find(handle).fd, F_DUPFD_CLOEXEC, 0);
+  int fd = fcntl(find_handle(memory_, handle).fd, F_DUPFD_CLOEXEC, 0);
   if (fd < 0) throw BackendError(errno_text("export: dup"));
-  Shareable shareable;
-  shareable.fd = fd;
-  return shareable;
+  return Shareable{fd};
 }
 
-Handle HostBackend::import_handle(const Shareable& shareable, int, size_t size) {
+Handle HostBackend::import_memory(const Shareable& shareable, int device, size_t size, bool adopt) {
+  // Engines import with no devices configured: only adopted memory names a real one.
+  if (adopt) check_device(device);
   if (shareable.fd < 0) throw BackendError("import: the host backend shares file descriptors");
   struct stat st;
   if (fstat(shareable.fd, &st) != 0) throw BackendError(errno_text("import: fstat"));
@@ -106,22 +100,14 @@ Handle HostBackend::import_handle(const Shareable& shareable, int, size_t size) 
   if (fd < 0) throw BackendError(errno_text("import: dup"));
   std::lock_guard<std::mutex> lock(mutex_);
   Handle handle = next_handle_++;
-  memory_.emplace(handle, Memory{fd, -1, size});
-  return handle;
-}
-
-Handle HostBackend::adopt_handle(const Shareable& shareable, int device, size_t size) {
-  check_device(device);
-  Handle handle = import_handle(shareable, device, size);
-  std::lock_guard<std::mutex> lock(mutex_);
-  memory_.at(handle).device = device;
-  used_[device] += size;
+  memory_.emplace(handle, Memory{fd, adopt ? device : -1, size});
+  if (adopt) used_[device] += size;
   return handle;
 }
 
 void HostBackend::release(Handle handle) {
   std::lock_guard<std::mutex> lock(mutex_);
-  const Memory& memory = find(handle);
+  const Memory& memory = find_handle(memory_, handle);
   close(memory.fd);
   if (memory.device >= 0) used_[memory.device] -= memory.size;
   memory_.erase(handle);
@@ -142,7 +128,7 @@ void HostBackend::map(uintptr_t address, size_t size, Handle handle, int) {
   int fd;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    const Memory& memory = find(handle);
+    const Memory& memory = find_handle(memory_, handle);
     if (size > memory.size)
       throw BackendError("map: " + std::to_string(size) + " bytes asked of a " +
                          std::to_string(memory.size) + "-byte handle");
@@ -167,7 +153,7 @@ void HostBackend::copy(uintptr_t dst, uintptr_t src, size_t size) {
 
 int HostBackend::fd_for(Handle handle, size_t offset, size_t size, const char* call) const {
   std::lock_guard<std::mutex> lock(mutex_);
-  const Memory& memory = find(handle);
+  const Memory& memory = find_handle(memory_, handle);
   if (offset > memory.size || size > memory.size - offset)
     throw BackendError(std::string(call) + ": range [" + std::to_string(offset) + ", +" + std::to_string(size) +
                        ") is outside the " + std::to_string(memory.size) + "-byte handle");

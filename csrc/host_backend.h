@@ -22,8 +22,6 @@ class HostBackend : public Backend {
 
   Handle create(int device, size_t size, const std::string& label) override;
   Shareable export_handle(Handle handle) override;
-  Handle import_handle(const Shareable& shareable, int device, size_t size) override;
-  Handle adopt_handle(const Shareable& shareable, int device, size_t size) override;
   void release(Handle handle) override;
 
   uintptr_t reserve(size_t size) override;
@@ -40,13 +38,15 @@ class HostBackend : public Backend {
   size_t capacity() const { return capacity_; }
   size_t used(int device) const;
 
+ protected:
+  Handle import_memory(const Shareable& shareable, int device, size_t size, bool adopt) override;
+
  private:
   struct Memory {
     int fd;
     int device;     // -1 for imported memory, which counts against no device
     size_t size;
   };
-  const Memory& find(Handle handle) const;
   // The handle's fd, after checking that [offset, offset + size) lies inside it.
   int fd_for(Handle handle, size_t offset, size_t size, const char* call) const;
   void check_device(int device) const;

@@ -22,19 +22,9 @@ using namespace sleepd;
 
 namespace {
 
-py::object shareable_to_python(const Shareable& shareable) {
-  if (shareable.fd >= 0) return py::int_(shareable.fd);
-  return py::bytes(shareable.token);
-}
-
-Shareable shareable_from_python(const py::object& value) {
-  Shareable shareable;
-  if (py::isinstance<py::bytes>(value)) {
-    shareable.token = value.cast<std::string>();
-  } else {
-    shareable.fd = value.cast<int>();
-  }
-  return shareable;
+// import_handle and adopt_handle, as Python calls them: with the descriptor itself.
+auto taking_fd(Handle (Backend::*take)(const Shareable&, int, size_t)) {
+  return [take](Backend& self, int fd, int device, size_t size) { return (self.*take)(Shareable{fd}, device, size); };
 }
 
 void* as_pointer(uintptr_t address) { return reinterpret_cast<void*>(address); }
@@ -44,9 +34,8 @@ void* as_pointer(uintptr_t address) { return reinterpret_cast<void*>(address); }
 PYBIND11_MODULE(_C, m) {
   m.doc() = "sleepd native core: memory backends and bulk copies";
 
-  auto base_error = py::register_exception<BackendError>(m, "BackendError", PyExc_RuntimeError);
+  py::register_exception<BackendError>(m, "BackendError", PyExc_RuntimeError);
   py::register_exception<OutOfMemory>(m, "OutOfMemoryError", PyExc_MemoryError);
-  (void)base_error;
 
   py::class_<Backend, std::shared_ptr<Backend>>(m, "Backend")
       .def_property_readonly("name", &Backend::name)
@@ -55,24 +44,13 @@ PYBIND11_MODULE(_C, m) {
            py::call_guard<py::gil_scoped_release>(),
            "Create physical memory; raises OutOfMemoryError when the device is full.")
       .def(
-          "export_handle",
-          [](Backend& self, Handle handle) { return shareable_to_python(self.export_handle(handle)); },
-          py::arg("handle"), "An fd the caller must close, or opaque bytes.")
-      .def(
-          "import_handle",
-          [](Backend& self, const py::object& shareable, int device, size_t size) {
-            return self.import_handle(shareable_from_python(shareable), device, size);
-          },
-          py::arg("shareable"), py::arg("device"), py::arg("size"),
-          "Import memory shared by another process; a passed fd stays the caller's to close.")
-      .def(
-          "adopt_handle",
-          [](Backend& self, const py::object& shareable, int device, size_t size) {
-            return self.adopt_handle(shareable_from_python(shareable), device, size);
-          },
-          py::arg("shareable"), py::arg("device"), py::arg("size"),
-          "Take memory an engine hands back as the daemon's own (after a restart); the fd stays the caller's.")
-      .def("authorize", &Backend::authorize, py::arg("handle"), py::arg("pid"))
+          "export_handle", [](Backend& self, Handle handle) { return self.export_handle(handle).fd; },
+          py::arg("handle"), "An fd the caller must close.")
+      .def("import_handle", taking_fd(&Backend::import_handle), py::arg("shareable"), py::arg("device"),
+           py::arg("size"), "Import memory shared by another process; a passed fd stays the caller's to close.")
+      .def("adopt_handle", taking_fd(&Backend::adopt_handle), py::arg("shareable"), py::arg("device"),
+           py::arg("size"),
+           "Take memory an engine hands back as the daemon's own (after a restart); the fd stays the caller's.")
       .def("release", &Backend::release, py::arg("handle"))
       .def("reserve", &Backend::reserve, py::arg("size"))
       .def("free_reservation", &Backend::free_reservation, py::arg("address"), py::arg("size"))
@@ -138,8 +116,7 @@ PYBIND11_MODULE(_C, m) {
       .def("total_memory", &CudaBackend::total_memory, py::arg("device"))
       .def("uuid", &CudaBackend::uuid, py::arg("device"))
       .def("used", &CudaBackend::used, py::arg("device"))
-      .def("set_device", &CudaBackend::set_device, py::arg("device"))
-      .def("synchronize", &CudaBackend::synchronize, py::call_guard<py::gil_scoped_release>());
+      .def("set_device", &CudaBackend::set_device, py::arg("device"));
 
   py::class_<ChunkPool, std::shared_ptr<ChunkPool>>(m, "ChunkPool",
                                                    "Carves allocations out of large chunks from `refill`.")
