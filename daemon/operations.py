@@ -278,8 +278,9 @@ class Operations:
         try:
             for region in offloads:
                 region.offload(self.pool.allocate(region.mapped_size))
-            self._copy([CopyJob(OFFLOAD, r.device, r.handle, r.mapped_size, r.backup) for r in offloads])
-            self.checkpoint()  # the backups are on disk's record before any engine lets go of the memory
+            if offloads:
+                self._copy([CopyJob(OFFLOAD, r.device, r.handle, r.mapped_size, r.backup) for r in offloads])
+                self.checkpoint()  # the backups are on disk's record before any engine lets go of the memory
         except Exception:
             self._cancel_offloads(offloads)
             raise
