@@ -33,8 +33,16 @@ RIGHTS = {
     "Sleep": Right.OWNER, "Wake": Right.OWNER, "Swap": Right.OWNER, "SetPolicy": Right.OWNER,
     "Status": Right.ANYONE, "Events": Right.ANYONE,
 }
-# Policy settings that decide over other users' models, beyond what Right.OWNER allows.
-ADMIN_POLICY = {"priority": "priority", "pinned": "pinning"}
+
+
+def _admin_only_policy(changes: dict) -> list[str]:
+    """The policy settings among `changes` that decide over other users' models: priority and
+    pinning order everyone's evictions; eviction level 0 makes a model unevictable."""
+    named = {"priority": "priority", "pinned": "pinning"}
+    found = [named[field] for field in named if changes.get(field) is not None]
+    if changes.get("eviction_level") == 0:
+        found.append("eviction level 0")
+    return found
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,10 @@ class Peer:
 
     def describe(self) -> str:
         return f"uid {self.uid} (pid {self.pid})"
+
+
+# The daemon acting on its own behalf (idle sleep): it may act on and see every model.
+DAEMON = Peer(pid=0, uid=0, gid=0, groups=frozenset())
 
 
 def _supplementary_groups(pid: int) -> list[int]:
@@ -75,16 +87,20 @@ class Authorizer:
     def is_admin(self, peer: Peer) -> bool:
         return peer.uid == 0 or (self.admin_gid is not None and self.admin_gid in peer.groups)
 
-    def require(self, peer: Peer | None, operation: str, owners: dict[str, int], policy_changes=()) -> None:
+    def sees(self, viewer: Peer | None, owner_uid: int) -> bool:
+        """Whether `viewer` may see a model of `owner_uid` at all: in status, events and refusals."""
+        return viewer is not None and (viewer.uid == owner_uid or self.is_admin(viewer))
+
+    def require(self, peer: Peer | None, operation: str, owners: dict[str, int], policy_changes=None) -> None:
         """Refuses `operation` on the models named in `owners` ({name: owner uid}) unless
-        `peer` has the right RIGHTS gives it; `policy_changes` are the policy fields a
-        SetPolicy request sets."""
+        `peer` has the right RIGHTS gives it; `policy_changes` are the policy settings a
+        SetPolicy request changes ({field: value})."""
         right = RIGHTS[operation]
         if right in (Right.SESSION, Right.ANYONE):
             return
         for name, owner_uid in owners.items():
             self.check(peer, owner_uid, f"{_VERBS.get(operation, operation)} {name}")
-        admin_only = [ADMIN_POLICY[field] for field in policy_changes if field in ADMIN_POLICY]
+        admin_only = _admin_only_policy(policy_changes or {})
         if admin_only and not self.is_admin(peer):
             what = " and ".join(admin_only) + f" of {', '.join(owners)} decide over other users' models"
             raise denied(f"{what}; only root or group {self.admin_group!r} may set them")

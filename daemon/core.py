@@ -36,7 +36,7 @@ def build(backend: DaemonBackend, pool: HostPool, movers: dict[int, Mover], rule
     authorizer = authorizer or Authorizer("sleepd")
     events = EventBus()
     registry = Registry(backend, authorizer, default_policies or {})
-    room = Room(registry, backend, events, metrics)
+    room = Room(registry, backend, authorizer, events, metrics)
     checkpoints = Checkpoints(registry, backend.name, store)
     operations = Operations(registry, room, Fanout(hook_timeout), backend, pool, movers, rules,
                             Reporter(events, metrics), checkpoints.save)

@@ -1,7 +1,8 @@
 """State changes, fanned out to every subscriber (sleepctl events, the Events RPC).
 
 A subscriber that stops reading loses its oldest events rather than holding the
-daemon back: each has a bounded queue.
+daemon back: each has a bounded queue. A subscriber sees only the events of the
+models its filter allows (a non-admin: its own uid's).
 """
 
 import queue
@@ -17,14 +18,16 @@ class Event:
     time: float
     kind: str      # slept, woke, evicted, refused, rank_lost, attached
     model: str
+    owner_uid: int
     detail: str = ""
     bytes: int = 0
 
 
 class Subscription:
-    def __init__(self, bus: "EventBus", model: str):
+    def __init__(self, bus: "EventBus", model: str, may_see):
         self._bus = bus
         self.model = model
+        self.may_see = may_see  # owner uid -> whether this subscriber sees that model's events
         self.queue: "queue.Queue[Event | None]" = queue.Queue(MAX_QUEUED)
 
     def get(self, timeout: float | None = None) -> Event | None:
@@ -47,8 +50,8 @@ class EventBus:
         self._lock = threading.Lock()
         self._subscribers: list[Subscription] = []
 
-    def subscribe(self, model: str = "") -> Subscription:
-        subscription = Subscription(self, model)
+    def subscribe(self, model: str = "", may_see=lambda owner_uid: True) -> Subscription:
+        subscription = Subscription(self, model, may_see)
         with self._lock:
             self._subscribers.append(subscription)
         return subscription
@@ -58,12 +61,13 @@ class EventBus:
             if subscription in self._subscribers:
                 self._subscribers.remove(subscription)
 
-    def publish(self, kind: str, model: str, detail: str = "", nbytes: int = 0) -> None:
-        event = Event(time.time(), kind, model, detail, nbytes)
+    def publish(self, kind: str, model, detail: str = "", nbytes: int = 0) -> None:
+        """`model` is the Model the event is about (its name and owner travel with the event)."""
+        event = Event(time.time(), kind, model.name, model.owner_uid, detail, nbytes)
         with self._lock:
             subscribers = list(self._subscribers)
         for subscription in subscribers:
-            if subscription.model and subscription.model != model:
+            if (subscription.model and subscription.model != model.name) or not subscription.may_see(model.owner_uid):
                 continue
             while True:
                 try:

@@ -25,6 +25,7 @@ import time
 from sleepd import _C
 from sleepd.common.sizes import format_size
 
+from .auth import Peer
 from .backends import ZEROED_ON_CREATE, DaemonBackend
 from .errors import exhausted, invalid, not_found, precondition
 from .fanout import Fanout, owners, rank_failure
@@ -68,7 +69,7 @@ class Operations:
     def attach(self, token: str, model_name: str, rank: int, ordinal: int, uuid: str = "") -> Session:
         session = self.registry.attach(token, model_name, rank, ordinal, uuid)
         self.checkpoint()
-        self.reporter.events.publish("attached", model_name, f"rank {rank} pid {session.pid} on "
+        self.reporter.events.publish("attached", self.registry.model(model_name), f"rank {rank} pid {session.pid} on "
                                                             f"{self.backend.devices[session.device].name}")
         return session
 
@@ -92,9 +93,9 @@ class Operations:
         log.info("session of %s ended (%s); reclaimed %s", session.describe(), reason, format_size(freed))
         detail = f"rank {session.rank} pid {session.pid}"
         if session.condition is Condition.DETACHED:
-            self.reporter.events.publish("detached", model.name, detail, freed)
+            self.reporter.events.publish("detached", model, detail, freed)
         else:
-            self.reporter.events.publish("rank_lost", model.name, f"{detail}: {reason}", freed)
+            self.reporter.events.publish("rank_lost", model, f"{detail}: {reason}", freed)
             if self.reporter.metrics:
                 self.reporter.metrics.ranks_lost.labels(model=model.name).inc()
 
@@ -118,13 +119,13 @@ class Operations:
         with model.lock:
             model.touch()
             what = f"allocate {format_size(mapped_size)} for {session.describe()}"
-            evicted = self.room.ensure(model, {device.index: mapped_size}, what, evict, self._evict)
+            evicted = self.room.ensure(model, {device.index: mapped_size}, what, evict, self._evict, session.peer)
             region = Region.new(self.registry.new_region_id(), tag, size, mapped_size, device.index, session, persist)
             try:
-                self._create_all([region], what)
+                self._create_all([region], what, session.peer)
             except _C.OutOfMemoryError as error:
                 raise exhausted(f"{what} on {device.name}: the device refused ({error}); "
-                                f"{self.room.describe(device.index)}") from None
+                                f"{self.room.describe(device.index, session.peer)}") from None
             region.restored()
             self.registry.add_region(region)
         self.checkpoint()
@@ -151,18 +152,21 @@ class Operations:
 
     # ---- sleep and wake ----
 
-    def sleep(self, model_name: str, level: int, tags: list[str], actions: dict[str, Action],
-              reason: str = "") -> OperationResult:
+    def sleep(self, model_name: str, level: int, tags: list[str], actions: dict[str, Action]) -> OperationResult:
+        """A sleep its owner (or an admin) asked for: where the host pool is short, tags a rule
+        discards at some level may be discarded instead of offloaded."""
         model = self.registry.model(model_name)
         with model.lock:
-            return self.sleep_locked(model, level, tags, actions, reason)
+            return self.sleep_locked(model, level, tags, actions, discard_if_short=True)
 
     def sleep_locked(self, model: Model, level: int, tags: list[str], actions: dict[str, Action],
-                     reason: str = "") -> OperationResult:
-        """Sleep with the model's lock already held (by the caller, or by eviction)."""
+                     reason: str = "", discard_if_short: bool = False) -> OperationResult:
+        """Sleep with the model's lock already held (by the caller, or by eviction). A sleep the
+        daemon starts on someone's behalf (eviction, idle) never discards what the rules would
+        offload: it is refused instead."""
         self.check_ready(model, "sleep")
         started = time.perf_counter()
-        work = self.plan_sleep(model, level, tags, actions)
+        work = self.plan_sleep(model, level, tags, actions, discard_if_short)
         result = OperationResult(model.name, sleeping=True)
         if not work and model.sleeping:
             return result  # already asleep: sleeping again is a no-op
@@ -182,15 +186,17 @@ class Operations:
                 result.bytes_discarded += region.mapped_size
         result.region_count = len(work)
         result.seconds = time.perf_counter() - started
-        self.reporter.slept(model.name, level, result, reason)
+        self.reporter.slept(model, level, result, reason)
         return result
 
     def _evict(self, victim: Model, reason: str) -> None:
         self.sleep_locked(victim, victim.policy.eviction_level, [], {}, reason=reason)
 
-    def plan_sleep(self, model: Model, level: int, tags: list[str], actions: dict[str, Action]):
+    def plan_sleep(self, model: Model, level: int, tags: list[str], actions: dict[str, Action],
+                   discard_if_short: bool = False):
         """[(region, action)] for the model's mapped regions, refused before anything moves
-        when the host pool cannot take the offloads even after discarding what may be discarded."""
+        when the host pool cannot take the offloads (even after discarding, where
+        `discard_if_short`, what some rule discards anyway)."""
         regions = model.regions()
         _check_tags(model, regions, list(tags) + list(actions))
         selected = set(tags) | set(actions) or {region.tag for region in regions}
@@ -201,7 +207,7 @@ class Operations:
             return work
         # The pool is too small: discard instead, largest first, only tags some rule discards anyway.
         fallback = sorted(((r, a) for r, a in work if a is Action.OFFLOAD and self.rules.discardable(r.tag)
-                           and r.tag not in actions), key=lambda item: -item[0].mapped_size)
+                           and r.tag not in actions and discard_if_short), key=lambda item: -item[0].mapped_size)
         demoted = set()
         for region, _ in fallback:
             if offload_bytes <= self.pool.available:
@@ -212,12 +218,15 @@ class Operations:
             raise exhausted(f"sleep {model.name}: offloading needs {format_size(offload_bytes)} of host pool, "
                             f"{format_size(self.pool.available)} free of {format_size(self.pool.budget)}, "
                             "and no more of it may be discarded; raise --host-pool-budget or use a level "
-                            "that discards")
+                            "that discards" + ("" if discard_if_short else
+                                               " (a sleep sleepd starts itself never discards what it would offload)"))
         log.warning("sleep %s: host pool short; discarding %s instead of offloading them", model.name,
                     ", ".join(sorted({r.tag for r in demoted})))
         return [(r, Action.DISCARD if r in demoted else a) for r, a in work]
 
-    def wake(self, model_name: str, tags: list[str], evict: bool = False) -> OperationResult:
+    def wake(self, model_name: str, tags: list[str], evict: bool, caller: Peer) -> OperationResult:
+        """Wakes the model's regions of `tags` (all without), evicting models `caller` may act on
+        when `evict` allows and room is short."""
         started = time.perf_counter()
         model = self.registry.model(model_name)
         result = OperationResult(model_name)
@@ -229,12 +238,12 @@ class Operations:
             targets = [r for r in regions if r.state in ASLEEP and (not tags or r.tag in tags)]
             if targets:
                 result.evicted = self.room.ensure(model, needed_by_device(targets), f"wake {model.name}", evict,
-                                                  self._evict)
-                self.materialize(model, targets)
+                                                  self._evict, caller)
+                self.materialize(model, targets, caller)
                 self.remap_or_undo(model, targets, result)
             self.finish_wake(model, targets, result)
         result.seconds = time.perf_counter() - started
-        self.reporter.woke(model_name, tags, result)
+        self.reporter.woke(model, tags, result)
         return result
 
     def set_policy(self, model_name: str, **changes) -> Policy:
@@ -309,13 +318,13 @@ class Operations:
                 if backup is not None:
                     self.pool.free(backup)
 
-    def materialize(self, model: Model, targets: list[Region]) -> None:
+    def materialize(self, model: Model, targets: list[Region], caller: Peer) -> None:
         """Creates device memory for sleeping regions and fills it (backup or zeros);
         on failure releases what it created and leaves them asleep."""
         try:
             for region in targets:
                 region.begin_restore()
-            self._create_all(targets, f"wake {model.name}")
+            self._create_all(targets, f"wake {model.name}", caller)
             jobs = [CopyJob(RESTORE, r.device, r.handle, r.mapped_size, r.backup) for r in targets if r.backup]
             if self.backend.name not in ZEROED_ON_CREATE:
                 jobs += [CopyJob(ZERO, r.device, r.handle, r.mapped_size) for r in targets if r.backup is None]
@@ -375,12 +384,12 @@ class Operations:
                 stack.enter_context(self._device_locks[device])
             yield
 
-    def _create_all(self, regions: list[Region], what: str) -> None:
+    def _create_all(self, regions: list[Region], what: str, caller: Peer) -> None:
         """New device memory for each region, named so that it shows in /proc as the
         model's. The room is checked again under the device locks."""
         model_name = regions[0].model if regions else ""
         with self.devices_locked(_devices(regions)):
-            self.room.check_created_fit(model_name, regions, what)
+            self.room.check_created_fit(model_name, regions, what, caller)
             for region in regions:
                 label = f"sleepd:{region.model}:r{region.session.rank}:{region.tag}:{region.id}"
                 region.created(self.backend.native.create(region.device, region.mapped_size, label))

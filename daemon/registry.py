@@ -7,12 +7,11 @@ an engine, a copy or another lock.
 """
 
 import logging
+import pwd
 import threading
 import time
 
 import grpc
-
-from sleepd.common.sizes import format_size
 
 from .auth import Authorizer, Peer
 from .backends import DaemonBackend
@@ -62,8 +61,11 @@ class Registry:
             if session is None or session.attached:
                 raise denied("unknown session token; connect to the handle socket first")
             model = self._models.get(model_name) or Model(
-                model_name, owner_uid=session.uid, policy=Policy(**self._default_policies.get(model_name, {})))
-            self.authorizer.check(session.peer, model.owner_uid, f"attach to {model_name}")
+                model_name, owner_uid=session.uid, policy=self._configured_policy(model_name, session.peer))
+            if model.owner_uid != session.uid:  # admins included: one model, one tenant
+                whose = f"uid {model.owner_uid}" if self.authorizer.is_admin(session.peer) else "another user"
+                raise denied(f"attach to {model_name}: the model belongs to {whose}, and ranks of different uids "
+                             "never share a model; choose another name")
             holder = model.ranks.get(rank)
             if holder is not None:
                 raise SleepdError(grpc.StatusCode.ALREADY_EXISTS,
@@ -82,6 +84,21 @@ class Registry:
                  f" (its device {ordinal})" if ordinal != device else "",
                  " (handing back its memory after a daemon restart)" if session.returning else "")
         return session
+
+    def _configured_policy(self, model_name: str, claimant: Peer) -> Policy:
+        """The operator's [models.NAME] policy, for the model's first rank: only when the
+        claimant is the owner the operator named, or, where none is named, an admin. A
+        policy is no prize for whoever claims a name first."""
+        configured = dict(self._default_policies.get(model_name, {}))
+        owner = configured.pop("owner", None)
+        if owner is None and self.authorizer.is_admin(claimant):
+            return Policy(**configured)
+        if owner is not None and _uid_of(owner) == claimant.uid:
+            return Policy(**configured)
+        if configured:
+            log.warning("%s claimed by uid %d: the configured policy of [models.%s] does not apply (its owner is "
+                        "%s)", model_name, claimant.uid, model_name, owner if owner is not None else "not set")
+        return Policy()
 
     def _device_index(self, ordinal: int, uuid: str) -> int:
         """The daemon's index of an engine's device: found by GPU UUID where both
@@ -185,9 +202,8 @@ class Registry:
     def model(self, name: str) -> Model:
         with self.lock:
             model = self._models.get(name)
-            known = ", ".join(sorted(self._models)) or "none"
-        if model is None:
-            raise not_found(f"model {name!r} is not attached (attached: {known})")
+        if model is None:  # naming the models that are attached would show other users' to anyone
+            raise not_found(f"model {name!r} is not attached; sleepctl status lists yours")
         return model
 
     def models(self) -> list[Model]:
@@ -206,12 +222,13 @@ class Registry:
         with self.lock:
             return [region for region in self._regions.values() if region.device == device]
 
-    def holders(self, device: int) -> dict[str, int]:
-        """{model: device bytes it holds on `device`}."""
-        held: dict[str, int] = {}
+    def holders(self, device: int) -> dict[tuple[str, int], int]:
+        """{(model, its owner's uid): device bytes it holds on `device`}."""
+        held: dict[tuple[str, int], int] = {}
         for region in self.regions_on(device):
             if region.holds_memory:
-                held[region.model] = held.get(region.model, 0) + region.mapped_size
+                key = (region.model, region.session.uid)
+                held[key] = held.get(key, 0) + region.mapped_size
         return held
 
     def snapshot(self, model_name: str = "") -> list[ModelView]:
@@ -228,12 +245,18 @@ class Registry:
                 now - model.last_active)
                 for model in models if not model_name or model.name == model_name]
         if model_name and not views:
-            self.model(model_name)  # raises NOT_FOUND, naming the attached models
+            self.model(model_name)  # raises NOT_FOUND
         return views
 
-    def describe_holders(self, device: int) -> str:
-        held = self.holders(device)
-        return ", ".join(f"{name} {format_size(size)}" for name, size in sorted(held.items())) or "nothing"
+
+def _uid_of(owner) -> int | None:
+    """A configured owner, a uid or a user name, as a uid (None for an unknown name)."""
+    if isinstance(owner, int):
+        return owner
+    try:
+        return pwd.getpwnam(owner).pw_uid
+    except KeyError:
+        return None
 
 
 def check_model_name(name: str) -> None:

@@ -10,6 +10,7 @@ import time
 
 from sleepd.common.sizes import format_size
 
+from .auth import Authorizer, Peer
 from .backends import DaemonBackend
 from .errors import exhausted
 from .events import EventBus
@@ -31,14 +32,16 @@ def needed_by_device(regions: list[Region]) -> dict[int, int]:
 
 
 class Room:
-    def __init__(self, registry: Registry, backend: DaemonBackend, events: EventBus, metrics=None):
+    def __init__(self, registry: Registry, backend: DaemonBackend, authorizer: Authorizer, events: EventBus,
+                 metrics=None):
         self._registry = registry
         self._backend = backend
+        self._authorizer = authorizer
         self._events = events
         self._metrics = metrics
         self._lock = threading.Lock()
         # Room a swap in progress has set aside for the model it brings in: {model: {device: bytes}}.
-        self._promised: dict[str, dict[int, int]] = {}
+        self._promised: dict[Model, dict[int, int]] = {}
 
     def committed(self, device: int) -> int:
         """Device memory in use plus what sleeping models need to wake."""
@@ -49,7 +52,7 @@ class Room:
         """What `model_name` may still get on the device: its free room less what
         swaps in progress have set aside for other models."""
         with self._lock:
-            promised = sum(p.get(device, 0) for name, p in self._promised.items() if name != model_name)
+            promised = sum(p.get(device, 0) for model, p in self._promised.items() if model.name != model_name)
         return max(0, self._backend.free(device) - promised)
 
     def shortfall(self, model_name: str, needed: dict[int, int], freed: dict[int, int] | None = None) -> dict[int, int]:
@@ -58,48 +61,61 @@ class Room:
         return {d: n - room[d] for d, n in needed.items() if n > room[d]}
 
     @contextlib.contextmanager
-    def set_aside(self, model_name: str, needed: dict[int, int]):
-        """Keeps `needed` bytes per device for `model_name` while the block runs:
+    def set_aside(self, model: Model, needed: dict[int, int]):
+        """Keeps `needed` bytes per device for `model` while the block runs:
         room freed for it goes to it, not to whichever operation asks first."""
         with self._lock:
-            self._promised[model_name] = dict(needed)
+            self._promised[model] = dict(needed)
         try:
             yield
         finally:
             with self._lock:
-                self._promised.pop(model_name, None)
+                self._promised.pop(model, None)
 
-    def describe(self, device: int) -> str:
-        """The device's room in words: free, budget, who holds it, what is set aside, what is outside sleepd."""
+    def describe(self, device: int, viewer: Peer) -> str:
+        """The device's room in words: free, budget, who holds it, what is set aside, what is outside
+        sleepd. Models `viewer` may not see are counted together, unnamed."""
         budget = self._backend.devices[device].budget
         room = (f"{format_size(self._backend.free(device))} free of its {format_size(budget)} budget "
-                f"(held by {self._registry.describe_holders(device)})")
+                f"(held by {self._holders(device, viewer)})")
         with self._lock:
-            promised = {name: p[device] for name, p in self._promised.items() if p.get(device)}
-        if promised:
-            room += "; " + ", ".join(f"{format_size(size)} set aside for swapping in {name}"
-                                     for name, size in sorted(promised.items()))
+            promised = {model: p[device] for model, p in self._promised.items() if p.get(device)}
+        for model, size in sorted(promised.items(), key=lambda item: item[0].name):
+            name = model.name if self._authorizer.sees(viewer, model.owner_uid) else "another user's model"
+            room += f"; {format_size(size)} set aside for swapping in {name}"
         driver = self._backend.driver_memory(device)
         if driver is not None and driver.free < budget - self._backend.used(device):
             outside = max(0, driver.used - self._backend.used(device))
             room += f"; the driver reports {format_size(outside)} held outside sleepd"
         return room
 
-    def check_created_fit(self, model_name: str, regions: list[Region], what: str) -> None:
+    def _holders(self, device: int, viewer: Peer) -> str:
+        named, others = [], 0
+        for (name, owner_uid), size in sorted(self._registry.holders(device).items()):
+            if self._authorizer.sees(viewer, owner_uid):
+                named.append(f"{name} {format_size(size)}")
+            else:
+                others += size
+        if others:
+            named.append(f"other users' models {format_size(others)}")
+        return ", ".join(named) or "nothing"
+
+    def check_created_fit(self, model_name: str, regions: list[Region], what: str, viewer: Peer) -> None:
         """Refuses `regions` whose memory no longer fits: checked under the device locks, so
         that an operation running beside this one cannot have taken the room since."""
         for device, needed in needed_by_device(regions).items():
             if needed > self.room_for(model_name, device):
                 raise exhausted(f"{what}: needs {format_size(needed)} on {self._backend.devices[device].name}, "
-                                f"more than its {self.describe(device)}; the room went meanwhile to another "
+                                f"more than its {self.describe(device, viewer)}; the room went meanwhile to another "
                                 "operation or process")
 
     # ---- eviction ----
 
-    def ensure(self, model: Model, needed: dict[int, int], what: str, evict: bool, put_to_sleep) -> list[str]:
-        """Makes `needed` bytes fit on each device, evicting other models with
-        `put_to_sleep(victim, reason)` when allowed; refuses naming the bytes missing
-        and what holds them otherwise. Returns the models evicted."""
+    def ensure(self, model: Model, needed: dict[int, int], what: str, evict: bool, put_to_sleep,
+               caller: Peer) -> list[str]:
+        """Makes `needed` bytes fit on each device, evicting other models `caller` may act on
+        with `put_to_sleep(victim, reason)` when allowed; refuses naming the bytes missing and
+        what holds them otherwise. Returns the models evicted."""
         evicted: list[str] = []
         while True:
             short = self.shortfall(model.name, needed)
@@ -108,25 +124,26 @@ class Room:
             device, missing = next(iter(sorted(short.items())))
             name = self._backend.devices[device].name
             if not evict:
-                self.refuse(model.name, f"{what}: needs {format_size(needed[device])} on {name}, "
-                            f"{format_size(missing)} more than its {self.describe(device)}; put a model to sleep "
-                            "or allow eviction (--evict)")
-            victim = self._evict_one(model, short, put_to_sleep)
+                self.refuse(model, f"{what}: needs {format_size(needed[device])} on {name}, "
+                            f"{format_size(missing)} more than its {self.describe(device, caller)}; put a model "
+                            "to sleep or allow eviction (--evict)")
+            victim = self._evict_one(model, short, put_to_sleep, caller)
             if victim is None:
-                self.refuse(model.name, f"{what}: needs {format_size(missing)} more on {name} "
-                            f"({self.describe(device)}) and no model may be evicted (the rest are pinned, busy "
-                            "or already asleep)")
+                self.refuse(model, f"{what}: needs {format_size(missing)} more on {name} "
+                            f"({self.describe(device, caller)}) and no model may be evicted (the rest are pinned, "
+                            "busy, already asleep or other users')")
             evicted.append(victim)
 
-    def eviction_candidates(self, requester: Model, devices) -> list[Model]:
-        """Models that could give memory back on `devices`, in eviction order."""
+    def eviction_candidates(self, requester: Model, devices, caller: Peer) -> list[Model]:
+        """Models that could give memory back on `devices`, in eviction order. Only an admin's
+        request evicts other users' models."""
         candidates = [m for m in self._registry.models() if m is not requester and not m.policy.pinned
                       and m.policy.eviction_level > 0 and any(m.held_on(d) for d in devices)
-                      and not any(s.returning for s in m.sessions())]
+                      and not any(s.returning for s in m.sessions()) and self._authorizer.sees(caller, m.owner_uid)]
         return sorted(candidates, key=lambda m: (m.policy.priority, m.last_active))
 
-    def _evict_one(self, requester: Model, short: dict[int, int], put_to_sleep) -> str | None:
-        for victim in self.eviction_candidates(requester, short):
+    def _evict_one(self, requester: Model, short: dict[int, int], put_to_sleep, caller: Peer) -> str | None:
+        for victim in self.eviction_candidates(requester, short, caller):
             if not victim.lock.acquire(timeout=VICTIM_LOCK_SECONDS):
                 continue  # busy with its own operation; try the next
             idle = time.monotonic() - victim.last_active
@@ -136,12 +153,12 @@ class Room:
                 victim.lock.release()
             log.warning("evicted %s (priority %d, idle %.0f s) to make room for %s", victim.name,
                         victim.policy.priority, idle, requester.name)
-            self._events.publish("evicted", victim.name, f"room for {requester.name}")
+            self._events.publish("evicted", victim, f"room for {requester.name}")
             if self._metrics:
                 self._metrics.evictions.labels(model=victim.name, reason="room").inc()
             return victim.name
         return None
 
-    def refuse(self, model_name: str, message: str):
-        self._events.publish("refused", model_name, message)
+    def refuse(self, model: Model, message: str):
+        self._events.publish("refused", model, message)
         raise exhausted(message)

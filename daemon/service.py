@@ -12,7 +12,7 @@ from sleepd.proto import sleepd_pb2 as pb
 from sleepd.proto import sleepd_pb2_grpc as pb_grpc
 
 from .core import Core
-from .errors import SleepdError, invalid
+from .errors import SleepdError, invalid, not_found
 from .fanout import attached_message, region_message
 from .model import OperationResult
 from .rules import parse_action
@@ -56,9 +56,12 @@ class SleepdService(pb_grpc.SleepdServicer):
         token = dict(context.invocation_metadata()).get(TOKEN_METADATA)
         return self._core.registry.caller(token) if token else None
 
-    def _authorize(self, operation: str, context, models: list[str], policy_changes=()) -> None:
+    def _authorize(self, operation: str, context, models: list[str], policy_changes=None):
+        """The caller, if it has the right `operation` needs on `models` (auth.RIGHTS)."""
+        caller = self._identify(context)
         owners = {name: self._core.registry.model(name).owner_uid for name in dict.fromkeys(models)}
-        self._core.authorizer.require(self._identify(context), operation, owners, policy_changes)
+        self._core.authorizer.require(caller, operation, owners, policy_changes)
+        return caller
 
     def Session(self, request_iterator, context):
         first = next(request_iterator, None)
@@ -120,25 +123,26 @@ class SleepdService(pb_grpc.SleepdServicer):
 
     @_refusals
     def Wake(self, request, context):
-        self._authorize("Wake", context, [request.model])
-        return _reply(self._ops.wake(request.model, list(request.tags), request.evict))
+        caller = self._authorize("Wake", context, [request.model])
+        return _reply(self._ops.wake(request.model, list(request.tags), request.evict, caller))
 
     @_refusals
     def Swap(self, request, context):
-        self._authorize("Swap", context, [request.to_model, *request.from_models])
-        result = swap(self._ops, request.to_model, list(request.from_models))
+        caller = self._authorize("Swap", context, [request.to_model, *request.from_models])
+        result = swap(self._ops, request.to_model, list(request.from_models), caller)
         return pb.SwapReply(slept=[_reply(r) for r in result.slept], woke=_reply(result.woke),
                             seconds=result.seconds, sequential_estimate_seconds=result.sequential_estimate_seconds)
 
     @_refusals
     def SetPolicy(self, request, context):
         changes = {field: getattr(request, field) if request.HasField(field) else None for field in POLICY_FIELDS}
-        self._authorize("SetPolicy", context, [request.model],
-                        policy_changes=[field for field, value in changes.items() if value is not None])
+        self._authorize("SetPolicy", context, [request.model], policy_changes=changes)
         return _policy(self._ops.set_policy(request.model, **changes))
 
     def Events(self, request, context):
-        subscription = self._core.events.subscribe(request.model)
+        """Events of the models the caller may see: its own, or every model for an admin."""
+        caller, authorizer = self._identify(context), self._core.authorizer
+        subscription = self._core.events.subscribe(request.model, lambda owner: authorizer.sees(caller, owner))
         context.add_callback(subscription.close)
         # The first message says the stream is live: nothing after it will be missed.
         yield pb.Event(time=time.time(), kind="subscribed", model=request.model, detail="events from here on")
@@ -150,8 +154,12 @@ class SleepdService(pb_grpc.SleepdServicer):
 
     @_refusals
     def Status(self, request, context):
-        core = self._core
-        models = core.registry.snapshot(request.model)
+        """Devices and the pool for anyone; models only those the caller may see."""
+        core, caller = self._core, self._identify(context)
+        models = [model for model in core.registry.snapshot(request.model)
+                  if core.authorizer.sees(caller, model.owner_uid)]
+        if request.model and not models:
+            raise not_found(f"model {request.model!r} is not attached, or is not yours to see")
         return pb.StatusReply(
             backend=core.backend.name,
             devices=[_device(core, device) for device in core.backend.devices],

@@ -18,6 +18,7 @@ import time
 from sleepd.common.sizes import format_size
 
 from .errors import SleepdError, exhausted, invalid, unavailable
+from .auth import DAEMON, Peer
 from .model import Model, OperationResult, SwapResult
 from .mover import OFFLOAD, RESTORE
 from .operations import Operations
@@ -29,7 +30,9 @@ from .rules import Action
 BATCH_BYTES = 64 << 20
 
 
-def swap(ops: Operations, to_name: str, from_names: list[str]) -> SwapResult:
+def swap(ops: Operations, to_name: str, from_names: list[str], caller: Peer) -> SwapResult:
+    """Puts `from_names` (or, without any, the models `caller` may evict, in eviction order)
+    to sleep and wakes `to_name` in their room."""
     started = time.perf_counter()
     if to_name in from_names:
         raise invalid(f"swap: {to_name} cannot be swapped out for itself")
@@ -41,7 +44,7 @@ def swap(ops: Operations, to_name: str, from_names: list[str]) -> SwapResult:
         target.touch()
         targets = [r for r in target.regions() if r.state in ASLEEP]
         needed = needed_by_device(targets)
-        victims = named or _choose_victims(ops, target, needed)
+        victims = named or _choose_victims(ops, target, needed, caller)
         _check_enough(ops, target, victims, needed)
         locked = []
         try:
@@ -49,20 +52,20 @@ def swap(ops: Operations, to_name: str, from_names: list[str]) -> SwapResult:
                 if not victim.lock.acquire(timeout=ops.fanout.hook_timeout):
                     raise unavailable(f"swap to {to_name}: {victim.name} is busy with another operation; try again")
                 locked.append(victim)
-            result = _overlapped(ops, target, victims, targets)
+            result = _overlapped(ops, target, victims, targets, caller)
         finally:
             for victim in locked:
                 victim.lock.release()
     result.seconds = time.perf_counter() - started
-    for slept in result.slept:
-        ops.reporter.events.publish("evicted", slept.model, f"swapped out for {to_name}")
+    for victim in victims:
+        ops.reporter.events.publish("evicted", victim, f"swapped out for {to_name}")
     return result
 
 
-def _choose_victims(ops: Operations, target: Model, needed: dict[int, int]) -> list[Model]:
+def _choose_victims(ops: Operations, target: Model, needed: dict[int, int], caller: Peer) -> list[Model]:
     """Models in eviction order until their memory makes the target fit."""
     victims, freed = [], {}
-    for candidate in ops.room.eviction_candidates(target, needed):
+    for candidate in ops.room.eviction_candidates(target, needed, caller):
         if not ops.room.shortfall(target.name, needed, freed):
             break
         victims.append(candidate)
@@ -85,7 +88,7 @@ def _check_enough(ops: Operations, target: Model, victims: list[Model], needed: 
         message = (f"swap to {target.name}: needs {format_size(needed[device])} on "
                    f"{ops.backend.devices[device].name}; sleeping {names} leaves it "
                    f"{format_size(missing)} short")
-        ops.room.refuse(target.name, message)
+        ops.room.refuse(target, message)
 
 
 def _batches(work):
@@ -103,9 +106,10 @@ def _batches(work):
 class _Restorer(threading.Thread):
     """Creates and fills the target's regions as room appears."""
 
-    def __init__(self, ops: Operations, target: Model, regions: list[Region], room: threading.Condition):
+    def __init__(self, ops: Operations, target: Model, regions: list[Region], room: threading.Condition,
+                 caller: Peer):
         super().__init__(name=f"swap-restore-{target.name}", daemon=True)
-        self.ops, self.target, self.regions, self.room = ops, target, regions, room
+        self.ops, self.target, self.regions, self.room, self.caller = ops, target, regions, room, caller
         self.done: list[Region] = []
         self.error: Exception | None = None
         self.senders_done = False
@@ -121,7 +125,7 @@ class _Restorer(threading.Thread):
                         raise exhausted(f"swap to {self.target.name}: no room for region {pending[0].id} after "
                                         "the other models slept")
                 # Everything that fits now goes in one request: fewer round trips to the mover.
-                self.ops.materialize(self.target, batch)
+                self.ops.materialize(self.target, batch, self.caller)
                 self.done += batch
                 pending = pending[len(batch):]
         except Exception as error:  # reported by the swap, which rolls back
@@ -139,7 +143,8 @@ class _Restorer(threading.Thread):
         return batch
 
 
-def _overlapped(ops: Operations, target: Model, victims: list[Model], targets: list[Region]) -> SwapResult:
+def _overlapped(ops: Operations, target: Model, victims: list[Model], targets: list[Region],
+                caller: Peer) -> SwapResult:
     works = {victim: ops.plan_sleep(victim, victim.policy.eviction_level, [], {}) for victim in victims}
     offload_bytes = sum(r.mapped_size for work in works.values() for r, a in work if a is Action.OFFLOAD)
     if offload_bytes > ops.pool.available:
@@ -150,10 +155,10 @@ def _overlapped(ops: Operations, target: Model, victims: list[Model], targets: l
     woke = OperationResult(target.name)
     quiesced: list[Model] = []
     room = threading.Condition()
-    restorer = _Restorer(ops, target, targets, room)
+    restorer = _Restorer(ops, target, targets, room, caller)
     try:
         # Until the swap ends (not during a rollback), the room it frees is the target's.
-        with ops.room.set_aside(target.name, needed_by_device(targets)):
+        with ops.room.set_aside(target, needed_by_device(targets)):
             for victim in victims:
                 if not victim.paused:
                     ops.quiesce(victim, victim.policy.eviction_level)
@@ -194,9 +199,9 @@ def _overlapped(ops: Operations, target: Model, victims: list[Model], targets: l
         raise
     ops.finish_wake(target, targets, woke)
     for victim in victims:
-        ops.reporter.slept(victim.name, victim.policy.eviction_level, slept[victim],
+        ops.reporter.slept(victim, victim.policy.eviction_level, slept[victim],
                            reason=f"swapped out for {target.name}")
-    ops.reporter.woke(target.name, [], woke, reason="swapped in")
+    ops.reporter.woke(target, [], woke, reason="swapped in")
     return SwapResult(list(slept.values()), woke, 0.0, _sequential_estimate(ops, slept.values(), woke, devices))
 
 
@@ -209,7 +214,7 @@ def _wake_again(ops: Operations, victims: list[Model], works, quiesced: list[Mod
         released = [r for r, _ in works[victim] if r.state in ASLEEP]
         try:
             if released:
-                ops.materialize(victim, released)
+                ops.materialize(victim, released, DAEMON)
                 ops.remap_or_undo(victim, released, OperationResult(victim.name))
         except Exception as error:  # the next victims still get theirs back; a wake brings the rest back
             left_asleep[victim.name] = error.message if isinstance(error, SleepdError) else str(error)
