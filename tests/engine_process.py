@@ -144,7 +144,7 @@ def main() -> None:
                 die_on(client, command["moment"])
                 reply = {}
             elif command["op"] == "alloc":
-                region = client.alloc(command["size"], command["tag"])
+                region = client.alloc(command["size"], command["tag"], evict=command.get("evict", False))
                 reply = {"id": region.id}
             elif command["op"] == "touch":
                 client.touch()
