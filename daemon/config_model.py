@@ -28,13 +28,13 @@ def text(value) -> str:
     return value
 
 
-def path(value) -> str:
+def fs_path(value) -> str:
     return os.path.expanduser(text(value))
 
 
-def optional_path(value) -> str:
+def optional_fs_path(value) -> str:
     """A path, or "" for none."""
-    return "" if value == "" else path(value)
+    return "" if value == "" else fs_path(value)
 
 
 def size(minimum: int) -> Callable[[Any], int]:
@@ -153,14 +153,14 @@ class Config:
         "memory backend: auto (cuda when the driver loads and sees a device, else host), host or cuda",
         "{auto,host,cuda}")
     socket: str = _setting(
-        "socket", path, lambda _: paths.daemon_socket(None)[0],
+        "socket", fs_path, lambda _: paths.daemon_socket(None)[0],
         "gRPC Unix socket; the handle socket is PATH.fds beside it "
         "(default /run/sleepd/sleepd.sock, else $XDG_RUNTIME_DIR/sleepd/sleepd.sock)", "PATH")
     metrics_address: str = _setting(
         "metrics.address", address("off"), "127.0.0.1:9464",
         "HOST:PORT for Prometheus /metrics; port 0 picks a free one; off disables", "HOST:PORT")
     state_dir: str = _setting(
-        "state_dir", path, lambda _: paths.default_state_dir(),
+        "state_dir", fs_path, lambda _: paths.default_state_dir(),
         "where the daemon keeps daemon.json (default $STATE_DIRECTORY, /var/lib/sleepd as root, "
         "else $XDG_STATE_HOME/sleepd)", "DIR")
     hook_timeout: float = _setting(
@@ -178,7 +178,7 @@ class Config:
         "host.device_capacity", size(1), parse_size("4GiB"),
         "bytes per simulated host device, e.g. 512MiB or 4GiB", "SIZE")
     host_pool_dir: str = _setting(
-        "host_pool.dir", path, lambda values: paths.default_pool_dir(values["socket"]),
+        "host_pool.dir", fs_path, lambda values: paths.default_pool_dir(values["socket"]),
         "tmpfs directory of the host backup pool (default: one per socket under /dev/shm)", "DIR")
     host_pool_budget: Size = _setting(
         "host_pool.budget", size(1), lambda _: psutil.virtual_memory().total // 2 // 4096 * 4096,
@@ -196,10 +196,11 @@ class Config:
     tcp_address: str = _setting(
         "tcp.address", address(""), "",
         "HOST:PORT for control over TCP, TLS and a bearer token only (empty: no TCP listener)", "HOST:PORT")
-    tcp_cert: str = _setting("tcp.cert", optional_path, "", "TLS certificate chain (PEM) for the TCP listener", "PATH")
-    tcp_key: str = _setting("tcp.key", optional_path, "", "TLS private key (PEM) for the TCP listener", "PATH")
+    tcp_cert: str = _setting(
+        "tcp.cert", optional_fs_path, "", "TLS certificate chain (PEM) for the TCP listener", "PATH")
+    tcp_key: str = _setting("tcp.key", optional_fs_path, "", "TLS private key (PEM) for the TCP listener", "PATH")
     tcp_token_file: str = _setting(
-        "tcp.token_file", optional_path, "", "file holding the bearer token TCP clients must present", "PATH")
+        "tcp.token_file", optional_fs_path, "", "file holding the bearer token TCP clients must present", "PATH")
 
     rules: dict[int, dict[str, Action]]       # [rules.LEVEL], merged over rules.DEFAULT_RULES
     models: dict[str, dict[str, Any]]         # [models.NAME]: the POLICY_KEYS the file gives
