@@ -28,6 +28,7 @@ from sleepd.proto import sleepd_pb2, sleepd_pb2_grpc as pb_grpc
 
 from . import backends, config, core as control_plane, logs
 from .auth import Authorizer
+from .config_render import render
 from .handles import HandleServer
 from .idle import IdleWatcher
 from .metrics import Metrics
@@ -75,27 +76,21 @@ def _claim_socket(path: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     if cfg.check_config:
-        sys.stdout.write(cfg.render())
+        sys.stdout.write(render(cfg))
         return
     logs.setup(cfg.log_level, cfg.log_format)
     # Read (and removed from the environment) before any child process starts.
     notifier = Notifier.from_environment()
 
-    if cfg.explicit("socket"):
-        socket_path = cfg.socket
-    else:
-        socket_path, fallback_note = paths.daemon_socket(None)
-        if fallback_note:
-            log.info(fallback_note)
-    log.info("configuration: %s", cfg.path or "no file; flags, environment and defaults")
     for note in cfg.notes(startup=True):
         log.warning("%s", note)
+    log.info("configuration: %s", cfg.path or "no file; flags, environment and defaults")
+    socket_path = cfg.socket
     _claim_socket(socket_path)
     state_dir = cfg.state_dir
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
 
     backend = backends.choose(cfg.backend, cfg.host_devices, cfg.host_device_capacity, cfg.device_reserve)
-    pool_dir = cfg.host_pool_dir if cfg.explicit("host_pool.dir") else paths.default_pool_dir(socket_path)
     # A state file from an earlier daemon of this backend means models to recover,
     # with their backups in the pool's slab files.
     store = StateStore(state_dir)
@@ -104,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         log.warning("the state file is for the %s backend, this daemon runs %s: starting afresh",
                     state.get("backend"), backend.name)
         state = None
-    pool = HostPool(pool_dir, cfg.host_pool_budget, prefault=cfg.host_pool_prefault,
+    pool = HostPool(cfg.host_pool_dir, cfg.host_pool_budget, prefault=cfg.host_pool_prefault,
                     keep=backup_pieces(state) if state else None)
     # Movers start before any gRPC object exists (and by exec, never by fork).
     movers = {device.index: Mover(backend.native, backend.name, device.index, pool) for device in backend.devices}

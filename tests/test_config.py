@@ -2,7 +2,9 @@
 example and prints the effective settings, names every mistake by key and line, and a daemon
 started from a file runs as the file says, with flags over the environment over the file."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from sleepd.daemon import config
-from support import MiB
+from support import MiB, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "deploy" / "sleepd.toml"
@@ -211,3 +213,31 @@ def test_a_bad_file_stops_the_daemon_before_it_binds_anything(tmp_path):
     assert result.returncode == config.EXIT_CONFIG
     assert f"{path}:1: backend:" in result.stderr and "auto, host, cuda" in result.stderr
     assert not socket_path.exists()
+
+
+def test_check_config_prints_the_socket_and_pool_directory_the_daemon_then_uses(tmp_path):
+    # No socket named, and a system socket directory not even root can create: both fall back.
+    code = ("import sys, sleepd.common.paths as p; p.SYSTEM_SOCKET = '/proc/sleepd/sleepd.sock'; "
+            "import sleepd.daemon.main as m; m.main(sys.argv[1:])")
+    flags = ["--backend", "host", "--host-device-capacity", "16MiB", "--host-pool-budget", "64MiB",
+             "--metrics-address", "off", "--state-dir", str(tmp_path / "state")]
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SLEEPD_")}
+    env["XDG_RUNTIME_DIR"] = str(tmp_path)
+    checked = subprocess.run([sys.executable, "-c", code, "--check-config", *flags], capture_output=True,
+                             text=True, timeout=60, env=env)
+    assert checked.returncode == 0, checked.stderr
+    effective = tomllib.loads(checked.stdout)
+    assert effective["socket"] == str(tmp_path / "sleepd" / "sleepd.sock")
+    assert "not writable" in checked.stdout  # and says why
+
+    daemon = subprocess.Popen([sys.executable, "-c", code, *flags], env=env, stderr=subprocess.DEVNULL)
+    runtime = tmp_path / "state" / "daemon.json"
+    try:
+        wait_for(lambda: runtime.exists() or daemon.poll() is not None, what="daemon.json")
+        used = json.loads(runtime.read_text())
+        assert used["socket"] == effective["socket"]
+        assert used["host_pool_dir"] == effective["host_pool"]["dir"]
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=20)
+        shutil.rmtree(effective["host_pool"]["dir"], ignore_errors=True)

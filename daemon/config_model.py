@@ -1,0 +1,237 @@
+"""The typed configuration: what each setting is called, what kind of value it takes, its default and its
+help, declared once on the Config that holds the effective values. Where values come from is config.py's
+job; printing them is config_render.py's."""
+
+import grp
+import os
+import re
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, NewType
+
+import psutil
+
+from sleepd.common import paths
+from sleepd.common.sizes import parse_size
+
+from .limits import MAX_LEVEL, PRIORITY_MAX, PRIORITY_MIN
+from .rules import Action
+
+Size = NewType("Size", int)  # bytes, written "512MiB" or "4GiB" (or as an integer) and printed back so
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+# ---- kinds of value: each turns a TOML value or a flag's or variable's string into a value, or raises ValueError ----
+
+def text(value) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{value!r} is not a non-empty string")
+    return value
+
+
+def fs_path(value) -> str:
+    return os.path.expanduser(text(value))
+
+
+def optional_fs_path(value) -> str:
+    """A path, or "" for none."""
+    return "" if value == "" else fs_path(value)
+
+
+def size(minimum: int) -> Callable[[Any], int]:
+    def parse(value) -> int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"{value!r} is not a size; write for example \"512MiB\" or \"4GiB\" (or bytes)")
+        result = value if isinstance(value, int) else parse_size(value)
+        if result < minimum:
+            raise ValueError(f"{value!r} is too small; it must be at least {minimum} bytes")
+        return result
+    return parse
+
+
+def integer(minimum: int, maximum: int) -> Callable[[Any], int]:
+    def parse(value) -> int:
+        if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{value!r} is not a whole number")
+        if not minimum <= value <= maximum:
+            raise ValueError(f"{value} is out of range; it must be from {minimum} to {maximum}")
+        return value
+    return parse
+
+
+def seconds(positive: bool) -> Callable[[Any], float]:
+    def parse(value) -> float:
+        try:
+            number = float(value) if isinstance(value, str) else value
+        except ValueError:
+            number = None
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or number != number:
+            raise ValueError(f"{value!r} is not a number of seconds")
+        if number < 0 or (positive and number == 0):
+            raise ValueError(f"{value} must be {'positive' if positive else 'zero or positive'}")
+        return float(number)
+    return parse
+
+
+def boolean(value) -> bool:
+    words = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in words:
+        return words[value.strip().lower()]
+    raise ValueError(f"{value!r} is not true or false")
+
+
+def choice(*options: str, fold: Callable[[str], str] = str.lower) -> Callable[[Any], str]:
+    def parse(value) -> str:
+        if isinstance(value, str) and fold(value.strip()) in options:
+            return fold(value.strip())
+        raise ValueError(f"{value!r} is not one of {', '.join(options)}")
+    return parse
+
+
+def address(*words: str) -> Callable[[Any], str]:
+    """HOST:PORT (an IPv6 host in brackets), or one of `words` ("off", "")."""
+    def parse(value) -> str:
+        given = value.strip() if isinstance(value, str) else None
+        if given in words:
+            return given
+        if given is not None:
+            host, _, port = given.rpartition(":")
+            if host and port.isdigit() and int(port) <= 65535 and (not host.startswith("[") or host.endswith("]")):
+                return given
+        alternatives = " or ".join(repr(word) for word in words)
+        raise ValueError(f"{value!r} is not HOST:PORT (port 0 picks a free one) or {alternatives}")
+    return parse
+
+
+def group(value) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*\$?", text(value)):
+        raise ValueError(f"{value!r} is not a group name")
+    return value
+
+
+# ---- the settings ----
+
+@dataclass(frozen=True)
+class Setting:
+    key: str                          # the dotted TOML key
+    parse: Callable[[Any], Any]
+    default: Any                      # a value, or a function of the values of the settings declared before it
+    help: str
+    metavar: str = "VALUE"
+    type: Any = None                  # Config's annotation: bool takes --no-FLAG, Size prints as "4GiB"
+
+    @property
+    def attr(self) -> str:
+        """Config's attribute: `host_pool.budget` is host_pool_budget."""
+        return self.key.replace(".", "_")
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.attr.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "SLEEPD_" + self.attr.upper()
+
+    def default_value(self, values: dict[str, Any]) -> Any:
+        return self.default(values) if callable(self.default) else self.default
+
+
+def _setting(key: str, parse: Callable[[Any], Any], default: Any, help: str, metavar: str = "VALUE"):
+    return field(metadata={"setting": Setting(key, parse, default, help, metavar)})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """The effective configuration: one attribute per setting, the tag rules and model policies, where
+    each value came from, and the file read (if any)."""
+    backend: str = _setting(
+        "backend", choice("auto", "host", "cuda"), "auto",
+        "memory backend: auto (cuda when the driver loads and sees a device, else host), host or cuda",
+        "{auto,host,cuda}")
+    socket: str = _setting(
+        "socket", fs_path, lambda _: paths.daemon_socket(None)[0],
+        "gRPC Unix socket; the handle socket is PATH.fds beside it "
+        "(default /run/sleepd/sleepd.sock, else $XDG_RUNTIME_DIR/sleepd/sleepd.sock)", "PATH")
+    metrics_address: str = _setting(
+        "metrics.address", address("off"), "127.0.0.1:9464",
+        "HOST:PORT for Prometheus /metrics; port 0 picks a free one; off disables", "HOST:PORT")
+    state_dir: str = _setting(
+        "state_dir", fs_path, lambda _: paths.default_state_dir(),
+        "where the daemon keeps daemon.json (default $STATE_DIRECTORY, /var/lib/sleepd as root, "
+        "else $XDG_STATE_HOME/sleepd)", "DIR")
+    hook_timeout: float = _setting(
+        "hook_timeout", seconds(positive=True), 30.0,
+        "seconds each engine has to answer a quiesce, unmap, remap or resume", "SECONDS")
+    admin_group: str = _setting(
+        "admin_group", group, "sleepd",
+        "members of this group (and root) may act on every model; others only on their uid's", "GROUP")
+    device_reserve: Size = _setting(
+        "device.reserve", size(0), 0,
+        "bytes per device kept outside sleepd (CUDA context, NCCL, activations); "
+        "a device's budget is its capacity less this", "SIZE")
+    host_devices: int = _setting("host.devices", integer(1, 1024), 1, "devices the host backend simulates", "N")
+    host_device_capacity: Size = _setting(
+        "host.device_capacity", size(1), parse_size("4GiB"),
+        "bytes per simulated host device, e.g. 512MiB or 4GiB", "SIZE")
+    host_pool_dir: str = _setting(
+        "host_pool.dir", fs_path, lambda values: paths.default_pool_dir(values["socket"]),
+        "tmpfs directory of the host backup pool (default: one per socket under /dev/shm)", "DIR")
+    host_pool_budget: Size = _setting(
+        "host_pool.budget", size(1), lambda _: psutil.virtual_memory().total // 2 // 4096 * 4096,
+        "bytes the host backup pool may hold (default: half the RAM)", "SIZE")
+    host_pool_prefault: bool = _setting(
+        "host_pool.prefault", boolean, False,
+        "commit the whole pool at start and keep its pages, so even the first sleep runs at full speed")
+    log_level: str = _setting(
+        "log.level", choice(*LOG_LEVELS, fold=str.upper), "INFO", "DEBUG, INFO, WARNING or ERROR",
+        "{DEBUG,INFO,WARNING,ERROR}")
+    log_format: str = _setting(
+        "log.format", choice("text", "json"), "text",
+        "text, or json: one JSON object per line (time, level, logger, message, fields) for log shippers",
+        "{text,json}")
+    tcp_address: str = _setting(
+        "tcp.address", address(""), "",
+        "HOST:PORT for control over TCP, TLS and a bearer token only (empty: no TCP listener)", "HOST:PORT")
+    tcp_cert: str = _setting(
+        "tcp.cert", optional_fs_path, "", "TLS certificate chain (PEM) for the TCP listener", "PATH")
+    tcp_key: str = _setting("tcp.key", optional_fs_path, "", "TLS private key (PEM) for the TCP listener", "PATH")
+    tcp_token_file: str = _setting(
+        "tcp.token_file", optional_fs_path, "", "file holding the bearer token TCP clients must present", "PATH")
+
+    rules: dict[int, dict[str, Action]]       # [rules.LEVEL], merged over rules.DEFAULT_RULES
+    models: dict[str, dict[str, Any]]         # [models.NAME]: the POLICY_KEYS the file gives
+    sources: dict[str, str]                   # key: "flag --x", "environment SLEEPD_X", "file FILE:LINE" or "default"
+    path: str | None                          # the file read
+    check_config: bool = False
+
+    @property
+    def tcp_enabled(self) -> bool:
+        return bool(self.tcp_address)
+
+    def notes(self, startup: bool = False) -> list[str]:
+        """What is valid but worth a warning (at startup, less what the daemon's parts say themselves)."""
+        notes = []
+        if self.sources["socket"] == "default" and self.socket != paths.SYSTEM_SOCKET:
+            notes.append(f"{os.path.dirname(paths.SYSTEM_SOCKET)} is not writable; listening on {self.socket} instead")
+        try:
+            grp.getgrnam(self.admin_group)
+        except KeyError:
+            if not startup:
+                notes.append(f"admin_group {self.admin_group!r} does not exist on this machine; "
+                             "only root may act on every model")
+        return notes
+
+
+SETTINGS = [replace(f.metadata["setting"], type=f.type) for f in fields(Config) if "setting" in f.metadata]
+BY_KEY = {setting.key: setting for setting in SETTINGS}
+TABLES = {key.split(".")[0] for key in BY_KEY if "." in key} | {"rules", "models"}
+POLICY_KEYS: dict[str, Callable[[Any], Any]] = {
+    "priority": integer(PRIORITY_MIN, PRIORITY_MAX),
+    "pinned": boolean,
+    "eviction_level": integer(0, MAX_LEVEL),
+    "idle_seconds": seconds(positive=False),
+}
