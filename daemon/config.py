@@ -19,7 +19,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config_model import BY_KEY, POLICY_KEYS, SETTINGS, TABLES, Config
+from .config_model import BY_KEY, MODEL_KEYS, QUOTA_KEYS, SETTINGS, TABLES, Config, group, user
 from .config_render import toml_key
 from .limits import MAX_LEVEL, MODEL_NAME, MODEL_NAME_RULE, TAG_NAME, TAG_NAME_RULE
 from .rules import DEFAULT_RULES, Action
@@ -67,7 +67,7 @@ def load(argv: list[str] | None = None, environ: dict[str, str] | None = None, d
     args = parser(description).parse_args(argv)
     problems: list[Problem] = []
     file = _read_file(args.config or environ.get(CONFIG_ENV) or None, problems)
-    file_values, rules, models, sources = _read_document(file, problems)
+    file_values, rules, models, quotas, sources = _read_document(file, problems)
 
     values: dict[str, Any] = {}
     for setting in SETTINGS:
@@ -90,7 +90,7 @@ def load(argv: list[str] | None = None, environ: dict[str, str] | None = None, d
     if problems:
         raise ConfigError(sorted(problems, key=_file_order))
     return Config(**{setting.attr: values[setting.key] for setting in SETTINGS}, rules=rules, models=models,
-                  sources=sources, path=file.path, check_config=args.check_config)
+                  quotas=quotas, sources=sources, path=file.path, check_config=args.check_config)
 
 
 def _place(source: str) -> str:
@@ -175,9 +175,10 @@ def _read_document(file: _File, problems: list[Problem]):
     model policies (checked), and where each rule and policy value came from."""
     settings: dict[str, tuple[Any, str]] = {}
     sources: dict[str, str] = {}
-    known = list(BY_KEY) + [f"models.NAME.{key}" for key in POLICY_KEYS]
+    known = list(BY_KEY) + [f"models.NAME.{key}" for key in MODEL_KEYS] + ["quotas.default", "quotas.users",
+                                                                           "quotas.groups"]
     for name, value in file.document.items():
-        if name in ("rules", "models"):
+        if name in ("rules", "models", "quotas"):
             continue
         if name in TABLES:
             entries = [((name, key), inner) for key, inner in _table(file, (name,), value, f"a table ([{name}])",
@@ -220,19 +221,50 @@ def _read_document(file: _File, problems: list[Problem]):
             problems.append(Problem(file.where(key), f"models.{toml_key(name)}",
                                     f"is not a model name ({MODEL_NAME_RULE})"))
             continue
-        models[name] = {}
-        for field_name, value in _table(file, key, policy, f"a table of {', '.join(POLICY_KEYS)}", problems).items():
-            dotted, where = f"models.{name}.{field_name}", file.where(key + (field_name,))
-            if field_name not in POLICY_KEYS:
-                problems.append(Problem(where, dotted, _unknown(field_name, list(POLICY_KEYS),
-                                                                f"a model takes {', '.join(POLICY_KEYS)}")))
-                continue
-            try:
-                models[name][field_name] = POLICY_KEYS[field_name](value)
-                sources[dotted] = f"file {where}"
-            except ValueError as error:
-                problems.append(Problem(where, dotted, str(error)))
-    return settings, rules, models, sources
+        models[name] = _keyed_table(file, key, policy, MODEL_KEYS, "a model", problems, sources)
+    return settings, rules, models, _read_quotas(file, problems, sources), sources
+
+
+def _keyed_table(file: _File, key: tuple[str, ...], value: Any, kinds: dict, what: str, problems: list[Problem],
+                 sources: dict[str, str]) -> dict[str, Any]:
+    """A table whose keys are `kinds` ({key: parser}), parsed; each problem named with its line."""
+    parsed = {}
+    for field_name, inner in _table(file, key, value, f"a table of {', '.join(kinds)}", problems).items():
+        dotted, where = ".".join(key + (field_name,)), file.where(key + (field_name,))
+        if field_name not in kinds:
+            problems.append(Problem(where, dotted, _unknown(field_name, list(kinds),
+                                                            f"{what} takes {', '.join(kinds)}")))
+            continue
+        try:
+            parsed[field_name] = kinds[field_name](inner)
+            sources[dotted] = f"file {where}"
+        except ValueError as error:
+            problems.append(Problem(where, dotted, str(error)))
+    return parsed
+
+
+def _read_quotas(file: _File, problems: list[Problem], sources: dict[str, str]) -> dict[str, Any]:
+    """[quotas.default], [quotas.users.USER] and [quotas.groups.GROUP], users and groups as ids."""
+    quotas: dict[str, Any] = {"default": {}, "users": {}, "groups": {}}
+    given = _table(file, ("quotas",), file.document.get("quotas", {}), "a table: [quotas.default], "
+                   "[quotas.users.USER], [quotas.groups.GROUP]", problems)
+    for kind, value in given.items():
+        if kind == "default":
+            quotas["default"] = _keyed_table(file, ("quotas", kind), value, QUOTA_KEYS, "a quota", problems, sources)
+        elif kind in ("users", "groups"):
+            to_id = user if kind == "users" else group
+            for name, limits in _table(file, ("quotas", kind), value, f"a table of {kind}", problems).items():
+                try:
+                    owner = to_id(int(name) if name.isdigit() else name)
+                except ValueError as error:
+                    problems.append(Problem(file.where(("quotas", kind, name)), f"quotas.{kind}.{name}", str(error)))
+                    continue
+                quotas[kind][owner] = _keyed_table(file, ("quotas", kind, name), limits, QUOTA_KEYS, "a quota",
+                                                   problems, sources)
+        else:
+            problems.append(Problem(file.where(("quotas", kind)), f"quotas.{kind}",
+                                    _unknown(kind, ["default", "users", "groups"], "use default, users or groups")))
+    return quotas
 
 
 def _check_tcp(values: dict[str, Any], sources: dict[str, str], problems: list[Problem]) -> None:

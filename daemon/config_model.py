@@ -4,6 +4,7 @@ job; printing them is config_render.py's."""
 
 import grp
 import os
+import pwd
 import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, NewType
@@ -203,7 +204,8 @@ class Config:
         "tcp.token_file", optional_fs_path, "", "file holding the bearer token TCP clients must present", "PATH")
 
     rules: dict[int, dict[str, Action]]       # [rules.LEVEL], merged over rules.DEFAULT_RULES
-    models: dict[str, dict[str, Any]]         # [models.NAME]: the POLICY_KEYS the file gives
+    models: dict[str, dict[str, Any]]         # [models.NAME]: the MODEL_KEYS the file gives
+    quotas: dict[str, Any]                    # {"default": {...}, "users": {uid: {...}}, "groups": {gid: {...}}}
     sources: dict[str, str]                   # key: "flag --x", "environment SLEEPD_X", "file FILE:LINE" or "default"
     path: str | None                          # the file read
     check_config: bool = False
@@ -228,10 +230,40 @@ class Config:
 
 SETTINGS = [replace(f.metadata["setting"], type=f.type) for f in fields(Config) if "setting" in f.metadata]
 BY_KEY = {setting.key: setting for setting in SETTINGS}
-TABLES = {key.split(".")[0] for key in BY_KEY if "." in key} | {"rules", "models"}
+TABLES = {key.split(".")[0] for key in BY_KEY if "." in key} | {"rules", "models", "quotas"}
 POLICY_KEYS: dict[str, Callable[[Any], Any]] = {
     "priority": integer(PRIORITY_MIN, PRIORITY_MAX),
     "pinned": boolean,
     "eviction_level": integer(0, MAX_LEVEL),
     "idle_seconds": seconds(positive=False),
 }
+
+
+def user(value) -> int:
+    """A uid, or a user name of this machine, as a uid."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and value.strip():
+        try:
+            return pwd.getpwnam(value).pw_uid
+        except KeyError:
+            raise ValueError(f"{value!r} is no user on this machine") from None
+    raise ValueError(f"{value!r} is not a uid or a user name")
+
+
+def group(value) -> int:
+    """A gid, or a group name of this machine, as a gid."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and value.strip():
+        try:
+            return grp.getgrnam(value).gr_gid
+        except KeyError:
+            raise ValueError(f"{value!r} is no group on this machine") from None
+    raise ValueError(f"{value!r} is not a gid or a group name")
+
+
+# [models.NAME]: a policy, and the owner it is for (see registry.py: a policy is no prize for a name's first claimant).
+MODEL_KEYS: dict[str, Callable[[Any], Any]] = {**POLICY_KEYS, "owner": user}
+# [quotas.default], [quotas.users.USER], [quotas.groups.GROUP]: bytes of each, for one uid's models together.
+QUOTA_KEYS: dict[str, Callable[[Any], Any]] = {"device": size(0), "host_pool": size(0)}

@@ -33,6 +33,12 @@ def render(config: Config) -> str:
         body += [("", ""), (f"[models.{toml_key(name)}]", "")]
         for key, value in policy.items():
             body.append((f"{key} = {toml_scalar(value)}", config.sources[f"models.{name}.{key}"]))
+    for kind, entries in (("default", {"": config.quotas["default"]}), ("users", config.quotas["users"]),
+                          ("groups", config.quotas["groups"])):
+        for owner, limits in sorted(entries.items()):
+            if limits:
+                body += [("", ""), (f"[quotas.{kind}{'' if owner == '' else '.' + str(owner)}]", "")]
+                body += [(f"{key} = {_size(value) or value}", "file") for key, value in sorted(limits.items())]
     width = max(len(line) for line, comment in body if comment)
     lines = head + ["" if not line else f"{line.ljust(width)}  # {comment}" if comment else line
                     for line, comment in body]

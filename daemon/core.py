@@ -10,6 +10,7 @@ from .fanout import Fanout
 from .mover import Mover
 from .operations import Operations
 from .pool import HostPool
+from .quotas import Quotas
 from .recovery import Checkpoints, Recovery, StateStore
 from .registry import Registry
 from .reporting import Reporter
@@ -32,13 +33,13 @@ class Core:
 
 def build(backend: DaemonBackend, pool: HostPool, movers: dict[int, Mover], rules: SleepRules, hook_timeout: float,
           metrics=None, authorizer: Authorizer | None = None, store: StateStore | None = None,
-          default_policies: dict[str, dict] | None = None) -> Core:
+          default_policies: dict[str, dict] | None = None, quotas: dict | None = None) -> Core:
     authorizer = authorizer or Authorizer("sleepd")
     events = EventBus()
     registry = Registry(backend, authorizer, default_policies or {})
     room = Room(registry, backend, authorizer, events, metrics)
     checkpoints = Checkpoints(registry, backend.name, store)
     operations = Operations(registry, room, Fanout(hook_timeout), backend, pool, movers, rules,
-                            Reporter(events, metrics), checkpoints.save)
+                            Reporter(events, metrics), Quotas(quotas, registry, authorizer), checkpoints.save)
     recovery = Recovery(registry, backend, pool, operations)
     return Core(backend, pool, authorizer, events, metrics, registry, room, operations, recovery)

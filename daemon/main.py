@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     stop_on_bugs()  # a broken state machine stops the daemon; recovery runs when it is restarted
     # [models.NAME] policies apply when a model first attaches.
     core = control_plane.build(backend, pool, movers, SleepRules(cfg.rules), cfg.hook_timeout, metrics,
-                               authorizer=Authorizer(cfg.admin_group), store=store, default_policies=cfg.models)
+                               authorizer=Authorizer(cfg.admin_group), store=store, default_policies=cfg.models,
+                               quotas=cfg.quotas)
     if state is not None:
         core.recovery.recover(state)
         # Engines that do not come back in time lose what only they held.

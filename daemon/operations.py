@@ -34,6 +34,7 @@ from .locks import DEVICE, OrderedLock
 from .model import Model, OperationResult, Policy
 from .mover import OFFLOAD, RESTORE, ZERO, CopyJob, Mover
 from .pool import HostPool
+from .quotas import Quotas
 from .regions import ASLEEP, Region, RegionState
 from .registry import Registry, check_tag
 from .reporting import Reporter
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 
 class Operations:
     def __init__(self, registry: Registry, room: Room, fanout: Fanout, backend: DaemonBackend, pool: HostPool,
-                 movers: dict[int, Mover], rules: SleepRules, reporter: Reporter, checkpoint):
+                 movers: dict[int, Mover], rules: SleepRules, reporter: Reporter, quotas: Quotas, checkpoint):
         self.registry = registry
         self.room = room
         self.fanout = fanout
@@ -55,6 +56,7 @@ class Operations:
         self.movers = movers
         self.rules = rules
         self.reporter = reporter
+        self.quotas = quotas
         self.checkpoint = checkpoint  # records the state on disk: recovery.Checkpoints.save
         self._device_locks = {device.index: OrderedLock(DEVICE, device.index) for device in backend.devices}
         self._frozen = False
@@ -119,6 +121,7 @@ class Operations:
         with model.lock:
             model.touch()
             what = f"allocate {format_size(mapped_size)} for {session.describe()}"
+            self.quotas.check(model, "device", mapped_size, what)
             evicted = self.room.ensure(model, {device.index: mapped_size}, what, evict, self._evict, session.peer)
             region = Region.new(self.registry.new_region_id(), tag, size, mapped_size, device.index, session, persist)
             try:
@@ -167,6 +170,8 @@ class Operations:
         self.check_ready(model, "sleep")
         started = time.perf_counter()
         work = self.plan_sleep(model, level, tags, actions, discard_if_short)
+        self.quotas.check(model, "host_pool", sum(r.mapped_size for r, a in work if a is Action.OFFLOAD),
+                          f"sleep {model.name}")
         result = OperationResult(model.name, sleeping=True)
         if not work and model.sleeping:
             return result  # already asleep: sleeping again is a no-op
@@ -237,6 +242,7 @@ class Operations:
             _check_tags(model, regions, tags)
             targets = [r for r in regions if r.state in ASLEEP and (not tags or r.tag in tags)]
             if targets:
+                self.quotas.check(model, "device", sum(r.mapped_size for r in targets), f"wake {model.name}")
                 result.evicted = self.room.ensure(model, needed_by_device(targets), f"wake {model.name}", evict,
                                                   self._evict, caller)
                 self.materialize(model, targets, caller)

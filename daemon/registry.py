@@ -7,7 +7,6 @@ an engine, a copy or another lock.
 """
 
 import logging
-import pwd
 import threading
 import time
 
@@ -93,11 +92,12 @@ class Registry:
         owner = configured.pop("owner", None)
         if owner is None and self.authorizer.is_admin(claimant):
             return Policy(**configured)
-        if owner is not None and _uid_of(owner) == claimant.uid:
+        if owner is not None and owner == claimant.uid:
             return Policy(**configured)
         if configured:
             log.warning("%s claimed by uid %d: the configured policy of [models.%s] does not apply (its owner is "
-                        "%s)", model_name, claimant.uid, model_name, owner if owner is not None else "not set")
+                        "%s)", model_name, claimant.uid, model_name, f"uid {owner}" if owner is not None else
+                        "not set, so only an admin gets it")
         return Policy()
 
     def _device_index(self, ordinal: int, uuid: str) -> int:
@@ -231,6 +231,13 @@ class Registry:
                 held[key] = held.get(key, 0) + region.mapped_size
         return held
 
+    def usage(self, uid: int) -> dict[str, int]:
+        """What the models `uid` owns hold: {"device": bytes of device memory, "host_pool": bytes of backups}."""
+        with self.lock:
+            regions = [r for model in self._models.values() if model.owner_uid == uid for r in model.regions()]
+        return {"device": sum(r.mapped_size for r in regions if r.holds_memory),
+                "host_pool": sum(r.backup.size for r in regions if r.backup is not None)}
+
     def snapshot(self, model_name: str = "") -> list[ModelView]:
         """A consistent copy of every model (or one), for status and metrics."""
         now = time.monotonic()
@@ -247,16 +254,6 @@ class Registry:
         if model_name and not views:
             self.model(model_name)  # raises NOT_FOUND
         return views
-
-
-def _uid_of(owner) -> int | None:
-    """A configured owner, a uid or a user name, as a uid (None for an unknown name)."""
-    if isinstance(owner, int):
-        return owner
-    try:
-        return pwd.getpwnam(owner).pw_uid
-    except KeyError:
-        return None
 
 
 def check_model_name(name: str) -> None:

@@ -46,6 +46,8 @@ def swap(ops: Operations, to_name: str, from_names: list[str], caller: Peer) -> 
         needed = needed_by_device(targets)
         victims = named or _choose_victims(ops, target, needed, caller)
         _check_enough(ops, target, victims, needed)
+        freed_for_owner = sum(v.held_on(d) for v in victims if v.owner_uid == target.owner_uid for d in needed)
+        ops.quotas.check(target, "device", max(0, sum(needed.values()) - freed_for_owner), f"swap to {to_name}")
         locked = []
         try:
             for victim in sorted(victims, key=lambda model: model.name):
@@ -146,6 +148,9 @@ class _Restorer(threading.Thread):
 def _overlapped(ops: Operations, target: Model, victims: list[Model], targets: list[Region],
                 caller: Peer) -> SwapResult:
     works = {victim: ops.plan_sleep(victim, victim.policy.eviction_level, [], {}) for victim in victims}
+    for victim, work in works.items():
+        ops.quotas.check(victim, "host_pool", sum(r.mapped_size for r, a in work if a is Action.OFFLOAD),
+                         f"swap to {target.name}: sleep {victim.name}")
     offload_bytes = sum(r.mapped_size for work in works.values() for r, a in work if a is Action.OFFLOAD)
     if offload_bytes > ops.pool.available:
         raise exhausted(f"swap to {target.name}: the models going to sleep need {format_size(offload_bytes)} of "

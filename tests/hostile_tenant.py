@@ -16,6 +16,7 @@ import threading
 
 import grpc
 
+from sleepd.client.control import control_channel
 from sleepd.proto import sleepd_pb2 as pb
 from sleepd.proto import sleepd_pb2_grpc as pb_grpc
 
@@ -79,7 +80,28 @@ def relay_attack(daemon_socket: str, victim: str) -> dict:
                 "policy": answer(lambda: stub.SetPolicy(pb.PolicyRequest(model=victim, priority=99), timeout=30))}
 
 
-ATTACKS = {"relay": relay_attack}
+def watch_events(daemon_socket: str, seconds: str) -> dict:
+    """With its own token: every event the daemon shows this uid for a while. Says
+    'ready' on a line of its own once subscribed, so the test knows when to act."""
+    channel, handles = control_channel(daemon_socket)
+    seen = []
+    stream = pb_grpc.SleepdStub(channel).Events(pb.EventsRequest(), timeout=float(seconds))
+    try:
+        for event in stream:
+            if event.kind == "subscribed":
+                print("ready", flush=True)
+            else:
+                seen.append({"kind": event.kind, "model": event.model, "detail": event.detail})
+    except grpc.RpcError as error:
+        if error.code() is not grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise
+    finally:
+        channel.close()
+        handles.close()
+    return {"events": seen}
+
+
+ATTACKS = {"relay": relay_attack, "events": watch_events}
 
 
 def main() -> None:

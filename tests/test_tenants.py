@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from support import HERE, OTHER, MiB, second_tenant_unavailable
+from support import HERE, OTHER, MiB, by_tag, ctl_as, second_tenant_unavailable, wait_for
 
 pytestmark = pytest.mark.skipif(second_tenant_unavailable() is not None, reason=str(second_tenant_unavailable()))
 
@@ -49,3 +49,92 @@ def test_a_relay_from_an_abstract_address_is_no_admin(victim):
     assert answers["sleep"]["code"] == "UNAUTHENTICATED", answers
     assert answers["policy"]["code"] == "UNAUTHENTICATED", answers
     assert_untouched(daemon, engine, status, report)
+
+
+def test_a_name_another_uid_claimed_is_never_shared_nor_does_it_bring_the_configured_policy(shared_daemon,
+                                                                                             start_engine, tmp_path):
+    config = tmp_path / "sleepd.toml"
+    config.write_text("[models.qwen]\npriority = 10\npinned = true\n\n[models.mine]\nowner = 65534\npriority = 4\n")
+    config.chmod(0o644)
+    daemon = shared_daemon("--config", str(config))
+    start_engine(daemon, "qwen", regions=[("weights", 4 * MiB)], as_uid=OTHER)
+    start_engine(daemon, "mine", regions=[("weights", 4 * MiB)], as_uid=OTHER)
+    policies = {model["name"]: model["policy"] for model in daemon.status()["models"]}
+    assert policies["qwen"].get("priority", 0) == 0 and not policies["qwen"].get("pinned")  # no owner: admins only
+    assert policies["mine"]["priority"] == 4  # its configured owner claimed it
+    with pytest.raises(AssertionError, match="exited at start"):  # root too: one model, one uid
+        start_engine(daemon, "qwen", rank=1, regions=[("weights", 4 * MiB)])
+    assert [r["rank"] for m in daemon.status()["models"] if m["name"] == "qwen" for r in m["ranks"]] == [0]
+
+
+def test_persistent_regions_of_a_dead_rank_go_back_only_to_its_uid(shared_daemon, start_engine):
+    daemon = shared_daemon()
+    owner = start_engine(daemon, "store", regions=[("weights", 4 * MiB)], persist=True)
+    weights = by_tag(owner.initial)["weights"]["sha256"]
+    owner.kill()
+    wait_for(lambda: daemon.status()["models"][0]["ranks"][0].get("detached"), what="the rank to be orphaned")
+    with pytest.raises(AssertionError, match="exited at start"):
+        start_engine(daemon, "store", as_uid=OTHER)
+    heir = start_engine(daemon, "store")
+    assert by_tag(heir.initial)["weights"]["sha256"] == weights
+
+
+def test_a_tenant_can_neither_evict_another_nor_make_its_own_model_unevictable(victim, start_engine):
+    daemon, engine = victim
+    attacker = start_engine(daemon, "greedy", regions=[("weights", 4 * MiB)], as_uid=OTHER)
+    status, report = daemon.status(), engine.report()
+    refused = attacker.request("alloc", size=56 * MiB, tag="kv_cache", evict=True)
+    assert refused["code"] == "RESOURCE_EXHAUSTED" and "victim" not in refused["error"], refused
+    assert "other users' models" in refused["error"]
+    level0 = ctl_as(daemon, OTHER, "policy", "--model", "greedy", "--eviction-level", "0")
+    assert level0.returncode != 0 and "PERMISSION_DENIED" in level0.stderr
+    assert [m for m in daemon.status()["models"] if m["name"] == "victim"] == \
+        [m for m in status["models"] if m["name"] == "victim"]
+    assert engine.report() == report
+    assert {m["name"]: m["sleeping"] for m in daemon.status()["models"]}["victim"] is False
+
+
+def test_an_eviction_refuses_rather_than_discard_what_the_full_host_pool_cannot_take(shared_daemon, start_engine):
+    daemon = shared_daemon("--host-pool-budget", "32MiB")
+    big = start_engine(daemon, "big", regions=[("weights", 30 * MiB)])
+    daemon.ctl("sleep", "--model", "big")
+    victim_engine = start_engine(daemon, "victim", regions=[("weights", 40 * MiB)], as_uid=OTHER)
+    report = victim_engine.report()
+    result = daemon.ctl("wake", "--model", "big", "--evict", check=False)
+    assert result.returncode != 0 and "RESOURCE_EXHAUSTED" in result.stderr, result.stderr
+    assert victim_engine.report() == report  # weights still mapped, every byte as it was
+    assert {r["state"] for r in big.report()["regions"]} == {"offloaded"}
+
+
+def test_a_tenant_is_held_to_its_quota_and_root_is_not(shared_daemon, start_engine, tmp_path):
+    config = tmp_path / "sleepd.toml"
+    config.write_text('[quotas.default]\ndevice = "8MiB"\nhost_pool = "2MiB"\n')
+    config.chmod(0o644)
+    daemon = shared_daemon("--config", str(config))
+    tenant = start_engine(daemon, "tenant", regions=[("weights", 4 * MiB)], as_uid=OTHER)
+    refused = tenant.request("alloc", size=8 * MiB, tag="kv_cache")
+    assert refused["code"] == "RESOURCE_EXHAUSTED" and "quota is 8.0 MiB ([quotas.default])" in refused["error"]
+    slept = ctl_as(daemon, OTHER, "sleep", "--model", "tenant")
+    assert slept.returncode != 0 and "host pool quota is 2.0 MiB" in slept.stderr
+    assert tenant.report()["regions"] == tenant.initial["regions"]
+    start_engine(daemon, "admins", regions=[("weights", 16 * MiB)])  # the default binds no admin
+
+
+def test_a_tenant_sees_only_its_own_models(victim, start_engine):
+    daemon, engine = victim
+    start_engine(daemon, "theirs", regions=[("weights", 4 * MiB)], as_uid=OTHER)
+    seen = json.loads(ctl_as(daemon, OTHER, "--json", "status").stdout)
+    assert [model["name"] for model in seen["models"]] == ["theirs"]
+    hidden = ctl_as(daemon, OTHER, "status", "--model", "victim")
+    assert hidden.returncode != 0 and "NOT_FOUND" in hidden.stderr
+
+    watcher = subprocess.Popen([sys.executable, os.path.join(HERE, "hostile_tenant.py"), str(OTHER), daemon.socket,
+                                "events", "6"], stdout=subprocess.PIPE, text=True)
+    assert watcher.stdout.readline().strip() == "ready"
+    daemon.ctl("sleep", "--model", "victim")
+    daemon.ctl("wake", "--model", "victim")
+    assert ctl_as(daemon, OTHER, "sleep", "--model", "theirs").returncode == 0
+    seen = json.loads(watcher.stdout.read())
+    watcher.wait()
+    assert {event["model"] for event in seen["events"]} == {"theirs"}
+    assert daemon.ctl("--json", "status").stdout.count('"victim"') >= 1  # root sees every model

@@ -1,0 +1,63 @@
+"""Per-uid quotas: how much device memory and host-pool space one uid's models may
+hold together, configured per user or group with a default ([quotas] in the
+configuration). A request past a quota is refused RESOURCE_EXHAUSTED, naming it.
+
+A uid's quota of each kind is its user entry's, else the largest of its groups'
+entries, else the default; admins (root and the admin group) have no default
+quota, only what an entry of their own or of their groups sets.
+"""
+
+from dataclasses import dataclass
+
+from sleepd.common.sizes import format_size
+
+from .auth import Authorizer, Peer
+from .errors import exhausted
+from .model import Model
+from .registry import Registry
+
+KINDS = {"device": "device memory", "host_pool": "host pool"}
+
+
+@dataclass(frozen=True)
+class Limit:
+    bytes: int
+    source: str  # the configuration table it comes from
+
+
+class Quotas:
+    def __init__(self, configured: dict, registry: Registry, authorizer: Authorizer):
+        self._configured = configured or {"default": {}, "users": {}, "groups": {}}
+        self._registry = registry
+        self._authorizer = authorizer
+
+    def limit(self, owner: Peer, kind: str) -> Limit | None:
+        users, groups = self._configured["users"], self._configured["groups"]
+        if kind in users.get(owner.uid, {}):
+            return Limit(users[owner.uid][kind], f"[quotas.users.{owner.uid}]")
+        by_group = [(limits[kind], gid) for gid, limits in groups.items() if gid in owner.groups and kind in limits]
+        if by_group:
+            size, gid = max(by_group)
+            return Limit(size, f"[quotas.groups.{gid}]")
+        if kind in self._configured["default"] and not self._authorizer.is_admin(owner):
+            return Limit(self._configured["default"][kind], "[quotas.default]")
+        return None
+
+    def check(self, model: Model, kind: str, extra: int, what: str) -> None:
+        """Refuses `extra` more bytes of `kind` for `model` past its owner's quota."""
+        owner = _owner(model)
+        limit = self.limit(owner, kind)
+        if limit is None or not extra:
+            return
+        held = self._registry.usage(owner.uid)[kind]
+        if held + extra > limit.bytes:
+            raise exhausted(f"{what}: uid {owner.uid}'s {KINDS[kind]} quota is {format_size(limit.bytes)} "
+                            f"({limit.source}); its models hold {format_size(held)} and this needs "
+                            f"{format_size(extra)} more; free some, or put a model to sleep")
+
+
+def _owner(model: Model) -> Peer:
+    """Who the model's quota is counted for: its owner, with the groups a live rank of it has."""
+    for session in model.ranks.values():
+        return session.peer
+    return Peer(pid=0, uid=model.owner_uid, gid=-1, groups=frozenset())
