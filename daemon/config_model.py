@@ -168,7 +168,7 @@ class Config:
         "hook_timeout", seconds(positive=True), 30.0,
         "seconds each engine has to answer a quiesce, unmap, remap or resume", "SECONDS")
     admin_group: str = _setting(
-        "admin_group", group, "sleepd",
+        "admin_group", group, "sleepd-admin",
         "members of this group (and root) may act on every model; others only on their uid's", "GROUP")
     device_reserve: Size = _setting(
         "device.reserve", size(0), 0,

@@ -32,9 +32,8 @@ class Core:
 
 
 def build(backend: DaemonBackend, pool: HostPool, movers: dict[int, Mover], rules: SleepRules, hook_timeout: float,
-          metrics=None, authorizer: Authorizer | None = None, store: StateStore | None = None,
+          metrics, authorizer: Authorizer, store: StateStore | None = None,
           default_policies: dict[str, dict] | None = None, quotas: dict | None = None) -> Core:
-    authorizer = authorizer or Authorizer("sleepd")
     events = EventBus()
     registry = Registry(backend, authorizer, default_policies or {})
     room = Room(registry, backend, authorizer, events, metrics)

@@ -53,7 +53,7 @@ def test_the_unit_is_a_notify_service_with_group_sockets_state_and_hardening_tha
     assert unit["ExecStart"][0].split()[0].endswith("/sleepd")
     assert "WatchdogSec" in unit
     assert unit["RuntimeDirectory"] == ["sleepd"] and unit["RuntimeDirectoryMode"][0] in ("0750", "0770")
-    assert unit["Group"] == ["sleepd"]  # the admin group's default, so its members reach the sockets
+    assert unit["Group"] == ["sleepd"]  # the group whose members reach the sockets (not the admin group)
     assert unit["StateDirectory"] == ["sleepd"]
     assert unit["RestartPreventExitStatus"] == [str(config.EXIT_CONFIG)]
     assert unit["NoNewPrivileges"] == ["yes"] and unit["ProtectSystem"] == ["strict"]
