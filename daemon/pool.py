@@ -63,7 +63,7 @@ class Slab:
             remaining -= used
         return pieces
 
-    def give_back(self, offset: int, length: int) -> None:
+    def release_extent(self, offset: int, length: int) -> None:
         """Returns an extent, merging it with its neighbours."""
         self.free.append((offset, length))
         self.free.sort()
@@ -139,7 +139,7 @@ class HostPool:
                 slab = self._slabs[piece.slab]
                 if not self.prefault:
                     _C.punch_hole(slab.fd, piece.offset, piece.length)
-                slab.give_back(piece.offset, piece.length)
+                slab.release_extent(piece.offset, piece.length)
                 self._used -= piece.length
         backup.pieces = []
 
