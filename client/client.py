@@ -99,11 +99,11 @@ class SleepClient:
             elif region.state is State.MAPPED:
                 fd = self._backend.export_handle(region.handle)
                 try:
-                    self._handles.give_back(region.id, fd)
+                    self._handles.hand_back(region.id, fd)
                 finally:
                     os.close(fd)
         if attached.resuming:
-            self._handles.resumed()
+            self._handles.handed_back()
             known = {info.id for info in attached.regions}
             for region in self.regions():
                 if region.id not in known:
