@@ -47,8 +47,11 @@ class HandleConnection:
             try:
                 wire.send(self._sock, *request.encode())
             except BrokenPipeError:
-                pass  # the daemon refused this connection; its reason may wait below
-            frame, fds = wire.recv(self._sock)
+                pass  # sleepd refused this connection and closed it; why is waiting to be read
+            try:
+                frame, fds = wire.recv(self._sock)
+            except ConnectionResetError:  # it closed with our request unread: the kernel reports that before the why
+                frame, fds = wire.recv(self._sock)
         if frame is None:
             raise SleepdError(grpc.StatusCode.UNAVAILABLE, "sleepd closed the handle socket")
         try:

@@ -6,9 +6,10 @@ what ties the engine's gRPC stream to these credentials. The requests and their
 replies are common/handle_messages.py's.
 
 Every local uid may connect, so:
-- a peer that sends something that is no request loses its connection; one whose
-  request has bad arguments is refused; the daemon keeps running either way.
-  Descriptors the daemon did not ask for are closed unread;
+- a peer that sends something that is no request (or a descriptor with a
+  request that takes none) loses its connection; one whose request has bad
+  arguments is refused; the daemon keeps running either way. Descriptors the
+  daemon did not ask for are closed unread;
 - each uid may hold MAX_CONNECTIONS_PER_UID connections, and all uids but root
   MAX_CONNECTIONS together; a connection over a cap is refused
   (RESOURCE_EXHAUSTED) and closed at once;
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 MAX_CONNECTIONS_PER_UID = 256
 MAX_CONNECTIONS = 4096  # of every uid but root, which only its own cap limits
 WORKERS = 8
-# Then the open connections are served, so a flood of connects cannot starve them.
+# accept() calls per wakeup, so that a flood of connects cannot starve the open connections.
 _ACCEPTS_PER_ROUND = 64
 _FIRST_RETRY, _LAST_RETRY = 0.01, 1.0  # seconds before accept() is tried again, doubling
 _ARMED = select.EPOLLIN | select.EPOLLONESHOT
@@ -70,15 +71,21 @@ class _Connection:
     closing: str | None = None  # why the socket thread is to close it, once a worker has decided so
 
 
+def _drop(connection: _Connection, why: str) -> None:
+    log.warning("dropping handle connection of pid %d: %s", connection.session.pid, why)
+    connection.closing = why
+
+
 class _Caps:
-    """Connections per uid, held against the caps; refusals are logged when a
-    uid's run of them starts and, with their count, when it ends."""
+    """Connections per uid, held against the caps. Refusals are logged once a
+    minute per uid at most, each line with the count of those it stood for."""
 
     def __init__(self, per_uid: int, total: int):
         self._per_uid, self._total = per_uid, total
         self._open: Counter[int] = Counter()
         self._unprivileged = 0
-        self._refusing: Counter[int] = Counter()
+        self._unlogged: Counter[int] = Counter()  # refusals since the uid's last log line
+        self._quiet_until: dict[int, float] = {}
 
     def admit(self, uid: int) -> SleepdError | None:
         if self._open[uid] >= self._per_uid:
@@ -90,13 +97,15 @@ class _Caps:
         else:
             self._open[uid] += 1
             self._unprivileged += uid != 0
-            if uid in self._refusing:
-                log.info("handle socket: uid %d is admitted again after %d refused connections",
-                            uid, self._refusing.pop(uid))
             return None
-        if uid not in self._refusing:
-            log.warning("handle socket: refusing connections: %s", why)
-        self._refusing[uid] += 1
+        now = time.monotonic()
+        if now < self._quiet_until.get(uid, 0):
+            self._unlogged[uid] += 1
+        else:
+            earlier = self._unlogged.pop(uid, 0)
+            log.warning("handle socket: refused a connection%s: %s",
+                        f" (and {earlier} since the last such line)" if earlier else "", why)
+            self._quiet_until[uid] = now + 60
         return exhausted(why)
 
     def release(self, uid: int) -> None:
@@ -126,7 +135,8 @@ class HandleServer:
         self._connections: dict[int, _Connection] = {}  # by fd; the socket thread's alone
         self._answered: "queue.SimpleQueue[_Connection]" = queue.SimpleQueue()
         self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
-        self._accept_failing_since: float | None = None  # when accept() started failing, while it does
+        # When accept() first failed, until the backlog it left has been drained.
+        self._accept_failing_since: float | None = None
         self._retry_at: float | None = None
         self._retry_delay = _FIRST_RETRY
         self._stopping = False
@@ -173,17 +183,18 @@ class HandleServer:
         for _ in range(_ACCEPTS_PER_ROUND):
             try:
                 sock, _ = self._listener.accept()
-            except BlockingIOError:
+            except BlockingIOError:  # the backlog is empty: whatever stopped us is over
+                if self._accept_failing_since is not None:
+                    failed_for = time.monotonic() - self._accept_failing_since
+                    log.warning("handle socket: accepting again after %.1f s", failed_for)
+                    self._accept_failing_since = None
                 return
             except ConnectionAbortedError:  # the peer gave up while it waited in the backlog
                 continue
             except OSError as error:  # EMFILE, ENFILE, ENOBUFS, ENOMEM: wait for the flood to end, never give up
                 self._pause_accepting(error)
                 return
-            if self._accept_failing_since is not None:
-                failed_for = time.monotonic() - self._accept_failing_since
-                log.warning("handle socket: accepting again after %.1f s", failed_for)
-                self._accept_failing_since, self._retry_delay = None, _FIRST_RETRY
+            self._retry_delay = _FIRST_RETRY
             self._admit(sock)
 
     def _pause_accepting(self, error: OSError) -> None:
@@ -258,8 +269,7 @@ class HandleServer:
         except BlockingIOError:
             pass  # woken with nothing to read: wait again
         except wire.ProtocolError as error:
-            log.warning("dropping handle connection of pid %d: %s", connection.session.pid, error)
-            connection.closing = f"malformed request on the handle socket: {error}"
+            _drop(connection, f"malformed request on the handle socket: {error}")
         except OSError as error:
             connection.closing = f"handle socket error: {error}"
         except Exception:
@@ -295,7 +305,7 @@ class HandleServer:
         try:
             wire.send(connection.sock, *reply.encode())
         except BlockingIOError:
-            connection.closing = "the engine does not read its replies on the handle socket"
+            _drop(connection, "it does not read its replies on the handle socket")
         finally:
             if isinstance(reply, Fetched):
                 os.close(reply.fd)  # the sender's copy must not pin memory
