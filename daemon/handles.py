@@ -41,6 +41,7 @@ from sleepd.common.handle_messages import (Done, Fetch, Fetched, HandBack, Hande
 
 from .auth import Peer
 from .errors import SleepdError, exhausted, invalid
+from .sessions import Session
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class _Connection:
     sock: socket.socket
     fd: int
     uid: int
-    session: object
+    session: Session
     closing: str | None = None  # why the socket thread is to close it, once a worker has decided so
 
 
@@ -280,7 +281,7 @@ class HandleServer:
             self._answered.put(connection)
             self._wake()
 
-    def _reply(self, session, frame: dict, fds: list[int]) -> Reply:
+    def _reply(self, session: Session, frame: dict, fds: list[int]) -> Reply:
         """The answer to one request: what it asked for, or why not."""
         try:
             match decode_request(frame, fds):

@@ -12,7 +12,6 @@ import sys
 
 import pytest
 
-from kernel import open_fds
 from sleepd.daemon.handles import MAX_CONNECTIONS_PER_UID
 from support import HERE, OTHER, MiB, by_tag, second_tenant_unavailable
 
@@ -81,7 +80,6 @@ def test_a_descriptor_flood_stops_at_the_daemons_limit_and_root_attaches_once_it
         assert flood["stopped"], f"the daemon took all {flood['opened']} connections: {flood}"
         assert flood["welcomed"] > 0 and flood["waiting"] > 0, flood  # then it stopped accepting, and waited
         assert daemon.process.poll() is None
-        assert open_fds(daemon.pid) <= limit
 
     late = start_engine(daemon, "late", regions=[("weights", 1 * MiB)])
     assert by_tag(late.report())["weights"]["state"] == "mapped"
