@@ -93,17 +93,17 @@ class SleepClient:
             region = self._regions.get(info.id)
             if region is None:
                 try:
-                    self._take_back(info)
+                    self._take_over(info)
                 except SleepdError as error:  # its memory died with an engine while the daemon was down
                     log.warning("region %d (%s) cannot be taken back: %s", info.id, info.tag, error.message)
             elif region.state is State.MAPPED:
                 fd = self._backend.export_handle(region.handle)
                 try:
-                    self._handles.give_back(region.id, fd)
+                    self._handles.hand_back(region.id, fd)
                 finally:
                     os.close(fd)
         if attached.resuming:
-            self._handles.resumed()
+            self._handles.handed_back()
             known = {info.id for info in attached.regions}
             for region in self.regions():
                 if region.id not in known:
@@ -356,7 +356,7 @@ class SleepClient:
             raise
         return handle
 
-    def _take_back(self, info: pb.Region) -> None:
+    def _take_over(self, info: pb.Region) -> None:
         """Adopts a persistent region an earlier process of this rank left: a new
         address here, mapped now if the region is awake."""
         address = self._backend.reserve(info.mapped_size)

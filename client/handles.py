@@ -1,5 +1,6 @@
 """The engine's end of the handle socket: says hello (the daemon reads our
-credentials there) and fetches region memory as file descriptors."""
+credentials there), fetches region memory as file descriptors and, after a
+daemon restart, hands back the memory this process maps."""
 
 import socket
 import threading
@@ -7,6 +8,8 @@ import threading
 import grpc
 
 from sleepd.common import wire
+from sleepd.common.handle_messages import (Done, Fetch, Fetched, HandBack, HandedBack, Hello, Refused, Welcome,
+                                           decode_reply)
 
 from .errors import SleepdError
 
@@ -21,35 +24,42 @@ class HandleConnection:
             raise SleepdError(grpc.StatusCode.UNAVAILABLE,
                               f"cannot reach sleepd's handle socket {path}: {error.strerror}; is sleepd running?") from None
         self._lock = threading.Lock()
-        self.token = self._request({"op": "hello"})[0]["token"]
+        self.token = self._request(Hello(), Welcome).token
 
     def fetch(self, region_id: int) -> tuple[int, int]:
         """A descriptor for the region's memory (the caller closes it) and its mapped size."""
-        reply, fds = self._request({"op": "fetch", "region": region_id})
-        if len(fds) != 1:
-            wire.close_all(fds)
-            raise SleepdError(grpc.StatusCode.INTERNAL, f"fetch of region {region_id} brought {len(fds)} descriptors")
-        return fds[0], reply["size"]
+        reply = self._request(Fetch(region_id), Fetched)
+        return reply.fd, reply.size
 
-    def give_back(self, region_id: int, fd: int) -> None:
+    def hand_back(self, region_id: int, fd: int) -> None:
         """After a daemon restart: hands the daemon the memory of a region this process maps."""
-        self._request({"op": "return", "region": region_id}, [fd])
+        self._request(HandBack(region_id, fd), Done)
 
-    def resumed(self) -> None:
+    def handed_back(self) -> None:
         """After a daemon restart: everything this process maps has been handed back."""
-        self._request({"op": "resumed"})
+        self._request(HandedBack(), Done)
 
     def close(self) -> None:
         self._sock.close()
 
-    def _request(self, message: dict, fds: list[int] = ()) -> tuple[dict, list[int]]:
+    def _request(self, request, expected: type):
         with self._lock:
-            wire.send(self._sock, message, fds)
-            reply, fds = wire.recv(self._sock)
-        if reply is None:
+            try:
+                wire.send(self._sock, *request.encode())
+            except BrokenPipeError:
+                pass  # sleepd refused this connection and closed it; why is waiting to be read
+            try:
+                frame, fds = wire.recv(self._sock)
+            except ConnectionResetError:  # it closed with our request unread: the kernel reports that before the why
+                frame, fds = wire.recv(self._sock)
+        if frame is None:
             raise SleepdError(grpc.StatusCode.UNAVAILABLE, "sleepd closed the handle socket")
-        if not reply.get("ok"):
+        try:
+            reply = decode_reply(frame, fds, expected)
+        except wire.ProtocolError as error:
             wire.close_all(fds)
-            code = getattr(grpc.StatusCode, reply.get("code", "UNKNOWN"), grpc.StatusCode.UNKNOWN)
-            raise SleepdError(code, reply.get("error", "request refused"))
-        return reply, fds
+            raise SleepdError(grpc.StatusCode.INTERNAL,
+                              f"sleepd's handle socket answered {request.OP} with nonsense: {error}") from None
+        if isinstance(reply, Refused):
+            raise SleepdError(grpc.StatusCode.__members__.get(reply.code, grpc.StatusCode.UNKNOWN), reply.error)
+        return reply

@@ -2,7 +2,8 @@
 any file descriptors attached to that same packet (SCM_RIGHTS).
 
 SEQPACKET keeps message boundaries, so a descriptor can never arrive detached
-from the message that explains it.
+from the message that explains it. What each message holds is said in
+common/handle_messages.py (the handle socket) and daemon/mover_messages.py.
 """
 
 import json

@@ -10,8 +10,11 @@ models; root and members of the admin group may act on all. RIGHTS says which
 right each request needs; Authorizer.require is where it is checked.
 """
 
+import errno
 import grp
 import logging
+import socket
+import struct
 from dataclasses import dataclass
 from enum import Enum
 
@@ -53,8 +56,13 @@ class Peer:
     groups: frozenset[int]
 
     @classmethod
-    def of_process(cls, pid: int, uid: int, gid: int) -> "Peer":
-        return cls(pid, uid, gid, frozenset(_supplementary_groups(pid)) | {gid})
+    def of_connection(cls, conn: socket.socket) -> "Peer":
+        """The process at the other end of a Unix socket, as the kernel recorded it when it
+        connected: pid, uid, gid (SO_PEERCRED) and supplementary groups (SO_PEERGROUPS). Read
+        from the connection, never from /proc by pid, which a reused pid could answer for."""
+        pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                            struct.calcsize("3i")))
+        return cls(pid, uid, gid, frozenset(_peer_groups(conn)) | {gid})
 
     def describe(self) -> str:
         return f"uid {self.uid} (pid {self.pid})"
@@ -64,15 +72,20 @@ class Peer:
 DAEMON = Peer(pid=0, uid=0, gid=0, groups=frozenset())
 
 
-def _supplementary_groups(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("Groups:"):
-                    return [int(gid) for gid in line.split()[1:]]
-    except OSError:  # the peer is gone already, or in another pid namespace
-        pass
-    return []
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13; Python names it only on some builds
+
+
+def _peer_groups(conn: socket.socket) -> tuple[int, ...]:
+    size = 64
+    while True:
+        try:
+            data = conn.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size * 4)
+        except OSError as error:
+            if error.errno != errno.ERANGE or size >= 65536:
+                raise
+            size *= 16  # the kernel says the buffer was short: a peer in many groups
+            continue
+        return struct.unpack(f"{len(data) // 4}I", data)
 
 
 class Authorizer:

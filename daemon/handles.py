@@ -2,34 +2,117 @@
 
 It sits beside the gRPC socket. The kernel tells us each peer's pid and uid
 (SO_PEERCRED); a connection becomes a session, and the token it is given here is
-what ties the engine's gRPC stream to these credentials. Requests, one packet
-each: {"op": "hello"} and {"op": "fetch", "region": id}; after a daemon restart
-also {"op": "return", "region": id} with the region's descriptor and then
-{"op": "resumed"}. A peer that sends anything malformed loses its connection;
-the daemon keeps running. Descriptors the daemon did not ask for are closed unread.
+what ties the engine's gRPC stream to these credentials. The requests and their
+replies are common/handle_messages.py's.
+
+Every local uid may connect, so:
+- a peer that sends something that is no request (or a descriptor with a
+  request that takes none) loses its connection; one whose request has bad
+  arguments is refused; the daemon keeps running either way. Descriptors the
+  daemon did not ask for are closed unread;
+- each uid may hold MAX_CONNECTIONS_PER_UID connections, and all uids but root
+  MAX_CONNECTIONS together; a connection over a cap is refused
+  (RESOURCE_EXHAUSTED) and closed at once;
+- when accept() finds the daemon short of descriptors or memory, the socket
+  stops accepting for a moment and tries again, until it can;
+- one thread waits on every connection and reads the requests; WORKERS threads
+  answer them, since the daemon's calls may wait for a model's lock. A
+  connection has one request in flight at most, so its replies go out in order,
+  and a peer that does not read them is dropped rather than waited for.
 """
 
+import contextlib
+import errno
+import functools
 import logging
 import os
+import queue
+import select
 import socket
-import struct
 import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
 
 from sleepd.common import wire
+from sleepd.common.handle_messages import (Done, Fetch, Fetched, HandBack, HandedBack, Hello, InvalidArguments,
+                                           Refused, Reply, Welcome, decode_request)
 
 from .auth import Peer
-from .errors import SleepdError
+from .errors import SleepdError, exhausted, invalid
+from .sessions import Session
 
 log = logging.getLogger(__name__)
 
+MAX_CONNECTIONS_PER_UID = 256
+MAX_CONNECTIONS = 4096  # of every uid but root, which only its own cap limits
+WORKERS = 8
+# accept() calls per wakeup, so that a flood of connects cannot starve the open connections.
+_ACCEPTS_PER_ROUND = 64
+_FIRST_RETRY, _LAST_RETRY = 0.01, 1.0  # seconds before accept() is tried again, doubling
+_ARMED = select.EPOLLIN | select.EPOLLONESHOT
 
-def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
-    data = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", data)
+
+def _refused(error: SleepdError) -> Refused:
+    return Refused(error.code.name, error.message)
+
+
+@dataclass(eq=False)
+class _Connection:
+    sock: socket.socket
+    fd: int
+    uid: int
+    session: Session
+    closing: str | None = None  # why the socket thread is to close it, once a worker has decided so
+
+
+def _drop(connection: _Connection, why: str) -> None:
+    log.warning("dropping handle connection of pid %d: %s", connection.session.pid, why)
+    connection.closing = why
+
+
+class _Caps:
+    """Connections per uid, held against the caps. Refusals are logged once a
+    minute per uid at most, each line with the count of those it stood for."""
+
+    def __init__(self, per_uid: int, total: int):
+        self._per_uid, self._total = per_uid, total
+        self._open: Counter[int] = Counter()
+        self._unprivileged = 0
+        self._unlogged: Counter[int] = Counter()  # refusals since the uid's last log line
+        self._quiet_until: dict[int, float] = {}
+
+    def admit(self, uid: int) -> SleepdError | None:
+        if self._open[uid] >= self._per_uid:
+            why = (f"uid {uid} has {self._open[uid]} connections open to sleepd's handle socket, the most one uid "
+                   "may have; close some")
+        elif uid != 0 and self._unprivileged >= self._total:
+            why = (f"sleepd's handle socket has {self._unprivileged} connections open, the most it takes from "
+                   "uids other than root; try again later")
+        else:
+            self._open[uid] += 1
+            self._unprivileged += uid != 0
+            return None
+        now = time.monotonic()
+        if now < self._quiet_until.get(uid, 0):
+            self._unlogged[uid] += 1
+        else:
+            earlier = self._unlogged.pop(uid, 0)
+            log.warning("handle socket: refused a connection%s: %s",
+                        f" (and {earlier} since the last such line)" if earlier else "", why)
+            self._quiet_until[uid] = now + 60
+        return exhausted(why)
+
+    def release(self, uid: int) -> None:
+        self._open[uid] -= 1
+        if not self._open[uid]:
+            del self._open[uid]
+        self._unprivileged -= uid != 0
 
 
 class HandleServer:
-    def __init__(self, path: str, core, mode: int = 0o666):
+    def __init__(self, path: str, core, mode: int = 0o666, max_per_uid: int = MAX_CONNECTIONS_PER_UID,
+                 max_total: int = MAX_CONNECTIONS):
         self._core = core
         self.path = path
         if os.path.exists(path):
@@ -38,85 +121,187 @@ class HandleServer:
         self._listener.bind(path)
         os.chmod(path, mode)
         self._listener.listen(128)
-        self._thread = threading.Thread(target=self._accept, name="handle-accept", daemon=True)
+        self._listener.setblocking(False)
+        self._caps = _Caps(max_per_uid, max_total)
+        self._epoll = select.epoll()
+        self._epoll.register(self._listener.fileno(), select.EPOLLIN)
+        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._epoll.register(self._wake_read, select.EPOLLIN)
+        self._connections: dict[int, _Connection] = {}  # by fd; the socket thread's alone
+        self._answered: "queue.SimpleQueue[_Connection]" = queue.SimpleQueue()
+        self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
+        # When accept() first failed, until the backlog it left has been drained.
+        self._accept_failing_since: float | None = None
+        self._retry_at: float | None = None
+        self._retry_delay = _FIRST_RETRY
+        self._stopping = False
+        self._thread = threading.Thread(target=self._serve, name="handle-socket", daemon=True)
+        self._workers = [threading.Thread(target=self._work, name="handle-worker", daemon=True)
+                         for _ in range(WORKERS)]
 
     def start(self) -> None:
         self._thread.start()
+        for worker in self._workers:
+            worker.start()
 
     def stop(self) -> None:
-        self._listener.close()
+        self._stopping = True
+        self._wake()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        for _ in self._workers:
+            self._jobs.put(None)
+        self._epoll.close()
+        self._listener.close()  # the wake pipe stays open: a worker may still be finishing a request
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
 
+    # ---- the socket thread ----
+
+    def _serve(self) -> None:
+        while not self._stopping:
+            timeout = -1 if self._retry_at is None else max(0.0, self._retry_at - time.monotonic())
+            for fd, _ in self._epoll.poll(timeout):
+                if fd == self._listener.fileno():
+                    self._accept()
+                elif fd == self._wake_read:
+                    self._collect_answered()
+                else:
+                    self._jobs.put(functools.partial(self._answer, self._connections[fd]))
+            if self._retry_at is not None and time.monotonic() >= self._retry_at:
+                self._retry_at = None
+                self._epoll.modify(self._listener.fileno(), select.EPOLLIN)
+
     def _accept(self) -> None:
+        for _ in range(_ACCEPTS_PER_ROUND):
+            try:
+                sock, _ = self._listener.accept()
+            except BlockingIOError:  # the backlog is empty: whatever stopped us is over
+                if self._accept_failing_since is not None:
+                    failed_for = time.monotonic() - self._accept_failing_since
+                    log.warning("handle socket: accepting again after %.1f s", failed_for)
+                    self._accept_failing_since = None
+                return
+            except ConnectionAbortedError:  # the peer gave up while it waited in the backlog
+                continue
+            except OSError as error:  # EMFILE, ENFILE, ENOBUFS, ENOMEM: wait for the flood to end, never give up
+                self._pause_accepting(error)
+                return
+            self._retry_delay = _FIRST_RETRY
+            self._admit(sock)
+
+    def _pause_accepting(self, error: OSError) -> None:
+        if self._accept_failing_since is None:
+            log.warning("handle socket: cannot accept connections (%s: %s); retrying until it can",
+                        errno.errorcode.get(error.errno, error.errno), error.strerror)
+            self._accept_failing_since = time.monotonic()
+        self._epoll.modify(self._listener.fileno(), 0)
+        self._retry_at = time.monotonic() + self._retry_delay
+        self._retry_delay = min(2 * self._retry_delay, _LAST_RETRY)
+
+    def _admit(self, sock: socket.socket) -> None:
+        try:
+            peer = Peer.of_connection(sock)  # now, while the connection's credentials are the peer's
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            return
+        uid = peer.uid
+        refusal = self._caps.admit(uid)
+        if refusal is not None:
+            with contextlib.suppress(OSError):
+                wire.send(sock, *_refused(refusal).encode())  # its first request reads why
+            sock.close()
+            return
+        session = self._core.registry.open_session(peer)
+        connection = _Connection(sock, sock.fileno(), uid, session)
+        self._connections[connection.fd] = connection
+        self._epoll.register(connection.fd, _ARMED)
+
+    def _collect_answered(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wake_read, 4096):
+                pass
         while True:
             try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return  # listener closed
-            threading.Thread(target=self._serve, args=(conn,), name="handle-conn", daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        session = self._core.registry.open_session(Peer.of_process(*peer_credentials(conn)))
-        reason = "handle socket closed"
-        try:
-            while True:
-                message, fds = wire.recv(conn)
-                try:
-                    if message is None:
-                        break
-                    self._answer(conn, session, message, fds)
-                finally:
-                    wire.close_all(fds)  # whatever we keep, we keep as our own handle, never this fd
-        except wire.ProtocolError as error:
-            reason = f"malformed request on the handle socket: {error}"
-            log.warning("dropping handle connection of pid %d: %s", session.pid, error)
-        except OSError as error:
-            reason = f"handle socket error: {error}"
-        finally:
-            conn.close()
-            self._core.operations.end_session(session, reason)
-
-    def _answer(self, conn: socket.socket, session, message: dict, fds: list[int]) -> None:
-        op = message.get("op")
-        if op in ("return", "resumed"):
-            self._resume(conn, session, message, fds)
-        elif fds:
-            raise wire.ProtocolError(f"{op!r} takes no descriptors")
-        elif op == "hello":
-            wire.send(conn, {"ok": True, "token": session.token, "pid": session.pid, "uid": session.uid})
-        elif op == "fetch":
-            region_id = message.get("region")
-            if not isinstance(region_id, int):
-                wire.send(conn, {"ok": False, "code": "INVALID_ARGUMENT", "error": "fetch needs an integer region"})
+                connection = self._answered.get_nowait()
+            except queue.Empty:
                 return
-            try:
-                fd, region = self._core.registry.export(session, region_id)
-            except SleepdError as error:
-                wire.send(conn, {"ok": False, "code": error.code.name, "error": error.message})
-                return
-            try:
-                wire.send(conn, {"ok": True, "region": region.id, "size": region.mapped_size}, [fd])
-            finally:
-                os.close(fd)  # the sender's copy must not pin memory
-        else:
-            raise wire.ProtocolError(f"unknown operation {op!r}")
-
-    def _resume(self, conn: socket.socket, session, message: dict, fds: list[int]) -> None:
-        """After a daemon restart: an engine hands back the memory it maps, then says it is done."""
-        try:
-            if message["op"] == "resumed":
-                self._core.recovery.finish_hand_back(session)
+            if connection.closing:
+                self._close(connection, connection.closing)
             else:
-                region_id = message.get("region")
-                if not isinstance(region_id, int) or len(fds) != 1:
-                    wire.send(conn, {"ok": False, "code": "INVALID_ARGUMENT",
-                                     "error": "return needs an integer region and exactly one descriptor"})
-                    return
-                self._core.recovery.hand_back(session, region_id, fds[0])
+                self._epoll.modify(connection.fd, _ARMED)
+
+    def _close(self, connection: _Connection, reason: str) -> None:
+        self._epoll.unregister(connection.fd)
+        del self._connections[connection.fd]
+        connection.sock.close()
+        self._caps.release(connection.uid)
+        self._jobs.put(functools.partial(self._core.operations.end_session, connection.session, reason))
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # a full pipe will wake the socket thread anyway
+            os.write(self._wake_write, b"\0")
+
+    # ---- the workers ----
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job()
+            except Exception:  # a worker outlives any one request
+                log.exception("handle socket: a request failed")
+
+    def _answer(self, connection: _Connection) -> None:
+        fds: list[int] = []
+        try:
+            frame, fds = wire.recv(connection.sock)
+            if frame is None:
+                connection.closing = "handle socket closed"
+            else:
+                self._send(connection, self._reply(connection.session, frame, fds))
+        except BlockingIOError:
+            pass  # woken with nothing to read: wait again
+        except wire.ProtocolError as error:
+            _drop(connection, f"malformed request on the handle socket: {error}")
+        except OSError as error:
+            connection.closing = f"handle socket error: {error}"
+        except Exception:
+            log.exception("handle socket: answering pid %d failed", connection.session.pid)
+            connection.closing = "sleepd failed to answer a request on the handle socket"
+        finally:
+            wire.close_all(fds)  # whatever we keep, we keep as our own handle, never this fd
+            self._answered.put(connection)
+            self._wake()
+
+    def _reply(self, session: Session, frame: dict, fds: list[int]) -> Reply:
+        """The answer to one request: what it asked for, or why not."""
+        try:
+            match decode_request(frame, fds):
+                case Hello():
+                    return Welcome(session.token, session.pid, session.uid)
+                case Fetch(region=region_id):
+                    fd, region = self._core.registry.export(session, region_id)
+                    return Fetched(region.id, region.mapped_size, fd)
+                case HandBack(region=region_id, fd=fd):  # after a daemon restart
+                    self._core.recovery.hand_back(session, region_id, fd)
+                    return Done()
+                case HandedBack():
+                    self._core.recovery.finish_hand_back(session)
+                    return Done()
+        except InvalidArguments as error:
+            return _refused(invalid(str(error)))
         except SleepdError as error:
-            wire.send(conn, {"ok": False, "code": error.code.name, "error": error.message})
-            return
-        wire.send(conn, {"ok": True})
+            return _refused(error)
+
+    @staticmethod
+    def _send(connection: _Connection, reply: Reply) -> None:
+        try:
+            wire.send(connection.sock, *reply.encode())
+        except BlockingIOError:
+            _drop(connection, "it does not read its replies on the handle socket")
+        finally:
+            if isinstance(reply, Fetched):
+                os.close(reply.fd)  # the sender's copy must not pin memory

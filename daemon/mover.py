@@ -5,6 +5,7 @@ sends the mover each region's memory as a descriptor, with the pieces of the
 host backup pool to copy to or from. The mover maps every pool slab once and
 keeps it. If the mover dies mid-copy, the operation fails and nothing is lost:
 the daemon releases device memory only after the mover has confirmed the copy.
+The messages on its sockets are daemon/mover_messages.py's.
 
 Run by the daemon as `python -m sleepd.daemon.mover --socket-fd N --backend B`.
 """
@@ -25,11 +26,12 @@ from sleepd.common import wire
 from sleepd.common.native import engine_backend
 
 from .errors import unavailable
+from .mover_messages import (OFFLOAD, RESTORE, ZERO, AddSlab, Copy, Done, Failed, RegionCopy, decode_reply,
+                             decode_request)
 from .pool import Backup, HostPool
 
 log = logging.getLogger(__name__)
 
-OFFLOAD, RESTORE, ZERO = "offload", "restore", "zero"
 # Descriptors per message stay well under the kernel's limit of 253.
 _BATCH = 128
 
@@ -143,8 +145,7 @@ class Mover:
         for slab in self._pool.slabs():
             if slab.index not in self._registered[direction]:
                 # A pre-faulted pool is mapped with its page tables built, so the first copy runs at full speed.
-                self._request(self._channels[direction], {"op": "add_slab", "slab": slab.index, "size": slab.size,
-                                                          "populate": self._pool.prefault}, [slab.fd])
+                self._request(self._channels[direction], AddSlab(slab.index, slab.size, self._pool.prefault, slab.fd))
                 self._registered[direction].add(slab.index)
 
     def _copy(self, channel: _Channel, jobs: list[CopyJob]) -> None:
@@ -162,24 +163,24 @@ class Mover:
     def _run_batch(self, channel: _Channel, jobs: list[CopyJob]) -> None:
         fds = [self._backend.export_handle(job.handle) for job in jobs]
         try:
-            message = {"op": "copy", "jobs": [
-                {"direction": job.direction, "size": job.size,
-                 "pieces": [[p.slab, p.offset, p.length] for p in (job.backup.pieces if job.backup else [])]}
-                for job in jobs]}
-            self._request(channel, message, fds)
+            self._request(channel, Copy(tuple(
+                RegionCopy(job.direction, job.size, tuple(job.backup.pieces if job.backup else ()), fd)
+                for job, fd in zip(jobs, fds))))
         finally:
             # Our copies must not outlive the request: an open fd pins memory.
             wire.close_all(fds)
 
-    def _request(self, channel: _Channel, message: dict, fds: list[int]) -> dict:
-        wire.send(channel.socket, message, fds)
-        reply, stray = wire.recv(channel.socket)
-        wire.close_all(stray)
-        if reply is None:
-            raise OSError(f"mover exited ({self._process.wait()})")
-        if not reply.get("ok"):
-            raise _Refused(reply.get("error", "mover refused the request"))
-        return reply
+    def _request(self, channel: _Channel, request: AddSlab | Copy) -> None:
+        wire.send(channel.socket, *request.encode())
+        frame, stray = wire.recv(channel.socket)
+        try:
+            if frame is None:
+                raise OSError(f"mover exited ({self._process.wait()})")
+            reply = decode_reply(frame, stray)
+        finally:
+            wire.close_all(stray)
+        if isinstance(reply, Failed):
+            raise _Refused(reply.error)
 
 
 # ---- the mover process ----
@@ -191,60 +192,61 @@ class _MoverProcess:
         self._slabs: dict[int, int] = {}  # slab index -> mapped address
         self._lock = threading.Lock()
 
-    def add_slab(self, message: dict, fds: list[int]) -> None:
+    def add_slab(self, request: AddSlab) -> None:
         """Maps a pool slab for good and registers it once (pinned, on a GPU)."""
         with self._lock:
-            if message["slab"] in self._slabs:
+            if request.slab in self._slabs:
                 return  # already announced on the other channel
-            size = message["size"]
-            address = _C.map_file(fds[0], size, populate=message.get("populate", False))
-            self._backend.register_host(address, size)
-            self._slabs[message["slab"]] = address
+            address = _C.map_file(request.fd, request.size, populate=request.populate)
+            self._backend.register_host(address, request.size)
+            self._slabs[request.slab] = address
 
-    def copy(self, message: dict, fds: list[int]) -> None:
-        for job, fd in zip(message["jobs"], fds, strict=True):
-            handle = self._backend.import_handle(fd, self._device, job["size"])
+    def copy(self, request: Copy) -> None:
+        for region in request.regions:
+            handle = self._backend.import_handle(region.fd, self._device, region.size)
             try:
-                self._move(job, handle)
+                self._move(region, handle)
             finally:
                 self._backend.release(handle)
 
-    def _move(self, job: dict, handle: int) -> None:
-        size = job["size"]
-        if job["direction"] == ZERO:
-            self._backend.zero(handle, 0, size)
+    def _move(self, region: RegionCopy, handle: int) -> None:
+        if region.direction == ZERO:
+            self._backend.zero(handle, 0, region.size)
             return
         offset = 0
-        for slab, slab_offset, length in job["pieces"]:
-            length = min(length, size - offset)
-            host = self._slabs[slab] + slab_offset
-            if job["direction"] == OFFLOAD:
+        for piece in region.pieces:
+            length = min(piece.length, region.size - offset)
+            host = self._slabs[piece.slab] + piece.offset
+            if region.direction == OFFLOAD:
                 self._backend.copy_to_host(handle, offset, host, length)
             else:
                 self._backend.copy_from_host(handle, offset, host, length)
             offset += length
-        if offset != size:
-            raise RuntimeError(f"backup pieces cover {offset} of {size} bytes")
+        if offset != region.size:
+            raise RuntimeError(f"backup pieces cover {offset} of {region.size} bytes")
 
 
 def _serve(sock: socket.socket, process: _MoverProcess) -> None:
-    handlers = {"add_slab": process.add_slab, "copy": process.copy}
     while True:
         try:
-            message, fds = wire.recv(sock)
+            frame, fds = wire.recv(sock)
         except OSError:
             return
-        if message is None:
+        if frame is None:
             return
         started = time.perf_counter()
         try:
-            handlers[message["op"]](message, fds)
-            reply = {"ok": True, "seconds": time.perf_counter() - started}
+            match decode_request(frame, fds):
+                case AddSlab() as request:
+                    process.add_slab(request)
+                case Copy() as request:
+                    process.copy(request)
+            reply = Done(time.perf_counter() - started)
         except Exception as error:  # reported to the daemon, which fails the operation
-            reply = {"ok": False, "error": f"{type(error).__name__}: {error}"}
+            reply = Failed(f"{type(error).__name__}: {error}")
         finally:
             wire.close_all(fds)
-        wire.send(sock, reply)
+        wire.send(sock, *reply.encode())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,21 +2,26 @@
 
 Started as root so that Python and sleepd load, it drops to the uid it is given
 before it opens any socket, then runs one attack against the daemon and prints
-one JSON line: what the daemon answered.
+one JSON line: what the daemon answered. An attack that holds connections keeps
+them until its stdin closes.
 
     python hostile_tenant.py UID SOCKET ATTACK [ARGS...]
 """
 
 import json
 import os
+import select
 import socket
 import sys
 import tempfile
 import threading
+import time
 
 import grpc
 
 from sleepd.client.control import control_channel
+from sleepd.common import paths, wire
+from sleepd.common.handle_messages import Hello, Refused, Welcome, decode_reply
 from sleepd.proto import sleepd_pb2 as pb
 from sleepd.proto import sleepd_pb2_grpc as pb_grpc
 
@@ -102,12 +107,76 @@ def watch_events(daemon_socket: str, seconds: str) -> dict:
 
 
 ATTACKS = {"relay": relay_attack, "events": watch_events}
+# What an attack keeps open until the test lets go.
+HELD: list[socket.socket] = []
+
+
+def census(socks: list[socket.socket]) -> dict:
+    """Says hello on every connection and counts the answers: welcomed, refused
+    (by status code), closed, and still waiting once no answer has come for 2 s."""
+    for sock in socks:
+        try:
+            wire.send(sock, *Hello().encode())
+        except BrokenPipeError:
+            pass  # refused and closed already: the refusal is still there to read
+    counts, waiting = {"welcomed": 0, "refused": {}, "closed": 0}, {sock.fileno(): sock for sock in socks}
+    poller = select.poll()
+    for fd in waiting:
+        poller.register(fd, select.POLLIN)
+    quiet_until = time.monotonic() + 2
+    while waiting and time.monotonic() < quiet_until:
+        for fd, _ in poller.poll(200):
+            poller.unregister(fd)
+            sock = waiting.pop(fd)
+            try:
+                frame, fds = wire.recv(sock)
+            except ConnectionResetError:  # refused with our hello unread: the refusal follows
+                frame, fds = wire.recv(sock)
+            wire.close_all(fds)
+            if frame is None:
+                counts["closed"] += 1
+            elif isinstance(reply := decode_reply(frame, [], Welcome), Refused):
+                counts["refused"][reply.code] = counts["refused"].get(reply.code, 0) + 1
+            else:
+                counts["welcomed"] += 1
+            quiet_until = time.monotonic() + 2
+    counts["waiting"] = len(waiting)
+    return counts
+
+
+def flood_handle_socket(daemon_socket: str, most: str) -> dict:
+    """Opens up to `most` connections to the handle socket, within 30 s, until
+    the daemon's backlog has stayed full for 3 s; holds them, and reports how many
+    it opened, why it stopped and what the daemon answered on each."""
+    path, stopped, deadline = paths.handle_socket(daemon_socket), None, time.monotonic() + 30
+    full_since = None
+    while len(HELD) < int(most) and time.monotonic() < deadline:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.setblocking(False)
+        try:
+            sock.connect(path)
+        except BlockingIOError as error:  # the backlog is full: the daemon is behind, or no longer accepts
+            sock.close()
+            full_since = full_since or time.monotonic()
+            if time.monotonic() - full_since > 3:
+                stopped = error.strerror
+                break
+            time.sleep(0.01)
+            continue
+        HELD.append(sock)
+        full_since = None
+    return {"opened": len(HELD), "stopped": stopped, **census(HELD)}
+
+
+ATTACKS = {"relay": relay_attack, "events": watch_events, "flood": flood_handle_socket}
 
 
 def main() -> None:
     uid, daemon_socket, attack, *args = sys.argv[1:]
     drop_to(int(uid))
     print(json.dumps(ATTACKS[attack](daemon_socket, *args)), flush=True)
+    if HELD:
+        sys.stdin.read()
 
 
 if __name__ == "__main__":

@@ -177,3 +177,13 @@ def test_a_client_that_never_acks_costs_a_timeout_and_nothing_else(start_daemon,
     assert silent.pid in [r["pid"] for m in status["models"] for r in m["ranks"]]
     time.sleep(0.5)
     assert open_fds(daemon.pid) <= fds_before
+
+
+def test_a_peer_that_never_reads_its_replies_is_dropped(daemon, victim, unchanged):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as greedy:
+        greedy.connect(paths.handle_socket(daemon.socket))
+        greedy.settimeout(30)
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            for _ in range(100_000):
+                wire.send(greedy, {"op": "hello"})
+    assert "does not read its replies" in daemon.log()

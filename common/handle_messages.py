@@ -1,0 +1,184 @@
+"""The messages of the handle socket (daemon/handles.py and client/handles.py):
+one dataclass each, and the one function that decodes and checks it.
+
+Requests carry "op"; replies carry "ok". A frame that is no request at all
+(an unknown op, or descriptors on a request that takes none) raises
+wire.ProtocolError, and the daemon drops the connection; a known request with
+bad arguments raises InvalidArguments, and the daemon refuses it and serves on.
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from . import wire
+
+
+class InvalidArguments(wire.ProtocolError):
+    """A known request whose fields or descriptors are wrong."""
+
+
+def _integer(frame: dict, key: str, what: str) -> int:
+    value = frame.get(key)
+    if type(value) is not int:  # JSON true is no region id
+        raise InvalidArguments(f"{what} needs an integer {key}")
+    return value
+
+
+def _string(frame: dict, key: str, what: str) -> str:
+    value = frame.get(key)
+    if not isinstance(value, str):
+        raise InvalidArguments(f"{what} needs a string {key}")
+    return value
+
+
+def _no_descriptors(what: str, fds: list[int]) -> None:
+    # Nothing sleepd sends carries a stray descriptor; one that arrives marks a broken or hostile peer.
+    if fds:
+        raise wire.ProtocolError(f"{what} takes no descriptors, got {len(fds)}")
+
+
+def _one_descriptor(what: str, fds: list[int]) -> int:
+    if len(fds) != 1:
+        raise InvalidArguments(f"{what} needs exactly one descriptor, got {len(fds)}")
+    return fds[0]
+
+
+# ---- requests, engine to daemon ----
+
+@dataclass(frozen=True)
+class Hello:
+    """The first request: the daemon answers with the session's token (Welcome)."""
+    OP: ClassVar[str] = "hello"
+
+    def encode(self) -> tuple[dict, list[int]]:
+        return {"op": self.OP}, []
+
+    @classmethod
+    def decode(cls, frame: dict, fds: list[int]) -> "Hello":
+        _no_descriptors(cls.OP, fds)
+        return cls()
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """A descriptor for a region's memory, please (Fetched)."""
+    OP: ClassVar[str] = "fetch"
+    region: int
+
+    def encode(self) -> tuple[dict, list[int]]:
+        return {"op": self.OP, "region": self.region}, []
+
+    @classmethod
+    def decode(cls, frame: dict, fds: list[int]) -> "Fetch":
+        _no_descriptors(cls.OP, fds)
+        return cls(_integer(frame, "region", cls.OP))
+
+
+@dataclass(frozen=True)
+class HandBack:
+    """After a daemon restart: the memory of a region this engine maps (Done)."""
+    OP: ClassVar[str] = "hand_back"
+    region: int
+    fd: int
+
+    def encode(self) -> tuple[dict, list[int]]:
+        return {"op": self.OP, "region": self.region}, [self.fd]
+
+    @classmethod
+    def decode(cls, frame: dict, fds: list[int]) -> "HandBack":
+        return cls(_integer(frame, "region", cls.OP), _one_descriptor(cls.OP, fds))
+
+
+@dataclass(frozen=True)
+class HandedBack:
+    """After a daemon restart: everything this engine maps has been handed back (Done)."""
+    OP: ClassVar[str] = "handed_back"
+
+    def encode(self) -> tuple[dict, list[int]]:
+        return {"op": self.OP}, []
+
+    @classmethod
+    def decode(cls, frame: dict, fds: list[int]) -> "HandedBack":
+        _no_descriptors(cls.OP, fds)
+        return cls()
+
+
+Request = Hello | Fetch | HandBack | HandedBack
+_REQUESTS = {kind.OP: kind for kind in (Hello, Fetch, HandBack, HandedBack)}
+
+
+def decode_request(frame: dict, fds: list[int]) -> Request:
+    kind = _REQUESTS.get(frame.get("op")) if isinstance(frame.get("op"), str) else None
+    if kind is None:
+        raise wire.ProtocolError(f"unknown operation {frame.get('op')!r}")
+    return kind.decode(frame, fds)
+
+
+# ---- replies, daemon to engine ----
+
+@dataclass(frozen=True)
+class Welcome:
+    token: str  # what the engine's control requests carry (wire.TOKEN_METADATA)
+    pid: int
+    uid: int
+
+    def encode(self) -> tuple[dict, list[int]]:
+        return {"ok": True, "token": self.token, "pid": self.pid, "uid": self.uid}, []
+
+    @classmethod
+    def decode(cls, frame: dict, fds: list[int]) -> "Welcome":
+        _no_descriptors("welcome", fds)
+        return cls(_string(frame, "token", "welcome"), _integer(frame, "pid", "welcome"),
+                   _integer(frame, "uid", "welcome"))
+
+
+@dataclass(frozen=True)
+class Fetched:
+    region: int
+    size: int  # the mapped size: an imported handle does not tell it
+    fd: int
+
+    def encode(self) -> tuple[dict, list[int]]:
+        return {"ok": True, "region": self.region, "size": self.size}, [self.fd]
+
+    @classmethod
+    def decode(cls, frame: dict, fds: list[int]) -> "Fetched":
+        return cls(_integer(frame, "region", "fetched"), _integer(frame, "size", "fetched"),
+                   _one_descriptor("fetched", fds))
+
+
+@dataclass(frozen=True)
+class Done:
+    def encode(self) -> tuple[dict, list[int]]:
+        return {"ok": True}, []
+
+    @classmethod
+    def decode(cls, frame: dict, fds: list[int]) -> "Done":
+        _no_descriptors("done", fds)
+        return cls()
+
+
+@dataclass(frozen=True)
+class Refused:
+    code: str  # a grpc.StatusCode name, for the caller to branch on
+    error: str  # one line
+
+    def encode(self) -> tuple[dict, list[int]]:
+        return {"ok": False, "code": self.code, "error": self.error}, []
+
+    @classmethod
+    def decode(cls, frame: dict, fds: list[int]) -> "Refused":
+        _no_descriptors("refused", fds)
+        return cls(_string(frame, "code", "refused"), _string(frame, "error", "refused"))
+
+
+Reply = Welcome | Fetched | Done | Refused
+
+
+def decode_reply(frame: dict, fds: list[int], expected: type) -> Reply:
+    """The reply `expected` or a Refused, whichever the frame holds."""
+    if frame.get("ok") is False:
+        return Refused.decode(frame, fds)
+    if frame.get("ok") is not True:
+        raise wire.ProtocolError("a reply needs ok: true or false")
+    return expected.decode(frame, fds)
