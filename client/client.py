@@ -135,7 +135,7 @@ class SleepClient:
             info = _rpc(self._stub.Allocate, pb.AllocateRequest(session_id=self._session_id, size=nbytes, tag=tag,
                                                                      evict=evict, persist=persist))
             try:
-                fd, mapped_size = self._handles.fetch(info.id)
+                ((fd, mapped_size),) = self._handles.fetch([info.id])
                 address = self._backend.reserve(mapped_size)
                 try:
                     handle = self._map(fd, address, mapped_size)
@@ -323,15 +323,19 @@ class SleepClient:
             region.state = _STATES[change.state]
 
     def _remap(self, command: pb.Remap) -> None:
+        # Idempotent: a rollback may name regions that never went away.
+        regions = [r for r in map(self._region, command.region_ids) if r.state is not State.MAPPED]
+        fds = [fd for fd, _ in self._handles.fetch([region.id for region in regions])]
         woken = set()
-        for region_id in command.region_ids:
-            region = self._region(region_id)
-            if region.state is State.MAPPED:
-                continue  # idempotent: a rollback may name regions that never went away
-            fd, _ = self._handles.fetch(region_id)
-            region.handle = self._map(fd, region.address, region.mapped_size)
-            region.state = State.MAPPED
-            woken.add(region.tag)
+        try:
+            for index, region in enumerate(regions):
+                region.handle = self._map(fds[index], region.address, region.mapped_size)  # closes the fd
+                region.state = State.MAPPED
+                woken.add(region.tag)
+        except BaseException:
+            for fd in fds[index + 1:]:
+                os.close(fd)
+            raise
         for tag in sorted(woken):
             if all(r.state is State.MAPPED for r in self.regions() if r.tag == tag):
                 for hook in self._tag_wake_hooks.get(tag, []):
@@ -363,7 +367,7 @@ class SleepClient:
         region = Region(self._backend, info.id, info.tag, info.size, info.mapped_size, self.device, address,
                         info.persist)
         if info.state == pb.MAPPED:
-            fd, _ = self._handles.fetch(info.id)
+            ((fd, _),) = self._handles.fetch([info.id])
             region.handle = self._map(fd, address, info.mapped_size)
         else:
             region.state = _STATES[info.state]

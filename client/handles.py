@@ -8,7 +8,7 @@ import threading
 import grpc
 
 from sleepd.common import wire
-from sleepd.common.handle_messages import (Done, Fetch, Fetched, HandBack, HandedBack, Hello, Refused, Welcome,
+from sleepd.common.handle_messages import (FETCH_BATCH, Done, Fetch, Fetched, HandBack, HandedBack, Hello, Refused, Welcome,
                                            decode_reply)
 
 from .errors import SleepdError
@@ -26,10 +26,18 @@ class HandleConnection:
         self._lock = threading.Lock()
         self.token = self._request(Hello(), Welcome).token
 
-    def fetch(self, region_id: int) -> tuple[int, int]:
-        """A descriptor for the region's memory (the caller closes it) and its mapped size."""
-        reply = self._request(Fetch(region_id), Fetched)
-        return reply.fd, reply.size
+    def fetch(self, region_ids: list[int]) -> list[tuple[int, int]]:
+        """For each region, a descriptor for its memory (the caller closes them) and its mapped
+        size, in as few round trips as the batch limit allows."""
+        fetched: list[tuple[int, int]] = []
+        try:
+            for start in range(0, len(region_ids), FETCH_BATCH):
+                reply = self._request(Fetch(tuple(region_ids[start:start + FETCH_BATCH])), Fetched)
+                fetched += zip(reply.fds, reply.sizes)
+        except BaseException:
+            wire.close_all([fd for fd, _ in fetched])
+            raise
+        return fetched
 
     def hand_back(self, region_id: int, fd: int) -> None:
         """After a daemon restart: hands the daemon the memory of a region this process maps."""

@@ -59,19 +59,28 @@ class Hello:
         return cls()
 
 
+# Regions one fetch may name: a remap of a thousand regions costs a few round trips, not a thousand,
+# and the descriptors of one reply stay well under the kernel's limit per message.
+FETCH_BATCH = 128
+
+
 @dataclass(frozen=True)
 class Fetch:
-    """A descriptor for a region's memory, please (Fetched)."""
+    """Descriptors for the memory of up to FETCH_BATCH regions, please (Fetched)."""
     OP: ClassVar[str] = "fetch"
-    region: int
+    regions: tuple[int, ...]
 
     def encode(self) -> tuple[dict, list[int]]:
-        return {"op": self.OP, "region": self.region}, []
+        return {"op": self.OP, "regions": list(self.regions)}, []
 
     @classmethod
     def decode(cls, frame: dict, fds: list[int]) -> "Fetch":
         _no_descriptors(cls.OP, fds)
-        return cls(_integer(frame, "region", cls.OP))
+        regions = frame.get("regions")
+        if not isinstance(regions, list) or not 1 <= len(regions) <= FETCH_BATCH \
+                or any(type(region) is not int for region in regions):
+            raise InvalidArguments(f"{cls.OP} needs a list of 1 to {FETCH_BATCH} integer regions")
+        return cls(tuple(regions))
 
 
 @dataclass(frozen=True)
@@ -134,17 +143,20 @@ class Welcome:
 
 @dataclass(frozen=True)
 class Fetched:
-    region: int
-    size: int  # the mapped size: an imported handle does not tell it
-    fd: int
+    """For each region fetched, in order: its mapped size (an imported handle does not tell it)
+    and a descriptor of its memory."""
+    sizes: tuple[int, ...]
+    fds: tuple[int, ...]
 
     def encode(self) -> tuple[dict, list[int]]:
-        return {"ok": True, "region": self.region, "size": self.size}, [self.fd]
+        return {"ok": True, "sizes": list(self.sizes)}, list(self.fds)
 
     @classmethod
     def decode(cls, frame: dict, fds: list[int]) -> "Fetched":
-        return cls(_integer(frame, "region", "fetched"), _integer(frame, "size", "fetched"),
-                   _one_descriptor("fetched", fds))
+        sizes = frame.get("sizes")
+        if not isinstance(sizes, list) or any(type(size) is not int for size in sizes) or len(sizes) != len(fds):
+            raise InvalidArguments(f"fetched needs one integer size per descriptor, got {sizes!r} and {len(fds)}")
+        return cls(tuple(sizes), tuple(fds))
 
 
 @dataclass(frozen=True)

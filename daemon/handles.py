@@ -282,9 +282,8 @@ class HandleServer:
             match decode_request(frame, fds):
                 case Hello():
                     return Welcome(session.token, session.pid, session.uid)
-                case Fetch(region=region_id):
-                    fd, region = self._core.registry.export(session, region_id)
-                    return Fetched(region.id, region.mapped_size, fd)
+                case Fetch(regions=region_ids):
+                    return self._fetched(session, region_ids)
                 case HandBack(region=region_id, fd=fd):  # after a daemon restart
                     self._core.recovery.hand_back(session, region_id, fd)
                     return Done()
@@ -296,6 +295,19 @@ class HandleServer:
         except SleepdError as error:
             return _refused(error)
 
+    def _fetched(self, session: Session, region_ids: tuple[int, ...]) -> Fetched:
+        """A descriptor for each region, or none at all: a refusal of one refuses the request."""
+        sizes, fds = [], []
+        try:
+            for region_id in region_ids:
+                fd, region = self._core.registry.export(session, region_id)
+                fds.append(fd)
+                sizes.append(region.mapped_size)
+        except BaseException:
+            wire.close_all(fds)
+            raise
+        return Fetched(tuple(sizes), tuple(fds))
+
     @staticmethod
     def _send(connection: _Connection, reply: Reply) -> None:
         try:
@@ -304,4 +316,4 @@ class HandleServer:
             _drop(connection, "it does not read its replies on the handle socket")
         finally:
             if isinstance(reply, Fetched):
-                os.close(reply.fd)  # the sender's copy must not pin memory
+                wire.close_all(reply.fds)  # the sender's copies must not pin memory

@@ -9,7 +9,7 @@ on stdin with one-line JSON replies on stdout:
     {"op": "wake", "tags": [...]}      wake its own model
     {"op": "die_on", "moment": m}      SIGKILL itself at that protocol moment (fetch, unmap, remap), or
                                        stop itself on an unmap or a remap (stop_before_unmap, _remap) or
-                                       between a remap's regions (stop_on_second_fetch)
+                                       between a remap's regions (stop_on_second_map)
     {"op": "alloc", "size": n, "tag": t}
     {"op": "touch"}                    mark the model active
     {"op": "ensure_awake"}             wake it (evicting as policy allows) if it sleeps
@@ -46,16 +46,16 @@ def die_on(client, moment: str) -> None:
 
     if moment == "fetch":
         client._handles.fetch = die
-    elif moment == "stop_on_second_fetch":  # a remap that has mapped its first region freezes before the next
-        fetch, calls = client._handles.fetch, []
+    elif moment == "stop_on_second_map":  # a remap that has mapped its first region freezes before the next
+        map_memory, calls = client._map, []
 
-        def stop_on_second(region_id):
-            calls.append(region_id)
+        def stop_on_second(*args):
+            calls.append(args)
             if len(calls) == 2:
                 signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
-            return fetch(region_id)
+            return map_memory(*args)
 
-        client._handles.fetch = stop_on_second
+        client._map = stop_on_second
     elif moment.startswith("stop_before_"):  # freeze (SIGSTOP) on that command once, and carry on when continued
         name = "_" + moment.removeprefix("stop_before_")
         handle = getattr(client, name)

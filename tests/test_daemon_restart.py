@@ -107,8 +107,9 @@ def assert_wakes_whole(daemon, engine, states=ASLEEP) -> None:
     ("sleep", "stop_before_unmap", ASLEEP),
     # The memory is created and filled when the engine gets the remap; the backups are not yet freed.
     ("wake", "stop_before_remap", ASLEEP),
-    # The engine has mapped the weights (restored), not yet the rest: they stay awake.
-    ("wake", "stop_on_second_fetch", {**ASLEEP, "weights": "mapped"}),
+    # The engine has mapped the weights, not yet the rest, but it holds every region's descriptor
+    # (a remap fetches them together): it maps the rest when it carries on, and hands all back.
+    ("wake", "stop_on_second_map", {"weights": "mapped", "kv_cache": "mapped", "buffers": "mapped"}),
 ], ids=["mid-sleep", "mid-wake", "between-the-regions-of-a-wake"])
 def test_a_daemon_killed_in_the_middle_of_an_operation_loses_no_byte(operation, moment, states, tmp_path, backend,
                                                                      fake, start_daemon, start_engine):
