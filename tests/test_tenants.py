@@ -150,10 +150,10 @@ def test_a_state_file_that_is_a_symlink_stops_the_daemon(shared_daemon, root_onl
     the same, as it would be had another user got it there."""
     daemon = shared_daemon()
     daemon.stop()
-    state_file = os.path.join(daemon.state_dir, "state.json")
-    os.unlink(state_file)
-    os.symlink(root_only_file, state_file)
+    state_file = Path(daemon.state_dir) / "state.json"
+    state_file.unlink(missing_ok=True)  # written only once there was something to record
+    state_file.symlink_to(root_only_file)
     protected = fingerprint(root_only_file)
     refused = start_root_daemon(daemon.process.args)
-    assert_refused(refused, state_file, "is a symlink")
+    assert_refused(refused, str(state_file), "is a symlink")
     assert fingerprint(root_only_file) == protected
