@@ -18,7 +18,7 @@ def user_socket() -> str:
 
 def _writable_dir(path: str) -> bool:
     try:
-        os.makedirs(path, exist_ok=True)
+        os.makedirs(path, mode=0o755, exist_ok=True)  # whatever the umask, never writable by others
     except OSError:
         return False
     return os.access(path, os.W_OK | os.X_OK)

@@ -35,10 +35,11 @@ from .metrics import Metrics
 from .mover import Mover
 from .notify import Notifier, StatusReporter, summary
 from .pool import HostPool
+from .private_paths import PrivateDirectory, UnsafePath, socket_directory
 from .rules import SleepRules
-from .service import SleepdService
 from .recovery import REATTACH_SECONDS, StateStore, backup_pieces
 from .regions import stop_on_bugs
+from .service import SleepdService
 from .tcp import serve_tcp
 
 log = logging.getLogger("sleepd")
@@ -57,17 +58,20 @@ def parse_args(argv: list[str] | None = None) -> config.Config:
         sys.exit(config.EXIT_CONFIG)
 
 
-def _claim_socket(path: str) -> None:
-    """Removes a stale socket file, refusing to displace a live daemon."""
-    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
-    if not os.path.exists(path):
-        return
+def _claim_socket(path: str) -> str:
+    """Checks the socket's directory (UnsafePath unless only this uid may write it) and
+    removes a stale socket file, refusing to displace a live daemon. Returns the
+    socket's path with the directory's symlinks resolved: the one to bind, chmod and remove."""
+    path = os.path.abspath(path)
+    path = os.path.join(socket_directory(os.path.dirname(path)), os.path.basename(path))
+    if not os.path.lexists(path):
+        return path
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
     except OSError:
         os.unlink(path)
-        return
+        return path
     finally:
         probe.close()
     sys.exit(f"sleepd: another daemon is already listening on {path}")
@@ -85,22 +89,25 @@ def main(argv: list[str] | None = None) -> None:
     for note in cfg.notes(startup=True):
         log.warning("%s", note)
     log.info("configuration: %s", cfg.path or "no file; flags, environment and defaults")
-    socket_path = cfg.socket
-    _claim_socket(socket_path)
-    state_dir = cfg.state_dir
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-
-    backend = backends.choose(cfg.backend, cfg.host_devices, cfg.host_device_capacity, cfg.device_reserve)
-    # A state file from an earlier daemon of this backend means models to recover,
-    # with their backups in the pool's slab files.
-    store = StateStore(state_dir)
-    state = store.load()
-    if state is not None and state.get("backend") != backend.name:
-        log.warning("the state file is for the %s backend, this daemon runs %s: starting afresh",
-                    state.get("backend"), backend.name)
-        state = None
-    pool = HostPool(cfg.host_pool_dir, cfg.host_pool_budget, prefault=cfg.host_pool_prefault,
-                    keep=backup_pieces(state) if state else None)
+    # A directory or file of ours that may not be this daemon's own stops it: another user could have
+    # made it to read or replace tenants' memory, or to aim the daemon's writes at a file of theirs.
+    try:
+        socket_path = _claim_socket(cfg.socket)
+        state_dir = PrivateDirectory(cfg.state_dir, "state directory")
+        backend = backends.choose(cfg.backend, cfg.host_devices, cfg.host_device_capacity, cfg.device_reserve)
+        # A state file from an earlier daemon of this backend means models to recover,
+        # with their backups in the pool's slab files.
+        store = StateStore(state_dir)
+        state = store.load()
+        if state is not None and state.get("backend") != backend.name:
+            log.warning("the state file is for the %s backend, this daemon runs %s: starting afresh",
+                        state.get("backend"), backend.name)
+            state = None
+        pool = HostPool(cfg.host_pool_dir, cfg.host_pool_budget, prefault=cfg.host_pool_prefault,
+                        keep=backup_pieces(state) if state else None)
+    except UnsafePath as error:
+        log.critical("%s", error)
+        sys.exit(config.EXIT_CONFIG)
     # Movers start before any gRPC object exists (and by exec, never by fork).
     movers = {device.index: Mover(backend.native, backend.name, device.index, pool) for device in backend.devices}
     for mover in movers.values():
@@ -188,26 +195,24 @@ def main(argv: list[str] | None = None) -> None:
     # Engines keep running without us: the state file and the pool's slabs stay for the next daemon.
     core.operations.checkpoint()
     pool.close(keep_files=True)
-    for name in (socket_path, os.path.join(state_dir, RUNTIME_FILE)):
-        try:
-            os.unlink(name)
-        except FileNotFoundError:
-            pass
+    try:
+        os.unlink(socket_path)
+    except FileNotFoundError:
+        pass
+    state_dir.remove(RUNTIME_FILE)
     notifier.close()
 
 
 RUNTIME_FILE = "daemon.json"
 
 
-def _write_runtime_file(state_dir, socket_path, handle_path, metrics_address, pool_dir, movers) -> None:
+def _write_runtime_file(state_dir: PrivateDirectory, socket_path, handle_path, metrics_address, pool_dir,
+                        movers) -> None:
     """Where this daemon's endpoints are, for tools and tests; replaced atomically."""
     info = {"pid": os.getpid(), "socket": socket_path, "handle_socket": handle_path,
             "metrics_address": metrics_address, "host_pool_dir": pool_dir,
             "movers": {str(device): mover.pid for device, mover in movers.items()}}
-    path = os.path.join(state_dir, RUNTIME_FILE)
-    with open(path + ".tmp", "w") as file:
-        json.dump(info, file)
-    os.replace(path + ".tmp", path)
+    state_dir.replace(RUNTIME_FILE, json.dumps(info).encode())
 
 
 if __name__ == "__main__":

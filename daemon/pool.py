@@ -17,6 +17,7 @@ from sleepd import _C
 from sleepd.common.sizes import format_size
 
 from .errors import exhausted
+from .private_paths import PrivateDirectory
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class Backup:
 @dataclass
 class Slab:
     index: int
-    path: str
+    name: str
     fd: int
     size: int
     free: list[tuple[int, int]] = field(default_factory=list)  # (offset, length), sorted by offset
@@ -81,22 +82,27 @@ class HostPool:
     def __init__(self, directory: str, budget: int, slab_size: int = 1 << 30, prefault: bool = False,
                  keep: list[list[Piece]] | None = None):
         """`keep`: the pieces of backups a restarted daemon recovers; the slab files
-        holding them are reopened. Without it, slabs left by an earlier daemon are removed."""
-        self.directory = directory
+        holding them are reopened. Without it, slabs left by an earlier daemon are removed.
+        Raises UnsafePath when the directory or a slab there may not be the daemon's own."""
+        self._directory = PrivateDirectory(directory, "host pool directory")
+        self.directory = self._directory.path
         self.budget = budget
         self.prefault = prefault
         self._slab_size = _round_up(min(slab_size, max(budget, PAGE)), PAGE)
         self._lock = threading.Lock()
         self._slabs: list[Slab] = []
         self._used = 0
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        if keep is None:
-            self._remove_stale_slabs()
-        else:
-            self._reopen_slabs(keep)
-        if prefault:
-            while self._slab_bytes() < budget:
-                self._add_slab()
+        try:
+            if keep is None:
+                self._remove_stale_slabs()
+            else:
+                self._reopen_slabs(keep)
+            if prefault:
+                while self._slab_bytes() < budget:
+                    self._add_slab()
+        except BaseException:
+            self.close(keep_files=True)
+            raise
 
     @property
     def used(self) -> int:
@@ -149,8 +155,9 @@ class HostPool:
             for slab in self._slabs:
                 os.close(slab.fd)
                 if not keep_files:
-                    os.unlink(slab.path)
+                    self._directory.remove(slab.name)
             self._slabs = []
+        self._directory.close()
 
     def _slab_bytes(self) -> int:
         return sum(slab.size for slab in self._slabs)
@@ -158,12 +165,12 @@ class HostPool:
     def _add_slab(self) -> Slab:
         size = min(self._slab_size, _round_up(self.budget - self._slab_bytes(), PAGE))
         index = len(self._slabs)
-        path = os.path.join(self.directory, f"{SLAB_PREFIX}{index:04d}")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        name = f"{SLAB_PREFIX}{index:04d}"
+        fd = self._directory.create(name)
         os.ftruncate(fd, size)
         if self.prefault:
             os.posix_fallocate(fd, 0, size)
-        slab = Slab(index, path, fd, size, free=[(0, size)])
+        slab = Slab(index, name, fd, size, free=[(0, size)])
         self._slabs.append(slab)
         return slab
 
@@ -172,14 +179,13 @@ class HostPool:
         return Backup(size=sum(piece.length for piece in pieces), pieces=list(pieces))
 
     def _reopen_slabs(self, keep: list[list[Piece]]) -> None:
-        names = sorted(name for name in os.listdir(self.directory) if name.startswith(SLAB_PREFIX))
+        names = sorted(name for name in self._directory.names() if name.startswith(SLAB_PREFIX))
         for index, name in enumerate(names):
             if name != f"{SLAB_PREFIX}{index:04d}":
                 raise RuntimeError(f"host pool {self.directory}: slab files are not contiguous at {name}")
-            path = os.path.join(self.directory, name)
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            fd = self._directory.open(name)
             size = os.fstat(fd).st_size
-            self._slabs.append(Slab(index, path, fd, size, free=[(0, size)]))
+            self._slabs.append(Slab(index, name, fd, size, free=[(0, size)]))
         for pieces in keep:
             for piece in (Piece(*piece) for piece in pieces):
                 slab = self._slabs[piece.slab]
@@ -197,7 +203,7 @@ class HostPool:
                  len(self._slabs), format_size(self._used))
 
     def _remove_stale_slabs(self) -> None:
-        for name in os.listdir(self.directory):
+        for name in self._directory.names():
             if name.startswith(SLAB_PREFIX):
                 log.warning("removing stale host pool file %s from an earlier daemon", name)
-                os.unlink(os.path.join(self.directory, name))
+                self._directory.remove(name)

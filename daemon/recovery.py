@@ -18,6 +18,7 @@ from .backends import DaemonBackend
 from .errors import precondition
 from .model import Model, Policy
 from .pool import HostPool, Piece
+from .private_paths import PrivateDirectory
 from .regions import ASLEEP, Region, RegionState
 from .registry import Registry
 from .sessions import Condition, Session
@@ -31,20 +32,22 @@ REATTACH_SECONDS = 60
 
 
 class StateStore:
-    """The state file itself."""
+    """The state file itself, in the daemon's private state directory."""
 
-    def __init__(self, directory: str):
-        self.path = os.path.join(directory, STATE_FILE)
+    def __init__(self, directory: PrivateDirectory):
+        self._directory = directory
+        self.path = os.path.join(directory.path, STATE_FILE)
         self._lock = threading.Lock()
         self._written = -1
 
     def load(self) -> dict | None:
+        """The saved state, or None. Raises UnsafePath for a state file that may not be the daemon's own."""
         try:
-            with open(self.path) as file:
-                state = json.load(file)
-        except FileNotFoundError:
-            return None
-        except (OSError, json.JSONDecodeError) as error:
+            text = self._directory.read(STATE_FILE)
+            if text is None:
+                return None
+            state = json.loads(text)
+        except (OSError, ValueError) as error:  # ValueError: not UTF-8, or not JSON
             log.error("ignoring unreadable state file %s: %s", self.path, error)
             return None
         if state.get("version") != VERSION:
@@ -57,13 +60,9 @@ class StateStore:
         with self._lock:
             if sequence <= self._written:
                 return
-            temporary = self.path + ".tmp"
-            with open(temporary, "w") as file:
-                # dumps, not dump: only dumps uses the C encoder, ten times faster for a thousand regions.
-                file.write(json.dumps({"version": VERSION, **state}, separators=(",", ":")))
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, self.path)
+            # dumps, not dump: only dumps uses the C encoder, ten times faster for a thousand regions.
+            text = json.dumps({"version": VERSION, **state}, separators=(",", ":"))
+            self._directory.replace(STATE_FILE, text.encode())
             self._written = sequence
 
 

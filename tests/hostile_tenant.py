@@ -4,10 +4,14 @@ Started as root so that Python and sleepd load, it drops to the uid it is given
 before it opens any socket, then runs one attack against the daemon and prints
 one JSON line: what the daemon answered. An attack that holds connections keeps
 them until its stdin closes.
+before it opens any socket or file, then runs one attack against the daemon, or
+plants something where root's daemon will look, and prints one JSON line: what
+the daemon answered, or what it planted.
 
     python hostile_tenant.py UID SOCKET ATTACK [ARGS...]
 """
 
+import hashlib
 import json
 import os
 import select
@@ -24,6 +28,8 @@ from sleepd.common import paths, wire
 from sleepd.common.handle_messages import Hello, Refused, Welcome, decode_reply
 from sleepd.proto import sleepd_pb2 as pb
 from sleepd.proto import sleepd_pb2_grpc as pb_grpc
+
+MiB = 1 << 20
 
 
 def drop_to(uid: int) -> None:
@@ -106,7 +112,6 @@ def watch_events(daemon_socket: str, seconds: str) -> dict:
     return {"events": seen}
 
 
-ATTACKS = {"relay": relay_attack, "events": watch_events}
 # What an attack keeps open until the test lets go.
 HELD: list[socket.socket] = []
 
@@ -168,7 +173,56 @@ def flood_handle_socket(daemon_socket: str, most: str) -> dict:
     return {"opened": len(HELD), "stopped": stopped, **census(HELD)}
 
 
-ATTACKS = {"relay": relay_attack, "events": watch_events, "flood": flood_handle_socket}
+PLANTED_SLAB = b"attacker" * (MiB // 8)
+
+
+def _digests(directory: str) -> dict:
+    """{name: sha256 of what this uid reads there, or why it cannot}, symlinks named as such."""
+    found = {}
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if os.path.islink(path):
+            found[name] = f"symlink to {os.readlink(path)}"
+            continue
+        try:
+            with open(path, "rb") as file:
+                found[name] = hashlib.sha256(file.read()).hexdigest()
+        except OSError as error:
+            found[name] = error.strerror
+    return found
+
+
+def plant_pool(_daemon_socket: str, pool_dir: str, target: str) -> dict:
+    """While root's daemon is down and /dev/shm freshly wiped: the host pool directory, made
+    first, with a slab of this uid's own and a second 'slab' that is a symlink to `target`."""
+    os.mkdir(pool_dir)
+    os.chmod(pool_dir, 0o777)
+    with open(os.path.join(pool_dir, "slab-0000"), "wb") as slab:
+        slab.write(PLANTED_SLAB)
+    os.chmod(os.path.join(pool_dir, "slab-0000"), 0o666)
+    os.symlink(target, os.path.join(pool_dir, "slab-0001"))
+    return _digests(pool_dir)
+
+
+def look_in(_daemon_socket: str, directory: str) -> dict:
+    """What this uid finds, and can read, in a directory."""
+    try:
+        return _digests(directory)
+    except OSError as error:
+        return {"error": error.strerror}
+
+
+def make_directory(_daemon_socket: str, path: str) -> dict:
+    """A directory at a path root's daemon is going to use, made first."""
+    os.mkdir(path, 0o755)
+    return {"made": path}
+
+
+# Planting and looking need no daemon (it is not up yet, or is not asked): they ignore its socket.
+
+
+ATTACKS = {"relay": relay_attack, "events": watch_events, "flood": flood_handle_socket, "plant_pool": plant_pool,
+           "look_in": look_in, "make_directory": make_directory}
 
 
 def main() -> None:

@@ -63,3 +63,16 @@ def test_the_daemon_logs_its_fallback(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=20)
+
+
+def test_the_system_socket_directory_is_made_writable_by_its_owner_only(monkeypatch, tmp_path):
+    import os
+
+    monkeypatch.delenv("SLEEPD_SOCKET", raising=False)
+    monkeypatch.setattr(paths, "SYSTEM_SOCKET", str(tmp_path / "run" / "sleepd.sock"))
+    umask = os.umask(0)  # whatever the umask: the daemon checks the directory and would refuse a 0777 one
+    try:
+        assert paths.daemon_socket(None) == (paths.SYSTEM_SOCKET, None)
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "run").stat().st_mode & 0o777 == 0o755

@@ -1,4 +1,5 @@
-"""The daemon's pure parts: sizes, rules, the region state machine, the pool allocator."""
+"""The daemon's pure parts: sizes, rules, the region state machine, the pool allocator,
+and the checks on the directories and files the daemon keeps for itself."""
 
 import os
 
@@ -8,6 +9,7 @@ import pytest
 from sleepd.common.sizes import format_size, parse_size
 from sleepd.daemon.errors import SleepdError
 from sleepd.daemon.pool import Backup, HostPool
+from sleepd.daemon.private_paths import PrivateDirectory, UnsafePath
 from sleepd.daemon.regions import IllegalTransition, Region, RegionState
 from sleepd.daemon.rules import Action, SleepRules
 
@@ -128,3 +130,61 @@ def test_a_new_pool_removes_stale_slabs(tmp_path):
     pool = HostPool(str(directory), budget=MiB)
     assert not (directory / "slab-0000").exists()
     pool.close()
+
+
+def test_a_pool_slab_that_is_a_symlink_is_refused_and_its_target_left_alone(tmp_path):
+    target = tmp_path / "not-a-slab"
+    target.write_bytes(b"precious" * 1024)
+    directory = tmp_path / "pool"
+    directory.mkdir(mode=0o700)
+    (directory / "slab-0000").symlink_to(target)
+    with pytest.raises(UnsafePath, match=f"{directory / 'slab-0000'} is a symlink.*remove it"):
+        HostPool(str(directory), budget=MiB, keep=[])  # a restarted daemon reopening its slabs
+    assert target.read_bytes() == b"precious" * 1024
+
+
+def test_a_pool_directory_of_ours_that_others_may_read_is_closed_but_one_they_may_write_is_refused(tmp_path):
+    directory = tmp_path / "pool"
+    directory.mkdir()
+    directory.chmod(0o755)  # as a kubelet hostPath or systemd makes it
+    HostPool(str(directory), budget=MiB).close()
+    assert directory.stat().st_mode & 0o777 == 0o700
+    directory.chmod(0o777)
+    with pytest.raises(UnsafePath, match=f"host pool directory {directory} has mode 0777"):
+        HostPool(str(directory), budget=MiB)
+
+
+def test_a_file_is_replaced_by_a_fresh_one_never_written_through_a_symlink(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.write_text("theirs")
+    directory = PrivateDirectory(str(tmp_path / "state"), "state directory")
+    (tmp_path / "state" / "daemon.json").symlink_to(target)
+    (tmp_path / "state" / "daemon.json.tmp").symlink_to(target)  # as if left half-way
+    directory.replace("daemon.json", b"{}")
+    assert target.read_text() == "theirs"
+    written = (tmp_path / "state" / "daemon.json").lstat()
+    assert written.st_mode & 0o777 == 0o600 and not (tmp_path / "state" / "daemon.json").is_symlink()
+    assert directory.read("daemon.json") == b"{}"
+    directory.close()
+
+
+def test_a_file_with_a_second_name_is_refused(tmp_path):
+    directory = PrivateDirectory(str(tmp_path / "state"), "state directory")
+    directory.replace("state.json", b"{}")
+    os.link(tmp_path / "state" / "state.json", tmp_path / "second-name")
+    with pytest.raises(UnsafePath, match="state.json has 2 names"):
+        directory.read("state.json")
+    directory.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a symlink to another uid needs root")
+def test_a_symlink_on_the_way_is_followed_only_when_root_or_the_daemon_owns_it(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "ours").symlink_to(tmp_path / "real")
+    directory = PrivateDirectory(str(tmp_path / "ours" / "pool"), "host pool directory")
+    assert directory.path == str(tmp_path / "real" / "pool")
+    directory.close()
+    (tmp_path / "theirs").symlink_to(tmp_path / "real")
+    os.lchown(tmp_path / "theirs", 65534, 65534)
+    with pytest.raises(UnsafePath, match=f"{tmp_path / 'theirs'} on its way is a symlink owned by uid 65534"):
+        PrivateDirectory(str(tmp_path / "theirs" / "pool"), "host pool directory")
