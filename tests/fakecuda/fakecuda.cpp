@@ -29,6 +29,7 @@
 //                            fail_map=1         cuMemMap fails
 //                            fail_import_pid=P  cuMemImportFromShareableHandle fails in process P
 //                            hold_dtoh=1        device-to-host copies wait until this line is gone
+//                            sync_delay_ms=N    cuCtxSynchronize takes N ms, as with work in flight
 //
 // It is written against csrc/cuda_driver.h, and checks at the end that it
 // exports every entry point sleepd resolves with the very type sleepd calls it
@@ -256,7 +257,11 @@ CUresult cuCtxSetCurrent(CUcontext context) {
   return SUCCESS;
 }
 
-CUresult cuCtxSynchronize() { return current_context ? SUCCESS : INVALID_CONTEXT; }
+CUresult cuCtxSynchronize() {
+  if (!current_context) return INVALID_CONTEXT;
+  if (long delay = knob("sync_delay_ms")) usleep(static_cast<useconds_t>(delay * 1000));
+  return SUCCESS;
+}
 
 CUresult cuMemGetAllocationGranularity(size_t* granularity, const CUmemAllocationProp* prop, int) {
   if (prop->location.id < 0 || prop->location.id >= devices) return INVALID_DEVICE;
