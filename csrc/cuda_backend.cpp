@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
 
 namespace sleepd {
 namespace {
@@ -57,13 +58,15 @@ size_t CudaBackend::total_memory(int device) const {
 
 std::string CudaBackend::uuid(int device) const {
   check_device(device);
-  cu::CUuuid id{};
-  driver_->check(driver_->cuDeviceGetUuid(&id, device), "cuDeviceGetUuid");
-  std::string text = "GPU-";
+  cu::CUuuid own{}, whole{};
+  driver_->check(driver_->cuDeviceGetUuid(&own, device), "cuDeviceGetUuid_v2");
+  driver_->check(driver_->cuDeviceGetUuid_v1(&whole, device), "cuDeviceGetUuid");
+  // Only a MIG instance has a UUID of its own apart from its GPU's.
+  std::string text = std::memcmp(own.bytes, whole.bytes, sizeof own.bytes) != 0 ? "MIG-" : "GPU-";
   char hex[3];
   for (int i = 0; i < 16; ++i) {
     if (i == 4 || i == 6 || i == 8 || i == 10) text += '-';
-    std::snprintf(hex, sizeof hex, "%02x", id.bytes[i]);
+    std::snprintf(hex, sizeof hex, "%02x", own.bytes[i]);
     text += hex;
   }
   return text;

@@ -41,7 +41,8 @@ class CudaBackend : public Backend {
 
   int device_count() const { return static_cast<int>(used_.size()); }
   size_t total_memory(int device) const;
-  // As NVML and nvidia-smi name the GPU: "GPU-" and the 16 bytes in hex, 8-4-4-4-12.
+  // As NVML and nvidia-smi name the device: "GPU-", or "MIG-" for a MIG
+  // instance, then its 16 bytes in hex, 8-4-4-4-12.
   std::string uuid(int device) const;
   size_t used(int device) const;
   // The device whose context this process works in (engines, movers).

@@ -10,8 +10,6 @@ namespace sleepd {
 namespace cu {
 namespace {
 
-// Several entry points exist in versioned forms; the driver exports the
-// current ABI under the suffixed name.
 struct Symbol {
   const char* name;
   void** slot;
@@ -33,37 +31,14 @@ std::shared_ptr<Driver> Driver::load(const std::string& path, std::string* reaso
   auto driver = std::make_shared<Driver>();
   driver->library = handle;
   Driver& d = *driver;
+#define SLEEPD_CUDA_SYMBOL(name, symbol, ...) {#symbol, reinterpret_cast<void**>(&d.name)},
   const Symbol symbols[] = {
-      {"cuInit", reinterpret_cast<void**>(&d.cuInit)},
-      {"cuGetErrorString", reinterpret_cast<void**>(&d.cuGetErrorString)},
-      {"cuDeviceGetCount", reinterpret_cast<void**>(&d.cuDeviceGetCount)},
-      {"cuDeviceTotalMem_v2", reinterpret_cast<void**>(&d.cuDeviceTotalMem)},
-      {"cuDeviceGetUuid", reinterpret_cast<void**>(&d.cuDeviceGetUuid)},
-      {"cuDevicePrimaryCtxRetain", reinterpret_cast<void**>(&d.cuDevicePrimaryCtxRetain)},
-      {"cuCtxSetCurrent", reinterpret_cast<void**>(&d.cuCtxSetCurrent)},
-      {"cuCtxSynchronize", reinterpret_cast<void**>(&d.cuCtxSynchronize)},
-      {"cuMemGetAllocationGranularity", reinterpret_cast<void**>(&d.cuMemGetAllocationGranularity)},
-      {"cuMemCreate", reinterpret_cast<void**>(&d.cuMemCreate)},
-      {"cuMemRelease", reinterpret_cast<void**>(&d.cuMemRelease)},
-      {"cuMemExportToShareableHandle", reinterpret_cast<void**>(&d.cuMemExportToShareableHandle)},
-      {"cuMemImportFromShareableHandle", reinterpret_cast<void**>(&d.cuMemImportFromShareableHandle)},
-      {"cuMemAddressReserve", reinterpret_cast<void**>(&d.cuMemAddressReserve)},
-      {"cuMemAddressFree", reinterpret_cast<void**>(&d.cuMemAddressFree)},
-      {"cuMemMap", reinterpret_cast<void**>(&d.cuMemMap)},
-      {"cuMemUnmap", reinterpret_cast<void**>(&d.cuMemUnmap)},
-      {"cuMemSetAccess", reinterpret_cast<void**>(&d.cuMemSetAccess)},
-      {"cuMemcpy", reinterpret_cast<void**>(&d.cuMemcpy)},
-      {"cuMemcpyDtoHAsync_v2", reinterpret_cast<void**>(&d.cuMemcpyDtoHAsync)},
-      {"cuMemcpyHtoDAsync_v2", reinterpret_cast<void**>(&d.cuMemcpyHtoDAsync)},
-      {"cuMemsetD8Async", reinterpret_cast<void**>(&d.cuMemsetD8Async)},
-      {"cuStreamCreate", reinterpret_cast<void**>(&d.cuStreamCreate)},
-      {"cuStreamSynchronize", reinterpret_cast<void**>(&d.cuStreamSynchronize)},
-      {"cuMemHostRegister_v2", reinterpret_cast<void**>(&d.cuMemHostRegister)},
-  };
+      SLEEPD_CUDA_ENTRY_POINTS(SLEEPD_CUDA_SYMBOL) SLEEPD_CUDA_SUPERSEDED_ENTRY_POINTS(SLEEPD_CUDA_SYMBOL)};
+#undef SLEEPD_CUDA_SYMBOL
   for (const Symbol& symbol : symbols) {
     *symbol.slot = dlsym(handle, symbol.name);
     if (!*symbol.slot) {
-      *reason = library + " lacks " + symbol.name + " (a driver older than CUDA 11.x?)";
+      *reason = library + " lacks " + symbol.name + " (a driver older than CUDA 11.4?)";
       return nullptr;
     }
   }

@@ -1,6 +1,9 @@
 // The slice of the CUDA driver API sleepd uses, declared here so that the
 // extension builds with no CUDA toolkit, and loaded at run time with dlopen.
-// Types and values follow the driver API's documented ABI.
+// Types and values follow the driver API's documented ABI; where a toolkit is
+// installed, tests/test_cuda_headers.py checks every declaration here against
+// its cuda.h (entry points by themselves; a constant or struct added here needs
+// a line in tests/fakecuda/check_cuda_h.cpp).
 #pragma once
 
 #include <cstddef>
@@ -55,36 +58,56 @@ struct CUmemAccessDesc {
   int flags;
 };
 
-// Entry points, resolved by name from the loaded library.
+// The entry points sleepd calls, as X(name, symbol, result, parameters...):
+// `name` as the API documents it; `symbol` what the driver exports for the ABI
+// declared here, which is what cuda.h #defines `name` to.
+#define SLEEPD_CUDA_ENTRY_POINTS(X)                                                                   \
+  X(cuInit, cuInit, CUresult, unsigned)                                                               \
+  X(cuGetErrorString, cuGetErrorString, CUresult, CUresult, const char**)                             \
+  X(cuDeviceGetCount, cuDeviceGetCount, CUresult, int*)                                               \
+  X(cuDeviceTotalMem, cuDeviceTotalMem_v2, CUresult, size_t*, CUdevice)                               \
+  X(cuDeviceGetUuid, cuDeviceGetUuid_v2, CUresult, CUuuid*, CUdevice)                                 \
+  X(cuDevicePrimaryCtxRetain, cuDevicePrimaryCtxRetain, CUresult, CUcontext*, CUdevice)               \
+  X(cuCtxSetCurrent, cuCtxSetCurrent, CUresult, CUcontext)                                            \
+  X(cuCtxSynchronize, cuCtxSynchronize, CUresult, void)                                               \
+  X(cuMemGetAllocationGranularity, cuMemGetAllocationGranularity, CUresult, size_t*,                  \
+    const CUmemAllocationProp*, int)                                                                  \
+  X(cuMemCreate, cuMemCreate, CUresult, CUmemGenericAllocationHandle*, size_t,                        \
+    const CUmemAllocationProp*, unsigned long long)                                                   \
+  X(cuMemRelease, cuMemRelease, CUresult, CUmemGenericAllocationHandle)                               \
+  X(cuMemExportToShareableHandle, cuMemExportToShareableHandle, CUresult, void*,                      \
+    CUmemGenericAllocationHandle, int, unsigned long long)                                            \
+  X(cuMemImportFromShareableHandle, cuMemImportFromShareableHandle, CUresult,                         \
+    CUmemGenericAllocationHandle*, void*, int)                                                        \
+  X(cuMemAddressReserve, cuMemAddressReserve, CUresult, CUdeviceptr*, size_t, size_t, CUdeviceptr,    \
+    unsigned long long)                                                                               \
+  X(cuMemAddressFree, cuMemAddressFree, CUresult, CUdeviceptr, size_t)                                \
+  X(cuMemMap, cuMemMap, CUresult, CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle,          \
+    unsigned long long)                                                                               \
+  X(cuMemUnmap, cuMemUnmap, CUresult, CUdeviceptr, size_t)                                            \
+  X(cuMemSetAccess, cuMemSetAccess, CUresult, CUdeviceptr, size_t, const CUmemAccessDesc*, size_t)    \
+  X(cuMemcpy, cuMemcpy, CUresult, CUdeviceptr, CUdeviceptr, size_t)                                   \
+  X(cuMemcpyDtoHAsync, cuMemcpyDtoHAsync_v2, CUresult, void*, CUdeviceptr, size_t, CUstream)          \
+  X(cuMemcpyHtoDAsync, cuMemcpyHtoDAsync_v2, CUresult, CUdeviceptr, const void*, size_t, CUstream)    \
+  X(cuMemsetD8Async, cuMemsetD8Async, CUresult, CUdeviceptr, unsigned char, size_t, CUstream)         \
+  X(cuStreamCreate, cuStreamCreate, CUresult, CUstream*, unsigned)                                    \
+  X(cuStreamSynchronize, cuStreamSynchronize, CUresult, CUstream)                                     \
+  X(cuMemHostRegister, cuMemHostRegister_v2, CUresult, void*, size_t, unsigned)
+
+// Superseded entry points sleepd calls on purpose, in the same form. The first
+// cuDeviceGetUuid names a MIG instance by the GPU it is part of, where _v2 gives
+// the instance's own UUID: a device whose two UUIDs differ is a MIG instance.
+#define SLEEPD_CUDA_SUPERSEDED_ENTRY_POINTS(X) X(cuDeviceGetUuid_v1, cuDeviceGetUuid, CUresult, CUuuid*, CUdevice)
+
+// Entry points, resolved by symbol from the loaded library.
 struct Driver {
   // Never dlclose'd: contexts and pinned registrations live until the process
   // exits, and unloading the driver under them is unsafe.
   void* library = nullptr;
-  CUresult (*cuInit)(unsigned);
-  CUresult (*cuGetErrorString)(CUresult, const char**);
-  CUresult (*cuDeviceGetCount)(int*);
-  CUresult (*cuDeviceTotalMem)(size_t*, CUdevice);
-  CUresult (*cuDeviceGetUuid)(CUuuid*, CUdevice);
-  CUresult (*cuDevicePrimaryCtxRetain)(CUcontext*, CUdevice);
-  CUresult (*cuCtxSetCurrent)(CUcontext);
-  CUresult (*cuCtxSynchronize)();
-  CUresult (*cuMemGetAllocationGranularity)(size_t*, const CUmemAllocationProp*, int);
-  CUresult (*cuMemCreate)(CUmemGenericAllocationHandle*, size_t, const CUmemAllocationProp*, unsigned long long);
-  CUresult (*cuMemRelease)(CUmemGenericAllocationHandle);
-  CUresult (*cuMemExportToShareableHandle)(void*, CUmemGenericAllocationHandle, int, unsigned long long);
-  CUresult (*cuMemImportFromShareableHandle)(CUmemGenericAllocationHandle*, void*, int);
-  CUresult (*cuMemAddressReserve)(CUdeviceptr*, size_t, size_t, CUdeviceptr, unsigned long long);
-  CUresult (*cuMemAddressFree)(CUdeviceptr, size_t);
-  CUresult (*cuMemMap)(CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle, unsigned long long);
-  CUresult (*cuMemUnmap)(CUdeviceptr, size_t);
-  CUresult (*cuMemSetAccess)(CUdeviceptr, size_t, const CUmemAccessDesc*, size_t);
-  CUresult (*cuMemcpy)(CUdeviceptr, CUdeviceptr, size_t);
-  CUresult (*cuMemcpyDtoHAsync)(void*, CUdeviceptr, size_t, CUstream);
-  CUresult (*cuMemcpyHtoDAsync)(CUdeviceptr, const void*, size_t, CUstream);
-  CUresult (*cuMemsetD8Async)(CUdeviceptr, unsigned char, size_t, CUstream);
-  CUresult (*cuStreamCreate)(CUstream*, unsigned);
-  CUresult (*cuStreamSynchronize)(CUstream);
-  CUresult (*cuMemHostRegister)(void*, size_t, unsigned);
+#define SLEEPD_CUDA_POINTER(name, symbol, result, ...) result (*name)(__VA_ARGS__) = nullptr;
+  SLEEPD_CUDA_ENTRY_POINTS(SLEEPD_CUDA_POINTER)
+  SLEEPD_CUDA_SUPERSEDED_ENTRY_POINTS(SLEEPD_CUDA_POINTER)
+#undef SLEEPD_CUDA_POINTER
 
   // Loads `path` (empty: $SLEEPD_LIBCUDA, else libcuda.so.1) and calls cuInit.
   // Returns null and sets `reason` when the driver or a usable device is missing.

@@ -1,5 +1,7 @@
-// Python bindings: sleepd._C. Heavy calls release the GIL; nothing here calls
-// back into Python.
+// Python bindings: sleepd._C. Every call that can reach the driver releases the
+// GIL: the driver may block (a context's creation, a synchronise, a lock another
+// thread's copy holds), and other threads (gRPC, hooks) must run meanwhile.
+// Nothing here calls back into Python.
 #include <pybind11/functional.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -10,6 +12,7 @@
 #include <cerrno>
 #include <cstring>
 #include <memory>
+#include <optional>
 
 #include "backend.h"
 #include "chunk_pool.h"
@@ -39,24 +42,26 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<Backend, std::shared_ptr<Backend>>(m, "Backend")
       .def_property_readonly("name", &Backend::name)
-      .def("granularity", &Backend::granularity, py::arg("device"))
+      .def("granularity", &Backend::granularity, py::arg("device"), py::call_guard<py::gil_scoped_release>())
       .def("create", &Backend::create, py::arg("device"), py::arg("size"), py::arg("label") = "sleepd",
            py::call_guard<py::gil_scoped_release>(),
            "Create physical memory; raises OutOfMemoryError when the device is full.")
       .def(
           "export_handle", [](Backend& self, Handle handle) { return self.export_handle(handle).fd; },
-          py::arg("handle"), "An fd the caller must close.")
+          py::arg("handle"), py::call_guard<py::gil_scoped_release>(), "An fd the caller must close.")
       .def("import_handle", taking_fd(&Backend::import_handle), py::arg("shareable"), py::arg("device"),
-           py::arg("size"), "Import memory shared by another process; a passed fd stays the caller's to close.")
+           py::arg("size"), py::call_guard<py::gil_scoped_release>(),
+           "Import memory shared by another process; a passed fd stays the caller's to close.")
       .def("adopt_handle", taking_fd(&Backend::adopt_handle), py::arg("shareable"), py::arg("device"),
-           py::arg("size"),
+           py::arg("size"), py::call_guard<py::gil_scoped_release>(),
            "Take memory an engine hands back as the daemon's own (after a restart); the fd stays the caller's.")
-      .def("release", &Backend::release, py::arg("handle"))
-      .def("reserve", &Backend::reserve, py::arg("size"))
-      .def("free_reservation", &Backend::free_reservation, py::arg("address"), py::arg("size"))
+      .def("release", &Backend::release, py::arg("handle"), py::call_guard<py::gil_scoped_release>())
+      .def("reserve", &Backend::reserve, py::arg("size"), py::call_guard<py::gil_scoped_release>())
+      .def("free_reservation", &Backend::free_reservation, py::arg("address"), py::arg("size"),
+           py::call_guard<py::gil_scoped_release>())
       .def("map", &Backend::map, py::arg("address"), py::arg("size"), py::arg("handle"), py::arg("device"),
            py::call_guard<py::gil_scoped_release>())
-      .def("unmap", &Backend::unmap, py::arg("address"), py::arg("size"))
+      .def("unmap", &Backend::unmap, py::arg("address"), py::arg("size"), py::call_guard<py::gil_scoped_release>())
       .def(
           "copy_to_host",
           [](Backend& self, Handle src, size_t offset, uintptr_t dst, size_t size) {
@@ -105,6 +110,7 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<CudaBackend, Backend, std::shared_ptr<CudaBackend>>(m, "CudaBackend")
       .def(py::init([](const std::string& library, unsigned streams) {
+             py::gil_scoped_release release;  // cuInit may take seconds
              std::string reason;
              auto driver = cu::Driver::load(library, &reason);
              if (!driver) throw BackendError("the CUDA backend is unavailable: " + reason);
@@ -113,10 +119,12 @@ PYBIND11_MODULE(_C, m) {
            py::arg("library") = "", py::arg("streams") = 4,
            "Loads the driver (library, else $SLEEPD_LIBCUDA, else libcuda.so.1).")
       .def_property_readonly("device_count", &CudaBackend::device_count)
-      .def("total_memory", &CudaBackend::total_memory, py::arg("device"))
-      .def("uuid", &CudaBackend::uuid, py::arg("device"))
+      .def("total_memory", &CudaBackend::total_memory, py::arg("device"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("uuid", &CudaBackend::uuid, py::arg("device"), py::call_guard<py::gil_scoped_release>())
       .def("used", &CudaBackend::used, py::arg("device"))
-      .def("set_device", &CudaBackend::set_device, py::arg("device"));
+      .def("set_device", &CudaBackend::set_device, py::arg("device"),
+           py::call_guard<py::gil_scoped_release>());
 
   py::class_<ChunkPool, std::shared_ptr<ChunkPool>>(m, "ChunkPool",
                                                    "Carves allocations out of large chunks from `refill`.")
@@ -138,12 +146,13 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "cuda_unavailable_reason",
-      [](const std::string& library) -> py::object {
+      [](const std::string& library) -> std::optional<std::string> {
         std::string reason;
-        if (cu::Driver::load(library, &reason)) return py::none();
-        return py::str(reason);
+        if (cu::Driver::load(library, &reason)) return std::nullopt;
+        return reason;
       },
-      py::arg("library") = "", "Why the CUDA backend cannot run here, or None when it can.");
+      py::arg("library") = "", py::call_guard<py::gil_scoped_release>(),
+      "Why the CUDA backend cannot run here, or None when it can.");
   m.def(
       "map_file",
       [](int fd, size_t size, bool populate) {

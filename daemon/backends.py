@@ -25,7 +25,7 @@ class Device:
     name: str
     capacity: int
     reserve: int = 0  # kept outside sleepd: contexts, NCCL, activations
-    uuid: str = ""    # the GPU's, as nvidia-smi shows it; empty on the host backend
+    uuid: str = ""    # as nvidia-smi -L shows it (GPU-…, or MIG-… for a MIG instance); empty on the host backend
 
     @property
     def budget(self) -> int:

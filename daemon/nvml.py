@@ -2,8 +2,9 @@
 every process on the GPU holds, sleepd's engines and everyone else alike.
 
 NVML and CUDA number GPUs differently (PCI order against CUDA's ordering and
-CUDA_VISIBLE_DEVICES), so devices are matched by UUID, never by index. NVML
-needs no CUDA context, which keeps the daemon free of one.
+CUDA_VISIBLE_DEVICES), so devices are matched by UUID, never by index; a MIG
+instance's "MIG-" UUID finds the instance, whose memory NVML reports apart from
+its GPU's. NVML needs no CUDA context, which keeps the daemon free of one.
 """
 
 from dataclasses import dataclass

@@ -17,8 +17,9 @@ os.environ.setdefault("SLEEPD_CHECK_LOCKS", "1")
 
 
 def _build(source: str, library) -> None:
-    subprocess.run(["g++", "-std=c++17", "-O2", "-shared", "-fPIC", "-o", str(library),
-                    os.path.join(HERE, "fakecuda", source)], check=True)
+    # The driver double is written against sleepd's own driver declarations.
+    subprocess.run(["g++", "-std=c++17", "-O2", "-shared", "-fPIC", "-I", os.path.join(os.path.dirname(HERE), "csrc"),
+                    "-o", str(library), os.path.join(HERE, "fakecuda", source)], check=True)
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,8 @@
 //
 // Configuration (environment, read at cuInit):
 //   FAKE_CUDA_DEVICES      GPUs on the machine (default 1)
+//   FAKE_CUDA_MIG          GPUs in MIG mode, as the machine numbers them (comma-separated):
+//                          CUDA sees each as one MIG instance, with a UUID of its own
 //   FAKE_CUDA_MEMORY       bytes per device (default 1 GiB)
 //   FAKE_CUDA_COUNTERS     directory where each process writes <pid>.json counters
 //   FAKE_CUDA_TAG          names this test's memory, which fakenvml.cpp counts alone
@@ -27,6 +29,11 @@
 //                            fail_map=1         cuMemMap fails
 //                            fail_import_pid=P  cuMemImportFromShareableHandle fails in process P
 //                            hold_dtoh=1        device-to-host copies wait until this line is gone
+//                            sync_delay_ms=N    cuCtxSynchronize takes N ms, as with work in flight
+//
+// It is written against csrc/cuda_driver.h, and checks at the end that it
+// exports every entry point sleepd resolves with the very type sleepd calls it
+// through; tests/test_cuda_headers.py checks those types against cuda.h.
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -41,32 +48,19 @@
 #include <mutex>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
+
+#include "cuda_driver.h"
+
+using namespace sleepd::cu;
 
 namespace {
 
-using CUresult = int;
-using CUdeviceptr = unsigned long long;
-using Handle = unsigned long long;
+using Handle = CUmemGenericAllocationHandle;
 
 constexpr CUresult SUCCESS = 0, INVALID_VALUE = 1, OUT_OF_MEMORY = 2, NOT_INITIALIZED = 3, INVALID_DEVICE = 101,
                    INVALID_CONTEXT = 201, INVALID_HANDLE = 400, UNKNOWN = 999;
-
-struct Location {
-  int type;
-  int id;
-};
-struct AllocationProp {
-  int type;
-  int requestedHandleTypes;
-  Location location;
-  void* win32HandleMetaData;
-  unsigned char flags[8];
-};
-struct AccessDesc {
-  Location location;
-  int flags;
-};
 
 struct Allocation {
   int fd;
@@ -94,8 +88,9 @@ std::map<CUdeviceptr, int> mapped_gpu;       // start -> the GPU of the memory m
 Counters counters;
 std::string control_text;
 long creates_since_control = 0;
-thread_local void* current_context = nullptr;
+thread_local CUcontext current_context = nullptr;
 char contexts[64];  // one address per device stands for its primary context
+std::vector<bool> in_mig_mode;  // per GPU, as the machine numbers them
 
 std::string env(const char* name) {
   const char* value = std::getenv(name);
@@ -143,12 +138,31 @@ void write_counters() {
   }
 }
 
-// True while the control file sets `key`; takes the lock only to read it, so
-// that a copy waiting on it holds up no other call.
-bool holding(const char* key) {
+// The control file's value for `key`, or 0; takes the lock only to read it,
+// so that a call waiting on it holds up no other call.
+long knob(const char* key) {
   std::lock_guard<std::mutex> lock(mutex);
   auto faults = control();
-  return faults.count(key) && faults[key] != 0;
+  return faults.count(key) ? faults[key] : 0;
+}
+
+// FAKE_CUDA_MIG, per GPU.
+std::vector<bool> mig_mode(int gpus) {
+  std::vector<bool> mig(gpus, false);
+  std::istringstream items(env("FAKE_CUDA_MIG"));
+  std::string item;
+  while (std::getline(items, item, ',')) {
+    int gpu = std::atoi(item.c_str());
+    if (gpu >= 0 && gpu < gpus) mig[gpu] = true;
+  }
+  return mig;
+}
+
+// A fixed pattern and the GPU's number, as fakenvml.cpp expects: 0xa0, 0xa1...
+// for a GPU, 0xc0, 0xc1... for the MIG instance of a GPU in MIG mode.
+void fill_uuid(CUuuid* uuid, unsigned char first, int gpu) {
+  for (int i = 0; i < 16; ++i) uuid->bytes[i] = static_cast<unsigned char>(first + i);
+  uuid->bytes[15] = static_cast<unsigned char>(gpu);
 }
 
 Allocation* allocation(Handle handle) { return reinterpret_cast<Allocation*>(handle); }
@@ -182,6 +196,7 @@ CUresult cuInit(unsigned) {
     for (int gpu = 0; gpu < gpus; ++gpu) visible.push_back(gpu);
   }
   devices = static_cast<int>(visible.size());
+  in_mig_mode = mig_mode(gpus);
   if (!env("FAKE_CUDA_MEMORY").empty()) memory_per_device = std::strtoull(env("FAKE_CUDA_MEMORY").c_str(), nullptr, 10);
   initialised = true;
   write_counters();
@@ -208,52 +223,54 @@ CUresult cuDeviceGetCount(int* count) {
   return SUCCESS;
 }
 
-CUresult cuDeviceGet(int* device, int ordinal) {
-  if (ordinal < 0 || ordinal >= devices) return INVALID_DEVICE;
-  *device = ordinal;
-  return SUCCESS;
-}
-
-CUresult cuDeviceTotalMem_v2(size_t* bytes, int device) {
+CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice device) {
   if (device < 0 || device >= devices) return INVALID_DEVICE;
   *bytes = memory_per_device;
   return SUCCESS;
 }
 
-// A fixed pattern plus the ordinal, as fakenvml.cpp expects.
-CUresult cuDeviceGetUuid(unsigned char* uuid, int device) {
+// The first version names a MIG instance by its GPU, as the driver's does.
+CUresult cuDeviceGetUuid(CUuuid* uuid, CUdevice device) {
   if (device < 0 || device >= devices) return INVALID_DEVICE;
-  for (int i = 0; i < 16; ++i) uuid[i] = static_cast<unsigned char>(0xa0 + i);
-  uuid[15] = static_cast<unsigned char>(visible[device]);
+  fill_uuid(uuid, 0xa0, visible[device]);
   return SUCCESS;
 }
 
-CUresult cuDevicePrimaryCtxRetain(void** context, int device) {
+CUresult cuDeviceGetUuid_v2(CUuuid* uuid, CUdevice device) {
+  if (device < 0 || device >= devices) return INVALID_DEVICE;
+  int gpu = visible[device];
+  fill_uuid(uuid, in_mig_mode[gpu] ? 0xc0 : 0xa0, gpu);
+  return SUCCESS;
+}
+
+CUresult cuDevicePrimaryCtxRetain(CUcontext* context, CUdevice device) {
   if (device < 0 || device >= devices) return INVALID_DEVICE;
   std::lock_guard<std::mutex> lock(mutex);
-  *context = &contexts[device];
+  *context = reinterpret_cast<CUcontext>(&contexts[device]);
   counters.contexts_retained++;
   write_counters();
   return SUCCESS;
 }
 
-CUresult cuDevicePrimaryCtxRelease_v2(int) { return SUCCESS; }
-
-CUresult cuCtxSetCurrent(void* context) {
+CUresult cuCtxSetCurrent(CUcontext context) {
   current_context = context;
   return SUCCESS;
 }
 
-CUresult cuCtxSynchronize() { return current_context ? SUCCESS : INVALID_CONTEXT; }
+CUresult cuCtxSynchronize() {
+  if (!current_context) return INVALID_CONTEXT;
+  if (long delay = knob("sync_delay_ms")) usleep(static_cast<useconds_t>(delay * 1000));
+  return SUCCESS;
+}
 
-CUresult cuMemGetAllocationGranularity(size_t* granularity, const AllocationProp* prop, int) {
+CUresult cuMemGetAllocationGranularity(size_t* granularity, const CUmemAllocationProp* prop, int) {
   if (prop->location.id < 0 || prop->location.id >= devices) return INVALID_DEVICE;
   *granularity = kGranularity;
   return SUCCESS;
 }
 
 // Needs no context, as with the real driver: the daemon relies on that.
-CUresult cuMemCreate(Handle* handle, size_t size, const AllocationProp* prop, unsigned long long) {
+CUresult cuMemCreate(Handle* handle, size_t size, const CUmemAllocationProp* prop, unsigned long long) {
   std::lock_guard<std::mutex> lock(mutex);
   int device = prop->location.id;
   if (device < 0 || device >= devices) return INVALID_DEVICE;
@@ -366,7 +383,7 @@ CUresult cuMemMap(CUdeviceptr address, size_t size, size_t offset, Handle handle
   return SUCCESS;
 }
 
-CUresult cuMemSetAccess(CUdeviceptr address, size_t size, const AccessDesc* desc, size_t count) {
+CUresult cuMemSetAccess(CUdeviceptr address, size_t size, const CUmemAccessDesc* desc, size_t count) {
   if (!current_context) return INVALID_CONTEXT;
   std::lock_guard<std::mutex> lock(mutex);
   if (count != 1 || desc->location.id < 0 || desc->location.id >= devices) return INVALID_VALUE;
@@ -397,16 +414,16 @@ CUresult cuMemcpy(CUdeviceptr dst, CUdeviceptr src, size_t size) {
   return SUCCESS;
 }
 
-CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t size, void*) {
+CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t size, CUstream) {
   if (!current_context) return INVALID_CONTEXT;
-  while (holding("hold_dtoh")) usleep(10000);
+  while (knob("hold_dtoh")) usleep(10000);
   std::memcpy(dst, reinterpret_cast<void*>(src), size);
   std::lock_guard<std::mutex> lock(mutex);
   counters.copies++;
   return SUCCESS;
 }
 
-CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t size, void*) {
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t size, CUstream) {
   if (!current_context) return INVALID_CONTEXT;
   std::memcpy(reinterpret_cast<void*>(dst), src, size);
   std::lock_guard<std::mutex> lock(mutex);
@@ -414,20 +431,20 @@ CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t size, voi
   return SUCCESS;
 }
 
-CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t size, void*) {
+CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t size, CUstream) {
   if (!current_context) return INVALID_CONTEXT;
   std::memset(reinterpret_cast<void*>(dst), value, size);
   return SUCCESS;
 }
 
-CUresult cuStreamCreate(void** stream, unsigned) {
+CUresult cuStreamCreate(CUstream* stream, unsigned) {
   if (!current_context) return INVALID_CONTEXT;
   static char streams[1];
-  *stream = streams;
+  *stream = reinterpret_cast<CUstream>(streams);
   return SUCCESS;
 }
 
-CUresult cuStreamSynchronize(void*) { return current_context ? SUCCESS : INVALID_CONTEXT; }
+CUresult cuStreamSynchronize(CUstream) { return current_context ? SUCCESS : INVALID_CONTEXT; }
 
 CUresult cuMemHostRegister_v2(void*, size_t size, unsigned) {
   if (!current_context) return INVALID_CONTEXT;
@@ -438,6 +455,11 @@ CUresult cuMemHostRegister_v2(void*, size_t size, unsigned) {
   return SUCCESS;
 }
 
-CUresult cuMemHostUnregister(void*) { return current_context ? SUCCESS : INVALID_CONTEXT; }
-
 }  // extern "C"
+
+// Every entry point sleepd resolves is here, with the type sleepd calls it through.
+#define SAME_AS_SLEEPD(name, symbol, ...)                                                 \
+  static_assert(std::is_same_v<decltype(&::symbol), decltype(sleepd::cu::Driver::name)>, \
+                #symbol " is not declared as csrc/cuda_driver.h declares it");
+SLEEPD_CUDA_ENTRY_POINTS(SAME_AS_SLEEPD)
+SLEEPD_CUDA_SUPERSEDED_ENTRY_POINTS(SAME_AS_SLEEPD)

@@ -10,6 +10,11 @@
 // GPUs are numbered as the machine numbers them (CUDA_VISIBLE_DEVICES does not
 // apply to NVML), and NVML's indices run in reverse, as NVML's PCI order and
 // CUDA's ordinals can differ on a real machine: only UUIDs match.
+//
+// A GPU in MIG mode (FAKE_CUDA_MIG, as fakecuda.cpp reads it) has one MIG
+// instance, named "MIG-" and its own UUID, and holding FAKE_CUDA_MEMORY: the
+// memory CUDA sees. The GPU itself, still found by its "GPU-" UUID, reports the
+// whole board, kInstances times that.
 #include <dirent.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -27,6 +32,7 @@
 namespace {
 
 constexpr int SUCCESS = 0, INVALID_ARGUMENT = 2, NOT_FOUND = 6, GPU_IS_LOST = 15;
+constexpr unsigned long long kInstances = 8;
 
 struct Memory {
   unsigned long long total, free, used;
@@ -51,9 +57,22 @@ int device_of(const std::string& path) {
   return std::atoi(path.c_str() + prefix.size());
 }
 
-std::string uuid(int gpu) {
+bool in_mig_mode(int gpu) {
+  const char* list = std::getenv("FAKE_CUDA_MIG");
+  std::istringstream items(list ? list : "");
+  std::string item;
+  while (std::getline(items, item, ','))
+    if (!item.empty() && std::atoi(item.c_str()) == gpu) return true;
+  return false;
+}
+
+// As the driver double makes them: see fill_uuid in fakecuda.cpp.
+std::string uuid(int gpu, bool instance) {
   char text[64];
-  std::snprintf(text, sizeof text, "GPU-a0a1a2a3-a4a5-a6a7-a8a9-aaabacadae%02x", gpu);
+  if (instance)
+    std::snprintf(text, sizeof text, "MIG-c0c1c2c3-c4c5-c6c7-c8c9-cacbcccdce%02x", gpu);
+  else
+    std::snprintf(text, sizeof text, "GPU-a0a1a2a3-a4a5-a6a7-a8a9-aaabacadae%02x", gpu);
   return text;
 }
 
@@ -115,9 +134,18 @@ unsigned long long control(const std::string& name) {
   return 0;
 }
 
-// Handles are the GPU index plus one, so that none is null.
-int gpu_of(void* handle) { return static_cast<int>(reinterpret_cast<long>(handle)) - 1; }
-void* handle_of(int gpu) { return reinterpret_cast<void*>(static_cast<long>(gpu) + 1); }
+// Handles are the GPU index plus one, so that none is null; a MIG instance's
+// is its GPU's plus kInstanceHandle.
+constexpr long kInstanceHandle = 1 << 16;
+int gpu_of(void* handle) { return static_cast<int>(reinterpret_cast<long>(handle) % kInstanceHandle) - 1; }
+bool is_instance(void* handle) { return reinterpret_cast<long>(handle) >= kInstanceHandle; }
+void* handle_of(int gpu, bool instance = false) {
+  return reinterpret_cast<void*>(static_cast<long>(gpu) + 1 + (instance ? kInstanceHandle : 0));
+}
+bool valid(void* handle) {
+  int gpu = gpu_of(handle);
+  return gpu >= 0 && gpu < devices() && (!is_instance(handle) || in_mig_mode(gpu));
+}
 
 }  // namespace
 
@@ -150,25 +178,26 @@ int nvmlDeviceGetHandleByIndex_v2(unsigned index, void** handle) {
 
 int nvmlDeviceGetHandleByUUID(const char* text, void** handle) {
   for (int gpu = 0; gpu < devices(); ++gpu) {
-    if (uuid(gpu) == text) {
-      *handle = handle_of(gpu);
-      return SUCCESS;
+    for (bool instance : {false, true}) {
+      if ((!instance || in_mig_mode(gpu)) && uuid(gpu, instance) == text) {
+        *handle = handle_of(gpu, instance);
+        return SUCCESS;
+      }
     }
   }
   return NOT_FOUND;
 }
 
 int nvmlDeviceGetUUID(void* handle, char* text, unsigned length) {
-  int gpu = gpu_of(handle);
-  if (gpu < 0 || gpu >= devices()) return INVALID_ARGUMENT;
-  std::snprintf(text, length, "%s", uuid(gpu).c_str());
+  if (!valid(handle)) return INVALID_ARGUMENT;
+  std::snprintf(text, length, "%s", uuid(gpu_of(handle), is_instance(handle)).c_str());
   return SUCCESS;
 }
 
 int nvmlDeviceGetMemoryInfo(void* handle, Memory* memory) {
+  if (!valid(handle)) return INVALID_ARGUMENT;
   int gpu = gpu_of(handle);
-  if (gpu < 0 || gpu >= devices()) return INVALID_ARGUMENT;
-  memory->total = capacity();
+  memory->total = capacity() * (in_mig_mode(gpu) && !is_instance(handle) ? kInstances : 1);
   if (control("nvml_lost")) return GPU_IS_LOST;
   memory->used = std::min(memory->total, alive(gpu) + control("foreign_used_" + std::to_string(gpu)));
   memory->free = memory->total - memory->used;
