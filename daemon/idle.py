@@ -25,7 +25,8 @@ class IdleWatcher(threading.Thread):
             now = time.monotonic()
             for model in self._ops.registry.models():
                 idle = now - model.last_active
-                if model.sleeping or not model.policy.idle_seconds or idle < model.policy.idle_seconds:
+                # Cheapest first: `sleeping` looks at every region of the model.
+                if not model.policy.idle_seconds or idle < model.policy.idle_seconds or model.sleeping:
                     continue
                 if not model.lock.acquire(blocking=False):
                     continue  # an operation is running on it: it is not idle
