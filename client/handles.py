@@ -2,7 +2,9 @@
 credentials there), fetches region memory as file descriptors and, after a
 daemon restart, hands back the memory this process maps."""
 
+import os
 import socket
+import struct
 import threading
 
 import grpc
@@ -14,15 +16,48 @@ from sleepd.common.handle_messages import (FETCH_BATCH, Done, Fetch, Fetched, Ha
 from .errors import SleepdError
 
 
+# A uid the user trusts to run sleepd, besides root and itself (a daemon run by a service account).
+TRUSTED_UID_ENV = "SLEEPD_DAEMON_UID"
+
+
+def trusted_uids() -> set[int]:
+    trusted = {0, os.getuid()}
+    if os.environ.get(TRUSTED_UID_ENV, "").isdigit():
+        trusted.add(int(os.environ[TRUSTED_UID_ENV]))
+    return trusted
+
+
+def check_server(sock: socket.socket, path: str) -> None:
+    """Refuses a daemon this process does not trust before anything is sent to it: the process
+    answering must run as root, as this uid, or as $SLEEPD_DAEMON_UID, and the sockets' directory
+    must be one only such a uid may change (else another user could put a socket of theirs there)."""
+    trusted = trusted_uids()
+    uid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
+    directory = os.stat(os.path.dirname(os.path.abspath(path)))
+    if uid not in trusted:
+        why = f"the process answering at {path} runs as uid {uid}"
+    elif directory.st_uid not in trusted or directory.st_mode & 0o022:
+        why = f"{os.path.dirname(path)} belongs to uid {directory.st_uid} or others may write it"
+    else:
+        return
+    raise SleepdError(grpc.StatusCode.PERMISSION_DENIED,
+                      f"refusing to talk to sleepd at {path}: {why}, not root or you; if you trust it, "
+                      f"set {TRUSTED_UID_ENV}={uid if uid not in trusted else directory.st_uid}")
+
+
 class HandleConnection:
     def __init__(self, path: str):
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._sock.connect(path)
+            check_server(self._sock, path)
         except OSError as error:
             self._sock.close()
             raise SleepdError(grpc.StatusCode.UNAVAILABLE,
                               f"cannot reach sleepd's handle socket {path}: {error.strerror}; is sleepd running?") from None
+        except SleepdError:
+            self._sock.close()
+            raise
         self._lock = threading.Lock()
         self.token = self._request(Hello(), Welcome).token
 

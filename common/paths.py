@@ -2,7 +2,8 @@
 
 The daemon and its clients resolve the socket the same way, so an engine finds
 the daemon with no configuration: $SLEEPD_SOCKET, else the system socket under
-/run/sleepd, else the per-user one under $XDG_RUNTIME_DIR.
+/run/sleepd, else the per-user one under $XDG_RUNTIME_DIR. There is no fallback
+under /tmp: any user could create that path first and answer as sleepd.
 """
 
 import hashlib
@@ -11,9 +12,10 @@ import os
 SYSTEM_SOCKET = "/run/sleepd/sleepd.sock"
 
 
-def user_socket() -> str:
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/sleepd-{os.getuid()}"
-    return os.path.join(runtime, "sleepd", "sleepd.sock")
+def user_socket() -> str | None:
+    """The per-user socket under $XDG_RUNTIME_DIR (a directory only its user may write), or None."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(runtime, "sleepd", "sleepd.sock") if runtime else None
 
 
 def _writable_dir(path: str) -> bool:
@@ -33,6 +35,9 @@ def daemon_socket(requested: str | None) -> tuple[str, str | None]:
     if _writable_dir(os.path.dirname(SYSTEM_SOCKET)):
         return SYSTEM_SOCKET, None
     fallback = user_socket()
+    if fallback is None:
+        return SYSTEM_SOCKET, (f"{os.path.dirname(SYSTEM_SOCKET)} is not writable and XDG_RUNTIME_DIR is not set; "
+                               "give the daemon --socket (or $SLEEPD_SOCKET) in a directory only you may write")
     return fallback, f"{os.path.dirname(SYSTEM_SOCKET)} is not writable; listening on {fallback} instead"
 
 
@@ -44,7 +49,7 @@ def client_socket(requested: str | None) -> str:
         return os.environ["SLEEPD_SOCKET"]
     if os.path.exists(SYSTEM_SOCKET):
         return SYSTEM_SOCKET
-    return user_socket()
+    return user_socket() or SYSTEM_SOCKET
 
 
 def handle_socket(grpc_socket: str) -> str:

@@ -199,11 +199,14 @@ class Registry:
             raise not_found("unknown session; attach first")
         return session
 
-    def model(self, name: str) -> Model:
+    def model(self, name: str, visible=None) -> Model:
+        """The model called `name`; NOT_FOUND names the models `visible(owner_uid)` allows
+        (none without it: a refusal must not show other users' models)."""
         with self.lock:
             model = self._models.get(name)
-        if model is None:  # naming the models that are attached would show other users' to anyone
-            raise not_found(f"model {name!r} is not attached; sleepctl status lists yours")
+            known = sorted(m.name for m in self._models.values() if visible is not None and visible(m.owner_uid))
+        if model is None:
+            raise not_found(f"model {name!r} is not attached (attached: {', '.join(known) or 'none you may see'})")
         return model
 
     def models(self) -> list[Model]:
@@ -238,8 +241,8 @@ class Registry:
         return {"device": sum(r.mapped_size for r in regions if r.holds_memory),
                 "host_pool": sum(r.backup.size for r in regions if r.backup is not None)}
 
-    def snapshot(self, model_name: str = "") -> list[ModelView]:
-        """A consistent copy of every model (or one), for status and metrics."""
+    def snapshot(self) -> list[ModelView]:
+        """A consistent copy of every model, for status and metrics."""
         now = time.monotonic()
         with self.lock:
             models = sorted(self._models.values(), key=lambda model: model.name)
@@ -250,9 +253,7 @@ class Registry:
                     orphaned=session.ended is not None)
                 for rank, session in sorted({**model.ranks, **model.orphans}.items())], Policy(**vars(model.policy)),
                 now - model.last_active)
-                for model in models if not model_name or model.name == model_name]
-        if model_name and not views:
-            self.model(model_name)  # raises NOT_FOUND
+                for model in models]
         return views
 
 

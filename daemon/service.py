@@ -59,7 +59,8 @@ class SleepdService(pb_grpc.SleepdServicer):
     def _authorize(self, operation: str, context, models: list[str], policy_changes=None):
         """The caller, if it has the right `operation` needs on `models` (auth.RIGHTS)."""
         caller = self._identify(context)
-        owners = {name: self._core.registry.model(name).owner_uid for name in dict.fromkeys(models)}
+        visible = lambda owner: self._core.authorizer.sees(caller, owner)  # noqa: E731
+        owners = {name: self._core.registry.model(name, visible).owner_uid for name in dict.fromkeys(models)}
         self._core.authorizer.require(caller, operation, owners, policy_changes)
         return caller
 
@@ -156,10 +157,11 @@ class SleepdService(pb_grpc.SleepdServicer):
     def Status(self, request, context):
         """Devices and the pool for anyone; models only those the caller may see."""
         core, caller = self._core, self._identify(context)
-        models = [model for model in core.registry.snapshot(request.model)
-                  if core.authorizer.sees(caller, model.owner_uid)]
+        visible = [model for model in core.registry.snapshot() if core.authorizer.sees(caller, model.owner_uid)]
+        models = [model for model in visible if not request.model or model.name == request.model]
         if request.model and not models:
-            raise not_found(f"model {request.model!r} is not attached, or is not yours to see")
+            raise not_found(f"model {request.model!r} is not attached "
+                            f"(attached: {', '.join(m.name for m in visible) or 'none you may see'})")
         return pb.StatusReply(
             backend=core.backend.name,
             devices=[_device(core, device) for device in core.backend.devices],

@@ -221,8 +221,36 @@ def make_directory(_daemon_socket: str, path: str) -> dict:
 # Planting and looking need no daemon (it is not up yet, or is not asked): they ignore its socket.
 
 
+def fake_daemon(daemon_socket: str, seconds: str) -> dict:
+    """A fake sleepd in a directory of this uid's: says 'ready PATH' (its gRPC socket path),
+    accepts on the handle socket for a while, and reports how many bytes clients sent it."""
+    directory = tempfile.mkdtemp(prefix="sleepd-")
+    path = os.path.join(directory, "sleepd.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(paths.handle_socket(path))
+    listener.listen(8)
+    listener.settimeout(float(seconds))
+    print(f"ready {path}", flush=True)
+    received, accepted = 0, 0
+    deadline = time.monotonic() + float(seconds)
+    try:
+        while time.monotonic() < deadline:
+            conn, _ = listener.accept()
+            accepted += 1
+            conn.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                while data := conn.recv(65536):
+                    received += len(data)
+            except OSError:
+                pass
+            conn.close()
+    except OSError:
+        pass
+    return {"accepted": accepted, "received": received}
+
+
 ATTACKS = {"relay": relay_attack, "events": watch_events, "flood": flood_handle_socket, "plant_pool": plant_pool,
-           "look_in": look_in, "make_directory": make_directory}
+           "look_in": look_in, "make_directory": make_directory, "fake_daemon": fake_daemon}
 
 
 def main() -> None:

@@ -295,3 +295,27 @@ def test_a_state_file_that_is_a_symlink_stops_the_daemon(shared_daemon, root_onl
     refused = start_root_daemon(daemon.process.args)
     assert_refused(refused, str(state_file), "is a symlink")
     assert fingerprint(root_only_file) == protected
+
+
+def test_a_client_sends_nothing_to_a_daemon_another_user_runs(tmp_path):
+    fake = subprocess.Popen([sys.executable, os.path.join(HERE, "hostile_tenant.py"), str(OTHER), "-", "fake_daemon",
+                             "5"], stdout=subprocess.PIPE, text=True)
+    line = fake.stdout.readline().split()
+    assert line[0] == "ready"
+    engine = subprocess.run([sys.executable, os.path.join(HERE, "engine_process.py"), "--socket", line[1],
+                             "--model", "qwen", "--region", "weights:4096"], capture_output=True, text=True,
+                            timeout=60, stdin=subprocess.DEVNULL)
+    assert engine.returncode != 0 and "PERMISSION_DENIED" in engine.stderr and "uid 65534" in engine.stderr
+    assert json.loads(fake.stdout.read()) == {"accepted": 1, "received": 0}
+    fake.wait(timeout=30)
+
+
+def test_without_a_runtime_directory_the_client_never_looks_under_tmp(monkeypatch):
+    from sleepd.common import paths
+
+    monkeypatch.delenv("SLEEPD_SOCKET", raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setattr(paths, "SYSTEM_SOCKET", "/proc/sleepd/sleepd.sock")  # not even root can create it
+    assert paths.client_socket(None) == "/proc/sleepd/sleepd.sock"
+    path, note = paths.daemon_socket(None)
+    assert not path.startswith("/tmp") and "XDG_RUNTIME_DIR is not set" in note
