@@ -26,7 +26,7 @@ from sleepd.common import paths
 from sleepd.common.sizes import format_size
 from sleepd.proto import sleepd_pb2, sleepd_pb2_grpc as pb_grpc
 
-from . import backends, config, core as control_plane, logs
+from . import admission, backends, config, core as control_plane, logs
 from .auth import Authorizer
 from .config_render import render
 from .handles import HandleServer
@@ -131,7 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     idle_watcher = IdleWatcher(core.operations)
     idle_watcher.start()
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1024, thread_name_prefix="grpc"),
+    # Each caller may hold only so many of the workers at once (admission.py), so no flood starves the rest.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=admission.WORKERS, thread_name_prefix="grpc"),
+                         interceptors=[admission.Admission(core.registry.caller, core.authorizer)],
                          options=[("grpc.so_reuseport", 0)])
     service = SleepdService(core)
     pb_grpc.add_SleepdServicer_to_server(service, server)

@@ -7,6 +7,8 @@ them until its stdin closes.
 before it opens any socket or file, then runs one attack against the daemon, or
 plants something where root's daemon will look, and prints one JSON line: what
 the daemon answered, or what it planted.
+one JSON line: what the daemon answered. (The stream flood prints a line first,
+when its flood is in place, and holds it until a line arrives on stdin.)
 
     python hostile_tenant.py UID SOCKET ATTACK [ARGS...]
 """
@@ -24,8 +26,10 @@ import time
 import grpc
 
 from sleepd.client.control import control_channel
+from sleepd.client.handles import HandleConnection
 from sleepd.common import paths, wire
 from sleepd.common.handle_messages import Hello, Refused, Welcome, decode_reply
+from sleepd.common.wire import TOKEN_METADATA
 from sleepd.proto import sleepd_pb2 as pb
 from sleepd.proto import sleepd_pb2_grpc as pb_grpc
 
@@ -249,8 +253,107 @@ def fake_daemon(daemon_socket: str, seconds: str) -> dict:
     return {"accepted": accepted, "received": received}
 
 
+# A safety net: every call of a flood ends by itself after this long.
+FLOOD_DEADLINE = 120
+
+
+class Flood:
+    """Many calls held open at once on a few connections: Events streams, and Status calls
+    whose request never comes (a caller that only sends headers still holds a worker)."""
+
+    def __init__(self, daemon_socket: str, connections: int = 8):
+        # Each channel its own connection, so no one connection's stream limit bounds the flood.
+        self.channels = [grpc.insecure_channel(f"unix:{daemon_socket}", options=[("grpc.use_local_subchannel_pool", 1)])
+                         for _ in range(connections)]
+        self.calls = []
+        self._silence = threading.Event()
+
+    def events(self, count: int, metadata=()) -> dict:
+        """Opens `count` Events streams; tallies those the daemon let in and those it refused."""
+        streams = [pb_grpc.SleepdStub(self.channels[n % len(self.channels)]).Events(
+            pb.EventsRequest(), metadata=metadata, timeout=FLOOD_DEADLINE) for n in range(count)]
+        self.calls += streams
+        refusals = []
+        for stream in streams:
+            try:
+                next(stream)  # "subscribed": the stream is open
+            except grpc.RpcError as error:
+                refusals.append(error)
+        return _tally(count, refusals)
+
+    def silent_calls(self, count: int, metadata=()) -> dict:
+        """Opens `count` Status calls that never send their request; tallies them once the
+        daemon has answered all it is going to (those it let in wait for the request)."""
+        def nothing():
+            self._silence.wait()
+            yield from ()
+
+        pending = [self.channels[n % len(self.channels)].stream_unary(
+            f"/{pb.DESCRIPTOR.services_by_name['Sleepd'].full_name}/Status",
+            request_serializer=pb.StatusRequest.SerializeToString,
+            response_deserializer=pb.StatusReply.FromString).future(nothing(), metadata=metadata,
+                                                                     timeout=FLOOD_DEADLINE)
+            for n in range(count)]
+        self.calls += pending
+        answered, steady_since = -1, time.monotonic()
+        while time.monotonic() - steady_since < 1.0:
+            now_answered = sum(call.done() for call in pending)
+            if now_answered != answered:
+                answered, steady_since = now_answered, time.monotonic()
+            time.sleep(0.05)
+        return _tally(count, [call.exception() for call in pending if call.done()])
+
+    def close(self) -> None:
+        for call in self.calls:
+            call.cancel()
+        self._silence.set()
+        for channel in self.channels:
+            channel.close()
+
+
+def _tally(count: int, refusals: list) -> dict:
+    """{"open": calls let in, "refused": {code: how many}, "details": the distinct refusals}."""
+    codes = {}
+    for error in refusals:
+        codes[error.code().name] = codes.get(error.code().name, 0) + 1
+    return {"open": count - len(refusals), "refused": codes,
+            "details": sorted({error.details() for error in refusals})}
+
+
+def flood_round(daemon_socket: str, token: str, anonymous_events: int, own_events: int, anonymous_silent: int,
+                own_silent: int) -> tuple[Flood, dict]:
+    """Events streams without a token and with this uid's own, then silent calls likewise."""
+    flood = Flood(daemon_socket)
+    mine = [(TOKEN_METADATA, token)]
+    return flood, {"anonymous_events": flood.events(anonymous_events), "own_events": flood.events(own_events, mine),
+                   "anonymous_silent": flood.silent_calls(anonymous_silent),
+                   "own_silent": flood.silent_calls(own_silent, mine)}
+
+
+def stream_flood(daemon_socket: str, *counts: str) -> dict:
+    """Holds a flood open (its tally printed as the first line) until a line arrives on
+    stdin, closes it, and floods again until it gets as far as the first time: then the
+    daemon has given back everything the first flood held. Returns the second tally.
+    `counts`: as flood_round takes them."""
+    counts = [int(count) for count in counts]
+    handles = HandleConnection(paths.handle_socket(daemon_socket))  # this uid's token, as any engine gets one
+    flood, first = flood_round(daemon_socket, handles.token, *counts)
+    print(json.dumps(first), flush=True)
+    sys.stdin.readline()
+    flood.close()
+    deadline = time.monotonic() + 30
+    while True:
+        flood, again = flood_round(daemon_socket, handles.token, *counts)
+        flood.close()
+        if again == first or time.monotonic() > deadline:
+            handles.close()
+            return again
+        time.sleep(0.5)
+
+
 ATTACKS = {"relay": relay_attack, "events": watch_events, "flood": flood_handle_socket, "plant_pool": plant_pool,
-           "look_in": look_in, "make_directory": make_directory, "fake_daemon": fake_daemon}
+           "look_in": look_in, "make_directory": make_directory, "fake_daemon": fake_daemon,
+           "stream_flood": stream_flood}
 
 
 def main() -> None:
