@@ -117,10 +117,7 @@ _REQUESTS = {kind.OP: kind for kind in (Hello, Fetch, HandBack, HandedBack)}
 
 
 def decode_request(frame: dict, fds: list[int]) -> Request:
-    kind = _REQUESTS.get(frame.get("op")) if isinstance(frame.get("op"), str) else None
-    if kind is None:
-        raise wire.ProtocolError(f"unknown operation {frame.get('op')!r}")
-    return kind.decode(frame, fds)
+    return wire.decode_by_op(frame, fds, _REQUESTS)
 
 
 # ---- replies, daemon to engine ----

@@ -21,6 +21,14 @@ class ProtocolError(Exception):
     """The peer sent something that is not a sleepd message."""
 
 
+def decode_by_op(frame: dict, fds: list[int], kinds: dict):
+    """The request `frame` is, by its "op" among `kinds` ({op: message class with decode})."""
+    kind = kinds.get(frame.get("op")) if isinstance(frame.get("op"), str) else None
+    if kind is None:
+        raise ProtocolError(f"unknown operation {frame.get('op')!r}")
+    return kind.decode(frame, fds)
+
+
 def send(sock: socket.socket, message: dict, fds: list[int] = ()) -> None:
     data = json.dumps(message, separators=(",", ":")).encode()
     if len(data) > MAX_MESSAGE:

@@ -19,7 +19,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config_model import BY_KEY, MODEL_KEYS, QUOTA_KEYS, SETTINGS, TABLES, Config, group, user
+from .config_model import BY_KEY, MODEL_KEYS, QUOTA_KEYS, SETTINGS, TABLES, Config, group_id, user_id
 from .config_render import toml_key
 from .limits import MAX_LEVEL, MODEL_NAME, MODEL_NAME_RULE, TAG_NAME, TAG_NAME_RULE
 from .rules import DEFAULT_RULES, Action
@@ -252,7 +252,7 @@ def _read_quotas(file: _File, problems: list[Problem], sources: dict[str, str]) 
         if kind == "default":
             quotas["default"] = _keyed_table(file, ("quotas", kind), value, QUOTA_KEYS, "a quota", problems, sources)
         elif kind in ("users", "groups"):
-            to_id = user if kind == "users" else group
+            to_id = user_id if kind == "users" else group_id
             for name, limits in _table(file, ("quotas", kind), value, f"a table of {kind}", problems).items():
                 try:
                     owner = to_id(int(name) if name.isdigit() else name)

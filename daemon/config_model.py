@@ -239,31 +239,25 @@ POLICY_KEYS: dict[str, Callable[[Any], Any]] = {
 }
 
 
-def user(value) -> int:
-    """A uid, or a user name of this machine, as a uid."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str) and value.strip():
-        try:
-            return pwd.getpwnam(value).pw_uid
-        except KeyError:
-            raise ValueError(f"{value!r} is no user on this machine") from None
-    raise ValueError(f"{value!r} is not a uid or a user name")
+def _account(kind: str, lookup: Callable[[str], int]) -> Callable[[Any], int]:
+    """A parser of a numeric id, or of a name of this machine's `kind` (user, group) as its id."""
+    def parse(value) -> int:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        if isinstance(value, str) and value.strip():
+            try:
+                return lookup(value)
+            except KeyError:
+                raise ValueError(f"{value!r} is no {kind} on this machine") from None
+        raise ValueError(f"{value!r} is not an id or a {kind} name")
+    return parse
 
 
-def group(value) -> int:
-    """A gid, or a group name of this machine, as a gid."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str) and value.strip():
-        try:
-            return grp.getgrnam(value).gr_gid
-        except KeyError:
-            raise ValueError(f"{value!r} is no group on this machine") from None
-    raise ValueError(f"{value!r} is not a gid or a group name")
+user_id = _account("user", lambda name: pwd.getpwnam(name).pw_uid)
+group_id = _account("group", lambda name: grp.getgrnam(name).gr_gid)
 
 
 # [models.NAME]: a policy, and the owner it is for (see registry.py: a policy is no prize for a name's first claimant).
-MODEL_KEYS: dict[str, Callable[[Any], Any]] = {**POLICY_KEYS, "owner": user}
+MODEL_KEYS: dict[str, Callable[[Any], Any]] = {**POLICY_KEYS, "owner": user_id}
 # [quotas.default], [quotas.users.USER], [quotas.groups.GROUP]: bytes of each, for one uid's models together.
 QUOTA_KEYS: dict[str, Callable[[Any], Any]] = {"device": size(0), "host_pool": size(0)}

@@ -99,10 +99,7 @@ _REQUESTS = {kind.OP: kind for kind in (AddSlab, Copy)}
 
 
 def decode_request(frame: dict, fds: list[int]) -> Request:
-    kind = _REQUESTS.get(frame.get("op")) if isinstance(frame.get("op"), str) else None
-    if kind is None:
-        raise wire.ProtocolError(f"unknown operation {frame.get('op')!r}")
-    return kind.decode(frame, fds)
+    return wire.decode_by_op(frame, fds, _REQUESTS)
 
 
 # ---- replies, mover to daemon ----
