@@ -316,15 +316,14 @@ class SleepClient:
 
     def _unmap(self, command: pb.Unmap) -> None:
         # Idempotent: a rollback may name regions this client never got to map.
-        for change in command.regions:
-            region = self._region(change.region_id)
+        for change, region in zip(command.regions, self._regions_named([c.region_id for c in command.regions])):
             if region.state is State.MAPPED:
                 self._unmap_region(region)
             region.state = _STATES[change.state]
 
     def _remap(self, command: pb.Remap) -> None:
         # Idempotent: a rollback may name regions that never went away.
-        regions = [r for r in map(self._region, command.region_ids) if r.state is not State.MAPPED]
+        regions = [r for r in self._regions_named(command.region_ids) if r.state is not State.MAPPED]
         fds = [fd for fd, _ in self._handles.fetch([region.id for region in regions])]
         woken = set()
         try:
@@ -386,9 +385,11 @@ class SleepClient:
         self._backend.release(region.handle)
         region.handle = None
 
-    def _region(self, region_id: int) -> Region:
+    def _regions_named(self, region_ids) -> list[Region]:
+        """The regions of these ids, waiting for an allocation in flight to record its region."""
         with self._regions_changed:
-            self._regions_changed.wait_for(lambda: region_id in self._regions or not self._allocating)
-            if region_id not in self._regions:
-                raise KeyError(f"region {region_id} is not one of this client's regions")
-            return self._regions[region_id]
+            self._regions_changed.wait_for(lambda: all(i in self._regions for i in region_ids) or not self._allocating)
+            missing = [i for i in region_ids if i not in self._regions]
+            if missing:
+                raise KeyError(f"regions {missing} are not this client's")
+            return [self._regions[i] for i in region_ids]

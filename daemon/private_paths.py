@@ -198,13 +198,13 @@ class PrivateDirectory:
             return file.read()
 
     def replace(self, name: str, data: bytes) -> None:
-        """Writes a file atomically: a fresh temporary file, fsync, rename over `name`."""
+        """Writes a file atomically: a fresh temporary file renamed over `name`. No fsync: what
+        these files describe (engines' mappings, the tmpfs pool) does not outlive the kernel,
+        and a daemon that dies finds the renamed file in the page cache."""
         temporary = name + ".tmp"
         self.remove(temporary)  # left by a write that died half-way
         with os.fdopen(self.create(temporary), "wb") as file:
             file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
         os.replace(temporary, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
 
     def remove(self, name: str) -> None:

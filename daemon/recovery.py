@@ -2,7 +2,7 @@
 models rebuilt from it, and the engines handing back the memory they still map.
 
 The state is one JSON file under the state directory, replaced atomically
-(write, fsync, rename) after every change that matters. Backups are recorded
+(write, rename) after every change that matters. Backups are recorded
 before engines are told to unmap, so a crash at any point leaves a file that
 names every backup whose region an engine may no longer hold.
 """
