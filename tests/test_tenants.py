@@ -373,3 +373,34 @@ def test_a_flood_of_streams_is_refused_past_its_caps_and_starves_no_one(victim, 
     assert json.loads(out.splitlines()[-1]) == held
     wait_for(lambda: daemon.status("victim") == status, what="the victim's status as before")
     assert engine.report() == report
+
+
+def test_a_peers_groups_come_from_its_connection_not_from_proc():
+    """SO_PEERGROUPS: the groups the peer had when it connected, which a later change (or a
+    reused pid) cannot alter."""
+    import socket
+
+    from sleepd.daemon.auth import Peer
+
+    def groups_now(pid):
+        with open(f"/proc/{pid}/status") as status:
+            return [line.split()[1:] for line in status if line.startswith("Groups:")][0]
+
+    path = str(Path(tempfile.mkdtemp()) / "s")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(1)
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import os, socket, sys, time; os.setgroups([4242, 4343]); "
+                              "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
+                              "os.setgroups([]); time.sleep(30)", path])
+    try:
+        connection, _ = listener.accept()
+        wait_for(lambda: groups_now(child.pid) == [], what="the peer to drop its groups after connecting")
+        peer = Peer.of_connection(connection)
+        assert peer.pid == child.pid and {4242, 4343} <= peer.groups
+        connection.close()
+    finally:
+        child.kill()
+        child.wait()
+        listener.close()
