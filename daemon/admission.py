@@ -13,6 +13,8 @@ finding 6), each call counts against its caller until its handler returns:
 | root and the admin group | no limit of their own | | |
 
 Besides, non-admin callers together never take the last ADMIN_RESERVE workers.
+The health service's Check (what probes call, with no token) is not counted: it
+answers at once and holds no worker, so a flood never makes a probe fail.
 A call over a limit is refused at once with RESOURCE_EXHAUSTED naming the
 limit; it never waits for a worker.
 """
@@ -41,6 +43,7 @@ ANONYMOUS_EVENT_STREAMS = 4
 
 _SERVICE = sleepd_pb2.DESCRIPTOR.services_by_name["Sleepd"].full_name
 EVENTS, SESSION = f"/{_SERVICE}/Events", f"/{_SERVICE}/Session"
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 ANONYMOUS = "anonymous"
 WARN_EVERY_SECONDS = 60.0  # a flood is logged, not every call of it
 
@@ -61,6 +64,8 @@ class Admission(grpc.ServerInterceptor):
         if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED without a worker
             return None
         method = handler_call_details.method
+        if method == HEALTH_CHECK:  # answers at once, holding no worker: probes pass during a flood
+            return handler
         token = dict(handler_call_details.invocation_metadata).get(TOKEN_METADATA)
         peer = self._identify(token) if token else None
         keys = self._keys(peer, method)
@@ -68,7 +73,7 @@ class Admission(grpc.ServerInterceptor):
         if refusal is not None:
             self._warn(keys[0][0], refusal)
             return _refusing(refusal)
-        return _holding(handler, method, lambda: self._give_back(keys))
+        return _holding(handler, method, lambda: self._release(keys))
 
     @staticmethod
     def _keys(peer: Peer | None, method: str) -> list[tuple]:
@@ -94,7 +99,7 @@ class Admission(grpc.ServerInterceptor):
             self._busy += 1
         return None
 
-    def _give_back(self, keys: list[tuple]) -> None:
+    def _release(self, keys: list[tuple]) -> None:
         with self._lock:
             for key in keys:
                 self._held[key] -= 1

@@ -321,6 +321,15 @@ def test_without_a_runtime_directory_the_client_never_looks_under_tmp(monkeypatc
     assert paths.client_socket(None) == "/proc/sleepd/sleepd.sock"
     path, note = paths.daemon_socket(None)
     assert not path.startswith("/tmp") and "XDG_RUNTIME_DIR is not set" in note
+def health_check(socket_path: str) -> str:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"unix:{socket_path}") as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
 def promptly(action, within: float = 5.0):
     """`action`'s result, once it has answered within `within` seconds."""
     start = time.monotonic()
@@ -343,6 +352,7 @@ def test_a_flood_of_streams_is_refused_past_its_caps_and_starves_no_one(victim, 
         assert held is not None, flood.communicate(timeout=30)[1]
         # While the flood holds all it was let in: root, root's engines and any other uid are answered at once.
         promptly(daemon.status)
+        assert promptly(lambda: health_check(daemon.socket)) == "SERVING"  # a probe, with no token
         assert promptly(lambda: worker.request("sleep", level=1)) == {"sleeping": True}
         assert promptly(lambda: worker.request("wake")) == {"sleeping": False}
         for late in [promptly(lambda: start_engine(daemon, "late", regions=[("weights", MiB)])),
