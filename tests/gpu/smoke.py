@@ -126,7 +126,8 @@ class Nvml:
 
 
 def pattern(offset: int, length: int) -> bytes:
-    """Bytes of a pattern whose period divides no copy chunk, so that a chunk out of place shows."""
+    """`length` bytes from `offset` on of a pattern repeating every 1 MiB + 4099 bytes: no copy chunk
+    is a multiple of that, so a chunk copied to the wrong place shows."""
     block = random.Random(1).randbytes(MiB + 4099)
     start = offset % len(block)
     return (block * ((start + length) // len(block) + 1))[start:start + length]
