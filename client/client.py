@@ -313,6 +313,8 @@ class SleepClient:
     def _quiesce(self, command: pb.Quiesce) -> None:
         for hook in self._sleep_hooks:
             hook()
+        # The mover copies our memory once we ack: kernels still writing it must have finished.
+        self._backend.synchronize()
 
     def _unmap(self, command: pb.Unmap) -> None:
         # Idempotent: a rollback may name regions this client never got to map.

@@ -68,6 +68,9 @@ class Backend {
   virtual void free_reservation(uintptr_t address, size_t size) = 0;
   virtual void map(uintptr_t address, size_t size, Handle handle, int device) = 0;
   virtual void unmap(uintptr_t address, size_t size) = 0;
+  // Waits until the work this process queued on its device (kernels, copies) has
+  // finished, so that another process reads what it wrote. A no-op on the host.
+  virtual void synchronize() {}
 
   // Copies between addresses mapped in this process (device or host alike).
   virtual void copy(uintptr_t dst, uintptr_t src, size_t size) = 0;

@@ -188,10 +188,14 @@ void CudaBackend::map(uintptr_t address, size_t size, Handle handle, int device)
 }
 
 void CudaBackend::unmap(uintptr_t address, size_t size) {
-  use_context(device_);
   // Unmapping does not wait for work in flight on the memory: wait first.
-  driver_->check(driver_->cuCtxSynchronize(), "cuCtxSynchronize");
+  synchronize();
   driver_->check(driver_->cuMemUnmap(address, size), "cuMemUnmap");
+}
+
+void CudaBackend::synchronize() {
+  use_context(device_);
+  driver_->check(driver_->cuCtxSynchronize(), "cuCtxSynchronize");
 }
 
 void CudaBackend::copy(uintptr_t dst, uintptr_t src, size_t size) {

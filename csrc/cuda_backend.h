@@ -32,6 +32,7 @@ class CudaBackend : public Backend {
   void free_reservation(uintptr_t address, size_t size) override;
   void map(uintptr_t address, size_t size, Handle handle, int device) override;
   void unmap(uintptr_t address, size_t size) override;
+  void synchronize() override;
 
   void copy(uintptr_t dst, uintptr_t src, size_t size) override;
   void copy_to_host(Handle src, size_t offset, void* dst, size_t size) override;

@@ -62,6 +62,8 @@ PYBIND11_MODULE(_C, m) {
       .def("map", &Backend::map, py::arg("address"), py::arg("size"), py::arg("handle"), py::arg("device"),
            py::call_guard<py::gil_scoped_release>())
       .def("unmap", &Backend::unmap, py::arg("address"), py::arg("size"), py::call_guard<py::gil_scoped_release>())
+      .def("synchronize", &Backend::synchronize, py::call_guard<py::gil_scoped_release>(),
+           "Wait for this process's work in flight on its device (kernels, copies).")
       .def(
           "copy_to_host",
           [](Backend& self, Handle src, size_t offset, uintptr_t dst, size_t size) {

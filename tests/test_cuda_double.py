@@ -48,6 +48,16 @@ def test_a_prefaulted_pool_is_pinned_before_the_first_sleep(start_daemon, fake):
         wait_for(lambda: fake.counters(mover)["host_registered_bytes"] == 64 * MiB, what="the pool to be pinned")
 
 
+def test_a_kernel_still_writing_when_the_engine_sleeps_is_in_what_wakes(daemon, fake, start_engine):
+    # An RL step's non-blocking weight update, then sleep() at once: the backup must hold the update.
+    engine = start_engine(daemon, "qwen", regions=[("weights", 4 * MiB)])
+    written = engine.request("kernel_write", index=0, seed=7)["sha256"]
+    assert engine.request("sleep", level=1) == {"sleeping": True}
+    assert engine.request("wake") == {"sleeping": False}
+    [region] = engine.report()["regions"]
+    assert region["sha256"] == written, "the backup was taken before the engine's kernel finished"
+
+
 def test_out_of_memory_halfway_through_a_wake_leaves_the_model_asleep_with_its_backups(daemon, fake, start_engine):
     engine = start_engine(daemon, "qwen", regions=REGIONS)
     before = {region["id"]: region["sha256"] for region in engine.initial["regions"]}

@@ -8,6 +8,8 @@
 //    memfd gives exactly this);
 //  * cuMemMap maps with no access until cuMemSetAccess; cuMemUnmap must cover a
 //    whole earlier map; calls that need a context fail without a current one;
+//  * asynchronous copies and memsets run only when their stream, or its
+//    context, is synchronised: until then nothing says they have run;
 //  * an imported handle does not take ownership of the descriptor;
 //  * CUDA_VISIBLE_DEVICES picks and renumbers the GPUs a process sees, and
 //    UUIDs name the GPU whatever its ordinal.
@@ -31,6 +33,11 @@
 //                            hold_dtoh=1        device-to-host copies wait until this line is gone
 //                            sync_delay_ms=N    cuCtxSynchronize takes N ms, as with work in flight
 //
+// A test-only entry point, not the driver's, stands for an engine's kernel:
+//   fakecuda_launch_write(dst, data, size)  a kernel writing `data` (copied at launch) at
+//                          device address `dst`, on a stream of the current context's own:
+//                          it lands when that context is synchronised, and not before.
+//
 // It is written against csrc/cuda_driver.h, and checks at the end that it
 // exports every entry point sleepd resolves with the very type sleepd calls it
 // through; tests/test_cuda_headers.py checks those types against cuda.h.
@@ -44,6 +51,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <sstream>
@@ -91,6 +99,15 @@ long creates_since_control = 0;
 thread_local CUcontext current_context = nullptr;
 char contexts[64];  // one address per device stands for its primary context
 std::vector<bool> in_mig_mode;  // per GPU, as the machine numbers them
+
+// A stream: work queued on it runs, in order, when it or its context is synchronised.
+struct Stream {
+  CUcontext context;
+  std::vector<std::function<void()>> work;  // guarded by `mutex`
+  std::mutex running;  // held while its work runs: a synchronise from another thread waits for it
+};
+std::vector<Stream*> streams;              // every stream made; sleepd never destroys one
+std::map<CUcontext, Stream*> kernel_streams;  // per context, where fakecuda_launch_write's kernels go
 
 std::string env(const char* name) {
   const char* value = std::getenv(name);
@@ -172,6 +189,28 @@ bool inside(const std::map<CUdeviceptr, size_t>& ranges, CUdeviceptr address, si
   if (it == ranges.begin()) return false;
   --it;
   return address >= it->first && address + size <= it->first + it->second;
+}
+
+// The caller holds `mutex`.
+Stream* new_stream(CUcontext context) {
+  streams.push_back(new Stream{context, {}, {}});
+  return streams.back();
+}
+
+void enqueue(Stream* stream, std::function<void()> work) {
+  std::lock_guard<std::mutex> lock(mutex);
+  stream->work.push_back(std::move(work));
+}
+
+// Runs what is queued on `stream`, without holding `mutex`: work may wait on a knob.
+void drain(Stream* stream) {
+  std::lock_guard<std::mutex> running(stream->running);
+  std::vector<std::function<void()>> work;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    work.swap(stream->work);
+  }
+  for (auto& item : work) item();
 }
 
 }  // namespace
@@ -260,6 +299,13 @@ CUresult cuCtxSetCurrent(CUcontext context) {
 CUresult cuCtxSynchronize() {
   if (!current_context) return INVALID_CONTEXT;
   if (long delay = knob("sync_delay_ms")) usleep(static_cast<useconds_t>(delay * 1000));
+  std::vector<Stream*> of_context;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    for (Stream* stream : streams)
+      if (stream->context == current_context) of_context.push_back(stream);
+  }
+  for (Stream* stream : of_context) drain(stream);
   return SUCCESS;
 }
 
@@ -414,37 +460,43 @@ CUresult cuMemcpy(CUdeviceptr dst, CUdeviceptr src, size_t size) {
   return SUCCESS;
 }
 
-CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t size, CUstream) {
+CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t size, CUstream stream) {
   if (!current_context) return INVALID_CONTEXT;
-  while (knob("hold_dtoh")) usleep(10000);
-  std::memcpy(dst, reinterpret_cast<void*>(src), size);
+  enqueue(reinterpret_cast<Stream*>(stream), [=] {
+    while (knob("hold_dtoh")) usleep(10000);
+    std::memcpy(dst, reinterpret_cast<void*>(src), size);
+  });
   std::lock_guard<std::mutex> lock(mutex);
   counters.copies++;
   return SUCCESS;
 }
 
-CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t size, CUstream) {
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t size, CUstream stream) {
   if (!current_context) return INVALID_CONTEXT;
-  std::memcpy(reinterpret_cast<void*>(dst), src, size);
+  enqueue(reinterpret_cast<Stream*>(stream), [=] { std::memcpy(reinterpret_cast<void*>(dst), src, size); });
   std::lock_guard<std::mutex> lock(mutex);
   counters.copies++;
   return SUCCESS;
 }
 
-CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t size, CUstream) {
+CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t size, CUstream stream) {
   if (!current_context) return INVALID_CONTEXT;
-  std::memset(reinterpret_cast<void*>(dst), value, size);
+  enqueue(reinterpret_cast<Stream*>(stream), [=] { std::memset(reinterpret_cast<void*>(dst), value, size); });
   return SUCCESS;
 }
 
 CUresult cuStreamCreate(CUstream* stream, unsigned) {
   if (!current_context) return INVALID_CONTEXT;
-  static char streams[1];
-  *stream = reinterpret_cast<CUstream>(streams);
+  std::lock_guard<std::mutex> lock(mutex);
+  *stream = reinterpret_cast<CUstream>(new_stream(current_context));
   return SUCCESS;
 }
 
-CUresult cuStreamSynchronize(CUstream) { return current_context ? SUCCESS : INVALID_CONTEXT; }
+CUresult cuStreamSynchronize(CUstream stream) {
+  if (!current_context) return INVALID_CONTEXT;
+  drain(reinterpret_cast<Stream*>(stream));
+  return SUCCESS;
+}
 
 CUresult cuMemHostRegister_v2(void*, size_t size, unsigned) {
   if (!current_context) return INVALID_CONTEXT;
@@ -452,6 +504,17 @@ CUresult cuMemHostRegister_v2(void*, size_t size, unsigned) {
   counters.host_register_calls++;
   counters.host_registered_bytes += static_cast<long>(size);
   write_counters();
+  return SUCCESS;
+}
+
+// Test-only: see the top of this file.
+__attribute__((visibility("default"))) CUresult fakecuda_launch_write(CUdeviceptr dst, const void* data, size_t size) {
+  if (!current_context) return INVALID_CONTEXT;
+  std::vector<char> bytes(static_cast<const char*>(data), static_cast<const char*>(data) + size);
+  std::lock_guard<std::mutex> lock(mutex);
+  Stream*& stream = kernel_streams[current_context];
+  if (!stream) stream = new_stream(current_context);
+  stream->work.push_back([dst, bytes] { std::memcpy(reinterpret_cast<void*>(dst), bytes.data(), bytes.size()); });
   return SUCCESS;
 }
 
