@@ -82,6 +82,9 @@ class Backend {
   virtual void zero(Handle dst, size_t offset, size_t size) = 0;
   // Prepares host memory for fast copies once (a GPU pins it); a no-op elsewhere.
   virtual void register_host(void* /*address*/, size_t /*size*/) {}
+  // Whether register_host pins: the pages it found then stay the ones copies use
+  // until the process ends, even if the file they belong to drops them.
+  virtual bool pins_host_memory() const { return false; }
 
  protected:
   // Import and adopt in one: `adopt` makes the memory count against `device`.

@@ -39,6 +39,7 @@ class CudaBackend : public Backend {
   void copy_from_host(Handle dst, size_t offset, const void* src, size_t size) override;
   void zero(Handle dst, size_t offset, size_t size) override;
   void register_host(void* address, size_t size) override;
+  bool pins_host_memory() const override { return true; }
 
   int device_count() const { return static_cast<int>(used_.size()); }
   size_t total_memory(int device) const;

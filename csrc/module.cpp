@@ -42,6 +42,7 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<Backend, std::shared_ptr<Backend>>(m, "Backend")
       .def_property_readonly("name", &Backend::name)
+      .def_property_readonly("pins_host_memory", &Backend::pins_host_memory)
       .def("granularity", &Backend::granularity, py::arg("device"), py::call_guard<py::gil_scoped_release>())
       .def("create", &Backend::create, py::arg("device"), py::arg("size"), py::arg("label") = "sleepd",
            py::call_guard<py::gil_scoped_release>(),

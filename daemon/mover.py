@@ -145,6 +145,8 @@ class Mover:
         for slab in self._pool.slabs():
             if slab.index not in self._registered[direction]:
                 # A pre-faulted pool is mapped with its page tables built, so the first copy runs at full speed.
+                if self._backend.pins_host_memory:
+                    self._pool.pin(slab.index)  # before the pin exists, so no free punches under it
                 self._request(self._channels[direction], AddSlab(slab.index, slab.size, self._pool.prefault, slab.fd))
                 self._registered[direction].add(slab.index)
 

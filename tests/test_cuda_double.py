@@ -2,6 +2,7 @@
 in the daemon, a pool pinned once, and clean rollback when the driver fails."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -40,6 +41,19 @@ def test_the_mover_pins_the_host_pool_once_not_on_every_sleep(daemon, fake, star
     counters = fake.counters(mover)
     assert counters["host_register_calls"] == 1, "the pool slab was registered more than once"
     assert counters["copies"] >= 6
+
+
+def test_backups_in_pool_space_an_earlier_wake_freed_survive_a_mover_restart(daemon, fake, start_engine):
+    engine = start_engine(daemon, "qwen", regions=REGIONS)
+    daemon.ctl("sleep", "--model", "qwen")
+    daemon.ctl("wake", "--model", "qwen")  # frees the backups' pool space, which the mover keeps pinned
+    daemon.ctl("sleep", "--model", "qwen")  # backs up into that same space
+    for mover in daemon.mover_pids():
+        os.kill(mover, signal.SIGKILL)
+    wait_for(lambda: not daemon.mover_pids(), what="the movers to die")
+    daemon.ctl("wake", "--model", "qwen")  # a new mover reads the backups from the pool's files
+    assert weights_digests(engine.report()) == weights_digests(engine.initial), \
+        "the backups were copied to pinned pages the pool's files no longer hold"
 
 
 def test_a_prefaulted_pool_is_pinned_before_the_first_sleep(start_daemon, fake):

@@ -10,6 +10,10 @@
 //    whole earlier map; calls that need a context fail without a current one;
 //  * asynchronous copies and memsets run only when their stream, or its
 //    context, is synchronised: until then nothing says they have run;
+//  * cuMemHostRegister holds the pages of a file-backed range until the process
+//    ends: a range punched out of the file under it leaves the pin, and every
+//    later copy, on the old pages, while the file, and whoever maps it afresh,
+//    gets new empty ones (the double keeps such orphaned pages itself);
 //  * an imported handle does not take ownership of the descriptor;
 //  * CUDA_VISIBLE_DEVICES picks and renumbers the GPUs a process sees, and
 //    UUIDs name the GPU whatever its ordinal.
@@ -100,6 +104,18 @@ thread_local CUcontext current_context = nullptr;
 char contexts[64];  // one address per device stands for its primary context
 std::vector<bool> in_mig_mode;  // per GPU, as the machine numbers them
 
+// A range of host memory registered (pinned) with cuMemHostRegister.
+struct Registration {
+  char* base;
+  size_t size;
+  int file;          // the file it maps, opened anew (-1: anonymous memory)
+  off_t file_offset;  // of `base` in that file
+  std::vector<bool> pinned;  // per page: in use under the pin (a copy went through it)
+  std::map<size_t, std::vector<char>> orphans;  // per page punched out under the pin: the page the pin holds
+};
+std::vector<Registration*> registrations;  // guarded by `mutex`; sleepd never unregisters
+const size_t kPage = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+
 // A stream: work queued on it runs, in order, when it or its context is synchronised.
 struct Stream {
   CUcontext context;
@@ -189,6 +205,68 @@ bool inside(const std::map<CUdeviceptr, size_t>& ranges, CUdeviceptr address, si
   if (it == ranges.begin()) return false;
   --it;
   return address >= it->first && address + size <= it->first + it->second;
+}
+
+// The file mapped at `address` and the offset there, from /proc/self/maps; -1 for anonymous memory.
+std::pair<int, off_t> backing_file(const void* address) {
+  std::ifstream maps("/proc/self/maps");
+  std::string line;
+  auto at = reinterpret_cast<uintptr_t>(address);
+  while (std::getline(maps, line)) {
+    uintptr_t start, end;
+    unsigned long long offset;
+    int path_at = 0;
+    if (std::sscanf(line.c_str(), "%lx-%lx %*s %llx %*s %*s %n", &start, &end, &offset, &path_at) < 3) continue;
+    if (at < start || at >= end || line[path_at] != '/') continue;
+    int fd = open(line.c_str() + path_at, O_RDONLY | O_CLOEXEC);
+    return {fd, static_cast<off_t>(offset + (at - start))};
+  }
+  return {-1, 0};
+}
+
+// Where a copy finds page `index` of `r`: the page the pin holds. The caller holds `mutex`.
+char* pinned_page(Registration* r, size_t index) {
+  auto orphan = r->orphans.find(index);
+  if (orphan != r->orphans.end()) return orphan->second.data();
+  off_t in_file = r->file_offset + static_cast<off_t>(index * kPage);
+  if (r->pinned[index] && lseek(r->file, in_file, SEEK_DATA) != in_file) {
+    // Punched out of the file under the pin: the pin keeps the old page, the file has none.
+    std::vector<char>& page = r->orphans[index];
+    page.assign(kPage, 0);
+    return page.data();
+  }
+  r->pinned[index] = true;
+  return r->base + index * kPage;
+}
+
+// Copies between host memory and device memory, through the pin where the host memory is registered.
+void host_copy(char* host, char* device, size_t size, bool to_host) {
+  std::unique_lock<std::mutex> lock(mutex);
+  Registration* r = nullptr;
+  for (Registration* each : registrations)
+    if (each->file >= 0 && host >= each->base && host + size <= each->base + each->size) r = each;
+  size_t first = r ? static_cast<size_t>(host - r->base) / kPage : 0;
+  size_t last = r ? (static_cast<size_t>(host - r->base) + size - 1) / kPage : 0;
+  if (r && r->orphans.lower_bound(first) == r->orphans.lower_bound(last + 1)) {
+    off_t start = r->file_offset + static_cast<off_t>(first * kPage);
+    if (lseek(r->file, start, SEEK_HOLE) >= start + static_cast<off_t>((last + 1 - first) * kPage)) {
+      // The common case: no page of the range has left the file.
+      for (size_t index = first; index <= last; ++index) r->pinned[index] = true;
+      r = nullptr;
+    }
+  }
+  if (!r) {
+    lock.unlock();
+    std::memcpy(to_host ? host : device, to_host ? device : host, size);
+    return;
+  }
+  for (size_t done = 0; done < size;) {
+    size_t at = static_cast<size_t>(host - r->base) + done;
+    size_t length = std::min(kPage - at % kPage, size - done);
+    char* page = pinned_page(r, at / kPage) + at % kPage;
+    std::memcpy(to_host ? page : device + done, to_host ? device + done : page, length);
+    done += length;
+  }
 }
 
 // The caller holds `mutex`.
@@ -464,7 +542,7 @@ CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t size, CUstream 
   if (!current_context) return INVALID_CONTEXT;
   enqueue(reinterpret_cast<Stream*>(stream), [=] {
     while (knob("hold_dtoh")) usleep(10000);
-    std::memcpy(dst, reinterpret_cast<void*>(src), size);
+    host_copy(static_cast<char*>(dst), reinterpret_cast<char*>(src), size, true);
   });
   std::lock_guard<std::mutex> lock(mutex);
   counters.copies++;
@@ -473,7 +551,9 @@ CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t size, CUstream 
 
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t size, CUstream stream) {
   if (!current_context) return INVALID_CONTEXT;
-  enqueue(reinterpret_cast<Stream*>(stream), [=] { std::memcpy(reinterpret_cast<void*>(dst), src, size); });
+  enqueue(reinterpret_cast<Stream*>(stream), [=] {
+    host_copy(static_cast<char*>(const_cast<void*>(src)), reinterpret_cast<char*>(dst), size, false);
+  });
   std::lock_guard<std::mutex> lock(mutex);
   counters.copies++;
   return SUCCESS;
@@ -498,9 +578,12 @@ CUresult cuStreamSynchronize(CUstream stream) {
   return SUCCESS;
 }
 
-CUresult cuMemHostRegister_v2(void*, size_t size, unsigned) {
+CUresult cuMemHostRegister_v2(void* address, size_t size, unsigned) {
   if (!current_context) return INVALID_CONTEXT;
+  auto [file, offset] = backing_file(address);
   std::lock_guard<std::mutex> lock(mutex);
+  registrations.push_back(new Registration{static_cast<char*>(address), size, file, offset,
+                                           std::vector<bool>((size + kPage - 1) / kPage), {}});
   counters.host_register_calls++;
   counters.host_registered_bytes += static_cast<long>(size);
   write_counters();
