@@ -23,6 +23,13 @@ struct BackendError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// Raised when the device's context is broken for good (a fault on a GPU): every
+// later call in this process fails the same way, and only a new process can use
+// the device again.
+struct ContextLost : BackendError {
+  using BackendError::BackendError;
+};
+
 // What crosses a process boundary: a file descriptor (host, CUDA).
 struct Shareable {
   int fd = -1;

@@ -37,7 +37,9 @@ void* as_pointer(uintptr_t address) { return reinterpret_cast<void*>(address); }
 PYBIND11_MODULE(_C, m) {
   m.doc() = "sleepd native core: memory backends and bulk copies";
 
-  py::register_exception<BackendError>(m, "BackendError", PyExc_RuntimeError);
+  auto backend_error = py::register_exception<BackendError>(m, "BackendError", PyExc_RuntimeError);
+  // Registered after its base, so that its translation is tried first.
+  py::register_exception<ContextLost>(m, "ContextLostError", backend_error);
   py::register_exception<OutOfMemory>(m, "OutOfMemoryError", PyExc_MemoryError);
 
   py::class_<Backend, std::shared_ptr<Backend>>(m, "Backend")

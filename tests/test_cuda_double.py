@@ -130,6 +130,21 @@ def test_a_failing_map_in_the_mover_fails_the_sleep_and_loses_nothing(daemon, fa
     assert sorted(daemon.mover_pids()) == movers
 
 
+def test_a_mover_whose_context_a_fault_broke_is_replaced_and_the_next_sleep_works(daemon, fake, start_engine):
+    engine = start_engine(daemon, "qwen", regions=REGIONS)
+    awake, movers = daemon.status(), set(daemon.mover_pids())
+    fake.inject(sticky_fault=700)  # a GPU fault: every later call in that mover fails the same way
+    result = daemon.ctl("sleep", "--model", "qwen", check=False)
+    fake.inject()
+    assert result.returncode != 0 and "an illegal memory access was encountered" in result.stderr
+    assert "lost its device context" in result.stderr
+    assert daemon.status() == awake
+    daemon.ctl("sleep", "--model", "qwen")
+    daemon.ctl("wake", "--model", "qwen")
+    assert weights_digests(engine.report()) == weights_digests(engine.initial)
+    assert len(movers - set(daemon.mover_pids())) == 1, "the broken mover is still running"
+
+
 def daemon_states(daemon, model: str) -> list[str]:
     [entry] = daemon.status(model)["models"]
     return [region["state"] for rank in entry["ranks"] for region in rank["regions"]]

@@ -36,6 +36,9 @@
 //                            fail_import_pid=P  cuMemImportFromShareableHandle fails in process P
 //                            hold_dtoh=1        device-to-host copies wait until this line is gone
 //                            sync_delay_ms=N    cuCtxSynchronize takes N ms, as with work in flight
+//                            sticky_fault=E     the next asynchronous copy a process issues fails with E
+//                                               (700: an illegal address), and so does every later call
+//                                               of that process that needs a context, as after a GPU fault
 //
 // A test-only entry point, not the driver's, stands for an engine's kernel:
 //   fakecuda_launch_write(dst, data, size)  a kernel writing `data` (copied at launch) at
@@ -50,6 +53,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -72,7 +76,8 @@ namespace {
 using Handle = CUmemGenericAllocationHandle;
 
 constexpr CUresult SUCCESS = 0, INVALID_VALUE = 1, OUT_OF_MEMORY = 2, NOT_INITIALIZED = 3, INVALID_DEVICE = 101,
-                   INVALID_CONTEXT = 201, INVALID_HANDLE = 400, UNKNOWN = 999;
+                   INVALID_CONTEXT = 201, INVALID_HANDLE = 400, ILLEGAL_ADDRESS = 700, LAUNCH_FAILED = 719,
+                   UNKNOWN = 999;
 
 struct Allocation {
   int fd;
@@ -101,6 +106,7 @@ Counters counters;
 std::string control_text;
 long creates_since_control = 0;
 thread_local CUcontext current_context = nullptr;
+std::atomic<CUresult> sticky_error{SUCCESS};  // once a fault has broken this process's contexts, what every call returns
 char contexts[64];  // one address per device stands for its primary context
 std::vector<bool> in_mig_mode;  // per GPU, as the machine numbers them
 
@@ -269,6 +275,18 @@ void host_copy(char* host, char* device, size_t size, bool to_host) {
   }
 }
 
+// Why a call that needs a context cannot run on this thread, or SUCCESS.
+CUresult context_error() {
+  if (CUresult error = sticky_error) return error;
+  return current_context ? SUCCESS : INVALID_CONTEXT;
+}
+
+// Injects the fault the control file asks for, before a copy is issued.
+CUresult fault_before_copy() {
+  if (long error = knob("sticky_fault")) sticky_error = static_cast<CUresult>(error);
+  return context_error();
+}
+
 // The caller holds `mutex`.
 Stream* new_stream(CUcontext context) {
   streams.push_back(new Stream{context, {}, {}});
@@ -329,6 +347,8 @@ CUresult cuGetErrorString(CUresult error, const char** text) {
     case INVALID_DEVICE: *text = "invalid device ordinal"; break;
     case INVALID_CONTEXT: *text = "invalid device context"; break;
     case INVALID_HANDLE: *text = "invalid resource handle"; break;
+    case ILLEGAL_ADDRESS: *text = "an illegal memory access was encountered"; break;
+    case LAUNCH_FAILED: *text = "unspecified launch failure"; break;
     default: *text = "unknown error"; break;
   }
   return SUCCESS;
@@ -375,7 +395,7 @@ CUresult cuCtxSetCurrent(CUcontext context) {
 }
 
 CUresult cuCtxSynchronize() {
-  if (!current_context) return INVALID_CONTEXT;
+  if (CUresult error = context_error()) return error;
   if (long delay = knob("sync_delay_ms")) usleep(static_cast<useconds_t>(delay * 1000));
   std::vector<Stream*> of_context;
   {
@@ -490,7 +510,7 @@ CUresult cuMemAddressFree(CUdeviceptr address, size_t size) {
 }
 
 CUresult cuMemMap(CUdeviceptr address, size_t size, size_t offset, Handle handle, unsigned long long) {
-  if (!current_context) return INVALID_CONTEXT;
+  if (CUresult error = context_error()) return error;
   std::lock_guard<std::mutex> lock(mutex);
   if (control().count("fail_map")) return UNKNOWN;
   Allocation* memory = allocation(handle);
@@ -508,7 +528,7 @@ CUresult cuMemMap(CUdeviceptr address, size_t size, size_t offset, Handle handle
 }
 
 CUresult cuMemSetAccess(CUdeviceptr address, size_t size, const CUmemAccessDesc* desc, size_t count) {
-  if (!current_context) return INVALID_CONTEXT;
+  if (CUresult error = context_error()) return error;
   std::lock_guard<std::mutex> lock(mutex);
   if (count != 1 || desc->location.id < 0 || desc->location.id >= devices) return INVALID_VALUE;
   if (!inside(mappings, address, size)) return INVALID_VALUE;
@@ -519,7 +539,7 @@ CUresult cuMemSetAccess(CUdeviceptr address, size_t size, const CUmemAccessDesc*
 }
 
 CUresult cuMemUnmap(CUdeviceptr address, size_t size) {
-  if (!current_context) return INVALID_CONTEXT;
+  if (CUresult error = context_error()) return error;
   std::lock_guard<std::mutex> lock(mutex);
   auto it = mappings.find(address);
   if (it == mappings.end() || it->second != size) return INVALID_VALUE;  // must be a whole earlier map
@@ -533,13 +553,13 @@ CUresult cuMemUnmap(CUdeviceptr address, size_t size) {
 }
 
 CUresult cuMemcpy(CUdeviceptr dst, CUdeviceptr src, size_t size) {
-  if (!current_context) return INVALID_CONTEXT;
+  if (CUresult error = context_error()) return error;
   std::memcpy(reinterpret_cast<void*>(dst), reinterpret_cast<void*>(src), size);
   return SUCCESS;
 }
 
 CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t size, CUstream stream) {
-  if (!current_context) return INVALID_CONTEXT;
+  if (CUresult error = fault_before_copy()) return error;
   enqueue(reinterpret_cast<Stream*>(stream), [=] {
     while (knob("hold_dtoh")) usleep(10000);
     host_copy(static_cast<char*>(dst), reinterpret_cast<char*>(src), size, true);
@@ -550,7 +570,7 @@ CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t size, CUstream 
 }
 
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t size, CUstream stream) {
-  if (!current_context) return INVALID_CONTEXT;
+  if (CUresult error = fault_before_copy()) return error;
   enqueue(reinterpret_cast<Stream*>(stream), [=] {
     host_copy(static_cast<char*>(const_cast<void*>(src)), reinterpret_cast<char*>(dst), size, false);
   });
@@ -560,26 +580,26 @@ CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t size, CUs
 }
 
 CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t size, CUstream stream) {
-  if (!current_context) return INVALID_CONTEXT;
+  if (CUresult error = fault_before_copy()) return error;
   enqueue(reinterpret_cast<Stream*>(stream), [=] { std::memset(reinterpret_cast<void*>(dst), value, size); });
   return SUCCESS;
 }
 
 CUresult cuStreamCreate(CUstream* stream, unsigned) {
-  if (!current_context) return INVALID_CONTEXT;
+  if (CUresult error = context_error()) return error;
   std::lock_guard<std::mutex> lock(mutex);
   *stream = reinterpret_cast<CUstream>(new_stream(current_context));
   return SUCCESS;
 }
 
 CUresult cuStreamSynchronize(CUstream stream) {
-  if (!current_context) return INVALID_CONTEXT;
+  if (CUresult error = context_error()) return error;
   drain(reinterpret_cast<Stream*>(stream));
   return SUCCESS;
 }
 
 CUresult cuMemHostRegister_v2(void* address, size_t size, unsigned) {
-  if (!current_context) return INVALID_CONTEXT;
+  if (CUresult error = context_error()) return error;
   auto [file, offset] = backing_file(address);
   std::lock_guard<std::mutex> lock(mutex);
   registrations.push_back(new Registration{static_cast<char*>(address), size, file, offset,
@@ -592,7 +612,7 @@ CUresult cuMemHostRegister_v2(void* address, size_t size, unsigned) {
 
 // Test-only: see the top of this file.
 __attribute__((visibility("default"))) CUresult fakecuda_launch_write(CUdeviceptr dst, const void* data, size_t size) {
-  if (!current_context) return INVALID_CONTEXT;
+  if (CUresult error = context_error()) return error;
   std::vector<char> bytes(static_cast<const char*>(data), static_cast<const char*>(data) + size);
   std::lock_guard<std::mutex> lock(mutex);
   Stream*& stream = kernel_streams[current_context];
