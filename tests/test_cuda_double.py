@@ -32,6 +32,44 @@ def test_the_daemon_never_creates_a_cuda_context(daemon, fake, start_engine):
         assert fake.counters(mover)["contexts_retained"] >= 1
 
 
+# An engine's session thread, or a mover's channel thread, is not the thread that chose the device.
+IMPORT_ON_A_FRESH_THREAD = """
+import os, threading
+from sleepd import _C
+
+daemon_side = _C.CudaBackend()  # as in the daemon: no context
+engine_side = _C.CudaBackend()
+engine_side.set_device(0)  # current on this thread only
+size = daemon_side.granularity(0)
+fd = daemon_side.export_handle(daemon_side.create(0, size))
+errors = []
+
+def import_and_use():
+    try:
+        imported = engine_side.import_handle(fd, 0, size)
+        address = engine_side.reserve(size)
+        engine_side.map(address, size, imported, 0)
+        engine_side.write(address, b"written")
+        assert engine_side.read(address, 7) == b"written"
+        engine_side.unmap(address, size)
+        engine_side.release(imported)
+    except Exception as error:
+        errors.append(error)
+
+thread = threading.Thread(target=import_and_use)
+thread.start()
+thread.join()
+os.close(fd)
+assert not errors, errors
+"""
+
+
+def test_memory_is_imported_and_mapped_on_a_thread_that_never_chose_a_device(fake):
+    result = subprocess.run([sys.executable, "-c", IMPORT_ON_A_FRESH_THREAD], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
 def test_the_mover_pins_the_host_pool_once_not_on_every_sleep(daemon, fake, start_engine):
     start_engine(daemon, "qwen", regions=REGIONS)
     for _ in range(3):

@@ -7,7 +7,8 @@
 //    and every exported descriptor (the kernel's own reference counting on the
 //    memfd gives exactly this);
 //  * cuMemMap maps with no access until cuMemSetAccess; cuMemUnmap must cover a
-//    whole earlier map; calls that need a context fail without a current one;
+//    whole earlier map; calls that need a context fail without one current on
+//    the calling thread (a new thread has none);
 //  * asynchronous copies and memsets run only when their stream, or its
 //    context, is synchronised: until then nothing says they have run;
 //  * cuMemHostRegister holds the pages of a file-backed range until the process
@@ -467,7 +468,9 @@ CUresult cuMemExportToShareableHandle(void* out, Handle handle, int type, unsign
   return SUCCESS;
 }
 
+// Needs a context: the driver's documentation does not promise it works without one.
 CUresult cuMemImportFromShareableHandle(Handle* handle, void* os_handle, int type) {
+  if (CUresult error = context_error()) return error;
   if (type != 1) return INVALID_VALUE;
   std::lock_guard<std::mutex> lock(mutex);
   auto faults = control();
