@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -35,6 +36,45 @@ def test_pool_tensors_come_back_bit_identical_after_a_level_1_sleep(gpu_daemon):
         assert weights.data_ptr() == pointer
         assert torch.equal(weights.cpu(), saved)
         assert kv.abs().sum().item() == 0  # discarded: zero-filled
+
+
+def in_regions(client, tensor) -> bool:
+    return any(r.address <= tensor.data_ptr() < r.address + r.size for r in client.regions())
+
+
+def test_memory_another_thread_allocates_inside_pool_is_reported_not_silently_missed(gpu_daemon):
+    from sleepd.client.torch_pool import RoutingWarning
+
+    torch.cuda.empty_cache()  # the other thread's tensor must need new device memory
+    with SleepClient.connect("qwen", socket=gpu_daemon.socket) as client:
+        theirs = []
+
+        def load():
+            theirs.append(torch.ones(256 * MiB, dtype=torch.uint8, device="cuda"))
+
+        with pytest.warns(RoutingWarning, match="another thread"):
+            with client.pool("weights"):
+                mine = torch.ones(64 * MiB, dtype=torch.uint8, device="cuda")
+                loader = threading.Thread(target=load)
+                loader.start()
+                loader.join()
+        assert in_regions(client, mine)
+        assert not in_regions(client, theirs[0]), "pool() routed another thread's allocation after all"
+
+
+def test_pool_leaves_expandable_segments_on_for_the_rest_of_the_process(gpu_daemon):
+    torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    try:
+        with SleepClient.connect("qwen", socket=gpu_daemon.socket) as client:
+            with client.pool("weights"):
+                inside = torch.ones(64 * MiB, dtype=torch.uint8, device="cuda")
+            assert in_regions(client, inside), "an expandable segment bypassed the pool"
+            outside = torch.ones(64 * MiB, dtype=torch.uint8, device="cuda")
+            [segment] = [s for s in torch.cuda.memory_snapshot()
+                         if s["address"] <= outside.data_ptr() < s["address"] + s["total_size"]]
+            assert segment.get("is_expandable"), "pool() left expandable segments off"
+    finally:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:False")
 
 
 def test_nvml_shows_the_memory_freed_while_asleep_and_back_after_wake(gpu_daemon):
