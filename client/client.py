@@ -175,9 +175,15 @@ class SleepClient:
         """Inside this block, torch CUDA allocations on this thread land in
         daemon-owned regions tagged `tag`, carved from chunks of `chunk_bytes`.
 
-        torch's pitfalls, handled here: expandable segments are switched off
-        (they bypass a pluggable allocator); the MemPool and the allocator live
-        as long as this client, because every tensor in them needs them;
+        Only this thread's: allocations other threads make meanwhile (a loader's
+        thread pool) go to plain device memory and never sleep. Open pool() in
+        each of those threads; a block that sees the device's memory grow outside
+        sleepd warns (torch_pool.RoutingWarning).
+
+        torch's pitfalls, handled here: expandable segments are switched off while
+        any pool() block is open (they bypass a pluggable allocator), and back on
+        after the last, if they were on; the MemPool and the allocator live as long
+        as this client, because every tensor in them needs them;
         torch.cuda.empty_cache() does not give pool memory back, sleep does.
         """
         from .torch_pool import TorchPool
@@ -188,8 +194,12 @@ class SleepClient:
                 raise RuntimeError("pool() routes torch CUDA allocations; this daemon runs the "
                                    f"{self._backend.name} backend, so use alloc() or adopt() instead")
             torch_pool = self._pools[tag] = TorchPool(self, tag, chunk_bytes)
-        with torch_pool.active(self.device):
+        with torch_pool.active(self.device, self._pooled_bytes):
             yield torch_pool
+
+    def _pooled_bytes(self) -> int:
+        """What this client's torch pools hold, every tag together."""
+        return sum(pool.chunks.bytes_in_use for pool in list(self._pools.values()))
 
     def regions(self) -> list[Region]:
         with self._regions_changed:
@@ -313,6 +323,8 @@ class SleepClient:
     def _quiesce(self, command: pb.Quiesce) -> None:
         for hook in self._sleep_hooks:
             hook()
+        # The mover copies our memory once we ack: kernels still writing it must have finished.
+        self._backend.synchronize()
 
     def _unmap(self, command: pb.Unmap) -> None:
         # Idempotent: a rollback may name regions this client never got to map.

@@ -3,11 +3,25 @@
 A CUDAPluggableAllocator points torch at the C hooks in sleepd._C; a MemPool
 and `use_mem_pool` send one thread's allocations to it; a ChunkPool behind the
 hooks carves them out of large daemon regions.
+
+torch routes only the allocations of the thread that opened the pool: other
+threads' (a loader's thread pool) go to plain device memory and never sleep.
+A pool block that sees the device's memory grow outside every sleepd pool
+says so with a RoutingWarning rather than let it pass silently.
 """
 
 import contextlib
+import os
+import threading
+import warnings
 
 from sleepd import _C
+
+MiB = 1 << 20
+
+
+class RoutingWarning(RuntimeWarning):
+    """Device memory was allocated outside sleepd while a pool() block was open."""
 
 
 class TorchPool:
@@ -27,14 +41,65 @@ class TorchPool:
         return region.address, region.mapped_size
 
     @contextlib.contextmanager
-    def active(self, device: int):
+    def active(self, device: int, pooled_bytes):
+        """Routes this thread's allocations on `device` here. `pooled_bytes()`: what every
+        sleepd pool of this process holds, to tell the device's growth outside them."""
         import torch
 
-        # Expandable segments map memory themselves, past the pluggable allocator.
-        torch.cuda.memory._set_allocator_settings("expandable_segments:False")
-        self.chunks.activate()
-        try:
-            with torch.cuda.use_mem_pool(self.mem_pool, device=device):
-                yield self
-        finally:
-            self.chunks.deactivate()
+        reserved, pooled = torch.cuda.memory_reserved(device), pooled_bytes()
+        with _expandable_segments_off():
+            self.chunks.activate()
+            try:
+                with torch.cuda.use_mem_pool(self.mem_pool, device=device):
+                    yield self
+            finally:
+                self.chunks.deactivate()
+        outside = torch.cuda.memory_reserved(device) - reserved - (pooled_bytes() - pooled)
+        if outside > 0:
+            warnings.warn(f"{outside / MiB:.0f} MiB of cuda:{device} were allocated outside sleepd while "
+                          f"pool({self.tag!r}) was open, most likely by another thread: pool() routes only the "
+                          "allocations of the thread that opens it, so that memory will not sleep; open pool() "
+                          "in every thread that allocates what should sleep", RoutingWarning, stacklevel=5)  # the caller's `with client.pool()`
+
+
+# Expandable segments map memory themselves, past a pluggable allocator. The setting is
+# the whole process's: the first pool() block to open turns it off if it was on, and the
+# last to close turns it back on.
+_settings_lock = threading.Lock()
+_open_blocks = 0
+_expandable_was_on = False
+
+
+def _expandable_segments_on() -> bool:
+    """Whether torch's allocator uses expandable segments: the last value given wins."""
+    import torch
+
+    getter = getattr(torch._C, "_accelerator_getAllocatorSettings", None)  # torch 2.9 and later
+    given = [getter()] if getter else [os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+                                       os.environ.get("PYTORCH_ALLOC_CONF", "")]
+    on = False
+    for setting in ",".join(given).split(","):
+        key, _, value = setting.partition(":")
+        if key.strip() == "expandable_segments":
+            on = value.strip().lower() == "true"
+    return on
+
+
+@contextlib.contextmanager
+def _expandable_segments_off():
+    import torch
+
+    global _open_blocks, _expandable_was_on
+    with _settings_lock:
+        if _open_blocks == 0:
+            _expandable_was_on = _expandable_segments_on()
+            if _expandable_was_on:
+                torch.cuda.memory._set_allocator_settings("expandable_segments:False")
+        _open_blocks += 1
+    try:
+        yield
+    finally:
+        with _settings_lock:
+            _open_blocks -= 1
+            if _open_blocks == 0 and _expandable_was_on:
+                torch.cuda.memory._set_allocator_settings("expandable_segments:True")

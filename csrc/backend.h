@@ -23,6 +23,13 @@ struct BackendError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// Raised when the device's context is broken for good (a fault on a GPU): every
+// later call in this process fails the same way, and only a new process can use
+// the device again.
+struct ContextLost : BackendError {
+  using BackendError::BackendError;
+};
+
 // What crosses a process boundary: a file descriptor (host, CUDA).
 struct Shareable {
   int fd = -1;
@@ -68,6 +75,9 @@ class Backend {
   virtual void free_reservation(uintptr_t address, size_t size) = 0;
   virtual void map(uintptr_t address, size_t size, Handle handle, int device) = 0;
   virtual void unmap(uintptr_t address, size_t size) = 0;
+  // Waits until the work this process queued on its device (kernels, copies) has
+  // finished, so that another process reads what it wrote. A no-op on the host.
+  virtual void synchronize() {}
 
   // Copies between addresses mapped in this process (device or host alike).
   virtual void copy(uintptr_t dst, uintptr_t src, size_t size) = 0;
@@ -79,6 +89,9 @@ class Backend {
   virtual void zero(Handle dst, size_t offset, size_t size) = 0;
   // Prepares host memory for fast copies once (a GPU pins it); a no-op elsewhere.
   virtual void register_host(void* /*address*/, size_t /*size*/) {}
+  // Whether register_host pins: the pages it found then stay the ones copies use
+  // until the process ends, even if the file they belong to drops them.
+  virtual bool pins_host_memory() const { return false; }
 
  protected:
   // Import and adopt in one: `adopt` makes the memory count against `device`.

@@ -1,6 +1,10 @@
 #include "cuda_backend.h"
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 
@@ -10,6 +14,12 @@ namespace {
 // Copies are issued in chunks of this size, round-robin over the streams, so
 // that several DMA transfers are in flight at once.
 constexpr size_t kChunk = 64u << 20;
+
+int duplicate(int fd, const char* call) {
+  int copy = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (copy < 0) throw BackendError(std::string(call) + ": dup: " + std::strerror(errno));
+  return copy;
+}
 
 cu::CUmemAllocationProp device_memory(int device) {
   cu::CUmemAllocationProp prop{};
@@ -99,8 +109,17 @@ cu::CUmemGenericAllocationHandle CudaBackend::driver_handle(Handle handle) const
 }
 
 Shareable CudaBackend::export_handle(Handle handle) {
+  Memory memory;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    memory = find_handle(memory_, handle);
+  }
   Shareable shareable;
-  driver_->check(driver_->cuMemExportToShareableHandle(&shareable.fd, driver_handle(handle),
+  if (memory.fd >= 0) {
+    shareable.fd = duplicate(memory.fd, "export");
+    return shareable;
+  }
+  driver_->check(driver_->cuMemExportToShareableHandle(&shareable.fd, memory.handle,
                                                        cu::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
                  "cuMemExportToShareableHandle");
   return shareable;
@@ -109,16 +128,22 @@ Shareable CudaBackend::export_handle(Handle handle) {
 Handle CudaBackend::import_memory(const Shareable& shareable, int device, size_t size, bool adopt) {
   if (shareable.fd < 0) throw BackendError("import: the CUDA backend shares file descriptors");
   check_device(device);
-  cu::CUmemGenericAllocationHandle native = 0;
-  // The descriptor goes by value and stays ours: the caller closes it.
-  driver_->check(driver_->cuMemImportFromShareableHandle(
-                     &native, reinterpret_cast<void*>(static_cast<uintptr_t>(shareable.fd)),
-                     cu::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
-                 "cuMemImportFromShareableHandle");
+  // An imported handle does not know its size; the daemon sends it alongside.
+  Memory memory{0, device, size, adopt};
+  if (adopt) {
+    // The daemon has no context to import in: a descriptor of its own is as good a reference.
+    memory.fd = duplicate(shareable.fd, "adopt");
+  } else {
+    use_context(device);
+    // The descriptor goes by value and stays ours: the caller closes it.
+    driver_->check(driver_->cuMemImportFromShareableHandle(
+                       &memory.handle, reinterpret_cast<void*>(static_cast<uintptr_t>(shareable.fd)),
+                       cu::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
+                   "cuMemImportFromShareableHandle");
+  }
   std::lock_guard<std::mutex> lock(mutex_);
   Handle id = next_handle_++;
-  // An imported handle does not know its size; the daemon sends it alongside.
-  memory_.emplace(id, Memory{native, device, size, adopt});
+  memory_.emplace(id, memory);
   if (adopt) used_[device] += size;
   return id;
 }
@@ -130,6 +155,10 @@ void CudaBackend::release(Handle handle) {
     memory = find_handle(memory_, handle);
     memory_.erase(handle);
     if (memory.owned) used_[memory.device] -= memory.size;
+  }
+  if (memory.fd >= 0) {
+    close(memory.fd);
+    return;
   }
   if (memory.staging) {
     // Every copy through the staging mapping synchronised its own streams before
@@ -188,10 +217,14 @@ void CudaBackend::map(uintptr_t address, size_t size, Handle handle, int device)
 }
 
 void CudaBackend::unmap(uintptr_t address, size_t size) {
-  use_context(device_);
   // Unmapping does not wait for work in flight on the memory: wait first.
-  driver_->check(driver_->cuCtxSynchronize(), "cuCtxSynchronize");
+  synchronize();
   driver_->check(driver_->cuMemUnmap(address, size), "cuMemUnmap");
+}
+
+void CudaBackend::synchronize() {
+  use_context(device_);
+  driver_->check(driver_->cuCtxSynchronize(), "cuCtxSynchronize");
 }
 
 void CudaBackend::copy(uintptr_t dst, uintptr_t src, size_t size) {

@@ -1,9 +1,12 @@
 // The CUDA backend: device memory through the driver's virtual memory API
 // (cuMemCreate / cuMemMap), shared between processes as POSIX file descriptors.
 //
-// The daemon uses only create/export/release, which need no context. Engines
-// and movers call set_device() once; every call that needs a context makes the
-// device's primary context current on the calling thread first.
+// The daemon uses only create/export/release, which need no context, and adopts
+// memory after a restart by keeping the descriptor it is handed (the driver frees
+// memory only once its shareable handles are closed too), so it never needs one.
+// Engines and movers call set_device() once; every call that may need a context,
+// importing included, makes the device's primary context current on the calling
+// thread first: a thread starts with none.
 #pragma once
 
 #include <map>
@@ -32,12 +35,14 @@ class CudaBackend : public Backend {
   void free_reservation(uintptr_t address, size_t size) override;
   void map(uintptr_t address, size_t size, Handle handle, int device) override;
   void unmap(uintptr_t address, size_t size) override;
+  void synchronize() override;
 
   void copy(uintptr_t dst, uintptr_t src, size_t size) override;
   void copy_to_host(Handle src, size_t offset, void* dst, size_t size) override;
   void copy_from_host(Handle dst, size_t offset, const void* src, size_t size) override;
   void zero(Handle dst, size_t offset, size_t size) override;
   void register_host(void* address, size_t size) override;
+  bool pins_host_memory() const override { return true; }
 
   int device_count() const { return static_cast<int>(used_.size()); }
   size_t total_memory(int device) const;
@@ -53,11 +58,12 @@ class CudaBackend : public Backend {
 
  private:
   struct Memory {
-    cu::CUmemGenericAllocationHandle handle;
+    cu::CUmemGenericAllocationHandle handle;  // none for adopted memory, which `fd` holds
     int device;
     size_t size;
     bool owned;                 // counts against the device: created or adopted here, not imported
     cu::CUdeviceptr staging = 0;  // this process's own mapping, made on the first copy
+    int fd = -1;                // adopted memory: the engine's descriptor, kept as the daemon's reference
   };
 
   void check_device(int device) const;

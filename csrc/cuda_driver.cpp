@@ -63,6 +63,16 @@ void Driver::check(CUresult result, const char* call) const {
   cuGetErrorString(result, &text);
   std::string message = std::string(call) + ": " + (text ? text : "CUDA error " + std::to_string(result));
   if (result == CUDA_ERROR_OUT_OF_MEMORY) throw OutOfMemory(message);
+  switch (result) {
+    case CUDA_ERROR_ILLEGAL_ADDRESS:
+    case CUDA_ERROR_HARDWARE_STACK_ERROR:
+    case CUDA_ERROR_ILLEGAL_INSTRUCTION:
+    case CUDA_ERROR_MISALIGNED_ADDRESS:
+    case CUDA_ERROR_INVALID_ADDRESS_SPACE:
+    case CUDA_ERROR_INVALID_PC:
+    case CUDA_ERROR_LAUNCH_FAILED:
+      throw ContextLost(message);
+  }
   throw BackendError(message);
 }
 

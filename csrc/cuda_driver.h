@@ -22,6 +22,14 @@ using CUstream = struct CUstream_st*;
 
 constexpr CUresult CUDA_SUCCESS = 0;
 constexpr CUresult CUDA_ERROR_OUT_OF_MEMORY = 2;
+// After these the process's contexts are unusable: every later call fails the same way.
+constexpr CUresult CUDA_ERROR_ILLEGAL_ADDRESS = 700;
+constexpr CUresult CUDA_ERROR_HARDWARE_STACK_ERROR = 714;
+constexpr CUresult CUDA_ERROR_ILLEGAL_INSTRUCTION = 715;
+constexpr CUresult CUDA_ERROR_MISALIGNED_ADDRESS = 716;
+constexpr CUresult CUDA_ERROR_INVALID_ADDRESS_SPACE = 717;
+constexpr CUresult CUDA_ERROR_INVALID_PC = 718;
+constexpr CUresult CUDA_ERROR_LAUNCH_FAILED = 719;
 
 constexpr int CU_MEM_ALLOCATION_TYPE_PINNED = 0x1;
 constexpr int CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR = 0x1;
@@ -113,7 +121,8 @@ struct Driver {
   // Returns null and sets `reason` when the driver or a usable device is missing.
   static std::shared_ptr<Driver> load(const std::string& path, std::string* reason);
 
-  // Throws OutOfMemory or BackendError naming `call` when `result` is an error.
+  // Throws OutOfMemory, ContextLost (after the errors above) or BackendError
+  // naming `call` when `result` is an error.
   void check(CUresult result, const char* call) const;
 };
 

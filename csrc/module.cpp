@@ -37,11 +37,14 @@ void* as_pointer(uintptr_t address) { return reinterpret_cast<void*>(address); }
 PYBIND11_MODULE(_C, m) {
   m.doc() = "sleepd native core: memory backends and bulk copies";
 
-  py::register_exception<BackendError>(m, "BackendError", PyExc_RuntimeError);
+  auto backend_error = py::register_exception<BackendError>(m, "BackendError", PyExc_RuntimeError);
+  // Registered after its base, so that its translation is tried first.
+  py::register_exception<ContextLost>(m, "ContextLostError", backend_error);
   py::register_exception<OutOfMemory>(m, "OutOfMemoryError", PyExc_MemoryError);
 
   py::class_<Backend, std::shared_ptr<Backend>>(m, "Backend")
       .def_property_readonly("name", &Backend::name)
+      .def_property_readonly("pins_host_memory", &Backend::pins_host_memory)
       .def("granularity", &Backend::granularity, py::arg("device"), py::call_guard<py::gil_scoped_release>())
       .def("create", &Backend::create, py::arg("device"), py::arg("size"), py::arg("label") = "sleepd",
            py::call_guard<py::gil_scoped_release>(),
@@ -62,6 +65,8 @@ PYBIND11_MODULE(_C, m) {
       .def("map", &Backend::map, py::arg("address"), py::arg("size"), py::arg("handle"), py::arg("device"),
            py::call_guard<py::gil_scoped_release>())
       .def("unmap", &Backend::unmap, py::arg("address"), py::arg("size"), py::call_guard<py::gil_scoped_release>())
+      .def("synchronize", &Backend::synchronize, py::call_guard<py::gil_scoped_release>(),
+           "Wait for this process's work in flight on its device (kernels, copies).")
       .def(
           "copy_to_host",
           [](Backend& self, Handle src, size_t offset, uintptr_t dst, size_t size) {

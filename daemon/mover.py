@@ -5,6 +5,8 @@ sends the mover each region's memory as a descriptor, with the pieces of the
 host backup pool to copy to or from. The mover maps every pool slab once and
 keeps it. If the mover dies mid-copy, the operation fails and nothing is lost:
 the daemon releases device memory only after the mover has confirmed the copy.
+A GPU fault that breaks the mover's context for good (a sticky CUDA error) is
+reported, and the mover exits: the daemon's next copy starts a new one.
 The messages on its sockets are daemon/mover_messages.py's.
 
 Run by the daemon as `python -m sleepd.daemon.mover --socket-fd N --backend B`.
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 
 # Descriptors per message stay well under the kernel's limit of 253.
 _BATCH = 128
+# A mover's exit status once its device context broke for good (a GPU fault).
+EXIT_CONTEXT_LOST = 3
 
 
 @dataclass
@@ -46,7 +50,12 @@ class CopyJob:
 
 
 class _Refused(Exception):
-    """The mover answered that a request failed; unlike a broken channel, it is still fine."""
+    """The mover answered that a request failed; unlike a broken channel, it is still fine,
+    unless its device context broke (then it exits)."""
+
+    def __init__(self, failed: Failed):
+        super().__init__(failed.error)
+        self.context_lost = failed.context_lost
 
 
 class _Channel:
@@ -121,6 +130,12 @@ class Mover:
                 self._register_slabs(direction)
                 work(channel)
             except _Refused as error:
+                if error.context_lost:
+                    # It exits: every later call there would fail the same way. The next call starts a new one.
+                    with self._process_lock:
+                        self._stop()
+                    raise unavailable(f"mover for device {self.device} lost its device context ({error}); "
+                                      "it was replaced; nothing was released; try again") from None
                 # The mover is alive and well (a driver call failed): the other channel's copy goes on.
                 raise unavailable(f"mover for device {self.device} could not copy ({error}); "
                                   "nothing was released; try again") from None
@@ -145,6 +160,8 @@ class Mover:
         for slab in self._pool.slabs():
             if slab.index not in self._registered[direction]:
                 # A pre-faulted pool is mapped with its page tables built, so the first copy runs at full speed.
+                if self._backend.pins_host_memory:
+                    self._pool.pin(slab.index)  # before the pin exists, so no free punches under it
                 self._request(self._channels[direction], AddSlab(slab.index, slab.size, self._pool.prefault, slab.fd))
                 self._registered[direction].add(slab.index)
 
@@ -180,7 +197,7 @@ class Mover:
         finally:
             wire.close_all(stray)
         if isinstance(reply, Failed):
-            raise _Refused(reply.error)
+            raise _Refused(reply)
 
 
 # ---- the mover process ----
@@ -242,11 +259,16 @@ def _serve(sock: socket.socket, process: _MoverProcess) -> None:
                 case Copy() as request:
                     process.copy(request)
             reply = Done(time.perf_counter() - started)
+        except _C.ContextLostError as error:  # a GPU fault: no later call in this process can succeed
+            reply = Failed(f"{type(error).__name__}: {error}", context_lost=True)
         except Exception as error:  # reported to the daemon, which fails the operation
             reply = Failed(f"{type(error).__name__}: {error}")
         finally:
             wire.close_all(fds)
         wire.send(sock, *reply.encode())
+        if isinstance(reply, Failed) and reply.context_lost:
+            log.error("%s; exiting, for the daemon to start a new mover", reply.error)
+            os._exit(EXIT_CONTEXT_LOST)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -122,15 +122,18 @@ class Done:
 @dataclass(frozen=True)
 class Failed:
     error: str  # what the driver or the mover said
+    context_lost: bool = False  # the device's context broke for good: the mover exits after this reply
 
     def encode(self) -> tuple[dict, list[int]]:
-        return {"ok": False, "error": self.error}, []
+        return {"ok": False, "error": self.error, "context_lost": self.context_lost}, []
 
     @classmethod
     def decode(cls, frame: dict) -> "Failed":
         if not isinstance(frame.get("error"), str):
             raise wire.ProtocolError("a mover's failure needs its error")
-        return cls(frame["error"])
+        if not isinstance(frame.get("context_lost"), bool):
+            raise wire.ProtocolError("a mover's failure needs a boolean context_lost")
+        return cls(frame["error"], frame["context_lost"])
 
 
 def decode_reply(frame: dict, fds: list[int]) -> Done | Failed:

@@ -5,7 +5,10 @@ The pool is a few large slab files rather than a file per backup, so that a
 mover maps (and on a GPU, pins) each slab once and reuses it for every sleep.
 A backup is a list of pieces of slabs. Freed pieces give their pages back to
 the kernel unless the pool is pre-faulted, in which case it keeps them so the
-next sleep runs without page faults.
+next sleep runs without page faults, or a mover has pinned their slab: a pin
+holds the pages it found until the mover exits, so a range punched out of the
+file would leave later copies landing on pages the file no longer has (a new
+mover or daemon would read zeros), and would return no memory anyway.
 """
 
 import logging
@@ -49,6 +52,7 @@ class Slab:
     fd: int
     size: int
     free: list[tuple[int, int]] = field(default_factory=list)  # (offset, length), sorted by offset
+    pinned: bool = False  # a mover has pinned it: its pages stay in the file
 
     def take(self, wanted: int) -> list[Piece]:
         """Up to `wanted` bytes from this slab's free extents, first fit."""
@@ -116,6 +120,11 @@ class HostPool:
         with self._lock:
             return list(self._slabs)
 
+    def pin(self, index: int) -> None:
+        """Says that a mover has pinned slab `index`: its freed pieces are never punched out from now on."""
+        with self._lock:
+            self._slabs[index].pinned = True
+
     def allocate(self, size: int) -> Backup:
         wanted = _round_up(size, PAGE)
         with self._lock:
@@ -143,7 +152,7 @@ class HostPool:
         with self._lock:
             for piece in backup.pieces:
                 slab = self._slabs[piece.slab]
-                if not self.prefault:
+                if not (self.prefault or slab.pinned):
                     _C.punch_hole(slab.fd, piece.offset, piece.length)
                 slab.release_extent(piece.offset, piece.length)
                 self._used -= piece.length

@@ -11,12 +11,17 @@ on stdin with one-line JSON replies on stdout:
                                        stop itself on an unmap or a remap (stop_before_unmap, _remap) or
                                        between a remap's regions (stop_on_second_map)
     {"op": "alloc", "size": n, "tag": t}
+    {"op": "kernel_write", "index": i, "seed": s}
+                                       over the CUDA driver double: a kernel that overwrites region i
+                                       with seeded bytes, still running until the device is
+                                       synchronised; replies with the sha256 it will leave
     {"op": "touch"}                    mark the model active
     {"op": "ensure_awake"}             wake it (evicting as policy allows) if it sleeps
     {"op": "exit"}
 """
 
 import argparse
+import ctypes
 import hashlib
 import json
 import os
@@ -74,6 +79,16 @@ def die_on(client, moment: str) -> None:
 
 def fill(region, seed: int) -> None:
     region.write(random.Random(seed).randbytes(region.size))
+
+
+def kernel_write(region, seed: int) -> str:
+    """Launches the driver double's stand-in for a kernel writing the whole region."""
+    data = random.Random(seed).randbytes(region.size)
+    launch = ctypes.CDLL(os.environ["SLEEPD_LIBCUDA"]).fakecuda_launch_write
+    launch.argtypes = [ctypes.c_uint64, ctypes.c_char_p, ctypes.c_size_t]
+    if launch(region.address, data, len(data)) != 0:
+        raise RuntimeError("the driver double refused the kernel launch")
+    return hashlib.sha256(data).hexdigest()
 
 
 def report(client, hooks) -> dict:
@@ -146,6 +161,8 @@ def main() -> None:
             elif command["op"] == "alloc":
                 region = client.alloc(command["size"], command["tag"], evict=command.get("evict", False))
                 reply = {"id": region.id}
+            elif command["op"] == "kernel_write":
+                reply = {"sha256": kernel_write(client.regions()[command["index"]], command["seed"])}
             elif command["op"] == "touch":
                 client.touch()
                 reply = {}

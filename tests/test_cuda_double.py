@@ -2,6 +2,7 @@
 in the daemon, a pool pinned once, and clean rollback when the driver fails."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -31,6 +32,44 @@ def test_the_daemon_never_creates_a_cuda_context(daemon, fake, start_engine):
         assert fake.counters(mover)["contexts_retained"] >= 1
 
 
+# An engine's session thread, or a mover's channel thread, is not the thread that chose the device.
+IMPORT_ON_A_FRESH_THREAD = """
+import os, threading
+from sleepd import _C
+
+daemon_side = _C.CudaBackend()  # as in the daemon: no context
+engine_side = _C.CudaBackend()
+engine_side.set_device(0)  # current on this thread only
+size = daemon_side.granularity(0)
+fd = daemon_side.export_handle(daemon_side.create(0, size))
+errors = []
+
+def import_and_use():
+    try:
+        imported = engine_side.import_handle(fd, 0, size)
+        address = engine_side.reserve(size)
+        engine_side.map(address, size, imported, 0)
+        engine_side.write(address, b"written")
+        assert engine_side.read(address, 7) == b"written"
+        engine_side.unmap(address, size)
+        engine_side.release(imported)
+    except Exception as error:
+        errors.append(error)
+
+thread = threading.Thread(target=import_and_use)
+thread.start()
+thread.join()
+os.close(fd)
+assert not errors, errors
+"""
+
+
+def test_memory_is_imported_and_mapped_on_a_thread_that_never_chose_a_device(fake):
+    result = subprocess.run([sys.executable, "-c", IMPORT_ON_A_FRESH_THREAD], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
 def test_the_mover_pins_the_host_pool_once_not_on_every_sleep(daemon, fake, start_engine):
     start_engine(daemon, "qwen", regions=REGIONS)
     for _ in range(3):
@@ -42,10 +81,33 @@ def test_the_mover_pins_the_host_pool_once_not_on_every_sleep(daemon, fake, star
     assert counters["copies"] >= 6
 
 
+def test_backups_in_pool_space_an_earlier_wake_freed_survive_a_mover_restart(daemon, fake, start_engine):
+    engine = start_engine(daemon, "qwen", regions=REGIONS)
+    daemon.ctl("sleep", "--model", "qwen")
+    daemon.ctl("wake", "--model", "qwen")  # frees the backups' pool space, which the mover keeps pinned
+    daemon.ctl("sleep", "--model", "qwen")  # backs up into that same space
+    for mover in daemon.mover_pids():
+        os.kill(mover, signal.SIGKILL)
+    wait_for(lambda: not daemon.mover_pids(), what="the movers to die")
+    daemon.ctl("wake", "--model", "qwen")  # a new mover reads the backups from the pool's files
+    assert weights_digests(engine.report()) == weights_digests(engine.initial), \
+        "the backups were copied to pinned pages the pool's files no longer hold"
+
+
 def test_a_prefaulted_pool_is_pinned_before_the_first_sleep(start_daemon, fake):
     daemon = start_daemon("--host-pool-prefault", "--host-pool-budget", "64MiB")
     for mover in daemon.mover_pids():
         wait_for(lambda: fake.counters(mover)["host_registered_bytes"] == 64 * MiB, what="the pool to be pinned")
+
+
+def test_a_kernel_still_writing_when_the_engine_sleeps_is_in_what_wakes(daemon, fake, start_engine):
+    # An RL step's non-blocking weight update, then sleep() at once: the backup must hold the update.
+    engine = start_engine(daemon, "qwen", regions=[("weights", 4 * MiB)])
+    written = engine.request("kernel_write", index=0, seed=7)["sha256"]
+    assert engine.request("sleep", level=1) == {"sleeping": True}
+    assert engine.request("wake") == {"sleeping": False}
+    [region] = engine.report()["regions"]
+    assert region["sha256"] == written, "the backup was taken before the engine's kernel finished"
 
 
 def test_out_of_memory_halfway_through_a_wake_leaves_the_model_asleep_with_its_backups(daemon, fake, start_engine):
@@ -104,6 +166,21 @@ def test_a_failing_map_in_the_mover_fails_the_sleep_and_loses_nothing(daemon, fa
     assert engine.report()["regions"] == engine.initial["regions"]
     # A failed driver call is not a dead mover: it stays, and copies for other models go on meanwhile.
     assert sorted(daemon.mover_pids()) == movers
+
+
+def test_a_mover_whose_context_a_fault_broke_is_replaced_and_the_next_sleep_works(daemon, fake, start_engine):
+    engine = start_engine(daemon, "qwen", regions=REGIONS)
+    awake, movers = daemon.status(), set(daemon.mover_pids())
+    fake.inject(sticky_fault=700)  # a GPU fault: every later call in that mover fails the same way
+    result = daemon.ctl("sleep", "--model", "qwen", check=False)
+    fake.inject()
+    assert result.returncode != 0 and "an illegal memory access was encountered" in result.stderr
+    assert "lost its device context" in result.stderr
+    assert daemon.status() == awake
+    daemon.ctl("sleep", "--model", "qwen")
+    daemon.ctl("wake", "--model", "qwen")
+    assert weights_digests(engine.report()) == weights_digests(engine.initial)
+    assert len(movers - set(daemon.mover_pids())) == 1, "the broken mover is still running"
 
 
 def daemon_states(daemon, model: str) -> list[str]:

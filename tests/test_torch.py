@@ -79,3 +79,15 @@ def test_pool_needs_the_cuda_backend(daemon):
         with pytest.raises(RuntimeError, match="host backend"):
             with client.pool("weights"):
                 pass
+
+
+def test_pool_blocks_switch_expandable_segments_off_and_leave_them_as_they_found_them():
+    from sleepd.client.torch_pool import _expandable_segments_off, _expandable_segments_on
+
+    for before in (True, False):
+        torch.cuda.memory._set_allocator_settings(f"expandable_segments:{before}")
+        with _expandable_segments_off():
+            with _expandable_segments_off():  # another thread's pool() block, say
+                assert not _expandable_segments_on()
+            assert not _expandable_segments_on(), "the inner block turned them on under the outer one"
+        assert _expandable_segments_on() is before

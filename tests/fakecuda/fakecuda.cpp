@@ -7,7 +7,14 @@
 //    and every exported descriptor (the kernel's own reference counting on the
 //    memfd gives exactly this);
 //  * cuMemMap maps with no access until cuMemSetAccess; cuMemUnmap must cover a
-//    whole earlier map; calls that need a context fail without a current one;
+//    whole earlier map; calls that need a context fail without one current on
+//    the calling thread (a new thread has none);
+//  * asynchronous copies and memsets run only when their stream, or its
+//    context, is synchronised: until then nothing says they have run;
+//  * cuMemHostRegister holds the pages of a file-backed range until the process
+//    ends: a range punched out of the file under it leaves the pin, and every
+//    later copy, on the old pages, while the file, and whoever maps it afresh,
+//    gets new empty ones (the double keeps such orphaned pages itself);
 //  * an imported handle does not take ownership of the descriptor;
 //  * CUDA_VISIBLE_DEVICES picks and renumbers the GPUs a process sees, and
 //    UUIDs name the GPU whatever its ordinal.
@@ -30,6 +37,14 @@
 //                            fail_import_pid=P  cuMemImportFromShareableHandle fails in process P
 //                            hold_dtoh=1        device-to-host copies wait until this line is gone
 //                            sync_delay_ms=N    cuCtxSynchronize takes N ms, as with work in flight
+//                            sticky_fault=E     the next asynchronous copy a process issues fails with E
+//                                               (700: an illegal address), and so does every later call
+//                                               of that process that needs a context, as after a GPU fault
+//
+// A test-only entry point, not the driver's, stands for an engine's kernel:
+//   fakecuda_launch_write(dst, data, size)  a kernel writing `data` (copied at launch) at
+//                          device address `dst`, on a stream of the current context's own:
+//                          it lands when that context is synchronised, and not before.
 //
 // It is written against csrc/cuda_driver.h, and checks at the end that it
 // exports every entry point sleepd resolves with the very type sleepd calls it
@@ -39,11 +54,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <sstream>
@@ -60,7 +77,8 @@ namespace {
 using Handle = CUmemGenericAllocationHandle;
 
 constexpr CUresult SUCCESS = 0, INVALID_VALUE = 1, OUT_OF_MEMORY = 2, NOT_INITIALIZED = 3, INVALID_DEVICE = 101,
-                   INVALID_CONTEXT = 201, INVALID_HANDLE = 400, UNKNOWN = 999;
+                   INVALID_CONTEXT = 201, INVALID_HANDLE = 400, ILLEGAL_ADDRESS = 700, LAUNCH_FAILED = 719,
+                   UNKNOWN = 999;
 
 struct Allocation {
   int fd;
@@ -89,8 +107,30 @@ Counters counters;
 std::string control_text;
 long creates_since_control = 0;
 thread_local CUcontext current_context = nullptr;
+std::atomic<CUresult> sticky_error{SUCCESS};  // once a fault has broken this process's contexts, what every call returns
 char contexts[64];  // one address per device stands for its primary context
 std::vector<bool> in_mig_mode;  // per GPU, as the machine numbers them
+
+// A range of host memory registered (pinned) with cuMemHostRegister.
+struct Registration {
+  char* base;
+  size_t size;
+  int file;          // the file it maps, opened anew (-1: anonymous memory)
+  off_t file_offset;  // of `base` in that file
+  std::vector<bool> pinned;  // per page: in use under the pin (a copy went through it)
+  std::map<size_t, std::vector<char>> orphans;  // per page punched out under the pin: the page the pin holds
+};
+std::vector<Registration*> registrations;  // guarded by `mutex`; sleepd never unregisters
+const size_t kPage = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+
+// A stream: work queued on it runs, in order, when it or its context is synchronised.
+struct Stream {
+  CUcontext context;
+  std::vector<std::function<void()>> work;  // guarded by `mutex`
+  std::mutex running;  // held while its work runs: a synchronise from another thread waits for it
+};
+std::vector<Stream*> streams;              // every stream made; sleepd never destroys one
+std::map<CUcontext, Stream*> kernel_streams;  // per context, where fakecuda_launch_write's kernels go
 
 std::string env(const char* name) {
   const char* value = std::getenv(name);
@@ -174,6 +214,102 @@ bool inside(const std::map<CUdeviceptr, size_t>& ranges, CUdeviceptr address, si
   return address >= it->first && address + size <= it->first + it->second;
 }
 
+// The file mapped at `address` and the offset there, from /proc/self/maps; -1 for anonymous memory.
+std::pair<int, off_t> backing_file(const void* address) {
+  std::ifstream maps("/proc/self/maps");
+  std::string line;
+  auto at = reinterpret_cast<uintptr_t>(address);
+  while (std::getline(maps, line)) {
+    uintptr_t start, end;
+    unsigned long long offset;
+    int path_at = 0;
+    if (std::sscanf(line.c_str(), "%lx-%lx %*s %llx %*s %*s %n", &start, &end, &offset, &path_at) < 3) continue;
+    if (at < start || at >= end || line[path_at] != '/') continue;
+    int fd = open(line.c_str() + path_at, O_RDONLY | O_CLOEXEC);
+    return {fd, static_cast<off_t>(offset + (at - start))};
+  }
+  return {-1, 0};
+}
+
+// Where a copy finds page `index` of `r`: the page the pin holds. The caller holds `mutex`.
+char* pinned_page(Registration* r, size_t index) {
+  auto orphan = r->orphans.find(index);
+  if (orphan != r->orphans.end()) return orphan->second.data();
+  off_t in_file = r->file_offset + static_cast<off_t>(index * kPage);
+  if (r->pinned[index] && lseek(r->file, in_file, SEEK_DATA) != in_file) {
+    // Punched out of the file under the pin: the pin keeps the old page, the file has none.
+    std::vector<char>& page = r->orphans[index];
+    page.assign(kPage, 0);
+    return page.data();
+  }
+  r->pinned[index] = true;
+  return r->base + index * kPage;
+}
+
+// Copies between host memory and device memory, through the pin where the host memory is registered.
+void host_copy(char* host, char* device, size_t size, bool to_host) {
+  std::unique_lock<std::mutex> lock(mutex);
+  Registration* r = nullptr;
+  for (Registration* each : registrations)
+    if (each->file >= 0 && host >= each->base && host + size <= each->base + each->size) r = each;
+  size_t first = r ? static_cast<size_t>(host - r->base) / kPage : 0;
+  size_t last = r ? (static_cast<size_t>(host - r->base) + size - 1) / kPage : 0;
+  if (r && r->orphans.lower_bound(first) == r->orphans.lower_bound(last + 1)) {
+    off_t start = r->file_offset + static_cast<off_t>(first * kPage);
+    if (lseek(r->file, start, SEEK_HOLE) >= start + static_cast<off_t>((last + 1 - first) * kPage)) {
+      // The common case: no page of the range has left the file.
+      for (size_t index = first; index <= last; ++index) r->pinned[index] = true;
+      r = nullptr;
+    }
+  }
+  if (!r) {
+    lock.unlock();
+    std::memcpy(to_host ? host : device, to_host ? device : host, size);
+    return;
+  }
+  for (size_t done = 0; done < size;) {
+    size_t at = static_cast<size_t>(host - r->base) + done;
+    size_t length = std::min(kPage - at % kPage, size - done);
+    char* page = pinned_page(r, at / kPage) + at % kPage;
+    std::memcpy(to_host ? page : device + done, to_host ? device + done : page, length);
+    done += length;
+  }
+}
+
+// Why a call that needs a context cannot run on this thread, or SUCCESS.
+CUresult context_error() {
+  if (CUresult error = sticky_error) return error;
+  return current_context ? SUCCESS : INVALID_CONTEXT;
+}
+
+// Injects the fault the control file asks for, before a copy is issued.
+CUresult fault_before_copy() {
+  if (long error = knob("sticky_fault")) sticky_error = static_cast<CUresult>(error);
+  return context_error();
+}
+
+// The caller holds `mutex`.
+Stream* new_stream(CUcontext context) {
+  streams.push_back(new Stream{context, {}, {}});
+  return streams.back();
+}
+
+void enqueue(Stream* stream, std::function<void()> work) {
+  std::lock_guard<std::mutex> lock(mutex);
+  stream->work.push_back(std::move(work));
+}
+
+// Runs what is queued on `stream`, without holding `mutex`: work may wait on a knob.
+void drain(Stream* stream) {
+  std::lock_guard<std::mutex> running(stream->running);
+  std::vector<std::function<void()>> work;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    work.swap(stream->work);
+  }
+  for (auto& item : work) item();
+}
+
 }  // namespace
 
 extern "C" {
@@ -212,6 +348,8 @@ CUresult cuGetErrorString(CUresult error, const char** text) {
     case INVALID_DEVICE: *text = "invalid device ordinal"; break;
     case INVALID_CONTEXT: *text = "invalid device context"; break;
     case INVALID_HANDLE: *text = "invalid resource handle"; break;
+    case ILLEGAL_ADDRESS: *text = "an illegal memory access was encountered"; break;
+    case LAUNCH_FAILED: *text = "unspecified launch failure"; break;
     default: *text = "unknown error"; break;
   }
   return SUCCESS;
@@ -258,8 +396,15 @@ CUresult cuCtxSetCurrent(CUcontext context) {
 }
 
 CUresult cuCtxSynchronize() {
-  if (!current_context) return INVALID_CONTEXT;
+  if (CUresult error = context_error()) return error;
   if (long delay = knob("sync_delay_ms")) usleep(static_cast<useconds_t>(delay * 1000));
+  std::vector<Stream*> of_context;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    for (Stream* stream : streams)
+      if (stream->context == current_context) of_context.push_back(stream);
+  }
+  for (Stream* stream : of_context) drain(stream);
   return SUCCESS;
 }
 
@@ -323,7 +468,9 @@ CUresult cuMemExportToShareableHandle(void* out, Handle handle, int type, unsign
   return SUCCESS;
 }
 
+// Needs a context: the driver's documentation does not promise it works without one.
 CUresult cuMemImportFromShareableHandle(Handle* handle, void* os_handle, int type) {
+  if (CUresult error = context_error()) return error;
   if (type != 1) return INVALID_VALUE;
   std::lock_guard<std::mutex> lock(mutex);
   auto faults = control();
@@ -366,7 +513,7 @@ CUresult cuMemAddressFree(CUdeviceptr address, size_t size) {
 }
 
 CUresult cuMemMap(CUdeviceptr address, size_t size, size_t offset, Handle handle, unsigned long long) {
-  if (!current_context) return INVALID_CONTEXT;
+  if (CUresult error = context_error()) return error;
   std::lock_guard<std::mutex> lock(mutex);
   if (control().count("fail_map")) return UNKNOWN;
   Allocation* memory = allocation(handle);
@@ -384,7 +531,7 @@ CUresult cuMemMap(CUdeviceptr address, size_t size, size_t offset, Handle handle
 }
 
 CUresult cuMemSetAccess(CUdeviceptr address, size_t size, const CUmemAccessDesc* desc, size_t count) {
-  if (!current_context) return INVALID_CONTEXT;
+  if (CUresult error = context_error()) return error;
   std::lock_guard<std::mutex> lock(mutex);
   if (count != 1 || desc->location.id < 0 || desc->location.id >= devices) return INVALID_VALUE;
   if (!inside(mappings, address, size)) return INVALID_VALUE;
@@ -395,7 +542,7 @@ CUresult cuMemSetAccess(CUdeviceptr address, size_t size, const CUmemAccessDesc*
 }
 
 CUresult cuMemUnmap(CUdeviceptr address, size_t size) {
-  if (!current_context) return INVALID_CONTEXT;
+  if (CUresult error = context_error()) return error;
   std::lock_guard<std::mutex> lock(mutex);
   auto it = mappings.find(address);
   if (it == mappings.end() || it->second != size) return INVALID_VALUE;  // must be a whole earlier map
@@ -409,49 +556,71 @@ CUresult cuMemUnmap(CUdeviceptr address, size_t size) {
 }
 
 CUresult cuMemcpy(CUdeviceptr dst, CUdeviceptr src, size_t size) {
-  if (!current_context) return INVALID_CONTEXT;
+  if (CUresult error = context_error()) return error;
   std::memcpy(reinterpret_cast<void*>(dst), reinterpret_cast<void*>(src), size);
   return SUCCESS;
 }
 
-CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t size, CUstream) {
-  if (!current_context) return INVALID_CONTEXT;
-  while (knob("hold_dtoh")) usleep(10000);
-  std::memcpy(dst, reinterpret_cast<void*>(src), size);
+CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t size, CUstream stream) {
+  if (CUresult error = fault_before_copy()) return error;
+  enqueue(reinterpret_cast<Stream*>(stream), [=] {
+    while (knob("hold_dtoh")) usleep(10000);
+    host_copy(static_cast<char*>(dst), reinterpret_cast<char*>(src), size, true);
+  });
   std::lock_guard<std::mutex> lock(mutex);
   counters.copies++;
   return SUCCESS;
 }
 
-CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t size, CUstream) {
-  if (!current_context) return INVALID_CONTEXT;
-  std::memcpy(reinterpret_cast<void*>(dst), src, size);
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t size, CUstream stream) {
+  if (CUresult error = fault_before_copy()) return error;
+  enqueue(reinterpret_cast<Stream*>(stream), [=] {
+    host_copy(static_cast<char*>(const_cast<void*>(src)), reinterpret_cast<char*>(dst), size, false);
+  });
   std::lock_guard<std::mutex> lock(mutex);
   counters.copies++;
   return SUCCESS;
 }
 
-CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t size, CUstream) {
-  if (!current_context) return INVALID_CONTEXT;
-  std::memset(reinterpret_cast<void*>(dst), value, size);
+CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t size, CUstream stream) {
+  if (CUresult error = fault_before_copy()) return error;
+  enqueue(reinterpret_cast<Stream*>(stream), [=] { std::memset(reinterpret_cast<void*>(dst), value, size); });
   return SUCCESS;
 }
 
 CUresult cuStreamCreate(CUstream* stream, unsigned) {
-  if (!current_context) return INVALID_CONTEXT;
-  static char streams[1];
-  *stream = reinterpret_cast<CUstream>(streams);
+  if (CUresult error = context_error()) return error;
+  std::lock_guard<std::mutex> lock(mutex);
+  *stream = reinterpret_cast<CUstream>(new_stream(current_context));
   return SUCCESS;
 }
 
-CUresult cuStreamSynchronize(CUstream) { return current_context ? SUCCESS : INVALID_CONTEXT; }
+CUresult cuStreamSynchronize(CUstream stream) {
+  if (CUresult error = context_error()) return error;
+  drain(reinterpret_cast<Stream*>(stream));
+  return SUCCESS;
+}
 
-CUresult cuMemHostRegister_v2(void*, size_t size, unsigned) {
-  if (!current_context) return INVALID_CONTEXT;
+CUresult cuMemHostRegister_v2(void* address, size_t size, unsigned) {
+  if (CUresult error = context_error()) return error;
+  auto [file, offset] = backing_file(address);
   std::lock_guard<std::mutex> lock(mutex);
+  registrations.push_back(new Registration{static_cast<char*>(address), size, file, offset,
+                                           std::vector<bool>((size + kPage - 1) / kPage), {}});
   counters.host_register_calls++;
   counters.host_registered_bytes += static_cast<long>(size);
   write_counters();
+  return SUCCESS;
+}
+
+// Test-only: see the top of this file.
+__attribute__((visibility("default"))) CUresult fakecuda_launch_write(CUdeviceptr dst, const void* data, size_t size) {
+  if (CUresult error = context_error()) return error;
+  std::vector<char> bytes(static_cast<const char*>(data), static_cast<const char*>(data) + size);
+  std::lock_guard<std::mutex> lock(mutex);
+  Stream*& stream = kernel_streams[current_context];
+  if (!stream) stream = new_stream(current_context);
+  stream->work.push_back([dst, bytes] { std::memcpy(reinterpret_cast<void*>(dst), bytes.data(), bytes.size()); });
   return SUCCESS;
 }
 
