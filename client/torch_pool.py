@@ -33,7 +33,10 @@ class TorchPool:
         self._client = client
         self.chunks = _C.ChunkPool(self._refill, chunk_bytes)
         self._allocator = torch.cuda.memory.CUDAPluggableAllocator(_C.__file__, "sleepd_malloc", "sleepd_free")
-        self.mem_pool = torch.cuda.MemPool(self._allocator.allocator())
+        # A MemPool binds to the device current when it is made: made on another, the client's
+        # allocations would fall back to plain cudaMalloc, bypass sleepd and never sleep.
+        with torch.cuda.device(client.device):
+            self.mem_pool = torch.cuda.MemPool(self._allocator.allocator())
 
     def _refill(self, nbytes: int) -> tuple[int, int]:
         region = self._client.alloc(nbytes, self.tag)

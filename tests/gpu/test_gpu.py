@@ -203,3 +203,16 @@ def test_the_rl_weight_update_flow(gpu_daemon):
         assert not client.is_sleeping()
         assert torch.equal(weights, new)
         assert kv.abs().sum().item() == 0
+
+
+def test_a_pool_routes_the_clients_device_whatever_device_torch_has_current(gpu_daemon):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs: torch's current device must differ from the client's")
+    torch.cuda.set_device(1)
+    try:
+        with SleepClient.connect("qwen", device=0, socket=gpu_daemon.socket) as client:
+            with client.pool("weights"):
+                weights = torch.ones(16 * MiB, dtype=torch.uint8, device="cuda:0")
+            assert in_regions(client, weights), "the pool bound to torch's current device, not the client's"
+    finally:
+        torch.cuda.set_device(0)
