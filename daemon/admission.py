@@ -72,7 +72,7 @@ class Admission(grpc.ServerInterceptor):
         refusal = self._take(keys, admin=peer is not None and self._authorizer.is_admin(peer))
         if refusal is not None:
             self._warn(keys[0][0], refusal)
-            return _refusing(refusal)
+            return refusing(refusal)
         return _holding(handler, method, lambda: self._release(keys))
 
     @staticmethod
@@ -141,11 +141,11 @@ def _refusal(key: tuple, held: int) -> str:
     return f"uid {who} has {held} {what}, the most a non-admin may; {remedy}"
 
 
-def _refusing(message: str) -> grpc.RpcMethodHandler:
+def refusing(message: str, code: grpc.StatusCode = grpc.StatusCode.RESOURCE_EXHAUSTED) -> grpc.RpcMethodHandler:
     """A handler that refuses without reading a request: a caller that never sends
     one cannot keep the worker that answers it."""
     def refuse(requests, context):
-        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+        context.abort(code, message)
 
     return grpc.stream_stream_rpc_method_handler(refuse)
 

@@ -13,6 +13,7 @@ import grpc
 
 from sleepd.proto import sleepd_pb2_grpc as pb_grpc
 
+from .admission import refusing
 from .auth import Peer
 from .service import SleepdService
 
@@ -23,11 +24,9 @@ TCP_PEER = Peer(pid=0, uid=0, gid=0, groups=frozenset())
 class _RequireToken(grpc.ServerInterceptor):
     def __init__(self, token: str):
         self._expected = f"Bearer {token}".encode()
-
-        def refuse(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid bearer token is required on sleepd's TCP port")
-
-        self._refusal = grpc.unary_unary_rpc_method_handler(refuse)
+        # Refused before any request is read, so a caller without the token holds no worker.
+        self._refusal = refusing("a valid bearer token is required on sleepd's TCP port",
+                                 grpc.StatusCode.UNAUTHENTICATED)
 
     def intercept_service(self, continuation, handler_call_details):
         offered = dict(handler_call_details.invocation_metadata).get("authorization", "")

@@ -2,6 +2,8 @@
 
 import socket
 import subprocess
+import threading
+import time
 
 import grpc
 import pytest
@@ -61,6 +63,22 @@ def test_tcp_needs_tls_and_the_token(start_daemon, start_engine, tls):
             call(wrong)
         assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert engine.report()["regions"][0]["state"] == "mapped"
+
+    # A caller without the token that never sends its request is refused at once: it holds no worker.
+    with grpc.secure_channel(f"localhost:{port}", credentials) as channel:
+        silent = channel.stream_stream("/sleepd.v1.Sleepd/Sleep", request_serializer=None, response_deserializer=None)
+        done = threading.Event()
+
+        def nothing():
+            done.wait(10)
+            yield from ()
+
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as error:
+            list(silent(nothing(), timeout=10))
+        refused_after = time.monotonic() - started
+        done.set()
+        assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED and refused_after < 5
 
     reply = call([("authorization", "Bearer s3cret-token")])  # the token acts as an admin
     assert reply.sleeping and engine.report()["regions"][0]["state"] == "offloaded"
