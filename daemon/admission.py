@@ -21,7 +21,6 @@ limit; it never waits for a worker.
 
 import logging
 import threading
-import time
 from collections import Counter
 
 import grpc
@@ -30,6 +29,7 @@ from sleepd.common.wire import TOKEN_METADATA
 from sleepd.proto import sleepd_pb2
 
 from .auth import Authorizer, Peer
+from .logs import Throttled
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Admission(grpc.ServerInterceptor):
         self._lock = threading.Lock()  # guards the counts only; nothing else is done under it
         self._held: Counter = Counter()  # (uid or ANONYMOUS, "calls" | "events" | "sessions") -> in progress
         self._busy = 0  # every admitted call in progress, admins' included
-        self._warned: dict = {}  # uid or ANONYMOUS -> when its last refusal was logged
+        self._refusals = Throttled(log, WARN_EVERY_SECONDS)
 
     def intercept_service(self, continuation, handler_call_details):
         # Runs on the server's polling thread, before any worker is taken.
@@ -71,7 +71,7 @@ class Admission(grpc.ServerInterceptor):
         keys = self._keys(peer, method)
         refusal = self._take(keys, admin=peer is not None and self._authorizer.is_admin(peer))
         if refusal is not None:
-            self._warn(keys[0][0], refusal)
+            self._refusals.warn(keys[0][0], f"refusing calls: {refusal}")
             return refusing(refusal)
         return _holding(handler, method, lambda: self._release(keys))
 
@@ -107,14 +107,6 @@ class Admission(grpc.ServerInterceptor):
                     del self._held[key]
             self._busy -= 1
 
-    def _warn(self, who, refusal: str) -> None:
-        """Logs a refusal, once a minute per caller (only the polling thread calls this)."""
-        now = time.monotonic()
-        last = self._warned.get(who)
-        if last is None or now - last >= WARN_EVERY_SECONDS:
-            self._warned[who] = now
-            log.warning("refusing calls: %s (further refusals of this caller are not logged for %.0f s)",
-                        refusal, WARN_EVERY_SECONDS)
 
 
 # The most in progress at once: (for a non-admin uid, for all callers without a token together).

@@ -40,6 +40,7 @@ from sleepd.common.handle_messages import (Done, Fetch, Fetched, HandBack, Hande
 
 from .auth import Peer
 from .errors import SleepdError, exhausted, invalid
+from .logs import Throttled
 from .sessions import Session
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,7 @@ class _Caps:
         self._per_uid, self._total = per_uid, total
         self._open: Counter[int] = Counter()
         self._unprivileged = 0
-        self._unlogged: Counter[int] = Counter()  # refusals since the uid's last log line
-        self._quiet_until: dict[int, float] = {}
+        self._refusals = Throttled(log)
 
     def admit(self, uid: int) -> SleepdError | None:
         if self._open[uid] >= self._per_uid:
@@ -93,14 +93,7 @@ class _Caps:
             self._open[uid] += 1
             self._unprivileged += uid != 0
             return None
-        now = time.monotonic()
-        if now < self._quiet_until.get(uid, 0):
-            self._unlogged[uid] += 1
-        else:
-            earlier = self._unlogged.pop(uid, 0)
-            log.warning("handle socket: refused a connection%s: %s",
-                        f" (and {earlier} since the last such line)" if earlier else "", why)
-            self._quiet_until[uid] = now + 60
+        self._refusals.warn(uid, f"handle socket: refused a connection: {why}")
         return exhausted(why)
 
     def release(self, uid: int) -> None:

@@ -12,6 +12,8 @@ import json
 import logging
 import sys
 import threading
+import time
+from collections import Counter
 from datetime import datetime, timezone
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -64,3 +66,24 @@ def setup(level: str, fmt: str, stream=None) -> None:
 
     sys.excepthook = uncaught
     threading.excepthook = uncaught_in_thread
+
+
+class Throttled:
+    """Warnings of one kind (a caller's refusals during a flood), logged at most once per
+    `every` seconds per key, each line counting those it stood for."""
+
+    def __init__(self, logger: logging.Logger, every: float = 60.0):
+        self._logger, self._every = logger, every
+        self._lock = threading.Lock()
+        self._quiet_until: dict = {}
+        self._unlogged: Counter = Counter()
+
+    def warn(self, key, message: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._quiet_until.get(key, 0):
+                self._unlogged[key] += 1
+                return
+            earlier = self._unlogged.pop(key, 0)
+            self._quiet_until[key] = now + self._every
+        self._logger.warning("%s%s", message, f" (and {earlier} like it since the last such line)" if earlier else "")

@@ -236,6 +236,8 @@ def test_one_uid_holding_all_its_connections_leaves_root_room_to_attach(victim, 
     assert_untouched(daemon, engine, status, report)
     refusals = [line for line in daemon.log().splitlines() if "refused a connection" in line]
     assert len(refusals) == 1 and f"uid {OTHER} has {MAX_CONNECTIONS_PER_UID} connections open" in refusals[0], refusals
+
+
 def test_a_pool_directory_planted_while_the_daemon_was_down_stops_it_and_nothing_leaks(victim, shared_daemon,
                                                                                      root_only_file):
     daemon, engine = victim
