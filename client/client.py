@@ -227,8 +227,8 @@ class SleepClient:
         return _rpc(self._stub.Sleep, request)
 
     def wake(self, tags: list[str] | None = None, evict: bool = False) -> pb.OperationReply:
-        """Restores some tags, or all; with `evict`, other models may be put to sleep to make room."""
-        self.touch()
+        """Restores some tags, or all; with `evict`, other models may be put to sleep to make room.
+        The daemon counts a wake as activity (see touch)."""
         return _rpc(self._stub.Wake, pb.WakeRequest(model=self.model, tags=tags or [], evict=evict))
 
     def ensure_awake(self, evict: bool = True) -> None:
@@ -328,26 +328,27 @@ class SleepClient:
 
     def _unmap(self, command: pb.Unmap) -> None:
         # Idempotent: a rollback may name regions this client never got to map.
-        for change, region in zip(command.regions, self._regions_named([c.region_id for c in command.regions])):
-            if region.state is State.MAPPED:
-                self._unmap_region(region)
-            region.state = _STATES[change.state]
+        named = self._regions_named([c.region_id for c in command.regions])
+        mapped = [region for region in named if region.state is State.MAPPED]
+        done, error = self._backend.unmap_all([(r.address, r.mapped_size, r.handle) for r in mapped])
+        for region in mapped[:done]:
+            region.handle = None
+        for change, region in zip(command.regions, named):
+            if region.handle is None:
+                region.state = _STATES[change.state]
+        if error:
+            raise RuntimeError(f"unmapping region {mapped[done].id}: {error}")
 
     def _remap(self, command: pb.Remap) -> None:
         # Idempotent: a rollback may name regions that never went away.
         regions = [r for r in self._regions_named(command.region_ids) if r.state is not State.MAPPED]
         fds = [fd for fd, _ in self._handles.fetch([region.id for region in regions])]
-        woken = set()
-        try:
-            for index, region in enumerate(regions):
-                region.handle = self._map(fds[index], region.address, region.mapped_size)  # closes the fd
-                region.state = State.MAPPED
-                woken.add(region.tag)
-        except BaseException:
-            for fd in fds[index + 1:]:
-                os.close(fd)
-            raise
-        for tag in sorted(woken):
+        # All or none; every fd is closed either way.
+        handles = self._backend.map_all([(fd, r.address, r.mapped_size) for fd, r in zip(fds, regions)], self.device)
+        for region, handle in zip(regions, handles):
+            region.handle = handle
+            region.state = State.MAPPED
+        for tag in sorted({region.tag for region in regions}):
             if all(r.state is State.MAPPED for r in self.regions() if r.tag == tag):
                 for hook in self._tag_wake_hooks.get(tag, []):
                     hook()

@@ -13,8 +13,11 @@
 #include <cstring>
 #include <memory>
 #include <optional>
+#include <tuple>
+#include <vector>
 
 #include "backend.h"
+#include "batches.h"
 #include "chunk_pool.h"
 #include "copy_engine.h"
 #include "cuda_backend.h"
@@ -103,6 +106,39 @@ PYBIND11_MODULE(_C, m) {
           py::arg("address"), py::arg("data"), "Copy a bytes-like object to a mapped address.")
       .def("zero", &Backend::zero, py::arg("dst"), py::arg("offset"), py::arg("size"),
            py::call_guard<py::gil_scoped_release>())
+      .def(
+          "create_all",
+          [](Backend& self, const std::vector<std::tuple<int, size_t, std::string>>& creations) {
+            std::vector<Creation> batch;
+            for (const auto& [device, size, label] : creations) batch.push_back({device, size, label});
+            py::gil_scoped_release release;
+            return create_all(self, batch);
+          },
+          py::arg("creations"), "Handles for [(device, size, label)]: all created, or none and the error raised.")
+      .def("release_all", &release_all, py::arg("handles"), py::call_guard<py::gil_scoped_release>(),
+           "Release every handle, then raise the first failure, if any.")
+      .def(
+          "map_all",
+          [](Backend& self, const std::vector<std::tuple<int, uintptr_t, size_t>>& mappings, int device) {
+            std::vector<Mapping> batch;
+            for (const auto& [fd, address, size] : mappings) batch.push_back({fd, address, size});
+            py::gil_scoped_release release;
+            return map_all(self, batch, device);
+          },
+          py::arg("mappings"), py::arg("device"),
+          "Import and map [(fd, address, size)], closing every fd: all mapped (their imported handles "
+          "returned), or none and the error raised.")
+      .def(
+          "unmap_all",
+          [](Backend& self, const std::vector<std::tuple<uintptr_t, size_t, Handle>>& unmappings) {
+            std::vector<Unmapping> batch;
+            for (const auto& [address, size, handle] : unmappings) batch.push_back({address, size, handle});
+            py::gil_scoped_release release;
+            return unmap_all(self, batch);
+          },
+          py::arg("unmappings"),
+          "Unmap and release [(address, size, imported handle)] in order, stopping at a failure: "
+          "(how many were done, why it stopped or '').")
       .def(
           "register_host", [](Backend& self, uintptr_t address, size_t size) { self.register_host(as_pointer(address), size); },
           py::arg("address"), py::arg("size"), py::call_guard<py::gil_scoped_release>());

@@ -39,6 +39,6 @@ def build(backend: DaemonBackend, pool: HostPool, movers: dict[int, Mover], rule
     room = Room(registry, backend, authorizer, events, metrics)
     checkpoints = Checkpoints(registry, backend.name, store)
     operations = Operations(registry, room, Fanout(hook_timeout), backend, pool, movers, rules,
-                            Reporter(events, metrics), Quotas(quotas, registry, authorizer), checkpoints.save)
+                            Reporter(events, metrics), Quotas(quotas, registry, authorizer), checkpoints)
     recovery = Recovery(registry, backend, pool, operations)
     return Core(backend, pool, authorizer, events, metrics, registry, room, operations, recovery)

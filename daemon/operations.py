@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 class Operations:
     def __init__(self, registry: Registry, room: Room, fanout: Fanout, backend: DaemonBackend, pool: HostPool,
-                 movers: dict[int, Mover], rules: SleepRules, reporter: Reporter, quotas: Quotas, checkpoint):
+                 movers: dict[int, Mover], rules: SleepRules, reporter: Reporter, quotas: Quotas, checkpoints):
         self.registry = registry
         self.room = room
         self.fanout = fanout
@@ -57,7 +57,8 @@ class Operations:
         self.rules = rules
         self.reporter = reporter
         self.quotas = quotas
-        self.checkpoint = checkpoint  # records the state on disk: recovery.Checkpoints.save
+        self.checkpoint = checkpoints.save  # records the state on disk before it returns
+        self.checkpoint_soon = checkpoints.save_soon  # records it in the background: for the end of an operation
         self._device_locks = {device.index: OrderedLock(DEVICE, device.index) for device in backend.devices}
         self._frozen = False
 
@@ -313,9 +314,8 @@ class Operations:
                 self._cancel_offloads(offloads)
                 raise
             # Every engine has dropped its references; the daemon's handle is the last one.
-            for region in regions:
-                self.backend.native.release(region.release())
-        self.checkpoint()
+            self.backend.native.release_all([region.release() for region in regions])
+        self.checkpoint_soon()
 
     def _cancel_offloads(self, offloads: list[Region]) -> None:
         for region in offloads:
@@ -360,7 +360,7 @@ class Operations:
                 self.pool.free(backup)
             else:
                 result.bytes_zeroed += region.mapped_size
-        self.checkpoint()
+        self.checkpoint_soon()
 
     def finish_wake(self, model: Model, targets: list[Region], result: OperationResult) -> None:
         """Once every region of the model is mapped again, its wake hooks run."""
@@ -396,9 +396,10 @@ class Operations:
         model_name = regions[0].model if regions else ""
         with self.devices_locked(_devices(regions)):
             self.room.check_created_fit(model_name, regions, what, caller)
-            for region in regions:
-                label = f"sleepd:{region.model}:r{region.session.rank}:{region.tag}:{region.id}"
-                region.created(self.backend.native.create(region.device, region.mapped_size, label))
+            handles = self.backend.native.create_all([
+                (r.device, r.mapped_size, f"sleepd:{r.model}:r{r.session.rank}:{r.tag}:{r.id}") for r in regions])
+            for region, handle in zip(regions, handles):
+                region.created(handle)
 
     def _copy(self, jobs: list[CopyJob]) -> None:
         by_device: dict[int, list[CopyJob]] = {}

@@ -81,10 +81,41 @@ class Checkpoints:
         self._backend_name = backend_name
         self._store = store
         self._sequence = itertools.count(1)
+        self._pending: tuple[dict, int] | None = None  # the newest snapshot save_soon has not written yet
+        self._pending_changed = threading.Condition()
+        self._writer: threading.Thread | None = None
 
     def save(self) -> None:
+        """Records the state now: returns once it is on disk."""
+        if self._store is not None:
+            self._store.save(*self._snapshot())
+
+    def save_soon(self) -> None:
+        """Records the state as it is now, written a moment later by a background thread, so that
+        the operation that asks does not wait for the disk. Only for the end of an operation:
+        a file one step behind is one that recovery resolves (see regions.py), and every step
+        an engine relies on (a new region, a backup before an unmap) uses save()."""
         if self._store is None:
             return
+        snapshot = self._snapshot()
+        with self._pending_changed:
+            self._pending = snapshot
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_pending, name="checkpoints", daemon=True)
+                self._writer.start()
+            self._pending_changed.notify()
+
+    def _write_pending(self) -> None:
+        while True:
+            with self._pending_changed:
+                self._pending_changed.wait_for(lambda: self._pending is not None)
+                snapshot, self._pending = self._pending, None
+            try:
+                self._store.save(*snapshot)  # skipped when a newer save() got there first
+            except Exception:  # the next save retries with a newer state; the daemon keeps serving
+                log.exception("could not write the state file %s", self._store.path)
+
+    def _snapshot(self) -> tuple[dict, int]:
         with self._registry.lock:
             sequence = next(self._sequence)
             state = {"backend": self._backend_name, "next_region_id": self._registry.next_region_id, "models": [
@@ -97,7 +128,7 @@ class Checkpoints:
                                    if r.backup else None} for r in session.regions.values()]}
                      for rank, session in {**model.ranks, **model.orphans}.items()]}
                 for model in self._registry.models_locked()]}
-        self._store.save(state, sequence)
+        return state, sequence
 
 
 class Recovery:

@@ -42,6 +42,23 @@ def drop_privileges(uid: int) -> None:
     os.setuid(uid)
 
 
+class StopOnSecondMap:
+    """The client's backend, except that a remap maps its first region alone and
+    freezes (SIGSTOP) before it maps the rest."""
+
+    def __init__(self, backend):
+        self._backend = backend
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def map_all(self, mappings, device):
+        first = self._backend.map_all(mappings[:1], device)
+        if len(mappings) > 1:
+            signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
+        return first + self._backend.map_all(mappings[1:], device)
+
+
 def die_on(client, moment: str) -> None:
     """Arms a SIGKILL of this process at one moment of the protocol: after the
     daemon created an allocation but before we mapped it ("fetch"), or on
@@ -52,15 +69,7 @@ def die_on(client, moment: str) -> None:
     if moment == "fetch":
         client._handles.fetch = die
     elif moment == "stop_on_second_map":  # a remap that has mapped its first region freezes before the next
-        map_memory, calls = client._map, []
-
-        def stop_on_second(*args):
-            calls.append(args)
-            if len(calls) == 2:
-                signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
-            return map_memory(*args)
-
-        client._map = stop_on_second
+        client._backend = StopOnSecondMap(client._backend)
     elif moment.startswith("stop_before_"):  # freeze (SIGSTOP) on that command once, and carry on when continued
         name = "_" + moment.removeprefix("stop_before_")
         handle = getattr(client, name)
