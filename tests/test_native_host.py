@@ -134,3 +134,63 @@ def test_punch_hole_gives_pages_back_to_the_kernel(tmp_path):
     assert os.fstat(fd).st_blocks < before
     assert os.fstat(fd).st_size == 4 * MiB
     os.close(fd)
+
+
+def open_fds() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+def permissions(address: int) -> str:
+    """The permissions /proc/self/maps shows for the mapping that holds `address`."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            span, perms = line.split()[:2]
+            start, end = (int(part, 16) for part in span.split("-"))
+            if start <= address < end:
+                return perms
+    raise LookupError(f"{address:#x} is not mapped")
+
+
+def test_a_batch_create_is_all_or_none():
+    backend = _C.HostBackend(2, 64 * MiB)
+    # Enough regions to be split across threads; the last ones do not fit device 0.
+    creations = [(0, MiB, f"sleepd:batch:{i}") for i in range(100)]
+    before = open_fds()
+    with pytest.raises(_C.OutOfMemoryError, match="host:0"):
+        backend.create_all(creations)
+    assert backend.used(0) == 0 and open_fds() == before  # what was created went again
+    handles = backend.create_all([(i % 2, MiB, "sleepd:batch") for i in range(100)])
+    assert len(set(handles)) == 100 and backend.used(0) == backend.used(1) == 50 * MiB
+    backend.release_all(handles)
+    assert backend.used(0) == backend.used(1) == 0 and open_fds() == before
+
+
+def test_a_batch_release_releases_every_handle_before_it_reports_an_unknown_one():
+    backend = _C.HostBackend(1, 256 * MiB)
+    handles = backend.create_all([(0, MiB, "sleepd:batch")] * 80)
+    with pytest.raises(_C.BackendError, match="unknown handle"):
+        backend.release_all(handles[:40] + [10 ** 9] + handles[40:])
+    assert backend.used(0) == 0
+
+
+def test_a_batch_map_is_all_or_none_and_closes_every_descriptor():
+    daemon_side = _C.HostBackend(1, 64 * MiB)
+    engine_side = _C.HostBackend()
+    handles = daemon_side.create_all([(0, MiB, "sleepd:batch")] * 3)
+    addresses = [engine_side.reserve(MiB) for _ in handles]
+    before = open_fds()
+    # The third memory is too small for its mapping: nothing stays mapped, no descriptor stays open.
+    fds = [daemon_side.export_handle(h) for h in handles]
+    with pytest.raises(_C.BackendError, match="expected"):
+        engine_side.map_all([(fds[0], addresses[0], MiB), (fds[1], addresses[1], MiB), (fds[2], addresses[2], 2 * MiB)], 0)
+    assert open_fds() == before
+    assert [permissions(address) for address in addresses] == ["---p"] * 3  # bare reservations again
+    fds = [daemon_side.export_handle(h) for h in handles]
+    imported = engine_side.map_all([(fd, address, MiB) for fd, address in zip(fds, addresses)], 0)
+    engine_side.write(addresses[2], b"sleepd")
+    assert engine_side.read(addresses[2], 6) == b"sleepd"
+    done, error = engine_side.unmap_all([(address, MiB, handle) for address, handle in zip(addresses, imported)])
+    assert (done, error) == (3, "")
+    assert [permissions(address) for address in addresses] == ["---p"] * 3
+    assert open_fds() == before
+    daemon_side.release_all(handles)
