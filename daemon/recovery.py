@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import threading
+import time
 
 from .auth import Peer
 from .backends import DaemonBackend
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 VERSION = 1
+# How long the end of an operation may take to reach the state file (Checkpoints.save_soon).
+SOON_SECONDS = 0.2
 # How long a restarted daemon waits for engines to attach again and hand back their memory.
 REATTACH_SECONDS = 60
 
@@ -81,9 +84,9 @@ class Checkpoints:
         self._backend_name = backend_name
         self._store = store
         self._sequence = itertools.count(1)
-        self._pending: tuple[dict, int] | None = None  # the newest snapshot save_soon has not written yet
-        self._pending_changed = threading.Condition()
+        self._due = threading.Event()  # save_soon was asked since the background write began
         self._writer: threading.Thread | None = None
+        self._writer_lock = threading.Lock()
 
     def save(self) -> None:
         """Records the state now: returns once it is on disk."""
@@ -91,27 +94,26 @@ class Checkpoints:
             self._store.save(*self._snapshot())
 
     def save_soon(self) -> None:
-        """Records the state as it is now, written a moment later by a background thread, so that
-        the operation that asks does not wait for the disk. Only for the end of an operation:
-        a file one step behind is one that recovery resolves (see regions.py), and every step
-        an engine relies on (a new region, a backup before an unmap) uses save()."""
+        """Records the state within SOON_SECONDS, in a background thread, so that the operation
+        that asks waits for neither the disk nor the encoding, and a burst of operations is
+        written once. Only for the end of an operation: the file may then lag behind by
+        operations' last steps, which recovery resolves (see regions.py); every step an engine
+        relies on (a new region, a backup before an unmap) uses save()."""
         if self._store is None:
             return
-        snapshot = self._snapshot()
-        with self._pending_changed:
-            self._pending = snapshot
+        self._due.set()
+        with self._writer_lock:
             if self._writer is None:
-                self._writer = threading.Thread(target=self._write_pending, name="checkpoints", daemon=True)
+                self._writer = threading.Thread(target=self._write_when_due, name="checkpoints", daemon=True)
                 self._writer.start()
-            self._pending_changed.notify()
 
-    def _write_pending(self) -> None:
+    def _write_when_due(self) -> None:
         while True:
-            with self._pending_changed:
-                self._pending_changed.wait_for(lambda: self._pending is not None)
-                snapshot, self._pending = self._pending, None
+            self._due.wait()
+            time.sleep(SOON_SECONDS)  # gathers the rest of a burst
+            self._due.clear()
             try:
-                self._store.save(*snapshot)  # skipped when a newer save() got there first
+                self._store.save(*self._snapshot())  # skipped when a newer save() got there first
             except Exception:  # the next save retries with a newer state; the daemon keeps serving
                 log.exception("could not write the state file %s", self._store.path)
 
