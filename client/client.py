@@ -22,6 +22,7 @@ from typing import Callable
 import grpc
 
 from sleepd.common import paths
+from sleepd.common.handle_messages import FETCH_BATCH
 from sleepd.common.native import engine_backend, gpu_uuid
 from sleepd.proto import sleepd_pb2 as pb
 from sleepd.proto import sleepd_pb2_grpc as pb_grpc
@@ -342,12 +343,15 @@ class SleepClient:
     def _remap(self, command: pb.Remap) -> None:
         # Idempotent: a rollback may name regions that never went away.
         regions = [r for r in self._regions_named(command.region_ids) if r.state is not State.MAPPED]
-        fds = [fd for fd, _ in self._handles.fetch([region.id for region in regions])]
-        # All or none; every fd is closed either way.
-        handles = self._backend.map_all([(fd, r.address, r.mapped_size) for fd, r in zip(fds, regions)], self.device)
-        for region, handle in zip(regions, handles):
-            region.handle = handle
-            region.state = State.MAPPED
+        # A batch at a time, so that the descriptors open at once stay few.
+        for start in range(0, len(regions), FETCH_BATCH):
+            batch = regions[start:start + FETCH_BATCH]
+            fds = [fd for fd, _ in self._handles.fetch([region.id for region in batch])]
+            # All or none; every fd is closed either way.
+            handles = self._backend.map_all([(fd, r.address, r.mapped_size) for fd, r in zip(fds, batch)], self.device)
+            for region, handle in zip(batch, handles):
+                region.handle = handle
+                region.state = State.MAPPED
         for tag in sorted({region.tag for region in regions}):
             if all(r.state is State.MAPPED for r in self.regions() if r.tag == tag):
                 for hook in self._tag_wake_hooks.get(tag, []):

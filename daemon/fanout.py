@@ -49,8 +49,7 @@ class Fanout:
     def unmap(self, sessions, after: dict[Region, RegionState]):
         """Each rank unmaps its regions among `after`, which says the state each goes to."""
         return self._all(sessions, lambda session: pb.DaemonCommand(unmap=pb.Unmap(regions=[
-            pb.RegionChange(region_id=region.id, state=state)
-            for region, state in after.items() if region.session is session])))
+            {"region_id": region.id, "state": state} for region, state in after.items() if region.session is session])))
 
     def remap(self, sessions, regions):
         return self._all(sessions, lambda session: pb.DaemonCommand(remap=pb.Remap(
