@@ -4,7 +4,10 @@ models rebuilt from it, and the engines handing back the memory they still map.
 The state is one JSON file under the state directory, replaced atomically
 (write, rename) after every change that matters. Backups are recorded
 before engines are told to unmap, so a crash at any point leaves a file that
-names every backup whose region an engine may no longer hold.
+names every backup whose region an engine may no longer hold. The last step of
+a sleep or a wake reaches the file within SOON_SECONDS, from a background
+thread: a file that misses it still names every backup, and recovery settles
+each region by what its engine hands back.
 """
 
 import itertools
