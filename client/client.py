@@ -135,10 +135,10 @@ class SleepClient:
             info = _rpc(self._stub.Allocate, pb.AllocateRequest(session_id=self._session_id, size=nbytes, tag=tag,
                                                                      evict=evict, persist=persist))
             try:
-                ((fd, mapped_size),) = self._handles.fetch([info.id])
+                ((shared, mapped_size),) = self._fetch([info.id])
                 address = self._backend.reserve(mapped_size)
                 try:
-                    handle = self._map(fd, address, mapped_size)
+                    handle = self._map(shared, address, mapped_size)
                 except BaseException:
                     self._backend.free_reservation(address, mapped_size)
                     raise
@@ -336,16 +336,17 @@ class SleepClient:
     def _remap(self, command: pb.Remap) -> None:
         # Idempotent: a rollback may name regions that never went away.
         regions = [r for r in self._regions_named(command.region_ids) if r.state is not State.MAPPED]
-        fds = [fd for fd, _ in self._handles.fetch([region.id for region in regions])]
+        shared = [each for each, _ in self._fetch([region.id for region in regions])]
         woken = set()
         try:
             for index, region in enumerate(regions):
-                region.handle = self._map(fds[index], region.address, region.mapped_size)  # closes the fd
+                region.handle = self._map(shared[index], region.address, region.mapped_size)  # closes an fd
                 region.state = State.MAPPED
                 woken.add(region.tag)
         except BaseException:
-            for fd in fds[index + 1:]:
-                os.close(fd)
+            if not self._backend.shares_tokens:
+                for fd in shared[index + 1:]:
+                    os.close(fd)
             raise
         for tag in sorted(woken):
             if all(r.state is State.MAPPED for r in self.regions() if r.tag == tag):
@@ -356,14 +357,24 @@ class SleepClient:
         for hook in self._wake_hooks:
             hook()
 
-    def _map(self, fd: int, address: int, size: int) -> int:
-        """Imports the memory and maps it, closing the descriptor. The imported
-        handle is kept while mapped (released on unmap): after a daemon restart it
-        is what this process hands back."""
-        try:
-            handle = self._backend.import_handle(fd, self.device, size)
-        finally:
-            os.close(fd)
+    def _fetch(self, region_ids: list[int]) -> list[tuple[int, int]]:
+        """For each region: what shares its memory (a descriptor, or on ACL a token this
+        process has been authorised to import) and its mapped size."""
+        if self._backend.shares_tokens:
+            return self._handles.fetch_tokens(region_ids, self._backend.device_pid())
+        return self._handles.fetch(region_ids)
+
+    def _map(self, shared: int, address: int, size: int) -> int:
+        """Imports the memory (from a token, or a descriptor it closes) and maps it. The
+        imported handle is kept while mapped (released on unmap): after a daemon restart
+        it is what this process hands back."""
+        if self._backend.shares_tokens:
+            handle = self._backend.import_token(shared, self.device, size)
+        else:
+            try:
+                handle = self._backend.import_handle(shared, self.device, size)
+            finally:
+                os.close(shared)
         try:
             self._backend.map(address, size, handle, self.device)
         except BaseException:
@@ -378,8 +389,8 @@ class SleepClient:
         region = Region(self._backend, info.id, info.tag, info.size, info.mapped_size, self.device, address,
                         info.persist)
         if info.state == pb.MAPPED:
-            ((fd, _),) = self._handles.fetch([info.id])
-            region.handle = self._map(fd, address, info.mapped_size)
+            ((shared, _),) = self._fetch([info.id])
+            region.handle = self._map(shared, address, info.mapped_size)
         else:
             region.state = _STATES[info.state]
         self._regions[region.id] = region

@@ -1,5 +1,5 @@
 """The engine's end of the handle socket: says hello (the daemon reads our
-credentials there), fetches region memory as file descriptors and, after a
+credentials there), fetches region memory as file descriptors (or tokens, on ACL) and, after a
 daemon restart, hands back the memory this process maps."""
 
 import os
@@ -72,6 +72,15 @@ class HandleConnection:
         except BaseException:
             wire.close_all([fd for fd, _ in fetched])
             raise
+        return fetched
+
+    def fetch_tokens(self, region_ids: list[int], device_pid: int) -> list[tuple[int, int]]:
+        """On a token backend (ACL): for each region, its token, which the daemon has let the
+        process the runtime knows as `device_pid` (this one) import, and its mapped size."""
+        fetched: list[tuple[int, int]] = []
+        for start in range(0, len(region_ids), FETCH_BATCH):
+            reply = self._request(Fetch(tuple(region_ids[start:start + FETCH_BATCH]), device_pid), Fetched)
+            fetched += zip(reply.tokens, reply.sizes)
         return fetched
 
     def hand_back(self, region_id: int, fd: int) -> None:
