@@ -96,6 +96,8 @@ class SleepClient:
                     self._take_over(info)
                 except SleepdError as error:  # its memory died with an engine while the daemon was down
                     log.warning("region %d (%s) cannot be taken back: %s", info.id, info.tag, error.message)
+            elif region.state is State.MAPPED and self._backend.shares_tokens:
+                self._move_to_new_memory(region)
             elif region.state is State.MAPPED:
                 fd = self._backend.export_handle(region.handle)
                 try:
@@ -109,6 +111,27 @@ class SleepClient:
                 if region.id not in known:
                     log.warning("region %d (%s) is unknown to the restarted daemon: it stays mapped here "
                                 "but will not sleep", region.id, region.tag)
+
+    def _move_to_new_memory(self, region: Region) -> None:
+        """After a daemon restart on ACL, where an imported handle cannot be exported again:
+        copies the region into new memory the daemon made, and maps that at the same address."""
+        token, size = self._handles.replace(region.id, self._backend.device_pid())
+        handle = self._backend.import_token(token, self.device, size)
+        staging = self._backend.reserve(size)
+        try:
+            self._backend.map(staging, size, handle, self.device)
+            try:
+                self._backend.copy(staging, region.address, size)
+            finally:
+                self._backend.unmap(staging, size)  # waits for the copy
+        except BaseException:
+            self._backend.release(handle)
+            raise
+        finally:
+            self._backend.free_reservation(staging, size)
+        self._unmap_region(region)
+        self._backend.map(region.address, size, handle, self.device)
+        region.handle = handle
 
     @classmethod
     def connect(cls, model: str, rank: int = 0, device: int = 0, socket: str | None = None) -> "SleepClient":
@@ -190,10 +213,10 @@ class SleepClient:
 
         torch_pool = self._pools.get(tag)
         if torch_pool is None:
-            if self._backend.name != "cuda":
-                raise RuntimeError("pool() routes torch CUDA allocations; this daemon runs the "
+            if self._backend.name not in ("cuda", "acl"):
+                raise RuntimeError("pool() routes torch CUDA or NPU allocations; this daemon runs the "
                                    f"{self._backend.name} backend, so use alloc() or adopt() instead")
-            torch_pool = self._pools[tag] = TorchPool(self, tag, chunk_bytes)
+            torch_pool = self._pools[tag] = TorchPool(self, tag, chunk_bytes, self._backend.name)
         with torch_pool.active(self.device, self._pooled_bytes):
             yield torch_pool
 

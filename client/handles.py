@@ -10,8 +10,8 @@ import threading
 import grpc
 
 from sleepd.common import wire
-from sleepd.common.handle_messages import (FETCH_BATCH, Done, Fetch, Fetched, HandBack, HandedBack, Hello, Refused, Welcome,
-                                           decode_reply)
+from sleepd.common.handle_messages import (FETCH_BATCH, Done, Fetch, Fetched, HandBack, HandedBack, Hello, Refused, Replace,
+                                           Welcome, decode_reply)
 
 from .errors import SleepdError
 
@@ -86,6 +86,12 @@ class HandleConnection:
     def hand_back(self, region_id: int, fd: int) -> None:
         """After a daemon restart: hands the daemon the memory of a region this process maps."""
         self._request(HandBack(region_id, fd), Done)
+
+    def replace(self, region_id: int, device_pid: int) -> tuple[int, int]:
+        """After a daemon restart, on a token backend: the token and size of new memory for a
+        region this process maps, to copy the region into."""
+        reply = self._request(Replace(region_id, device_pid), Fetched)
+        return reply.tokens[0], reply.sizes[0]
 
     def handed_back(self) -> None:
         """After a daemon restart: everything this process maps has been handed back."""

@@ -108,6 +108,24 @@ class HandBack:
 
 
 @dataclass(frozen=True)
+class Replace:
+    """After a daemon restart, on a token backend (ACL), where an imported handle cannot be
+    exported again: new memory for a region this engine maps, which the engine copies its
+    bytes into and maps in place of the old (Fetched, with the new memory's token)."""
+    OP: ClassVar[str] = "replace"
+    region: int
+    device_pid: int
+
+    def encode(self) -> tuple[dict, list[int]]:
+        return {"op": self.OP, "region": self.region, "device_pid": self.device_pid}, []
+
+    @classmethod
+    def decode(cls, frame: dict, fds: list[int]) -> "Replace":
+        _no_descriptors(cls.OP, fds)
+        return cls(_integer(frame, "region", cls.OP), _integer(frame, "device_pid", cls.OP))
+
+
+@dataclass(frozen=True)
 class HandedBack:
     """After a daemon restart: everything this engine maps has been handed back (Done)."""
     OP: ClassVar[str] = "handed_back"
@@ -121,8 +139,8 @@ class HandedBack:
         return cls()
 
 
-Request = Hello | Fetch | HandBack | HandedBack
-_REQUESTS = {kind.OP: kind for kind in (Hello, Fetch, HandBack, HandedBack)}
+Request = Hello | Fetch | HandBack | Replace | HandedBack
+_REQUESTS = {kind.OP: kind for kind in (Hello, Fetch, HandBack, Replace, HandedBack)}
 
 
 def decode_request(frame: dict, fds: list[int]) -> Request:

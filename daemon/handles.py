@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from sleepd.common import wire
 from sleepd.common.handle_messages import (Done, Fetch, Fetched, HandBack, HandedBack, Hello, InvalidArguments,
-                                           Refused, Reply, Welcome, decode_request)
+                                           Refused, Replace, Reply, Welcome, decode_request)
 
 from .auth import Peer
 from .errors import SleepdError, exhausted, invalid
@@ -285,6 +285,12 @@ class HandleServer:
                 case HandBack(region=region_id, fd=fd):  # after a daemon restart
                     self._core.recovery.hand_back(session, region_id, fd)
                     return Done()
+                case Replace(region=region_id, device_pid=device_pid) if self._token_access:  # after a restart
+                    device_pid = self._token_access.check(session.pid, device_pid)
+                    region = self._core.recovery.replace(session, region_id)
+                    return self._tokens(session, (region.id,), device_pid)
+                case Replace():
+                    raise invalid(f"{self._core.backend.name} memory is handed back, not replaced")
                 case HandedBack():
                     self._core.recovery.finish_hand_back(session)
                     return Done()
