@@ -50,7 +50,7 @@ def die_on(client, moment: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     if moment == "fetch":
-        client._handles.fetch = die
+        client._handles.fetch = client._handles.fetch_tokens = die  # descriptors, or tokens on ACL
     elif moment == "stop_on_second_map":  # a remap that has mapped its first region freezes before the next
         map_memory, calls = client._map, []
 

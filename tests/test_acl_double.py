@@ -149,11 +149,11 @@ def test_a_failing_map_in_the_mover_fails_the_sleep_and_loses_nothing(daemon, fa
     engine = start_engine(daemon, "qwen", regions=REGIONS)
     daemon.ctl("sleep", "--model", "qwen")  # starts the mover, so that its pid is known
     daemon.ctl("wake", "--model", "qwen")
-    awake = daemon.status()
+    awake, regions = daemon.status(), engine.report()["regions"]
     [mover] = [pid for pid in daemon.mover_pids() if fake.counters(pid)["copies"]]
     fake.inject(fail_map_pid=mover)
     result = daemon.ctl("sleep", "--model", "qwen", check=False)
     fake.inject()
     assert result.returncode != 0 and "aclrtMapMem" in result.stderr
     assert daemon.status() == awake
-    assert engine.report()["regions"] == engine.initial["regions"]
+    assert engine.report()["regions"] == regions
