@@ -11,7 +11,7 @@ authorised for another process. The check is never switched off.
 
 import os
 
-from .errors import denied
+from .errors import denied, invalid
 
 
 class TokenAccess:
@@ -21,8 +21,8 @@ class TokenAccess:
     def check(self, peer_pid: int, device_pid: int | None) -> int:
         """The id to authorise for a peer whose credentials say `peer_pid`."""
         if device_pid is None:
-            raise denied("this daemon shares memory as ACL tokens: fetch must name the device_pid "
-                         "aclrtDeviceGetBareTgid reports; update the client")
+            raise invalid("this daemon shares memory as ACL tokens: fetch must name the device_pid "
+                          "aclrtDeviceGetBareTgid reports; update the client")
         if self._pids_agree and device_pid != peer_pid:
             raise denied(f"fetch names device pid {device_pid}, but the kernel says this is pid {peer_pid}, "
                          "in the daemon's PID namespace; a process may fetch tokens only for itself")

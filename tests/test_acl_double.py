@@ -7,8 +7,10 @@ import os
 import subprocess
 import sys
 
+import grpc
 import pytest
 
+from sleepd.client import SleepClient, SleepdError
 from support import HERE, MiB
 
 REGIONS = [("weights", 4 * MiB), ("weights", 4 * MiB), ("kv_cache", 2 * MiB)]
@@ -157,3 +159,14 @@ def test_a_failing_map_in_the_mover_fails_the_sleep_and_loses_nothing(daemon, fa
     assert result.returncode != 0 and "aclrtMapMem" in result.stderr
     assert daemon.status() == awake
     assert engine.report()["regions"] == regions
+
+
+def test_a_token_fetch_that_names_no_device_pid_is_invalid_and_changes_nothing(daemon, fake):
+    with SleepClient.connect("qwen", socket=daemon.socket) as client:
+        region = client.alloc(MiB, "weights")
+        before, pid_sets = daemon.status(), fake.counters(daemon.pid)["pid_sets"]
+        with pytest.raises(SleepdError) as error:
+            client._handles.fetch([region.id])  # the descriptor-backend request, without a device pid
+        assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT and "device_pid" in error.value.message
+        assert daemon.status() == before
+        assert fake.counters(daemon.pid)["pid_sets"] == pid_sets
