@@ -21,8 +21,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--size", default="512MiB", help="bytes of weights per model (default 512MiB)")
     parser.add_argument("--region-size", default="32MiB", help="size of each region")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--backend", default="host", choices=["host", "cuda"],
-                        help="cuda needs a GPU (and allocates raw regions, no torch)")
+    parser.add_argument("--backend", default="host", choices=["host", "cuda", "acl"],
+                        help="cuda needs a GPU, acl an Ascend NPU (both allocate raw regions, no torch)")
 
 
 @contextlib.contextmanager

@@ -97,6 +97,8 @@ class SleepClient:
                     self._take_over(info)
                 except SleepdError as error:  # its memory died with an engine while the daemon was down
                     log.warning("region %d (%s) cannot be taken back: %s", info.id, info.tag, error.message)
+            elif region.state is State.MAPPED and self._backend.shares_tokens:
+                self._move_to_new_memory(region)
             elif region.state is State.MAPPED:
                 fd = self._backend.export_handle(region.handle)
                 try:
@@ -110,6 +112,27 @@ class SleepClient:
                 if region.id not in known:
                     log.warning("region %d (%s) is unknown to the restarted daemon: it stays mapped here "
                                 "but will not sleep", region.id, region.tag)
+
+    def _move_to_new_memory(self, region: Region) -> None:
+        """After a daemon restart on ACL, where an imported handle cannot be exported again:
+        copies the region into new memory the daemon made, and maps that at the same address."""
+        token, size = self._handles.replace(region.id, self._backend.device_pid())
+        handle = self._backend.import_token(token, self.device, size)
+        staging = self._backend.reserve(size)
+        try:
+            self._backend.map(staging, size, handle, self.device)
+            try:
+                self._backend.copy(staging, region.address, size)
+            finally:
+                self._backend.unmap(staging, size)  # waits for the copy
+        except BaseException:
+            self._backend.release(handle)
+            raise
+        finally:
+            self._backend.free_reservation(staging, size)
+        self._unmap_region(region)
+        self._backend.map(region.address, size, handle, self.device)
+        region.handle = handle
 
     @classmethod
     def connect(cls, model: str, rank: int = 0, device: int = 0, socket: str | None = None) -> "SleepClient":
@@ -136,10 +159,10 @@ class SleepClient:
             info = _rpc(self._stub.Allocate, pb.AllocateRequest(session_id=self._session_id, size=nbytes, tag=tag,
                                                                      evict=evict, persist=persist))
             try:
-                ((fd, mapped_size),) = self._handles.fetch([info.id])
+                ((shared, mapped_size),) = self._fetch([info.id])
                 address = self._backend.reserve(mapped_size)
                 try:
-                    handle = self._map(fd, address, mapped_size)
+                    handle = self._map(shared, address, mapped_size)
                 except BaseException:
                     self._backend.free_reservation(address, mapped_size)
                     raise
@@ -191,10 +214,10 @@ class SleepClient:
 
         torch_pool = self._pools.get(tag)
         if torch_pool is None:
-            if self._backend.name != "cuda":
-                raise RuntimeError("pool() routes torch CUDA allocations; this daemon runs the "
+            if self._backend.name not in ("cuda", "acl"):
+                raise RuntimeError("pool() routes torch CUDA or NPU allocations; this daemon runs the "
                                    f"{self._backend.name} backend, so use alloc() or adopt() instead")
-            torch_pool = self._pools[tag] = TorchPool(self, tag, chunk_bytes)
+            torch_pool = self._pools[tag] = TorchPool(self, tag, chunk_bytes, self._backend.name)
         with torch_pool.active(self.device, self._pooled_bytes):
             yield torch_pool
 
@@ -346,9 +369,10 @@ class SleepClient:
         # A batch at a time, so that the descriptors open at once stay few.
         for start in range(0, len(regions), FETCH_BATCH):
             batch = regions[start:start + FETCH_BATCH]
-            fds = [fd for fd, _ in self._handles.fetch([region.id for region in batch])]
+            shared = [each for each, _ in self._fetch([region.id for region in batch])]
             # All or none; every fd is closed either way.
-            handles = self._backend.map_all([(fd, r.address, r.mapped_size) for fd, r in zip(fds, batch)], self.device)
+            handles = self._backend.map_all([(each, r.address, r.mapped_size) for each, r in zip(shared, batch)],
+                                            self.device)
             for region, handle in zip(batch, handles):
                 region.handle = handle
                 region.state = State.MAPPED
@@ -361,14 +385,24 @@ class SleepClient:
         for hook in self._wake_hooks:
             hook()
 
-    def _map(self, fd: int, address: int, size: int) -> int:
-        """Imports the memory and maps it, closing the descriptor. The imported
-        handle is kept while mapped (released on unmap): after a daemon restart it
-        is what this process hands back."""
-        try:
-            handle = self._backend.import_handle(fd, self.device, size)
-        finally:
-            os.close(fd)
+    def _fetch(self, region_ids: list[int]) -> list[tuple[int, int]]:
+        """For each region: what shares its memory (a descriptor, or on ACL a token this
+        process has been authorised to import) and its mapped size."""
+        if self._backend.shares_tokens:
+            return self._handles.fetch_tokens(region_ids, self._backend.device_pid())
+        return self._handles.fetch(region_ids)
+
+    def _map(self, shared: int, address: int, size: int) -> int:
+        """Imports the memory (from a token, or a descriptor it closes) and maps it. The
+        imported handle is kept while mapped (released on unmap): after a daemon restart
+        it is what this process hands back."""
+        if self._backend.shares_tokens:
+            handle = self._backend.import_token(shared, self.device, size)
+        else:
+            try:
+                handle = self._backend.import_handle(shared, self.device, size)
+            finally:
+                os.close(shared)
         try:
             self._backend.map(address, size, handle, self.device)
         except BaseException:
@@ -383,8 +417,8 @@ class SleepClient:
         region = Region(self._backend, info.id, info.tag, info.size, info.mapped_size, self.device, address,
                         info.persist)
         if info.state == pb.MAPPED:
-            ((fd, _),) = self._handles.fetch([info.id])
-            region.handle = self._map(fd, address, info.mapped_size)
+            ((shared, _),) = self._fetch([info.id])
+            region.handle = self._map(shared, address, info.mapped_size)
         else:
             region.state = _STATES[info.state]
         self._regions[region.id] = region

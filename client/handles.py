@@ -1,5 +1,5 @@
 """The engine's end of the handle socket: says hello (the daemon reads our
-credentials there), fetches region memory as file descriptors and, after a
+credentials there), fetches region memory as file descriptors (or tokens, on ACL) and, after a
 daemon restart, hands back the memory this process maps."""
 
 import os
@@ -10,8 +10,8 @@ import threading
 import grpc
 
 from sleepd.common import wire
-from sleepd.common.handle_messages import (FETCH_BATCH, Done, Fetch, Fetched, HandBack, HandedBack, Hello, Refused, Welcome,
-                                           decode_reply)
+from sleepd.common.handle_messages import (FETCH_BATCH, Done, Fetch, Fetched, HandBack, HandedBack, Hello, Refused, Replace,
+                                           Welcome, decode_reply)
 
 from .errors import SleepdError
 
@@ -74,9 +74,24 @@ class HandleConnection:
             raise
         return fetched
 
+    def fetch_tokens(self, region_ids: list[int], device_pid: int) -> list[tuple[int, int]]:
+        """On a token backend (ACL): for each region, its token, which the daemon has let the
+        process the runtime knows as `device_pid` (this one) import, and its mapped size."""
+        fetched: list[tuple[int, int]] = []
+        for start in range(0, len(region_ids), FETCH_BATCH):
+            reply = self._request(Fetch(tuple(region_ids[start:start + FETCH_BATCH]), device_pid), Fetched)
+            fetched += zip(reply.tokens, reply.sizes)
+        return fetched
+
     def hand_back(self, region_id: int, fd: int) -> None:
         """After a daemon restart: hands the daemon the memory of a region this process maps."""
         self._request(HandBack(region_id, fd), Done)
+
+    def replace(self, region_id: int, device_pid: int) -> tuple[int, int]:
+        """After a daemon restart, on a token backend: the token and size of new memory for a
+        region this process maps, to copy the region into."""
+        reply = self._request(Replace(region_id, device_pid), Fetched)
+        return reply.tokens[0], reply.sizes[0]
 
     def handed_back(self) -> None:
         """After a daemon restart: everything this process maps has been handed back."""

@@ -70,6 +70,9 @@ class Region:
         On the host backend it is a CPU tensor, on a GPU a CUDA tensor."""
         import torch
 
+        if self._backend.name == "acl":  # torch_npu takes no array-interface views; nothing here could test one
+            raise TypeError(f"region {self.id} is NPU memory: tensor() is not supported there yet; use read() and "
+                            "write(), or pool() with torch_npu")
         shape = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else (shape,)
         count = 1
         for dim in shape:

@@ -1,6 +1,7 @@
-"""Routing torch's CUDA allocations into daemon-owned memory.
+"""Routing torch's CUDA (or, with torch_npu, NPU) allocations into daemon-owned memory.
 
-A CUDAPluggableAllocator points torch at the C hooks in sleepd._C; a MemPool
+A CUDAPluggableAllocator (NPUPluggableAllocator on an NPU) points torch at the C
+hooks in sleepd._C, whose signatures both accept; a MemPool
 and `use_mem_pool` send one thread's allocations to it; a ChunkPool behind the
 hooks carves them out of large daemon regions.
 
@@ -24,19 +25,30 @@ class RoutingWarning(RuntimeWarning):
     """Device memory was allocated outside sleepd while a pool() block was open."""
 
 
-class TorchPool:
-    def __init__(self, client, tag: str, chunk_bytes: int):
-        import torch
+def _device_api(backend: str):
+    """torch's module for the backend's devices and its pluggable allocator class. The NPU
+    path (torch_npu) has never run: no NPU was available where it was written."""
+    import torch
 
+    if backend == "acl":
+        import torch_npu
+
+        return torch.npu, torch_npu.npu.memory.NPUPluggableAllocator
+    return torch.cuda, torch.cuda.memory.CUDAPluggableAllocator
+
+
+class TorchPool:
+    def __init__(self, client, tag: str, chunk_bytes: int, backend: str = "cuda"):
         self.tag = tag
         self.regions = []
         self._client = client
+        self._api, pluggable = _device_api(backend)
         self.chunks = _C.ChunkPool(self._refill, chunk_bytes)
-        self._allocator = torch.cuda.memory.CUDAPluggableAllocator(_C.__file__, "sleepd_malloc", "sleepd_free")
+        self._allocator = pluggable(_C.__file__, "sleepd_malloc", "sleepd_free")
         # A MemPool binds to the device current when it is made: made on another, the client's
         # allocations would fall back to plain cudaMalloc, bypass sleepd and never sleep.
-        with torch.cuda.device(client.device):
-            self.mem_pool = torch.cuda.MemPool(self._allocator.allocator())
+        with self._api.device(client.device):
+            self.mem_pool = self._api.MemPool(self._allocator.allocator())
 
     def _refill(self, nbytes: int) -> tuple[int, int]:
         region = self._client.alloc(nbytes, self.tag)
@@ -47,19 +59,17 @@ class TorchPool:
     def active(self, device: int, pooled_bytes):
         """Routes this thread's allocations on `device` here. `pooled_bytes()`: what every
         sleepd pool of this process holds, to tell the device's growth outside them."""
-        import torch
-
-        reserved, pooled = torch.cuda.memory_reserved(device), pooled_bytes()
+        reserved, pooled = self._api.memory_reserved(device), pooled_bytes()
         with _expandable_segments_off():
             self.chunks.activate()
             try:
-                with torch.cuda.use_mem_pool(self.mem_pool, device=device):
+                with self._api.use_mem_pool(self.mem_pool, device=device):
                     yield self
             finally:
                 self.chunks.deactivate()
-        outside = torch.cuda.memory_reserved(device) - reserved - (pooled_bytes() - pooled)
+        outside = self._api.memory_reserved(device) - reserved - (pooled_bytes() - pooled)
         if outside > 0:
-            warnings.warn(f"{outside / MiB:.0f} MiB of cuda:{device} were allocated outside sleepd while "
+            warnings.warn(f"{outside / MiB:.0f} MiB of device {device} were allocated outside sleepd while "
                           f"pool({self.tag!r}) was open, most likely by another thread: pool() routes only the "
                           "allocations of the thread that opens it, so that memory will not sleep; open pool() "
                           "in every thread that allocates what should sleep", RoutingWarning, stacklevel=5)  # the caller's `with client.pool()`

@@ -66,12 +66,18 @@ FETCH_BATCH = 250
 
 @dataclass(frozen=True)
 class Fetch:
-    """Descriptors for the memory of up to FETCH_BATCH regions, please (Fetched)."""
+    """Descriptors (or, on a token backend, tokens) for the memory of up to FETCH_BATCH
+    regions, please (Fetched). On a token backend (ACL) the engine names the id its
+    runtime knows it by (aclrtDeviceGetBareTgid), for the daemon to authorise."""
     OP: ClassVar[str] = "fetch"
     regions: tuple[int, ...]
+    device_pid: int | None = None
 
     def encode(self) -> tuple[dict, list[int]]:
-        return {"op": self.OP, "regions": list(self.regions)}, []
+        frame = {"op": self.OP, "regions": list(self.regions)}
+        if self.device_pid is not None:
+            frame["device_pid"] = self.device_pid
+        return frame, []
 
     @classmethod
     def decode(cls, frame: dict, fds: list[int]) -> "Fetch":
@@ -80,7 +86,10 @@ class Fetch:
         if not isinstance(regions, list) or not 1 <= len(regions) <= FETCH_BATCH \
                 or any(type(region) is not int for region in regions):
             raise InvalidArguments(f"{cls.OP} needs a list of 1 to {FETCH_BATCH} integer regions")
-        return cls(tuple(regions))
+        device_pid = frame.get("device_pid")
+        if device_pid is not None and (type(device_pid) is not int or device_pid <= 0):
+            raise InvalidArguments(f"{cls.OP} needs a positive integer device_pid when it names one")
+        return cls(tuple(regions), device_pid)
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,24 @@ class HandBack:
 
 
 @dataclass(frozen=True)
+class Replace:
+    """After a daemon restart, on a token backend (ACL), where an imported handle cannot be
+    exported again: new memory for a region this engine maps, which the engine copies its
+    bytes into and maps in place of the old (Fetched, with the new memory's token)."""
+    OP: ClassVar[str] = "replace"
+    region: int
+    device_pid: int
+
+    def encode(self) -> tuple[dict, list[int]]:
+        return {"op": self.OP, "region": self.region, "device_pid": self.device_pid}, []
+
+    @classmethod
+    def decode(cls, frame: dict, fds: list[int]) -> "Replace":
+        _no_descriptors(cls.OP, fds)
+        return cls(_integer(frame, "region", cls.OP), _integer(frame, "device_pid", cls.OP))
+
+
+@dataclass(frozen=True)
 class HandedBack:
     """After a daemon restart: everything this engine maps has been handed back (Done)."""
     OP: ClassVar[str] = "handed_back"
@@ -112,8 +139,8 @@ class HandedBack:
         return cls()
 
 
-Request = Hello | Fetch | HandBack | HandedBack
-_REQUESTS = {kind.OP: kind for kind in (Hello, Fetch, HandBack, HandedBack)}
+Request = Hello | Fetch | HandBack | Replace | HandedBack
+_REQUESTS = {kind.OP: kind for kind in (Hello, Fetch, HandBack, Replace, HandedBack)}
 
 
 def decode_request(frame: dict, fds: list[int]) -> Request:
@@ -141,19 +168,27 @@ class Welcome:
 @dataclass(frozen=True)
 class Fetched:
     """For each region fetched, in order: its mapped size (an imported handle does not tell it)
-    and a descriptor of its memory."""
+    and either a descriptor of its memory or, on a token backend, its token (sent in-band)."""
     sizes: tuple[int, ...]
-    fds: tuple[int, ...]
+    fds: tuple[int, ...] = ()
+    tokens: tuple[int, ...] = ()
 
     def encode(self) -> tuple[dict, list[int]]:
-        return {"ok": True, "sizes": list(self.sizes)}, list(self.fds)
+        frame = {"ok": True, "sizes": list(self.sizes)}
+        if self.tokens:
+            frame["tokens"] = list(self.tokens)
+        return frame, list(self.fds)
 
     @classmethod
     def decode(cls, frame: dict, fds: list[int]) -> "Fetched":
-        sizes = frame.get("sizes")
-        if not isinstance(sizes, list) or any(type(size) is not int for size in sizes) or len(sizes) != len(fds):
-            raise InvalidArguments(f"fetched needs one integer size per descriptor, got {sizes!r} and {len(fds)}")
-        return cls(tuple(sizes), tuple(fds))
+        sizes, tokens = frame.get("sizes"), frame.get("tokens", [])
+        if not isinstance(sizes, list) or any(type(size) is not int for size in sizes) \
+                or not isinstance(tokens, list) or any(type(token) is not int or token <= 0 for token in tokens):
+            raise InvalidArguments("fetched needs integer sizes, and positive integer tokens if any")
+        if (len(fds), len(tokens)) not in ((len(sizes), 0), (0, len(sizes))):
+            raise InvalidArguments(f"fetched needs one descriptor or one token per size, got {len(sizes)} sizes, "
+                                   f"{len(fds)} descriptors and {len(tokens)} tokens")
+        return cls(tuple(sizes), tuple(fds), tuple(tokens))
 
 
 @dataclass(frozen=True)

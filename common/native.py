@@ -16,8 +16,8 @@ def engine_backend(name: str, device: int):
     """A backend for `device`, with that device's context current where it has one."""
     if name == "host":
         return _C.HostBackend(0, 0)
-    if name == "cuda":
-        backend = _C.CudaBackend()
+    if name in ("cuda", "acl"):
+        backend = _C.CudaBackend() if name == "cuda" else _C.AclBackend()
         backend.set_device(device)
         return backend
     raise ValueError(f"backend {name!r} is not available in this build")

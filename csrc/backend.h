@@ -30,9 +30,12 @@ struct ContextLost : BackendError {
   using BackendError::BackendError;
 };
 
-// What crosses a process boundary: a file descriptor (host, CUDA).
+// What crosses a process boundary: a file descriptor (host, CUDA), or an
+// opaque token sent in-band (ACL), which only processes the exporter has
+// authorised may import.
 struct Shareable {
   int fd = -1;
+  uint64_t token = 0;
 };
 
 using Handle = uint64_t;
@@ -57,9 +60,18 @@ class Backend {
   // Physical memory. `create` fails with OutOfMemory when the device is full.
   // `label` names the memory where the system shows it (memfd names); may be ignored.
   virtual Handle create(int device, size_t size, const std::string& label) = 0;
-  // The returned descriptor belongs to the caller, who must close it.
+  // A returned descriptor belongs to the caller, who must close it. A token
+  // backend exports each handle once and returns the same token every time.
   virtual Shareable export_handle(Handle handle) = 0;
-  // Does not take ownership of `shareable.fd`: the caller closes it.
+  // Whether shareables are tokens, imported only by the processes `authorize` named.
+  virtual bool shares_tokens() const { return false; }
+  // Token backends: lets the process the runtime knows as `device_pid` import
+  // `handle`'s token (the exporter's side). Others have nothing to authorise.
+  virtual void authorize(Handle /*handle*/, int /*device_pid*/) {
+    throw BackendError(name() + " shares file descriptors: there is no allow-list to add a process to");
+  }
+  // Does not take ownership of `shareable.fd`: the caller closes it. A token is
+  // imported only by a process the exporter authorised, never by the exporter.
   Handle import_handle(const Shareable& shareable, int device, size_t size) {
     return import_memory(shareable, device, size, false);
   }

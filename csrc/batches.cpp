@@ -79,6 +79,14 @@ void release_all(Backend& backend, const std::vector<Handle>& handles) {
   });
 }
 
+namespace {
+
+void close_descriptor(const Shareable& shared) {
+  if (shared.fd >= 0) close(shared.fd);
+}
+
+}  // namespace
+
 std::vector<Handle> map_all(Backend& backend, const std::vector<Mapping>& mappings, int device) {
   std::vector<Handle> handles;
   handles.reserve(mappings.size());
@@ -87,13 +95,13 @@ std::vector<Handle> map_all(Backend& backend, const std::vector<Mapping>& mappin
     for (const Mapping& mapping : mappings) {
       Handle handle;
       try {
-        handle = backend.import_handle(Shareable{mapping.fd}, device, mapping.size);
+        handle = backend.import_handle(mapping.shared, device, mapping.size);
       } catch (...) {
-        close(mapping.fd);
+        close_descriptor(mapping.shared);
         ++closed;
         throw;
       }
-      close(mapping.fd);
+      close_descriptor(mapping.shared);
       ++closed;
       try {
         backend.map(mapping.address, mapping.size, handle, device);
@@ -104,7 +112,7 @@ std::vector<Handle> map_all(Backend& backend, const std::vector<Mapping>& mappin
       handles.push_back(handle);
     }
   } catch (...) {
-    for (size_t rest = closed; rest < mappings.size(); ++rest) close(mappings[rest].fd);
+    for (size_t rest = closed; rest < mappings.size(); ++rest) close_descriptor(mappings[rest].shared);
     for (size_t done = 0; done < handles.size(); ++done) {
       backend.unmap(mappings[done].address, mappings[done].size);
       backend.release(handles[done]);

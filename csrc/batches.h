@@ -26,12 +26,12 @@ std::vector<Handle> create_all(Backend& backend, const std::vector<Creation>& cr
 void release_all(Backend& backend, const std::vector<Handle>& handles);
 
 struct Mapping {
-  int fd;  // closed by map_all, whatever happens
+  Shareable shared;  // a descriptor is closed by map_all, whatever happens
   uintptr_t address;
   size_t size;
 };
 
-// Imports each descriptor's memory and maps it at its address (a reservation of
+// Imports each shareable's memory and maps it at its address (a reservation of
 // this process). All or none: on a failure, what was mapped goes back to a bare
 // reservation before the failure is rethrown. Returns the imported handles.
 std::vector<Handle> map_all(Backend& backend, const std::vector<Mapping>& mappings, int device);

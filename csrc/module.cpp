@@ -16,6 +16,7 @@
 #include <tuple>
 #include <vector>
 
+#include "acl_backend.h"
 #include "backend.h"
 #include "batches.h"
 #include "chunk_pool.h"
@@ -53,8 +54,33 @@ PYBIND11_MODULE(_C, m) {
            py::call_guard<py::gil_scoped_release>(),
            "Create physical memory; raises OutOfMemoryError when the device is full.")
       .def(
-          "export_handle", [](Backend& self, Handle handle) { return self.export_handle(handle).fd; },
+          "export_handle",
+          [](Backend& self, Handle handle) {
+            if (self.shares_tokens()) throw BackendError(self.name() + " shares tokens: use export_token");
+            return self.export_handle(handle).fd;
+          },
           py::arg("handle"), py::call_guard<py::gil_scoped_release>(), "An fd the caller must close.")
+      .def_property_readonly("shares_tokens", &Backend::shares_tokens)
+      .def(
+          "export_token",
+          [](Backend& self, Handle handle) {
+            if (!self.shares_tokens()) throw BackendError(self.name() + " shares file descriptors: use export_handle");
+            return self.export_handle(handle).token;
+          },
+          py::arg("handle"), py::call_guard<py::gil_scoped_release>(),
+          "The handle's token, the same on every call (token backends).")
+      .def("authorize", &Backend::authorize, py::arg("handle"), py::arg("device_pid"),
+           py::call_guard<py::gil_scoped_release>(),
+           "Lets the process the runtime knows as device_pid import the handle's token.")
+      .def(
+          "import_token",
+          [](Backend& self, uint64_t token, int device, size_t size) {
+            Shareable shareable;
+            shareable.token = token;
+            return self.import_handle(shareable, device, size);
+          },
+          py::arg("token"), py::arg("device"), py::arg("size"), py::call_guard<py::gil_scoped_release>(),
+          "Import memory another process exported as a token and authorised this process for.")
       .def("import_handle", taking_fd(&Backend::import_handle), py::arg("shareable"), py::arg("device"),
            py::arg("size"), py::call_guard<py::gil_scoped_release>(),
            "Import memory shared by another process; a passed fd stays the caller's to close.")
@@ -119,15 +145,22 @@ PYBIND11_MODULE(_C, m) {
            "Release every handle, then raise the first failure, if any.")
       .def(
           "map_all",
-          [](Backend& self, const std::vector<std::tuple<int, uintptr_t, size_t>>& mappings, int device) {
+          [](Backend& self, const std::vector<std::tuple<uint64_t, uintptr_t, size_t>>& mappings, int device) {
             std::vector<Mapping> batch;
-            for (const auto& [fd, address, size] : mappings) batch.push_back({fd, address, size});
+            for (const auto& [shared, address, size] : mappings) {
+              Shareable shareable;
+              if (self.shares_tokens())
+                shareable.token = shared;
+              else
+                shareable.fd = static_cast<int>(shared);
+              batch.push_back({shareable, address, size});
+            }
             py::gil_scoped_release release;
             return map_all(self, batch, device);
           },
           py::arg("mappings"), py::arg("device"),
-          "Import and map [(fd, address, size)], closing every fd: all mapped (their imported handles "
-          "returned), or none and the error raised.")
+          "Import and map [(fd or token, address, size)], closing every fd: all mapped (their imported "
+          "handles returned), or none and the error raised.")
       .def(
           "unmap_all",
           [](Backend& self, const std::vector<std::tuple<uintptr_t, size_t, Handle>>& unmappings) {
@@ -167,6 +200,24 @@ PYBIND11_MODULE(_C, m) {
       .def("set_device", &CudaBackend::set_device, py::arg("device"),
            py::call_guard<py::gil_scoped_release>());
 
+  py::class_<AclBackend, Backend, std::shared_ptr<AclBackend>>(m, "AclBackend")
+      .def(py::init([](const std::string& library, unsigned streams) {
+             py::gil_scoped_release release;
+             std::string reason;
+             auto runtime = acl::Runtime::load(library, &reason);
+             if (!runtime) throw BackendError("the ACL backend is unavailable: " + reason);
+             return std::make_shared<AclBackend>(runtime, streams);
+           }),
+           py::arg("library") = "", py::arg("streams") = 4,
+           "Loads the runtime (library, else $SLEEPD_LIBACL, else libascendcl.so).")
+      .def_property_readonly("device_count", &AclBackend::device_count)
+      .def("memory_info", &AclBackend::memory_info, py::arg("device"), py::call_guard<py::gil_scoped_release>(),
+           "(free, total) bytes as the runtime reports them; sets the device on this thread.")
+      .def("used", &AclBackend::used, py::arg("device"))
+      .def("set_device", &AclBackend::set_device, py::arg("device"), py::call_guard<py::gil_scoped_release>())
+      .def("device_pid", &AclBackend::device_pid, py::call_guard<py::gil_scoped_release>(),
+           "The id the runtime knows this process by (aclrtDeviceGetBareTgid).");
+
   py::class_<ChunkPool, std::shared_ptr<ChunkPool>>(m, "ChunkPool",
                                                    "Carves allocations out of large chunks from `refill`.")
       .def(py::init([](py::function refill, size_t chunk_bytes, size_t alignment) {
@@ -194,6 +245,15 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("library") = "", py::call_guard<py::gil_scoped_release>(),
       "Why the CUDA backend cannot run here, or None when it can.");
+  m.def(
+      "acl_unavailable_reason",
+      [](const std::string& library) -> std::optional<std::string> {
+        std::string reason;
+        if (acl::Runtime::load(library, &reason)) return std::nullopt;
+        return reason;
+      },
+      py::arg("library") = "", py::call_guard<py::gil_scoped_release>(),
+      "Why the ACL backend cannot run here, or None when it can.");
   m.def(
       "map_file",
       [](int fd, size_t size, bool populate) {

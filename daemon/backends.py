@@ -3,9 +3,15 @@
 The daemon itself never creates a device context: the CUDA backend's create,
 export and release need none, and device memory figures come from NVML, which
 needs none either (from the driver's total, with a warning, where NVML is missing).
+On ACL, allocating, exporting, authorising and freeing need only aclInit, but the
+runtime reports a device's memory only to a process that has set the device: a
+short-lived probe process asks it, so the daemon never sets one.
 """
 
+import json
 import logging
+import subprocess
+import sys
 from dataclasses import dataclass
 
 from sleepd import _C
@@ -89,16 +95,37 @@ def cuda_backend(reserve: int = 0) -> DaemonBackend:
     return DaemonBackend(native, devices, driver)
 
 
+# Run in a child: setting a device makes a context, which the daemon must not hold.
+_NPU_TOTALS = ("import json; from sleepd import _C; b = _C.AclBackend(); "
+               "print(json.dumps([b.memory_info(i)[1] for i in range(b.device_count)]))")
+
+
+def acl_backend(reserve: int = 0) -> DaemonBackend:
+    native = _C.AclBackend()
+    probe = subprocess.run([sys.executable, "-c", _NPU_TOTALS], capture_output=True, text=True, timeout=120)
+    if probe.returncode != 0:
+        raise SystemExit(f"sleepd: --backend acl: cannot read the NPUs' memory: {probe.stderr.strip()[-300:]}")
+    totals = json.loads(probe.stdout)
+    return DaemonBackend(native, [Device(i, f"acl:{i}", total, reserve) for i, total in enumerate(totals)])
+
+
+_BACKENDS = {"cuda": (_C.cuda_unavailable_reason, cuda_backend), "acl": (_C.acl_unavailable_reason, acl_backend)}
+
+
 def choose(requested: str, host_devices: int, host_capacity: int, reserve: int = 0) -> DaemonBackend:
-    """`auto` takes CUDA when the driver loads and sees a device, and the host backend otherwise."""
-    if requested == "cuda":
-        reason = _C.cuda_unavailable_reason()
+    """`auto` takes CUDA, else ACL, when its runtime loads and sees a device, and the host backend otherwise."""
+    if requested in _BACKENDS:
+        unavailable, build = _BACKENDS[requested]
+        reason = unavailable()
         if reason:
-            raise SystemExit(f"sleepd: --backend cuda: {reason}")
-        return cuda_backend(reserve)
+            raise SystemExit(f"sleepd: --backend {requested}: {reason}")
+        return build(reserve)
     if requested == "auto":
-        reason = _C.cuda_unavailable_reason()
-        if reason is None:
-            return cuda_backend(reserve)
-        log.info("using the host backend: %s", reason)
+        reasons = []
+        for name, (unavailable, build) in _BACKENDS.items():
+            reason = unavailable()
+            if reason is None:
+                return build(reserve)
+            reasons.append(f"{name}: {reason}")
+        log.info("using the host backend (%s)", "; ".join(reasons))
     return host_backend(host_devices, host_capacity, reserve)

@@ -150,7 +150,7 @@ class Config:
     """The effective configuration: one attribute per setting, the tag rules and model policies, where
     each value came from, and the file read (if any)."""
     backend: str = _setting(
-        "backend", choice("auto", "host", "cuda"), "auto",
+        "backend", choice("auto", "host", "cuda", "acl"), "auto",
         "memory backend: auto (cuda when the driver loads and sees a device, else host), host or cuda",
         "{auto,host,cuda}")
     socket: str = _setting(

@@ -36,12 +36,13 @@ from dataclasses import dataclass
 
 from sleepd.common import wire
 from sleepd.common.handle_messages import (Done, Fetch, Fetched, HandBack, HandedBack, Hello, InvalidArguments,
-                                           Refused, Reply, Welcome, decode_request)
+                                           Refused, Replace, Reply, Welcome, decode_request)
 
 from .auth import Peer
 from .errors import SleepdError, exhausted, invalid
 from .logs import Throttled
 from .sessions import Session
+from .token_access import TokenAccess
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,8 @@ class HandleServer:
     def __init__(self, path: str, core, mode: int = 0o666, max_per_uid: int = MAX_CONNECTIONS_PER_UID,
                  max_total: int = MAX_CONNECTIONS):
         self._core = core
+        native = core.backend.native
+        self._token_access = TokenAccess(native) if native.shares_tokens else None
         self.path = path
         if os.path.exists(path):
             os.unlink(path)
@@ -275,11 +278,19 @@ class HandleServer:
             match decode_request(frame, fds):
                 case Hello():
                     return Welcome(session.token, session.pid, session.uid)
+                case Fetch(regions=region_ids, device_pid=device_pid) if self._token_access:
+                    return self._tokens(session, region_ids, self._token_access.check(session.pid, device_pid))
                 case Fetch(regions=region_ids):
                     return self._fetched(session, region_ids)
                 case HandBack(region=region_id, fd=fd):  # after a daemon restart
                     self._core.recovery.hand_back(session, region_id, fd)
                     return Done()
+                case Replace(region=region_id, device_pid=device_pid) if self._token_access:  # after a restart
+                    device_pid = self._token_access.check(session.pid, device_pid)
+                    region = self._core.recovery.replace(session, region_id)
+                    return self._tokens(session, (region.id,), device_pid)
+                case Replace():
+                    raise invalid(f"{self._core.backend.name} memory is handed back, not replaced")
                 case HandedBack():
                     self._core.recovery.finish_hand_back(session)
                     return Done()
@@ -300,6 +311,15 @@ class HandleServer:
             wire.close_all(fds)
             raise
         return Fetched(tuple(sizes), tuple(fds))
+
+    def _tokens(self, session: Session, region_ids: tuple[int, ...], device_pid: int) -> Fetched:
+        """Each region's token, once `device_pid` may import it; a refusal of one refuses the request."""
+        sizes, tokens = [], []
+        for region_id in region_ids:
+            token, region = self._core.registry.export_token(session, region_id, device_pid)
+            tokens.append(token)
+            sizes.append(region.mapped_size)
+        return Fetched(tuple(sizes), tokens=tuple(tokens))
 
     @staticmethod
     def _send(connection: _Connection, reply: Reply) -> None:

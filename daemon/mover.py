@@ -28,8 +28,8 @@ from sleepd.common import wire
 from sleepd.common.native import engine_backend
 
 from .errors import unavailable
-from .mover_messages import (OFFLOAD, RESTORE, ZERO, AddSlab, Copy, Done, Failed, RegionCopy, decode_reply,
-                             decode_request)
+from .mover_messages import (OFFLOAD, RESTORE, ZERO, AddSlab, Copy, Done, Failed, Identified, Identify, RegionCopy,
+                             decode_reply, decode_request)
 from .pool import Backup, HostPool
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ class Mover:
         self._process: subprocess.Popen | None = None
         self._channels = {OFFLOAD: _Channel(), RESTORE: _Channel()}
         self._registered: dict[str, set[int]] = {}  # per channel: slabs the mover has (mapped once, process-wide)
+        self._device_pid: int | None = None  # on a token backend: what the runtime knows the mover process by
         self.throughput = {OFFLOAD: 0.0, RESTORE: 0.0}  # bytes/s, smoothed over recent copies
 
     @property
@@ -127,6 +128,8 @@ class Mover:
                         self._stop()
                     self.start()
             try:
+                if self._backend.shares_tokens and self._device_pid is None:
+                    self._device_pid = self._request(channel, Identify()).device_pid
                 self._register_slabs(direction)
                 work(channel)
             except _Refused as error:
@@ -146,6 +149,7 @@ class Mover:
                                   "nothing was released; try again") from None
 
     def _stop(self) -> None:
+        self._device_pid = None
         for channel in self._channels.values():
             if channel.socket:
                 channel.socket.close()
@@ -178,16 +182,23 @@ class Mover:
             self.throughput[direction] = rate if not previous else 0.5 * previous + 0.5 * rate
 
     def _run_batch(self, channel: _Channel, jobs: list[CopyJob]) -> None:
+        if self._backend.shares_tokens:
+            for job in jobs:
+                self._backend.authorize(job.handle, self._device_pid)
+            self._request(channel, Copy(tuple(
+                RegionCopy(job.direction, job.size, tuple(job.backup.pieces if job.backup else ()),
+                           token=self._backend.export_token(job.handle)) for job in jobs)))
+            return
         fds = [self._backend.export_handle(job.handle) for job in jobs]
         try:
             self._request(channel, Copy(tuple(
-                RegionCopy(job.direction, job.size, tuple(job.backup.pieces if job.backup else ()), fd)
+                RegionCopy(job.direction, job.size, tuple(job.backup.pieces if job.backup else ()), fd=fd)
                 for job, fd in zip(jobs, fds))))
         finally:
             # Our copies must not outlive the request: an open fd pins memory.
             wire.close_all(fds)
 
-    def _request(self, channel: _Channel, request: AddSlab | Copy) -> None:
+    def _request(self, channel: _Channel, request: AddSlab | Identify | Copy) -> Done | Identified:
         wire.send(channel.socket, *request.encode())
         frame, stray = wire.recv(channel.socket)
         try:
@@ -198,6 +209,7 @@ class Mover:
             wire.close_all(stray)
         if isinstance(reply, Failed):
             raise _Refused(reply)
+        return reply
 
 
 # ---- the mover process ----
@@ -218,9 +230,13 @@ class _MoverProcess:
             self._backend.register_host(address, request.size)
             self._slabs[request.slab] = address
 
+    def device_pid(self) -> int:
+        return self._backend.device_pid()
+
     def copy(self, request: Copy) -> None:
         for region in request.regions:
-            handle = self._backend.import_handle(region.fd, self._device, region.size)
+            handle = (self._backend.import_token(region.token, self._device, region.size) if region.token
+                      else self._backend.import_handle(region.fd, self._device, region.size))
             try:
                 self._move(region, handle)
             finally:
@@ -256,9 +272,12 @@ def _serve(sock: socket.socket, process: _MoverProcess) -> None:
             match decode_request(frame, fds):
                 case AddSlab() as request:
                     process.add_slab(request)
+                    reply = Done(time.perf_counter() - started)
+                case Identify():
+                    reply = Identified(process.device_pid())
                 case Copy() as request:
                     process.copy(request)
-            reply = Done(time.perf_counter() - started)
+                    reply = Done(time.perf_counter() - started)
         except _C.ContextLostError as error:  # a GPU fault: no later call in this process can succeed
             reply = Failed(f"{type(error).__name__}: {error}", context_lost=True)
         except Exception as error:  # reported to the daemon, which fails the operation

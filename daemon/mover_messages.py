@@ -57,22 +57,49 @@ def _piece(value) -> Piece:
 
 
 @dataclass(frozen=True)
+class Identify:
+    """On a token backend: the id the runtime knows the mover by, for the daemon to authorise (Identified)."""
+    OP: ClassVar[str] = "identify"
+
+    def encode(self) -> tuple[dict, list[int]]:
+        return {"op": self.OP}, []
+
+    @classmethod
+    def decode(cls, frame: dict, fds: list[int]) -> "Identify":
+        _descriptors(cls.OP, fds, 0)
+        return cls()
+
+
+@dataclass(frozen=True)
 class RegionCopy:
-    """One region's part of a Copy: its descriptor travels in the Copy's message."""
+    """One region's part of a Copy: its descriptor travels in the Copy's message, or
+    its token (a token backend) in the region's own entry."""
     direction: str  # OFFLOAD, RESTORE or ZERO
     size: int
     pieces: tuple[Piece, ...]  # of the host pool, in order, covering `size` bytes; none for ZERO
-    fd: int  # the region's device memory
+    fd: int = -1  # the region's device memory
+    token: int = 0  # or its token
+
+    def encode(self) -> dict:
+        entry = {"direction": self.direction, "size": self.size,
+                 "pieces": [[p.slab, p.offset, p.length] for p in self.pieces]}
+        if self.token:
+            entry["token"] = self.token
+        return entry
 
     @classmethod
-    def decode(cls, value, fd: int) -> "RegionCopy":
+    def decode(cls, value, fds: list[int]) -> "RegionCopy":
+        """Takes the region's descriptor from the front of `fds`, unless it comes with a token."""
         if not isinstance(value, dict) or value.get("direction") not in (OFFLOAD, RESTORE, ZERO):
             raise wire.ProtocolError(f"a region's copy needs a direction: {OFFLOAD}, {RESTORE} or {ZERO}")
         pieces = value.get("pieces")
         if not isinstance(pieces, list):
             raise wire.ProtocolError("a region's copy needs a list of pieces")
-        return cls(value["direction"], _integer(value, "size", "a region's copy"),
-                   tuple(_piece(piece) for piece in pieces), fd)
+        size = _integer(value, "size", "a region's copy")
+        pieces = tuple(_piece(piece) for piece in pieces)
+        if "token" in value:
+            return cls(value["direction"], size, pieces, token=_integer(value, "token", "a region's copy"))
+        return cls(value["direction"], size, pieces, fd=fds.pop(0))
 
 
 @dataclass(frozen=True)
@@ -81,21 +108,21 @@ class Copy:
     regions: tuple[RegionCopy, ...]
 
     def encode(self) -> tuple[dict, list[int]]:
-        regions = [{"direction": r.direction, "size": r.size,
-                    "pieces": [[p.slab, p.offset, p.length] for p in r.pieces]} for r in self.regions]
-        return {"op": self.OP, "regions": regions}, [r.fd for r in self.regions]
+        return ({"op": self.OP, "regions": [region.encode() for region in self.regions]},
+                [region.fd for region in self.regions if not region.token])
 
     @classmethod
     def decode(cls, frame: dict, fds: list[int]) -> "Copy":
         regions = frame.get("regions")
         if not isinstance(regions, list):
             raise wire.ProtocolError("copy needs a list of regions")
-        _descriptors(cls.OP, fds, len(regions))
-        return cls(tuple(RegionCopy.decode(region, fd) for region, fd in zip(regions, fds)))
+        _descriptors(cls.OP, fds, sum(not (isinstance(r, dict) and "token" in r) for r in regions))
+        unread = list(fds)
+        return cls(tuple(RegionCopy.decode(region, unread) for region in regions))
 
 
-Request = AddSlab | Copy
-_REQUESTS = {kind.OP: kind for kind in (AddSlab, Copy)}
+Request = AddSlab | Identify | Copy
+_REQUESTS = {kind.OP: kind for kind in (AddSlab, Identify, Copy)}
 
 
 def decode_request(frame: dict, fds: list[int]) -> Request:
@@ -120,6 +147,14 @@ class Done:
 
 
 @dataclass(frozen=True)
+class Identified:
+    device_pid: int
+
+    def encode(self) -> tuple[dict, list[int]]:
+        return {"ok": True, "device_pid": self.device_pid}, []
+
+
+@dataclass(frozen=True)
 class Failed:
     error: str  # what the driver or the mover said
     context_lost: bool = False  # the device's context broke for good: the mover exits after this reply
@@ -136,9 +171,11 @@ class Failed:
         return cls(frame["error"], frame["context_lost"])
 
 
-def decode_reply(frame: dict, fds: list[int]) -> Done | Failed:
+def decode_reply(frame: dict, fds: list[int]) -> Done | Identified | Failed:
     if fds:
         raise wire.ProtocolError(f"a mover's reply carries no descriptors, got {len(fds)}")
+    if frame.get("ok") is True and "device_pid" in frame:
+        return Identified(_integer(frame, "device_pid", "identified"))
     if frame.get("ok") is True:
         return Done.decode(frame)
     if frame.get("ok") is False:

@@ -19,7 +19,7 @@ import time
 
 from .auth import Peer
 from .backends import DaemonBackend
-from .errors import precondition
+from .errors import exhausted, precondition
 from .model import Model, Policy
 from .pool import HostPool, Piece
 from .private_paths import PrivateDirectory
@@ -172,6 +172,22 @@ class Recovery:
         if session.condition is not Condition.HANDING_BACK or region.holds_memory:
             raise precondition(f"region {region_id} is not waiting to be handed back")
         region.handed_back(self._backend.native.adopt_handle(fd, region.device, region.mapped_size))
+
+    def replace(self, session: Session, region_id: int) -> Region:
+        """On a token backend, where an engine cannot hand back what it maps: new memory
+        for the region, which the engine copies its bytes into."""
+        region = self._registry.owned_region(session, region_id)
+        if session.condition is not Condition.HANDING_BACK or region.holds_memory:
+            raise precondition(f"region {region_id} is not waiting to be handed back")
+        label = f"sleepd:{region.model}:r{session.rank}:{region.tag}:{region.id}"
+        try:
+            handle = self._backend.native.create(region.device, region.mapped_size, label)
+        except MemoryError:  # the engine's copy still holds the old memory: it needs room for a second
+            raise exhausted(f"region {region_id} needs {region.mapped_size} more bytes on "
+                            f"{self._backend.devices[region.device].name} to be copied into memory of the "
+                            "restarted daemon's; free some and attach again") from None
+        region.handed_back(handle)
+        return region
 
     def finish_hand_back(self, session: Session) -> None:
         """The engine has handed back all it maps. What it did not hand back it has

@@ -182,6 +182,16 @@ class Registry:
                 raise precondition(f"region {region_id} is {region.state.label}; wake the model first")
             return self.backend.native.export_handle(region.handle), region
 
+    def export_token(self, session: Session, region_id: int, device_pid: int) -> tuple[int, Region]:
+        """A region's token (token backends), once the process the runtime knows as
+        `device_pid` is on its allow-list, for the session that owns it."""
+        with self.lock:
+            region = self._owned_region(session, region_id)
+            if not region.holds_memory:
+                raise precondition(f"region {region_id} is {region.state.label}; wake the model first")
+            self.backend.native.authorize(region.handle, device_pid)
+            return self.backend.native.export_token(region.handle), region
+
     def _owned_region(self, session: Session, region_id: int) -> Region:
         region = self._regions.get(region_id)
         if region is None:

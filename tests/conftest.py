@@ -1,4 +1,4 @@
-"""Fixtures: a real sleepd on each backend, real engine processes, the CUDA driver double."""
+"""Fixtures: a real sleepd on each backend, real engine processes, the CUDA driver and ACL runtime doubles."""
 
 import hashlib
 import os
@@ -9,17 +9,17 @@ from pathlib import Path
 import pytest
 
 from sleepd.common.sizes import parse_size
-from support import HERE, Daemon, Engine, FakeCuda
+from support import HERE, Daemon, Engine, FakeAcl, FakeCuda
 
 # Every daemon the tests start checks its lock order (daemon/locks.py): a lock taken
 # out of order stops it, and the test that did it fails.
 os.environ.setdefault("SLEEPD_CHECK_LOCKS", "1")
 
 
-def _build(source: str, library) -> None:
-    # The driver double is written against sleepd's own driver declarations.
+def _build(source: str, library, folder: str = "fakecuda") -> None:
+    # A double is written against sleepd's own declarations of the API it stands for.
     subprocess.run(["g++", "-std=c++17", "-O2", "-shared", "-fPIC", "-I", os.path.join(os.path.dirname(HERE), "csrc"),
-                    "-o", str(library), os.path.join(HERE, "fakecuda", source)], check=True)
+                    "-o", str(library), os.path.join(HERE, folder, source)], check=True)
 
 
 @pytest.fixture(scope="session")
@@ -38,16 +38,28 @@ def fake_nvml(tmp_path_factory) -> str:
     return str(directory)
 
 
-@pytest.fixture(params=["host", "cuda"])
+@pytest.fixture(scope="session")
+def fake_acl(tmp_path_factory) -> str:
+    """The ACL runtime double (tests/fakeacl), built once per session."""
+    library = tmp_path_factory.mktemp("fakeacl") / "libfakeacl.so"
+    _build("fakeacl.cpp", library, "fakeacl")
+    return str(library)
+
+
+@pytest.fixture(params=["host", "cuda", "acl"])
 def backend(request) -> str:
-    """Every end-to-end scenario runs on the host backend and on CUDA over the driver double."""
+    """Every end-to-end scenario runs on the host backend, on CUDA over the driver double
+    and on ACL over the runtime double."""
     return request.param
 
 
 @pytest.fixture
-def fake(backend, fake_cuda, fake_nvml, tmp_path, monkeypatch):
+def fake(backend, tmp_path, monkeypatch, request):
+    if backend == "acl":
+        return _acl_double(request.getfixturevalue("fake_acl"), tmp_path, monkeypatch)
     if backend != "cuda":
         return None
+    fake_cuda, fake_nvml = request.getfixturevalue("fake_cuda"), request.getfixturevalue("fake_nvml")
     double = FakeCuda(tmp_path)
     # Inherited by the daemon, its movers, the engines and sleepctl alike.
     monkeypatch.setenv("SLEEPD_LIBCUDA", fake_cuda)
@@ -59,6 +71,18 @@ def fake(backend, fake_cuda, fake_nvml, tmp_path, monkeypatch):
     return double
 
 
+def _acl_double(library: str, tmp_path, monkeypatch) -> FakeAcl:
+    double = FakeAcl(tmp_path)
+    # Inherited by the daemon, its movers, the engines and sleepctl alike.
+    monkeypatch.setenv("SLEEPD_LIBACL", library)
+    monkeypatch.setenv("FAKE_ACL_STATE", str(double.state_dir))
+    monkeypatch.setenv("FAKE_ACL_COUNTERS", str(double.counters_dir))
+    monkeypatch.setenv("FAKE_ACL_CONTROL", str(double.control_file))
+    # aclrtGetMemInfo counts only this test's memory, whatever else runs on the machine.
+    monkeypatch.setenv("FAKE_ACL_TAG", hashlib.sha1(str(tmp_path).encode()).hexdigest()[:12])
+    return double
+
+
 @pytest.fixture
 def start_daemon(tmp_path, backend, fake, monkeypatch):
     daemons = []
@@ -67,8 +91,9 @@ def start_daemon(tmp_path, backend, fake, monkeypatch):
         if backend == "host":
             flags = ("--host-devices", str(devices), "--host-device-capacity", capacity, *flags)
         else:
-            monkeypatch.setenv("FAKE_CUDA_DEVICES", str(devices))
-            monkeypatch.setenv("FAKE_CUDA_MEMORY", str(parse_size(capacity)))
+            prefix = "FAKE_CUDA" if backend == "cuda" else "FAKE_ACL"
+            monkeypatch.setenv(f"{prefix}_DEVICES", str(devices))
+            monkeypatch.setenv(f"{prefix}_MEMORY", str(parse_size(capacity)))
         daemon = Daemon(tmp_path, backend, *flags)
         daemons.append(daemon)
         return daemon

@@ -90,8 +90,8 @@ class Daemon(LocalDaemon):
         self.backend = backend
 
     def memfd_prefix(self, model: str) -> str:
-        """How the kernel names this model's device memory (the driver double names none by model)."""
-        return f"/memfd:sleepd:{model}:" if self.backend == "host" else "/memfd:fakecuda"
+        """How the kernel names this model's device memory (the doubles name none by model)."""
+        return {"host": f"/memfd:sleepd:{model}:", "cuda": "/memfd:fakecuda", "acl": "/memfd:fakeacl"}[self.backend]
 
     def ctl(self, *args, check=True) -> subprocess.CompletedProcess:
         result = subprocess.run([sys.executable, "-m", "sleepd.client.ctl", "--socket", self.socket, *args],
@@ -189,3 +189,21 @@ class FakeCuda:
 
     def inject(self, **faults) -> None:
         self.control_file.write_text("".join(f"{key}={value}\n" for key, value in faults.items()))
+
+
+class FakeAcl(FakeCuda):
+    """The ACL double's knobs and counters, and the runtime's own view of device memory."""
+
+    def __init__(self, directory):
+        super().__init__(directory)
+        self.state_dir = directory / "acl-tokens"
+        self.state_dir.mkdir()
+
+    def memory_info(self, device: int = 0) -> tuple[int, int]:
+        """(free, total) bytes of `device`, as aclrtGetMemInfo reports them to a process of its own."""
+        code = ("import json, sys; from sleepd import _C; b = _C.AclBackend(); "
+                f"print(json.dumps(b.memory_info({device})))")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            raise AssertionError(f"aclrtGetMemInfo failed: {result.stderr}")
+        return tuple(json.loads(result.stdout))

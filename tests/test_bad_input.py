@@ -100,10 +100,10 @@ def test_a_region_that_is_not_yours_is_refused(daemon):
         assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "qwen rank 0" in error.value.details()
         with pytest.raises(SleepdError) as error:
-            other._handles.fetch([region.id])
+            other._fetch([region.id])
         assert error.value.code == grpc.StatusCode.PERMISSION_DENIED
         with pytest.raises(SleepdError) as error:
-            other._handles.fetch([999_999])
+            other._fetch([999_999])
         assert error.value.code == grpc.StatusCode.NOT_FOUND
         assert daemon.status() == before
         assert region.read(0, 1) == b"\x2a"
