@@ -63,6 +63,8 @@ def test_an_outside_sleep_and_wake_run_through_the_controller_and_the_engines_ow
     assert controller.attached == {"attached": True}
     model = daemon.status("qwen")["models"][0]
     assert model["needsController"] and model["controllerPid"] == controller.pid
+    assert f"qwen: outside sleeps and wakes go through its controller, pid {controller.pid}" in \
+        daemon.ctl("status").stdout.splitlines()
 
     slept = daemon.ctl("sleep", "--model", "qwen")
     # Asked once by sleepctl; every rank then called sleep itself, and the first one slept them all.
@@ -88,6 +90,7 @@ def test_an_outside_sleep_without_a_controller_is_refused_and_the_engines_own_sl
     daemon.ctl("sleep", "--model", "small")
     before = daemon.status()
     assert before["models"][0]["name"] == "qwen" and before["models"][0]["controllerPid"] == 0
+    assert f"qwen: its engine {REFUSAL}; outside sleeps are refused" in daemon.ctl("status").stdout.splitlines()
 
     assert_refused(daemon.ctl("sleep", "--model", "qwen", check=False), "FAILED_PRECONDITION",
                    "sleep qwen:", f"model qwen's engine {REFUSAL}")
