@@ -27,6 +27,7 @@ from sleepd.common.native import engine_backend, gpu_uuid
 from sleepd.proto import sleepd_pb2 as pb
 from sleepd.proto import sleepd_pb2_grpc as pb_grpc
 
+from .awake import ensure_awake_request
 from .errors import SleepdError
 from .control import control_channel
 from .region import Region, State
@@ -49,8 +50,9 @@ def _rpc(call, *args, **kwargs):
 
 
 class SleepClient:
-    def __init__(self, model: str, rank: int, device: int, socket_path: str):
+    def __init__(self, model: str, rank: int, device: int, socket_path: str, needs_controller: bool = False):
         self.model, self.rank, self.device = model, rank, device
+        self.needs_controller = needs_controller
         self._regions: dict[int, Region] = {}
         # Guards _regions. Allocations in flight are counted, so that a command
         # naming a region the daemon has just created waits for it to be registered.
@@ -77,7 +79,8 @@ class SleepClient:
         stub = pb_grpc.SleepdStub(channel)
         outgoing: "queue.Queue[pb.EngineMessage | None]" = queue.Queue()
         outgoing.put(pb.EngineMessage(attach=pb.Attach(token=handles.token, model=self.model, rank=self.rank,
-                                                       device=self.device, device_uuid=self._device_uuid)))
+                                                       device=self.device, device_uuid=self._device_uuid,
+                                                       needs_controller=self.needs_controller)))
         stream = stub.Session(iter(outgoing.get, None))
         try:
             attached = next(stream).attached
@@ -135,10 +138,14 @@ class SleepClient:
         region.handle = handle
 
     @classmethod
-    def connect(cls, model: str, rank: int = 0, device: int = 0, socket: str | None = None) -> "SleepClient":
+    def connect(cls, model: str, rank: int = 0, device: int = 0, socket: str | None = None,
+                needs_controller: bool = False) -> "SleepClient":
         """Attaches this process as `rank` of `model` on `device`. The socket is
-        `socket`, else $SLEEPD_SOCKET, else the system or per-user default."""
-        return cls(model, rank, device, paths.client_socket(socket))
+        `socket`, else $SLEEPD_SOCKET, else the system or per-user default. With
+        `needs_controller`, the engine runs its own sleep: sleeps asked from outside
+        it go through the model's controller (sleepd.client.Controller), and are
+        refused while none is attached."""
+        return cls(model, rank, device, paths.client_socket(socket), needs_controller)
 
     def __enter__(self) -> "SleepClient":
         return self
@@ -255,14 +262,13 @@ class SleepClient:
         The daemon counts a wake as activity (see touch)."""
         return _rpc(self._stub.Wake, pb.WakeRequest(model=self.model, tags=tags or [], evict=evict))
 
-    def ensure_awake(self, evict: bool = True) -> None:
+    def ensure_awake(self, evict: bool = True, wake: bool | None = None, timeout: float = 0.0) -> pb.EnsureAwakeReply:
         """Returns once the model is fully awake, waking it (and, with `evict`,
-        making room as policy allows) if it sleeps. Call it before serving a
+        making room as policy allows) if it sleeps; with `wake` False (default:
+        $SLEEPD_WAKE_ON_REQUEST, on unless 0), waiting up to `timeout` seconds (0:
+        the daemon's limit) for someone else to wake it. Call it before serving a
         request instead of touching memory that may be unmapped."""
-        if self.is_sleeping():
-            self.wake(evict=evict)
-        else:
-            self.touch()
+        return _rpc(self._stub.EnsureAwake, ensure_awake_request(self.model, evict, wake, timeout))
 
     def touch(self) -> None:
         """Marks the model as in use: eviction and idle sleep take the least recently active first."""

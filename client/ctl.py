@@ -239,13 +239,27 @@ def _models_table(reply: pb.StatusReply):
     return table
 
 
+def _controller_lines(reply: pb.StatusReply) -> list[str]:
+    """Who runs each model's outside sleeps, for the models whose engine runs its own or that have a controller."""
+    lines = []
+    for model in reply.models:
+        if model.controller_pid:
+            lines.append(f"{model.name}: outside sleeps and wakes go through its controller, pid {model.controller_pid}")
+        elif model.needs_controller:
+            lines.append(f"{model.name}: its engine runs its own sleep and has no controller attached; "
+                         "outside sleeps are refused")
+    return lines
+
+
 def _print_status(reply: pb.StatusReply) -> None:
     from rich.console import Group
     from rich.text import Text
 
+    controllers = [Text(line) for line in _controller_lines(reply)]
     _emit(Group(Text(f"backend {reply.backend}; host pool {format_size(reply.pool.used)} used of "
                      f"{format_size(reply.pool.budget)} ({reply.pool.directory})"), Text(""),
-                _devices_table(reply), Text(""), _models_table(reply) if reply.models else Text("no models")))
+                _devices_table(reply), Text(""), _models_table(reply) if reply.models else Text("no models"),
+                *([Text("")] + controllers if controllers else [])))
 
 
 def _top_frame(reply: pb.StatusReply | None, error: str | None, events: deque, socket_path: str):

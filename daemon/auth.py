@@ -34,6 +34,7 @@ class Right(Enum):
 RIGHTS = {
     "Allocate": Right.SESSION, "Free": Right.SESSION, "Touch": Right.SESSION,
     "Sleep": Right.OWNER, "Wake": Right.OWNER, "Swap": Right.OWNER, "SetPolicy": Right.OWNER,
+    "EnsureAwake": Right.OWNER, "Control": Right.OWNER,
     "Status": Right.ANYONE, "Events": Right.ANYONE,
 }
 
@@ -130,4 +131,5 @@ class Authorizer:
 
 
 # How a refusal names each operation ("sleep qwen: ...").
-_VERBS = {"Sleep": "sleep", "Wake": "wake", "Swap": "swap", "SetPolicy": "set the policy of"}
+_VERBS = {"Sleep": "sleep", "Wake": "wake", "Swap": "swap", "SetPolicy": "set the policy of",
+          "EnsureAwake": "ensure awake", "Control": "become the controller of"}

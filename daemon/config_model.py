@@ -167,6 +167,10 @@ class Config:
     hook_timeout: float = _setting(
         "hook_timeout", seconds(positive=True), 30.0,
         "seconds each engine has to answer a quiesce, unmap, remap or resume", "SECONDS")
+    controller_timeout: float = _setting(
+        "controller_timeout", seconds(positive=True), 300.0,
+        "seconds a model's controller has to run its engine's own sleep or wake asked from outside it",
+        "SECONDS")
     admin_group: str = _setting(
         "admin_group", group, "sleepd-admin",
         "members of this group (and root) may act on every model; others only on their uid's", "GROUP")

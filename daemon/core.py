@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from .auth import Authorizer
 from .backends import DaemonBackend
 from .events import EventBus
+from .controllers import Controllers
 from .fanout import Fanout
 from .mover import Mover
 from .operations import Operations
@@ -27,18 +28,22 @@ class Core:
     metrics: object
     registry: Registry
     room: Room
+    controllers: Controllers
     operations: Operations
     recovery: Recovery
 
 
 def build(backend: DaemonBackend, pool: HostPool, movers: dict[int, Mover], rules: SleepRules, hook_timeout: float,
           metrics, authorizer: Authorizer, store: StateStore | None = None,
-          default_policies: dict[str, dict] | None = None, quotas: dict | None = None) -> Core:
+          default_policies: dict[str, dict] | None = None, quotas: dict | None = None,
+          controller_timeout: float = 300.0) -> Core:
     events = EventBus()
     registry = Registry(backend, authorizer, default_policies or {})
     room = Room(registry, backend, authorizer, events, metrics)
     checkpoints = Checkpoints(registry, backend.name, store)
+    controllers = Controllers(registry, authorizer, events, controller_timeout)
     operations = Operations(registry, room, Fanout(hook_timeout), backend, pool, movers, rules,
-                            Reporter(events, metrics), Quotas(quotas, registry, authorizer), checkpoints)
+                            Reporter(events, metrics), Quotas(quotas, registry, authorizer), checkpoints,
+                            controllers)
     recovery = Recovery(registry, backend, pool, operations)
-    return Core(backend, pool, authorizer, events, metrics, registry, room, operations, recovery)
+    return Core(backend, pool, authorizer, events, metrics, registry, room, controllers, operations, recovery)

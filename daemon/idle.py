@@ -28,15 +28,12 @@ class IdleWatcher(threading.Thread):
                 # Cheapest first: `sleeping` looks at every region of the model.
                 if not model.policy.idle_seconds or idle < model.policy.idle_seconds or model.sleeping:
                     continue
-                if not model.lock.acquire(blocking=False):
-                    continue  # an operation is running on it: it is not idle
                 try:
-                    self._ops.sleep_locked(model, model.policy.eviction_level, [], {},
-                                           reason=f"idle for {idle:.0f} s")
+                    # Through its controller where its engine runs its own sleep; refused where it has none.
+                    if self._ops.put_to_sleep(model, f"idle for {idle:.0f} s") is None:
+                        continue  # an operation is running on it: it is not idle
                     if self._ops.reporter.metrics:
                         self._ops.reporter.metrics.evictions.labels(model=model.name, reason="idle").inc()
                 except SleepdError as error:
                     log.warning("idle sleep of %s failed: %s", model.name, error.message)
                     model.touch()  # try again after another idle period, not at once
-                finally:
-                    model.lock.release()

@@ -16,6 +16,10 @@ class Metrics:
                                        ["model", "level"], buckets=_DURATION_BUCKETS, registry=self.registry)
         self.wake_seconds = Histogram("sleepd_wake_duration_seconds", "Time to wake a model (all or some tags).",
                                       ["model"], buckets=_DURATION_BUCKETS, registry=self.registry)
+        self.wake_wait = Histogram("sleepd_wake_wait_seconds", "Time a request that found its model asleep "
+                                   "waited for it to be awake (EnsureAwake), by how: woke (it woke the model) or "
+                                   "waited (for another's wake).", ["model", "how"], buckets=_DURATION_BUCKETS,
+                                   registry=self.registry)
         self.bytes_moved = Counter("sleepd_moved_bytes", "Bytes copied by the movers.", ["direction"],
                                    registry=self.registry)
         self.errors = Counter("sleepd_errors", "Requests refused or failed, by operation and gRPC code.",

@@ -8,6 +8,11 @@ from the regions). Whether it sleeps is derived:
     sleeping = paused, or some region is not mapped
 
 `pause` and `unpause` are the only code that changes it.
+
+It also knows its controller (controllers.py), the process that runs its
+engine's own sleep for requests from outside the engine, while one is attached;
+`take_controller` and `drop_controller` change it. Whether it needs one is
+derived from its live ranks (each says so when it attaches).
 """
 
 import time
@@ -38,6 +43,7 @@ class Model:
     policy: Policy = field(default_factory=Policy)
     last_active: float = field(default_factory=time.monotonic)
     paused: bool = False
+    controller: "object | None" = None  # the attached controllers.Controller, if any
 
     def __post_init__(self):
         self.lock = OrderedLock(MODEL, self.name)
@@ -45,6 +51,11 @@ class Model:
     @property
     def sleeping(self) -> bool:
         return self.paused or any(region.state is not RegionState.MAPPED for region in self.regions())
+
+    @property
+    def needs_controller(self) -> bool:
+        """Some live rank's engine runs its own sleep: outside requests must go through a controller."""
+        return any(session.needs_controller for session in self.ranks.values())
 
     def sessions(self) -> list[Session]:
         """Live ranks and orphaned ones alike."""
@@ -76,6 +87,16 @@ class Model:
         if not self.paused:
             bug(f"model {self.name}: unpaused while running")
         self.paused = False
+
+    def take_controller(self, controller) -> None:
+        if self.controller is not None:
+            bug(f"model {self.name}: a second controller taken")
+        self.controller = controller
+
+    def drop_controller(self, controller) -> None:
+        """`controller`'s lease ended; a newer controller (if any) stays."""
+        if self.controller is controller:
+            self.controller = None
 
     def change_policy(self, **changes) -> None:
         for name, value in changes.items():
@@ -111,6 +132,8 @@ class ModelView:
     ranks: list[RankView]
     policy: Policy
     idle_seconds: float
+    needs_controller: bool = False
+    controller_pid: int = 0  # 0: no controller attached
 
 
 @dataclass

@@ -4,6 +4,8 @@ sleep use too. Every state change they make goes through the state machines
 (regions.py, sessions.py, model.py).
 
 Lock order, outermost first (locks.py checks it under SLEEPD_CHECK_LOCKS=1):
+  0. a controller's busy lock (controllers.py), held while the engine runs its own
+     sleep, whose ranks then take their model's lock; taken with a timeout;
   1. a model's lock: one operation per model at a time. Eviction and swap take
      other models' locks only with a timeout, skipping or refusing a busy one,
      so two operations evicting each other cannot deadlock;
@@ -27,6 +29,7 @@ from sleepd.common.sizes import format_size
 
 from .auth import Peer
 from .backends import ZEROED_ON_CREATE, DaemonBackend
+from .controllers import Controllers
 from .errors import exhausted, invalid, not_found, precondition
 from .fanout import Fanout, owners, rank_failure
 from .limits import MAX_LEVEL
@@ -38,7 +41,7 @@ from .quotas import Quotas
 from .regions import ASLEEP, Region, RegionState
 from .registry import Registry, check_tag
 from .reporting import Reporter
-from .room import Room, needed_by_device
+from .room import VICTIM_LOCK_SECONDS, Room, needed_by_device
 from .rules import Action, SleepRules
 from .sessions import Condition, Session
 
@@ -47,7 +50,8 @@ log = logging.getLogger(__name__)
 
 class Operations:
     def __init__(self, registry: Registry, room: Room, fanout: Fanout, backend: DaemonBackend, pool: HostPool,
-                 movers: dict[int, Mover], rules: SleepRules, reporter: Reporter, quotas: Quotas, checkpoints):
+                 movers: dict[int, Mover], rules: SleepRules, reporter: Reporter, quotas: Quotas, checkpoints,
+                 controllers: Controllers):
         self.registry = registry
         self.room = room
         self.fanout = fanout
@@ -59,6 +63,7 @@ class Operations:
         self.quotas = quotas
         self.checkpoint = checkpoints.save  # records the state on disk before it returns
         self.checkpoint_soon = checkpoints.save_soon  # records it in the background: for the end of an operation
+        self.controllers = controllers
         self._device_locks = {device.index: OrderedLock(DEVICE, device.index) for device in backend.devices}
         self._frozen = False
 
@@ -69,8 +74,9 @@ class Operations:
         so that the state file keeps them for the next daemon to recover."""
         self._frozen = True
 
-    def attach(self, token: str, model_name: str, rank: int, ordinal: int, uuid: str = "") -> Session:
-        session = self.registry.attach(token, model_name, rank, ordinal, uuid)
+    def attach(self, token: str, model_name: str, rank: int, ordinal: int, uuid: str = "",
+               needs_controller: bool = False) -> Session:
+        session = self.registry.attach(token, model_name, rank, ordinal, uuid, needs_controller)
         self.checkpoint()
         self.reporter.events.publish("attached", self.registry.model(model_name), f"rank {rank} pid {session.pid} on "
                                                             f"{self.backend.devices[session.device].name}")
@@ -123,7 +129,8 @@ class Operations:
             model.touch()
             what = f"allocate {format_size(mapped_size)} for {session.describe()}"
             self.quotas.check(model, "device", mapped_size, what)
-            evicted = self.room.ensure(model, {device.index: mapped_size}, what, evict, self._evict, session.peer)
+            evicted = self.room.ensure(model, {device.index: mapped_size}, what, evict, self.put_to_sleep,
+                                      session.peer)
             region = Region.new(self.registry.new_region_id(), tag, size, mapped_size, device.index, session, persist)
             try:
                 self._create_all([region], what, session.peer)
@@ -195,8 +202,20 @@ class Operations:
         self.reporter.slept(model, level, result, reason)
         return result
 
-    def _evict(self, victim: Model, reason: str) -> None:
-        self.sleep_locked(victim, victim.policy.eviction_level, [], {}, reason=reason)
+    def put_to_sleep(self, victim: Model, reason: str) -> OperationResult | None:
+        """A sleep the daemon starts (eviction, swap, idle) at the victim's eviction level; None where
+        the victim is busy. An engine that runs its own sleep is asked through its controller, without
+        the victim's lock, which its ranks take (refused where it has no controller)."""
+        what = f"sleep {victim.name} ({reason})"
+        controller = self.controllers.route(victim, what)
+        if controller is not None:
+            return self.controllers.sleep(victim, controller, victim.policy.eviction_level, [], {}, what)
+        if not victim.lock.acquire(timeout=VICTIM_LOCK_SECONDS):
+            return None
+        try:
+            return self.sleep_locked(victim, victim.policy.eviction_level, [], {}, reason=reason)
+        finally:
+            victim.lock.release()
 
     def plan_sleep(self, model: Model, level: int, tags: list[str], actions: dict[str, Action],
                    discard_if_short: bool = False):
@@ -245,7 +264,7 @@ class Operations:
             if targets:
                 self.quotas.check(model, "device", sum(r.mapped_size for r in targets), f"wake {model.name}")
                 result.evicted = self.room.ensure(model, needed_by_device(targets), f"wake {model.name}", evict,
-                                                  self._evict, caller)
+                                                  self.put_to_sleep, caller)
                 self.materialize(model, targets, caller)
                 self.remap_or_undo(model, targets, result)
             self.finish_wake(model, targets, result)

@@ -44,13 +44,43 @@ class Registry:
             self._by_token[session.token] = session
         return session
 
+    def rank_of(self, token: str, model_name: str) -> Session | None:
+        """The live rank of `model_name` that holds `token`, or None: a request from the model's own engine."""
+        with self.lock:
+            session = self._by_token.get(token)
+        return session if session is not None and session.model == model_name and session.ended is None else None
+
+    def region_states(self, model: Model) -> dict[int, tuple]:
+        """{region id: (state, mapped size, tag)} of the model's regions now, read without its lock."""
+        with self.lock:
+            return {r.id: (r.state, r.mapped_size, r.tag) for r in model.regions()}
+
+    def take_controller(self, model_name: str, controller) -> Model:
+        """`controller` becomes the model's; one at a time."""
+        with self.lock:
+            model = self._models.get(model_name)
+            if model is None:
+                raise not_found(f"model {model_name!r} is not attached; its ranks attach first")
+            if model.controller is not None:
+                raise SleepdError(grpc.StatusCode.ALREADY_EXISTS, f"{model_name} already has a controller "
+                                  f"(pid {model.controller.pid}); a model has one at a time")
+            model.take_controller(controller)
+        return model
+
+    def drop_controller(self, controller) -> None:
+        with self.lock:
+            model = self._models.get(controller.model)
+            if model is not None:
+                model.drop_controller(controller)
+
     def caller(self, token: str) -> Peer | None:
         """The peer a control request's token stands for, or None."""
         with self.lock:
             session = self._by_token.get(token)
         return session.peer if session else None
 
-    def attach(self, token: str, model_name: str, rank: int, ordinal: int, uuid: str = "") -> Session:
+    def attach(self, token: str, model_name: str, rank: int, ordinal: int, uuid: str = "",
+               needs_controller: bool = False) -> Session:
         """Makes the session holding `token` a rank of `model_name`, taking over what an earlier
         process of that rank left behind."""
         check_model_name(model_name)
@@ -73,7 +103,7 @@ class Registry:
             if orphan is not None and orphan.device != device:
                 raise invalid(f"{model_name} rank {rank} left persistent regions on "
                               f"{self.backend.devices[orphan.device].name}; attach it there")
-            session.attach(model_name, rank, device, orphan)
+            session.attach(model_name, rank, device, orphan, needs_controller)
             model.orphans.pop(rank, None)
             model.ranks[rank] = session
             model.touch()
@@ -144,6 +174,8 @@ class Registry:
     def _forget_if_empty(self, model: Model) -> None:
         if not model.ranks and not model.orphans and self._models.get(model.name) is model:
             del self._models[model.name]
+            if model.controller is not None:  # nothing left to control: its lease ends
+                model.controller.end(f"model {model.name} has no ranks left")
 
     def add_recovered(self, model: Model) -> None:
         with self.lock:
@@ -262,7 +294,8 @@ class Registry:
                     for r in sorted(session.regions.values(), key=lambda r: r.id)],
                     orphaned=session.ended is not None)
                 for rank, session in sorted({**model.ranks, **model.orphans}.items())], Policy(**vars(model.policy)),
-                now - model.last_active)
+                now - model.last_active, model.needs_controller,
+                model.controller.pid if model.controller is not None else 0)
                 for model in models]
         return views
 

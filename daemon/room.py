@@ -114,7 +114,7 @@ class Room:
     def ensure(self, model: Model, needed: dict[int, int], what: str, evict: bool, put_to_sleep,
                caller: Peer) -> list[str]:
         """Makes `needed` bytes fit on each device, evicting other models `caller` may act on
-        with `put_to_sleep(victim, reason)` when allowed; refuses naming the bytes missing and
+        with `put_to_sleep(victim, reason)` (None: busy) when allowed; refuses naming the bytes missing and
         what holds them otherwise. Returns the models evicted."""
         evicted: list[str] = []
         while True:
@@ -131,26 +131,24 @@ class Room:
             if victim is None:
                 self.refuse(model, f"{what}: needs {format_size(missing)} more on {name} "
                             f"({self.describe(device, caller)}) and no model may be evicted (the rest are pinned, "
-                            "busy, already asleep or other users')")
+                            "busy, already asleep, other users' or run their own sleep with no controller attached)")
             evicted.append(victim)
 
     def eviction_candidates(self, requester: Model, devices, caller: Peer) -> list[Model]:
         """Models that could give memory back on `devices`, in eviction order. Only an admin's
-        request evicts other users' models."""
+        request evicts other users' models; an engine that runs its own sleep is evicted only
+        through its controller, never behind its scheduler (controllers.py)."""
         candidates = [m for m in self._registry.models() if m is not requester and not m.policy.pinned
                       and m.policy.eviction_level > 0 and any(m.held_on(d) for d in devices)
-                      and not any(s.returning for s in m.sessions()) and self._authorizer.sees(caller, m.owner_uid)]
+                      and not any(s.returning for s in m.sessions()) and self._authorizer.sees(caller, m.owner_uid)
+                      and (m.controller is not None or not m.needs_controller)]
         return sorted(candidates, key=lambda m: (m.policy.priority, m.last_active))
 
     def _evict_one(self, requester: Model, short: dict[int, int], put_to_sleep, caller: Peer) -> str | None:
         for victim in self.eviction_candidates(requester, short, caller):
-            if not victim.lock.acquire(timeout=VICTIM_LOCK_SECONDS):
-                continue  # busy with its own operation; try the next
             idle = time.monotonic() - victim.last_active
-            try:
-                put_to_sleep(victim, f"evicted for {requester.name}")
-            finally:
-                victim.lock.release()
+            if put_to_sleep(victim, f"evicted for {requester.name}") is None:
+                continue  # busy with its own operation; try the next
             log.warning("evicted %s (priority %d, idle %.0f s) to make room for %s", victim.name,
                         victim.policy.priority, idle, requester.name)
             self._events.publish("evicted", victim, f"room for {requester.name}")

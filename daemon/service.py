@@ -11,6 +11,7 @@ from sleepd.common.wire import TOKEN_METADATA
 from sleepd.proto import sleepd_pb2 as pb
 from sleepd.proto import sleepd_pb2_grpc as pb_grpc
 
+from . import external
 from .core import Core
 from .errors import SleepdError, invalid, not_found
 from .fanout import attached_message, region_message
@@ -70,7 +71,8 @@ class SleepdService(pb_grpc.SleepdServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a session must begin with an attach message")
         attach = first.attach
         try:
-            session = self._ops.attach(attach.token, attach.model, attach.rank, attach.device, attach.device_uuid)
+            session = self._ops.attach(attach.token, attach.model, attach.rank, attach.device, attach.device_uuid,
+                                       attach.needs_controller)
         except SleepdError as error:
             context.abort(error.code, error.message)
 
@@ -96,6 +98,40 @@ class SleepdService(pb_grpc.SleepdServicer):
         while (command := session.outbox.get()) is not None:
             yield command
 
+    def Control(self, request_iterator, context):
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("kind") != "attach":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a controller's stream must begin with an attach message")
+        controllers = self._core.controllers
+        try:
+            caller = self._authorize("Control", context, [first.attach.model])
+            controller = controllers.attach(caller, first.attach.model)
+        except SleepdError as error:
+            context.abort(error.code, error.message)
+
+        def read_answers():
+            try:
+                for message in request_iterator:
+                    if message.WhichOneof("kind") == "done":
+                        controller.answer(message.done)
+            except grpc.RpcError:
+                pass
+            finally:
+                controllers.end(controller, "its stream closed")
+
+        threading.Thread(target=read_answers, name=f"controller-{controller.pid}", daemon=True).start()
+        context.add_callback(lambda: controllers.end(controller, "its stream ended"))  # takes the registry lock only
+        yield pb.ControlRequest(attached=pb.ControllerAttached())
+        while (request := controller.outbox.get()) is not None:
+            yield request
+        if context.is_active():  # the daemon ended it: say why
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{controller.describe()} ended: {controller.ended}")
+
+    def _from_rank(self, context, model: str) -> bool:
+        """Whether the request comes from one of the model's own ranks (its engine's own API)."""
+        token = dict(context.invocation_metadata()).get(TOKEN_METADATA)
+        return bool(token) and self._core.registry.rank_of(token, model) is not None
+
     @_refusals
     def Allocate(self, request, context):
         return region_message(self._ops.allocate(request.session_id, request.size, request.tag, request.evict,
@@ -120,12 +156,23 @@ class SleepdService(pb_grpc.SleepdServicer):
                 raise invalid(f"tag {item.tag!r} has no action; use offload or discard")
             actions[item.tag] = parse_action(pb.Action.Name(item.action))
         level = request.level if request.HasField("level") else 1
-        return _reply(self._ops.sleep(request.model, level, list(request.tags), actions))
+        return _reply(external.sleep(self._ops, request.model, level, list(request.tags), actions,
+                                     self._from_rank(context, request.model)))
 
     @_refusals
     def Wake(self, request, context):
         caller = self._authorize("Wake", context, [request.model])
-        return _reply(self._ops.wake(request.model, list(request.tags), request.evict, caller))
+        return _reply(external.wake(self._ops, request.model, list(request.tags), request.evict, caller,
+                                    self._from_rank(context, request.model)))
+
+    @_refusals
+    def EnsureAwake(self, request, context):
+        caller = self._authorize("EnsureAwake", context, [request.model])
+        if request.timeout_seconds < 0:
+            raise invalid("timeout_seconds must be zero (the daemon's limit) or positive")
+        waited, woke = external.ensure_awake(self._ops, request.model, request.evict, request.wait_only,
+                                             request.timeout_seconds, caller, self._from_rank(context, request.model))
+        return pb.EnsureAwakeReply(waited_seconds=waited, woke=woke)
 
     @_refusals
     def Swap(self, request, context):
@@ -167,7 +214,8 @@ class SleepdService(pb_grpc.SleepdServicer):
             devices=[_device(core, device) for device in core.backend.devices],
             pool=pb.PoolStatus(directory=core.pool.directory, budget=core.pool.budget, used=core.pool.used),
             models=[pb.ModelStatus(name=model.name, sleeping=model.sleeping, policy=_policy(model.policy),
-                                   idle_seconds=model.idle_seconds, ranks=[
+                                   idle_seconds=model.idle_seconds, needs_controller=model.needs_controller,
+                                   controller_pid=model.controller_pid, ranks=[
                 pb.RankStatus(rank=rank.rank, device=rank.device, pid=rank.pid, detached=rank.orphaned,
                               regions=[region_message(region) for region in rank.regions])
                 for rank in model.ranks]) for model in models],

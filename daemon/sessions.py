@@ -52,6 +52,7 @@ class Session:
         self.model: str | None = None
         self.rank: int | None = None
         self.device: int | None = None
+        self.needs_controller = False       # its engine runs its own sleep (see controllers.py)
         self.regions: dict = {}             # region id -> Region, guarded by the model's lock
         self.outbox: "queue.Queue[pb.DaemonCommand | None]" = queue.Queue()
         self._pending: dict[int, Future] = {}
@@ -97,12 +98,14 @@ class Session:
 
     # ---- transitions ----
 
-    def attach(self, model: str, rank: int, device: int, orphan: "Session | None") -> None:
+    def attach(self, model: str, rank: int, device: int, orphan: "Session | None",
+               needs_controller: bool = False) -> None:
         """Becomes `model`'s rank on `device`, taking over the regions an earlier process of
         the rank left (`orphan`); after a daemon restart it must hand their memory back."""
         if self.condition is not Condition.CONNECTED:
             bug(f"session of pid {self.pid}: attach while {self.condition.value}")
         self.model, self.rank, self.device = model, rank, device
+        self.needs_controller = needs_controller
         if orphan is not None:
             for region in orphan.regions.values():
                 region.session = self

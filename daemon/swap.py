@@ -17,6 +17,7 @@ import time
 
 from sleepd.common.sizes import format_size
 
+from . import external
 from .errors import SleepdError, exhausted, invalid, unavailable
 from .auth import DAEMON, Peer
 from .model import Model, OperationResult, SwapResult
@@ -38,6 +39,9 @@ def swap(ops: Operations, to_name: str, from_names: list[str], caller: Peer) -> 
         raise invalid(f"swap: {to_name} cannot be swapped out for itself")
     target = ops.registry.model(to_name)
     named = [ops.registry.model(name) for name in dict.fromkeys(from_names)]
+    candidates = named or ops.room.eviction_candidates(target, target.devices(), caller)
+    if any(m.controller is not None or m.needs_controller for m in (target, *candidates)):
+        return _one_by_one(ops, target, named, caller, started)
     with target.lock:
         for model in (target, *named):
             ops.check_ready(model, "swap")
@@ -62,6 +66,31 @@ def swap(ops: Operations, to_name: str, from_names: list[str], caller: Peer) -> 
     for victim in victims:
         ops.reporter.events.publish("evicted", victim, f"swapped out for {to_name}")
     return result
+
+
+def _one_by_one(ops: Operations, target: Model, named: list[Model], caller: Peer, started: float) -> SwapResult:
+    """A swap where some engine runs its own sleep: its controller runs it, and its ranks take its
+    model's lock, so this swap holds none. It puts the named models to sleep one after the other, then
+    wakes the target (evicting, where none were named); the copy directions do not overlap."""
+    for model in (target, *named):
+        ops.check_ready(model, "swap")
+    slept = []
+    for victim in named:
+        if victim.policy.pinned:
+            raise exhausted(f"swap to {target.name}: {victim.name} is pinned and is never put to sleep for room")
+        result = ops.put_to_sleep(victim, f"swapped out for {target.name}")
+        if result is None:
+            raise unavailable(f"swap to {target.name}: {victim.name} is busy with another operation; try again")
+        slept.append(result)
+        ops.reporter.events.publish("evicted", victim, f"swapped out for {target.name}")
+    try:
+        woke = external.wake(ops, target.name, [], not named, caller, from_rank=False)
+    except SleepdError as error:
+        if not slept:
+            raise
+        raise SleepdError(error.code, f"swap to {target.name} failed after {', '.join(r.model for r in slept)} "
+                          f"slept, which stay asleep (wake them with sleepctl wake): {error.message}") from None
+    return SwapResult(slept, woke, time.perf_counter() - started, 0.0)
 
 
 def _choose_victims(ops: Operations, target: Model, needed: dict[int, int], caller: Peer) -> list[Model]:

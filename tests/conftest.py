@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sleepd.common.sizes import parse_size
-from support import HERE, Daemon, Engine, FakeAcl, FakeCuda
+from support import HERE, ControllerProcess, Daemon, Engine, FakeAcl, FakeCuda
 
 # Every daemon the tests start checks its lock order (daemon/locks.py): a lock taken
 # out of order stops it, and the test that did it fails.
@@ -120,6 +120,20 @@ def start_engine():
     yield start
     for engine in engines:
         engine.close()
+
+
+@pytest.fixture
+def start_controller():
+    controllers = []
+
+    def start(daemon, model, rank_sockets, **kwargs):
+        controller = ControllerProcess(daemon, model, rank_sockets, **kwargs)
+        controllers.append(controller)
+        return controller
+
+    yield start
+    for controller in controllers:
+        controller.close()
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ seeded random bytes, records its hooks, and then answers one-line JSON commands
 on stdin with one-line JSON replies on stdout:
 
     {"op": "report"}                   regions (address, state, sha256 when mapped), hook counts
-    {"op": "sleep", "level": 1}        sleep its own model through the client API
+    {"op": "sleep", "level": 1}        sleep its own model through the client API (optional "tags", "actions")
     {"op": "wake", "tags": [...]}      wake its own model
     {"op": "die_on", "moment": m}      SIGKILL itself at that protocol moment (fetch, unmap, remap), or
                                        stop itself on an unmap or a remap (stop_before_unmap, _remap) or
@@ -16,8 +16,13 @@ on stdin with one-line JSON replies on stdout:
                                        with seeded bytes, still running until the device is
                                        synchronised; replies with the sha256 it will leave
     {"op": "touch"}                    mark the model active
-    {"op": "ensure_awake"}             wake it (evicting as policy allows) if it sleeps
+    {"op": "ensure_awake"}             wake it (evicting as policy allows) if it sleeps; with "wake": false,
+                                       wait for a wake ("timeout" seconds)
     {"op": "exit"}
+
+With --listen PATH it answers the same commands on a Unix socket too, one
+connection at a time per thread: how a test's controller (tests/controller_process.py)
+has this engine run its own sleep, as an engine's front end has its workers do.
 """
 
 import argparse
@@ -27,6 +32,7 @@ import json
 import os
 import random
 import signal
+import socket
 import sys
 import threading
 import time
@@ -113,6 +119,54 @@ def report(client, hooks) -> dict:
     return {"pid": os.getpid(), "regions": regions, "hooks": dict(hooks)}
 
 
+def handle(client, hooks, command: dict) -> dict:
+    """One command's reply."""
+    try:
+        if command["op"] == "report":
+            return report(client, hooks)
+        if command["op"] == "sleep":
+            return {"sleeping": client.sleep(level=command.get("level", 1), tags=command.get("tags"),
+                                             actions=command.get("actions")).sleeping}
+        if command["op"] == "wake":
+            return {"sleeping": client.wake(tags=command.get("tags")).sleeping}
+        if command["op"] == "die_on":
+            die_on(client, command["moment"])
+            return {}
+        if command["op"] == "alloc":
+            return {"id": client.alloc(command["size"], command["tag"], evict=command.get("evict", False)).id}
+        if command["op"] == "kernel_write":
+            return {"sha256": kernel_write(client.regions()[command["index"]], command["seed"])}
+        if command["op"] == "touch":
+            client.touch()
+            return {}
+        if command["op"] == "ensure_awake":
+            reply = client.ensure_awake(wake=command.get("wake"), timeout=command.get("timeout", 0.0))
+            return {"sleeping": client.is_sleeping(), "woke": reply.woke}
+        return {"error": f"unknown op {command['op']}"}
+    except SleepdError as error:
+        return {"error": error.message, "code": error.code.name}
+
+
+def listen(path: str, client, hooks) -> None:
+    """Serves commands on a Unix socket, each connection on its own thread."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen()
+
+    def serve(conn):
+        with conn, conn.makefile("rw") as lines:
+            for line in lines:
+                lines.write(json.dumps(handle(client, hooks, json.loads(line))) + "\n")
+                lines.flush()
+
+    def accept():
+        while True:
+            conn, _ = server.accept()
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--socket", required=True)
@@ -124,6 +178,8 @@ def main() -> None:
     parser.add_argument("--sleep-hook", choices=["ok", "fail", "hang"], default="ok")
     parser.add_argument("--as-uid", type=int, help="drop to this uid (and its gid) before connecting")
     parser.add_argument("--persist", action="store_true", help="allocate persistent regions")
+    parser.add_argument("--needs-controller", action="store_true", help="the engine runs its own sleep")
+    parser.add_argument("--listen", help="answer commands on this Unix socket too")
     parser.add_argument("--weights-hook", choices=["ok", "fail"], default="ok",
                         help="the per-tag hook that runs as soon as weights are back")
     args = parser.parse_args()
@@ -131,7 +187,8 @@ def main() -> None:
     if args.as_uid is not None:
         drop_privileges(args.as_uid)
     hooks = {"sleep": 0, "wake": 0}
-    client = SleepClient.connect(args.model, args.rank, args.device, socket=args.socket)
+    client = SleepClient.connect(args.model, args.rank, args.device, socket=args.socket,
+                                 needs_controller=args.needs_controller)
 
     def on_sleep():
         hooks["sleep"] += 1
@@ -153,38 +210,14 @@ def main() -> None:
     for index, spec in enumerate(args.region):
         tag, size = spec.split(":")
         fill(client.alloc(int(size), tag, persist=args.persist), args.seed * 1000 + index)
+    if args.listen:
+        listen(args.listen, client, hooks)
     print(json.dumps(report(client, hooks)), flush=True)
-
     for line in sys.stdin:
         command = json.loads(line)
-        try:
-            if command["op"] == "report":
-                reply = report(client, hooks)
-            elif command["op"] == "sleep":
-                reply = {"sleeping": client.sleep(level=command.get("level", 1)).sleeping}
-            elif command["op"] == "wake":
-                reply = {"sleeping": client.wake(tags=command.get("tags")).sleeping}
-            elif command["op"] == "die_on":
-                die_on(client, command["moment"])
-                reply = {}
-            elif command["op"] == "alloc":
-                region = client.alloc(command["size"], command["tag"], evict=command.get("evict", False))
-                reply = {"id": region.id}
-            elif command["op"] == "kernel_write":
-                reply = {"sha256": kernel_write(client.regions()[command["index"]], command["seed"])}
-            elif command["op"] == "touch":
-                client.touch()
-                reply = {}
-            elif command["op"] == "ensure_awake":
-                client.ensure_awake()
-                reply = {"sleeping": client.is_sleeping()}
-            elif command["op"] == "exit":
-                break
-            else:
-                reply = {"error": f"unknown op {command['op']}"}
-        except SleepdError as error:
-            reply = {"error": error.message, "code": error.code.name}
-        print(json.dumps(reply), flush=True)
+        if command["op"] == "exit":
+            break
+        print(json.dumps(handle(client, hooks, command)), flush=True)
     client.close()
     time.sleep(0)
 

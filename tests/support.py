@@ -126,7 +126,8 @@ class Engine:
 
     def __init__(self, daemon: Daemon, model: str, rank: int = 0, device: int = 0, regions=(), seed: int = 0,
                  sleep_hook: str = "ok", weights_hook: str = "ok", as_uid: int | None = None,
-                 persist: bool = False, env: dict | None = None):
+                 persist: bool = False, env: dict | None = None, needs_controller: bool = False,
+                 listen: str | None = None):
         args = [sys.executable, os.path.join(HERE, "engine_process.py"), "--socket", daemon.socket,
                 "--model", model, "--rank", str(rank), "--device", str(device), "--seed", str(seed),
                 "--sleep-hook", sleep_hook, "--weights-hook", weights_hook]
@@ -137,6 +138,10 @@ class Engine:
             args += ["--as-uid", str(as_uid)]
         if persist:
             args.append("--persist")
+        if needs_controller:
+            args.append("--needs-controller")
+        if listen:  # the engine's front end (a test controller) reaches it there
+            args += ["--listen", listen]
         self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                         env={**os.environ, **(env or {})})
         self.pid = self.process.pid
@@ -173,6 +178,40 @@ class Engine:
             except (BrokenPipeError, subprocess.TimeoutExpired):
                 self.process.kill()
                 self.process.wait()
+
+
+class ControllerProcess:
+    """A real controller process (tests/controller_process.py): the front end of an engine whose
+    ranks listen on `rank_sockets`, attached as `model`'s controller."""
+
+    def __init__(self, daemon: Daemon, model: str, rank_sockets, on_sleep: str = "ok", as_uid: int | None = None):
+        args = [sys.executable, os.path.join(HERE, "controller_process.py"), "--socket", daemon.socket,
+                "--model", model, "--on-sleep", on_sleep, *[f"--rank={path}" for path in rank_sockets]]
+        if as_uid is not None:
+            args += ["--as-uid", str(as_uid)]
+        self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.pid = self.process.pid
+        self.attached = json.loads(self.process.stdout.readline() or '{"error": "exited at start"}')
+
+    def request(self, op: str, **fields) -> dict:
+        self.process.stdin.write(json.dumps({"op": op, **fields}) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise AssertionError("the controller died")
+        return json.loads(line)
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
 
 
 class FakeCuda:

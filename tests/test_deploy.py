@@ -31,7 +31,7 @@ needs_promtool = pytest.mark.skipif(
 
 # The metric contract: the README's Metrics section, plus the two counters issue 6 adds to it.
 ADDED_IN_ISSUE_6 = {"sleepd_evictions_total", "sleepd_ranks_lost_total"}
-HISTOGRAMS = {"sleepd_sleep_duration_seconds", "sleepd_wake_duration_seconds"}
+HISTOGRAMS = {"sleepd_sleep_duration_seconds", "sleepd_wake_duration_seconds", "sleepd_wake_wait_seconds"}
 # Kinds that kubernetes-validate has no schema for (custom resources, kustomize), checked by hand.
 WITHOUT_SCHEMA = {("monitoring.coreos.com/v1", "ServiceMonitor"),
                   ("kustomize.config.k8s.io/v1beta1", "Kustomization")}
@@ -84,10 +84,13 @@ def scrape(daemon) -> str:
 
 
 def busy_scrape(daemon, start_engine) -> str:
-    """/metrics after a sleep, a wake and a refusal, so that labelled metrics have samples."""
-    start_engine(daemon, "qwen", regions=[("weights", 4 * MiB), ("kv_cache", 2 * MiB)])
+    """/metrics after a sleep, a wake, a request that found the model asleep and a refusal, so that
+    labelled metrics have samples."""
+    engine = start_engine(daemon, "qwen", regions=[("weights", 4 * MiB), ("kv_cache", 2 * MiB)])
     daemon.ctl("sleep", "--model", "qwen", "--level", "1")
     daemon.ctl("wake", "--model", "qwen")
+    daemon.ctl("sleep", "--model", "qwen", "--level", "1")
+    assert engine.request("ensure_awake")["woke"] is True
     assert daemon.ctl("wake", "--model", "nobody", check=False).returncode != 0
     return scrape(daemon)
 

@@ -194,9 +194,9 @@ def test_idle_sleep_fires_after_its_time_and_not_before(start_daemon, start_engi
 def test_ensure_awake_wakes_a_sleeping_model_on_demand(daemon, start_engine):
     engine = start_engine(daemon, "qwen", regions=[("weights", 4 * MiB)])
     daemon.ctl("sleep", "--model", "qwen")
-    assert engine.request("ensure_awake") == {"sleeping": False}
+    assert engine.request("ensure_awake") == {"sleeping": False, "woke": True}
     assert digests(engine.report()) == digests(engine.initial)
-    assert engine.request("ensure_awake") == {"sleeping": False}  # awake already: returns at once
+    assert engine.request("ensure_awake") == {"sleeping": False, "woke": False}  # awake already: returns at once
 
 
 def test_events_tell_of_sleep_wake_eviction_refusal_and_a_lost_rank(start_daemon, start_engine):

@@ -11,9 +11,10 @@ from support import MiB, Daemon, by_tag, wait_for
 
 DAEMON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "daemon")
 STATE_MODULES = {"regions.py", "sessions.py", "model.py"}
-# What the state machines own: a region's state, memory and owner; a rank's condition; a model's pause.
+# What the state machines own: a region's state, memory and owner; a rank's condition and whether its
+# engine runs its own sleep; a model's pause and its controller.
 STATE_ATTRIBUTES = {"state", "handle", "backup", "session", "paused", "ended", "_goodbye", "_placeholder",
-                    "_handing_back", "regions", "policy"}
+                    "_handing_back", "regions", "policy", "needs_controller", "controller"}
 
 
 def _assigned_attributes(tree):

@@ -1,0 +1,144 @@
+"""Controller: what the process owning an engine's front end imports, for engines
+that run their own sleep (their ranks connect with needs_controller=True).
+
+    ctl = Controller.connect("qwen", on_sleep=lambda level, tags, actions: engine.sleep(level),
+                             on_wake=lambda tags: engine.wake_up(tags))
+
+The daemon forwards to it every sleep and wake of the model asked from outside
+the engine (sleepctl, eviction, swap, idle sleep); a background thread runs the
+callback, which has the engine pause its scheduler and run its own sleep or
+wake (its ranks then call SleepClient.sleep / wake), and answers when it
+returns. A callback that raises fails the outside request with ABORTED.
+The stream is the controller's lease; if the daemon restarts, it attaches again.
+"""
+
+import logging
+import queue
+import threading
+import time
+from typing import Callable
+
+import grpc
+
+from sleepd.common import paths
+from sleepd.proto import sleepd_pb2 as pb
+from sleepd.proto import sleepd_pb2_grpc as pb_grpc
+
+from .awake import ensure_awake_request
+from .control import control_channel
+from .errors import SleepdError
+
+log = logging.getLogger(__name__)
+
+# How long a controller keeps trying to attach again after its stream broke (a daemon restart).
+RECONNECT_SECONDS = 120
+
+SleepCallback = Callable[[int, list[str], dict[str, str]], None]  # (level, tags, {tag: "offload" | "discard"})
+WakeCallback = Callable[[list[str]], None]                         # (tags; empty: all)
+
+
+class Controller:
+    def __init__(self, model: str, on_sleep: SleepCallback, on_wake: WakeCallback, socket_path: str):
+        self.model = model
+        self._on_sleep, self._on_wake = on_sleep, on_wake
+        self._socket_path = socket_path
+        self._closed = False
+        self._channel, self._handles, self._stub, self._outgoing, self._stream = self._open()
+        self._thread = threading.Thread(target=self._serve, name="sleepd-controller", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def connect(cls, model: str, on_sleep: SleepCallback, on_wake: WakeCallback,
+                socket: str | None = None) -> "Controller":
+        """Attaches this process as `model`'s controller (the model's owner uid or an admin only;
+        one per model; its ranks attach first)."""
+        return cls(model, on_sleep, on_wake, paths.client_socket(socket))
+
+    def _open(self):
+        channel, handles = control_channel(self._socket_path)
+        stub = pb_grpc.SleepdStub(channel)
+        outgoing: "queue.Queue[pb.ControllerMessage | None]" = queue.Queue()
+        outgoing.put(pb.ControllerMessage(attach=pb.ControllerAttach(model=self.model)))
+        stream = stub.Control(iter(outgoing.get, None))
+        try:
+            next(stream)  # ControllerAttached
+        except grpc.RpcError as error:
+            handles.close()
+            channel.close()
+            raise SleepdError.from_rpc(error) from None
+        return channel, handles, stub, outgoing, stream
+
+    def __enter__(self) -> "Controller":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def ensure_awake(self, evict: bool = True, wake: bool | None = None, timeout: float = 0.0) -> pb.EnsureAwakeReply:
+        """As SleepClient.ensure_awake; a wake it starts comes back to this controller's on_wake."""
+        try:
+            return self._stub.EnsureAwake(ensure_awake_request(self.model, evict, wake, timeout))
+        except grpc.RpcError as error:
+            raise SleepdError.from_rpc(error) from None
+
+    def status(self) -> pb.ModelStatus:
+        try:
+            return self._stub.Status(pb.StatusRequest(model=self.model)).models[0]
+        except grpc.RpcError as error:
+            raise SleepdError.from_rpc(error) from None
+
+    def close(self) -> None:
+        """Ends the lease: outside sleeps of a model that needs a controller are refused again."""
+        if self._closed:
+            return
+        self._closed = True
+        self._outgoing.put(None)
+        self._stream.cancel()
+        self._thread.join(timeout=5)
+        self._handles.close()
+        self._channel.close()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                for request in self._stream:
+                    self._outgoing.put(pb.ControllerMessage(done=self._run(request)))
+            except grpc.RpcError as error:
+                if not self._closed:
+                    log.warning("sleepd controller stream of %s broke (%s); attaching again", self.model,
+                                error.details())
+            if self._closed or not self._reconnect():
+                return
+
+    def _run(self, request: pb.ControlRequest) -> pb.ControlDone:
+        kind = request.WhichOneof("kind")
+        try:
+            if kind == "sleep":
+                actions = {item.tag: pb.Action.Name(item.action).lower() for item in request.sleep.actions}
+                level = request.sleep.level if request.sleep.HasField("level") else 1
+                self._on_sleep(level, list(request.sleep.tags), actions)
+            elif kind == "wake":
+                self._on_wake(list(request.wake.tags))
+            else:
+                raise ValueError(f"unknown request {kind!r}")
+        except Exception as error:  # reported to the daemon, which fails the outside request
+            log.exception("sleepd controller: %s of %s failed", kind, self.model)
+            return pb.ControlDone(request_id=request.request_id, ok=False, error=f"{type(error).__name__}: {error}")
+        return pb.ControlDone(request_id=request.request_id, ok=True)
+
+    def _reconnect(self) -> bool:
+        deadline = time.monotonic() + RECONNECT_SECONDS
+        while not self._closed and time.monotonic() < deadline:
+            try:
+                opened = self._open()
+            except (SleepdError, OSError):
+                time.sleep(0.2)
+                continue
+            old_channel, old_handles = self._channel, self._handles
+            self._channel, self._handles, self._stub, self._outgoing, self._stream = opened
+            old_handles.close()
+            old_channel.close()
+            log.info("%s's controller attached again", self.model)
+            return True
+        log.error("%s's controller could not attach again within %d s", self.model, RECONNECT_SECONDS)
+        return False
