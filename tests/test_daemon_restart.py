@@ -5,8 +5,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
+import grpc
 import pytest
+
+from sleepd.client import SleepClient, SleepdError
+from sleepd.client import handles
 
 from kernel import memfd_mappings
 from support import MiB, Daemon, by_tag, wait_for
@@ -132,3 +137,22 @@ def test_a_daemon_killed_in_the_middle_of_an_operation_loses_no_byte(operation, 
         assert_wakes_whole(again, engine, states)
     finally:
         again.stop()
+
+
+def test_a_client_of_a_stuck_daemon_gives_up_within_its_bound(tmp_path, monkeypatch):
+    """A daemon that takes the connection but never answers (stopped here, as a wedged one
+    would be) costs an engine attaching, or attaching again, ANSWER_SECONDS, not forever."""
+    monkeypatch.setattr(handles, "ANSWER_SECONDS", 1.0)
+    daemon = restart(tmp_path, "host")
+    os.kill(daemon.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(SleepdError) as refused:
+            SleepClient.connect("qwen", socket=daemon.socket)
+        assert time.monotonic() - started < 10
+        assert refused.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "did not answer hello" in refused.value.message
+    finally:
+        os.kill(daemon.pid, signal.SIGKILL)
+        daemon.process.wait()
+        daemon.stop()
