@@ -30,6 +30,7 @@ from sleepd.proto import sleepd_pb2_grpc as pb_grpc
 from .awake import ensure_awake_request
 from .errors import SleepdError
 from .control import control_channel
+from .handles import ANSWER_SECONDS
 from .region import Region, State
 
 log = logging.getLogger(__name__)
@@ -82,12 +83,20 @@ class SleepClient:
                                                        device=self.device, device_uuid=self._device_uuid,
                                                        needs_controller=self.needs_controller)))
         stream = stub.Session(iter(outgoing.get, None))
+        # The stream lives as long as the session, so no deadline bounds it: only the wait for Attached is.
+        silent = threading.Timer(ANSWER_SECONDS, stream.cancel)
+        silent.start()
         try:
             attached = next(stream).attached
         except grpc.RpcError as error:
             handles.close()
             channel.close()
+            if error.code() is grpc.StatusCode.CANCELLED and not silent.is_alive():
+                raise SleepdError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                  f"sleepd did not answer the attach within {ANSWER_SECONDS:g} s") from None
             raise SleepdError.from_rpc(error) from None
+        finally:
+            silent.cancel()
         return channel, handles, stub, outgoing, stream, attached
 
     def _adopt(self, attached: pb.Attached) -> None:
@@ -330,12 +339,15 @@ class SleepClient:
 
     def _reconnect(self) -> bool:
         """Attaches again after the daemon went away (a restart): our mappings stayed
-        valid all along; the new daemon gets their memory back from us."""
+        valid all along; the new daemon gets their memory back from us. Every step is
+        bounded: False, said in one line, once RECONNECT_SECONDS have passed."""
         deadline = time.monotonic() + RECONNECT_SECONDS
+        why = ""
         while not self._closed and time.monotonic() < deadline:
             try:
                 opened = self._open_session()
-            except (SleepdError, grpc.RpcError, OSError):
+            except (SleepdError, grpc.RpcError, OSError) as error:
+                why = str(error)
                 time.sleep(0.2)
                 continue
             old_channel, old_handles = self._channel, self._handles
@@ -343,11 +355,21 @@ class SleepClient:
             self._session_id = attached.session_id
             old_handles.close()
             old_channel.close()
-            self._adopt(attached)
+            try:
+                self._adopt(attached)
+            except Exception as error:  # a step the new daemon refused or never answered
+                log.error("%s rank %d attached again but could not hand its memory back (%s: %s); carrying on "
+                          "without sleepd: its regions stay as they are here and will not sleep",
+                          self.model, self.rank, type(error).__name__, error)
+                self._handles.close()  # ends the session: the daemon stops waiting for this rank
+                self._channel.close()
+                return False
             log.info("%s rank %d attached again%s", self.model, self.rank,
                      " and handed its memory back" if attached.resuming else "")
             return True
-        log.error("%s rank %d could not attach again within %d s", self.model, self.rank, RECONNECT_SECONDS)
+        if not self._closed:
+            log.error("%s rank %d could not attach again within %d s (last: %s); carrying on without sleepd",
+                      self.model, self.rank, RECONNECT_SECONDS, why)
         return False
 
     def _quiesce(self, command: pb.Quiesce) -> None:

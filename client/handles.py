@@ -18,6 +18,9 @@ from .errors import SleepdError
 
 # A uid the user trusts to run sleepd, besides root and itself (a daemon run by a service account).
 TRUSTED_UID_ENV = "SLEEPD_DAEMON_UID"
+# How long a request on the handle socket waits for the daemon's answer: every one is a short step
+# under the registry lock, so a daemon silent this long is stuck (or stopped), and waiting on hangs the engine.
+ANSWER_SECONDS = 30.0
 
 
 def trusted_uids() -> set[int]:
@@ -48,6 +51,7 @@ def check_server(sock: socket.socket, path: str) -> None:
 class HandleConnection:
     def __init__(self, path: str):
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._sock.settimeout(ANSWER_SECONDS)
         try:
             self._sock.connect(path)
             check_server(self._sock, path)
@@ -100,16 +104,25 @@ class HandleConnection:
     def close(self) -> None:
         self._sock.close()
 
+    def _exchange(self, request) -> tuple[dict | None, list[int]]:
+        try:
+            wire.send(self._sock, *request.encode())
+        except BrokenPipeError:
+            pass  # sleepd refused this connection and closed it; why is waiting to be read
+        try:
+            return wire.recv(self._sock)
+        except ConnectionResetError:  # it closed with our request unread: the kernel reports that before the why
+            return wire.recv(self._sock)
+
     def _request(self, request, expected: type):
         with self._lock:
             try:
-                wire.send(self._sock, *request.encode())
-            except BrokenPipeError:
-                pass  # sleepd refused this connection and closed it; why is waiting to be read
-            try:
-                frame, fds = wire.recv(self._sock)
-            except ConnectionResetError:  # it closed with our request unread: the kernel reports that before the why
-                frame, fds = wire.recv(self._sock)
+                frame, fds = self._exchange(request)
+            except TimeoutError:
+                # A late answer would be taken for the next request's: this connection is done.
+                self._sock.close()
+                raise SleepdError(grpc.StatusCode.DEADLINE_EXCEEDED, f"sleepd did not answer {request.OP} on its "
+                                  f"handle socket within {ANSWER_SECONDS:g} s; closed the connection") from None
         if frame is None:
             raise SleepdError(grpc.StatusCode.UNAVAILABLE, "sleepd closed the handle socket")
         try:

@@ -49,20 +49,33 @@ def drop_privileges(uid: int) -> None:
 
 
 class StopOnSecondMap:
-    """The client's backend, except that a remap maps its first region alone and
-    freezes (SIGSTOP) before it maps the rest."""
+    """The client's backend, except that the first remap of several regions maps its
+    first region alone and freezes (SIGSTOP) before it maps the rest: a stop inside
+    the native map_all. Later remaps map as usual."""
 
     def __init__(self, backend):
         self._backend = backend
+        self._stopped = False
 
     def __getattr__(self, name):
         return getattr(self._backend, name)
 
     def map_all(self, mappings, device):
+        if self._stopped or len(mappings) < 2:
+            return self._backend.map_all(mappings, device)
         first = self._backend.map_all(mappings[:1], device)
-        if len(mappings) > 1:
-            signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
-        return first + self._backend.map_all(mappings[1:], device)
+        self._stopped = True
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
+        try:
+            rest = self._backend.map_all(mappings[1:], device)
+        except BaseException:
+            # map_all is all or none: what the first call mapped goes too, as the native call would undo it.
+            _, address, size = mappings[0]
+            done, error = self._backend.unmap_all([(address, size, first[0])])
+            if not done:
+                raise RuntimeError(f"undoing the first map: {error}") from None
+            raise
+        return first + rest
 
 
 def die_on(client, moment: str) -> None:

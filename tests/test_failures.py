@@ -71,6 +71,7 @@ def test_a_rank_that_never_answers_fails_the_sleep_after_the_timeout(start_daemo
     assert "DEADLINE_EXCEEDED" in result.stderr and f"pid {hung.pid}" in result.stderr
     assert daemon.status() == before
     assert good.report()["regions"] == good.initial["regions"]
+    hung.kill()  # its hook never returns, so a clean exit would wait out the client's close (10 s)
 
 
 def test_a_rank_killed_during_sleep_rolls_the_others_back(start_daemon, start_engine):
