@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -178,10 +179,13 @@ def main(argv: list[str] | None = None) -> None:
     reporter = StatusReporter(notifier, lambda: summary(core))
     reporter.start()
 
-    stop = threading.Event()
+    # The handler only records the signal: one that took a lock (Event.set) could deadlock when the
+    # signal lands while the main thread holds that same lock.
+    stopping: list[int] = []
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    stop.wait()
+        signal.signal(signum, lambda signum, _: stopping.append(signum))
+    while not stopping:
+        time.sleep(0.2)
     log.info("sleepd stopping")
     reporter.stop()
     notifier.stopping(f"stopping; {summary(core)}")
