@@ -13,6 +13,9 @@ from kernel import memfd_bytes, memfd_mappings, shmem_bytes
 from servers import VllmServer
 from support import MiB, Daemon, Engine, wait_for
 
+# The first test also waits for vLLM to start (minutes on two shared cores).
+pytestmark = pytest.mark.timeout(900)
+
 MODEL = "tiny"
 KV_CACHE_BYTES = 1 << 30  # VLLM_CPU_KVCACHE_SPACE=1
 

@@ -12,6 +12,9 @@ import pytest
 from servers import ENVIRONMENT
 from support import Daemon
 
+# The first test also waits for vLLM to start (minutes on two shared cores).
+pytestmark = pytest.mark.timeout(1200)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT = 900  # vLLM's start on two shared cores
 
