@@ -50,6 +50,11 @@ class SleepdAllocator:
         if wanted:
             self.client.wake(tags=sorted(wanted))
 
+    def cudagraph_pool(self):
+        """vLLM asks for this only with sleep_mode_offload_cudagraph, which sleepd does not offer."""
+        raise NotImplementedError("sleepd keeps CUDA graph memory pools outside its regions, so it cannot offload "
+                                  "them: turn sleep_mode_offload_cudagraph off (see docs/vllm.md, known limits)")
+
     def get_current_usage(self) -> int:
         """Bytes of every region this rank holds, asleep or awake (as CuMemAllocator counts)."""
         return sum(region.size for region in self.client.regions())

@@ -43,6 +43,10 @@ def _wake_up(worker, tags: list[str] | None = None) -> None:
             if name in saved:
                 buffer.copy_(saved[name])
         worker._sleepd_saved_buffers = None
+    # Older releases (0.24 among them) reset quantised-KV scales here, as their GPU worker does.
+    post_wake = getattr(worker.model_runner, "post_kv_cache_wake_up", None)
+    if post_wake and (tags is None or "kv_cache" in tags):
+        post_wake()
 
 
 def _discard(worker, tags: tuple[str, ...]) -> None:
@@ -70,7 +74,8 @@ def install() -> None:
     run_after(CPUWorker, "initialize_from_config", _adopt_kv_cache)
     replace(CPUWorker, "sleep", _sleep)
     replace(CPUWorker, "wake_up", _wake_up)
-    replace(CPUWorker, "discard", _discard)
+    if hasattr(CPUWorker, "discard"):  # selective discard came after 0.24
+        replace(CPUWorker, "discard", _discard)
     # Releases before this dispatch computed from the weights themselves.
     if hasattr(layer_utils, "dispatch_cpu_unquantized_gemm"):
         layer_utils.dispatch_cpu_unquantized_gemm = _linear_from_weights(layer_utils.dispatch_cpu_unquantized_gemm)

@@ -1,5 +1,6 @@
-"""A vLLM server as a user starts it (`vllm serve DIR --enable-sleep-mode`, with
-SLEEPD_MODEL set), and its HTTP endpoints."""
+"""vLLM as a user starts it, with SLEEPD_MODEL set: a server (`vllm serve DIR
+--enable-sleep-mode`) and its HTTP endpoints, or a script on vLLM's Python API;
+and the model as sleepctl reports it. Shared by this suite and tests/gpu."""
 
 import json
 import os
@@ -16,6 +17,7 @@ FLAGS = ("--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager", "--max-
          "--max-model-len", "256")
 PROMPTS = ("hello world", "sleepd owns the memory", "a b c d")
 STARTUP_SECONDS = 600  # two cores shared with other work: vLLM's start has taken two minutes
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def vllm_environment(daemon, model: str) -> dict:
@@ -86,3 +88,32 @@ class VllmServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+
+
+def model_status(daemon, model: str) -> dict:
+    (status,) = daemon.status(model)["models"]
+    return status
+
+
+def tag_states(daemon, model: str) -> dict:
+    """{tag: region state} over every rank of the model, as sleepctl reports them."""
+    states = {}
+    for rank in model_status(daemon, model)["ranks"]:
+        for region in rank["regions"]:
+            states.setdefault(region["tag"], set()).add(region["state"])
+    return {tag: "/".join(sorted(found)) for tag, found in states.items()}
+
+
+def start_rl_flow(daemon, model: str, *args: str) -> subprocess.Popen:
+    """rl_flow.py (vLLM's Python API) attached as `model`."""
+    # collective_rpc sends the loading function to the worker process pickled by value.
+    env = {**vllm_environment(daemon, model), "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "rl_flow.py"), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def rl_flow_result(process: subprocess.Popen, timeout: float) -> dict:
+    output, _ = process.communicate(timeout=timeout)
+    lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
+    assert process.returncode == 0 and lines, f"rl_flow.py failed ({process.returncode}):\n{output[-6000:]}"
+    return json.loads(lines[-1][len("RESULT "):])

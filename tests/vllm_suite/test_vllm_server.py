@@ -10,8 +10,8 @@ import signal
 import pytest
 
 from kernel import memfd_bytes, memfd_mappings, shmem_bytes
-from servers import VllmServer
-from support import MiB, Daemon, Engine, wait_for
+from servers import VllmServer, model_status, tag_states
+from support import MiB, Daemon, Engine, scrape, value, wait_for
 
 # The first test also waits for vLLM to start (minutes on two shared cores).
 pytestmark = pytest.mark.timeout(900)
@@ -34,22 +34,8 @@ def server(daemon, tiny_models, tmp_path_factory):
     server.stop()
 
 
-def model_status(daemon) -> dict:
-    (model,) = daemon.status(MODEL)["models"]
-    return model
-
-
-def tag_states(daemon) -> dict:
-    """{tag: region state} over every rank of the model, as sleepctl reports them."""
-    states = {}
-    for rank in model_status(daemon)["ranks"]:
-        for region in rank["regions"]:
-            states.setdefault(region["tag"], set()).add(region["state"])
-    return {tag: "/".join(sorted(found)) for tag, found in states.items()}
-
-
 def worker_pid(daemon) -> int:
-    (rank,) = model_status(daemon)["ranks"]
+    (rank,) = model_status(daemon, MODEL)["ranks"]
     return rank["pid"]
 
 
@@ -57,26 +43,28 @@ def test_vllm_sleep_endpoint_goes_through_sleepd_frees_memory_and_answers_stay_t
     before = server.answers()
     prefix = daemon.memfd_prefix(MODEL)
     worker = worker_pid(daemon)
-    assert tag_states(daemon) == {"weights": "MAPPED", "kv_cache": "MAPPED"}
+    assert tag_states(daemon, MODEL) == {"weights": "MAPPED", "kv_cache": "MAPPED"}
     assert memfd_bytes([daemon.pid, worker], prefix) >= KV_CACHE_BYTES
     shmem_awake = shmem_bytes()
+    sleeps = value(scrape(daemon), "sleepd_sleep_duration_seconds_count", model=MODEL, level="1") or 0
 
     assert server.call("POST", "/sleep?level=1")["status"] == "sleeping"
 
     assert server.is_sleeping() is True
-    assert model_status(daemon)["sleeping"] is True
-    assert tag_states(daemon) == {"weights": "OFFLOADED", "kv_cache": "DISCARDED"}
+    assert model_status(daemon, MODEL)["sleeping"] is True
+    assert tag_states(daemon, MODEL) == {"weights": "OFFLOADED", "kv_cache": "DISCARDED"}
     holders = [daemon.pid, worker, *daemon.mover_pids()]
     assert memfd_bytes(holders, prefix) == 0, "a process still holds the model's memory open"
     assert memfd_mappings(worker, prefix) == [], "the vLLM worker still maps the model's memory"
     # The KV cache is gone from the kernel's shared memory; the weights (1.5 MiB) moved to the host pool.
     assert shmem_awake - shmem_bytes() >= KV_CACHE_BYTES // 2
+    assert value(scrape(daemon), "sleepd_sleep_duration_seconds_count", model=MODEL, level="1") == sleeps + 1
 
     server.call("POST", "/wake_up")
 
     assert server.is_sleeping() is False
-    assert model_status(daemon)["sleeping"] is False
-    assert tag_states(daemon) == {"weights": "MAPPED", "kv_cache": "MAPPED"}
+    assert model_status(daemon, MODEL)["sleeping"] is False
+    assert tag_states(daemon, MODEL) == {"weights": "MAPPED", "kv_cache": "MAPPED"}
     assert server.answers() == before
 
 
@@ -86,12 +74,12 @@ def test_vllm_stays_asleep_until_its_last_tag_is_back_and_sleepctl_agrees(daemon
 
     server.call("POST", "/wake_up?tags=weights")
     assert server.is_sleeping() is True
-    assert model_status(daemon)["sleeping"] is True
-    assert tag_states(daemon) == {"weights": "MAPPED", "kv_cache": "DISCARDED"}
+    assert model_status(daemon, MODEL)["sleeping"] is True
+    assert tag_states(daemon, MODEL) == {"weights": "MAPPED", "kv_cache": "DISCARDED"}
 
     server.call("POST", "/wake_up?tags=kv_cache")
     assert server.is_sleeping() is False
-    assert model_status(daemon)["sleeping"] is False
+    assert model_status(daemon, MODEL)["sleeping"] is False
     assert server.answers() == before
 
 
@@ -105,7 +93,7 @@ def test_a_vllm_worker_killed_while_asleep_leaves_the_daemon_serving_and_other_m
         os.kill(worker, signal.SIGKILL)
 
         wait_for(lambda: MODEL not in {m["name"] for m in daemon.status()["models"]}
-                 or not model_status(daemon)["ranks"], timeout=60, what="the daemon to reclaim the dead worker")
+                 or not model_status(daemon, MODEL)["ranks"], timeout=60, what="the daemon to reclaim the dead worker")
         assert memfd_bytes([daemon.pid, *daemon.mover_pids()], daemon.memfd_prefix(MODEL)) == 0
         assert daemon.process.poll() is None
         assert other.report() == other_before
