@@ -76,6 +76,6 @@ def install() -> None:
     replace(CPUWorker, "wake_up", _wake_up)
     if hasattr(CPUWorker, "discard"):  # selective discard came after 0.24
         replace(CPUWorker, "discard", _discard)
-    # Releases before this dispatch computed from the weights themselves.
+    # Releases without this dispatch computed from the weights themselves.
     if hasattr(layer_utils, "dispatch_cpu_unquantized_gemm"):
         layer_utils.dispatch_cpu_unquantized_gemm = _linear_from_weights(layer_utils.dispatch_cpu_unquantized_gemm)
