@@ -30,7 +30,7 @@ from sleepd.common.sizes import format_size
 from .auth import Peer
 from .backends import ZEROED_ON_CREATE, DaemonBackend
 from .controllers import Controllers
-from .errors import exhausted, invalid, not_found, precondition
+from .errors import exhausted, invalid, precondition
 from .fanout import Fanout, owners, rank_failure
 from .limits import MAX_LEVEL
 from .locks import DEVICE, OrderedLock
@@ -44,6 +44,7 @@ from .reporting import Reporter
 from .room import VICTIM_LOCK_SECONDS, Room, needed_by_device
 from .rules import Action, SleepRules
 from .sessions import Condition, Session
+from .sleep_plan import check_tags, plan_sleep
 
 log = logging.getLogger(__name__)
 
@@ -218,36 +219,8 @@ class Operations:
             victim.lock.release()
 
     def plan_sleep(self, model: Model, level: int, tags: list[str], actions: dict[str, Action],
-                   discard_if_short: bool = False):
-        """[(region, action)] for the model's mapped regions, refused before anything moves
-        when the host pool cannot take the offloads (even after discarding, where
-        `discard_if_short`, what some rule discards anyway)."""
-        regions = model.regions()
-        _check_tags(model, regions, list(tags) + list(actions))
-        selected = set(tags) | set(actions) or {region.tag for region in regions}
-        plan = self.rules.plan(level, selected, actions)
-        work = [(r, plan[r.tag]) for r in regions if plan and r.tag in plan and r.state is RegionState.MAPPED]
-        offload_bytes = sum(r.mapped_size for r, action in work if action is Action.OFFLOAD)
-        if offload_bytes <= self.pool.available:
-            return work
-        # The pool is too small: discard instead, largest first, only tags some rule discards anyway.
-        fallback = sorted(((r, a) for r, a in work if a is Action.OFFLOAD and self.rules.discardable(r.tag)
-                           and r.tag not in actions and discard_if_short), key=lambda item: -item[0].mapped_size)
-        demoted = set()
-        for region, _ in fallback:
-            if offload_bytes <= self.pool.available:
-                break
-            demoted.add(region)
-            offload_bytes -= region.mapped_size
-        if offload_bytes > self.pool.available:
-            raise exhausted(f"sleep {model.name}: offloading needs {format_size(offload_bytes)} of host pool, "
-                            f"{format_size(self.pool.available)} free of {format_size(self.pool.budget)}, "
-                            "and no more of it may be discarded; raise --host-pool-budget or use a level "
-                            "that discards" + ("" if discard_if_short else
-                                               " (a sleep sleepd starts itself never discards what it would offload)"))
-        log.warning("sleep %s: host pool short; discarding %s instead of offloading them", model.name,
-                    ", ".join(sorted({r.tag for r in demoted})))
-        return [(r, Action.DISCARD if r in demoted else a) for r, a in work]
+                   discard_if_short: bool = False) -> list[tuple[Region, Action]]:
+        return plan_sleep(model, level, tags, actions, self.rules, self.pool, discard_if_short)
 
     def wake(self, model_name: str, tags: list[str], evict: bool, caller: Peer) -> OperationResult:
         """Wakes the model's regions of `tags` (all without), evicting models `caller` may act on
@@ -259,7 +232,7 @@ class Operations:
             self.check_ready(model, "wake")
             model.touch()
             regions = model.regions()
-            _check_tags(model, regions, tags)
+            check_tags(model, regions, tags)
             targets = [r for r in regions if r.state in ASLEEP and (not tags or r.tag in tags)]
             if targets:
                 self.quotas.check(model, "device", sum(r.mapped_size for r in targets), f"wake {model.name}")
@@ -429,14 +402,6 @@ class Operations:
         if self.reporter.metrics:
             for job in jobs:
                 self.reporter.metrics.bytes_moved.labels(direction=job.direction).inc(job.size)
-
-
-def _check_tags(model: Model, regions: list[Region], tags) -> None:
-    known = {region.tag for region in regions}
-    for tag in tags:
-        if tag not in known:
-            raise not_found(f"model {model.name} has no region tagged {tag!r} "
-                            f"(its tags: {', '.join(sorted(known)) or 'none'})")
 
 
 def _devices(regions) -> set[int]:
