@@ -1,6 +1,7 @@
 #include "chunk_pool.h"
 
 #include <algorithm>
+#include <iterator>
 
 #include "backend.h"
 
@@ -12,7 +13,13 @@ namespace {
 // per-thread active pool) has to be process-wide.
 std::mutex registry_mutex;
 std::map<uintptr_t, std::pair<size_t, ChunkPool*>> registry;
-thread_local ChunkPool* active_pool = nullptr;
+// Pools nest (vLLM opens a kv_cache pool inside a runtime pool): the innermost
+// serves, and closing it hands the thread back to the one around it.
+thread_local std::vector<ChunkPool*> active_pools;
+
+void forget(ChunkPool* pool) {
+  active_pools.erase(std::remove(active_pools.begin(), active_pools.end(), pool), active_pools.end());
+}
 
 }  // namespace
 
@@ -20,7 +27,7 @@ ChunkPool::ChunkPool(Refill refill, size_t chunk_bytes, size_t alignment)
     : refill_(std::move(refill)), chunk_bytes_(chunk_bytes), alignment_(std::max<size_t>(alignment, 1)) {}
 
 ChunkPool::~ChunkPool() {
-  if (active_pool == this) active_pool = nullptr;
+  forget(this);
   std::lock_guard<std::mutex> lock(registry_mutex);
   for (auto& [base, size] : chunks_) registry.erase(base);
 }
@@ -91,13 +98,14 @@ size_t ChunkPool::bytes_in_use() const {
   return total;
 }
 
-void ChunkPool::activate() { active_pool = this; }
+void ChunkPool::activate() { active_pools.push_back(this); }
 
 void ChunkPool::deactivate() {
-  if (active_pool == this) active_pool = nullptr;
+  auto innermost = std::find(active_pools.rbegin(), active_pools.rend(), this);
+  if (innermost != active_pools.rend()) active_pools.erase(std::next(innermost).base());
 }
 
-ChunkPool* ChunkPool::active() { return active_pool; }
+ChunkPool* ChunkPool::active() { return active_pools.empty() ? nullptr : active_pools.back(); }
 
 ChunkPool* ChunkPool::owner(uintptr_t address) {
   std::lock_guard<std::mutex> lock(registry_mutex);

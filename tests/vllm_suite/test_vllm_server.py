@@ -1,0 +1,106 @@
+"""An unmodified `vllm serve --enable-sleep-mode` with SLEEPD_MODEL set: vLLM's own
+endpoints put it to sleep and wake it through the daemon.
+
+One server serves the whole module (vLLM takes a minute or two to start here);
+the test that kills its worker comes last."""
+
+import os
+import signal
+
+import pytest
+
+from kernel import memfd_bytes, memfd_mappings, shmem_bytes
+from servers import VllmServer, model_status, tag_states
+from support import MiB, Daemon, Engine, scrape, value, wait_for
+
+# The first test also waits for vLLM to start (minutes on two shared cores).
+pytestmark = pytest.mark.timeout(900)
+
+MODEL = "tiny"
+KV_CACHE_BYTES = 1 << 30  # VLLM_CPU_KVCACHE_SPACE=1
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    daemon = Daemon(tmp_path_factory.mktemp("sleepd"), "host")
+    yield daemon
+    daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def server(daemon, tiny_models, tmp_path_factory):
+    server = VllmServer(daemon, MODEL, tiny_models["a"], str(tmp_path_factory.mktemp("vllm") / "vllm.log"))
+    yield server
+    server.stop()
+
+
+def worker_pid(daemon) -> int:
+    (rank,) = model_status(daemon, MODEL)["ranks"]
+    return rank["pid"]
+
+
+def test_vllm_sleep_endpoint_goes_through_sleepd_frees_memory_and_answers_stay_the_same(daemon, server):
+    before = server.answers()
+    prefix = daemon.memfd_prefix(MODEL)
+    worker = worker_pid(daemon)
+    assert tag_states(daemon, MODEL) == {"weights": "MAPPED", "kv_cache": "MAPPED"}
+    assert memfd_bytes([daemon.pid, worker], prefix) >= KV_CACHE_BYTES
+    shmem_awake = shmem_bytes()
+    sleeps = value(scrape(daemon), "sleepd_sleep_duration_seconds_count", model=MODEL, level="1") or 0
+
+    assert server.call("POST", "/sleep?level=1")["status"] == "sleeping"
+
+    assert server.is_sleeping() is True
+    assert model_status(daemon, MODEL)["sleeping"] is True
+    assert tag_states(daemon, MODEL) == {"weights": "OFFLOADED", "kv_cache": "DISCARDED"}
+    holders = [daemon.pid, worker, *daemon.mover_pids()]
+    assert memfd_bytes(holders, prefix) == 0, "a process still holds the model's memory open"
+    assert memfd_mappings(worker, prefix) == [], "the vLLM worker still maps the model's memory"
+    # The KV cache is gone from the kernel's shared memory; the weights (1.5 MiB) moved to the host pool.
+    assert shmem_awake - shmem_bytes() >= KV_CACHE_BYTES // 2
+    assert value(scrape(daemon), "sleepd_sleep_duration_seconds_count", model=MODEL, level="1") == sleeps + 1
+
+    server.call("POST", "/wake_up")
+
+    assert server.is_sleeping() is False
+    assert model_status(daemon, MODEL)["sleeping"] is False
+    assert tag_states(daemon, MODEL) == {"weights": "MAPPED", "kv_cache": "MAPPED"}
+    assert server.answers() == before
+
+
+def test_vllm_stays_asleep_until_its_last_tag_is_back_and_sleepctl_agrees(daemon, server):
+    before = server.answers()
+    server.call("POST", "/sleep?level=1")
+
+    server.call("POST", "/wake_up?tags=weights")
+    assert server.is_sleeping() is True
+    assert model_status(daemon, MODEL)["sleeping"] is True
+    assert tag_states(daemon, MODEL) == {"weights": "MAPPED", "kv_cache": "DISCARDED"}
+
+    server.call("POST", "/wake_up?tags=kv_cache")
+    assert server.is_sleeping() is False
+    assert model_status(daemon, MODEL)["sleeping"] is False
+    assert server.answers() == before
+
+
+def test_a_vllm_worker_killed_while_asleep_leaves_the_daemon_serving_and_other_models_untouched(daemon, server):
+    other = Engine(daemon, "other", regions=[("weights", 4 * MiB), ("kv_cache", 4 * MiB)])
+    try:
+        other_before = other.report()
+        server.call("POST", "/sleep?level=1")
+        worker = worker_pid(daemon)
+
+        os.kill(worker, signal.SIGKILL)
+
+        wait_for(lambda: MODEL not in {m["name"] for m in daemon.status()["models"]}
+                 or not model_status(daemon, MODEL)["ranks"], timeout=60, what="the daemon to reclaim the dead worker")
+        assert memfd_bytes([daemon.pid, *daemon.mover_pids()], daemon.memfd_prefix(MODEL)) == 0
+        assert daemon.process.poll() is None
+        assert other.report() == other_before
+        daemon.ctl("sleep", "--model", "other", "--level", "1")
+        daemon.ctl("wake", "--model", "other")
+        after = {region["tag"]: region for region in other.report()["regions"]}
+        weights = next(region for region in other_before["regions"] if region["tag"] == "weights")
+        assert after["weights"]["sha256"] == weights["sha256"], "the other model's weights changed"
+    finally:
+        other.close()
