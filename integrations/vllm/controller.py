@@ -1,0 +1,85 @@
+"""The model's controller inside vLLM's API server: sleeps and wakes asked from
+outside vLLM (sleepctl, eviction, idle sleep, swap) run as vLLM's own, so its
+scheduler pauses before the workers' memory goes, and `/is_sleeping` knows.
+
+The daemon calls back on the controller's own thread, while vLLM's engine
+client belongs to the server's event loop: each callback hands the engine's
+coroutine to that loop and waits for it.
+"""
+
+import asyncio
+import inspect
+import logging
+import os
+
+from sleepd.client import Controller, SleepdError
+
+log = logging.getLogger(__name__)
+
+
+def _vllm_action(level: int, tag: str) -> str:
+    """What vLLM's own sleep does to a tag: level 1 offloads the weights, anything else is discarded."""
+    return "offload" if level == 1 and tag == "weights" else "discard"
+
+
+class EngineController:
+    def __init__(self, engine_client, loop: asyncio.AbstractEventLoop, model: str):
+        self.model = model
+        self._engine, self._loop = engine_client, loop
+        # vLLM 0.32 pauses its scheduler in a mode of the caller's choice; earlier releases only one way.
+        self._drains = "mode" in inspect.signature(engine_client.sleep).parameters
+        self.controller = Controller.connect(model, on_sleep=self._sleep, on_wake=self._wake)
+
+    def _run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def _sleep(self, level: int, tags: list[str], actions: dict[str, str]) -> None:
+        if level not in (1, 2):
+            raise ValueError(f"vLLM's sleep has levels 1 and 2 for memory; level {level} only pauses its "
+                             "scheduler, which sleepd cannot see: sleep it at level 1 or 2")
+        differing = {tag: action for tag, action in actions.items() if action != _vllm_action(level, tag)}
+        if tags or differing:
+            raise ValueError(f"vLLM sleeps all of its memory by level (level {level} offloads "
+                             f"{'weights' if level == 1 else 'nothing'}): it cannot sleep tags {tags} or "
+                             f"take actions {differing}; ask for a plain level")
+        if self._drains:
+            # "wait": requests in flight finish and new ones queue until the wake (vLLM's default aborts them).
+            self._run(self._engine.sleep(level, mode="wait"))
+        else:
+            self._run(self._engine.sleep(level))
+
+    def _wake(self, tags: list[str]) -> None:
+        self._run(self._engine.wake_up(tags or None))
+
+    async def ensure_awake(self):
+        """Returns once the model is awake: woken through this controller, or (SLEEPD_WAKE_ON_REQUEST=0)
+        by someone else. Runs in a thread, because the wake comes back to the loop this is awaited on."""
+        return await asyncio.to_thread(self.controller.ensure_awake)
+
+    def close(self) -> None:
+        self.controller.close()
+
+
+_current: EngineController | None = None
+
+
+def current() -> EngineController | None:
+    """This API server's controller, once vLLM's engine is up and it attached."""
+    return _current
+
+
+def attach(engine_client) -> None:
+    """Attaches this process (on its running event loop) as $SLEEPD_MODEL's controller."""
+    global _current
+    model = os.environ["SLEEPD_MODEL"]
+    try:
+        _current = EngineController(engine_client, asyncio.get_running_loop(), model)
+    except SleepdError as error:
+        if error.code.name != "ALREADY_EXISTS":
+            raise RuntimeError(f"vLLM's API server could not attach as {model}'s sleepd controller: "
+                               f"{error.message}") from None
+        # Several API servers (--api-server-count) share one engine; one of them controls it.
+        log.warning("%s already has a sleepd controller (another API server of this vLLM); this one "
+                    "neither controls it nor wakes it on requests", model)
+        return
+    log.info("attached to sleepd as %s's controller", model)
