@@ -8,7 +8,6 @@ coroutine to that loop and waits for it.
 """
 
 import asyncio
-import inspect
 import logging
 import os
 
@@ -26,8 +25,6 @@ class EngineController:
     def __init__(self, engine_client, loop: asyncio.AbstractEventLoop, model: str):
         self.model = model
         self._engine, self._loop = engine_client, loop
-        # vLLM 0.32 pauses its scheduler in a mode of the caller's choice; earlier releases only one way.
-        self._drains = "mode" in inspect.signature(engine_client.sleep).parameters
         self.controller = Controller.connect(model, on_sleep=self._sleep, on_wake=self._wake)
 
     def _run(self, coroutine):
@@ -42,11 +39,9 @@ class EngineController:
             raise ValueError(f"vLLM sleeps all of its memory by level (level {level} offloads "
                              f"{'weights' if level == 1 else 'nothing'}): it cannot sleep tags {tags} or "
                              f"take actions {differing}; ask for a plain level")
-        if self._drains:
-            # "wait": requests in flight finish and new ones queue until the wake (vLLM's default aborts them).
-            self._run(self._engine.sleep(level, mode="wait"))
-        else:
-            self._run(self._engine.sleep(level))
+        # vLLM pauses its scheduler first. "wait": requests in flight finish, new ones queue until the
+        # wake (vLLM's default mode aborts them). 0.24 to 0.33 take it.
+        self._run(self._engine.sleep(level, mode="wait"))
 
     def _wake(self, tags: list[str]) -> None:
         self._run(self._engine.wake_up(tags or None))
