@@ -12,6 +12,7 @@ import logging
 import os
 
 from sleepd.client import Controller, SleepdError
+from sleepd.client.awake import wake_on_request
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,8 @@ class EngineController:
     def __init__(self, engine_client, loop: asyncio.AbstractEventLoop, model: str):
         self.model = model
         self._engine, self._loop = engine_client, loop
+        self._admitted = 0  # requests past their wait for the model and not yet answered (on the loop only)
+        self._straggler_wake: asyncio.Task | None = None
         self.controller = Controller.connect(model, on_sleep=self._sleep, on_wake=self._wake)
 
     def _run(self, coroutine):
@@ -41,18 +44,39 @@ class EngineController:
                              f"take actions {differing}; ask for a plain level")
         # vLLM pauses its scheduler first. "wait": requests in flight finish, new ones queue until the
         # wake (vLLM's default mode aborts them). 0.24 to 0.33 take it.
-        self._run(self._engine.sleep(level, mode="wait"))
+        self._run(self._sleep_then_serve_stragglers(level))
+
+    async def _sleep_then_serve_stragglers(self, level: int) -> None:
+        await self._engine.sleep(level, mode="wait")
+        # A request admitted while the model was awake can reach vLLM after its scheduler paused:
+        # queued, it would wait for a wake nobody asks for. It asked for the model, so wake it.
+        if self._admitted and wake_on_request():
+            self._straggler_wake = self._loop.create_task(self._wake_for_stragglers())  # held: tasks are weak
+
+    async def _wake_for_stragglers(self) -> None:
+        try:
+            await asyncio.to_thread(self.controller.ensure_awake)
+        except SleepdError as error:
+            log.error("%s slept with requests queued in vLLM, and waking it for them failed: %s", self.model, error)
 
     def _wake(self, tags: list[str]) -> None:
-        self._run(self._engine.wake_up(tags or None))
+        self._run(self._wake_up(tags or None))
 
-    async def ensure_awake(self):
-        """Returns once the model is awake: woken through this controller, or (SLEEPD_WAKE_ON_REQUEST=0)
-        by someone else. Runs in a thread, because the wake comes back to the loop this is awaited on."""
-        return await asyncio.to_thread(self.controller.ensure_awake)
+    async def _wake_up(self, tags: list[str] | None) -> None:
+        # Requests that found the model asleep together each ask for a wake; the first one does it.
+        if await self._engine.is_sleeping():
+            await self._engine.wake_up(tags)
 
-    def close(self) -> None:
-        self.controller.close()
+    async def serve(self, answer) -> None:
+        """Awaits `answer()` once the model is awake: woken through this controller, or
+        (SLEEPD_WAKE_ON_REQUEST=0) by someone else. The wait runs in a thread, because the wake
+        comes back to the loop this is awaited on."""
+        self._admitted += 1
+        try:
+            await asyncio.to_thread(self.controller.ensure_awake)
+            await answer()
+        finally:
+            self._admitted -= 1
 
 
 _current: EngineController | None = None

@@ -39,14 +39,13 @@ class WakeOnRequest:
 
     async def __call__(self, scope, receive, send):
         engine = controller.current()
-        if engine is not None:
-            try:
-                await engine.ensure_awake()
-            except SleepdError as error:
-                log.error("a request for %s could not wait for it to be awake: %s", engine.model, error)
-                await _refuse(send, f"sleepd could not make model {engine.model} awake: {error.message}")
-                return
-        await self.app(scope, receive, send)
+        if engine is None:
+            return await self.app(scope, receive, send)
+        try:
+            await engine.serve(lambda: self.app(scope, receive, send))
+        except SleepdError as error:
+            log.error("a request for %s could not wait for it to be awake: %s", engine.model, error)
+            await _refuse(send, f"sleepd could not make model {engine.model} awake: {error.message}")
 
 
 async def _refuse(send, message: str) -> None:

@@ -93,6 +93,47 @@ def test_a_request_to_a_sleeping_vllm_wakes_it_and_is_answered(daemon, server_a)
     assert server_a.answers() == server_a.before
 
 
+def test_requests_in_flight_or_arriving_while_sleepctl_sleeps_vllm_are_all_answered(daemon, server_a):
+    """vLLM's own /sleep aborts requests in flight by default; the controller's sleep lets them finish.
+    Requests that reach vLLM after its scheduler paused are woken for, not left queued. (Whether one
+    was running as the pause began is up to timing; here they mostly wait in their EnsureAwake.)"""
+    tokens = 200
+    replies, sent = [], []
+
+    def request(prompt):
+        return server_a.call("POST", "/v1/completions", {"model": server_a.checkpoint, "prompt": prompt,
+                                                          "max_tokens": tokens, "temperature": 0, "ignore_eos": True})
+
+    def client(prompt):
+        # Back to back until sleepctl has returned (so some run as the sleep begins and some arrive while
+        # it runs), then once more: that one finds the model asleep.
+        for _ in range(200):
+            last = sleep.poll() is not None
+            sent.append(prompt)
+            replies.append(request(prompt))
+            if last:
+                return
+
+    sleep = subprocess.Popen([sys.executable, "-m", "sleepd.client.ctl", "--socket", daemon.socket, "sleep",
+                              "--model", A, "--level", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    clients = [threading.Thread(target=client, args=(prompt,)) for prompt in PROMPTS]
+    for thread in clients:
+        thread.start()
+    output, _ = sleep.communicate(timeout=300)
+    for thread in clients:
+        thread.join(timeout=120)
+
+    assert sleep.returncode == 0, output
+    assert not any(thread.is_alive() for thread in clients), "a request was still unanswered after 2 minutes"
+    assert len(replies) == len(sent)
+    assert replies and all(reply["choices"][0]["finish_reason"] == "length" for reply in replies), replies
+    assert all(reply["usage"]["completion_tokens"] == tokens for reply in replies)
+    if asleep(daemon, server_a):
+        daemon.ctl("wake", "--model", A)
+    assert asleep(daemon, server_a) is False
+
+
 def test_two_vllm_servers_swap_through_their_controllers_and_answer_as_before(daemon, server_a, server_b):
     assert asleep(daemon, server_a) is True and asleep(daemon, server_b) is False
 
