@@ -2,7 +2,8 @@
 endpoints put it to sleep and wake it through the daemon.
 
 One server serves the whole module (vLLM takes a minute or two to start here);
-the test that kills its worker comes last."""
+the test that restarts the daemon puts the new one in `node`, and the test that
+kills vLLM's worker comes last."""
 
 import os
 import signal
@@ -21,15 +22,17 @@ KV_CACHE_BYTES = 1 << 30  # VLLM_CPU_KVCACHE_SPACE=1
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory):
-    daemon = Daemon(tmp_path_factory.mktemp("sleepd"), "host")
-    yield daemon
-    daemon.stop()
+def node(tmp_path_factory) -> dict:
+    """The node's daemon, and where it keeps its state: a restarted daemon replaces it here."""
+    directory = tmp_path_factory.mktemp("sleepd")
+    node = {"directory": directory, "daemon": Daemon(directory, "host")}
+    yield node
+    node["daemon"].stop()
 
 
 @pytest.fixture(scope="module")
-def server(daemon, tiny_models, tmp_path_factory):
-    server = VllmServer(daemon, MODEL, tiny_models["a"], str(tmp_path_factory.mktemp("vllm") / "vllm.log"))
+def server(node, tiny_models, tmp_path_factory):
+    server = VllmServer(node["daemon"], MODEL, tiny_models["a"], str(tmp_path_factory.mktemp("vllm") / "vllm.log"))
     yield server
     server.stop()
 
@@ -39,7 +42,8 @@ def worker_pid(daemon) -> int:
     return rank["pid"]
 
 
-def test_vllm_sleep_endpoint_goes_through_sleepd_frees_memory_and_answers_stay_the_same(daemon, server):
+def test_vllm_sleep_endpoint_goes_through_sleepd_frees_memory_and_answers_stay_the_same(node, server):
+    daemon = node["daemon"]
     before = server.answers()
     prefix = daemon.memfd_prefix(MODEL)
     worker = worker_pid(daemon)
@@ -68,7 +72,8 @@ def test_vllm_sleep_endpoint_goes_through_sleepd_frees_memory_and_answers_stay_t
     assert server.answers() == before
 
 
-def test_vllm_stays_asleep_until_its_last_tag_is_back_and_sleepctl_agrees(daemon, server):
+def test_vllm_stays_asleep_until_its_last_tag_is_back_and_sleepctl_agrees(node, server):
+    daemon = node["daemon"]
     before = server.answers()
     server.call("POST", "/sleep?level=1")
 
@@ -83,7 +88,28 @@ def test_vllm_stays_asleep_until_its_last_tag_is_back_and_sleepctl_agrees(daemon
     assert server.answers() == before
 
 
-def test_a_vllm_worker_killed_while_asleep_leaves_the_daemon_serving_and_other_models_untouched(daemon, server):
+def test_a_daemon_restarted_under_a_serving_vllm_gets_its_memory_back_and_vllm_keeps_serving(node, server):
+    before = server.answers()
+    os.kill(node["daemon"].pid, signal.SIGKILL)
+    node["daemon"].process.wait(timeout=30)
+    assert server.answers() == before, "vLLM stopped answering, or answers otherwise, without its daemon"
+
+    node["daemon"] = daemon = Daemon(node["directory"], "host")
+
+    wait_for(lambda: [(r["rank"], r.get("detached", False)) for m in daemon.status()["models"] if m["name"] == MODEL
+                      for r in m["ranks"]] == [(0, False)], timeout=180, what="vLLM's worker to attach again")
+    assert tag_states(daemon, MODEL) == {"weights": "MAPPED", "kv_cache": "MAPPED"}
+    assert memfd_bytes([daemon.pid], daemon.memfd_prefix(MODEL)) >= KV_CACHE_BYTES, "the new daemon lacks the memory"
+    # The new daemon really holds it: vLLM's own sleep goes through it, and nothing is lost.
+    server.call("POST", "/sleep?level=1")
+    assert tag_states(daemon, MODEL) == {"weights": "OFFLOADED", "kv_cache": "DISCARDED"}
+    assert memfd_bytes([daemon.pid, worker_pid(daemon)], daemon.memfd_prefix(MODEL)) == 0
+    server.call("POST", "/wake_up")
+    assert server.answers() == before
+
+
+def test_a_vllm_worker_killed_while_asleep_leaves_the_daemon_serving_and_other_models_untouched(node, server):
+    daemon = node["daemon"]
     other = Engine(daemon, "other", regions=[("weights", 4 * MiB), ("kv_cache", 4 * MiB)])
     try:
         other_before = other.report()
