@@ -11,10 +11,13 @@ import asyncio
 import logging
 import os
 
+import grpc
+
 from sleepd.client import Controller, SleepdError
 from sleepd.client.awake import wake_on_request
 
-log = logging.getLogger(__name__)
+# Under vLLM's own logger, whose handler survives the logging setup of vLLM's HTTP server.
+log = logging.getLogger(f"vllm.{__name__}")
 
 
 def _vllm_action(level: int, tag: str) -> str:
@@ -73,7 +76,13 @@ class EngineController:
         comes back to the loop this is awaited on."""
         self._admitted += 1
         try:
-            await asyncio.to_thread(self.controller.ensure_awake)
+            try:
+                await asyncio.to_thread(self.controller.ensure_awake)
+            except SleepdError as error:
+                if error.code != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                # The daemon is away (restarting): vLLM serves on as it is, and holds requests while asleep.
+                log.warning("sleepd is unreachable, so %s is served without waiting for it: %s", self.model, error)
             await answer()
         finally:
             self._admitted -= 1
@@ -94,7 +103,7 @@ def attach(engine_client) -> None:
     try:
         _current = EngineController(engine_client, asyncio.get_running_loop(), model)
     except SleepdError as error:
-        if error.code.name != "ALREADY_EXISTS":
+        if error.code != grpc.StatusCode.ALREADY_EXISTS:
             raise RuntimeError(f"vLLM's API server could not attach as {model}'s sleepd controller: "
                                f"{error.message}") from None
         # Several API servers (--api-server-count) share one engine; one of them controls it.

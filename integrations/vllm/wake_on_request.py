@@ -2,7 +2,8 @@
 vLLM, until the model is awake (`Controller.ensure_awake`): it wakes it
 (evicting others as the daemon's policy allows), or with
 SLEEPD_WAKE_ON_REQUEST=0 waits for someone else to. Awake, the call only
-marks the model as active for eviction and idle sleep.
+marks the model as active for eviction and idle sleep. While the daemon is
+unreachable (restarting), requests go straight to vLLM.
 """
 
 import json
@@ -12,7 +13,8 @@ from sleepd.client import SleepdError
 
 from . import controller
 
-log = logging.getLogger(__name__)
+# Under vLLM's own logger, whose handler survives the logging setup of vLLM's HTTP server.
+log = logging.getLogger(f"vllm.{__name__}")
 
 # vLLM's routes that run the model (0.32); health, metrics, tokenizing and the sleep endpoints do not.
 MODEL_ROUTES = frozenset((
