@@ -4,6 +4,8 @@ vLLM calls `register()` in every process it starts (API server, engine core,
 workers). It does nothing unless $SLEEPD_MODEL is set; then each vLLM worker
 attaches to the daemon as one rank of that model, and vLLM's sleep mode
 (`sleep`, `wake_up`, `/sleep`, `/wake_up`, `/is_sleeping`) acts through it.
+The API server attaches as the model's controller, so sleeps from outside
+vLLM (sleepctl, eviction) run as vLLM's own, and wakes the model on requests.
 See docs/vllm.md.
 """
 
@@ -20,7 +22,7 @@ def register() -> None:
     _registered = True
     from vllm.platforms import current_platform
 
-    from . import backend
+    from . import api_server, backend
 
     if current_platform.is_cpu():
         from . import cpu
@@ -34,3 +36,4 @@ def register() -> None:
         raise RuntimeError(f"{MODEL_VARIABLE} is set, but sleepd does not run vLLM on the "
                            f"{type(current_platform).__name__} platform: unset it, or run on CUDA or CPU")
     backend.register()
+    api_server.install()  # only in vLLM's API server: its controller and wake on request

@@ -33,7 +33,9 @@ def attach(worker, device: int) -> SleepdAllocator:
     if _allocator is not None:
         raise RuntimeError(f"this process is already attached to sleepd as rank {_allocator.client.rank} of "
                            f"{_allocator.client.model}; vLLM runs one worker per process")
-    client = SleepClient.connect(os.environ["SLEEPD_MODEL"], rank=global_rank(worker), device=device)
+    # vLLM must run its own sleep (its scheduler pauses first): outside sleeps go through its controller.
+    client = SleepClient.connect(os.environ["SLEEPD_MODEL"], rank=global_rank(worker), device=device,
+                                 needs_controller=True)
     _allocator = SleepdAllocator(client)
     return _allocator
 

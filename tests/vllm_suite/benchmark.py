@@ -3,8 +3,9 @@
 * from `POST /sleep` (level 1) to the model's memory released as the kernel sees it
   (no process holds its memfds any more), and the time the request itself took;
 * from `POST /wake_up` to the first streamed token of a request sent right after it,
-  beside the first-token time of the same request while awake. (Waking on the request
-  itself comes with the vLLM controller; until then the request follows the wake.)
+  beside the first-token time of the same request while awake;
+* from `sleepctl sleep` (through vLLM's controller) to the memory released, and from a
+  request arriving while asleep to its first token (the request wakes the model itself).
 
     python tests/vllm_suite/benchmark.py [--cycles N]     # in the vLLM environment (.ci/vllm-env)
 """
@@ -38,8 +39,8 @@ def first_token_seconds(server) -> float:
     raise RuntimeError("the stream ended without a token")
 
 
-def released_seconds(daemon, server, holders) -> tuple[float, float]:
-    """(request to kernel release, request round trip) of one POST /sleep."""
+def released_seconds(daemon, server, holders, sleep=None) -> tuple[float, float]:
+    """(request to kernel release, request round trip) of one POST /sleep, or of `sleep()`."""
     from kernel import memfd_bytes
 
     prefix = daemon.memfd_prefix(MODEL)
@@ -53,7 +54,10 @@ def released_seconds(daemon, server, holders) -> tuple[float, float]:
 
     watcher = threading.Thread(target=watch)
     watcher.start()
-    server.call("POST", "/sleep?level=1")
+    if sleep:
+        sleep()
+    else:
+        server.call("POST", "/sleep?level=1")
     answered = time.perf_counter() - started
     watcher.join(timeout=60)
     return released[0], answered
@@ -76,7 +80,7 @@ def main() -> None:
             (rank,) = model_status(daemon, MODEL)["ranks"]
             holders = [daemon.pid, rank["pid"]]
             figures = {"sleep to released": [], "sleep request": [], "wake to first token": [],
-                       "first token awake": []}
+                       "first token awake": [], "sleepctl sleep to released": [], "asleep to first token": []}
             for _ in range(cycles):
                 figures["first token awake"].append(first_token_seconds(server))
                 released, answered = released_seconds(daemon, server, holders)
@@ -86,10 +90,14 @@ def main() -> None:
                 server.call("POST", "/wake_up")
                 first_token_seconds(server)  # returns when the first token arrives
                 figures["wake to first token"].append(time.perf_counter() - started)
+                released, _ = released_seconds(daemon, server, holders,
+                                               sleep=lambda: daemon.ctl("sleep", "--model", MODEL, "--level", "1"))
+                figures["sleepctl sleep to released"].append(released)
+                figures["asleep to first token"].append(first_token_seconds(server))  # woken by the request
             print(f"vLLM on sleepd, CPU, tiny Qwen2, KV cache 1 GiB, {cycles} cycles (median, min, max in ms):")
             for name, seconds in figures.items():
                 ms = [s * 1000 for s in seconds]
-                print(f"  {name:22} {statistics.median(ms):8.1f} {min(ms):8.1f} {max(ms):8.1f}")
+                print(f"  {name:26} {statistics.median(ms):8.1f} {min(ms):8.1f} {max(ms):8.1f}")
         finally:
             if server:
                 server.stop()

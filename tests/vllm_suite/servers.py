@@ -31,7 +31,7 @@ def _free_port() -> int:
 
 
 class VllmServer:
-    def __init__(self, daemon, model: str, checkpoint: str, log_path: str, *flags: str):
+    def __init__(self, daemon, model: str, checkpoint: str, log_path: str, *flags: str, environment=None):
         self.model, self.checkpoint = model, checkpoint
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -40,7 +40,8 @@ class VllmServer:
         with open(log_path, "w") as log:
             self.process = subprocess.Popen(
                 [vllm, "serve", checkpoint, "--port", str(self.port), "--enable-sleep-mode", *FLAGS, *flags],
-                env=vllm_environment(daemon, model), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                env={**vllm_environment(daemon, model), **(environment or {})}, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)
         self._wait_healthy()
 
     def _wait_healthy(self) -> None:

@@ -100,6 +100,8 @@ def test_a_daemon_restarted_under_a_serving_vllm_gets_its_memory_back_and_vllm_k
                       for r in m["ranks"]] == [(0, False)], timeout=180, what="vLLM's worker to attach again")
     assert tag_states(daemon, MODEL) == {"weights": "MAPPED", "kv_cache": "MAPPED"}
     assert memfd_bytes([daemon.pid], daemon.memfd_prefix(MODEL)) >= KV_CACHE_BYTES, "the new daemon lacks the memory"
+    wait_for(lambda: model_status(daemon, MODEL)["controllerPid"] == server.process.pid, timeout=60,
+             what="vLLM's API server to attach again as the model's controller")
     # The new daemon really holds it: vLLM's own sleep goes through it, and nothing is lost.
     server.call("POST", "/sleep?level=1")
     assert tag_states(daemon, MODEL) == {"weights": "OFFLOADED", "kv_cache": "DISCARDED"}

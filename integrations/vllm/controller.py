@@ -1,0 +1,113 @@
+"""The model's controller inside vLLM's API server: sleeps and wakes asked from
+outside vLLM (sleepctl, eviction, idle sleep, swap) run as vLLM's own, so its
+scheduler pauses before the workers' memory goes, and `/is_sleeping` knows.
+
+The daemon calls back on the controller's own thread, while vLLM's engine
+client belongs to the server's event loop: each callback hands the engine's
+coroutine to that loop and waits for it.
+"""
+
+import asyncio
+import logging
+import os
+
+import grpc
+
+from sleepd.client import Controller, SleepdError
+from sleepd.client.awake import wake_on_request
+
+# Under vLLM's own logger, whose handler survives the logging setup of vLLM's HTTP server.
+log = logging.getLogger(f"vllm.{__name__}")
+
+
+def _vllm_action(level: int, tag: str) -> str:
+    """What vLLM's own sleep does to a tag: level 1 offloads the weights, anything else is discarded."""
+    return "offload" if level == 1 and tag == "weights" else "discard"
+
+
+class EngineController:
+    def __init__(self, engine_client, loop: asyncio.AbstractEventLoop, model: str):
+        self.model = model
+        self._engine, self._loop = engine_client, loop
+        self._admitted = 0  # requests past their wait for the model and not yet answered (on the loop only)
+        self._straggler_wake: asyncio.Task | None = None
+        self.controller = Controller.connect(model, on_sleep=self._sleep, on_wake=self._wake)
+
+    def _run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def _sleep(self, level: int, tags: list[str], actions: dict[str, str]) -> None:
+        if level not in (1, 2):
+            raise ValueError(f"vLLM's sleep has levels 1 and 2 for memory; level {level} only pauses its "
+                             "scheduler, which sleepd cannot see: sleep it at level 1 or 2")
+        differing = {tag: action for tag, action in actions.items() if action != _vllm_action(level, tag)}
+        if tags or differing:
+            raise ValueError(f"vLLM sleeps all of its memory by level (level {level} offloads "
+                             f"{'weights' if level == 1 else 'nothing'}): it cannot sleep tags {tags} or "
+                             f"take actions {differing}; ask for a plain level")
+        # vLLM pauses its scheduler first. "wait": requests in flight finish, new ones queue until the
+        # wake (vLLM's default mode aborts them). 0.24 to 0.33 take it.
+        self._run(self._sleep_then_serve_stragglers(level))
+
+    async def _sleep_then_serve_stragglers(self, level: int) -> None:
+        await self._engine.sleep(level, mode="wait")
+        # A request admitted while the model was awake can reach vLLM after its scheduler paused:
+        # queued, it would wait for a wake nobody asks for. It asked for the model, so wake it.
+        if self._admitted and wake_on_request():
+            self._straggler_wake = self._loop.create_task(self._wake_for_stragglers())  # held: tasks are weak
+
+    async def _wake_for_stragglers(self) -> None:
+        try:
+            await asyncio.to_thread(self.controller.ensure_awake)
+        except SleepdError as error:
+            log.error("%s slept with requests queued in vLLM, and waking it for them failed: %s", self.model, error)
+
+    def _wake(self, tags: list[str]) -> None:
+        self._run(self._wake_up(tags or None))
+
+    async def _wake_up(self, tags: list[str] | None) -> None:
+        # Requests that found the model asleep together each ask for a wake; the first one does it.
+        if await self._engine.is_sleeping():
+            await self._engine.wake_up(tags)
+
+    async def serve(self, answer) -> None:
+        """Awaits `answer()` once the model is awake: woken through this controller, or
+        (SLEEPD_WAKE_ON_REQUEST=0) by someone else. The wait runs in a thread, because the wake
+        comes back to the loop this is awaited on."""
+        self._admitted += 1
+        try:
+            try:
+                await asyncio.to_thread(self.controller.ensure_awake)
+            except SleepdError as error:
+                if error.code != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                # The daemon is away (restarting): vLLM serves on as it is, and holds requests while asleep.
+                log.warning("sleepd is unreachable, so %s is served without waiting for it: %s", self.model, error)
+            await answer()
+        finally:
+            self._admitted -= 1
+
+
+_current: EngineController | None = None
+
+
+def current() -> EngineController | None:
+    """This API server's controller, once vLLM's engine is up and it attached."""
+    return _current
+
+
+def attach(engine_client) -> None:
+    """Attaches this process (on its running event loop) as $SLEEPD_MODEL's controller."""
+    global _current
+    model = os.environ["SLEEPD_MODEL"]
+    try:
+        _current = EngineController(engine_client, asyncio.get_running_loop(), model)
+    except SleepdError as error:
+        if error.code != grpc.StatusCode.ALREADY_EXISTS:
+            raise RuntimeError(f"vLLM's API server could not attach as {model}'s sleepd controller: "
+                               f"{error.message}") from None
+        # Several API servers (--api-server-count) share one engine; one of them controls it.
+        log.warning("%s already has a sleepd controller (another API server of this vLLM); this one "
+                    "neither controls it nor wakes it on requests", model)
+        return
+    log.info("attached to sleepd as %s's controller", model)

@@ -1,0 +1,51 @@
+"""vLLM's Python API (`LLM`) on sleepd: its workers attach as ranks that need a
+controller, and nothing in this process attaches as one. Run by
+test_vllm_controller.py in a process of its own (vLLM spawns processes, so the
+`__main__` guard is needed). Prints one JSON line of what it saw.
+
+    python llm_without_controller.py CHECKPOINT
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+PROMPTS = ["hello world", "sleepd owns the memory", "a b c d"]
+
+
+def sleepctl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sleepd.client.ctl", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def sleepd_status(model: str) -> dict:
+    (status,) = json.loads(sleepctl("--json", "status", "--model", model).stdout)["models"]
+    return {"sleeping": status["sleeping"], "controller_pid": status.get("controllerPid", 0),
+            "tags": {region["tag"]: region["state"] for rank in status["ranks"] for region in rank["regions"]}}
+
+
+def main() -> None:
+    from vllm import LLM, SamplingParams
+
+    model = os.environ["SLEEPD_MODEL"]
+    llm = LLM(sys.argv[1], enable_sleep_mode=True, dtype="float32", enforce_eager=True, max_num_seqs=4,
+              max_model_len=256, kv_cache_memory_bytes=64 << 20)
+    greedy = SamplingParams(temperature=0, max_tokens=16)
+
+    def answers():
+        return [list(output.outputs[0].token_ids) for output in llm.generate(PROMPTS, greedy, use_tqdm=False)]
+
+    seen = {"before": answers()}
+    refused = sleepctl("sleep", "--model", model, "--level", "1")
+    seen["refused"] = {"code": refused.returncode, "stderr": refused.stderr}
+    seen["after_refusal"] = sleepd_status(model)
+    llm.sleep(level=1)
+    seen["own_sleep"] = sleepd_status(model)
+    llm.wake_up()
+    seen["after"] = answers()
+    print("RESULT " + json.dumps(seen), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Sleeps and wakes from outside vLLM go through vLLM's engine: `vllm serve`'s API
+server attaches as the model's controller, so `sleepctl sleep`, `wake` and `swap`
+run vLLM's own sleep and wake, and a request that reaches a sleeping vLLM wakes
+it (or, with SLEEPD_WAKE_ON_REQUEST=0, waits for a wake).
+
+Two servers on a device that fits one of them awake (each holds a 1 GiB KV
+cache): A is up for the whole module; B starts once A sleeps, for the swap
+tests. The tests run in order and each leaves the state the next one expects.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from servers import HERE, PROMPTS, VllmServer, model_status, tag_states, vllm_environment
+from support import Daemon, scrape, value
+
+# The first test also waits for vLLM to start (minutes on two shared cores).
+pytestmark = pytest.mark.timeout(900)
+
+A, B = "ctl-a", "ctl-b"
+ASLEEP = {"weights": "OFFLOADED", "kv_cache": "DISCARDED"}
+AWAKE = {"weights": "MAPPED", "kv_cache": "MAPPED"}
+# One server awake (1 GiB of KV cache and some MiB of weights) fits; two do not.
+CAPACITY = "1536MiB"
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    daemon = Daemon(tmp_path_factory.mktemp("sleepd"), "host", "--host-device-capacity", CAPACITY)
+    yield daemon
+    daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory):
+    return tmp_path_factory.mktemp("vllm")
+
+
+@pytest.fixture(scope="module")
+def server_a(daemon, tiny_models, logs):
+    server = VllmServer(daemon, A, tiny_models["a"], str(logs / "a.log"))
+    server.before = server.answers()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def server_b(daemon, tiny_models, logs, server_a):
+    """B makes requests wait for a wake instead of waking it. It only fits while A sleeps."""
+    daemon.ctl("sleep", "--model", A, "--level", "1")
+    server = VllmServer(daemon, B, tiny_models["b"], str(logs / "b.log"), environment={"SLEEPD_WAKE_ON_REQUEST": "0"})
+    server.before = server.answers()
+    yield server
+    server.stop()
+
+
+def asleep(daemon, server) -> bool:
+    """Whether vLLM and sleepd both say the server's model sleeps; fails where they disagree."""
+    vllm, sleepd = server.is_sleeping(), model_status(daemon, server.model)["sleeping"]
+    assert vllm == sleepd, f"{server.model}: vLLM says sleeping={vllm}, sleepctl says sleeping={sleepd}"
+    assert tag_states(daemon, server.model) == (ASLEEP if sleepd else AWAKE)
+    return sleepd
+
+
+def test_the_api_server_is_the_controller_and_sleepctl_sleep_runs_vllms_own_sleep(daemon, server_a):
+    status = model_status(daemon, A)
+    assert status["needsController"] is True
+    assert status["controllerPid"] == server_a.process.pid
+
+    daemon.ctl("sleep", "--model", A, "--level", "1")
+    assert asleep(daemon, server_a) is True
+
+    daemon.ctl("wake", "--model", A)
+    assert asleep(daemon, server_a) is False
+    assert server_a.answers() == server_a.before
+
+
+def test_a_request_to_a_sleeping_vllm_wakes_it_and_is_answered(daemon, server_a):
+    woke = value(scrape(daemon), "sleepd_wake_wait_seconds_count", model=A, how="woke") or 0
+    daemon.ctl("sleep", "--model", A, "--level", "1")
+    assert asleep(daemon, server_a) is True
+
+    assert server_a.complete(PROMPTS[0]) == server_a.before[0]
+
+    assert asleep(daemon, server_a) is False
+    assert value(scrape(daemon), "sleepd_wake_wait_seconds_count", model=A, how="woke") == woke + 1
+    assert server_a.answers() == server_a.before
+
+
+def test_requests_in_flight_or_arriving_while_sleepctl_sleeps_vllm_are_all_answered(daemon, server_a):
+    """vLLM's own /sleep aborts requests in flight by default; the controller's sleep lets them finish.
+    Requests that reach vLLM after its scheduler paused are woken for, not left queued. (Whether one
+    was running as the pause began is up to timing; here they mostly wait in their EnsureAwake.)"""
+    tokens = 200
+    replies, sent = [], []
+
+    def request(prompt):
+        return server_a.call("POST", "/v1/completions", {"model": server_a.checkpoint, "prompt": prompt,
+                                                          "max_tokens": tokens, "temperature": 0, "ignore_eos": True})
+
+    def client(prompt):
+        # Back to back until sleepctl has returned (so some run as the sleep begins and some arrive while
+        # it runs), then once more: that one finds the model asleep.
+        for _ in range(200):
+            last = sleep.poll() is not None
+            sent.append(prompt)
+            replies.append(request(prompt))
+            if last:
+                return
+
+    sleep = subprocess.Popen([sys.executable, "-m", "sleepd.client.ctl", "--socket", daemon.socket, "sleep",
+                              "--model", A, "--level", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    clients = [threading.Thread(target=client, args=(prompt,)) for prompt in PROMPTS]
+    for thread in clients:
+        thread.start()
+    output, _ = sleep.communicate(timeout=300)
+    for thread in clients:
+        thread.join(timeout=120)
+
+    assert sleep.returncode == 0, output
+    assert not any(thread.is_alive() for thread in clients), "a request was still unanswered after 2 minutes"
+    assert len(replies) == len(sent)
+    assert replies and all(reply["choices"][0]["finish_reason"] == "length" for reply in replies), replies
+    assert all(reply["usage"]["completion_tokens"] == tokens for reply in replies)
+    if asleep(daemon, server_a):
+        daemon.ctl("wake", "--model", A)
+    assert asleep(daemon, server_a) is False
+
+
+def test_two_vllm_servers_swap_through_their_controllers_and_answer_as_before(daemon, server_a, server_b):
+    assert asleep(daemon, server_a) is True and asleep(daemon, server_b) is False
+
+    daemon.ctl("swap", "--to", A)
+    assert asleep(daemon, server_a) is False and asleep(daemon, server_b) is True
+    assert server_a.answers() == server_a.before
+
+    daemon.ctl("swap", "--to", B)
+    assert asleep(daemon, server_a) is True and asleep(daemon, server_b) is False
+    assert server_b.answers() == server_b.before
+
+
+def test_a_request_to_the_sleeping_server_evicts_the_other(daemon, server_a, server_b):
+    assert asleep(daemon, server_a) is True and asleep(daemon, server_b) is False
+    evicted = value(scrape(daemon), "sleepd_evictions_total", model=B, reason="room") or 0
+
+    assert server_a.complete(PROMPTS[1]) == server_a.before[1]
+
+    assert asleep(daemon, server_a) is False and asleep(daemon, server_b) is True
+    assert value(scrape(daemon), "sleepd_evictions_total", model=B, reason="room") == evicted + 1
+
+
+def test_with_wake_on_request_off_a_request_waits_for_a_wake(daemon, server_a, server_b):
+    assert asleep(daemon, server_b) is True
+    answers = []
+    request = threading.Thread(target=lambda: answers.append(server_b.complete(PROMPTS[2])))
+    request.start()
+    request.join(timeout=10)
+    assert request.is_alive() and answers == [], "the request did not wait for the model to be woken"
+    assert asleep(daemon, server_b) is True
+
+    daemon.ctl("swap", "--to", B)
+
+    request.join(timeout=120)
+    assert answers == [server_b.before[2]]
+    assert value(scrape(daemon), "sleepd_wake_wait_seconds_count", model=B, how="waited") == 1
+
+
+def test_vllms_python_api_has_no_controller_so_sleepctl_is_refused_and_its_own_sleep_still_works(daemon, server_b,
+                                                                                                   tiny_models):
+    model = "no-controller"
+    daemon.ctl("sleep", "--model", B, "--level", "1")  # room for this vLLM's KV cache
+    script = os.path.join(HERE, "llm_without_controller.py")
+    process = subprocess.run([sys.executable, script, tiny_models["a"]], env=vllm_environment(daemon, model),
+                             capture_output=True, text=True, timeout=600)
+    lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
+    assert process.returncode == 0 and lines, f"{script} failed:\n{(process.stdout + process.stderr)[-6000:]}"
+    seen = json.loads(lines[-1][len("RESULT "):])
+
+    assert seen["refused"]["code"] != 0
+    assert "FAILED_PRECONDITION" in seen["refused"]["stderr"] and "no controller" in seen["refused"]["stderr"]
+    assert seen["after_refusal"] == {"sleeping": False, "controller_pid": 0, "tags": AWAKE}
+    assert seen["own_sleep"] == {"sleeping": True, "controller_pid": 0, "tags": ASLEEP}
+    assert seen["after"] == seen["before"]
