@@ -31,6 +31,7 @@ from .awake import ensure_awake_request
 from .errors import SleepdError
 from .control import control_channel
 from .handles import ANSWER_SECONDS
+from .native_pool import NativePool
 from .region import Region, State
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,9 @@ class SleepClient:
         # naming a region the daemon has just created waits for it to be registered.
         self._regions_changed = threading.Condition()
         self._allocating = 0
-        self._pools: dict = {}  # tag -> TorchPool, alive as long as the client
+        # Both by tag, alive as long as the client: every allocation in them needs them.
+        self._pools: dict[str, NativePool] = {}  # guarded by _regions_changed
+        self._torch_pools: dict = {}
         self._sleep_hooks: list[Callable[[], None]] = []
         self._wake_hooks: list[Callable[[], None]] = []
         self._tag_wake_hooks: dict[str, list[Callable[[], None]]] = {}
@@ -102,6 +105,8 @@ class SleepClient:
     def _adopt(self, attached: pb.Attached) -> None:
         """Takes the regions the daemon hands this rank: persistent ones an earlier
         process left, or, after a daemon restart, our own, whose memory we hand back."""
+        with self._regions_changed:
+            self._collect_refills()
         for info in attached.regions:
             region = self._regions.get(info.id)
             if region is None:
@@ -228,21 +233,63 @@ class SleepClient:
         """
         from .torch_pool import TorchPool
 
-        torch_pool = self._pools.get(tag)
+        torch_pool = self._torch_pools.get(tag)
         if torch_pool is None:
             if self._backend.name not in ("cuda", "acl"):
                 raise RuntimeError("pool() routes torch CUDA or NPU allocations; this daemon runs the "
                                    f"{self._backend.name} backend, so use alloc() or adopt() instead")
-            torch_pool = self._pools[tag] = TorchPool(self, tag, chunk_bytes, self._backend.name)
-        with torch_pool.active(self.device, self._pooled_bytes):
-            yield torch_pool
+            torch_pool = self._torch_pools[tag] = TorchPool(self.native_pool(tag, chunk_bytes), self.device,
+                                                            self._backend.name)
+        try:
+            with torch_pool.active(self.device, self._pooled_bytes):
+                yield torch_pool
+        finally:
+            self.settle_native_pool(torch_pool.native)
+
+    def native_pool(self, tag: str = "weights", chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> NativePool:
+        """The pool behind pool(tag), for native allocators: on a thread where it is active,
+        calls to the C functions sleepd_malloc(size, device, stream) and sleepd_free(ptr,
+        size, device, stream) exported by sleepd._C are carved from regions tagged `tag`,
+        which are allocated and mapped in C++ without the GIL. Call settle_native_pool()
+        when done allocating."""
+        with self._regions_changed:
+            if tag not in self._pools:
+                self._pools[tag] = NativePool(self._handles, self._backend, self.device, tag, chunk_bytes)
+            return self._pools[tag]
+
+    def settle_native_pool(self, pool: NativePool) -> None:
+        """Records the regions the pool's refills mapped (as regions() would), and frees those the
+        daemon allocated that this process could not map (a refill that failed: the allocation
+        returned NULL, and torch said out of memory)."""
+        with self._regions_changed:
+            self._collect_refills()
+        for region_id in pool.refill.take_unmapped():
+            try:
+                _rpc(self._stub.Free, pb.FreeRequest(session_id=self._session_id, region_id=region_id))
+            except SleepdError as error:
+                log.warning("region %d, which a refill of the %r pool could not map, is not freed: %s",
+                            region_id, pool.tag, error.message)
+
+    def _collect_refills(self) -> bool:
+        """Records the regions torch pools' refills mapped since the last call (the caller
+        holds _regions_changed); True while a refill is on its way, which may bring more."""
+        refilling = False
+        for pool in self._pools.values():
+            refilling |= pool.refill.busy  # read first: a refill that lands after this is counted busy
+            for region_id, size, mapped_size, address, handle in pool.refill.take_landed():
+                region = Region(self._backend, region_id, pool.tag, size, mapped_size, self.device, address)
+                region.handle = handle
+                self._regions[region_id] = region
+        return refilling
 
     def _pooled_bytes(self) -> int:
         """What this client's torch pools hold, every tag together."""
-        return sum(pool.chunks.bytes_in_use for pool in list(self._pools.values()))
+        with self._regions_changed:
+            return sum(pool.bytes_in_use for pool in self._pools.values())
 
     def regions(self) -> list[Region]:
         with self._regions_changed:
+            self._collect_refills()
             return sorted(self._regions.values(), key=lambda region: region.id)
 
     # ---- hooks ----
@@ -310,6 +357,7 @@ class SleepClient:
             self._stream.cancel()
             self._thread.join(timeout=5)
         with self._regions_changed:
+            self._collect_refills()
             regions, self._regions = list(self._regions.values()), {}
         for region in regions:
             self._release_address(region)
@@ -353,6 +401,9 @@ class SleepClient:
             old_channel, old_handles = self._channel, self._handles
             self._channel, self._handles, self._stub, self._outgoing, self._stream, attached = opened
             self._session_id = attached.session_id
+            with self._regions_changed:
+                for pool in self._pools.values():
+                    pool.refill.use_channel(self._handles.channel)
             old_handles.close()
             old_channel.close()
             try:
@@ -467,7 +518,12 @@ class SleepClient:
     def _regions_named(self, region_ids) -> list[Region]:
         """The regions of these ids, waiting for an allocation in flight to record its region."""
         with self._regions_changed:
-            self._regions_changed.wait_for(lambda: all(i in self._regions for i in region_ids) or not self._allocating)
+            while True:
+                refilling = self._collect_refills()
+                if all(i in self._regions for i in region_ids) or not (self._allocating or refilling):
+                    break
+                # alloc() notifies when it has recorded its region; a refill in C++ cannot, so it is polled.
+                self._regions_changed.wait(0.005 if refilling else None)
             missing = [i for i in region_ids if i not in self._regions]
             if missing:
                 raise KeyError(f"regions {missing} are not this client's")

@@ -1,14 +1,18 @@
 """The engine's end of the handle socket: says hello (the daemon reads our
 credentials there), fetches region memory as file descriptors (or tokens, on ACL) and, after a
-daemon restart, hands back the memory this process maps."""
+daemon restart, hands back the memory this process maps.
+
+The connection is a native HandleChannel, which torch pools' refills (csrc/daemon_refill.cpp)
+share from C++: the connection is the session, and the channel's lock keeps one request in
+flight whichever side sends it."""
 
 import os
 import socket
 import struct
-import threading
 
 import grpc
 
+from sleepd import _C
 from sleepd.common import wire
 from sleepd.common.handle_messages import (FETCH_BATCH, Done, Fetch, Fetched, HandBack, HandedBack, Hello, Refused, Replace,
                                            Welcome, decode_reply)
@@ -50,19 +54,20 @@ def check_server(sock: socket.socket, path: str) -> None:
 
 class HandleConnection:
     def __init__(self, path: str):
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self._sock.settimeout(ANSWER_SECONDS)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.settimeout(ANSWER_SECONDS)
         try:
-            self._sock.connect(path)
-            check_server(self._sock, path)
+            sock.connect(path)
+            check_server(sock, path)
         except OSError as error:
-            self._sock.close()
+            sock.close()
             raise SleepdError(grpc.StatusCode.UNAVAILABLE,
                               f"cannot reach sleepd's handle socket {path}: {error.strerror}; is sleepd running?") from None
         except SleepdError:
-            self._sock.close()
+            sock.close()
             raise
-        self._lock = threading.Lock()
+        sock.setblocking(True)  # the channel waits with poll(), under its own deadline
+        self.channel = _C.HandleChannel(sock.detach())
         self.token = self._request(Hello(), Welcome).token
 
     def fetch(self, region_ids: list[int]) -> list[tuple[int, int]]:
@@ -102,33 +107,23 @@ class HandleConnection:
         self._request(HandedBack(), Done)
 
     def close(self) -> None:
-        self._sock.close()
-
-    def _exchange(self, request) -> tuple[dict | None, list[int]]:
-        try:
-            wire.send(self._sock, *request.encode())
-        except BrokenPipeError:
-            pass  # sleepd refused this connection and closed it; why is waiting to be read
-        try:
-            return wire.recv(self._sock)
-        except ConnectionResetError:  # it closed with our request unread: the kernel reports that before the why
-            return wire.recv(self._sock)
+        self.channel.close()
 
     def _request(self, request, expected: type):
-        with self._lock:
-            try:
-                frame, fds = self._exchange(request)
-            except TimeoutError:
-                # A late answer would be taken for the next request's: this connection is done.
-                self._sock.close()
-                raise SleepdError(grpc.StatusCode.DEADLINE_EXCEEDED, f"sleepd did not answer {request.OP} on its "
-                                  f"handle socket within {ANSWER_SECONDS:g} s; closed the connection") from None
-        if frame is None:
-            raise SleepdError(grpc.StatusCode.UNAVAILABLE, "sleepd closed the handle socket")
+        frame, fds = request.encode()
         try:
-            reply = decode_reply(frame, fds, expected)
+            frame, fds = wire.decode(*self.channel.exchange(wire.encode(frame, fds), fds, ANSWER_SECONDS))
+            if frame is None:
+                raise SleepdError(grpc.StatusCode.UNAVAILABLE, "sleepd closed the handle socket")
+            try:
+                reply = decode_reply(frame, fds, expected)
+            except wire.ProtocolError:
+                wire.close_all(fds)
+                raise
+        except _C.ChannelTimeout:  # the channel closed itself: a late answer would be taken for the next's
+            raise SleepdError(grpc.StatusCode.DEADLINE_EXCEEDED, f"sleepd did not answer {request.OP} on its "
+                              f"handle socket within {ANSWER_SECONDS:g} s; closed the connection") from None
         except wire.ProtocolError as error:
-            wire.close_all(fds)
             raise SleepdError(grpc.StatusCode.INTERNAL,
                               f"sleepd's handle socket answered {request.OP} with nonsense: {error}") from None
         if isinstance(reply, Refused):

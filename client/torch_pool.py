@@ -3,7 +3,9 @@
 A CUDAPluggableAllocator (NPUPluggableAllocator on an NPU) points torch at the C
 hooks in sleepd._C, whose signatures both accept; a MemPool
 and `use_mem_pool` send one thread's allocations to it; a ChunkPool behind the
-hooks carves them out of large daemon regions.
+hooks (a NativePool) carves them out of large daemon regions, refilled in C++:
+torch calls the hooks holding its allocator lock, and a refill that took the GIL
+there would deadlock with any thread that frees a tensor.
 
 torch routes only the allocations of the thread that opened the pool: other
 threads' (a loader's thread pool) go to plain device memory and never sleep.
@@ -38,22 +40,15 @@ def _device_api(backend: str):
 
 
 class TorchPool:
-    def __init__(self, client, tag: str, chunk_bytes: int, backend: str = "cuda"):
-        self.tag = tag
-        self.regions = []
-        self._client = client
+    def __init__(self, native_pool, device: int, backend: str = "cuda"):
+        self.tag = native_pool.tag
+        self.native = native_pool
         self._api, pluggable = _device_api(backend)
-        self.chunks = _C.ChunkPool(self._refill, chunk_bytes)
         self._allocator = pluggable(_C.__file__, "sleepd_malloc", "sleepd_free")
         # A MemPool binds to the device current when it is made: made on another, the client's
         # allocations would fall back to plain cudaMalloc, bypass sleepd and never sleep.
-        with self._api.device(client.device):
+        with self._api.device(device):
             self.mem_pool = self._api.MemPool(self._allocator.allocator())
-
-    def _refill(self, nbytes: int) -> tuple[int, int]:
-        region = self._client.alloc(nbytes, self.tag)
-        self.regions.append(region)
-        return region.address, region.mapped_size
 
     @contextlib.contextmanager
     def active(self, device: int, pooled_bytes):
@@ -61,12 +56,12 @@ class TorchPool:
         sleepd pool of this process holds, to tell the device's growth outside them."""
         reserved, pooled = self._api.memory_reserved(device), pooled_bytes()
         with _expandable_segments_off():
-            self.chunks.activate()
+            self.native.activate()
             try:
                 with self._api.use_mem_pool(self.mem_pool, device=device):
                     yield self
             finally:
-                self.chunks.deactivate()
+                self.native.deactivate()
         outside = self._api.memory_reserved(device) - reserved - (pooled_bytes() - pooled)
         if outside > 0:
             warnings.warn(f"{outside / MiB:.0f} MiB of device {device} were allocated outside sleepd while "

@@ -139,8 +139,34 @@ class HandedBack:
         return cls()
 
 
-Request = Hello | Fetch | HandBack | Replace | HandedBack
-_REQUESTS = {kind.OP: kind for kind in (Hello, Fetch, HandBack, Replace, HandedBack)}
+@dataclass(frozen=True)
+class Allocate:
+    """A new region of at least `size` bytes tagged `tag`, and its memory, in one round trip
+    (Allocated). What a torch pool's refill sends from C++ (csrc/daemon_refill.cpp), inside
+    torch's allocator, where the gRPC Allocate (which needs Python) could deadlock. On a
+    token backend the engine names its device_pid, as for Fetch."""
+    OP: ClassVar[str] = "allocate"
+    size: int
+    tag: str
+    device_pid: int | None = None
+
+    def encode(self) -> tuple[dict, list[int]]:
+        frame = {"op": self.OP, "tag": self.tag, "size": self.size}
+        if self.device_pid is not None:
+            frame["device_pid"] = self.device_pid
+        return frame, []
+
+    @classmethod
+    def decode(cls, frame: dict, fds: list[int]) -> "Allocate":
+        _no_descriptors(cls.OP, fds)
+        device_pid = frame.get("device_pid")
+        if device_pid is not None and (type(device_pid) is not int or device_pid <= 0):
+            raise InvalidArguments(f"{cls.OP} needs a positive integer device_pid when it names one")
+        return cls(_integer(frame, "size", cls.OP), _string(frame, "tag", cls.OP), device_pid)
+
+
+Request = Hello | Fetch | HandBack | Replace | HandedBack | Allocate
+_REQUESTS = {kind.OP: kind for kind in (Hello, Fetch, HandBack, Replace, HandedBack, Allocate)}
 
 
 def decode_request(frame: dict, fds: list[int]) -> Request:
@@ -192,6 +218,34 @@ class Fetched:
 
 
 @dataclass(frozen=True)
+class Allocated:
+    """The region an Allocate made: its id, size and mapped size, and its memory as one
+    descriptor or, on a token backend, a token. A flat object of integers: the C++
+    refill reads it without a JSON library."""
+    region: int
+    size: int
+    mapped_size: int
+    fd: int | None = None
+    token: int | None = None
+
+    def encode(self) -> tuple[dict, list[int]]:
+        frame = {"ok": True, "region": self.region, "size": self.size, "mapped_size": self.mapped_size}
+        if self.token is not None:
+            frame["token"] = self.token
+        return frame, [] if self.fd is None else [self.fd]
+
+    @classmethod
+    def decode(cls, frame: dict, fds: list[int]) -> "Allocated":
+        token = frame.get("token")
+        if token is not None and (type(token) is not int or token <= 0):
+            raise InvalidArguments("allocated needs a positive integer token when it has one")
+        if len(fds) != (token is None):
+            raise InvalidArguments(f"allocated needs one descriptor or a token, got {len(fds)} descriptors")
+        return cls(_integer(frame, "region", "allocated"), _integer(frame, "size", "allocated"),
+                   _integer(frame, "mapped_size", "allocated"), fds[0] if fds else None, token)
+
+
+@dataclass(frozen=True)
 class Done:
     def encode(self) -> tuple[dict, list[int]]:
         return {"ok": True}, []
@@ -216,7 +270,7 @@ class Refused:
         return cls(_string(frame, "code", "refused"), _string(frame, "error", "refused"))
 
 
-Reply = Welcome | Fetched | Done | Refused
+Reply = Welcome | Fetched | Allocated | Done | Refused
 
 
 def decode_reply(frame: dict, fds: list[int], expected: type) -> Reply:

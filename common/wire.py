@@ -29,13 +29,18 @@ def decode_by_op(frame: dict, fds: list[int], kinds: dict):
     return kind.decode(frame, fds)
 
 
-def send(sock: socket.socket, message: dict, fds: list[int] = ()) -> None:
+def encode(message: dict, fds=()) -> bytes:
+    """`message` as one packet's bytes, once it and its descriptors are within the limits."""
     data = json.dumps(message, separators=(",", ":")).encode()
     if len(data) > MAX_MESSAGE:
         raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE}")
     if len(fds) > MAX_FDS:
         raise ProtocolError(f"{len(fds)} descriptors in one message exceed {MAX_FDS}")
-    socket.send_fds(sock, [data], list(fds))
+    return data
+
+
+def send(sock: socket.socket, message: dict, fds: list[int] = ()) -> None:
+    socket.send_fds(sock, [encode(message, fds)], list(fds))
 
 
 def recv(sock: socket.socket) -> tuple[dict | None, list[int]]:
@@ -46,10 +51,15 @@ def recv(sock: socket.socket) -> tuple[dict | None, list[int]]:
     nothing a peer sends can pin memory here.
     """
     data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE + 1, MAX_FDS)
+    return decode(data, fds, bool(flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)))
+
+
+def decode(data: bytes, fds: list[int], truncated: bool) -> tuple[dict | None, list[int]]:
+    """A received packet as recv() returns it, whoever read it off the socket."""
     if not data and not fds:
         return None, []
     try:
-        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(data) > MAX_MESSAGE:
+        if truncated or len(data) > MAX_MESSAGE:
             raise ProtocolError("message or its descriptors were truncated")
         try:
             message = json.loads(data)

@@ -1,7 +1,8 @@
 // Python bindings: sleepd._C. Every call that can reach the driver releases the
 // GIL: the driver may block (a context's creation, a synchronise, a lock another
 // thread's copy holds), and other threads (gRPC, hooks) must run meanwhile.
-// Nothing here calls back into Python.
+// Nothing here calls back into Python but a ChunkPool given a Python refill (tests of
+// the carving alone: an engine's pools refill in C++, see daemon_refill.h).
 #include <pybind11/functional.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -13,6 +14,7 @@
 #include <cstring>
 #include <memory>
 #include <optional>
+#include <system_error>
 #include <tuple>
 #include <vector>
 
@@ -22,6 +24,8 @@
 #include "chunk_pool.h"
 #include "copy_engine.h"
 #include "cuda_backend.h"
+#include "daemon_refill.h"
+#include "handle_channel.h"
 #include "host_backend.h"
 
 namespace py = pybind11;
@@ -45,6 +49,14 @@ PYBIND11_MODULE(_C, m) {
   // Registered after its base, so that its translation is tried first.
   py::register_exception<ContextLost>(m, "ContextLostError", backend_error);
   py::register_exception<OutOfMemory>(m, "OutOfMemoryError", PyExc_MemoryError);
+  py::register_exception<ChannelTimeout>(m, "ChannelTimeout", PyExc_TimeoutError);
+  py::register_exception_translator([](std::exception_ptr error) {
+    try {
+      if (error) std::rethrow_exception(error);
+    } catch (const std::system_error& failure) {  // a failed system call: OSError, as Python's own would be
+      PyErr_SetObject(PyExc_OSError, py::make_tuple(failure.code().value(), failure.what()).ptr());
+    }
+  });
 
   py::class_<Backend, std::shared_ptr<Backend>>(m, "Backend")
       .def_property_readonly("name", &Backend::name)
@@ -218,10 +230,51 @@ PYBIND11_MODULE(_C, m) {
       .def("device_pid", &AclBackend::device_pid, py::call_guard<py::gil_scoped_release>(),
            "The id the runtime knows this process by (aclrtDeviceGetBareTgid).");
 
+  py::class_<HandleChannel, std::shared_ptr<HandleChannel>>(
+      m, "HandleChannel", "The engine's handle socket connection; one request in flight, any thread, no GIL.")
+      .def(py::init<int>(), py::arg("fd"), "Takes ownership of a connected, blocking SOCK_SEQPACKET socket.")
+      .def(
+          "exchange",
+          [](HandleChannel& self, py::bytes request, std::vector<int> fds, double timeout) {
+            std::string data = request;
+            Packet reply;
+            {
+              py::gil_scoped_release release;
+              reply = self.exchange(data, fds, timeout);
+            }
+            return py::make_tuple(py::bytes(reply.data), reply.fds, reply.truncated);
+          },
+          py::arg("request"), py::arg("fds"), py::arg("timeout"),
+          "(reply bytes, its descriptors, truncated); empty bytes and no descriptors: the daemon closed.")
+      .def("close", &HandleChannel::close, py::call_guard<py::gil_scoped_release>());
+
+  py::class_<DaemonRefill, std::shared_ptr<DaemonRefill>>(m, "DaemonRefill",
+                                                         "A ChunkPool's chunks, allocated over the handle socket in C++.")
+      .def(py::init<std::shared_ptr<HandleChannel>, std::shared_ptr<Backend>, int, std::string, int64_t, double>(),
+           py::arg("channel"), py::arg("backend"), py::arg("device"), py::arg("tag"), py::arg("device_pid"),
+           py::arg("timeout"))
+      .def("use_channel", &DaemonRefill::use_channel, py::arg("channel"))
+      .def(
+          "take_landed",
+          [](DaemonRefill& self) {
+            std::vector<std::tuple<int64_t, size_t, size_t, uintptr_t, Handle>> landed;
+            for (auto& region : self.take_landed())
+              landed.emplace_back(region.id, region.size, region.mapped_size, region.address, region.handle);
+            return landed;
+          },
+          "(id, size, mapped size, address, handle) of each region mapped since the last call.")
+      .def("take_unmapped", &DaemonRefill::take_unmapped, "Ids of regions allocated but not mapped here.")
+      .def_property_readonly("busy", &DaemonRefill::busy);
+
   py::class_<ChunkPool, std::shared_ptr<ChunkPool>>(m, "ChunkPool",
                                                    "Carves allocations out of large chunks from `refill`.")
+      .def(py::init([](std::shared_ptr<DaemonRefill> refill, size_t chunk_bytes, size_t alignment) {
+             return std::make_shared<ChunkPool>([refill](size_t bytes) { return (*refill)(bytes); }, chunk_bytes,
+                                                alignment);
+           }),
+           py::arg("refill"), py::arg("chunk_bytes"), py::arg("alignment") = 512)
       .def(py::init([](py::function refill, size_t chunk_bytes, size_t alignment) {
-             // Called from torch's allocator hooks, possibly without the GIL.
+             // Takes the GIL inside the refill: never behind torch's hooks, see daemon_refill.h.
              auto call = [refill](size_t bytes) {
                py::gil_scoped_acquire gil;
                return refill(bytes).cast<std::pair<uintptr_t, size_t>>();

@@ -35,8 +35,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 from sleepd.common import wire
-from sleepd.common.handle_messages import (Done, Fetch, Fetched, HandBack, HandedBack, Hello, InvalidArguments,
-                                           Refused, Replace, Reply, Welcome, decode_request)
+from sleepd.common.handle_messages import (Allocate, Allocated, Done, Fetch, Fetched, HandBack, HandedBack, Hello,
+                                           InvalidArguments, Refused, Replace, Reply, Welcome, decode_request)
 
 from .auth import Peer
 from .errors import SleepdError, exhausted, invalid
@@ -294,10 +294,28 @@ class HandleServer:
                 case HandedBack():
                     self._core.recovery.finish_hand_back(session)
                     return Done()
+                case Allocate(size=size, tag=tag, device_pid=device_pid):
+                    if self._token_access:
+                        device_pid = self._token_access.check(session.pid, device_pid)
+                    return self._allocated(session, size, tag, device_pid)
         except InvalidArguments as error:
             return _refused(invalid(str(error)))
         except SleepdError as error:
             return _refused(error)
+
+    def _allocated(self, session: Session, size: int, tag: str, device_pid: int | None) -> Allocated:
+        """A new region and its memory; if its memory cannot be sent, the region is freed again."""
+        operations = self._core.operations
+        region = operations.allocate(session.id, size, tag)
+        try:
+            if self._token_access:
+                token, _ = self._core.registry.export_token(session, region.id, device_pid)
+                return Allocated(region.id, region.size, region.mapped_size, token=token)
+            fd, _ = self._core.registry.export(session, region.id)
+            return Allocated(region.id, region.size, region.mapped_size, fd=fd)
+        except BaseException:
+            operations.free(session.id, region.id)
+            raise
 
     def _fetched(self, session: Session, region_ids: tuple[int, ...]) -> Fetched:
         """A descriptor for each region, or none at all: a refusal of one refuses the request."""
@@ -330,3 +348,5 @@ class HandleServer:
         finally:
             if isinstance(reply, Fetched):
                 wire.close_all(reply.fds)  # the sender's copies must not pin memory
+            elif isinstance(reply, Allocated) and reply.fd is not None:
+                wire.close_all([reply.fd])

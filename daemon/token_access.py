@@ -21,7 +21,7 @@ class TokenAccess:
     def check(self, peer_pid: int, device_pid: int | None) -> int:
         """The id to authorise for a peer whose credentials say `peer_pid`."""
         if device_pid is None:
-            raise invalid("this daemon shares memory as ACL tokens: fetch must name the device_pid "
+            raise invalid("this daemon shares memory as ACL tokens: a request for memory must name the device_pid "
                           "aclrtDeviceGetBareTgid reports; update the client")
         if self._pids_agree and device_pid != peer_pid:
             raise denied(f"fetch names device pid {device_pid}, but the kernel says this is pid {peer_pid}, "

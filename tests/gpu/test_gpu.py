@@ -101,8 +101,6 @@ client.close()
 """
 
 
-@pytest.mark.xfail(reason="issue 11, item 6: the malloc hook still refills through Python, taking the GIL "
-                          "under torch's allocator lock", strict=False)
 def test_a_pool_filling_while_another_thread_frees_tensors_does_not_deadlock(gpu_daemon):
     result = subprocess.run([sys.executable, "-c", LOAD_WHILE_FREEING, gpu_daemon.socket], capture_output=True,
                             text=True, timeout=120)
