@@ -55,7 +55,10 @@ def check_server(sock: socket.socket, path: str) -> None:
 class HandleConnection:
     def __init__(self, path: str):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        sock.settimeout(ANSWER_SECONDS)
+        # Blocking, with a send timeout: a connect that finds the daemon's backlog full (a flood of
+        # connections it is still draining) waits up to ANSWER_SECONDS for room instead of failing
+        # at once with EAGAIN, as a socket with a Python timeout would.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(ANSWER_SECONDS), 0))
         try:
             sock.connect(path)
             check_server(sock, path)
@@ -66,7 +69,6 @@ class HandleConnection:
         except SleepdError:
             sock.close()
             raise
-        sock.setblocking(True)  # the channel waits with poll(), under its own deadline
         self.channel = _C.HandleChannel(sock.detach())
         self.token = self._request(Hello(), Welcome).token
 
