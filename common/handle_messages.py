@@ -31,6 +31,20 @@ def _string(frame: dict, key: str, what: str) -> str:
     return value
 
 
+def _optional_device_pid(frame: dict, what: str) -> int | None:
+    """The id a token backend's runtime knows the engine by, where the request names one."""
+    device_pid = frame.get("device_pid")
+    if device_pid is not None and (type(device_pid) is not int or device_pid <= 0):
+        raise InvalidArguments(f"{what} needs a positive integer device_pid when it names one")
+    return device_pid
+
+
+def _with_device_pid(frame: dict, device_pid: int | None) -> tuple[dict, list[int]]:
+    if device_pid is not None:
+        frame["device_pid"] = device_pid
+    return frame, []
+
+
 def _no_descriptors(what: str, fds: list[int]) -> None:
     # Nothing sleepd sends carries a stray descriptor; one that arrives marks a broken or hostile peer.
     if fds:
@@ -74,10 +88,7 @@ class Fetch:
     device_pid: int | None = None
 
     def encode(self) -> tuple[dict, list[int]]:
-        frame = {"op": self.OP, "regions": list(self.regions)}
-        if self.device_pid is not None:
-            frame["device_pid"] = self.device_pid
-        return frame, []
+        return _with_device_pid({"op": self.OP, "regions": list(self.regions)}, self.device_pid)
 
     @classmethod
     def decode(cls, frame: dict, fds: list[int]) -> "Fetch":
@@ -86,10 +97,7 @@ class Fetch:
         if not isinstance(regions, list) or not 1 <= len(regions) <= FETCH_BATCH \
                 or any(type(region) is not int for region in regions):
             raise InvalidArguments(f"{cls.OP} needs a list of 1 to {FETCH_BATCH} integer regions")
-        device_pid = frame.get("device_pid")
-        if device_pid is not None and (type(device_pid) is not int or device_pid <= 0):
-            raise InvalidArguments(f"{cls.OP} needs a positive integer device_pid when it names one")
-        return cls(tuple(regions), device_pid)
+        return cls(tuple(regions), _optional_device_pid(frame, cls.OP))
 
 
 @dataclass(frozen=True)
@@ -151,18 +159,12 @@ class Allocate:
     device_pid: int | None = None
 
     def encode(self) -> tuple[dict, list[int]]:
-        frame = {"op": self.OP, "tag": self.tag, "size": self.size}
-        if self.device_pid is not None:
-            frame["device_pid"] = self.device_pid
-        return frame, []
+        return _with_device_pid({"op": self.OP, "tag": self.tag, "size": self.size}, self.device_pid)
 
     @classmethod
     def decode(cls, frame: dict, fds: list[int]) -> "Allocate":
         _no_descriptors(cls.OP, fds)
-        device_pid = frame.get("device_pid")
-        if device_pid is not None and (type(device_pid) is not int or device_pid <= 0):
-            raise InvalidArguments(f"{cls.OP} needs a positive integer device_pid when it names one")
-        return cls(_integer(frame, "size", cls.OP), _string(frame, "tag", cls.OP), device_pid)
+        return cls(_integer(frame, "size", cls.OP), _string(frame, "tag", cls.OP), _optional_device_pid(frame, cls.OP))
 
 
 Request = Hello | Fetch | HandBack | Replace | HandedBack | Allocate

@@ -10,14 +10,16 @@ tests. The tests run in order and each leaves the state the next one expects.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
 
 import pytest
 
+from kernel import memfd_bytes
 from servers import HERE, PROMPTS, VllmServer, model_status, tag_states, vllm_environment
-from support import Daemon, scrape, value
+from support import Daemon, scrape, value, wait_for
 
 # The first test also waits for vLLM to start (minutes on two shared cores).
 pytestmark = pytest.mark.timeout(900)
@@ -187,3 +189,26 @@ def test_vllms_python_api_has_no_controller_so_sleepctl_is_refused_and_its_own_s
     assert seen["after_refusal"] == {"sleeping": False, "controller_pid": 0, "tags": AWAKE}
     assert seen["own_sleep"] == {"sleeping": True, "controller_pid": 0, "tags": ASLEEP}
     assert seen["after"] == seen["before"]
+
+
+def test_a_vllm_worker_killed_while_awake_leaves_the_daemon_serving_and_the_other_server_untouched(daemon, server_a,
+                                                                                                   server_b):
+    """Last: it ends server A. (The asleep case is in test_vllm_server.py.)"""
+    if not asleep(daemon, server_b):
+        daemon.ctl("sleep", "--model", B, "--level", "1")
+    if asleep(daemon, server_a):
+        daemon.ctl("wake", "--model", A)
+    (rank,) = model_status(daemon, A)["ranks"]
+    assert memfd_bytes([daemon.pid, rank["pid"]], daemon.memfd_prefix(A)) > 0
+    b_before = tag_states(daemon, B), model_status(daemon, B)["ranks"]
+
+    os.kill(rank["pid"], signal.SIGKILL)
+
+    wait_for(lambda: A not in {m["name"] for m in daemon.status()["models"]} or not model_status(daemon, A)["ranks"],
+             timeout=60, what="the daemon to reclaim the killed worker")
+    assert memfd_bytes([daemon.pid, *daemon.mover_pids()], daemon.memfd_prefix(A)) == 0
+    assert daemon.process.poll() is None
+    assert (tag_states(daemon, B), model_status(daemon, B)["ranks"]) == b_before
+    daemon.ctl("wake", "--model", B)
+    assert asleep(daemon, server_b) is False
+    assert server_b.answers() == server_b.before
