@@ -1,6 +1,6 @@
 """Sleeps and wakes from outside vLLM go through vLLM's engine: `vllm serve`'s API
-server attaches as the model's controller, so `sleepctl sleep`, `wake` and `swap`
-run vLLM's own sleep and wake, and a request that reaches a sleeping vLLM wakes
+server attaches as the model's controller, so `sleepctl sleep`, `wake` and `swap`,
+and idle sleep, run vLLM's own sleep and wake, and a request that reaches a sleeping vLLM wakes
 it (or, with SLEEPD_WAKE_ON_REQUEST=0, waits for a wake).
 
 Two servers on a device that fits one of them awake (each holds a 1 GiB KV
@@ -76,6 +76,21 @@ def test_the_api_server_is_the_controller_and_sleepctl_sleep_runs_vllms_own_slee
 
     daemon.ctl("sleep", "--model", A, "--level", "1")
     assert asleep(daemon, server_a) is True
+
+    daemon.ctl("wake", "--model", A)
+    assert asleep(daemon, server_a) is False
+    assert server_a.answers() == server_a.before
+
+
+def test_idle_sleep_runs_vllms_own_sleep_through_the_controller(daemon, server_a):
+    idle_sleeps = value(scrape(daemon), "sleepd_evictions_total", model=A, reason="idle") or 0
+    daemon.ctl("policy", "--model", A, "--idle-seconds", "2")
+    try:
+        wait_for(lambda: model_status(daemon, A)["sleeping"], timeout=60, what=f"{A} to sleep once idle")
+    finally:
+        daemon.ctl("policy", "--model", A, "--idle-seconds", "0")
+    assert asleep(daemon, server_a) is True  # vLLM says so too: its own sleep ran
+    assert value(scrape(daemon), "sleepd_evictions_total", model=A, reason="idle") == idle_sleeps + 1
 
     daemon.ctl("wake", "--model", A)
     assert asleep(daemon, server_a) is False
