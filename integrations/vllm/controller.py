@@ -25,6 +25,18 @@ def _vllm_action(level: int, tag: str) -> str:
     return "offload" if level == 1 and tag == "weights" else "discard"
 
 
+def check_plain_level(level: int, tags: list[str], actions: dict[str, str]) -> None:
+    """Refuses what vLLM's own sleep cannot do: it sleeps all of its memory, by level."""
+    if level not in (1, 2):
+        raise ValueError(f"vLLM's sleep has levels 1 and 2 for memory; level {level} only pauses its "
+                         "scheduler, which sleepd cannot see: sleep it at level 1 or 2")
+    differing = {tag: action for tag, action in actions.items() if action != _vllm_action(level, tag)}
+    if tags or differing:
+        raise ValueError(f"vLLM sleeps all of its memory by level (level {level} offloads "
+                         f"{'weights' if level == 1 else 'nothing'}): it cannot sleep tags {tags} or "
+                         f"take actions {differing}; ask for a plain level")
+
+
 class EngineController:
     def __init__(self, engine_client, loop: asyncio.AbstractEventLoop, model: str):
         self.model = model
@@ -37,14 +49,7 @@ class EngineController:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     def _sleep(self, level: int, tags: list[str], actions: dict[str, str]) -> None:
-        if level not in (1, 2):
-            raise ValueError(f"vLLM's sleep has levels 1 and 2 for memory; level {level} only pauses its "
-                             "scheduler, which sleepd cannot see: sleep it at level 1 or 2")
-        differing = {tag: action for tag, action in actions.items() if action != _vllm_action(level, tag)}
-        if tags or differing:
-            raise ValueError(f"vLLM sleeps all of its memory by level (level {level} offloads "
-                             f"{'weights' if level == 1 else 'nothing'}): it cannot sleep tags {tags} or "
-                             f"take actions {differing}; ask for a plain level")
+        check_plain_level(level, tags, actions)
         # vLLM pauses its scheduler first. "wait": requests in flight finish, new ones queue until the
         # wake (vLLM's default mode aborts them). 0.24 to 0.33 take it.
         self._run(self._sleep_then_serve_stragglers(level))

@@ -188,21 +188,25 @@ def test_with_wake_on_request_off_a_request_waits_for_a_wake(daemon, server_a, s
     assert value(scrape(daemon), "sleepd_wake_wait_seconds_count", model=B, how="waited") == 1
 
 
-def test_vllms_python_api_has_no_controller_so_sleepctl_is_refused_and_its_own_sleep_still_works(daemon, server_b,
-                                                                                                   tiny_models):
-    model = "no-controller"
+def test_an_llm_scripts_process_is_the_controller_so_sleepctl_runs_its_own_sleep_and_a_request_wakes_it(
+        daemon, server_b, tiny_models):
+    model = "offline"
     daemon.ctl("sleep", "--model", B, "--level", "1")  # room for this vLLM's KV cache
-    script = os.path.join(HERE, "llm_without_controller.py")
+    script = os.path.join(HERE, "llm_controller.py")
     process = subprocess.run([sys.executable, script, tiny_models["a"]], env=vllm_environment(daemon, model),
                              capture_output=True, text=True, timeout=600)
     lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
     assert process.returncode == 0 and lines, f"{script} failed:\n{(process.stdout + process.stderr)[-6000:]}"
     seen = json.loads(lines[-1][len("RESULT "):])
 
-    assert seen["refused"]["code"] != 0
-    assert "FAILED_PRECONDITION" in seen["refused"]["stderr"] and "no controller" in seen["refused"]["stderr"]
-    assert seen["after_refusal"] == {"sleeping": False, "controller_pid": 0, "tags": AWAKE}
-    assert seen["own_sleep"] == {"sleeping": True, "controller_pid": 0, "tags": ASLEEP}
+    assert seen["attached"] == {"sleeping": False, "controller_pid": seen["pid"], "tags": AWAKE}
+    assert seen["sleepctl_sleep"]["code"] == 0, seen["sleepctl_sleep"]["stderr"]
+    assert seen["sleepctl_sleep"]["status"] == {"sleeping": True, "controller_pid": seen["pid"], "tags": ASLEEP}
+    assert seen["sleepctl_sleep"]["vllm_sleeping"] is True  # vLLM's own sleep ran
+    assert seen["while_asleep"] == seen["before"]
+    assert seen["after_request"] == {"status": {"sleeping": False, "controller_pid": seen["pid"], "tags": AWAKE},
+                                     "vllm_sleeping": False}
+    assert seen["own_sleep"] == {"sleeping": True, "controller_pid": seen["pid"], "tags": ASLEEP}
     assert seen["after"] == seen["before"]
 
 

@@ -1,9 +1,10 @@
 """vLLM's Python API (`LLM`) on sleepd: its workers attach as ranks that need a
-controller, and nothing in this process attaches as one. Run by
-test_vllm_controller.py in a process of its own (vLLM spawns processes, so the
-`__main__` guard is needed). Prints one JSON line of what it saw.
+controller, and the LLM's own process attaches as that controller once its
+engine is built. Run by test_vllm_controller.py in a process of its own (vLLM
+spawns processes, so the `__main__` guard is needed). Prints one JSON line of
+what it saw.
 
-    python llm_without_controller.py CHECKPOINT
+    python llm_controller.py CHECKPOINT
 """
 
 import json
@@ -36,10 +37,12 @@ def main() -> None:
     def answers():
         return [list(output.outputs[0].token_ids) for output in llm.generate(PROMPTS, greedy, use_tqdm=False)]
 
-    seen = {"before": answers()}
-    refused = sleepctl("sleep", "--model", model, "--level", "1")
-    seen["refused"] = {"code": refused.returncode, "stderr": refused.stderr}
-    seen["after_refusal"] = sleepd_status(model)
+    seen = {"pid": os.getpid(), "before": answers(), "attached": sleepd_status(model)}
+    slept = sleepctl("sleep", "--model", model, "--level", "1")
+    seen["sleepctl_sleep"] = {"code": slept.returncode, "stderr": slept.stderr,
+                              "status": sleepd_status(model), "vllm_sleeping": llm.llm_engine.is_sleeping()}
+    seen["while_asleep"] = answers()  # the first request wakes it
+    seen["after_request"] = {"status": sleepd_status(model), "vllm_sleeping": llm.llm_engine.is_sleeping()}
     llm.sleep(level=1)
     seen["own_sleep"] = sleepd_status(model)
     llm.wake_up()
