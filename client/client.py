@@ -63,6 +63,9 @@ class SleepClient:
         # Both by tag, alive as long as the client: every allocation in them needs them.
         self._pools: dict[str, NativePool] = {}  # guarded by _regions_changed
         self._torch_pools: dict = {}
+        # Regions the daemon allocated for a refill that this process could not map, and their tags
+        # (guarded by _regions_changed): commands that name them are answered for the rest.
+        self._unmapped: dict[int, str] = {}
         self._sleep_hooks: list[Callable[[], None]] = []
         self._wake_hooks: list[Callable[[], None]] = []
         self._tag_wake_hooks: dict[str, list[Callable[[], None]]] = {}
@@ -106,7 +109,8 @@ class SleepClient:
         """Takes the regions the daemon hands this rank: persistent ones an earlier
         process left, or, after a daemon restart, our own, whose memory we hand back."""
         with self._regions_changed:
-            self._collect_refills()
+            while self._collect_refills():  # a refill mapping now: its region is ours to hand back too
+                self._regions_changed.wait(0.005)
         for info in attached.regions:
             region = self._regions.get(info.id)
             if region is None:
@@ -263,12 +267,15 @@ class SleepClient:
         returned NULL, and torch said out of memory)."""
         with self._regions_changed:
             self._collect_refills()
-        for region_id in pool.refill.take_unmapped():
+            unmapped = [region_id for region_id, tag in self._unmapped.items() if tag == pool.tag]
+        for region_id in unmapped:
             try:
                 _rpc(self._stub.Free, pb.FreeRequest(session_id=self._session_id, region_id=region_id))
             except SleepdError as error:
                 log.warning("region %d, which a refill of the %r pool could not map, is not freed: %s",
                             region_id, pool.tag, error.message)
+            with self._regions_changed:
+                del self._unmapped[region_id]
 
     def _collect_refills(self) -> bool:
         """Records the regions torch pools' refills mapped since the last call (the caller
@@ -280,6 +287,8 @@ class SleepClient:
                 region = Region(self._backend, region_id, pool.tag, size, mapped_size, self.device, address)
                 region.handle = handle
                 self._regions[region_id] = region
+            for region_id in pool.refill.take_unmapped():
+                self._unmapped[region_id] = pool.tag
         return refilling
 
     def _pooled_bytes(self) -> int:
@@ -401,10 +410,7 @@ class SleepClient:
             old_channel, old_handles = self._channel, self._handles
             self._channel, self._handles, self._stub, self._outgoing, self._stream, attached = opened
             self._session_id = attached.session_id
-            with self._regions_changed:
-                for pool in self._pools.values():
-                    pool.refill.use_channel(self._handles.channel)
-            old_handles.close()
+            old_handles.close()  # refills in flight on it fail, and torch reports out of memory
             old_channel.close()
             try:
                 self._adopt(attached)
@@ -415,6 +421,9 @@ class SleepClient:
                 self._handles.close()  # ends the session: the daemon stops waiting for this rank
                 self._channel.close()
                 return False
+            with self._regions_changed:  # refills go to the new daemon once it has our memory back
+                for pool in self._pools.values():
+                    pool.refill.use_channel(self._handles.channel)
             log.info("%s rank %d attached again%s", self.model, self.rank,
                      " and handed its memory back" if attached.resuming else "")
             return True
@@ -431,14 +440,15 @@ class SleepClient:
 
     def _unmap(self, command: pb.Unmap) -> None:
         # Idempotent: a rollback may name regions this client never got to map.
-        named = self._regions_named([c.region_id for c in command.regions])
+        new_states = {change.region_id: _STATES[change.state] for change in command.regions}
+        named = self._regions_named(list(new_states))
         mapped = [region for region in named if region.state is State.MAPPED]
         done, error = self._backend.unmap_all([(r.address, r.mapped_size, r.handle) for r in mapped])
         for region in mapped[:done]:
             region.handle = None
-        for change, region in zip(command.regions, named):
+        for region in named:
             if region.handle is None:
-                region.state = _STATES[change.state]
+                region.state = new_states[region.id]
         if error:
             raise RuntimeError(f"unmapping region {mapped[done].id}: {error}")
 
@@ -516,10 +526,12 @@ class SleepClient:
         region.handle = None
 
     def _regions_named(self, region_ids) -> list[Region]:
-        """The regions of these ids, waiting for an allocation in flight to record its region."""
+        """The regions of these ids, waiting for an allocation in flight to record its region;
+        those a refill could not map here are left out (there is nothing here to change)."""
         with self._regions_changed:
             while True:
                 refilling = self._collect_refills()
+                region_ids = [i for i in region_ids if i not in self._unmapped]
                 if all(i in self._regions for i in region_ids) or not (self._allocating or refilling):
                     break
                 # alloc() notifies when it has recorded its region; a refill in C++ cannot, so it is polled.

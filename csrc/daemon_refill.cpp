@@ -2,8 +2,10 @@
 
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
 #include <map>
+#include <thread>
 
 namespace sleepd {
 namespace {
@@ -14,7 +16,8 @@ namespace {
 struct JsonValue {
   enum Kind { Null, Boolean, Integer, String } kind = Null;
   bool boolean = false;
-  int64_t integer = 0;
+  bool negative = false;
+  uint64_t magnitude = 0;  // an integer's absolute value: tokens use all 64 bits
   std::string text;
 };
 
@@ -63,11 +66,12 @@ class FlatObjectReader {
       result.text = string();
     } else if (c == '-' || (c >= '0' && c <= '9')) {
       result.kind = JsonValue::Integer;
+      result.negative = c == '-';
+      if (result.negative) ++at_;
       size_t start = at_;
-      if (c == '-') ++at_;
       while (at_ < text_.size() && text_[at_] >= '0' && text_[at_] <= '9') ++at_;
       try {
-        result.integer = std::stoll(text_.substr(start, at_ - start));
+        result.magnitude = std::stoull(text_.substr(start, at_ - start));
       } catch (const std::exception&) {
         bad("an integer out of range");
       }
@@ -98,7 +102,12 @@ class FlatObjectReader {
         case 'f': out += '\f'; break;
         case 'u': {
           if (at_ + 4 > text_.size()) bad("a truncated \\u escape");
-          unsigned code = std::stoul(text_.substr(at_, 4), nullptr, 16);
+          unsigned code = 0;
+          try {
+            code = std::stoul(text_.substr(at_, 4), nullptr, 16);
+          } catch (const std::exception&) {
+            bad("a bad \\u escape");
+          }
           at_ += 4;
           // One line for a log; characters past ASCII are not worth a UTF-8 encoder here.
           out += code < 0x80 ? static_cast<char>(code) : '?';
@@ -137,6 +146,12 @@ const JsonValue& field(const std::map<std::string, JsonValue>& reply, const std:
   return it->second;
 }
 
+uint64_t count(const std::map<std::string, JsonValue>& reply, const std::string& key) {
+  const JsonValue& value = field(reply, key, JsonValue::Integer);
+  if (value.negative) throw BackendError("sleepd's handle socket answered allocate with a negative " + key);
+  return value.magnitude;
+}
+
 void close_all(const std::vector<int>& fds) {
   for (int fd : fds) ::close(fd);
 }
@@ -144,8 +159,12 @@ void close_all(const std::vector<int>& fds) {
 }  // namespace
 
 DaemonRefill::DaemonRefill(std::shared_ptr<HandleChannel> channel, std::shared_ptr<Backend> backend, int device,
-                           std::string tag, int64_t device_pid, double timeout_seconds)
-    : channel_(std::move(channel)), backend_(std::move(backend)), device_(device), timeout_seconds_(timeout_seconds) {
+                           std::string tag, int64_t device_pid, double answer_seconds, double busy_seconds)
+    : channel_(std::move(channel)),
+      backend_(std::move(backend)),
+      device_(device),
+      answer_seconds_(answer_seconds),
+      busy_seconds_(busy_seconds) {
   request_prefix_ = "{\"op\":\"allocate\",\"tag\":" + json_string(tag) + ",";
   if (device_pid > 0) request_prefix_ += "\"device_pid\":" + std::to_string(device_pid) + ",";
   request_prefix_ += "\"size\":";
@@ -168,36 +187,48 @@ std::pair<uintptr_t, size_t> DaemonRefill::operator()(size_t bytes) {
     }
   } leave{this};
 
-  Packet reply = channel->exchange(request_prefix_ + std::to_string(bytes) + "}", {}, timeout_seconds_);
-  struct CloseFds {
-    std::vector<int>& fds;
-    ~CloseFds() { close_all(fds); }
-  } close_fds{reply.fds};
-  if (reply.data.empty() && reply.fds.empty()) throw BackendError("sleepd closed the handle socket");
-  if (reply.truncated) throw BackendError("sleepd's handle socket answered allocate with a truncated message");
-  auto object = FlatObjectReader(reply.data).read();
-  if (!field(object, "ok", JsonValue::Boolean).boolean) {
-    std::string code = field(object, "code", JsonValue::String).text;
-    std::string why = field(object, "error", JsonValue::String).text;
-    if (code == "RESOURCE_EXHAUSTED") throw OutOfMemory(why);
-    throw BackendError(code + ": " + why);
+  auto give_up = std::chrono::steady_clock::now() + std::chrono::duration<double>(busy_seconds_);
+  while (true) {
+    Packet reply = channel->exchange(request_prefix_ + std::to_string(bytes) + "}", {}, answer_seconds_);
+    struct CloseFds {
+      std::vector<int>& fds;
+      ~CloseFds() { close_all(fds); }
+    } close_fds{reply.fds};
+    if (reply.data.empty() && reply.fds.empty()) throw BackendError("sleepd closed the handle socket");
+    if (reply.truncated) throw BackendError("sleepd's handle socket answered allocate with a truncated message");
+    auto object = FlatObjectReader(reply.data).read();
+    if (!field(object, "ok", JsonValue::Boolean).boolean) {
+      std::string code = field(object, "code", JsonValue::String).text;
+      std::string why = field(object, "error", JsonValue::String).text;
+      // ABORTED: the model is busy with a sleep or wake, which ends; the daemon waited a moment already.
+      if (code == "ABORTED" && std::chrono::steady_clock::now() < give_up) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+        continue;
+      }
+      if (code == "RESOURCE_EXHAUSTED") throw OutOfMemory(why);
+      throw BackendError(code + ": " + why);
+    }
+    auto id = static_cast<int64_t>(count(object, "region"));
+    try {
+      auto size = static_cast<size_t>(count(object, "size"));
+      auto mapped_size = static_cast<size_t>(count(object, "mapped_size"));
+      Shareable memory;
+      if (backend_->shares_tokens()) {
+        memory.token = count(object, "token");
+      } else if (reply.fds.size() == 1) {
+        memory.fd = reply.fds[0];
+      } else {
+        throw BackendError("sleepd's handle socket answered allocate without the region's descriptor");
+      }
+      auto chunk = map_allocated(id, size, mapped_size, memory);
+      leave.left = true;
+      return chunk;
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      unmapped_.push_back(id);  // the daemon holds it for us: the client frees it
+      throw;
+    }
   }
-  int64_t id = field(object, "region", JsonValue::Integer).integer;
-  auto size = static_cast<size_t>(field(object, "size", JsonValue::Integer).integer);
-  auto mapped_size = static_cast<size_t>(field(object, "mapped_size", JsonValue::Integer).integer);
-  Shareable memory;
-  if (backend_->shares_tokens()) {
-    memory.token = static_cast<uint64_t>(field(object, "token", JsonValue::Integer).integer);
-  } else if (reply.fds.size() == 1) {
-    memory.fd = reply.fds[0];
-  } else {
-    std::lock_guard<std::mutex> lock(mutex_);
-    unmapped_.push_back(id);
-    throw BackendError("sleepd's handle socket answered allocate without the region's descriptor");
-  }
-  auto chunk = map_allocated(id, size, mapped_size, memory);
-  leave.left = true;
-  return chunk;
 }
 
 std::pair<uintptr_t, size_t> DaemonRefill::map_allocated(int64_t id, size_t size, size_t mapped_size,
@@ -213,8 +244,6 @@ std::pair<uintptr_t, size_t> DaemonRefill::map_allocated(int64_t id, size_t size
   } catch (...) {
     if (imported) backend_->release(handle);
     if (address) backend_->free_reservation(address, mapped_size);
-    std::lock_guard<std::mutex> lock(mutex_);
-    unmapped_.push_back(id);
     throw;
   }
   std::lock_guard<std::mutex> lock(mutex_);

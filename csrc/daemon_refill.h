@@ -30,9 +30,11 @@ struct LandedRegion {
 
 class DaemonRefill {
  public:
-  // `device_pid` > 0 on a token backend (ACL): the id the daemon authorises to import.
+  // `device_pid` > 0 on a token backend (ACL): the id the daemon authorises to import. Each
+  // request waits `answer_seconds` for its answer; one refused because the model is busy (a
+  // sleep or wake is running) is sent again until `busy_seconds` have passed.
   DaemonRefill(std::shared_ptr<HandleChannel> channel, std::shared_ptr<Backend> backend, int device,
-               std::string tag, int64_t device_pid, double timeout_seconds);
+               std::string tag, int64_t device_pid, double answer_seconds, double busy_seconds);
 
   // A new mapped region of at least `bytes`: (address, mapped size). Throws
   // OutOfMemory with the daemon's reason when it refuses.
@@ -54,7 +56,8 @@ class DaemonRefill {
   std::shared_ptr<Backend> backend_;
   int device_;
   std::string request_prefix_;  // the JSON request up to its size
-  double timeout_seconds_;
+  double answer_seconds_;
+  double busy_seconds_;
   std::mutex mutex_;
   int in_flight_ = 0;
   std::vector<LandedRegion> landed_;

@@ -76,7 +76,7 @@ HandleChannel::~HandleChannel() {
 
 Packet HandleChannel::exchange(const std::string& request, const std::vector<int>& fds, double timeout_seconds) {
   std::lock_guard<std::mutex> lock(mutex_);
-  if (fd_ < 0) return Packet{};  // closed: read as the daemon having gone
+  if (fd_ < 0 || broken_) return Packet{};  // closed: read as the daemon having gone
   send_packet(fd_, request, fds);
   auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_seconds);
   while (true) {
@@ -86,7 +86,9 @@ Packet HandleChannel::exchange(const std::string& request, const std::vector<int
     if (polled < 0 && errno == EINTR) continue;
     if (polled < 0) fail("poll on the handle socket");
     if (polled == 0) {
-      ::close(fd_.exchange(-1));
+      // Shut down, not closed: close() may be reading the number, and a closed one can be reused at once.
+      shutdown(fd_, SHUT_RDWR);
+      broken_ = true;
       throw ChannelTimeout("no answer on the handle socket");
     }
     return receive_packet(fd_);

@@ -15,8 +15,8 @@
 
 namespace sleepd {
 
-// The daemon did not answer in time; the channel is closed, since a late answer
-// would be taken for the next request's.
+// The daemon did not answer in time; the channel is shut down, since a late
+// answer would be taken for the next request's.
 struct ChannelTimeout : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
@@ -44,6 +44,7 @@ class HandleChannel {
  private:
   std::mutex mutex_;  // one request in flight
   std::atomic<int> fd_;
+  bool broken_ = false;  // timed out: a late answer would be taken for the next request's
 };
 
 }  // namespace sleepd

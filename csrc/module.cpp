@@ -250,9 +250,10 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<DaemonRefill, std::shared_ptr<DaemonRefill>>(m, "DaemonRefill",
                                                          "A ChunkPool's chunks, allocated over the handle socket in C++.")
-      .def(py::init<std::shared_ptr<HandleChannel>, std::shared_ptr<Backend>, int, std::string, int64_t, double>(),
+      .def(py::init<std::shared_ptr<HandleChannel>, std::shared_ptr<Backend>, int, std::string, int64_t, double,
+                    double>(),
            py::arg("channel"), py::arg("backend"), py::arg("device"), py::arg("tag"), py::arg("device_pid"),
-           py::arg("timeout"))
+           py::arg("answer_seconds"), py::arg("busy_seconds"))
       .def("use_channel", &DaemonRefill::use_channel, py::arg("channel"))
       .def(
           "take_landed",

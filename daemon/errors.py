@@ -34,3 +34,7 @@ def denied(message: str) -> SleepdError:
 def unavailable(message: str) -> SleepdError:
     return SleepdError(grpc.StatusCode.UNAVAILABLE, message)
 
+
+def aborted(message: str) -> SleepdError:
+    """A conflict with an operation in progress: the caller may try again."""
+    return SleepdError(grpc.StatusCode.ABORTED, message)

@@ -39,7 +39,7 @@ from sleepd.common.handle_messages import (Allocate, Allocated, Done, Fetch, Fet
                                            InvalidArguments, Refused, Replace, Reply, Welcome, decode_request)
 
 from .auth import Peer
-from .errors import SleepdError, exhausted, invalid
+from .errors import SleepdError, aborted, exhausted, invalid
 from .logs import Throttled
 from .sessions import Session
 from .token_access import TokenAccess
@@ -47,6 +47,11 @@ from .token_access import TokenAccess
 log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS_PER_UID = 256
+# An allocate (a torch pool's refill) waits this long for its model's lock, then is refused ABORTED and
+# sent again by the engine: a worker is never held for a whole sleep or wake. Each uid may have this many
+# allocates in a worker at once, so one user's stalled model cannot take every worker from the others.
+ALLOCATE_WAIT_SECONDS = 1.0
+ALLOCATES_PER_UID = 2
 MAX_CONNECTIONS = 4096  # of every uid but root, which only its own cap limits
 WORKERS = 8
 # accept() calls per wakeup, so that a flood of connects cannot starve the open connections.
@@ -119,6 +124,8 @@ class HandleServer:
         self._listener.listen(128)
         self._listener.setblocking(False)
         self._caps = _Caps(max_per_uid, max_total)
+        self._allocating: Counter[int] = Counter()  # allocates in a worker, by uid
+        self._allocating_lock = threading.Lock()
         self._epoll = select.epoll()
         self._epoll.register(self._listener.fileno(), select.EPOLLIN)
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -304,9 +311,21 @@ class HandleServer:
             return _refused(error)
 
     def _allocated(self, session: Session, size: int, tag: str, device_pid: int | None) -> Allocated:
-        """A new region and its memory; if its memory cannot be sent, the region is freed again."""
-        operations = self._core.operations
-        region = operations.allocate(session.id, size, tag)
+        """A new region and its memory."""
+        with self._allocating_lock:
+            if self._allocating[session.uid] >= ALLOCATES_PER_UID:
+                raise aborted(f"uid {session.uid} has {ALLOCATES_PER_UID} allocations waiting already; "
+                              "allocate again")
+            self._allocating[session.uid] += 1
+        try:
+            region = self._core.operations.allocate(session.id, size, tag, wait_for_model=ALLOCATE_WAIT_SECONDS)
+        finally:
+            with self._allocating_lock:
+                self._allocating[session.uid] -= 1
+        return self._send_memory(session, region, device_pid)
+
+    def _send_memory(self, session: Session, region, device_pid: int | None) -> Allocated:
+        """The new region's memory; if it cannot be sent, the region is freed again."""
         try:
             if self._token_access:
                 token, _ = self._core.registry.export_token(session, region.id, device_pid)
@@ -314,7 +333,7 @@ class HandleServer:
             fd, _ = self._core.registry.export(session, region.id)
             return Allocated(region.id, region.size, region.mapped_size, fd=fd)
         except BaseException:
-            operations.free(session.id, region.id)
+            self._core.operations.free(session.id, region.id)
             raise
 
     def _fetched(self, session: Session, region_ids: tuple[int, ...]) -> Fetched:

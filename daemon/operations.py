@@ -17,7 +17,9 @@ Lock order, outermost first (locks.py checks it under SLEEPD_CHECK_LOCKS=1):
      model's offload and another's restore run at the same time;
   3. the registry lock, held only to read or change its maps.
 A session's handle-socket requests take only the registry lock, so an engine
-can fetch memory while an operation waits on it.
+can fetch memory while an operation waits on it; but `allocate` (a torch
+pool's refill) takes its model's lock, waiting briefly (ALLOCATE_WAIT_SECONDS
+in handles.py), and the engine tries again while a sleep or wake runs.
 """
 
 import contextlib
@@ -30,7 +32,7 @@ from sleepd.common.sizes import format_size
 from .auth import Peer
 from .backends import ZEROED_ON_CREATE, DaemonBackend
 from .controllers import Controllers
-from .errors import exhausted, invalid, precondition
+from .errors import aborted, exhausted, invalid, precondition
 from .fanout import Fanout, owners, rank_failure
 from .limits import MAX_LEVEL
 from .locks import DEVICE, OrderedLock
@@ -114,7 +116,10 @@ class Operations:
 
     # ---- regions ----
 
-    def allocate(self, session_id: str, size: int, tag: str, evict: bool = False, persist: bool = False) -> Region:
+    def allocate(self, session_id: str, size: int, tag: str, evict: bool = False, persist: bool = False,
+                 wait_for_model: float = -1) -> Region:
+        """With `wait_for_model` seconds (the handle socket's: it must not hold its worker for a
+        whole sleep), ABORTED if the model's lock stays taken that long."""
         session = self.registry.session(session_id)
         if size <= 0:
             raise invalid(f"allocation size must be positive, got {size}")
@@ -126,7 +131,9 @@ class Operations:
             raise exhausted(f"allocate {format_size(size)} on {device.name}: larger than its whole budget "
                             f"of {format_size(device.budget)}")
         model = self.registry.model(session.model)
-        with model.lock:
+        if not model.lock.acquire(timeout=wait_for_model):
+            raise aborted(f"model {model.name} is busy (a sleep or wake is running); allocate again")
+        try:
             model.touch()
             what = f"allocate {format_size(mapped_size)} for {session.describe()}"
             self.quotas.check(model, "device", mapped_size, what)
@@ -140,6 +147,8 @@ class Operations:
                                 f"{self.room.describe(device.index, session.peer)}") from None
             region.restored()
             self.registry.add_region(region)
+        finally:
+            model.lock.release()
         self.checkpoint()
         if evicted:
             log.info("%s: evicted %s", what, ", ".join(evicted))

@@ -155,3 +155,57 @@ def test_allocate_before_attaching_is_refused(daemon):
         assert error.value.code == grpc.StatusCode.NOT_FOUND and "attach" in error.value.message
     finally:
         handles.close()
+
+
+def test_refills_wait_out_a_busy_model_without_holding_the_daemons_handle_workers(start_daemon, start_engine):
+    """The daemon refuses an allocate whose model is in a sleep (ABORTED, after a moment) and the refill asks
+    again. Here the sleep hangs in one rank's hook until the hook timeout while as many ranks as the handle
+    socket has workers refill at once; meanwhile another engine attaches, which needs a worker."""
+    import contextlib
+    import ctypes
+    import threading
+    import time
+
+    from sleepd import _C
+    from sleepd.daemon.handles import WORKERS
+
+    daemon = start_daemon("--hook-timeout", "6")
+    hung = start_engine(daemon, "qwen", rank=WORKERS, device=1, regions=[("weights", MiB)], sleep_hook="hang")
+    hook = ctypes.CDLL(_C.__file__).sleepd_malloc
+    hook.restype, hook.argtypes = ctypes.c_void_p, [ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p]
+    with contextlib.ExitStack() as stack:
+        clients = [stack.enter_context(SleepClient.connect("qwen", rank=rank, socket=daemon.socket))
+                   for rank in range(WORKERS)]
+        quiesced = threading.Event()
+        clients[0].on_sleep(quiesced.set)
+        pools = [client.native_pool("weights", chunk_bytes=4 * MiB) for client in clients]
+        sleeper = subprocess.Popen([sys.executable, "-m", "sleepd.client.ctl", "--socket", daemon.socket, "sleep",
+                                    "--model", "qwen"], stderr=subprocess.PIPE, text=True)
+        assert quiesced.wait(30), "the sleep did not begin"
+        addresses, returned, attached = [], [], []
+
+        def refill(pool):
+            pool.activate()
+            addresses.append(hook(MiB, 0, None))  # waits for the sleep to fail at its hook timeout
+            pool.deactivate()
+            returned.append(time.monotonic())
+
+        def attach_another():
+            time.sleep(2)  # every refill has been refused at least once by now
+            with SleepClient.connect("llama", socket=daemon.socket):
+                attached.append(time.monotonic())
+
+        threads = [threading.Thread(target=refill, args=(pool,)) for pool in pools]
+        threads.append(threading.Thread(target=attach_another))
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        _, stderr = sleeper.communicate(timeout=30)
+        assert sleeper.returncode != 0 and "DEADLINE_EXCEEDED" in stderr
+        assert len(addresses) == WORKERS and None not in addresses
+        assert attached and attached[0] < min(returned), "another engine could not attach while the refills waited"
+        for client, pool in zip(clients, pools):
+            client.settle_native_pool(pool)
+            assert [r.tag for r in client.regions()] == ["weights"]
+    hung.kill()  # its hook never returns

@@ -22,7 +22,9 @@ import os
 import sys
 import threading
 
-from sleepd.client import Controller
+import grpc
+
+from sleepd.client import Controller, SleepdError
 
 from .controller import check_plain_level
 from .patching import run_after
@@ -30,8 +32,11 @@ from .patching import run_after
 log = logging.getLogger(f"vllm.{__name__}")
 
 ENGINE_MODULE = "vllm.v1.engine.llm_engine"
-# The other LLMEngine methods that send to the engine core, serialised with sleep, wake_up and add_request.
-SERIALISED = ("abort_request", "step", "collective_rpc", "reset_prefix_cache")
+# The other LLMEngine methods that reach the engine core, serialised with sleep, wake_up, add_request and
+# step; those a release lacks are skipped.
+SERIALISED = ("abort_request", "collective_rpc", "is_sleeping", "reset_prefix_cache", "reset_mm_cache",
+              "reset_encoder_cache", "release_kv_cache_memory", "start_profile", "stop_profile", "add_lora",
+              "remove_lora", "list_loras", "pin_lora")
 
 
 class OfflineController:
@@ -56,6 +61,20 @@ class OfflineController:
         if self.asleep:  # requests that found it asleep together each ask; the first one wakes it
             self._engine.wake_up(tags or None)
 
+    def awake_for_request(self) -> bool:
+        """Before a request reaches an engine that sleeps: wakes it through the daemon (or waits for
+        a wake). False when the daemon is unreachable (restarting): vLLM takes it as it is."""
+        try:
+            self.controller.ensure_awake()
+        except SleepdError as error:
+            if error.code != grpc.StatusCode.UNAVAILABLE:
+                raise
+            log.warning("sleepd is unreachable, so %s takes a request without waiting for it: %s", self.model, error)
+            return False
+        if self.asleep:  # the daemon has it awake and vLLM does not know: wake vLLM itself
+            self._engine.wake_up()
+        return True
+
 
 def _attach(engine) -> None:
     model = os.environ["SLEEPD_MODEL"]
@@ -66,7 +85,14 @@ def _attach(engine) -> None:
                     "sleep cannot wait for requests in flight; no sleepd controller attaches, so sleeps from "
                     "outside vLLM are refused", model)
         return
-    engine._sleepd_controller = OfflineController(engine, model)
+    try:
+        engine._sleepd_controller = OfflineController(engine, model)
+    except SleepdError as error:
+        if error.code != grpc.StatusCode.ALREADY_EXISTS:
+            raise RuntimeError(f"vLLM's LLM could not attach as {model}'s sleepd controller: {error.message}") from None
+        log.warning("%s already has a sleepd controller (another LLM of this model); this one neither controls "
+                    "it nor wakes it on requests", model)
+        return
     log.info("attached to sleepd as %s's controller", model)
 
 
@@ -93,10 +119,10 @@ def install() -> None:
         return call
 
     def sleep(original):
-        def call(self, *args, **kwargs):
+        def call(self, level: int = 1, *args, **kwargs):
             with lock:
-                result = original(self, *args, **kwargs)
-                if controller := _controller(self):
+                result = original(self, level, *args, **kwargs)
+                if (controller := _controller(self)) and level >= 1:  # level 0 only pauses: no memory sleeps
                     controller.asleep = True
             return result
         return call
@@ -110,15 +136,19 @@ def install() -> None:
             return fully_awake
         return call
 
-    def add_request(original):
+    def awake_first(original):
+        """A request added, or a step waiting for output, never meets an engine the model's sleep paused
+        (a sleep that waits for requests in flight leaves queued ones queued): it wakes the model first."""
         def call(self, *args, **kwargs):
             controller = _controller(self)
             while True:
-                if controller is not None and controller.asleep:
-                    controller.controller.ensure_awake()  # outside the lock: the wake comes back through it
+                if controller is not None and controller.asleep and not controller.awake_for_request():
+                    break  # outside the lock: the wake comes back through it
                 with lock:
                     if controller is None or not controller.asleep:
                         return original(self, *args, **kwargs)
+            with lock:
+                return original(self, *args, **kwargs)
         return call
 
     for name in SERIALISED:
@@ -126,5 +156,6 @@ def install() -> None:
             _wrap(engine_class, name, serialised)
     _wrap(engine_class, "sleep", sleep)
     _wrap(engine_class, "wake_up", wake_up)
-    _wrap(engine_class, "add_request", add_request)
+    _wrap(engine_class, "add_request", awake_first)
+    _wrap(engine_class, "step", awake_first)
     run_after(engine_class, "__init__", _attach)
