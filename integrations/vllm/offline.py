@@ -9,12 +9,13 @@ engine, so wrapping `LLMEngine.__init__` here catches this process's engine.
 The engine belongs to the user's thread (`LLM.generate` adds requests and steps
 it), and its client is not thread-safe (one socket to the engine core), while
 the daemon's callbacks arrive on the controller's thread: the engine calls that
-reach the engine core take one lock. An engine core in this process
+reach the engine core take one lock (EngineLock), sleep and wake before steps. An engine core in this process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0) runs only when the user's thread steps it,
 so a sleep waiting for requests in flight would wait forever: there no
 controller attaches, and outside sleeps are refused as without one.
 """
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -96,6 +97,39 @@ def _attach(engine) -> None:
     log.info("attached to sleepd as %s's controller", model)
 
 
+class EngineLock:
+    """One lock over the engine calls that reach the engine core. Sleep and wake go first: a
+    generate() steps in a loop and would take a plain lock back at once, so a step waits while
+    one of them is waiting (an outside sleep lands between two steps, not after the batch)."""
+
+    def __init__(self):
+        self._lock = threading.RLock()
+        self._turns = threading.Condition()
+        self._urgent = 0  # sleeps and wakes waiting for the lock or holding it
+        self._owner: int | None = None
+
+    @contextlib.contextmanager
+    def held(self, urgent: bool = False, polite: bool = False):
+        if polite and self._owner != threading.get_ident():  # the holder itself never waits for its turn
+            with self._turns:
+                self._turns.wait_for(lambda: self._urgent == 0)
+        if urgent:
+            with self._turns:
+                self._urgent += 1
+        try:
+            with self._lock:
+                outer, self._owner = self._owner, threading.get_ident()
+                try:
+                    yield
+                finally:
+                    self._owner = outer
+        finally:
+            if urgent:
+                with self._turns:
+                    self._urgent -= 1
+                    self._turns.notify_all()
+
+
 def _controller(engine) -> OfflineController | None:
     return getattr(engine, "_sleepd_controller", None)
 
@@ -110,17 +144,17 @@ def install() -> None:
     engine_class = getattr(module, "LLMEngine", None)
     if engine_class is None:
         return  # LLM's engine is not loaded here: no LLM in this process
-    lock = threading.RLock()
+    lock = EngineLock()
 
     def serialised(original):
         def call(self, *args, **kwargs):
-            with lock:
+            with lock.held():
                 return original(self, *args, **kwargs)
         return call
 
     def sleep(original):
         def call(self, level: int = 1, *args, **kwargs):
-            with lock:
+            with lock.held(urgent=True):
                 result = original(self, level, *args, **kwargs)
                 if (controller := _controller(self)) and level >= 1:  # level 0 only pauses: no memory sleeps
                     controller.asleep = True
@@ -129,7 +163,7 @@ def install() -> None:
 
     def wake_up(original):
         def call(self, *args, **kwargs):
-            with lock:
+            with lock.held(urgent=True):
                 fully_awake = original(self, *args, **kwargs)
                 if controller := _controller(self):
                     controller.asleep = fully_awake is False  # None (older vLLM): every tag woke
@@ -144,10 +178,10 @@ def install() -> None:
             while True:
                 if controller is not None and controller.asleep and not controller.awake_for_request():
                     break  # outside the lock: the wake comes back through it
-                with lock:
+                with lock.held(polite=True):
                     if controller is None or not controller.asleep:
                         return original(self, *args, **kwargs)
-            with lock:
+            with lock.held(polite=True):
                 return original(self, *args, **kwargs)
         return call
 

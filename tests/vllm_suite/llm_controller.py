@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 PROMPTS = ["hello world", "sleepd owns the memory", "a b c d"]
 
@@ -43,6 +44,19 @@ def main() -> None:
                               "status": sleepd_status(model), "vllm_sleeping": llm.llm_engine.is_sleeping()}
     seen["while_asleep"] = answers()  # the first request wakes it
     seen["after_request"] = {"status": sleepd_status(model), "vllm_sleeping": llm.llm_engine.is_sleeping()}
+    # An outside sleep while generate() runs a batch larger than the engine takes at once: the
+    # sleep lands between two steps, the requests still queued wake the model, and all are answered.
+    batch = PROMPTS * 4
+    many = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    expected = [list(output.outputs[0].token_ids) for output in llm.generate(batch, many, use_tqdm=False)]
+    done = {}
+    generating = threading.Thread(target=lambda: done.update(answers=[
+        list(output.outputs[0].token_ids) for output in llm.generate(batch, many, use_tqdm=False)]))
+    generating.start()
+    slept = sleepctl("sleep", "--model", model, "--level", "1")
+    generating.join(timeout=300)
+    seen["sleep_during_generate"] = {"code": slept.returncode, "stderr": slept.stderr[-2000:],
+                                     "answered": done.get("answers") == expected}
     llm.sleep(level=1)
     seen["own_sleep"] = sleepd_status(model)
     llm.wake_up()

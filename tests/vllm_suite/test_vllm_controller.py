@@ -206,6 +206,8 @@ def test_an_llm_scripts_process_is_the_controller_so_sleepctl_runs_its_own_sleep
     assert seen["while_asleep"] == seen["before"]
     assert seen["after_request"] == {"status": {"sleeping": False, "controller_pid": seen["pid"], "tags": AWAKE},
                                      "vllm_sleeping": False}
+    assert seen["sleep_during_generate"] == {"code": 0, "stderr": seen["sleep_during_generate"]["stderr"],
+                                             "answered": True}
     assert seen["own_sleep"] == {"sleeping": True, "controller_pid": seen["pid"], "tags": ASLEEP}
     assert seen["after"] == seen["before"]
 
