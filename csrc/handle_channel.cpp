@@ -96,6 +96,7 @@ Packet HandleChannel::exchange(const std::string& request, const std::vector<int
 }
 
 void HandleChannel::close() {
+  if (closing_.exchange(true)) return;  // once: a second caller could shut down a reused descriptor
   int fd = fd_.load();
   if (fd >= 0) shutdown(fd, SHUT_RDWR);  // wakes a thread in exchange(), which then reads a closed connection
   std::lock_guard<std::mutex> lock(mutex_);

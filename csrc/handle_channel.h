@@ -44,6 +44,7 @@ class HandleChannel {
  private:
   std::mutex mutex_;  // one request in flight
   std::atomic<int> fd_;
+  std::atomic<bool> closing_{false};
   bool broken_ = false;  // timed out: a late answer would be taken for the next request's
 };
 

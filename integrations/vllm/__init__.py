@@ -4,7 +4,7 @@ vLLM calls `register()` in every process it starts (API server, engine core,
 workers). It does nothing unless $SLEEPD_MODEL is set; then each vLLM worker
 attaches to the daemon as one rank of that model, and vLLM's sleep mode
 (`sleep`, `wake_up`, `/sleep`, `/wake_up`, `/is_sleeping`) acts through it.
-The API server, or the process of an `LLM`, attaches as the model's controller,
+The API server, or the process of an `LLM` or `AsyncLLM`, attaches as the model's controller,
 so sleeps from outside vLLM (sleepctl, eviction) run as vLLM's own, and
 requests wake the model.
 See docs/vllm.md.
@@ -23,7 +23,7 @@ def register() -> None:
     _registered = True
     from vllm.platforms import current_platform
 
-    from . import api_server, backend, offline
+    from . import api_server, async_engine, backend, offline
 
     if current_platform.is_cpu():
         from . import cpu
@@ -39,3 +39,4 @@ def register() -> None:
     backend.register()
     api_server.install()  # only in vLLM's API server: its controller and wake on request
     offline.install()  # only where an LLM builds its engine
+    async_engine.install()  # only where an AsyncLLM is used outside vllm serve

@@ -21,7 +21,7 @@ SERVING_MODULES = ("vllm.entrypoints.launchers.api_server.entry", "vllm.entrypoi
 HOOKED = ("build_app", "init_app_state")
 
 
-def _serving_module():
+def serving_module():
     for name in SERVING_MODULES:
         module = sys.modules.get(name)
         serve = getattr(module, "run_server_worker", None)
@@ -49,7 +49,7 @@ def _then_attach(init_app_state):
 
 
 def install() -> None:
-    module = _serving_module()
+    module = serving_module()
     if module is None:
         return  # not vLLM's API server
     missing = [name for name in HOOKED if not callable(getattr(module, name, None))]

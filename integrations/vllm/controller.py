@@ -8,6 +8,7 @@ coroutine to that loop and waits for it.
 """
 
 import asyncio
+import contextlib
 import logging
 import os
 
@@ -76,9 +77,15 @@ class EngineController:
             await self._engine.wake_up(tags)
 
     async def serve(self, answer) -> None:
-        """Awaits `answer()` once the model is awake: woken through this controller, or
-        (SLEEPD_WAKE_ON_REQUEST=0) by someone else. The wait runs in a thread, because the wake
-        comes back to the loop this is awaited on."""
+        """Awaits `answer()` once the model is awake (see admitted)."""
+        async with self.admitted():
+            await answer()
+
+    @contextlib.asynccontextmanager
+    async def admitted(self):
+        """Enters once the model is awake: woken through this controller, or (SLEEPD_WAKE_ON_REQUEST=0)
+        by someone else; the request counts as admitted until the block ends. The wait runs in a
+        thread, because the wake comes back to the loop this is awaited on."""
         self._admitted += 1
         try:
             try:
@@ -88,7 +95,7 @@ class EngineController:
                     raise
                 # The daemon is away (restarting): vLLM serves on as it is, and holds requests while asleep.
                 log.warning("sleepd is unreachable, so %s is served without waiting for it: %s", self.model, error)
-            await answer()
+            yield
         finally:
             self._admitted -= 1
 
@@ -97,11 +104,11 @@ _current: EngineController | None = None
 
 
 def current() -> EngineController | None:
-    """This API server's controller, once vLLM's engine is up and it attached."""
+    """This process's controller (vLLM's API server, or an AsyncLLM's), once its engine is up and it attached."""
     return _current
 
 
-def attach(engine_client) -> None:
+def attach(engine_client, what: str = "vLLM's API server") -> None:
     """Attaches this process (on its running event loop) as $SLEEPD_MODEL's controller."""
     global _current
     model = os.environ["SLEEPD_MODEL"]
@@ -109,10 +116,9 @@ def attach(engine_client) -> None:
         _current = EngineController(engine_client, asyncio.get_running_loop(), model)
     except SleepdError as error:
         if error.code != grpc.StatusCode.ALREADY_EXISTS:
-            raise RuntimeError(f"vLLM's API server could not attach as {model}'s sleepd controller: "
-                               f"{error.message}") from None
+            raise RuntimeError(f"{what} could not attach as {model}'s sleepd controller: {error.message}") from None
         # Several API servers (--api-server-count) share one engine; one of them controls it.
-        log.warning("%s already has a sleepd controller (another API server of this vLLM); this one "
-                    "neither controls it nor wakes it on requests", model)
+        log.warning("%s already has a sleepd controller (another front end of this vLLM); %s neither controls "
+                    "it nor wakes it on requests", model, what)
         return
-    log.info("attached to sleepd as %s's controller", model)
+    log.info("%s attached to sleepd as %s's controller", what, model)

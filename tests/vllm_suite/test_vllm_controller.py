@@ -212,6 +212,26 @@ def test_an_llm_scripts_process_is_the_controller_so_sleepctl_runs_its_own_sleep
     assert seen["after"] == seen["before"]
 
 
+def test_an_async_llm_used_directly_is_its_own_controller_too(daemon, server_b, tiny_models):
+    model = "async"
+    if not asleep(daemon, server_b):
+        daemon.ctl("sleep", "--model", B, "--level", "1")  # room for this vLLM's KV cache
+    script = os.path.join(HERE, "async_llm_controller.py")
+    process = subprocess.run([sys.executable, script, tiny_models["a"]], env=vllm_environment(daemon, model),
+                             capture_output=True, text=True, timeout=600)
+    lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
+    assert process.returncode == 0 and lines, f"{script} failed:\n{(process.stdout + process.stderr)[-6000:]}"
+    seen = json.loads(lines[-1][len("RESULT "):])
+
+    assert seen["attached"] == {"sleeping": False, "controller_pid": seen["pid"], "tags": AWAKE}
+    assert seen["sleepctl_sleep"]["code"] == 0, seen["sleepctl_sleep"]["stderr"]
+    assert seen["sleepctl_sleep"]["status"] == {"sleeping": True, "controller_pid": seen["pid"], "tags": ASLEEP}
+    assert seen["sleepctl_sleep"]["vllm_sleeping"] is True
+    assert seen["while_asleep"] == seen["before"]
+    assert seen["after"] == {"status": {"sleeping": False, "controller_pid": seen["pid"], "tags": AWAKE},
+                             "vllm_sleeping": False}
+
+
 def test_a_vllm_worker_killed_while_awake_leaves_the_daemon_serving_and_the_other_server_untouched(daemon, server_a,
                                                                                                    server_b):
     """Last: it ends server A. (The asleep case is in test_vllm_server.py.)"""
