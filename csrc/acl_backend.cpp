@@ -1,12 +1,10 @@
 #include "acl_backend.h"
+#include "stream_chunks.h"
 
 #include <algorithm>
 
 namespace sleepd {
 namespace {
-
-// Copies are issued in chunks of this size, round-robin over the streams.
-constexpr size_t kChunk = 64u << 20;
 
 acl::aclrtPhysicalMemProp device_memory(int device) {
   acl::aclrtPhysicalMemProp prop{};
@@ -239,17 +237,10 @@ void AclBackend::chunked(int device, size_t size, Issue issue) {
       streams->push_back(stream);
     }
   }
-  size_t index = 0;
-  try {
-    for (size_t offset = 0; offset < size; offset += kChunk, ++index)
-      issue(offset, std::min(kChunk, size - offset), (*streams)[index % streams->size()]);
-  } catch (...) {
-    // Chunks already queued use the staging mapping: they finish before anyone may unmap it.
-    for (acl::aclrtStream stream : *streams) runtime_->aclrtSynchronizeStream(stream);
-    throw;
-  }
-  for (acl::aclrtStream stream : *streams)
-    runtime_->check(runtime_->aclrtSynchronizeStream(stream), "aclrtSynchronizeStream");
+  issue_in_chunks(*streams, size, issue, [&](acl::aclrtStream stream, bool check) {
+    auto result = runtime_->aclrtSynchronizeStream(stream);
+    if (check) runtime_->check(result, "aclrtSynchronizeStream");
+  });
 }
 
 void AclBackend::copy_to_host(Handle src, size_t offset, void* dst, size_t size) {

@@ -1,4 +1,5 @@
 #include "cuda_backend.h"
+#include "stream_chunks.h"
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -10,10 +11,6 @@
 
 namespace sleepd {
 namespace {
-
-// Copies are issued in chunks of this size, round-robin over the streams, so
-// that several DMA transfers are in flight at once.
-constexpr size_t kChunk = 64u << 20;
 
 int duplicate(int fd, const char* call) {
   int copy = fcntl(fd, F_DUPFD_CLOEXEC, 0);
@@ -267,16 +264,10 @@ void CudaBackend::chunked(int device, size_t size, Issue issue) {
       streams->push_back(stream);
     }
   }
-  size_t index = 0;
-  try {
-    for (size_t offset = 0; offset < size; offset += kChunk, ++index)
-      issue(offset, std::min(kChunk, size - offset), (*streams)[index % streams->size()]);
-  } catch (...) {
-    // Chunks already queued use the staging mapping: they finish before anyone may unmap it.
-    for (cu::CUstream stream : *streams) driver_->cuStreamSynchronize(stream);
-    throw;
-  }
-  for (cu::CUstream stream : *streams) driver_->check(driver_->cuStreamSynchronize(stream), "cuStreamSynchronize");
+  issue_in_chunks(*streams, size, issue, [&](cu::CUstream stream, bool check) {
+    auto result = driver_->cuStreamSynchronize(stream);
+    if (check) driver_->check(result, "cuStreamSynchronize");
+  });
 }
 
 void CudaBackend::copy_to_host(Handle src, size_t offset, void* dst, size_t size) {
