@@ -7,6 +7,7 @@ AsyncLLM is made inside a running loop, else at its first `generate()`. In
 vLLM's API server nothing changes here (api_server.py attaches there).
 """
 
+import contextlib
 import functools
 import importlib
 import multiprocessing
@@ -41,11 +42,7 @@ def _awake_first(generate):
     async def wrapper(self, *args, **kwargs):
         _attach_once(self)
         engine = controller.current()
-        if engine is None:
-            async for output in generate(self, *args, **kwargs):
-                yield output
-            return
-        async with engine.admitted():
+        async with engine.admitted() if engine is not None else contextlib.nullcontext():
             async for output in generate(self, *args, **kwargs):
                 yield output
     return wrapper

@@ -105,16 +105,22 @@ def tag_states(daemon, model: str) -> dict:
     return {tag: "/".join(sorted(found)) for tag, found in states.items()}
 
 
-def start_rl_flow(daemon, model: str, *args: str) -> subprocess.Popen:
-    """rl_flow.py (vLLM's Python API) attached as `model`."""
-    # collective_rpc sends the loading function to the worker process pickled by value.
-    env = {**vllm_environment(daemon, model), "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
-    return subprocess.Popen([sys.executable, os.path.join(HERE, "rl_flow.py"), *args], env=env,
+def start_script(daemon, model: str, script: str, *args: str, environment: dict | None = None) -> subprocess.Popen:
+    """One of this folder's vLLM scripts, attached as `model`; it prints its findings as a RESULT line."""
+    env = {**vllm_environment(daemon, model), **(environment or {})}
+    return subprocess.Popen([sys.executable, os.path.join(HERE, script), *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def rl_flow_result(process: subprocess.Popen, timeout: float) -> dict:
+def start_rl_flow(daemon, model: str, *args: str) -> subprocess.Popen:
+    """rl_flow.py (vLLM's Python API) attached as `model`."""
+    # collective_rpc sends the loading function to the worker process pickled by value.
+    return start_script(daemon, model, "rl_flow.py", *args, environment={"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"})
+
+
+def script_result(process: subprocess.Popen, timeout: float) -> dict:
+    """What a script from start_script printed as its RESULT, once it has exited successfully."""
     output, _ = process.communicate(timeout=timeout)
     lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
-    assert process.returncode == 0 and lines, f"rl_flow.py failed ({process.returncode}):\n{output[-6000:]}"
+    assert process.returncode == 0 and lines, f"{process.args[1]} failed ({process.returncode}):\n{output[-6000:]}"
     return json.loads(lines[-1][len("RESULT "):])

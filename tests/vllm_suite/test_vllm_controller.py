@@ -8,7 +8,6 @@ cache): A is up for the whole module; B starts once A sleeps, for the swap
 tests. The tests run in order and each leaves the state the next one expects.
 """
 
-import json
 import os
 import signal
 import subprocess
@@ -18,7 +17,7 @@ import threading
 import pytest
 
 from kernel import memfd_bytes
-from servers import HERE, PROMPTS, VllmServer, model_status, tag_states, vllm_environment
+from servers import PROMPTS, VllmServer, model_status, script_result, start_script, tag_states
 from support import Daemon, scrape, value, wait_for
 
 # The first test also waits for vLLM to start (minutes on two shared cores).
@@ -29,6 +28,7 @@ ASLEEP = {"weights": "OFFLOADED", "kv_cache": "DISCARDED"}
 AWAKE = {"weights": "MAPPED", "kv_cache": "MAPPED"}
 # One server awake (1 GiB of KV cache and some MiB of weights) fits; two do not.
 CAPACITY = "1536MiB"
+SCRIPT_SECONDS = 600  # a vLLM script's start, its checks and its exit
 
 
 @pytest.fixture(scope="module")
@@ -190,14 +190,8 @@ def test_with_wake_on_request_off_a_request_waits_for_a_wake(daemon, server_a, s
 
 def test_an_llm_scripts_process_is_the_controller_so_sleepctl_runs_its_own_sleep_and_a_request_wakes_it(
         daemon, server_b, tiny_models):
-    model = "offline"
     daemon.ctl("sleep", "--model", B, "--level", "1")  # room for this vLLM's KV cache
-    script = os.path.join(HERE, "llm_controller.py")
-    process = subprocess.run([sys.executable, script, tiny_models["a"]], env=vllm_environment(daemon, model),
-                             capture_output=True, text=True, timeout=600)
-    lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
-    assert process.returncode == 0 and lines, f"{script} failed:\n{(process.stdout + process.stderr)[-6000:]}"
-    seen = json.loads(lines[-1][len("RESULT "):])
+    seen = script_result(start_script(daemon, "offline", "llm_controller.py", tiny_models["a"]), SCRIPT_SECONDS)
 
     assert seen["attached"] == {"sleeping": False, "controller_pid": seen["pid"], "tags": AWAKE}
     assert seen["sleepctl_sleep"]["code"] == 0, seen["sleepctl_sleep"]["stderr"]
@@ -213,15 +207,9 @@ def test_an_llm_scripts_process_is_the_controller_so_sleepctl_runs_its_own_sleep
 
 
 def test_an_async_llm_used_directly_is_its_own_controller_too(daemon, server_b, tiny_models):
-    model = "async"
     if not asleep(daemon, server_b):
         daemon.ctl("sleep", "--model", B, "--level", "1")  # room for this vLLM's KV cache
-    script = os.path.join(HERE, "async_llm_controller.py")
-    process = subprocess.run([sys.executable, script, tiny_models["a"]], env=vllm_environment(daemon, model),
-                             capture_output=True, text=True, timeout=600)
-    lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
-    assert process.returncode == 0 and lines, f"{script} failed:\n{(process.stdout + process.stderr)[-6000:]}"
-    seen = json.loads(lines[-1][len("RESULT "):])
+    seen = script_result(start_script(daemon, "async", "async_llm_controller.py", tiny_models["a"]), SCRIPT_SECONDS)
 
     assert seen["attached"] == {"sleeping": False, "controller_pid": seen["pid"], "tags": AWAKE}
     assert seen["sleepctl_sleep"]["code"] == 0, seen["sleepctl_sleep"]["stderr"]

@@ -4,7 +4,7 @@ and vLLM answers as the new model does."""
 
 import pytest
 
-from servers import rl_flow_result, start_rl_flow
+from servers import script_result, start_rl_flow
 from support import Daemon
 
 # The first test also waits for vLLM to start (minutes on two shared cores).
@@ -24,7 +24,7 @@ def test_level_2_sleep_then_new_weights_into_the_same_tensors_give_the_new_model
     # The reference (the new checkpoint loaded from disk) runs beside the flow, as another model.
     flow = start_rl_flow(daemon, "policy", "flow", tiny_models["a"], tiny_models["b"])
     reference = start_rl_flow(daemon, "reference", "reference", tiny_models["b"])
-    seen, expected = rl_flow_result(flow, TIMEOUT), rl_flow_result(reference, TIMEOUT)
+    seen, expected = script_result(flow, TIMEOUT), script_result(reference, TIMEOUT)
 
     assert seen["asleep"]["vllm"] is True
     assert seen["asleep"]["sleepd"] == {"sleeping": True, "tags": {"weights": "DISCARDED", "kv_cache": "DISCARDED"}}
