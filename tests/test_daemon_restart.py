@@ -63,8 +63,8 @@ def test_a_restarted_daemon_comes_back_with_every_model_and_every_byte(stop, tmp
         again.stop()
 
 
-def process_state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as stat:
+def process_state(pid: int, thread: str | None = None) -> str:
+    with open(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat") as stat:
         return stat.read().rsplit(")", 1)[1].split()[0]
 
 
@@ -145,6 +145,9 @@ def test_a_client_of_a_stuck_daemon_gives_up_within_its_bound(tmp_path, monkeypa
     monkeypatch.setattr(handles, "ANSWER_SECONDS", 1.0)
     daemon = restart(tmp_path, "host")
     os.kill(daemon.pid, signal.SIGSTOP)
+    # kill() returns before every thread has stopped: a busy machine lets the daemon answer a hello meanwhile.
+    wait_for(lambda: all(process_state(daemon.pid, thread) == "T" for thread in os.listdir(f"/proc/{daemon.pid}/task")),
+             what="every thread of the daemon to stop")
     try:
         started = time.monotonic()
         with pytest.raises(SleepdError) as refused:
