@@ -9,10 +9,14 @@ engine, so wrapping `LLMEngine.__init__` here catches this process's engine.
 The engine belongs to the user's thread (`LLM.generate` adds requests and steps
 it), and its client is not thread-safe (one socket to the engine core), while
 the daemon's callbacks arrive on the controller's thread: the engine calls that
-reach the engine core take one lock (EngineLock), sleep and wake before steps. An engine core in this process
-(VLLM_ENABLE_V1_MULTIPROCESSING=0) runs only when the user's thread steps it,
-so a sleep waiting for requests in flight would wait forever: there no
-controller attaches, and outside sleeps are refused as without one.
+reach the engine core take one lock (EngineLock), sleep and wake before steps.
+
+An engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) runs only
+when the user's thread steps it, so vLLM refuses to sleep it waiting for
+requests in flight. There the controller does that wait itself: new requests
+queue in the scheduler, as vLLM's own waiting sleep has them, the user's steps
+finish those in flight, and the sleep lands between two steps once none is
+left, keeping the queued ones for the wake.
 """
 
 import contextlib
@@ -41,9 +45,11 @@ SERIALISED = ("abort_request", "collective_rpc", "is_sleeping", "reset_prefix_ca
 
 
 class OfflineController:
-    def __init__(self, engine, model: str):
+    def __init__(self, engine, model: str, lock: "EngineLock"):
         self.model = model
         self._engine = engine
+        self._lock = lock
+        self._core = _engine_core_here(engine)
         # Whether the engine's own sleep ran (whoever called it) and no full wake_up since; changed
         # under the engine lock, so a request is never added to an engine that is going to sleep.
         self.asleep = False
@@ -53,10 +59,32 @@ class OfflineController:
 
     def _sleep(self, level: int, tags: list[str], actions: dict[str, str]) -> None:
         check_plain_level(level, tags, actions)
-        if self._sleep_takes_mode:
+        if self._core is not None:
+            self._sleep_once_drained(level)
+        elif self._sleep_takes_mode:
             self._engine.sleep(level, mode="wait")  # requests in flight finish first
         else:
             self._engine.sleep(level)
+
+    def _sleep_once_drained(self, level: int) -> None:
+        """An engine core in this process: requests in flight finish in the user's steps, new ones queue
+        (vLLM's PAUSED_NEW, what its waiting sleep sets), then the sleep keeps the queued ones."""
+        scheduler = self._core.scheduler
+        with self._lock.held(urgent=True):
+            scheduler.set_pause_state(type(scheduler.pause_state).PAUSED_NEW)
+        try:
+            while True:
+                with self._lock.held(urgent=True):
+                    if not scheduler.has_unfinished_requests():  # under PAUSED_NEW: only those in flight count
+                        self._engine.sleep(level, mode="keep")
+                        return
+                    ours = self._lock.turn + 1  # this hold letting go
+                self._lock.wait_for_another_turn(ours)  # the user's thread steps the engine
+        except BaseException:
+            with self._lock.held(urgent=True):
+                if not self.asleep:  # the queued requests must not wait for a wake nobody will ask for
+                    self._core.resume_scheduler()
+            raise
 
     def _wake(self, tags: list[str]) -> None:
         if self.asleep:  # requests that found it asleep together each ask; the first one wakes it
@@ -77,17 +105,25 @@ class OfflineController:
         return True
 
 
-def _attach(engine) -> None:
+def _engine_core_here(engine):
+    """The engine core, when it runs in this process (its client is then vLLM's InprocClient); else None."""
+    return getattr(engine.engine_core, "engine_core", None)
+
+
+def _attach(engine, lock: "EngineLock") -> None:
     model = os.environ["SLEEPD_MODEL"]
     if not getattr(engine.vllm_config.model_config, "enable_sleep_mode", False):
         return  # its workers refused to attach already, saying why
-    if not getattr(engine, "multiprocess_mode", True):
-        log.warning("%s: vLLM's engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), where a "
-                    "sleep cannot wait for requests in flight; no sleepd controller attaches, so sleeps from "
-                    "outside vLLM are refused", model)
+    core = _engine_core_here(engine)
+    if core is not None and not callable(getattr(core.scheduler, "set_pause_state", None)):
+        from vllm import __version__
+
+        log.warning("%s: vLLM %s's engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) and "
+                    "cannot pause its scheduler, so a sleep could not wait for requests in flight; no sleepd "
+                    "controller attaches, and sleeps from outside vLLM are refused", model, __version__)
         return
     try:
-        engine._sleepd_controller = OfflineController(engine, model)
+        engine._sleepd_controller = OfflineController(engine, model, lock)
     except SleepdError as error:
         if error.code != grpc.StatusCode.ALREADY_EXISTS:
             raise RuntimeError(f"vLLM's LLM could not attach as {model}'s sleepd controller: {error.message}") from None
@@ -107,6 +143,12 @@ class EngineLock:
         self._turns = threading.Condition()
         self._urgent = 0  # sleeps and wakes waiting for the lock or holding it
         self._owner: int | None = None
+        self.turn = 0  # how many times the lock was let go
+
+    def wait_for_another_turn(self, turn: int, seconds: float = 1.0) -> None:
+        """Returns once the lock was let go after its `turn`th time (or after `seconds`)."""
+        with self._turns:
+            self._turns.wait_for(lambda: self.turn > turn, timeout=seconds)
 
     @contextlib.contextmanager
     def held(self, urgent: bool = False, polite: bool = False):
@@ -124,10 +166,10 @@ class EngineLock:
                 finally:
                     self._owner = outer
         finally:
-            if urgent:
-                with self._turns:
-                    self._urgent -= 1
-                    self._turns.notify_all()
+            with self._turns:
+                self.turn += 1
+                self._urgent -= urgent
+                self._turns.notify_all()
 
 
 def _controller(engine) -> OfflineController | None:
@@ -192,4 +234,4 @@ def install() -> None:
     _wrap(engine_class, "wake_up", wake_up)
     _wrap(engine_class, "add_request", awake_first)
     _wrap(engine_class, "step", awake_first)
-    run_after(engine_class, "__init__", _attach)
+    run_after(engine_class, "__init__", lambda engine: _attach(engine, lock))

@@ -188,10 +188,17 @@ def test_with_wake_on_request_off_a_request_waits_for_a_wake(daemon, server_a, s
     assert value(scrape(daemon), "sleepd_wake_wait_seconds_count", model=B, how="waited") == 1
 
 
+@pytest.mark.parametrize("multiprocessing", ["1", "0"], ids=["engine-core-apart", "engine-core-in-process"])
 def test_an_llm_scripts_process_is_the_controller_so_sleepctl_runs_its_own_sleep_and_a_request_wakes_it(
-        daemon, server_b, tiny_models):
-    daemon.ctl("sleep", "--model", B, "--level", "1")  # room for this vLLM's KV cache
-    seen = script_result(start_script(daemon, "offline", "llm_controller.py", tiny_models["a"]), SCRIPT_SECONDS)
+        daemon, server_b, tiny_models, multiprocessing):
+    """With VLLM_ENABLE_V1_MULTIPROCESSING=0 the engine core (and the worker) run in the script's process,
+    stepped only by its generate(): the controller's sleep waits for those steps to finish the requests in
+    flight."""
+    if not asleep(daemon, server_b):
+        daemon.ctl("sleep", "--model", B, "--level", "1")  # room for this vLLM's KV cache
+    seen = script_result(start_script(daemon, f"offline-{multiprocessing}", "llm_controller.py", tiny_models["a"],
+                                      environment={"VLLM_ENABLE_V1_MULTIPROCESSING": multiprocessing}),
+                         SCRIPT_SECONDS)
 
     assert seen["attached"] == {"sleeping": False, "controller_pid": seen["pid"], "tags": AWAKE}
     assert seen["sleepctl_sleep"]["code"] == 0, seen["sleepctl_sleep"]["stderr"]
