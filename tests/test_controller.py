@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from support import OTHER, MiB, by_tag, scrape, second_tenant_unavailable, sleeping, value, wait_for
+from sleepd.client import Waker
+from support import OTHER, Daemon, MiB, by_tag, scrape, second_tenant_unavailable, sleeping, value, wait_for
 
 REGIONS = [("weights", 4 * MiB), ("kv_cache", 2 * MiB)]
 REFUSAL = "runs its own sleep and has no controller attached"
@@ -226,6 +227,35 @@ def test_a_request_that_finds_its_model_asleep_wakes_it_or_waits_and_the_wait_is
     assert value(samples, "sleepd_wake_wait_seconds_sum", model="plain", how="waited") >= 0.5
     assert ranks[0].request("ensure_awake") == {"sleeping": False, "woke": False}  # awake: not counted
     assert value(scrape(daemon), "sleepd_wake_wait_seconds_count", model="qwen", how="woke") == 1
+
+
+def test_a_second_front_end_wakes_the_model_through_its_controller_even_after_a_daemon_restart(
+        tmp_path, daemon, start_engine, start_controller, sockets):
+    """A Waker is a front end beside the controller (vLLM's second API server): it never controls the
+    model, and its requests wake it the way the controller's would, through the engine's own wake."""
+    start_ranks(daemon, start_engine, sockets)
+    controller = start_controller(daemon, "qwen", rank_sockets(sockets))
+    waker = Waker("qwen", socket=daemon.socket)
+    try:
+        daemon.ctl("sleep", "--model", "qwen")
+        assert waker.ensure_awake().woke is True
+        assert controller.request("requests")["requests"][-1] == {"wake": []}
+        assert sleeping(daemon) == {"qwen": False}
+        assert daemon.status("qwen")["models"][0]["controllerPid"] == controller.pid
+
+        daemon.stop()  # the Waker's credentials die with this daemon
+        again = Daemon(tmp_path, "host", "--host-devices", "2", "--host-device-capacity", "256MiB")
+        try:
+            wait_for(lambda: again.status("qwen")["models"][0]["controllerPid"] == controller.pid, timeout=60,
+                     what="the ranks and the controller to attach to the new daemon")
+            again.ctl("sleep", "--model", "qwen")
+            assert waker.ensure_awake().woke is True
+            assert controller.request("requests")["requests"][-1] == {"wake": []}
+            assert sleeping(again) == {"qwen": False}
+        finally:
+            again.stop()
+    finally:
+        waker.close()
 
 
 @pytest.mark.skipif(second_tenant_unavailable() is not None, reason=str(second_tenant_unavailable()))

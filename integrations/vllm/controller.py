@@ -1,6 +1,10 @@
-"""The model's controller inside vLLM's API server: sleeps and wakes asked from
-outside vLLM (sleepctl, eviction, idle sleep, swap) run as vLLM's own, so its
-scheduler pauses before the workers' memory goes, and `/is_sleeping` knows.
+"""vLLM's front ends on sleepd. The one that owns the engine client (vLLM's API
+server, an AsyncLLM) attaches as the model's controller: sleeps and wakes asked
+from outside vLLM (sleepctl, eviction, idle sleep, swap) run as vLLM's own, so
+its scheduler pauses before the workers' memory goes, and `/is_sleeping`
+knows. Further API servers of the same engine (--api-server-count) are second
+front ends: their requests wake the model through the daemon, which asks the
+controller.
 
 The daemon calls back on the controller's own thread, while vLLM's engine
 client belongs to the server's event loop: each callback hands the engine's
@@ -14,7 +18,7 @@ import os
 
 import grpc
 
-from sleepd.client import Controller, SleepdError
+from sleepd.client import Controller, SleepdError, Waker
 from sleepd.client.awake import wake_on_request
 
 # Under vLLM's own logger, whose handler survives the logging setup of vLLM's HTTP server.
@@ -38,13 +42,65 @@ def check_plain_level(level: int, tags: list[str], actions: dict[str, str]) -> N
                          f"take actions {differing}; ask for a plain level")
 
 
-class EngineController:
+class FrontEnd:
+    """One of vLLM's front ends to the model (an API server process, an AsyncLLM): each request waits
+    until the model is awake, through `waker` (anything with ensure_awake)."""
+
     def __init__(self, engine_client, loop: asyncio.AbstractEventLoop, model: str):
         self.model = model
         self._engine, self._loop = engine_client, loop
         self._admitted = 0  # requests past their wait for the model and not yet answered (on the loop only)
         self._straggler_wake: asyncio.Task | None = None
-        self.controller = Controller.connect(model, on_sleep=self._sleep, on_wake=self._wake)
+        self.waker = None  # set by the subclass, once it is connected
+
+    async def serve(self, answer) -> None:
+        """Awaits `answer()` once the model is awake (see admitted)."""
+        async with self.admitted():
+            await answer()
+
+    @contextlib.asynccontextmanager
+    async def admitted(self):
+        """Enters once the model is awake: woken through the daemon, or (SLEEPD_WAKE_ON_REQUEST=0)
+        by someone else; the request counts as admitted until the block ends. The wait runs in a
+        thread, because the wake may come back to the loop this is awaited on."""
+        self._admitted += 1
+        try:
+            try:
+                await asyncio.to_thread(self.waker.ensure_awake)
+            except SleepdError as error:
+                if error.code != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                # The daemon is away (restarting): vLLM serves on as it is, and holds requests while asleep.
+                log.warning("sleepd is unreachable, so %s is served without waiting for it: %s", self.model, error)
+            self._admission_started()
+            yield
+        finally:
+            self._admitted -= 1
+
+    def _admission_started(self) -> None:
+        """Runs on the loop each time a request is admitted."""
+
+    def _wake_for_stragglers(self) -> None:
+        """A request admitted while the model was awake can reach vLLM after its scheduler paused for a
+        sleep: queued, it would wait for a wake nobody asks for. It asked for the model, so wake it."""
+        if self._admitted and wake_on_request() and self._straggler_wake is None:
+            self._straggler_wake = self._loop.create_task(self._ensure_awake_for_stragglers())  # held: tasks are weak
+
+    async def _ensure_awake_for_stragglers(self) -> None:
+        try:
+            await asyncio.to_thread(self.waker.ensure_awake)
+        except SleepdError as error:
+            log.error("%s slept with requests queued in vLLM, and waking it for them failed: %s", self.model, error)
+        finally:
+            self._straggler_wake = None
+
+
+class EngineController(FrontEnd):
+    """The front end that controls the model: the daemon's sleeps and wakes run as vLLM's own."""
+
+    def __init__(self, engine_client, loop: asyncio.AbstractEventLoop, model: str):
+        super().__init__(engine_client, loop, model)
+        self.waker = self.controller = Controller.connect(model, on_sleep=self._sleep, on_wake=self._wake)
 
     def _run(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
@@ -57,16 +113,7 @@ class EngineController:
 
     async def _sleep_then_serve_stragglers(self, level: int) -> None:
         await self._engine.sleep(level, mode="wait")
-        # A request admitted while the model was awake can reach vLLM after its scheduler paused:
-        # queued, it would wait for a wake nobody asks for. It asked for the model, so wake it.
-        if self._admitted and wake_on_request():
-            self._straggler_wake = self._loop.create_task(self._wake_for_stragglers())  # held: tasks are weak
-
-    async def _wake_for_stragglers(self) -> None:
-        try:
-            await asyncio.to_thread(self.controller.ensure_awake)
-        except SleepdError as error:
-            log.error("%s slept with requests queued in vLLM, and waking it for them failed: %s", self.model, error)
+        self._wake_for_stragglers()
 
     def _wake(self, tags: list[str]) -> None:
         self._run(self._wake_up(tags or None))
@@ -76,49 +123,54 @@ class EngineController:
         if await self._engine.is_sleeping():
             await self._engine.wake_up(tags)
 
-    async def serve(self, answer) -> None:
-        """Awaits `answer()` once the model is awake (see admitted)."""
-        async with self.admitted():
-            await answer()
 
-    @contextlib.asynccontextmanager
-    async def admitted(self):
-        """Enters once the model is awake: woken through this controller, or (SLEEPD_WAKE_ON_REQUEST=0)
-        by someone else; the request counts as admitted until the block ends. The wait runs in a
-        thread, because the wake comes back to the loop this is awaited on."""
-        self._admitted += 1
+class SecondFrontEnd(FrontEnd):
+    """A front end beside the controlling one (vLLM's --api-server-count: the API servers share one
+    engine core). Its requests wake the model through the daemon, which asks the controller. It does
+    not see the controller's sleeps, so while it has requests admitted it watches vLLM for one."""
+
+    WATCH_SECONDS = 0.5
+
+    def __init__(self, engine_client, loop: asyncio.AbstractEventLoop, model: str):
+        super().__init__(engine_client, loop, model)
+        self.waker = Waker(model)
+        self._watch: asyncio.Task | None = None
+
+    def _admission_started(self) -> None:
+        if self._watch is None:
+            self._watch = self._loop.create_task(self._watch_for_a_sleep())  # held: tasks are weak
+
+    async def _watch_for_a_sleep(self) -> None:
         try:
-            try:
-                await asyncio.to_thread(self.controller.ensure_awake)
-            except SleepdError as error:
-                if error.code != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                # The daemon is away (restarting): vLLM serves on as it is, and holds requests while asleep.
-                log.warning("sleepd is unreachable, so %s is served without waiting for it: %s", self.model, error)
-            yield
+            while self._admitted:
+                await asyncio.sleep(self.WATCH_SECONDS)
+                if self._admitted and await self._engine.is_sleeping():
+                    self._wake_for_stragglers()
         finally:
-            self._admitted -= 1
+            self._watch = None
 
 
-_current: EngineController | None = None
+_current: FrontEnd | None = None
 
 
-def current() -> EngineController | None:
-    """This process's controller (vLLM's API server, or an AsyncLLM's), once its engine is up and it attached."""
+def current() -> FrontEnd | None:
+    """This process's front end (vLLM's API server, or an AsyncLLM's), once its engine is up and it attached."""
     return _current
 
 
 def attach(engine_client, what: str = "vLLM's API server") -> None:
-    """Attaches this process (on its running event loop) as $SLEEPD_MODEL's controller."""
+    """Attaches this process (on its running event loop) as $SLEEPD_MODEL's controller, or as a second
+    front end where another process controls it."""
     global _current
-    model = os.environ["SLEEPD_MODEL"]
+    model, loop = os.environ["SLEEPD_MODEL"], asyncio.get_running_loop()
     try:
-        _current = EngineController(engine_client, asyncio.get_running_loop(), model)
+        _current = EngineController(engine_client, loop, model)
     except SleepdError as error:
         if error.code != grpc.StatusCode.ALREADY_EXISTS:
             raise RuntimeError(f"{what} could not attach as {model}'s sleepd controller: {error.message}") from None
-        # Several API servers (--api-server-count) share one engine; one of them controls it.
-        log.warning("%s already has a sleepd controller (another front end of this vLLM); %s neither controls "
-                    "it nor wakes it on requests", model, what)
+        # Several API servers (--api-server-count) share one engine; the first controls it.
+        _current = SecondFrontEnd(engine_client, loop, model)
+        log.info("%s serves %s beside its sleepd controller (another front end of this vLLM): its requests "
+                 "wake the model through the daemon", what, model)
         return
     log.info("%s attached to sleepd as %s's controller", what, model)

@@ -2,8 +2,10 @@
 --enable-sleep-mode`) and its HTTP endpoints, or a script on vLLM's Python API;
 and the model as sleepctl reports it. Shared by this suite and tests/gpu."""
 
+import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -61,19 +63,48 @@ class VllmServer:
         with open(self.log_path) as log:
             return "".join(log.readlines()[-lines:])
 
-    def call(self, method: str, path: str, body: dict | None = None) -> dict:
+    def call(self, method: str, path: str, body: dict | None = None, connection=None) -> dict:
+        """One request, on a new connection or on `connection` (an http.client.HTTPConnection kept open)."""
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(f"{self.url}{path}", data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        if connection is not None:
+            connection.request(method, path, body=data, headers=headers)
+            response = connection.getresponse()
+            text = response.read().decode()
+            assert response.status == 200, f"{method} {path}: {response.status} {text}"
+            return json.loads(text) if text else {}
+        request = urllib.request.Request(f"{self.url}{path}", data=data, method=method, headers=headers)
         with urllib.request.urlopen(request, timeout=300) as response:
             text = response.read().decode()
         return json.loads(text) if text else {}
 
-    def complete(self, prompt: str, max_tokens: int = 16) -> str:
+    def complete(self, prompt: str, max_tokens: int = 16, connection=None) -> str:
         """Greedy (temperature 0), so the same weights give the same text."""
         reply = self.call("POST", "/v1/completions", {"model": self.checkpoint, "prompt": prompt,
-                                                       "max_tokens": max_tokens, "temperature": 0})
+                                                       "max_tokens": max_tokens, "temperature": 0}, connection)
         return reply["choices"][0]["text"]
+
+    def api_server_pids(self) -> list[int]:
+        """The processes serving HTTP (several with --api-server-count), as their start lines name them."""
+        with open(self.log_path) as log:
+            return [int(pid) for pid in re.findall(r"Started server process \[(\d+)\]", log.read())]
+
+    def connection_to_each_api_server(self) -> dict:
+        """{pid: an open connection that this API server process took}. Which process takes a
+        connection is the kernel's choice, so connections are made until each has one."""
+        pids, taken = self.api_server_pids(), {}
+        for _ in range(100):
+            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=300)
+            connection.connect()
+            ours = connection.sock.getsockname()[1]
+            owner = wait_for_owner(pids, ours)
+            if owner in taken:
+                connection.close()
+            else:
+                taken[owner] = connection
+            if len(taken) == len(pids):
+                return taken
+        raise AssertionError(f"of API servers {pids}, only {sorted(taken)} took any of 100 connections")
 
     def answers(self) -> list[str]:
         return [self.complete(prompt) for prompt in PROMPTS]
@@ -89,6 +120,19 @@ class VllmServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+
+
+def wait_for_owner(pids: list[int], client_port: int) -> int:
+    """Which of `pids` accepted the connection from our `client_port`."""
+    import psutil
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for pid in pids:
+            if any(c.raddr and c.raddr.port == client_port for c in psutil.Process(pid).net_connections("tcp")):
+                return pid
+        time.sleep(0.05)
+    raise AssertionError(f"none of {pids} accepted the connection from port {client_port} within 30 s")
 
 
 def model_status(daemon, model: str) -> dict:

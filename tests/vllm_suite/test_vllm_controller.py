@@ -23,7 +23,7 @@ from support import Daemon, scrape, value, wait_for
 # The first test also waits for vLLM to start (minutes on two shared cores).
 pytestmark = pytest.mark.timeout(900)
 
-A, B = "ctl-a", "ctl-b"
+A, B, C = "ctl-a", "ctl-b", "ctl-c"
 ASLEEP = {"weights": "OFFLOADED", "kv_cache": "DISCARDED"}
 AWAKE = {"weights": "MAPPED", "kv_cache": "MAPPED"}
 # One server awake (1 GiB of KV cache and some MiB of weights) fits; two do not.
@@ -225,6 +225,29 @@ def test_an_async_llm_used_directly_is_its_own_controller_too(daemon, server_b, 
     assert seen["while_asleep"] == seen["before"]
     assert seen["after"] == {"status": {"sleeping": False, "controller_pid": seen["pid"], "tags": AWAKE},
                              "vllm_sleeping": False}
+
+
+def test_with_two_api_servers_a_request_to_either_wakes_the_model(daemon, server_a, server_b, tiny_models, logs):
+    """`vllm serve --api-server-count 2`: two API server processes share one engine core. The first to
+    attach is the controller; the other is a second front end, whose requests wake the model through the
+    daemon (and so through the controller)."""
+    for other in (server_a, server_b):
+        if not asleep(daemon, other):
+            daemon.ctl("sleep", "--model", other.model, "--level", "1")  # room for this vLLM's KV cache
+    server = VllmServer(daemon, C, tiny_models["a"], str(logs / "c.log"), "--api-server-count", "2")
+    try:
+        before = server.complete(PROMPTS[0])
+        connections = server.connection_to_each_api_server()
+        assert model_status(daemon, C)["controllerPid"] in connections and len(connections) == 2
+        for pid, connection in connections.items():
+            daemon.ctl("sleep", "--model", C, "--level", "1")
+            assert asleep(daemon, server)
+            assert server.complete(PROMPTS[0], connection=connection) == before, f"API server {pid}"
+            assert asleep(daemon, server) is False
+        for connection in connections.values():
+            connection.close()
+    finally:
+        server.stop()
 
 
 def test_a_vllm_worker_killed_while_awake_leaves_the_daemon_serving_and_the_other_server_untouched(daemon, server_a,

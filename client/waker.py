@@ -1,0 +1,69 @@
+"""Waker: what a process imports that serves a model's requests without being its
+controller (a second front end of the same engine: vLLM's --api-server-count).
+
+    waker = Waker("qwen")
+    waker.ensure_awake()   # before each request
+
+The daemon wakes the model through its controller, as for any other request.
+A daemon restart invalidates the connection's credentials; the next call
+connects again.
+"""
+
+import threading
+
+import grpc
+
+from sleepd.common import paths
+from sleepd.proto import sleepd_pb2 as pb
+from sleepd.proto import sleepd_pb2_grpc as pb_grpc
+
+from .awake import ensure_awake_request
+from .control import control_channel
+from .errors import SleepdError
+
+# What a call meets when the connection outlived its daemon: it connects again once.
+STALE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED)
+
+
+class Waker:
+    def __init__(self, model: str, socket: str | None = None):
+        self.model = model
+        self._socket_path = paths.client_socket(socket)
+        self._lock = threading.Lock()
+        self._connection = None  # (channel, handle connection, stub), opened at the first call
+
+    def ensure_awake(self, evict: bool = True, wake: bool | None = None, timeout: float = 0.0) -> pb.EnsureAwakeReply:
+        """As SleepClient.ensure_awake."""
+        request = ensure_awake_request(self.model, evict, wake, timeout)
+        try:
+            return self._call(request, fresh=False)
+        except SleepdError as error:
+            if error.code not in STALE:
+                raise
+            return self._call(request, fresh=True)
+
+    def _call(self, request: pb.EnsureAwakeRequest, fresh: bool) -> pb.EnsureAwakeReply:
+        stub = self._stub(fresh)  # SleepdError UNAVAILABLE where no daemon answers
+        try:
+            return stub.EnsureAwake(request)
+        except grpc.RpcError as error:
+            raise SleepdError.from_rpc(error) from None
+
+    def _stub(self, fresh: bool):
+        with self._lock:
+            if fresh or self._connection is None:
+                self._close()
+                channel, handles = control_channel(self._socket_path)
+                self._connection = channel, handles, pb_grpc.SleepdStub(channel)
+            return self._connection[2]
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
+        if self._connection is not None:
+            channel, handles, _ = self._connection
+            self._connection = None
+            handles.close()
+            channel.close()
