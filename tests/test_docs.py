@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from sleepd.client import Controller, Region, SleepClient
+from sleepd.client import Controller, Region, SleepClient, Waker
 from sleepd.daemon import config
 from support import MiB
 
@@ -118,7 +118,7 @@ def test_the_integration_guide_runs_the_example_engine_and_quotes_its_code():
 
 def test_the_client_reference_covers_every_public_method_and_property():
     reference = (ROOT / "docs" / "client-api.md").read_text()
-    for cls in (SleepClient, Controller, Region):
+    for cls in (SleepClient, Controller, Waker, Region):
         for name in dir(cls):
             if not name.startswith("_"):
                 assert f"### `{name}" in reference or f"### `{cls.__name__}.{name}" in reference, \
