@@ -61,6 +61,18 @@ def server_b(daemon, tiny_models, logs, server_a):
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def server_c(daemon, tiny_models, logs, server_a, server_b):
+    """C runs two API server processes (--api-server-count 2); A and B sleep to make room."""
+    for other in (server_a, server_b):
+        if not asleep(daemon, other):
+            daemon.ctl("sleep", "--model", other.model, "--level", "1")
+    server = VllmServer(daemon, C, tiny_models["a"], str(logs / "c.log"), "--api-server-count", "2")
+    server.before = [server.complete(PROMPTS[0])]
+    yield server
+    server.stop()
+
+
 def asleep(daemon, server) -> bool:
     """Whether vLLM and sleepd both say the server's model sleeps; fails where they disagree."""
     vllm, sleepd = server.is_sleeping(), model_status(daemon, server.model)["sleeping"]
@@ -227,27 +239,47 @@ def test_an_async_llm_used_directly_is_its_own_controller_too(daemon, server_b, 
                              "vllm_sleeping": False}
 
 
-def test_with_two_api_servers_a_request_to_either_wakes_the_model(daemon, server_a, server_b, tiny_models, logs):
+def test_with_two_api_servers_a_request_to_either_wakes_the_model(daemon, server_c):
     """`vllm serve --api-server-count 2`: two API server processes share one engine core. The first to
     attach is the controller; the other is a second front end, whose requests wake the model through the
     daemon (and so through the controller)."""
-    for other in (server_a, server_b):
-        if not asleep(daemon, other):
-            daemon.ctl("sleep", "--model", other.model, "--level", "1")  # room for this vLLM's KV cache
-    server = VllmServer(daemon, C, tiny_models["a"], str(logs / "c.log"), "--api-server-count", "2")
+    connections = server_c.connection_to_each_api_server()
+    assert model_status(daemon, C)["controllerPid"] in connections and len(connections) == 2
+    for pid, connection in connections.items():
+        daemon.ctl("sleep", "--model", C, "--level", "1")
+        assert asleep(daemon, server_c)
+        assert server_c.complete(PROMPTS[0], connection=connection) == server_c.before[0], f"API server {pid}"
+        assert asleep(daemon, server_c) is False
+    for connection in connections.values():
+        connection.close()
+
+
+def test_a_vllm_worker_killed_in_the_middle_of_an_outside_sleep_fails_it_and_leaves_the_daemon_serving(
+        daemon, server_b, server_c):
+    """The worker is stopped, so the sleep sleepctl asks for waits in vLLM's own sleep, and is killed
+    there. It ends server C."""
+    (rank,) = model_status(daemon, C)["ranks"]
+    assert memfd_bytes([daemon.pid, rank["pid"]], daemon.memfd_prefix(C)) > 0
+    b_before = tag_states(daemon, B), model_status(daemon, B)["ranks"]
+    os.kill(rank["pid"], signal.SIGSTOP)
+    sleeping = subprocess.Popen([sys.executable, "-m", "sleepd.client.ctl", "--socket", daemon.socket, "sleep",
+                                 "--model", C, "--level", "1"], stderr=subprocess.PIPE, text=True)
     try:
-        before = server.complete(PROMPTS[0])
-        connections = server.connection_to_each_api_server()
-        assert model_status(daemon, C)["controllerPid"] in connections and len(connections) == 2
-        for pid, connection in connections.items():
-            daemon.ctl("sleep", "--model", C, "--level", "1")
-            assert asleep(daemon, server)
-            assert server.complete(PROMPTS[0], connection=connection) == before, f"API server {pid}"
-            assert asleep(daemon, server) is False
-        for connection in connections.values():
-            connection.close()
-    finally:
-        server.stop()
+        sleeping.wait(timeout=10)
+        raise AssertionError(f"the sleep ended while vLLM's worker was stopped: {sleeping.stderr.read()}")
+    except subprocess.TimeoutExpired:
+        pass  # in the middle of it: the daemon waits for vLLM's own sleep
+
+    os.kill(rank["pid"], signal.SIGKILL)
+
+    _, error = sleeping.communicate(timeout=120)
+    assert sleeping.returncode != 0 and len(error.strip().splitlines()) == 1, error
+    assert C in error, error
+    wait_for(lambda: C not in {m["name"] for m in daemon.status()["models"]} or not model_status(daemon, C)["ranks"],
+             timeout=60, what="the daemon to reclaim the killed worker")
+    assert memfd_bytes([daemon.pid, *daemon.mover_pids()], daemon.memfd_prefix(C)) == 0
+    assert daemon.process.poll() is None
+    assert (tag_states(daemon, B), model_status(daemon, B)["ranks"]) == b_before
 
 
 def test_a_vllm_worker_killed_while_awake_leaves_the_daemon_serving_and_the_other_server_untouched(daemon, server_a,
