@@ -93,7 +93,7 @@ Handle AclBackend::create(int device, size_t size, const std::string&) {
   std::lock_guard<std::mutex> lock(mutex_);
   used_[device] += size;
   Handle id = next_handle_++;
-  memory_.emplace(id, Memory{handle, device, size, true, 0, {}, nullptr});
+  memory_.emplace(id, Memory{handle, device, size, true});
   return id;
 }
 
@@ -110,17 +110,21 @@ Shareable AclBackend::export_handle(Handle handle) {
   return shareable;
 }
 
-void AclBackend::authorize(Handle handle, int device_pid) {
+void AclBackend::authorize(Handle handle, int device_pid, Importer importer) {
   uint64_t token = export_handle(handle).token;
   std::lock_guard<std::mutex> lock(mutex_);
   Memory& memory = find_handle(memory_, handle);
-  if (std::find(memory.allowed.begin(), memory.allowed.end(), device_pid) != memory.allowed.end()) return;
-  // The whole list every time, whether the runtime adds to the list or replaces it.
-  std::vector<int32_t> allowed = memory.allowed;
-  allowed.push_back(device_pid);
+  int32_t owner = memory.owner_pid, mover = memory.mover_pid;
+  (importer == Importer::owner ? owner : mover) = device_pid;
+  if (owner == memory.owner_pid && mover == memory.mover_pid) return;
+  // The whole list every time: the runtime replaces it (a process dropped from it imports no more).
+  std::vector<int32_t> allowed;
+  for (int32_t pid : {owner, mover})
+    if (pid != 0 && std::find(allowed.begin(), allowed.end(), pid) == allowed.end()) allowed.push_back(pid);
   runtime_->check(runtime_->aclrtMemSetPidToShareableHandle(token, allowed.data(), allowed.size()),
                   "aclrtMemSetPidToShareableHandle");
-  memory.allowed = std::move(allowed);
+  memory.owner_pid = owner;
+  memory.mover_pid = mover;
 }
 
 Handle AclBackend::import_memory(const Shareable& shareable, int device, size_t size, bool adopt) {
@@ -135,7 +139,7 @@ Handle AclBackend::import_memory(const Shareable& shareable, int device, size_t 
   std::lock_guard<std::mutex> lock(mutex_);
   Handle id = next_handle_++;
   // An imported handle does not know its size; the daemon sends it alongside.
-  memory_.emplace(id, Memory{native, device, size, false, 0, {}, nullptr});
+  memory_.emplace(id, Memory{native, device, size, false});
   return id;
 }
 

@@ -36,7 +36,7 @@ class AclBackend : public Backend {
   Handle create(int device, size_t size, const std::string& label) override;
   Shareable export_handle(Handle handle) override;
   bool shares_tokens() const override { return true; }
-  void authorize(Handle handle, int device_pid) override;
+  void authorize(Handle handle, int device_pid, Importer importer) override;
   void release(Handle handle) override;
 
   uintptr_t reserve(size_t size) override;
@@ -71,7 +71,8 @@ class AclBackend : public Backend {
     size_t size;
     bool owned;                      // created here: counts against the device
     uint64_t token = 0;              // once exported
-    std::vector<int32_t> allowed;    // the token's allow-list, as last set
+    int32_t owner_pid = 0;           // the token's allow-list, as last set: these two, where set
+    int32_t mover_pid = 0;
     void* staging = nullptr;         // this process's own mapping, made on the first copy
   };
 

@@ -65,9 +65,13 @@ class Backend {
   virtual Shareable export_handle(Handle handle) = 0;
   // Whether shareables are tokens, imported only by the processes `authorize` named.
   virtual bool shares_tokens() const { return false; }
+  // Who imports a handle's token: the process of the session that owns it, and its device's mover.
+  enum class Importer { owner, mover };
   // Token backends: lets the process the runtime knows as `device_pid` import
-  // `handle`'s token (the exporter's side). Others have nothing to authorise.
-  virtual void authorize(Handle /*handle*/, int /*device_pid*/) {
+  // `handle`'s token (the exporter's side), in place of the one `importer` named
+  // before (which has exited, or handed the handle on): an allow-list names no
+  // process that is gone. Others have nothing to authorise.
+  virtual void authorize(Handle /*handle*/, int /*device_pid*/, Importer /*importer*/) {
     throw BackendError(name() + " shares file descriptors: there is no allow-list to add a process to");
   }
   // Does not take ownership of `shareable.fd`: the caller closes it. A token is

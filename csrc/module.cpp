@@ -81,9 +81,15 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("handle"), py::call_guard<py::gil_scoped_release>(),
           "The handle's token, the same on every call (token backends).")
-      .def("authorize", &Backend::authorize, py::arg("handle"), py::arg("device_pid"),
-           py::call_guard<py::gil_scoped_release>(),
-           "Lets the process the runtime knows as device_pid import the handle's token.")
+      .def(
+          "authorize",
+          [](Backend& self, Handle handle, int device_pid, bool mover) {
+            self.authorize(handle, device_pid, mover ? Backend::Importer::mover : Backend::Importer::owner);
+          },
+          py::arg("handle"), py::arg("device_pid"), py::arg("mover") = false,
+          py::call_guard<py::gil_scoped_release>(),
+          "Lets the process the runtime knows as device_pid import the handle's token, in place of the "
+          "owner's (or, with mover, the mover's) process authorised before.")
       .def(
           "import_token",
           [](Backend& self, uint64_t token, int device, size_t size) {

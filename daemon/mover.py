@@ -184,7 +184,7 @@ class Mover:
     def _run_batch(self, channel: _Channel, jobs: list[CopyJob]) -> None:
         if self._backend.shares_tokens:
             for job in jobs:
-                self._backend.authorize(job.handle, self._device_pid)
+                self._backend.authorize(job.handle, self._device_pid, mover=True)
             self._request(channel, Copy(tuple(
                 RegionCopy(job.direction, job.size, tuple(job.backup.pieces if job.backup else ()),
                            token=self._backend.export_token(job.handle)) for job in jobs)))

@@ -238,6 +238,14 @@ class FakeAcl(FakeCuda):
         self.state_dir = directory / "acl-tokens"
         self.state_dir.mkdir()
 
+    def allowed_pids(self) -> set[int]:
+        """Every process on any token's allow-list, as the runtime last set them."""
+        pids = set()
+        for token in self.state_dir.iterdir():
+            lines = token.read_text().splitlines()
+            pids.update(int(pid) for pid in (lines[1].split() if len(lines) > 1 and lines[1] != "any" else ()))
+        return pids
+
     def memory_info(self, device: int = 0) -> tuple[int, int]:
         """(free, total) bytes of `device`, as aclrtGetMemInfo reports them to a process of its own."""
         code = ("import json, sys; from sleepd import _C; b = _C.AclBackend(); "

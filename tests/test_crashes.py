@@ -66,7 +66,7 @@ def test_an_engine_killed_in_the_middle_of_a_wake_leaves_the_model_asleep_and_wh
     assert bystander.report() == bystander_report
 
 
-def test_persistent_regions_outlive_their_engine_awake_or_asleep(daemon, start_engine):
+def test_persistent_regions_outlive_their_engine_awake_or_asleep(daemon, start_engine, fake):
     first = start_engine(daemon, "qwen", regions=REGIONS, persist=True)
     original = by_tag(first.initial)
     first.kill()
@@ -80,6 +80,9 @@ def test_persistent_regions_outlive_their_engine_awake_or_asleep(daemon, start_e
     assert [r["id"] for r in second.report()["regions"]] == [r["id"] for r in first.initial["regions"]]
     assert taken["weights"]["sha256"] == original["weights"]["sha256"]
     assert taken["kv_cache"]["sha256"] == original["kv_cache"]["sha256"]
+    if daemon.backend == "acl":  # the new process took the first one's place on the runtime's allow-lists
+        allowed = fake.allowed_pids()
+        assert second.process.pid in allowed and first.process.pid not in allowed, allowed
 
     # Asleep: the model sleeps while no process holds the rank, and wakes with the next one.
     second.kill()
