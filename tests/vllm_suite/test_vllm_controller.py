@@ -3,9 +3,10 @@ server attaches as the model's controller, so `sleepctl sleep`, `wake` and `swap
 and idle sleep, run vLLM's own sleep and wake, and a request that reaches a sleeping vLLM wakes
 it (or, with SLEEPD_WAKE_ON_REQUEST=0, waits for a wake).
 
-Two servers on a device that fits one of them awake (each holds a 1 GiB KV
+Servers on a device that fits one of them awake (each holds a 1 GiB KV
 cache): A is up for the whole module; B starts once A sleeps, for the swap
-tests. The tests run in order and each leaves the state the next one expects.
+tests; C, with two API server processes, once A and B sleep. The tests run in
+order and each leaves the state the next one expects.
 """
 
 import os
