@@ -33,9 +33,14 @@ def register() -> None:
         from . import cuda
 
         cuda.install()
+    elif getattr(current_platform, "device_type", "") == "npu":  # vllm-ascend's out-of-tree platform
+        from . import ascend
+
+        ascend.install()
     else:
         raise RuntimeError(f"{MODEL_VARIABLE} is set, but sleepd does not run vLLM on the "
-                           f"{type(current_platform).__name__} platform: unset it, or run on CUDA or CPU")
+                           f"{type(current_platform).__name__} platform: unset it, or run on CUDA, an Ascend NPU "
+                           "(vllm-ascend) or CPU")
     backend.register()
     api_server.install()  # only in vLLM's API server: its controller and wake on request
     offline.install()  # only where an LLM builds its engine
