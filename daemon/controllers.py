@@ -19,7 +19,6 @@ model at a time, each bounded by the controller timeout. A controller's lease
 is its Control stream; it ends when the stream does, or when its model goes.
 """
 
-import itertools
 import queue
 import threading
 import time
@@ -36,6 +35,7 @@ from .events import EventBus
 from .model import Model, OperationResult
 from .regions import RegionState
 from .registry import Registry
+from .replies import Replies
 from .rules import Action
 
 
@@ -49,8 +49,7 @@ class Controller:
         self.outbox: "queue.Queue[pb.ControlRequest | None]" = queue.Queue()
         self.ended: str | None = None
         self.busy = threading.Lock()  # one forwarded request at a time; see the lock order in operations.py
-        self._pending: dict[int, Future] = {}
-        self._ids = itertools.count(1)
+        self._replies = Replies()
         self._lock = threading.Lock()
 
     def describe(self) -> str:
@@ -58,25 +57,16 @@ class Controller:
 
     def ask(self, request: pb.ControlRequest) -> tuple[int, Future]:
         """Queues a request; the future resolves with the controller's ControlDone."""
-        future: Future = Future()
-        with self._lock:
-            if self.ended:
-                future.set_exception(ControllerGone(f"{self.describe()} is gone: {self.ended}"))
-                return 0, future
-            request.request_id = next(self._ids)
-            self._pending[request.request_id] = future
-        self.outbox.put(request)
+        request.request_id, future = self._replies.expect()
+        if request.request_id:
+            self.outbox.put(request)
         return request.request_id, future
 
     def forget(self, request_id: int) -> None:
-        with self._lock:
-            self._pending.pop(request_id, None)
+        self._replies.forget(request_id)
 
     def answer(self, done: pb.ControlDone) -> None:
-        with self._lock:
-            future = self._pending.pop(done.request_id, None)
-        if future is not None and not future.done():
-            future.set_result(done)
+        self._replies.deliver(done.request_id, done)
 
     def end(self, reason: str) -> bool:
         """Ends the lease and fails every request waiting on it; True the first time."""
@@ -84,10 +74,7 @@ class Controller:
             if self.ended:
                 return False
             self.ended = reason
-            pending, self._pending = self._pending, {}
-        for future in pending.values():
-            if not future.done():
-                future.set_exception(ControllerGone(f"{self.describe()} is gone: {reason}"))
+        self._replies.fail_all(ControllerGone(f"{self.describe()} is gone: {reason}"))
         self.outbox.put(None)
         return True
 

@@ -18,7 +18,6 @@ A rank whose session ended with persistent regions stays in its model as an
 orphan until a process of the same rank attaches and takes them over.
 """
 
-import itertools
 import queue
 import secrets
 import threading
@@ -28,6 +27,7 @@ from enum import Enum
 from sleepd.proto import sleepd_pb2 as pb
 
 from .regions import bug
+from .replies import Replies
 
 
 class RankLost(Exception):
@@ -55,8 +55,7 @@ class Session:
         self.needs_controller = False       # its engine runs its own sleep (see controllers.py)
         self.regions: dict = {}             # region id -> Region, guarded by the model's lock
         self.outbox: "queue.Queue[pb.DaemonCommand | None]" = queue.Queue()
-        self._pending: dict[int, Future] = {}
-        self._op_ids = itertools.count(1)
+        self._replies = Replies()
         self._lock = threading.Lock()
         # The facts the condition follows from, each written by one transition below.
         self.ended: str | None = None       # why the session ended, once it has
@@ -138,10 +137,7 @@ class Session:
             if self.ended:
                 return False
             self.ended = reason
-            pending, self._pending = self._pending, {}
-        for future in pending.values():
-            if not future.done():
-                future.set_exception(RankLost(f"{self.describe()} is gone: {reason}"))
+        self._replies.fail_all(RankLost(f"{self.describe()} is gone: {reason}"))
         self.outbox.put(None)
         return True
 
@@ -149,19 +145,10 @@ class Session:
 
     def send(self, command: pb.DaemonCommand) -> Future:
         """Queues a command for the engine; the future resolves with its Ack."""
-        future: Future = Future()
-        with self._lock:
-            if self.ended:
-                future.set_exception(RankLost(f"{self.describe()} is gone: {self.ended}"))
-                return future
-            op_id = next(self._op_ids)
-            self._pending[op_id] = future
-        command.op_id = op_id
-        self.outbox.put(command)
+        command.op_id, future = self._replies.expect()
+        if command.op_id:
+            self.outbox.put(command)
         return future
 
     def acknowledge(self, ack: pb.Ack) -> None:
-        with self._lock:
-            future = self._pending.pop(ack.op_id, None)
-        if future is not None and not future.done():
-            future.set_result(ack)
+        self._replies.deliver(ack.op_id, ack)
