@@ -21,8 +21,8 @@ from .awake import ensure_awake_request
 from .control import control_channel
 from .errors import SleepdError
 
-# What a call meets when the connection outlived its daemon: it connects again once.
-STALE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED)
+# What a call meets when the connection outlived its daemon (its credentials died with it): it connects again once.
+STALE = (grpc.StatusCode.UNAUTHENTICATED,)
 
 
 class Waker:
@@ -35,23 +35,26 @@ class Waker:
     def ensure_awake(self, evict: bool = True, wake: bool | None = None, timeout: float = 0.0) -> pb.EnsureAwakeReply:
         """As SleepClient.ensure_awake."""
         request = ensure_awake_request(self.model, evict, wake, timeout)
+        stub = self._stub()  # SleepdError UNAVAILABLE where no daemon answers
         try:
-            return self._call(request, fresh=False)
+            return self._call(stub, request)
         except SleepdError as error:
             if error.code not in STALE:
                 raise
-            return self._call(request, fresh=True)
+            return self._call(self._stub(stale=stub), request)
 
-    def _call(self, request: pb.EnsureAwakeRequest, fresh: bool) -> pb.EnsureAwakeReply:
-        stub = self._stub(fresh)  # SleepdError UNAVAILABLE where no daemon answers
+    @staticmethod
+    def _call(stub, request: pb.EnsureAwakeRequest) -> pb.EnsureAwakeReply:
         try:
             return stub.EnsureAwake(request)
         except grpc.RpcError as error:
             raise SleepdError.from_rpc(error) from None
 
-    def _stub(self, fresh: bool):
+    def _stub(self, stale=None):
+        """The current connection's stub; a new connection if there is none, or if `stale` is still the
+        current one (threads that met the same stale connection together connect again once)."""
         with self._lock:
-            if fresh or self._connection is None:
+            if self._connection is None or self._connection[2] is stale:
                 self._close()
                 channel, handles = control_channel(self._socket_path)
                 self._connection = channel, handles, pb_grpc.SleepdStub(channel)

@@ -146,6 +146,8 @@ class SecondFrontEnd(FrontEnd):
                 await asyncio.sleep(self.WATCH_SECONDS)
                 if self._admitted and await self._engine.is_sleeping():
                     self._wake_for_stragglers()
+        except Exception as error:  # the engine is gone: vLLM fails the requests itself
+            log.error("%s: watching vLLM for a sleep failed: %s", self.model, error)
         finally:
             self._watch = None
 

@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 import threading
+import time
 
 import grpc
 
@@ -42,6 +43,11 @@ ENGINE_MODULE = "vllm.v1.engine.llm_engine"
 SERIALISED = ("abort_request", "collective_rpc", "is_sleeping", "reset_prefix_cache", "reset_mm_cache",
               "reset_encoder_cache", "release_kv_cache_memory", "start_profile", "stop_profile", "add_lora",
               "remove_lora", "list_loras", "pin_lora")
+
+
+# How long an in-process engine's sleep waits for the user's steps to finish the requests in flight (the
+# daemon's default controller_timeout).
+DRAIN_SECONDS = 300
 
 
 class OfflineController:
@@ -72,8 +78,12 @@ class OfflineController:
         scheduler = self._core.scheduler
         with self._lock.held(urgent=True):
             scheduler.set_pause_state(type(scheduler.pause_state).PAUSED_NEW)
+        deadline = time.monotonic() + DRAIN_SECONDS
         try:
             while True:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"requests in flight did not finish within {DRAIN_SECONDS} s (is anything "
+                                       "stepping the engine?); the sleep is given up and new requests run again")
                 with self._lock.held(urgent=True):
                     if not scheduler.has_unfinished_requests():  # under PAUSED_NEW: only those in flight count
                         self._engine.sleep(level, mode="keep")

@@ -89,9 +89,13 @@ class VllmServer:
         with open(self.log_path) as log:
             return [int(pid) for pid in re.findall(r"Started server process \[(\d+)\]", log.read())]
 
-    def connection_to_each_api_server(self) -> dict:
-        """{pid: an open connection that this API server process took}. Which process takes a
-        connection is the kernel's choice, so connections are made until each has one."""
+    def connection_to_each_api_server(self, count: int) -> dict:
+        """{pid: an open connection that this API server process took}, for each of the `count` API
+        servers. Which process takes a connection is the kernel's choice, so connections are made until
+        each has one."""
+        deadline = time.monotonic() + STARTUP_SECONDS  # /health answers once the first of them is up
+        while len(self.api_server_pids()) < count and time.monotonic() < deadline:
+            time.sleep(1)
         pids, taken = self.api_server_pids(), {}
         for _ in range(100):
             connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=300)

@@ -244,7 +244,7 @@ def test_with_two_api_servers_a_request_to_either_wakes_the_model(daemon, server
     """`vllm serve --api-server-count 2`: two API server processes share one engine core. The first to
     attach is the controller; the other is a second front end, whose requests wake the model through the
     daemon (and so through the controller)."""
-    connections = server_c.connection_to_each_api_server()
+    connections = server_c.connection_to_each_api_server(2)
     assert model_status(daemon, C)["controllerPid"] in connections and len(connections) == 2
     for pid, connection in connections.items():
         daemon.ctl("sleep", "--model", C, "--level", "1")
