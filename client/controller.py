@@ -10,8 +10,11 @@ callback, which has the engine pause its scheduler and run its own sleep or
 wake (its ranks then call SleepClient.sleep / wake), and answers when it
 returns. A callback that raises fails the outside request with ABORTED.
 The stream is the controller's lease; if the daemon restarts, it attaches again.
+When the daemon ends the lease (the model's last rank ended), it does not: the next
+engine of that name has its own front end.
 """
 
+import atexit
 import logging
 import queue
 import threading
@@ -46,6 +49,8 @@ class Controller:
         self._channel, self._handles, self._stub, self._outgoing, self._stream = self._open()
         self._thread = threading.Thread(target=self._serve, name="sleepd-controller", daemon=True)
         self._thread.start()
+        # Ended before the interpreter finalises, so its thread never opens a channel while gRPC shuts down.
+        atexit.register(self.close)
 
     @classmethod
     def connect(cls, model: str, on_sleep: SleepCallback, on_wake: WakeCallback,
@@ -92,6 +97,7 @@ class Controller:
         if self._closed:
             return
         self._closed = True
+        atexit.unregister(self.close)
         self._outgoing.put(None)
         self._stream.cancel()
         self._thread.join(timeout=5)
@@ -104,9 +110,13 @@ class Controller:
                 for request in self._stream:
                     self._outgoing.put(pb.ControllerMessage(done=self._run(request)))
             except grpc.RpcError as error:
-                if not self._closed:
-                    log.warning("sleepd controller stream of %s broke (%s); attaching again", self.model,
-                                error.details())
+                if self._closed:
+                    return
+                if error.code() == grpc.StatusCode.FAILED_PRECONDITION:  # the daemon ended the lease (no ranks left)
+                    log.info("sleepd ended %s's controller: %s", self.model, error.details())
+                    return
+                log.warning("sleepd controller stream of %s broke (%s); attaching again", self.model,
+                            error.details())
             if self._closed or not self._reconnect():
                 return
 

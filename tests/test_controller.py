@@ -229,6 +229,30 @@ def test_a_request_that_finds_its_model_asleep_wakes_it_or_waits_and_the_wait_is
     assert value(scrape(daemon), "sleepd_wake_wait_seconds_count", model="qwen", how="woke") == 1
 
 
+def test_a_controller_whose_engine_ended_lets_go_of_the_model_for_the_next_engine_and_its_front_end(
+        daemon, start_engine, start_controller, sockets):
+    """The daemon ends a controller's lease when its model has no ranks left (the engine shut down); that
+    controller must not attach again when a new engine of the same name starts, or the new engine's own
+    front end would be refused as a second controller."""
+    ranks = start_ranks(daemon, start_engine, sockets)
+    first = start_controller(daemon, "qwen", rank_sockets(sockets))
+    for rank in ranks:
+        rank.kill()
+    wait_for(lambda: not daemon.status()["models"], what="the model to end with its ranks")
+    for path in rank_sockets(sockets):
+        os.unlink(path)  # left by the killed ranks
+
+    start_ranks(daemon, start_engine, sockets, seed=10)
+    wait_for(lambda: len(daemon.status("qwen")["models"][0]["ranks"]) == 2, what="the new engine's ranks")
+    time.sleep(1)  # ample for the first controller to attach again, as it did before every attach was a retry
+    assert daemon.status("qwen")["models"][0]["controllerPid"] == 0
+    second = start_controller(daemon, "qwen", rank_sockets(sockets))
+    assert second.attached == {"attached": True}
+    daemon.ctl("sleep", "--model", "qwen")
+    assert first.request("requests")["requests"] == []
+    assert second.request("requests")["requests"] == [{"sleep": 1, "tags": [], "actions": {}}]
+
+
 def test_a_second_front_end_wakes_the_model_through_its_controller_even_after_a_daemon_restart(
         tmp_path, daemon, start_engine, start_controller, sockets):
     """A Waker is a front end beside the controller (vLLM's second API server): it never controls the
