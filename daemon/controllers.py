@@ -74,7 +74,7 @@ class Controller:
             if self.ended:
                 return False
             self.ended = reason
-        self._replies.fail_all(ControllerGone(f"{self.describe()} is gone: {reason}"))
+        self._replies.fail_all(ControllerGone, f"{self.describe()} is gone: {reason}")
         self.outbox.put(None)
         return True
 

@@ -12,14 +12,14 @@ class Replies:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._waiting: dict[int, Future] = {}
-        self._error: Exception | None = None  # once the stream ended
+        self._error: tuple[type[Exception], str] | None = None  # once the stream ended
 
     def expect(self) -> tuple[int, Future]:
         """A new request's id and the future its answer resolves; id 0 and a failed future once ended."""
         future: Future = Future()
         with self._lock:
             if self._error is not None:
-                future.set_exception(self._error)
+                future.set_exception(self._new_error())
                 return 0, future
             request_id = next(self._ids)
             self._waiting[request_id] = future
@@ -36,11 +36,16 @@ class Replies:
         with self._lock:
             self._waiting.pop(request_id, None)
 
-    def fail_all(self, error: Exception) -> None:
-        """The stream ended: every request waiting, and every later one, fails with `error`."""
+    def fail_all(self, kind: type[Exception], message: str) -> None:
+        """The stream ended: every request waiting, and every later one, fails with a `kind(message)` of its
+        own (one instance raised in several threads would collect all their tracebacks)."""
         with self._lock:
-            self._error = error
+            self._error = kind, message
             waiting, self._waiting = self._waiting, {}
         for future in waiting.values():
             if not future.done():
-                future.set_exception(error)
+                future.set_exception(kind(message))
+
+    def _new_error(self) -> Exception:
+        kind, message = self._error
+        return kind(message)

@@ -69,7 +69,7 @@ class Session:
         session = cls(peer)
         session.model, session.rank, session.device = model, rank, device
         session.ended = "its engine has not attached since the daemon restarted"
-        session._replies.fail_all(RankLost(f"{session.describe()} is gone: {session.ended}"))
+        session._replies.fail_all(RankLost, f"{session.describe()} is gone: {session.ended}")
         session.outbox.put(None)
         session._placeholder = True
         return session
@@ -138,7 +138,7 @@ class Session:
             if self.ended:
                 return False
             self.ended = reason
-        self._replies.fail_all(RankLost(f"{self.describe()} is gone: {reason}"))
+        self._replies.fail_all(RankLost, f"{self.describe()} is gone: {reason}")
         self.outbox.put(None)
         return True
 

@@ -11,6 +11,7 @@ from sleepd.daemon.errors import SleepdError
 from sleepd.daemon.pool import Backup, HostPool
 from sleepd.daemon.private_paths import PrivateDirectory, UnsafePath
 from sleepd.daemon.regions import IllegalTransition, Region, RegionState
+from sleepd.daemon.replies import Replies
 from sleepd.daemon.rules import Action, SleepRules
 
 MiB = 1 << 20
@@ -188,3 +189,17 @@ def test_a_symlink_on_the_way_is_followed_only_when_root_or_the_daemon_owns_it(t
     os.lchown(tmp_path / "theirs", 65534, 65534)
     with pytest.raises(UnsafePath, match=f"{tmp_path / 'theirs'} on its way is a symlink owned by uid 65534"):
         PrivateDirectory(str(tmp_path / "theirs" / "pool"), "host pool directory")
+
+
+def test_replies_fail_every_waiting_and_later_request_each_with_its_own_error():
+    replies = Replies()
+    (first, waiting), (second, answered) = replies.expect(), replies.expect()
+    replies.deliver(second, "done")
+    replies.fail_all(ConnectionError, "the stream ended")
+    later_id, later = replies.expect()
+    replies.deliver(first, "too late")  # after the end, nothing is delivered
+
+    assert answered.result() == "done" and later_id == 0
+    errors = [waiting.exception(), later.exception()]
+    assert all(isinstance(error, ConnectionError) and str(error) == "the stream ended" for error in errors)
+    assert errors[0] is not errors[1]

@@ -100,7 +100,7 @@ class EngineController(FrontEnd):
 
     def __init__(self, engine_client, loop: asyncio.AbstractEventLoop, model: str):
         super().__init__(engine_client, loop, model)
-        self.waker = self.controller = Controller.connect(model, on_sleep=self._sleep, on_wake=self._wake)
+        self.waker = Controller.connect(model, on_sleep=self._sleep, on_wake=self._wake)
 
     def _run(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()

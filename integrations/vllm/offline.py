@@ -85,7 +85,9 @@ class OfflineController:
                     raise TimeoutError(f"requests in flight did not finish within {DRAIN_SECONDS} s (is anything "
                                        "stepping the engine?); the sleep is given up and new requests run again")
                 with self._lock.held(urgent=True):
-                    if not scheduler.has_unfinished_requests():  # under PAUSED_NEW: only those in flight count
+                    # Under PAUSED_NEW only the requests in flight count. A batch still queued for the device
+                    # (async scheduling) may outlive its requests: "keep" synchronises the device first.
+                    if not scheduler.has_unfinished_requests():
                         self._engine.sleep(level, mode="keep")
                         return
                     ours = self._lock.turn + 1  # this hold letting go

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 PROMPTS = ["hello world", "sleepd owns the memory", "a b c d"]
 
@@ -44,19 +45,36 @@ def main() -> None:
                               "status": sleepd_status(model), "vllm_sleeping": llm.llm_engine.is_sleeping()}
     seen["while_asleep"] = answers()  # the first request wakes it
     seen["after_request"] = {"status": sleepd_status(model), "vllm_sleeping": llm.llm_engine.is_sleeping()}
-    # An outside sleep while generate() runs a batch larger than the engine takes at once: the
-    # sleep lands between two steps, the requests still queued wake the model, and all are answered.
-    batch = PROMPTS * 4
-    many = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    # An outside sleep while generate() runs a batch larger than the engine takes at once: the sleep
+    # lands between two steps, the requests still queued wake the model, and all are answered. Each of
+    # the script's steps is paced, so the batch outlasts sleepctl's start; the engine's sleep notes how
+    # many requests were still unanswered once it had slept.
+    batch = PROMPTS * 8
+    many = SamplingParams(temperature=0, max_tokens=96, ignore_eos=True)
     expected = [list(output.outputs[0].token_ids) for output in llm.generate(batch, many, use_tqdm=False)]
+    engine, unanswered_at_sleep = llm.llm_engine, []
+    step, sleep = engine.step, engine.sleep
+
+    def paced_step():
+        time.sleep(0.02)
+        return step()
+
+    def noting_sleep(*args, **kwargs):
+        result = sleep(*args, **kwargs)
+        unanswered_at_sleep.append(engine.get_num_unfinished_requests())
+        return result
+
+    engine.step, engine.sleep = paced_step, noting_sleep
     done = {}
     generating = threading.Thread(target=lambda: done.update(answers=[
         list(output.outputs[0].token_ids) for output in llm.generate(batch, many, use_tqdm=False)]))
     generating.start()
     slept = sleepctl("sleep", "--model", model, "--level", "1")
     generating.join(timeout=300)
+    del engine.step, engine.sleep
     seen["sleep_during_generate"] = {"code": slept.returncode, "stderr": slept.stderr[-2000:],
-                                     "answered": done.get("answers") == expected}
+                                     "answered": done.get("answers") == expected,
+                                     "unanswered_at_sleep": unanswered_at_sleep}
     llm.sleep(level=1)
     seen["own_sleep"] = sleepd_status(model)
     llm.wake_up()

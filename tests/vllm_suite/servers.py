@@ -166,9 +166,11 @@ def start_rl_flow(daemon, model: str, *args: str) -> subprocess.Popen:
     return start_script(daemon, model, "rl_flow.py", *args, environment={"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"})
 
 
-def script_result(process: subprocess.Popen, timeout: float) -> dict:
-    """What a script from start_script printed as its RESULT, once it has exited successfully."""
+def script_result(process: subprocess.Popen, timeout: float, with_log: bool = False):
+    """What a script from start_script printed as its RESULT, once it has exited successfully (and, with
+    `with_log`, everything it and its vLLM printed)."""
     output, _ = process.communicate(timeout=timeout)
     lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
     assert process.returncode == 0 and lines, f"{process.args[1]} failed ({process.returncode}):\n{output[-6000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+    seen = json.loads(lines[-1][len("RESULT "):])
+    return (seen, output) if with_log else seen
