@@ -52,7 +52,7 @@ def test_vllm_sleep_endpoint_goes_through_sleepd_frees_memory_and_answers_stay_t
     shmem_awake = shmem_bytes()
     sleeps = value(scrape(daemon), "sleepd_sleep_duration_seconds_count", model=MODEL, level="1") or 0
 
-    assert server.call("POST", "/sleep?level=1")["status"] == "sleeping"
+    server.call("POST", "/sleep?level=1")  # a 200: 0.32 says {"status": "sleeping"}, 0.29 nothing
 
     assert server.is_sleeping() is True
     assert model_status(daemon, MODEL)["sleeping"] is True
