@@ -46,6 +46,7 @@ class Controller:
         self._on_sleep, self._on_wake = on_sleep, on_wake
         self._socket_path = socket_path
         self._closed = False
+        self._lease = threading.Lock()  # close() and a reconnect's swap of the connection, one at a time
         self._channel, self._handles, self._stub, self._outgoing, self._stream = self._open()
         self._thread = threading.Thread(target=self._serve, name="sleepd-controller", daemon=True)
         self._thread.start()
@@ -94,15 +95,17 @@ class Controller:
 
     def close(self) -> None:
         """Ends the lease: outside sleeps of a model that needs a controller are refused again."""
-        if self._closed:
-            return
-        self._closed = True
-        atexit.unregister(self.close)
-        self._outgoing.put(None)
-        self._stream.cancel()
+        with self._lease:
+            if self._closed:
+                return
+            self._closed = True
+            atexit.unregister(self.close)
+            self._outgoing.put(None)
+            self._stream.cancel()
         self._thread.join(timeout=5)
-        self._handles.close()
-        self._channel.close()
+        with self._lease:
+            self._handles.close()
+            self._channel.close()
 
     def _serve(self) -> None:
         while True:
@@ -144,8 +147,15 @@ class Controller:
             except (SleepdError, OSError):
                 time.sleep(0.2)
                 continue
-            old_channel, old_handles = self._channel, self._handles
-            self._channel, self._handles, self._stub, self._outgoing, self._stream = opened
+            channel, handles, _, _, stream = opened
+            with self._lease:
+                if self._closed:  # closed while this attached: the new lease ends at once
+                    stream.cancel()
+                    handles.close()
+                    channel.close()
+                    return False
+                old_channel, old_handles = self._channel, self._handles
+                self._channel, self._handles, self._stub, self._outgoing, self._stream = opened
             old_handles.close()
             old_channel.close()
             log.info("%s's controller attached again", self.model)

@@ -16,7 +16,7 @@ import sys
 from . import controller
 from .wake_on_request import wrap_model_routes
 
-# Where `run_server_worker` is defined: vLLM 0.32 moved it out of the second.
+# Where `run_server_worker` is defined: 0.29 has it in the first (run), 0.27 in the second (run).
 SERVING_MODULES = ("vllm.entrypoints.launchers.api_server.entry", "vllm.entrypoints.openai.api_server")
 HOOKED = ("build_app", "init_app_state")
 

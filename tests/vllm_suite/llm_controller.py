@@ -46,18 +46,21 @@ def main() -> None:
     seen["while_asleep"] = answers()  # the first request wakes it
     seen["after_request"] = {"status": sleepd_status(model), "vllm_sleeping": llm.llm_engine.is_sleeping()}
     # An outside sleep while generate() runs a batch larger than the engine takes at once: the sleep
-    # lands between two steps, the requests still queued wake the model, and all are answered. Each of
-    # the script's steps is paced, so the batch outlasts sleepctl's start; the engine's sleep notes how
-    # many requests were still unanswered once it had slept.
+    # lands between two steps, the requests still queued wake the model, and all are answered. sleepctl
+    # starts once the batch is stepping. The batch outlasts its start: an engine core of its own runs
+    # through about a thousand steps, and one in this process only as fast as the script's paced steps.
+    # The engine's sleep notes how many requests were still unanswered once it had slept.
     batch = PROMPTS * 8
-    many = SamplingParams(temperature=0, max_tokens=96, ignore_eos=True)
+    many = SamplingParams(temperature=0, max_tokens=160, ignore_eos=True)
     expected = [list(output.outputs[0].token_ids) for output in llm.generate(batch, many, use_tqdm=False)]
-    engine, unanswered_at_sleep = llm.llm_engine, []
+    engine, unanswered_at_sleep, stepping = llm.llm_engine, [], threading.Event()
     step, sleep = engine.step, engine.sleep
 
     def paced_step():
-        time.sleep(0.02)
-        return step()
+        time.sleep(0.01)
+        outputs = step()
+        stepping.set()
+        return outputs
 
     def noting_sleep(*args, **kwargs):
         result = sleep(*args, **kwargs)
@@ -69,6 +72,7 @@ def main() -> None:
     generating = threading.Thread(target=lambda: done.update(answers=[
         list(output.outputs[0].token_ids) for output in llm.generate(batch, many, use_tqdm=False)]))
     generating.start()
+    stepping.wait(timeout=120)
     slept = sleepctl("sleep", "--model", model, "--level", "1")
     generating.join(timeout=300)
     del engine.step, engine.sleep
