@@ -193,8 +193,10 @@ class Recovery:
         """The engine has handed back all it maps. What it did not hand back it has
         unmapped, on our word before the restart: asleep, with its backup if one was
         recorded (an offload), else discarded."""
+        self._require_handing_back(session)
         model = self._registry.model(session.model)
         with model.lock:
+            self._require_handing_back(session)  # a second HandedBack may have finished it meanwhile
             for region in session.regions.values():
                 if region.holds_memory:
                     if region.backup is not None:  # copied out, but the engine kept it: it is awake
@@ -205,6 +207,14 @@ class Recovery:
                 model.pause()  # its sleep hooks ran before the restart; a wake resumes it
             session.handed_back()
         self._operations.checkpoint()
+
+    @staticmethod
+    def _require_handing_back(session: Session) -> None:
+        """What the engine says is checked against its condition: a HandedBack from a session
+        that is not handing back is refused, never reaches Session.handed_back's bug()."""
+        if session.condition is not Condition.HANDING_BACK:
+            raise precondition(f"pid {session.pid} is not handing back memory after a daemon restart "
+                               f"(its session is {session.condition.value}); nothing to finish")
 
     def expire(self) -> None:
         """Ranks whose engine did not come back: their persistent asleep regions wait

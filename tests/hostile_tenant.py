@@ -1,14 +1,11 @@
 """A hostile local tenant, for tests/test_tenants.py.
 
 Started as root so that Python and sleepd load, it drops to the uid it is given
-before it opens any socket, then runs one attack against the daemon and prints
-one JSON line: what the daemon answered. An attack that holds connections keeps
-them until its stdin closes.
 before it opens any socket or file, then runs one attack against the daemon, or
 plants something where root's daemon will look, and prints one JSON line: what
-the daemon answered, or what it planted.
-one JSON line: what the daemon answered. (The stream flood prints a line first,
-when its flood is in place, and holds it until a line arrives on stdin.)
+the daemon answered, or what it planted. An attack that holds connections keeps
+them until its stdin closes. (The stream flood prints a line first, when its
+flood is in place, and holds it until a line arrives on stdin.)
 
     python hostile_tenant.py UID SOCKET ATTACK [ARGS...]
 """
@@ -25,7 +22,9 @@ import time
 
 import grpc
 
+from sleepd.client import SleepClient
 from sleepd.client.control import control_channel
+from sleepd.client.errors import SleepdError
 from sleepd.client.handles import HandleConnection
 from sleepd.common import paths, wire
 from sleepd.common.handle_messages import Hello, Refused, Welcome, decode_reply
@@ -351,9 +350,33 @@ def stream_flood(daemon_socket: str, *counts: str) -> dict:
         time.sleep(0.5)
 
 
+def premature_hand_back(daemon_socket: str, model: str) -> dict:
+    """Says it has handed back everything after a daemon restart, when there was none: first on a
+    handle connection that never attached, then as an attached rank of its own model with memory."""
+    unattached = HandleConnection(paths.handle_socket(daemon_socket))
+    answers = {"unattached": _handle_answer(unattached.handed_back)}
+    unattached.close()
+    with SleepClient.connect(model=model, socket=daemon_socket) as client:
+        region = client.alloc(MiB, tag="weights")
+        region.write(b"mine" * (MiB // 4))
+        answers["attached"] = _handle_answer(client._handles.handed_back)
+        answers["twice"] = _handle_answer(client._handles.handed_back)
+        answers["bytes_kept"] = region.read() == b"mine" * (MiB // 4)
+    return answers
+
+
+def _handle_answer(request) -> dict:
+    """{'code', 'details'} of a handle-socket request, as answer() gives them for gRPC calls."""
+    try:
+        request()
+    except SleepdError as error:
+        return {"code": error.code.name, "details": error.message}
+    return {"code": "OK", "details": ""}
+
+
 ATTACKS = {"relay": relay_attack, "events": watch_events, "flood": flood_handle_socket, "plant_pool": plant_pool,
            "look_in": look_in, "make_directory": make_directory, "fake_daemon": fake_daemon,
-           "stream_flood": stream_flood}
+           "stream_flood": stream_flood, "premature_hand_back": premature_hand_back}
 
 
 def main() -> None:

@@ -52,6 +52,8 @@ def holding(daemon, name: str, *args):
     finally:
         process.stdin.close()
         process.wait(timeout=60)
+
+
 def start_root_daemon(argv) -> subprocess.CompletedProcess:
     """Root's sleepd on `argv`, expected to refuse to start (a daemon that starts runs into the timeout)."""
     return subprocess.run(argv, capture_output=True, text=True, timeout=30)
@@ -111,6 +113,18 @@ def test_a_relay_from_an_abstract_address_is_no_admin(victim):
     answers = attack(daemon, "relay", "victim")
     assert answers["sleep"]["code"] == "UNAUTHENTICATED", answers
     assert answers["policy"]["code"] == "UNAUTHENTICATED", answers
+    assert_untouched(daemon, engine, status, report)
+
+
+def test_a_hand_back_finished_without_a_daemon_restart_is_refused_and_the_daemon_serves_on(victim):
+    daemon, engine = victim
+    status, report = daemon.status(), engine.report()
+    answers = attack(daemon, "premature_hand_back", "mine")
+    for when in ("unattached", "attached", "twice"):
+        assert answers[when]["code"] == "FAILED_PRECONDITION", answers
+        assert "not handing back" in answers[when]["details"], answers
+    assert answers["bytes_kept"], answers
+    assert daemon.process.poll() is None, daemon.log()
     assert_untouched(daemon, engine, status, report)
 
 
