@@ -465,7 +465,9 @@ class SleepClient:
             for region, handle in zip(batch, handles):
                 region.handle = handle
                 region.state = State.MAPPED
-        for tag in sorted({region.tag for region in regions}):
+
+    def _tags_awake(self, command: pb.TagsAwake) -> None:
+        for tag in command.tags:
             if all(r.state is State.MAPPED for r in self.regions() if r.tag == tag):
                 for hook in self._tag_wake_hooks.get(tag, []):
                     hook()

@@ -166,7 +166,12 @@ class Config:
         "else $XDG_STATE_HOME/sleepd)", "DIR")
     hook_timeout: float = _setting(
         "hook_timeout", seconds(positive=True), 30.0,
-        "seconds each engine has to answer a quiesce, unmap, remap or resume", "SECONDS")
+        "seconds each engine has to answer a quiesce or resume, whose hooks it runs", "SECONDS")
+    device_step_timeout: float = _setting(
+        "device_step_timeout", seconds(positive=True), 10.0,
+        "seconds each engine has to unmap or map its memory while the daemon holds the device for that "
+        "round; past it that engine's operation is rolled back, so other models on the device go first",
+        "SECONDS")
     controller_timeout: float = _setting(
         "controller_timeout", seconds(positive=True), 300.0,
         "seconds a model's controller has to run its engine's own sleep or wake asked from outside it",

@@ -33,7 +33,7 @@ class Core:
     recovery: Recovery
 
 
-def build(backend: DaemonBackend, pool: HostPool, movers: dict[int, Mover], rules: SleepRules, hook_timeout: float,
+def build(backend: DaemonBackend, pool: HostPool, movers: dict[int, Mover], rules: SleepRules, fanout: Fanout,
           metrics, authorizer: Authorizer, store: StateStore | None = None,
           default_policies: dict[str, dict] | None = None, quotas: dict | None = None,
           controller_timeout: float = 300.0) -> Core:
@@ -42,7 +42,7 @@ def build(backend: DaemonBackend, pool: HostPool, movers: dict[int, Mover], rule
     room = Room(registry, backend, authorizer, events, metrics)
     checkpoints = Checkpoints(registry, backend.name, store)
     controllers = Controllers(registry, authorizer, events, controller_timeout)
-    operations = Operations(registry, room, Fanout(hook_timeout), backend, pool, movers, rules,
+    operations = Operations(registry, room, fanout, backend, pool, movers, rules,
                             Reporter(events, metrics), Quotas(quotas, registry, authorizer), checkpoints,
                             controllers)
     recovery = Recovery(registry, backend, pool, operations)

@@ -30,6 +30,7 @@ from sleepd.proto import sleepd_pb2, sleepd_pb2_grpc as pb_grpc
 from . import admission, backends, config, core as control_plane, logs
 from .auth import Authorizer
 from .config_render import render
+from .fanout import Fanout
 from .handles import HandleServer
 from .idle import IdleWatcher
 from .metrics import Metrics
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     metrics = Metrics()
     stop_on_bugs()  # a broken state machine stops the daemon; recovery runs when it is restarted
     # [models.NAME] policies apply when a model first attaches.
-    core = control_plane.build(backend, pool, movers, SleepRules(cfg.rules), cfg.hook_timeout, metrics,
+    core = control_plane.build(backend, pool, movers, SleepRules(cfg.rules),
+                               Fanout(cfg.hook_timeout, cfg.device_step_timeout), metrics,
                                authorizer=Authorizer(cfg.admin_group), store=store, default_policies=cfg.models,
                                quotas=cfg.quotas, controller_timeout=cfg.controller_timeout)
     if state is not None:

@@ -37,6 +37,7 @@ from .fanout import Fanout, owners, rank_failure
 from .limits import MAX_LEVEL
 from .locks import DEVICE, OrderedLock
 from .model import Model, OperationResult, Policy
+from .model_work import ModelWork
 from .mover import OFFLOAD, RESTORE, ZERO, CopyJob, Mover
 from .pool import HostPool
 from .quotas import Quotas
@@ -69,6 +70,7 @@ class Operations:
         self.controllers = controllers
         self._device_locks = {device.index: OrderedLock(DEVICE, device.index) for device in backend.devices}
         self._frozen = False
+        self._model_work = ModelWork()
 
     # ---- sessions ----
 
@@ -86,15 +88,21 @@ class Operations:
         return session
 
     def end_session(self, session: Session, reason: str) -> None:
-        """Reclaims every reference a session held. Safe to call more than once."""
+        """Ends a session at once and queues the reclaiming of every reference it held for its
+        model (model_work.py), so that the caller never waits on the model's lock. Safe to call
+        more than once."""
         if not session.end(reason) or self._frozen:
             return
         model = self.registry.forget_session(session)
-        if model is None:
-            return
+        if model is not None:
+            self._model_work.submit(model, lambda: self._reclaim(model, session, reason))
+
+    def _reclaim(self, model: Model, session: Session, reason: str) -> None:
         # Waiters on this session have already failed, so any operation holding
         # the model's lock finishes its rollback and lets us in.
         with model.lock:
+            if self._frozen:  # stopping since the session ended: the state file keeps it
+                return
             kept = {r.id: r for r in session.regions.values() if r.persist}
             freed = sum(r.mapped_size for r in session.regions.values() if r.holds_memory and not r.persist)
             for region in list(session.regions.values()):
@@ -136,17 +144,18 @@ class Operations:
         try:
             model.touch()
             what = f"allocate {format_size(mapped_size)} for {session.describe()}"
-            self.quotas.check(model, "device", mapped_size, what)
-            evicted = self.room.ensure(model, {device.index: mapped_size}, what, evict, self.put_to_sleep,
-                                      session.peer)
-            region = Region.new(self.registry.new_region_id(), tag, size, mapped_size, device.index, session, persist)
-            try:
-                self._create_all([region], what, session.peer)
-            except _C.OutOfMemoryError as error:
-                raise exhausted(f"{what} on {device.name}: the device refused ({error}); "
-                                f"{self.room.describe(device.index, session.peer)}") from None
-            region.restored()
-            self.registry.add_region(region)
+            with self.quotas.reserve(model, "device", mapped_size, what):
+                evicted = self.room.ensure(model, {device.index: mapped_size}, what, evict, self.put_to_sleep,
+                                          session.peer)
+                region = Region.new(self.registry.new_region_id(), tag, size, mapped_size, device.index, session,
+                                    persist)
+                try:
+                    self._create_all([region], what, session.peer)
+                except _C.OutOfMemoryError as error:
+                    raise exhausted(f"{what} on {device.name}: the device refused ({error}); "
+                                    f"{self.room.describe(device.index, session.peer)}") from None
+                region.restored()
+                self.registry.add_region(region)
         finally:
             model.lock.release()
         self.checkpoint()
@@ -188,20 +197,20 @@ class Operations:
         self.check_ready(model, "sleep")
         started = time.perf_counter()
         work = self.plan_sleep(model, level, tags, actions, discard_if_short)
-        self.quotas.check(model, "host_pool", sum(r.mapped_size for r, a in work if a is Action.OFFLOAD),
-                          f"sleep {model.name}")
         result = OperationResult(model.name, sleeping=True)
         if not work and model.sleeping:
             return result  # already asleep: sleeping again is a no-op
-        quiesced_here = not model.paused
-        if quiesced_here:
-            self.quiesce(model, level)
-        try:
-            self.offload_and_unmap(model, work)
-        except Exception:
+        with self.quotas.reserve(model, "host_pool", sum(r.mapped_size for r, a in work if a is Action.OFFLOAD),
+                                 f"sleep {model.name}"):
+            quiesced_here = not model.paused
             if quiesced_here:
-                self.resume(model, best_effort=True)
-            raise
+                self.quiesce(model, level)
+            try:
+                self.offload_and_unmap(model, work)
+            except Exception:
+                if quiesced_here:
+                    self.resume(model, best_effort=True)
+                raise
         for region, action in work:
             if action is Action.OFFLOAD:
                 result.bytes_offloaded += region.mapped_size
@@ -244,11 +253,11 @@ class Operations:
             check_tags(model, regions, tags)
             targets = [r for r in regions if r.state in ASLEEP and (not tags or r.tag in tags)]
             if targets:
-                self.quotas.check(model, "device", sum(r.mapped_size for r in targets), f"wake {model.name}")
-                result.evicted = self.room.ensure(model, needed_by_device(targets), f"wake {model.name}", evict,
-                                                  self.put_to_sleep, caller)
-                self.materialize(model, targets, caller)
-                self.remap_or_undo(model, targets, result)
+                with self.quotas.reserve(model, "device", sum(r.mapped_size for r in targets), f"wake {model.name}"):
+                    result.evicted = self.room.ensure(model, needed_by_device(targets), f"wake {model.name}", evict,
+                                                      self.put_to_sleep, caller)
+                    self.materialize(model, targets, caller)
+                    self.remap_or_undo(model, targets, result)
             self.finish_wake(model, targets, result)
         result.seconds = time.perf_counter() - started
         self.reporter.woke(model, tags, result)
@@ -345,11 +354,14 @@ class Operations:
             raise
 
     def remap_or_undo(self, model: Model, targets: list[Region], result: OperationResult) -> None:
-        """Has every rank map `targets` again, then frees their backups, counting the bytes
-        restored and zero-filled into `result`; on failure, leaves them asleep as before."""
+        """Has every rank map `targets` again and then (the device no longer held) run the wake
+        hooks of their tags, then frees their backups, counting the bytes restored and
+        zero-filled into `result`; on failure, leaves them asleep as before."""
         asked = owners(targets)
         with self.devices_locked(_devices(targets)):
             failures, _ = self.fanout.remap(asked, targets)
+        if not failures:
+            failures, _ = self.fanout.tags_awake(asked, targets)
         if failures:
             # A rank that failed may have mapped some regions before it did: every rank asked unmaps again.
             self.undo_restore(model, targets, remapped=asked)

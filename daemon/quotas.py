@@ -1,12 +1,17 @@
 """Per-uid quotas: how much device memory and host-pool space one uid's models may
 hold together, configured per user or group with a default ([quotas] in the
 configuration). A request past a quota is refused RESOURCE_EXHAUSTED, naming it.
+Every request that charges a quota reserves its bytes first (Quotas.reserve), so
+concurrent requests of one uid are counted together.
 
 A uid's quota of each kind is its user entry's, else the largest of its groups'
 entries, else the default; admins (root and the admin group) have no default
 quota, only what an entry of their own or of their groups sets.
 """
 
+import contextlib
+import threading
+from collections import Counter
 from dataclasses import dataclass
 
 from sleepd.common.sizes import format_size
@@ -30,6 +35,8 @@ class Quotas:
         self._configured = configured or {"default": {}, "users": {}, "groups": {}}
         self._registry = registry
         self._authorizer = authorizer
+        self._lock = threading.Lock()  # taken before the registry lock, never while waiting on anything else
+        self._reserved: Counter[tuple[int, str]] = Counter()  # (uid, kind) -> bytes of requests under way
 
     def limit(self, owner: Peer, kind: str) -> Limit | None:
         users, groups = self._configured["users"], self._configured["groups"]
@@ -43,17 +50,33 @@ class Quotas:
             return Limit(self._configured["default"][kind], "[quotas.default]")
         return None
 
-    def check(self, model: Model, kind: str, extra: int, what: str) -> None:
-        """Refuses `extra` more bytes of `kind` for `model` past its owner's quota."""
+    @contextlib.contextmanager
+    def reserve(self, model: Model, kind: str, extra: int, what: str):
+        """Checks `extra` more bytes of `kind` for `model` against its owner's quota and holds
+        them for the uid until the block ends, by when they are counted as held (or were never
+        taken). Check and charge are one step for the whole uid, so two requests of one uid
+        cannot both pass a check that only one of them fits; a request that fails returns its
+        bytes as it leaves. While a request is under way its bytes may count twice (reserved
+        and held), which can refuse a concurrent request at the quota's edge, never admit one past it."""
         owner = _owner(model)
         limit = self.limit(owner, kind)
         if limit is None or not extra:
+            yield
             return
-        held = self._registry.usage(owner.uid)[kind]
-        if held + extra > limit.bytes:
-            raise exhausted(f"{what}: uid {owner.uid}'s {KINDS[kind]} quota is {format_size(limit.bytes)} "
-                            f"({limit.source}); its models hold {format_size(held)} and this needs "
-                            f"{format_size(extra)} more; free some, or put a model to sleep")
+        key = (owner.uid, kind)
+        with self._lock:
+            held, pending = self._registry.usage(owner.uid)[kind], self._reserved[key]
+            if held + pending + extra > limit.bytes:
+                in_flight = f" (and {format_size(pending)} more is being taken)" if pending else ""
+                raise exhausted(f"{what}: uid {owner.uid}'s {KINDS[kind]} quota is {format_size(limit.bytes)} "
+                                f"({limit.source}); its models hold {format_size(held)}{in_flight} and this needs "
+                                f"{format_size(extra)} more; free some, or put a model to sleep")
+            self._reserved[key] += extra
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._reserved[key] -= extra
 
 
 def _owner(model: Model) -> Peer:

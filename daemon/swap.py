@@ -12,6 +12,7 @@ room went elsewhere), asleep with its backups and named in the error.
 It works through the operations' interface (operations.py), like any other operation.
 """
 
+import contextlib
 import threading
 import time
 
@@ -51,17 +52,19 @@ def swap(ops: Operations, to_name: str, from_names: list[str], caller: Peer) -> 
         victims = named or _choose_victims(ops, target, needed, caller)
         _check_enough(ops, target, victims, needed)
         freed_for_owner = sum(v.held_on(d) for v in victims if v.owner_uid == target.owner_uid for d in needed)
-        ops.quotas.check(target, "device", max(0, sum(needed.values()) - freed_for_owner), f"swap to {to_name}")
-        locked = []
-        try:
+        with contextlib.ExitStack() as held:
+            held.enter_context(ops.quotas.reserve(target, "device", max(0, sum(needed.values()) - freed_for_owner),
+                                                  f"swap to {to_name}"))
             for victim in sorted(victims, key=lambda model: model.name):
                 if not victim.lock.acquire(timeout=ops.fanout.hook_timeout):
                     raise unavailable(f"swap to {to_name}: {victim.name} is busy with another operation; try again")
-                locked.append(victim)
-            result = _overlapped(ops, target, victims, targets, caller)
-        finally:
-            for victim in locked:
-                victim.lock.release()
+                held.callback(victim.lock.release)
+            works = {victim: ops.plan_sleep(victim, victim.policy.eviction_level, [], {}) for victim in victims}
+            for victim, work in works.items():
+                held.enter_context(ops.quotas.reserve(
+                    victim, "host_pool", sum(r.mapped_size for r, a in work if a is Action.OFFLOAD),
+                    f"swap to {to_name}: sleep {victim.name}"))
+            result = _overlapped(ops, target, works, targets, caller)
     result.seconds = time.perf_counter() - started
     for victim in victims:
         ops.reporter.events.publish("evicted", victim, f"swapped out for {to_name}")
@@ -174,12 +177,9 @@ class _Restorer(threading.Thread):
         return batch
 
 
-def _overlapped(ops: Operations, target: Model, victims: list[Model], targets: list[Region],
+def _overlapped(ops: Operations, target: Model, works: dict[Model, list], targets: list[Region],
                 caller: Peer) -> SwapResult:
-    works = {victim: ops.plan_sleep(victim, victim.policy.eviction_level, [], {}) for victim in victims}
-    for victim, work in works.items():
-        ops.quotas.check(victim, "host_pool", sum(r.mapped_size for r, a in work if a is Action.OFFLOAD),
-                         f"swap to {target.name}: sleep {victim.name}")
+    victims = list(works)
     offload_bytes = sum(r.mapped_size for work in works.values() for r, a in work if a is Action.OFFLOAD)
     if offload_bytes > ops.pool.available:
         raise exhausted(f"swap to {target.name}: the models going to sleep need {format_size(offload_bytes)} of "

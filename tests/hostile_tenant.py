@@ -10,9 +10,11 @@ flood is in place, and holds it until a line arrives on stdin.)
     python hostile_tenant.py UID SOCKET ATTACK [ARGS...]
 """
 
+import contextlib
 import hashlib
 import json
 import os
+import queue
 import select
 import socket
 import sys
@@ -116,7 +118,7 @@ def watch_events(daemon_socket: str, seconds: str) -> dict:
 
 
 # What an attack keeps open until the test lets go.
-HELD: list[socket.socket] = []
+HELD: list = []
 
 
 def census(socks: list[socket.socket]) -> dict:
@@ -365,6 +367,66 @@ def premature_hand_back(daemon_socket: str, model: str) -> dict:
     return answers
 
 
+def quota_race(daemon_socket: str, models: str, size: str) -> dict:
+    """Attaches `models` models of this uid and has each allocate `size` bytes at the same moment;
+    reports how many allocations the daemon granted and what it answered the others."""
+    clients = [SleepClient.connect(model=f"race-{n}", socket=daemon_socket) for n in range(int(models))]
+    start, answers = threading.Barrier(len(clients)), []
+
+    def allocate(client):
+        start.wait()
+        try:
+            client.alloc(int(size), tag="kv_cache")
+            answers.append("granted")
+        except SleepdError as error:
+            answers.append(error.code.name)
+
+    threads = [threading.Thread(target=allocate, args=(client,)) for client in clients]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for client in clients:
+        client.close()
+    return {"granted": answers.count("granted"), "refused": sorted(a for a in answers if a != "granted")}
+
+
+def stall_device(daemon_socket: str, model: str, ranks: str) -> dict:
+    """Attaches `ranks` ranks of its own model, each with a region, that acknowledge a sleep's
+    quiesce and then never answer; sleeps that model, and once the sleep waits on them, closes
+    the handle connections of all ranks but the first. Says 'ready' and holds until stdin closes."""
+    stub, streams = None, []
+    for rank in range(int(ranks)):
+        channel, handles = control_channel(daemon_socket)
+        stub = pb_grpc.SleepdStub(channel)
+        outgoing: "queue.Queue[pb.EngineMessage]" = queue.Queue()
+        outgoing.put(pb.EngineMessage(attach=pb.Attach(token=handles.token, model=model, rank=rank)))
+        stream = stub.Session(iter(outgoing.get, None))
+        session_id = next(stream).attached.session_id
+        stub.Allocate(pb.AllocateRequest(session_id=session_id, size=MiB, tag="weights"), timeout=30)
+        streams.append((handles, stream, outgoing))
+    quiesced = threading.Semaphore(0)
+
+    def answer_quiesce_only(stream, outgoing):
+        with contextlib.suppress(grpc.RpcError):
+            for command in stream:
+                if command.WhichOneof("kind") == "quiesce":
+                    outgoing.put(pb.EngineMessage(ack=pb.Ack(op_id=command.op_id, ok=True)))
+                    quiesced.release()
+
+    for _, stream, outgoing in streams:
+        threading.Thread(target=answer_quiesce_only, args=(stream, outgoing), daemon=True).start()
+    threading.Thread(target=lambda: answer(lambda: stub.Sleep(pb.SleepRequest(model=model, level=1), timeout=600)),
+                     daemon=True).start()
+    for _ in streams:
+        quiesced.acquire()
+    time.sleep(0.5)  # the daemon has sent the unmaps, holding the device, and waits for the answers
+    for handles, _, _ in streams[1:]:
+        handles.close()
+    HELD.extend(streams)
+    return {"ready": True}
+
+
 def _handle_answer(request) -> dict:
     """{'code', 'details'} of a handle-socket request, as answer() gives them for gRPC calls."""
     try:
@@ -376,7 +438,8 @@ def _handle_answer(request) -> dict:
 
 ATTACKS = {"relay": relay_attack, "events": watch_events, "flood": flood_handle_socket, "plant_pool": plant_pool,
            "look_in": look_in, "make_directory": make_directory, "fake_daemon": fake_daemon,
-           "stream_flood": stream_flood, "premature_hand_back": premature_hand_back}
+           "stream_flood": stream_flood, "premature_hand_back": premature_hand_back,
+           "quota_race": quota_race, "stall_device": stall_device}
 
 
 def main() -> None:

@@ -197,6 +197,35 @@ def test_a_tenant_is_held_to_its_quota_and_root_is_not(shared_daemon, start_engi
     start_engine(daemon, "admins", regions=[("weights", 16 * MiB)])  # the default binds no admin
 
 
+def test_a_tenants_stalled_engine_delays_only_its_own_model(shared_daemon, start_engine):
+    """The tenant's ranks hold their model's lock through a sleep that waits on them, with
+    sessions ending behind it; root's status, attach and wake on the same device go on."""
+    daemon = shared_daemon("--hook-timeout", "60", "--device-step-timeout", "2")
+    victim_engine = start_engine(daemon, "victim", regions=[("weights", 4 * MiB)])
+    daemon.ctl("sleep", "--model", "victim")
+    with holding(daemon, "stall_device", "stalled", "11") as ready:
+        assert ready == {"ready": True}
+        started = time.monotonic()
+        assert "stalled" in {m["name"] for m in daemon.status()["models"]}
+        newcomer = start_engine(daemon, "newcomer", regions=[("weights", MiB)])
+        daemon.ctl("wake", "--model", "victim")
+        took = time.monotonic() - started
+        # Each waits out at most a device step (2 s) and its rollback, never the 60 s hook timeout.
+        assert took < 20, f"root's status, attach and wake took {took:.0f} s behind the stalled tenant"
+        assert victim_engine.report()["regions"] == victim_engine.initial["regions"]
+        assert newcomer.report()["regions"] == newcomer.initial["regions"]
+    assert daemon.process.poll() is None
+
+
+def test_a_tenants_models_allocating_at_once_share_one_quota(shared_daemon, tmp_path):
+    config = tmp_path / "sleepd.toml"
+    config.write_text('[quotas.default]\ndevice = "64MiB"\n')
+    config.chmod(0o644)
+    daemon = shared_daemon("--config", str(config), "--host-device-capacity", "512MiB")
+    answers = attack(daemon, "quota_race", "4", str(60 * MiB))
+    assert answers == {"granted": 1, "refused": ["RESOURCE_EXHAUSTED"] * 3}, answers
+
+
 def test_a_tenant_sees_only_its_own_models(victim, start_engine):
     daemon, engine = victim
     start_engine(daemon, "theirs", regions=[("weights", 4 * MiB)], as_uid=OTHER)
