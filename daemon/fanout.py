@@ -40,32 +40,37 @@ class Fanout:
     def __init__(self, hook_timeout: float):
         self.hook_timeout = hook_timeout
 
-    def quiesce(self, sessions, level: int):
-        return self._all(sessions, lambda session: pb.DaemonCommand(quiesce=pb.Quiesce(level=level)))
+    # Each command's acks are awaited within the hook timeout, or within `timeout` where that is
+    # shorter (an eviction's bound); 0 sends without waiting.
 
-    def resume(self, sessions):
-        return self._all(sessions, lambda session: pb.DaemonCommand(resume=pb.Resume()))
+    def quiesce(self, sessions, level: int, timeout: float | None = None):
+        return self._all(sessions, lambda session: pb.DaemonCommand(quiesce=pb.Quiesce(level=level)), timeout)
 
-    def unmap(self, sessions, after: dict[Region, RegionState]):
+    def resume(self, sessions, timeout: float | None = None):
+        return self._all(sessions, lambda session: pb.DaemonCommand(resume=pb.Resume()), timeout)
+
+    def unmap(self, sessions, after: dict[Region, RegionState], timeout: float | None = None):
         """Each rank unmaps its regions among `after`, which says the state each goes to."""
         return self._all(sessions, lambda session: pb.DaemonCommand(unmap=pb.Unmap(regions=[
-            {"region_id": region.id, "state": state} for region, state in after.items() if region.session is session])))
+            {"region_id": region.id, "state": state} for region, state in after.items() if region.session is session])),
+            timeout)
 
-    def remap(self, sessions, regions):
+    def remap(self, sessions, regions, timeout: float | None = None):
         return self._all(sessions, lambda session: pb.DaemonCommand(remap=pb.Remap(
-            region_ids=sorted(region.id for region in regions if region.session is session))))
+            region_ids=sorted(region.id for region in regions if region.session is session))), timeout)
 
-    def _all(self, sessions, command) -> tuple[Failures, list[Session]]:
-        """Sends each session its command and waits for every ack, within one hook timeout.
-        Returns the failures and the sessions that acknowledged success."""
+    def _all(self, sessions, command, timeout: float | None) -> tuple[Failures, list[Session]]:
+        """Sends each session its command and waits for every ack, within one hook timeout (or
+        `timeout`, if shorter). Returns the failures and the sessions that acknowledged success."""
         futures = [(session, session.send(command(session))) for session in sessions]
-        deadline = time.monotonic() + self.hook_timeout
+        limit = self.hook_timeout if timeout is None else min(timeout, self.hook_timeout)
+        deadline = time.monotonic() + limit
         failures, done = [], []
         for session, future in futures:
             try:
                 ack = future.result(timeout=max(0.0, deadline - time.monotonic()))
             except FutureTimeout:
-                failures.append((session, TimeoutError(f"did not answer within {self.hook_timeout:g} s")))
+                failures.append((session, TimeoutError(f"did not answer within {limit:g} s")))
                 continue
             except RankLost as error:
                 failures.append((session, error))
