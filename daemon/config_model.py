@@ -176,6 +176,10 @@ class Config:
         "controller_timeout", seconds(positive=True), 300.0,
         "seconds a model's controller has to run its engine's own sleep or wake asked from outside it",
         "SECONDS")
+    eviction_answer_seconds: float = _setting(
+        "eviction_answer_seconds", seconds(positive=True), 5.0,
+        "seconds an eviction waits for a model's ranks, or its controller, to answer before it skips "
+        "that model and tries the next", "SECONDS")
     admin_group: str = _setting(
         "admin_group", group, "sleepd-admin",
         "members of this group (and root) may act on every model; others only on their uid's", "GROUP")

@@ -113,22 +113,29 @@ class Controllers:
         return None
 
     def sleep(self, model: Model, controller: Controller, level: int, tags: list[str],
-              actions: dict[str, Action], what: str) -> OperationResult:
+              actions: dict[str, Action], what: str, answer_within: float | None = None) -> OperationResult:
+        """With `answer_within` (eviction_answer_seconds), the controller has that long instead of
+        the controller timeout: an eviction goes on to another model rather than wait."""
         request = pb.ControlRequest(sleep=pb.SleepRequest(model=model.name, level=level, tags=tags, actions=[
             pb.TagAction(tag=tag, action=pb.Action.Value(action.name)) for tag, action in actions.items()]))
-        return self._forward(model, controller, request, what, asleep=True)
+        limit = None if answer_within is None else (min(answer_within, self.timeout), "eviction_answer_seconds")
+        return self._forward(model, controller, request, what, asleep=True, limit=limit)
 
     def wake(self, model: Model, controller: Controller, tags: list[str], evict: bool, what: str) -> OperationResult:
         request = pb.ControlRequest(wake=pb.WakeRequest(model=model.name, tags=tags, evict=evict))
         return self._forward(model, controller, request, what, asleep=False, tags=tags)
 
     def _forward(self, model: Model, controller: Controller, request: pb.ControlRequest, what: str, asleep: bool,
-                 tags: list[str] = ()) -> OperationResult:
+                 tags: list[str] = (), limit: tuple[float, str] | None = None) -> OperationResult:
+        """Waits for the answer within `limit`: (seconds, the setting that says so), the controller
+        timeout without. A request given up on may still run: its engine's ranks then sleep or wake
+        through their own calls, which change the regions as any such call does."""
+        timeout, setting = limit or (self.timeout, "controller_timeout")
         started = time.perf_counter()
-        deadline = time.monotonic() + self.timeout
-        if not controller.busy.acquire(timeout=self.timeout):
+        deadline = time.monotonic() + timeout
+        if not controller.busy.acquire(timeout=timeout):
             raise unavailable(f"{what}: {controller.describe()} is still running another request after "
-                              f"{self.timeout:g} s; try again")
+                              f"{timeout:g} s; try again")
         try:
             before = self._registry.region_states(model)
             request_id, future = controller.ask(request)
@@ -137,8 +144,8 @@ class Controllers:
             except FutureTimeout:
                 controller.forget(request_id)
                 raise SleepdError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                  f"{what}: {controller.describe()} did not answer within {self.timeout:g} s "
-                                  "(controller_timeout); its engine may still finish (see sleepctl status)") from None
+                                  f"{what}: {controller.describe()} did not answer within {timeout:g} s "
+                                  f"({setting}); its engine may still finish (see sleepctl status)") from None
             except ControllerGone as error:
                 raise unavailable(f"{what}: {error}") from None
             after = self._registry.region_states(model)

@@ -36,10 +36,10 @@ class Core:
 def build(backend: DaemonBackend, pool: HostPool, movers: dict[int, Mover], rules: SleepRules, fanout: Fanout,
           metrics, authorizer: Authorizer, store: StateStore | None = None,
           default_policies: dict[str, dict] | None = None, quotas: dict | None = None,
-          controller_timeout: float = 300.0) -> Core:
+          controller_timeout: float = 300.0, eviction_answer_seconds: float = 5.0) -> Core:
     events = EventBus()
     registry = Registry(backend, authorizer, default_policies or {})
-    room = Room(registry, backend, authorizer, events, metrics)
+    room = Room(registry, backend, authorizer, events, metrics, eviction_answer_seconds)
     checkpoints = Checkpoints(registry, backend.name, store)
     controllers = Controllers(registry, authorizer, events, controller_timeout)
     operations = Operations(registry, room, fanout, backend, pool, movers, rules,

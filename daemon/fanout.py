@@ -39,29 +39,31 @@ def owners(regions) -> list[Session]:
 class Fanout:
     """`hook_timeout` bounds the steps in which engines run hooks (quiesce, resume, tags awake);
     `device_step_timeout` the unmap and remap rounds, which run while the daemon holds the
-    device's lock: one slow engine then fails its own operation instead of holding up the device."""
+    device's lock: one slow engine then fails its own operation instead of holding up the device.
+    A step given a `timeout` of its own (an eviction's bound) waits for the shorter of the two;
+    0 sends without waiting."""
 
     def __init__(self, hook_timeout: float, device_step_timeout: float):
         self.hook_timeout = hook_timeout
         self.device_step_timeout = device_step_timeout
 
-    def quiesce(self, sessions, level: int):
+    def quiesce(self, sessions, level: int, timeout: float | None = None):
         return self._all(sessions, lambda session: pb.DaemonCommand(quiesce=pb.Quiesce(level=level)),
-                         self.hook_timeout)
+                         self.hook_timeout, timeout)
 
-    def resume(self, sessions):
-        return self._all(sessions, lambda session: pb.DaemonCommand(resume=pb.Resume()), self.hook_timeout)
+    def resume(self, sessions, timeout: float | None = None):
+        return self._all(sessions, lambda session: pb.DaemonCommand(resume=pb.Resume()), self.hook_timeout, timeout)
 
-    def unmap(self, sessions, after: dict[Region, RegionState]):
+    def unmap(self, sessions, after: dict[Region, RegionState], timeout: float | None = None):
         """Each rank unmaps its regions among `after`, which says the state each goes to."""
         return self._all(sessions, lambda session: pb.DaemonCommand(unmap=pb.Unmap(regions=[
             {"region_id": region.id, "state": state} for region, state in after.items() if region.session is session])),
-            self.device_step_timeout)
+            self.device_step_timeout, timeout)
 
-    def remap(self, sessions, regions):
+    def remap(self, sessions, regions, timeout: float | None = None):
         return self._all(sessions, lambda session: pb.DaemonCommand(remap=pb.Remap(
             region_ids=sorted(region.id for region in regions if region.session is session))),
-            self.device_step_timeout)
+            self.device_step_timeout, timeout)
 
     def tags_awake(self, sessions, regions):
         """Each rank runs the wake hooks of the tags of its regions among `regions`, mapped again."""
@@ -69,17 +71,18 @@ class Fanout:
             tags=sorted({region.tag for region in regions if region.session is session}))), self.hook_timeout)
 
     @staticmethod
-    def _all(sessions, command, timeout: float) -> tuple[Failures, list[Session]]:
-        """Sends each session its command and waits for every ack, within `timeout`.
-        Returns the failures and the sessions that acknowledged success."""
+    def _all(sessions, command, bound: float, timeout: float | None = None) -> tuple[Failures, list[Session]]:
+        """Sends each session its command and waits for every ack, within `bound` (or `timeout`,
+        if shorter). Returns the failures and the sessions that acknowledged success."""
         futures = [(session, session.send(command(session))) for session in sessions]
-        deadline = time.monotonic() + timeout
+        limit = bound if timeout is None else min(timeout, bound)
+        deadline = time.monotonic() + limit
         failures, done = [], []
         for session, future in futures:
             try:
                 ack = future.result(timeout=max(0.0, deadline - time.monotonic()))
             except FutureTimeout:
-                failures.append((session, TimeoutError(f"did not answer within {timeout:g} s")))
+                failures.append((session, TimeoutError(f"did not answer within {limit:g} s")))
                 continue
             except RankLost as error:
                 failures.append((session, error))

@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     core = control_plane.build(backend, pool, movers, SleepRules(cfg.rules),
                                Fanout(cfg.hook_timeout, cfg.device_step_timeout), metrics,
                                authorizer=Authorizer(cfg.admin_group), store=store, default_policies=cfg.models,
-                               quotas=cfg.quotas, controller_timeout=cfg.controller_timeout)
+                               quotas=cfg.quotas, controller_timeout=cfg.controller_timeout,
+                               eviction_answer_seconds=cfg.eviction_answer_seconds)
     if state is not None:
         core.recovery.recover(state)
         # Engines that do not come back in time lose what only they held.

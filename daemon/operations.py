@@ -190,10 +190,12 @@ class Operations:
             return self.sleep_locked(model, level, tags, actions, discard_if_short=True)
 
     def sleep_locked(self, model: Model, level: int, tags: list[str], actions: dict[str, Action],
-                     reason: str = "", discard_if_short: bool = False) -> OperationResult:
+                     reason: str = "", discard_if_short: bool = False,
+                     answer_within: float | None = None) -> OperationResult:
         """Sleep with the model's lock already held (by the caller, or by eviction). A sleep the
         daemon starts on someone's behalf (eviction, idle) never discards what the rules would
-        offload: it is refused instead."""
+        offload: it is refused instead. With `answer_within`, each rank has that long (if shorter
+        than the hook timeout) to answer each step."""
         self.check_ready(model, "sleep")
         started = time.perf_counter()
         work = self.plan_sleep(model, level, tags, actions, discard_if_short)
@@ -204,12 +206,12 @@ class Operations:
                                  f"sleep {model.name}"):
             quiesced_here = not model.paused
             if quiesced_here:
-                self.quiesce(model, level)
+                self.quiesce(model, level, answer_within)
             try:
-                self.offload_and_unmap(model, work)
+                self.offload_and_unmap(model, work, answer_within)
             except Exception:
                 if quiesced_here:
-                    self.resume(model, best_effort=True)
+                    self.resume(model, best_effort=True, timeout=answer_within)
                 raise
         for region, action in work:
             if action is Action.OFFLOAD:
@@ -221,18 +223,21 @@ class Operations:
         self.reporter.slept(model, level, result, reason)
         return result
 
-    def put_to_sleep(self, victim: Model, reason: str) -> OperationResult | None:
+    def put_to_sleep(self, victim: Model, reason: str, answer_within: float | None = None) -> OperationResult | None:
         """A sleep the daemon starts (eviction, swap, idle) at the victim's eviction level; None where
         the victim is busy. An engine that runs its own sleep is asked through its controller, without
-        the victim's lock, which its ranks take (refused where it has no controller)."""
+        the victim's lock, which its ranks take (refused where it has no controller). With
+        `answer_within` (eviction), its ranks or its controller must answer within that bound."""
         what = f"sleep {victim.name} ({reason})"
         controller = self.controllers.route(victim, what)
         if controller is not None:
-            return self.controllers.sleep(victim, controller, victim.policy.eviction_level, [], {}, what)
+            return self.controllers.sleep(victim, controller, victim.policy.eviction_level, [], {}, what,
+                                          answer_within)
         if not victim.lock.acquire(timeout=VICTIM_LOCK_SECONDS):
             return None
         try:
-            return self.sleep_locked(victim, victim.policy.eviction_level, [], {}, reason=reason)
+            return self.sleep_locked(victim, victim.policy.eviction_level, [], {}, reason=reason,
+                                     answer_within=answer_within)
         finally:
             victim.lock.release()
 
@@ -284,22 +289,26 @@ class Operations:
 
     # ---- the steps of an operation (also used by swap) ----
 
-    def quiesce(self, model: Model, level: int) -> None:
-        failures, done = self.fanout.quiesce(model.ranks.values(), level)
+    def quiesce(self, model: Model, level: int, timeout: float | None = None) -> None:
+        failures, done = self.fanout.quiesce(model.ranks.values(), level, timeout)
         if failures:
-            self.fanout.resume(done)
+            self.fanout.resume(done, timeout)
+            # A rank that did not answer in time may still quiesce: a resume queued behind its
+            # quiesce wakes it then, as the model is counted awake. Nobody waits for that one.
+            self.fanout.resume([session for session, error in failures if isinstance(error, TimeoutError)], 0)
             raise rank_failure(f"sleep {model.name}", failures)
         model.pause()
 
-    def resume(self, model: Model, best_effort: bool) -> None:
+    def resume(self, model: Model, best_effort: bool, timeout: float | None = None) -> None:
         model.unpause()
-        failures, _ = self.fanout.resume(model.ranks.values())
+        failures, _ = self.fanout.resume(model.ranks.values(), timeout)
         if failures and not best_effort:
             raise rank_failure(f"woke {model.name}, but its wake hooks failed", failures)
 
-    def offload_and_unmap(self, model: Model, work: list[tuple[Region, Action]]) -> None:
-        """Copies the offloads out, has every rank unmap, then releases the memory;
-        on any failure before the release, puts everything back as it was."""
+    def offload_and_unmap(self, model: Model, work: list[tuple[Region, Action]], timeout: float | None = None) -> None:
+        """Copies the offloads out, has every rank unmap (each answering within `timeout`, if shorter
+        than the hook timeout), then releases the memory; on any failure before the release, puts
+        everything back as it was."""
         offloads = [region for region, action in work if action is Action.OFFLOAD]
         try:
             for region in offloads:
@@ -315,12 +324,13 @@ class Operations:
         with self.devices_locked(_devices(regions)):
             asked = owners(regions)  # each rank told to unmap may have done some of it
             try:
-                failures, _ = self.fanout.unmap(asked, after)
+                failures, _ = self.fanout.unmap(asked, after, timeout)
                 if failures:
                     raise rank_failure(f"sleep {model.name}", failures)
             except Exception:
-                # Nothing was released yet: every engine that unmapped maps the same memory again.
-                self.fanout.remap(asked, regions)
+                # Nothing was released yet: every engine that unmapped maps the same memory again (one
+                # that answers late gets the remap after its unmap, in order).
+                self.fanout.remap(asked, regions, timeout)
                 self._cancel_offloads(offloads)
                 raise
             # Every engine has dropped its references; the daemon's handle is the last one.

@@ -12,7 +12,7 @@ from sleepd.common.sizes import format_size
 
 from .auth import Authorizer, Peer
 from .backends import DaemonBackend
-from .errors import exhausted
+from .errors import SleepdError, exhausted
 from .events import EventBus
 from .model import Model
 from .regions import Region
@@ -33,8 +33,11 @@ def needed_by_device(regions: list[Region]) -> dict[int, int]:
 
 class Room:
     def __init__(self, registry: Registry, backend: DaemonBackend, authorizer: Authorizer, events: EventBus,
-                 metrics=None):
+                 metrics=None, answer_seconds: float = 5.0):
         self._registry = registry
+        # How long an eviction waits for a model's ranks or controller to answer before it skips
+        # that model (eviction_answer_seconds): one slow or hostile engine delays only itself.
+        self.answer_seconds = answer_seconds
         self._backend = backend
         self._authorizer = authorizer
         self._events = events
@@ -114,9 +117,11 @@ class Room:
     def ensure(self, model: Model, needed: dict[int, int], what: str, evict: bool, put_to_sleep,
                caller: Peer) -> list[str]:
         """Makes `needed` bytes fit on each device, evicting other models `caller` may act on
-        with `put_to_sleep(victim, reason)` (None: busy) when allowed; refuses naming the bytes missing and
-        what holds them otherwise. Returns the models evicted."""
+        with `put_to_sleep(victim, reason, answer_within)` (None: busy) when allowed; a model that is busy,
+        refuses or does not answer in time is skipped. Refuses naming the bytes missing, what holds them
+        and who was skipped and why otherwise. Returns the models evicted."""
         evicted: list[str] = []
+        skipped: dict[str, str] = {}  # model name -> why it was not evicted; each is tried once
         while True:
             short = self.shortfall(model.name, needed)
             if not short:
@@ -127,11 +132,12 @@ class Room:
                 self.refuse(model, f"{what}: needs {format_size(needed[device])} on {name}, "
                             f"{format_size(missing)} more than its {self.describe(device, caller)}; put a model "
                             "to sleep or allow eviction (--evict)")
-            victim = self._evict_one(model, short, put_to_sleep, caller)
+            victim = self._evict_one(model, short, put_to_sleep, caller, skipped)
             if victim is None:
+                tried = "skipped " + ", ".join(f"{n} ({why})" for n, why in skipped.items()) + "; " if skipped else ""
                 self.refuse(model, f"{what}: needs {format_size(missing)} more on {name} "
-                            f"({self.describe(device, caller)}) and no model may be evicted (the rest are pinned, "
-                            "busy, already asleep, other users' or run their own sleep with no controller attached)")
+                            f"({self.describe(device, caller)}) and no model may be evicted ({tried}the rest are "
+                            "pinned, already asleep, other users' or run their own sleep with no controller attached)")
             evicted.append(victim)
 
     def eviction_candidates(self, requester: Model, devices, caller: Peer) -> list[Model]:
@@ -144,11 +150,22 @@ class Room:
                       and (m.controller is not None or not m.needs_controller)]
         return sorted(candidates, key=lambda m: (m.policy.priority, m.last_active))
 
-    def _evict_one(self, requester: Model, short: dict[int, int], put_to_sleep, caller: Peer) -> str | None:
+    def _evict_one(self, requester: Model, short: dict[int, int], put_to_sleep, caller: Peer,
+                   skipped: dict[str, str]) -> str | None:
+        """Puts the first candidate not yet `skipped` to sleep; one that cannot be goes into `skipped`."""
         for victim in self.eviction_candidates(requester, short, caller):
+            if victim.name in skipped:
+                continue
             idle = time.monotonic() - victim.last_active
-            if put_to_sleep(victim, f"evicted for {requester.name}") is None:
-                continue  # busy with its own operation; try the next
+            try:
+                slept = put_to_sleep(victim, f"evicted for {requester.name}", self.answer_seconds)
+            except SleepdError as error:  # its sleep was rolled back, or given up on: it is as it was
+                skipped[victim.name] = " ".join(error.message.split())
+                log.warning("eviction for %s skipped %s: %s", requester.name, victim.name, skipped[victim.name])
+                continue
+            if slept is None:
+                skipped[victim.name] = "busy with another operation"
+                continue
             log.warning("evicted %s (priority %d, idle %.0f s) to make room for %s", victim.name,
                         victim.policy.priority, idle, requester.name)
             self._events.publish("evicted", victim, f"room for {requester.name}")

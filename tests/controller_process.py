@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--socket", required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--rank", action="append", default=[], help="a rank's command socket")
-    parser.add_argument("--on-sleep", choices=["ok", "fail"], default="ok")
+    parser.add_argument("--on-sleep", choices=["ok", "fail", "hang"], default="ok")
     parser.add_argument("--as-uid", type=int)
     args = parser.parse_args()
     if args.as_uid is not None:
@@ -61,6 +61,8 @@ def main() -> None:
         forwarded.append({"sleep": level, "tags": tags, "actions": actions})
         if args.on_sleep == "fail":
             raise RuntimeError("the scheduler would not pause")
+        if args.on_sleep == "hang":
+            threading.Event().wait()
         ask_ranks(args.rank, {"op": "sleep", "level": level, "tags": tags, "actions": actions})
 
     def on_wake(tags):

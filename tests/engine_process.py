@@ -39,6 +39,8 @@ import time
 
 from sleepd.client import SleepClient, SleepdError, State
 
+SLOW_HOOK_SECONDS = 4
+
 
 def drop_privileges(uid: int) -> None:
     """Become another tenant. Python and sleepd are loaded already, so this works
@@ -188,7 +190,8 @@ def main() -> None:
     parser.add_argument("--device", type=int, default=0)
     parser.add_argument("--region", action="append", default=[], help="TAG:BYTES")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sleep-hook", choices=["ok", "fail", "hang"], default="ok")
+    parser.add_argument("--sleep-hook", choices=["ok", "fail", "hang", "slow"], default="ok",
+                        help=f"slow: the hook returns after {SLOW_HOOK_SECONDS} s")
     parser.add_argument("--as-uid", type=int, help="drop to this uid (and its gid) before connecting")
     parser.add_argument("--persist", action="store_true", help="allocate persistent regions")
     parser.add_argument("--needs-controller", action="store_true", help="the engine runs its own sleep")
@@ -209,6 +212,8 @@ def main() -> None:
             raise RuntimeError("the scheduler refused to pause")
         if args.sleep_hook == "hang":
             threading.Event().wait()
+        if args.sleep_hook == "slow":
+            time.sleep(SLOW_HOOK_SECONDS)
 
     def on_wake():
         hooks["wake"] += 1

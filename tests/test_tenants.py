@@ -18,7 +18,7 @@ import pytest
 
 from sleepd.daemon import admission
 from sleepd.daemon.handles import MAX_CONNECTIONS_PER_UID
-from support import HERE, OTHER, MiB, by_tag, ctl_as, second_tenant_unavailable, wait_for
+from support import HERE, OTHER, MiB, by_tag, ctl_as, second_tenant_unavailable, sleeping, wait_for
 
 pytestmark = pytest.mark.skipif(second_tenant_unavailable() is not None, reason=str(second_tenant_unavailable()))
 
@@ -181,6 +181,73 @@ def test_an_eviction_refuses_rather_than_discard_what_the_full_host_pool_cannot_
     assert result.returncode != 0 and "RESOURCE_EXHAUSTED" in result.stderr, result.stderr
     assert victim_engine.report() == report  # weights still mapped, every byte as it was
     assert {r["state"] for r in big.report()["regions"]} == {"offloaded"}
+
+
+def crowded_by_a_tenant(shared_daemon, start_engine, start_controller):
+    """Root's big model asleep, with no room to wake it: the first eviction candidates are the tenant's
+    llama, whose second rank refuses to quiesce, and mistral, whose controller never answers; the
+    last is root's small, whose room is enough."""
+    daemon = shared_daemon("--eviction-answer-seconds", "2")
+    big = start_engine(daemon, "big", regions=[("weights", 30 * MiB)])
+    daemon.ctl("sleep", "--model", "big")
+    llama = [start_engine(daemon, "llama", rank=rank, regions=[("weights", 6 * MiB)], seed=1 + rank, as_uid=OTHER,
+                          sleep_hook="fail" if rank else "ok") for rank in (0, 1)]
+    mistral = start_engine(daemon, "mistral", regions=[("weights", 12 * MiB)], seed=3, as_uid=OTHER,
+                           needs_controller=True)
+    assert start_controller(daemon, "mistral", [], on_sleep="hang", as_uid=OTHER).attached == {"attached": True}
+    small = start_engine(daemon, "small", regions=[("weights", 12 * MiB)], seed=4)
+    return daemon, big, [*llama, mistral], small
+
+
+def test_an_eviction_skips_a_tenants_models_that_refuse_or_never_answer_and_evicts_the_next(
+        shared_daemon, start_engine, start_controller):
+    daemon, big, tenants, small = crowded_by_a_tenant(shared_daemon, start_engine, start_controller)
+    started = time.monotonic()
+    woke = daemon.ctl("wake", "--model", "big", "--evict")
+    assert time.monotonic() - started < 30  # about the bound (2 s), not the controller timeout (300 s)
+    assert "evicted small" in woke.stdout
+    assert sleeping(daemon) == {"big": False, "llama": False, "mistral": False, "small": True}
+    assert big.report()["regions"][0]["sha256"] == big.initial["regions"][0]["sha256"]
+    for engine in tenants:  # awake, every byte as it was
+        assert engine.report()["regions"] == engine.initial["regions"]
+    assert tenants[0].report()["hooks"] == {"sleep": 1, "wake": 1}  # llama's rank that paused was resumed
+
+
+def test_an_eviction_that_skipped_every_candidate_names_each_and_why_and_changes_nothing(
+        shared_daemon, start_engine, start_controller):
+    daemon, _, tenants, _ = crowded_by_a_tenant(shared_daemon, start_engine, start_controller)
+    daemon.ctl("policy", "--model", "small", "--pinned", "yes")
+    before = daemon.status()
+    started = time.monotonic()
+    result = daemon.ctl("wake", "--model", "big", "--evict", check=False)
+    assert time.monotonic() - started < 30
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and "[RESOURCE_EXHAUSTED]" in lines[0], result.stderr
+    assert "skipped llama (" in lines[0] and "llama rank 1" in lines[0] and "refused to pause" in lines[0], lines[0]
+    assert "mistral (" in lines[0] and "did not answer within 2 s (eviction_answer_seconds)" in lines[0], lines[0]
+    assert daemon.status() == before
+    for engine in tenants:
+        assert engine.report()["regions"] == engine.initial["regions"]
+
+
+def test_a_tenants_rank_that_answers_after_an_eviction_gave_up_on_it_is_resumed_and_its_model_stays_awake(
+        shared_daemon, start_engine):
+    daemon = shared_daemon("--eviction-answer-seconds", "1")
+    big = start_engine(daemon, "big", regions=[("weights", 30 * MiB)])
+    daemon.ctl("sleep", "--model", "big")
+    slow = start_engine(daemon, "slow", regions=[("weights", 20 * MiB)], seed=1, as_uid=OTHER, sleep_hook="slow")
+    small = start_engine(daemon, "small", regions=[("weights", 20 * MiB)], seed=2)
+    assert "evicted small" in daemon.ctl("wake", "--model", "big", "--evict").stdout
+    # Its quiesce finishes seconds after the eviction went on, and the resume queued behind it follows.
+    wait_for(lambda: slow.report()["hooks"] == {"sleep": 1, "wake": 1}, timeout=30, what="the slow rank's resume")
+    assert slow.report()["regions"] == slow.initial["regions"]
+    assert sleeping(daemon) == {"big": False, "slow": False, "small": True}
+    # Nothing of the abandoned sleep is left held: root sleeps and wakes the model as any other.
+    daemon.ctl("sleep", "--model", "slow")
+    daemon.ctl("wake", "--model", "slow")
+    assert slow.report()["regions"] == slow.initial["regions"]
+    assert big.report()["regions"][0]["sha256"] == big.initial["regions"][0]["sha256"]
+    assert small.report()["regions"][0]["state"] == "offloaded"
 
 
 def test_a_tenant_is_held_to_its_quota_and_root_is_not(shared_daemon, start_engine, tmp_path):
