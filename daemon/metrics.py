@@ -1,6 +1,13 @@
 """Prometheus metrics, prefixed sleepd_. Memory gauges are read from the registry
 at scrape time, so they can never drift from the daemon's state; durations,
-bytes moved and errors are recorded as operations happen."""
+bytes moved and errors are recorded as operations happen.
+
+A model's recorded series live as long as the daemon knows the model: when the
+registry forgets it, they go (model names are the tenants' to choose, so
+keeping them would let any tenant grow /metrics and the daemon without bound)."""
+
+import threading
+import weakref
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -29,11 +36,42 @@ class Metrics:
         self.ranks_lost = Counter("sleepd_ranks_lost", "Engine processes whose lease broke without a goodbye.",
                                   ["model"], registry=self.registry)
 
-    def observe(self, operation: str, model: str, detail: str, result) -> None:
-        if operation == "sleep":
-            self.sleep_seconds.labels(model=model, level=detail).observe(result.seconds)
-        else:
-            self.wake_seconds.labels(model=model).observe(result.seconds)
+        self._lock = threading.Lock()
+        self._series: dict[str, set[tuple]] = {}  # model name -> (metric, its label values) recorded for it
+        self._forgotten = weakref.WeakSet()        # Model objects whose series are gone
+
+    def slept(self, model, level: int, seconds: float) -> None:
+        self._per_model(model, self.sleep_seconds, str(level)).observe(seconds)
+
+    def woke(self, model, seconds: float) -> None:
+        self._per_model(model, self.wake_seconds).observe(seconds)
+
+    def waited_for_wake(self, model, woke_it: bool, seconds: float) -> None:
+        self._per_model(model, self.wake_wait, "woke" if woke_it else "waited").observe(seconds)
+
+    def evicted(self, model, reason: str) -> None:
+        self._per_model(model, self.evictions, reason).inc()
+
+    def rank_lost(self, model) -> None:
+        self._per_model(model, self.ranks_lost).inc()
+
+    def forget(self, model) -> None:
+        """The registry forgot `model`: its series go, and a late record for it (an operation
+        that finished as its last rank left) brings none back."""
+        with self._lock:
+            self._forgotten.add(model)
+            for metric, values in self._series.pop(model.name, ()):
+                metric.remove(*values)
+
+    def _per_model(self, model, metric, *others: str):
+        """`metric`'s child for `model` (its first label) and the `others`, remembered so that
+        forget() finds it; a throwaway child for a model already forgotten."""
+        values = (model.name, *others)
+        with self._lock:
+            if model in self._forgotten:
+                return _Discarded()
+            self._series.setdefault(model.name, set()).add((metric, values))
+            return metric.labels(*values)
 
     def watch(self, core) -> None:
         self.registry.register(_StateCollector(core))
@@ -44,6 +82,14 @@ class Metrics:
         host = host.strip("[]") or "127.0.0.1"
         server, _ = start_http_server(int(port), addr=host, registry=self.registry)
         return f"{host}:{server.server_port}"
+
+
+class _Discarded:
+    def observe(self, _value) -> None:
+        pass
+
+    def inc(self, _amount=1) -> None:
+        pass
 
 
 class _StateCollector:

@@ -109,7 +109,7 @@ class Operations:
         else:
             self.reporter.events.publish("rank_lost", model, f"{detail}: {reason}", freed)
             if self.reporter.metrics:
-                self.reporter.metrics.ranks_lost.labels(model=model.name).inc()
+                self.reporter.metrics.rank_lost(model)
 
     def touch(self, session_id: str) -> None:
         self.registry.model(self.registry.session(session_id).model).touch()

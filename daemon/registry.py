@@ -9,6 +9,7 @@ an engine, a copy or another lock.
 import logging
 import threading
 import time
+from typing import Callable
 
 import grpc
 
@@ -24,7 +25,8 @@ log = logging.getLogger(__name__)
 
 
 class Registry:
-    def __init__(self, backend: DaemonBackend, authorizer: Authorizer, default_policies: dict[str, dict]):
+    def __init__(self, backend: DaemonBackend, authorizer: Authorizer, default_policies: dict[str, dict],
+                 forgotten: Callable[[Model], None] = lambda model: None):
         self.backend = backend
         self.authorizer = authorizer
         self.lock = threading.Lock()
@@ -35,6 +37,8 @@ class Registry:
         self.next_region_id = 1
         # Per-model policy from the configuration, applied when the model first attaches.
         self._default_policies = default_policies
+        # Told, under the registry lock, of each model forgotten (metrics drop its series): it takes no other lock.
+        self._forgotten = forgotten
 
     # ---- sessions and ranks ----
 
@@ -174,6 +178,7 @@ class Registry:
     def _forget_if_empty(self, model: Model) -> None:
         if not model.ranks and not model.orphans and self._models.get(model.name) is model:
             del self._models[model.name]
+            self._forgotten(model)
             if model.controller is not None:  # nothing left to control: its lease ends
                 model.controller.end(f"model {model.name} has no ranks left")
 

@@ -374,9 +374,22 @@ def _handle_answer(request) -> dict:
     return {"code": "OK", "details": ""}
 
 
+def churn_models(daemon_socket: str, count: str) -> dict:
+    """Attaches `count` throwaway models one after another, each slept, woken by a request and
+    detached, so that each leaves every per-model series it can; reports their names."""
+    names = [f"throwaway-{os.getpid()}-{number}" for number in range(int(count))]
+    for name in names:
+        with SleepClient.connect(model=name, socket=daemon_socket) as client:
+            client.alloc(MiB, tag="weights")
+            client.sleep(level=1)
+            client.ensure_awake()
+    return {"names": names}
+
+
 ATTACKS = {"relay": relay_attack, "events": watch_events, "flood": flood_handle_socket, "plant_pool": plant_pool,
            "look_in": look_in, "make_directory": make_directory, "fake_daemon": fake_daemon,
-           "stream_flood": stream_flood, "premature_hand_back": premature_hand_back}
+           "stream_flood": stream_flood, "premature_hand_back": premature_hand_back,
+           "churn_models": churn_models}
 
 
 def main() -> None:

@@ -66,10 +66,15 @@ def sleeping(daemon) -> dict:
     return {model["name"]: model["sleeping"] for model in daemon.status()["models"]}
 
 
+def metrics_text(daemon) -> str:
+    """The daemon's /metrics as the operator's scraper reads it."""
+    with urllib.request.urlopen(f"http://{daemon.info['metrics_address']}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
 def scrape(daemon) -> dict:
     """The daemon's /metrics: {(name, sorted labels): value}."""
-    with urllib.request.urlopen(f"http://{daemon.info['metrics_address']}/metrics", timeout=10) as response:
-        text = response.read().decode()
+    text = metrics_text(daemon)
     samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

@@ -18,7 +18,7 @@ import pytest
 
 from sleepd.daemon import admission
 from sleepd.daemon.handles import MAX_CONNECTIONS_PER_UID
-from support import HERE, OTHER, MiB, by_tag, ctl_as, second_tenant_unavailable, wait_for
+from support import HERE, OTHER, MiB, by_tag, ctl_as, metrics_text, second_tenant_unavailable, wait_for
 
 pytestmark = pytest.mark.skipif(second_tenant_unavailable() is not None, reason=str(second_tenant_unavailable()))
 
@@ -430,3 +430,15 @@ def test_a_peers_groups_come_from_its_connection_not_from_proc():
         child.kill()
         child.wait()
         listener.close()
+
+
+def test_a_tenants_throwaway_models_leave_no_series_behind_once_forgotten(victim):
+    daemon, engine = victim
+    status, report = daemon.status(), engine.report()
+    before = metrics_text(daemon)
+    churned = attack(daemon, "churn_models", "40")["names"]
+    after = metrics_text(daemon)
+    assert not [name for name in churned if name in after], after
+    assert len(after) < len(before) + 2048, f"/metrics grew from {len(before)} to {len(after)} bytes"
+    assert 'model="victim"' in after
+    assert_untouched(daemon, engine, status, report)
