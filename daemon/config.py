@@ -19,7 +19,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config_model import BY_KEY, MODEL_KEYS, QUOTA_KEYS, SETTINGS, TABLES, Config, group_id, user_id
+from .config_model import BY_KEY, DEFAULT_CAPS, MODEL_KEYS, QUOTA_KEYS, SETTINGS, TABLES, Config, group_id, user_id
 from .config_render import toml_key
 from .limits import MAX_LEVEL, MODEL_NAME, MODEL_NAME_RULE, TAG_NAME, TAG_NAME_RULE
 from .rules import DEFAULT_RULES, Action
@@ -264,6 +264,9 @@ def _read_quotas(file: _File, problems: list[Problem], sources: dict[str, str]) 
         else:
             problems.append(Problem(file.where(("quotas", kind)), f"quotas.{kind}",
                                     _unknown(kind, ["default", "users", "groups"], "use default, users or groups")))
+    for key, cap in DEFAULT_CAPS.items():
+        if key not in quotas["default"]:
+            quotas["default"][key], sources[f"quotas.default.{key}"] = cap, "default"
     return quotas
 
 

@@ -79,7 +79,8 @@ class Operations:
 
     def attach(self, token: str, model_name: str, rank: int, ordinal: int, uuid: str = "",
                needs_controller: bool = False) -> Session:
-        session = self.registry.attach(token, model_name, rank, ordinal, uuid, needs_controller)
+        session = self.registry.attach(token, model_name, rank, ordinal, uuid, needs_controller,
+                                       may_own=self.quotas.check_model_cap)
         self.checkpoint()
         self.reporter.events.publish("attached", self.registry.model(model_name), f"rank {rank} pid {session.pid} on "
                                                             f"{self.backend.devices[session.device].name}")
@@ -137,6 +138,7 @@ class Operations:
             model.touch()
             what = f"allocate {format_size(mapped_size)} for {session.describe()}"
             self.quotas.check(model, "device", mapped_size, what)
+            self.quotas.check_region_cap(model, what)
             evicted = self.room.ensure(model, {device.index: mapped_size}, what, evict, self.put_to_sleep,
                                       session.peer)
             region = Region.new(self.registry.new_region_id(), tag, size, mapped_size, device.index, session, persist)

@@ -386,10 +386,32 @@ def churn_models(daemon_socket: str, count: str) -> dict:
     return {"names": names}
 
 
+def exceed_caps(daemon_socket: str, models: str, regions: str) -> dict:
+    """Attaches one model more than `models`, then allocates one region more than `regions`
+    in its first model; reports how far each got and the refusal that stopped it."""
+    clients, answers = [], {}
+    try:
+        for number in range(int(models) + 1):
+            clients.append(SleepClient.connect(model=f"tenant-{number}", socket=daemon_socket))
+    except SleepdError as error:
+        answers["attach"] = {"code": error.code.name, "details": error.message}
+    answers["attached"] = len(clients)
+    allocated = []
+    try:
+        for _ in range(int(regions) + 1):
+            allocated.append(clients[0].alloc(MiB, tag="weights"))
+    except SleepdError as error:
+        answers["alloc"] = {"code": error.code.name, "details": error.message}
+    answers["allocated"] = len(allocated)
+    for client in clients:
+        client.close()
+    return answers
+
+
 ATTACKS = {"relay": relay_attack, "events": watch_events, "flood": flood_handle_socket, "plant_pool": plant_pool,
            "look_in": look_in, "make_directory": make_directory, "fake_daemon": fake_daemon,
            "stream_flood": stream_flood, "premature_hand_back": premature_hand_back,
-           "churn_models": churn_models}
+           "churn_models": churn_models, "exceed_caps": exceed_caps}
 
 
 def main() -> None:

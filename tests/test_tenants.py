@@ -442,3 +442,20 @@ def test_a_tenants_throwaway_models_leave_no_series_behind_once_forgotten(victim
     assert len(after) < len(before) + 2048, f"/metrics grew from {len(before)} to {len(after)} bytes"
     assert 'model="victim"' in after
     assert_untouched(daemon, engine, status, report)
+
+
+def test_a_tenant_past_its_model_and_region_caps_is_refused_and_root_is_not(shared_daemon, start_engine, tmp_path):
+    config = tmp_path / "sleepd.toml"
+    config.write_text("[quotas.default]\nmodels = 2\nregions = 3\n")
+    config.chmod(0o644)
+    daemon = shared_daemon("--config", str(config))
+    engine = start_engine(daemon, "victim", regions=[("weights", 4 * MiB), ("kv_cache", 2 * MiB)])
+    status, report = daemon.status(), engine.report()
+    answers = attack(daemon, "exceed_caps", "2", "3")
+    assert answers["attached"] == 2 and answers["attach"]["code"] == "RESOURCE_EXHAUSTED", answers
+    assert "attach tenant-2: uid 65534 may own 2 models ([quotas.default] models)" in answers["attach"]["details"]
+    assert answers["allocated"] == 3 and answers["alloc"]["code"] == "RESOURCE_EXHAUSTED", answers
+    assert "may hold 3 regions ([quotas.default] regions) and hold 3" in answers["alloc"]["details"]
+    assert_untouched(daemon, engine, status, report)
+    for name in ("root-a", "root-b"):  # the default binds no admin
+        start_engine(daemon, name, regions=[("weights", MiB)] * 4)
