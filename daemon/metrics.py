@@ -9,8 +9,10 @@ keeping them would let any tenant grow /metrics and the daemon without bound).""
 import threading
 import weakref
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
+
+from .metrics_server import MetricsServer
 
 # Sleep and wake run from milliseconds (small models, level 2) to minutes.
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -80,8 +82,9 @@ class Metrics:
         """Starts /metrics and returns the address it listens on (port 0 picks one)."""
         host, _, port = address.rpartition(":")
         host = host.strip("[]") or "127.0.0.1"
-        server, _ = start_http_server(int(port), addr=host, registry=self.registry)
-        return f"{host}:{server.server_port}"
+        server = MetricsServer(host, int(port), make_wsgi_app(self.registry))
+        server.start()
+        return f"{host}:{server.port}"
 
 
 class _Discarded:

@@ -10,6 +10,7 @@ flood is in place, and holds it until a line arrives on stdin.)
     python hostile_tenant.py UID SOCKET ATTACK [ARGS...]
 """
 
+import encodings.idna  # noqa: F401  (loaded lazily by socket for host names, and perhaps unreadable after the drop)
 import hashlib
 import json
 import os
@@ -408,10 +409,26 @@ def exceed_caps(daemon_socket: str, models: str, regions: str) -> dict:
     return answers
 
 
+def hold_metrics_connections(_daemon_socket: str, address: str, count: str) -> dict:
+    """Opens `count` connections to the metrics endpoint, every other one with half a request
+    sent, and holds them; reports how many it opened."""
+    host, _, port = address.rpartition(":")
+    for number in range(int(count)):
+        sock = socket.create_connection((host, int(port)), timeout=10)
+        if number % 2:
+            try:
+                sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: sleepd\r\n")
+            except OSError:
+                pass  # closed by the daemon already
+        HELD.append(sock)
+    return {"opened": len(HELD)}
+
+
 ATTACKS = {"relay": relay_attack, "events": watch_events, "flood": flood_handle_socket, "plant_pool": plant_pool,
            "look_in": look_in, "make_directory": make_directory, "fake_daemon": fake_daemon,
            "stream_flood": stream_flood, "premature_hand_back": premature_hand_back,
-           "churn_models": churn_models, "exceed_caps": exceed_caps}
+           "churn_models": churn_models, "exceed_caps": exceed_caps,
+           "hold_metrics_connections": hold_metrics_connections}
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from sleepd.daemon import admission
@@ -459,3 +460,18 @@ def test_a_tenant_past_its_model_and_region_caps_is_refused_and_root_is_not(shar
     assert_untouched(daemon, engine, status, report)
     for name in ("root-a", "root-b"):  # the default binds no admin
         start_engine(daemon, name, regions=[("weights", MiB)] * 4)
+
+
+def test_idle_and_half_sent_metrics_connections_cost_the_daemon_no_threads_and_scrapes_go_on(victim):
+    daemon, engine = victim
+    status, report = daemon.status(), engine.report()
+    process = psutil.Process(daemon.pid)
+    threads = process.num_threads()
+    with holding(daemon, "hold_metrics_connections", daemon.info["metrics_address"], "400") as held:
+        assert held["opened"] == 400
+        time.sleep(1)
+        assert process.num_threads() <= threads + 8, f"{process.num_threads()} threads, {threads} before"
+    started = time.monotonic()
+    assert 'model="victim"' in metrics_text(daemon)
+    assert time.monotonic() - started < 5
+    assert_untouched(daemon, engine, status, report)
