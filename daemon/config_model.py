@@ -160,6 +160,10 @@ class Config:
     metrics_address: str = _setting(
         "metrics.address", address("off"), "127.0.0.1:9464",
         "HOST:PORT for Prometheus /metrics; port 0 picks a free one; off disables", "HOST:PORT")
+    metrics_token_file: str = _setting(
+        "metrics.token_file", optional_fs_path, "",
+        "file (mode 0600 or stricter) holding the bearer token a scraper presents to get the per-model series "
+        "(model names, tags, sizes) besides the node's; empty: the node's series only", "PATH")
     state_dir: str = _setting(
         "state_dir", fs_path, lambda _: paths.default_state_dir(),
         "where the daemon keeps daemon.json (default $STATE_DIRECTORY, /var/lib/sleepd as root, "

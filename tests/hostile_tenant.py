@@ -20,6 +20,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import grpc
 
@@ -424,11 +426,24 @@ def hold_metrics_connections(_daemon_socket: str, address: str, count: str) -> d
     return {"opened": len(HELD)}
 
 
+def read_metrics(_daemon_socket: str, address: str) -> dict:
+    """Reads /metrics without a token, and with a guessed one: what each answered."""
+    answers = {}
+    for name, headers in (("anonymous", {}), ("guessed", {"Authorization": "Bearer guessed"})):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(f"http://{address}/metrics", headers=headers),
+                                        timeout=10) as response:
+                answers[name] = {"status": response.status, "text": response.read().decode()}
+        except urllib.error.HTTPError as error:
+            answers[name] = {"status": error.code, "text": error.read().decode()}
+    return answers
+
+
 ATTACKS = {"relay": relay_attack, "events": watch_events, "flood": flood_handle_socket, "plant_pool": plant_pool,
            "look_in": look_in, "make_directory": make_directory, "fake_daemon": fake_daemon,
            "stream_flood": stream_flood, "premature_hand_back": premature_hand_back,
            "churn_models": churn_models, "exceed_caps": exceed_caps,
-           "hold_metrics_connections": hold_metrics_connections}
+           "hold_metrics_connections": hold_metrics_connections, "read_metrics": read_metrics}
 
 
 def main() -> None:

@@ -475,3 +475,19 @@ def test_idle_and_half_sent_metrics_connections_cost_the_daemon_no_threads_and_s
     assert 'model="victim"' in metrics_text(daemon)
     assert time.monotonic() - started < 5
     assert_untouched(daemon, engine, status, report)
+
+
+def test_metrics_show_a_tenant_no_models_names_or_tags_and_the_operators_scraper_all_of_them(victim, start_engine):
+    daemon, engine = victim
+    start_engine(daemon, "theirs", regions=[("secret_tag", MiB)], as_uid=OTHER)
+    daemon.ctl("sleep", "--model", "victim")
+    daemon.ctl("wake", "--model", "victim")
+    answers = attack(daemon, "read_metrics", daemon.info["metrics_address"])
+    seen = answers["anonymous"]
+    assert seen["status"] == 200 and "sleepd_device_used_bytes" in seen["text"] and "sleepd_sessions" in seen["text"]
+    for private in ("victim", "theirs", "weights", "kv_cache", "secret_tag", "model="):
+        assert private not in seen["text"], private
+    assert answers["guessed"]["status"] == 401 and "wrong bearer token" in answers["guessed"]["text"]
+    operators = metrics_text(daemon)
+    for name in ('model="victim"', 'model="theirs"', 'tag="secret_tag"', "sleepd_wake_duration_seconds_count"):
+        assert name in operators, name
