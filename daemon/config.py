@@ -19,7 +19,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config_model import BY_KEY, MODEL_KEYS, QUOTA_KEYS, SETTINGS, TABLES, Config, group_id, user_id
+from .config_model import BY_KEY, DEFAULT_CAPS, MODEL_KEYS, QUOTA_KEYS, SETTINGS, TABLES, Config, group_id, user_id
 from .config_render import toml_key
 from .limits import MAX_LEVEL, MODEL_NAME, MODEL_NAME_RULE, TAG_NAME, TAG_NAME_RULE
 from .rules import DEFAULT_RULES, Action
@@ -87,6 +87,7 @@ def load(argv: list[str] | None = None, environ: dict[str, str] | None = None, d
             values[setting.key], sources[setting.key] = setting.default_value(values), "default"
 
     _check_tcp(values, sources, problems)
+    _check_metrics_token(values["metrics.token_file"], sources["metrics.token_file"], problems)
     if problems:
         raise ConfigError(sorted(problems, key=_file_order))
     return Config(**{setting.attr: values[setting.key] for setting in SETTINGS}, rules=rules, models=models,
@@ -264,6 +265,9 @@ def _read_quotas(file: _File, problems: list[Problem], sources: dict[str, str]) 
         else:
             problems.append(Problem(file.where(("quotas", kind)), f"quotas.{kind}",
                                     _unknown(kind, ["default", "users", "groups"], "use default, users or groups")))
+    for key, cap in DEFAULT_CAPS.items():
+        if key not in quotas["default"]:
+            quotas["default"][key], sources[f"quotas.default.{key}"] = cap, "default"
     return quotas
 
 
@@ -279,6 +283,26 @@ def _check_tcp(values: dict[str, Any], sources: dict[str, str], problems: list[P
         elif values[key] and not os.access(values[key], os.R_OK):
             reason = "does not exist" if not os.path.exists(values[key]) else "is not readable"
             problems.append(Problem(_place(sources[key]), key, f"{values[key]} {reason}"))
+
+
+def _check_metrics_token(path: str, source: str, problems: list[Problem]) -> None:
+    """The token file, where one is set, is readable, holds a token, and is no one else's to read
+    (the mode of the file a symlink leads to, as Kubernetes mounts secrets)."""
+    if not path:
+        return
+    try:
+        mode = os.stat(path).st_mode & 0o777
+        with open(path) as file:
+            token = file.read().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        problems.append(Problem(_place(source), "metrics.token_file", f"{path}: cannot read it: "
+                                f"{getattr(error, 'strerror', None) or error}"))
+        return
+    if mode & 0o077:
+        problems.append(Problem(_place(source), "metrics.token_file", f"{path} has mode {mode:04o}, so other users "
+                                f"may read the token; chmod 600 {path}"))
+    elif not token:
+        problems.append(Problem(_place(source), "metrics.token_file", f"{path} holds no token"))
 
 
 # ---- where keys are written (tomllib gives no positions for problems it does not find itself) ----

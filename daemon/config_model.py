@@ -160,6 +160,10 @@ class Config:
     metrics_address: str = _setting(
         "metrics.address", address("off"), "127.0.0.1:9464",
         "HOST:PORT for Prometheus /metrics; port 0 picks a free one; off disables", "HOST:PORT")
+    metrics_token_file: str = _setting(
+        "metrics.token_file", optional_fs_path, "",
+        "file (mode 0600 or stricter) holding the bearer token a scraper presents to get the per-model series "
+        "(model names, tags, sizes) besides the node's; empty: the node's series only", "PATH")
     state_dir: str = _setting(
         "state_dir", fs_path, lambda _: paths.default_state_dir(),
         "where the daemon keeps daemon.json (default $STATE_DIRECTORY, /var/lib/sleepd as root, "
@@ -272,5 +276,11 @@ group_id = _account("group", lambda name: grp.getgrnam(name).gr_gid)
 
 # [models.NAME]: a policy, and the owner it is for (see registry.py: a policy is no prize for a name's first claimant).
 MODEL_KEYS: dict[str, Callable[[Any], Any]] = {**POLICY_KEYS, "owner": user_id}
-# [quotas.default], [quotas.users.USER], [quotas.groups.GROUP]: bytes of each, for one uid's models together.
-QUOTA_KEYS: dict[str, Callable[[Any], Any]] = {"device": size(0), "host_pool": size(0)}
+# [quotas.default], [quotas.users.USER], [quotas.groups.GROUP]: bytes of each, for one uid's models together,
+QUOTA_BYTES: dict[str, Callable[[Any], Any]] = {"device": size(0), "host_pool": size(0)}
+# and how many models one uid may own and how many regions its models may hold: every name and region is
+# daemon memory, descriptors and metric series.
+QUOTA_COUNTS: dict[str, Callable[[Any], Any]] = {"models": integer(0, 1 << 31), "regions": integer(0, 1 << 31)}
+QUOTA_KEYS = {**QUOTA_BYTES, **QUOTA_COUNTS}
+# The counts every non-admin uid gets unless [quotas.default] (or an entry of its own) says otherwise.
+DEFAULT_CAPS = {"models": 64, "regions": 16384}

@@ -5,7 +5,7 @@ import re
 
 from sleepd.common.sizes import format_size
 
-from .config_model import SETTINGS, Config, Size
+from .config_model import QUOTA_BYTES, SETTINGS, Config, Size
 
 
 def render(config: Config) -> str:
@@ -38,7 +38,9 @@ def render(config: Config) -> str:
         for owner, limits in sorted(entries.items()):
             if limits:
                 body += [("", ""), (f"[quotas.{kind}{'' if owner == '' else '.' + str(owner)}]", "")]
-                body += [(f"{key} = {_size(value) or value}", "file") for key, value in sorted(limits.items())]
+                body += [(f"{key} = {(_size(value) or value) if key in QUOTA_BYTES else value}",
+                          "default" if config.sources.get(f"quotas.{kind}.{key}") == "default" else "file")
+                         for key, value in sorted(limits.items())]
     width = max(len(line) for line, comment in body if comment)
     lines = head + ["" if not line else f"{line.ljust(width)}  # {comment}" if comment else line
                     for line, comment in body]

@@ -38,7 +38,7 @@ def build(backend: DaemonBackend, pool: HostPool, movers: dict[int, Mover], rule
           default_policies: dict[str, dict] | None = None, quotas: dict | None = None,
           controller_timeout: float = 300.0, eviction_answer_seconds: float = 5.0) -> Core:
     events = EventBus()
-    registry = Registry(backend, authorizer, default_policies or {})
+    registry = Registry(backend, authorizer, default_policies or {}, forgotten=metrics.forget)
     room = Room(registry, backend, authorizer, events, metrics, eviction_answer_seconds)
     checkpoints = Checkpoints(registry, backend.name, store)
     controllers = Controllers(registry, authorizer, events, controller_timeout)

@@ -62,7 +62,7 @@ def ensure_awake(ops: Operations, model_name: str, evict: bool, wait_only: bool,
         wake(ops, model_name, [], evict, caller, from_rank)
     waited = time.monotonic() - started
     if ops.reporter.metrics:
-        ops.reporter.metrics.wake_wait.labels(model=model_name, how="waited" if wait_only else "woke").observe(waited)
+        ops.reporter.metrics.waited_for_wake(model, not wait_only, waited)
     return waited, not wait_only
 
 

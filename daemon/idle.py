@@ -33,7 +33,7 @@ class IdleWatcher(threading.Thread):
                     if self._ops.put_to_sleep(model, f"idle for {idle:.0f} s") is None:
                         continue  # an operation is running on it: it is not idle
                     if self._ops.reporter.metrics:
-                        self._ops.reporter.metrics.evictions.labels(model=model.name, reason="idle").inc()
+                        self._ops.reporter.metrics.evicted(model, "idle")
                 except SleepdError as error:
                     log.warning("idle sleep of %s failed: %s", model.name, error.message)
                     model.touch()  # try again after another idle period, not at once

@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
 
     metrics_address = None
     if cfg.metrics_address != "off":
-        metrics_address = metrics.serve(cfg.metrics_address)
+        metrics_address = metrics.serve(cfg.metrics_address, _read_token(cfg.metrics_token_file))
 
     server.start()
     # Engines of any uid connect; what each may do is decided per request from the
@@ -213,6 +213,14 @@ def main(argv: list[str] | None = None) -> None:
 
 
 RUNTIME_FILE = "daemon.json"
+
+
+def _read_token(path: str) -> str:
+    """The token in `path` (config.py checked it), or "" for none."""
+    if not path:
+        return ""
+    with open(path) as file:
+        return file.read().strip()
 
 
 def _write_runtime_file(state_dir: PrivateDirectory, socket_path, handle_path, metrics_address, pool_dir,

@@ -81,7 +81,8 @@ class Operations:
 
     def attach(self, token: str, model_name: str, rank: int, ordinal: int, uuid: str = "",
                needs_controller: bool = False) -> Session:
-        session = self.registry.attach(token, model_name, rank, ordinal, uuid, needs_controller)
+        session = self.registry.attach(token, model_name, rank, ordinal, uuid, needs_controller,
+                                       may_own=self.quotas.check_model_cap)
         self.checkpoint()
         self.reporter.events.publish("attached", self.registry.model(model_name), f"rank {rank} pid {session.pid} on "
                                                             f"{self.backend.devices[session.device].name}")
@@ -117,7 +118,7 @@ class Operations:
         else:
             self.reporter.events.publish("rank_lost", model, f"{detail}: {reason}", freed)
             if self.reporter.metrics:
-                self.reporter.metrics.ranks_lost.labels(model=model.name).inc()
+                self.reporter.metrics.rank_lost(model)
 
     def touch(self, session_id: str) -> None:
         self.registry.model(self.registry.session(session_id).model).touch()
@@ -144,6 +145,7 @@ class Operations:
         try:
             model.touch()
             what = f"allocate {format_size(mapped_size)} for {session.describe()}"
+            self.quotas.check_region_cap(model, what)
             with self.quotas.reserve(model, "device", mapped_size, what):
                 evicted = self.room.ensure(model, {device.index: mapped_size}, what, evict, self.put_to_sleep,
                                           session.peer)

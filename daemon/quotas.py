@@ -1,7 +1,8 @@
 """Per-uid quotas: how much device memory and host-pool space one uid's models may
-hold together, configured per user or group with a default ([quotas] in the
-configuration). A request past a quota is refused RESOURCE_EXHAUSTED, naming it.
-Every request that charges a quota reserves its bytes first (Quotas.reserve), so
+hold together, and how many models it may own and regions they may hold (its
+caps), configured per user or group with a default ([quotas] in the
+configuration). A request past a quota or cap is refused RESOURCE_EXHAUSTED, naming it.
+Every request that charges a byte quota reserves its bytes first (Quotas.reserve), so
 concurrent requests of one uid are counted together.
 
 A uid's quota of each kind is its user entry's, else the largest of its groups'
@@ -26,7 +27,7 @@ KINDS = {"device": "device memory", "host_pool": "host pool"}
 
 @dataclass(frozen=True)
 class Limit:
-    bytes: int
+    bytes: int   # for the caps (models, regions): a count
     source: str  # the configuration table it comes from
 
 
@@ -77,6 +78,24 @@ class Quotas:
         finally:
             with self._lock:
                 self._reserved[key] -= extra
+
+    def check_model_cap(self, owner: Peer, owned: int, name: str) -> None:
+        """Refuses `owner` a new model `name` past its cap; `owned`: how many it owns now."""
+        cap = self.limit(owner, "models")
+        if cap is not None and owned >= cap.bytes:
+            raise exhausted(f"attach {name}: uid {owner.uid} may own {cap.bytes} models ({cap.source} models) "
+                            f"and owns {owned}; detach one of them first, or ask the operator to raise the cap")
+
+    def check_region_cap(self, model: Model, what: str) -> None:
+        """Refuses one more region for `model` past its owner's cap."""
+        owner = _owner(model)
+        cap = self.limit(owner, "regions")
+        if cap is None:
+            return
+        held = self._registry.region_count(owner.uid)
+        if held >= cap.bytes:
+            raise exhausted(f"{what}: uid {owner.uid}'s models may hold {cap.bytes} regions ({cap.source} regions) "
+                            f"and hold {held}; free some, or allocate fewer, larger regions")
 
 
 def _owner(model: Model) -> Peer:

@@ -9,6 +9,7 @@ an engine, a copy or another lock.
 import logging
 import threading
 import time
+from typing import Callable
 
 import grpc
 
@@ -24,7 +25,8 @@ log = logging.getLogger(__name__)
 
 
 class Registry:
-    def __init__(self, backend: DaemonBackend, authorizer: Authorizer, default_policies: dict[str, dict]):
+    def __init__(self, backend: DaemonBackend, authorizer: Authorizer, default_policies: dict[str, dict],
+                 forgotten: Callable[[Model], None] = lambda model: None):
         self.backend = backend
         self.authorizer = authorizer
         self.lock = threading.Lock()
@@ -35,6 +37,8 @@ class Registry:
         self.next_region_id = 1
         # Per-model policy from the configuration, applied when the model first attaches.
         self._default_policies = default_policies
+        # Told, under the registry lock, of each model forgotten (metrics drop its series): it takes no other lock.
+        self._forgotten = forgotten
 
     # ---- sessions and ranks ----
 
@@ -80,17 +84,22 @@ class Registry:
         return session.peer if session else None
 
     def attach(self, token: str, model_name: str, rank: int, ordinal: int, uuid: str = "",
-               needs_controller: bool = False) -> Session:
+               needs_controller: bool = False,
+               may_own: Callable[[Peer, int, str], None] = lambda peer, owned, name: None) -> Session:
         """Makes the session holding `token` a rank of `model_name`, taking over what an earlier
-        process of that rank left behind."""
+        process of that rank left behind. A new model is first offered to `may_own` (peer, how
+        many models its uid owns, the name), which raises to refuse it."""
         check_model_name(model_name)
         device = self._device_index(ordinal, uuid)
         with self.lock:
             session = self._by_token.get(token)
             if session is None or session.attached:
                 raise denied("unknown session token; connect to the handle socket first")
-            model = self._models.get(model_name) or Model(
-                model_name, owner_uid=session.uid, policy=self._configured_policy(model_name, session.peer))
+            model = self._models.get(model_name)
+            if model is None:
+                may_own(session.peer, sum(m.owner_uid == session.uid for m in self._models.values()), model_name)
+                model = Model(model_name, owner_uid=session.uid,
+                              policy=self._configured_policy(model_name, session.peer))
             if model.owner_uid != session.uid:  # admins included: one model, one tenant
                 whose = f"uid {model.owner_uid}" if self.authorizer.is_admin(session.peer) else "another user"
                 raise denied(f"attach to {model_name}: the model belongs to {whose}, and ranks of different uids "
@@ -174,6 +183,7 @@ class Registry:
     def _forget_if_empty(self, model: Model) -> None:
         if not model.ranks and not model.orphans and self._models.get(model.name) is model:
             del self._models[model.name]
+            self._forgotten(model)
             if model.controller is not None:  # nothing left to control: its lease ends
                 model.controller.end(f"model {model.name} has no ranks left")
 
@@ -282,6 +292,12 @@ class Registry:
             regions = [r for model in self._models.values() if model.owner_uid == uid for r in model.regions()]
         return {"device": sum(r.mapped_size for r in regions if r.holds_memory),
                 "host_pool": sum(r.backup.size for r in regions if r.backup is not None)}
+
+    def region_count(self, uid: int) -> int:
+        """How many regions the models `uid` owns hold."""
+        with self.lock:
+            return sum(len(session.regions) for model in self._models.values() if model.owner_uid == uid
+                       for session in model.sessions())
 
     def snapshot(self) -> list[ModelView]:
         """A consistent copy of every model, for status and metrics."""

@@ -19,7 +19,7 @@ class Reporter:
     def slept(self, model: Model, level: int, result: OperationResult, reason: str = "") -> None:
         name = model.name
         if self.metrics:
-            self.metrics.observe("sleep", name, str(level), result)
+            self.metrics.slept(model, level, result.seconds)
         freed = result.bytes_offloaded + result.bytes_discarded
         fields = {"operation": "sleep", "model": name, "reason": reason or None, "regions": result.region_count,
                   "seconds": round(result.seconds, 6), "sleep_level": level, "bytes_freed": freed,
@@ -33,7 +33,7 @@ class Reporter:
     def woke(self, model: Model, tags: list[str], result: OperationResult, reason: str = "") -> None:
         name, detail = model.name, ",".join(sorted(tags)) or "all"
         if self.metrics:
-            self.metrics.observe("wake", name, detail, result)
+            self.metrics.woke(model, result.seconds)
         fields = {"operation": "wake", "model": name, "reason": reason or None, "regions": result.region_count,
                   "seconds": round(result.seconds, 6), "tags": sorted(tags), "bytes_restored": result.bytes_restored,
                   "bytes_zeroed": result.bytes_zeroed, "evicted": list(result.evicted)}

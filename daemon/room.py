@@ -170,7 +170,7 @@ class Room:
                         victim.policy.priority, idle, requester.name)
             self._events.publish("evicted", victim, f"room for {requester.name}")
             if self._metrics:
-                self._metrics.evictions.labels(model=victim.name, reason="room").inc()
+                self._metrics.evicted(victim, "room")
             return victim.name
         return None
 

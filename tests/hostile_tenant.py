@@ -11,6 +11,7 @@ flood is in place, and holds it until a line arrives on stdin.)
 """
 
 import contextlib
+import encodings.idna  # noqa: F401  (loaded lazily by socket for host names, and perhaps unreadable after the drop)
 import hashlib
 import json
 import os
@@ -21,6 +22,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import grpc
 
@@ -436,10 +439,74 @@ def _handle_answer(request) -> dict:
     return {"code": "OK", "details": ""}
 
 
+def churn_models(daemon_socket: str, count: str) -> dict:
+    """Attaches `count` throwaway models one after another, each slept, woken by a request and
+    detached, so that each leaves every per-model series it can; reports their names."""
+    names = [f"throwaway-{os.getpid()}-{number}" for number in range(int(count))]
+    for name in names:
+        with SleepClient.connect(model=name, socket=daemon_socket) as client:
+            client.alloc(MiB, tag="weights")
+            client.sleep(level=1)
+            client.ensure_awake()
+    return {"names": names}
+
+
+def exceed_caps(daemon_socket: str, models: str, regions: str) -> dict:
+    """Attaches one model more than `models`, then allocates one region more than `regions`
+    in its first model; reports how far each got and the refusal that stopped it."""
+    clients, answers = [], {}
+    try:
+        for number in range(int(models) + 1):
+            clients.append(SleepClient.connect(model=f"tenant-{number}", socket=daemon_socket))
+    except SleepdError as error:
+        answers["attach"] = {"code": error.code.name, "details": error.message}
+    answers["attached"] = len(clients)
+    allocated = []
+    try:
+        for _ in range(int(regions) + 1):
+            allocated.append(clients[0].alloc(MiB, tag="weights"))
+    except SleepdError as error:
+        answers["alloc"] = {"code": error.code.name, "details": error.message}
+    answers["allocated"] = len(allocated)
+    for client in clients:
+        client.close()
+    return answers
+
+
+def hold_metrics_connections(_daemon_socket: str, address: str, count: str) -> dict:
+    """Opens `count` connections to the metrics endpoint, every other one with half a request
+    sent, and holds them; reports how many it opened."""
+    host, _, port = address.rpartition(":")
+    for number in range(int(count)):
+        sock = socket.create_connection((host, int(port)), timeout=10)
+        if number % 2:
+            try:
+                sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: sleepd\r\n")
+            except OSError:
+                pass  # closed by the daemon already
+        HELD.append(sock)
+    return {"opened": len(HELD)}
+
+
+def read_metrics(_daemon_socket: str, address: str) -> dict:
+    """Reads /metrics without a token, and with a guessed one: what each answered."""
+    answers = {}
+    for name, headers in (("anonymous", {}), ("guessed", {"Authorization": "Bearer guessed"})):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(f"http://{address}/metrics", headers=headers),
+                                        timeout=10) as response:
+                answers[name] = {"status": response.status, "text": response.read().decode()}
+        except urllib.error.HTTPError as error:
+            answers[name] = {"status": error.code, "text": error.read().decode()}
+    return answers
+
+
 ATTACKS = {"relay": relay_attack, "events": watch_events, "flood": flood_handle_socket, "plant_pool": plant_pool,
            "look_in": look_in, "make_directory": make_directory, "fake_daemon": fake_daemon,
            "stream_flood": stream_flood, "premature_hand_back": premature_hand_back,
-           "quota_race": quota_race, "stall_device": stall_device}
+           "quota_race": quota_race, "stall_device": stall_device,
+           "churn_models": churn_models, "exceed_caps": exceed_caps,
+           "hold_metrics_connections": hold_metrics_connections, "read_metrics": read_metrics}
 
 
 def main() -> None:

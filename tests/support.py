@@ -2,6 +2,7 @@
 
 import json
 import os
+import secrets
 import stat
 import subprocess
 import sys
@@ -66,10 +67,18 @@ def sleeping(daemon) -> dict:
     return {model["name"]: model["sleeping"] for model in daemon.status()["models"]}
 
 
+def metrics_text(daemon, authorized: bool = True) -> str:
+    """The daemon's /metrics as the operator's scraper reads it, with the bearer token (else as anyone)."""
+    request = urllib.request.Request(f"http://{daemon.info['metrics_address']}/metrics")
+    if authorized:
+        request.add_header("Authorization", f"Bearer {daemon.metrics_token}")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.read().decode()
+
+
 def scrape(daemon) -> dict:
     """The daemon's /metrics: {(name, sorted labels): value}."""
-    with urllib.request.urlopen(f"http://{daemon.info['metrics_address']}/metrics", timeout=10) as response:
-        text = response.read().decode()
+    text = metrics_text(daemon)
     samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -86,7 +95,13 @@ class Daemon(LocalDaemon):
     """A sleepd process on its own socket, state directory and host pool, with test helpers."""
 
     def __init__(self, tmp_path, backend: str, *flags, **options):
-        super().__init__(str(tmp_path), "--backend", backend, *flags, **options)
+        # The operator's scraper: the per-model series need the bearer token.
+        self.metrics_token = secrets.token_hex(16)
+        token_file = os.path.join(str(tmp_path), f"metrics-token-{self.metrics_token[:8]}")
+        descriptor = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(descriptor, self.metrics_token.encode())
+        os.close(descriptor)
+        super().__init__(str(tmp_path), "--backend", backend, "--metrics-token-file", token_file, *flags, **options)
         self.backend = backend
 
     def memfd_prefix(self, model: str) -> str:

@@ -241,3 +241,19 @@ def test_check_config_prints_the_socket_and_pool_directory_the_daemon_then_uses(
         daemon.terminate()
         daemon.wait(timeout=20)
         shutil.rmtree(effective["host_pool"]["dir"], ignore_errors=True)
+
+
+def test_a_metrics_token_that_others_may_read_stops_the_daemon_through_a_symlink_too(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("a token\n")
+    token.chmod(0o644)
+    link = tmp_path / "link"  # Kubernetes mounts a Secret's keys as symlinks
+    link.symlink_to(token)
+    result = sleepd("--check-config", "--metrics-token-file", str(link))
+    assert result.returncode == config.EXIT_CONFIG
+    assert result.stderr.strip() == (f"sleepd: flag --metrics-token-file: metrics.token_file: {link} has mode 0644, "
+                                     f"so other users may read the token; chmod 600 {link}")
+    token.chmod(0o400)
+    assert sleepd("--check-config", "--metrics-token-file", str(link)).returncode == 0
+    token.write_text("\n")
+    assert "holds no token" in sleepd("--check-config", "--metrics-token-file", str(link)).stderr

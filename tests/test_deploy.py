@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import yaml
 from kubernetes_validate import utils as kubernetes_validate
 from prometheus_client.parser import text_string_to_metric_families
 
-from support import MiB
+from support import MiB, metrics_text
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -78,11 +77,6 @@ def test_metric_names_are_read_out_of_promql():
         ' > 1e3 and on (instance) b:rate5m offset 5m / ignoring (le) c') == {"a_bucket", "b:rate5m", "c"}
 
 
-def scrape(daemon) -> str:
-    with urllib.request.urlopen(f"http://{daemon.info['metrics_address']}/metrics", timeout=10) as response:
-        return response.read().decode()
-
-
 def busy_scrape(daemon, start_engine) -> str:
     """/metrics after a sleep, a wake, a request that found the model asleep and a refusal, so that
     labelled metrics have samples."""
@@ -92,7 +86,7 @@ def busy_scrape(daemon, start_engine) -> str:
     daemon.ctl("sleep", "--model", "qwen", "--level", "1")
     assert engine.request("ensure_awake")["woke"] is True
     assert daemon.ctl("wake", "--model", "nobody", check=False).returncode != 0
-    return scrape(daemon)
+    return metrics_text(daemon)
 
 
 def promtool(*args, stdin: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -170,12 +164,25 @@ def test_the_daemonset_runs_one_sleepd_per_gpu_node():
     assert selector.items() <= daemonset["spec"]["template"]["metadata"]["labels"].items()
 
 
-def test_the_daemonsets_flags_are_sleepds_flags_and_its_paths_are_mounted_from_the_host():
+def test_the_daemonsets_flags_are_sleepds_flags_and_its_paths_are_mounted_from_the_host(tmp_path):
     from sleepd.daemon.main import parse_args
 
     spec, container = sleepd_container()
     env = container_env(container)
     argv = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], arg) for arg in container["args"]]
+    # The metrics token comes from the Secret the ServiceMonitor presents, readable by the daemon alone.
+    token_file = argv[argv.index("--metrics-token-file") + 1]
+    (secret,) = [volume["secret"] for volume in spec["volumes"] if "secret" in volume and any(
+        mount["name"] == volume["name"] and mount["mountPath"] == os.path.dirname(token_file)
+        for mount in container["volumeMounts"])]
+    assert secret["defaultMode"] == 0o400
+    (endpoint,) = resource("ServiceMonitor", "sleepd")["spec"]["endpoints"]
+    assert endpoint["authorization"] == {"type": "Bearer", "credentials": {"name": secret["secretName"],
+                                                                           "key": os.path.basename(token_file)}}
+    stand_in = tmp_path / "token"
+    stand_in.write_text("a token")
+    stand_in.chmod(0o400)
+    argv[argv.index(token_file)] = str(stand_in)
     args = parse_args(argv)  # exits (fails the test) on a flag sleepd does not know
     mounts = host_path_mounts(spec, container)
 
@@ -205,7 +212,7 @@ def test_the_service_and_the_servicemonitor_reach_the_metrics_port():
     assert service["metadata"]["namespace"] in monitor["spec"]["namespaceSelector"]["matchNames"]
     for endpoint in monitor["spec"]["endpoints"]:
         assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme", "honorLabels",
-                                 "relabelings", "metricRelabelings"}
+                                 "relabelings", "metricRelabelings", "authorization"}
         assert endpoint["port"] == port["name"]
         assert re.fullmatch(r"\d+[smh]", endpoint["interval"])
         for relabeling in endpoint.get("relabelings", []):

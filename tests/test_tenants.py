@@ -14,11 +14,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from sleepd.daemon import admission
 from sleepd.daemon.handles import MAX_CONNECTIONS_PER_UID
-from support import HERE, OTHER, MiB, by_tag, ctl_as, second_tenant_unavailable, sleeping, wait_for
+from support import HERE, OTHER, MiB, by_tag, ctl_as, metrics_text, second_tenant_unavailable, sleeping, wait_for
 
 pytestmark = pytest.mark.skipif(second_tenant_unavailable() is not None, reason=str(second_tenant_unavailable()))
 
@@ -526,3 +527,63 @@ def test_a_peers_groups_come_from_its_connection_not_from_proc():
         child.kill()
         child.wait()
         listener.close()
+
+
+def test_a_tenants_throwaway_models_leave_no_series_behind_once_forgotten(victim):
+    daemon, engine = victim
+    status, report = daemon.status(), engine.report()
+    before = metrics_text(daemon)
+    churned = attack(daemon, "churn_models", "40")["names"]
+    after = metrics_text(daemon)
+    assert not [name for name in churned if name in after], after
+    assert len(after) < len(before) + 2048, f"/metrics grew from {len(before)} to {len(after)} bytes"
+    assert 'model="victim"' in after
+    assert_untouched(daemon, engine, status, report)
+
+
+def test_a_tenant_past_its_model_and_region_caps_is_refused_and_root_is_not(shared_daemon, start_engine, tmp_path):
+    config = tmp_path / "sleepd.toml"
+    config.write_text("[quotas.default]\nmodels = 2\nregions = 3\n")
+    config.chmod(0o644)
+    daemon = shared_daemon("--config", str(config))
+    engine = start_engine(daemon, "victim", regions=[("weights", 4 * MiB), ("kv_cache", 2 * MiB)])
+    status, report = daemon.status(), engine.report()
+    answers = attack(daemon, "exceed_caps", "2", "3")
+    assert answers["attached"] == 2 and answers["attach"]["code"] == "RESOURCE_EXHAUSTED", answers
+    assert "attach tenant-2: uid 65534 may own 2 models ([quotas.default] models)" in answers["attach"]["details"]
+    assert answers["allocated"] == 3 and answers["alloc"]["code"] == "RESOURCE_EXHAUSTED", answers
+    assert "may hold 3 regions ([quotas.default] regions) and hold 3" in answers["alloc"]["details"]
+    assert_untouched(daemon, engine, status, report)
+    for name in ("root-a", "root-b"):  # the default binds no admin
+        start_engine(daemon, name, regions=[("weights", MiB)] * 4)
+
+
+def test_idle_and_half_sent_metrics_connections_cost_the_daemon_no_threads_and_scrapes_go_on(victim):
+    daemon, engine = victim
+    status, report = daemon.status(), engine.report()
+    process = psutil.Process(daemon.pid)
+    threads = process.num_threads()
+    with holding(daemon, "hold_metrics_connections", daemon.info["metrics_address"], "400") as held:
+        assert held["opened"] == 400
+        time.sleep(1)
+        assert process.num_threads() <= threads + 8, f"{process.num_threads()} threads, {threads} before"
+    started = time.monotonic()
+    assert 'model="victim"' in metrics_text(daemon)
+    assert time.monotonic() - started < 5
+    assert_untouched(daemon, engine, status, report)
+
+
+def test_metrics_show_a_tenant_no_models_names_or_tags_and_the_operators_scraper_all_of_them(victim, start_engine):
+    daemon, engine = victim
+    start_engine(daemon, "theirs", regions=[("secret_tag", MiB)], as_uid=OTHER)
+    daemon.ctl("sleep", "--model", "victim")
+    daemon.ctl("wake", "--model", "victim")
+    answers = attack(daemon, "read_metrics", daemon.info["metrics_address"])
+    seen = answers["anonymous"]
+    assert seen["status"] == 200 and "sleepd_device_used_bytes" in seen["text"] and "sleepd_sessions" in seen["text"]
+    for private in ("victim", "theirs", "weights", "kv_cache", "secret_tag", "model="):
+        assert private not in seen["text"], private
+    assert answers["guessed"]["status"] == 401 and "wrong bearer token" in answers["guessed"]["text"]
+    operators = metrics_text(daemon)
+    for name in ('model="victim"', 'model="theirs"', 'tag="secret_tag"', "sleepd_wake_duration_seconds_count"):
+        assert name in operators, name
