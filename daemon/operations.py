@@ -87,10 +87,12 @@ class Operations:
 
     def end_session(self, session: Session, reason: str) -> None:
         """Reclaims every reference a session held. Safe to call more than once."""
-        if not session.end(reason) or self._frozen:
+        if self._frozen:
+            session.end(reason)
             return
+        # Forgotten before it ends: an attach finds it either not at all, or whole and attached before this.
         model = self.registry.forget_session(session)
-        if model is None:
+        if not session.end(reason) or model is None:
             return
         # Waiters on this session have already failed, so any operation holding
         # the model's lock finishes its rollback and lets us in.

@@ -14,6 +14,11 @@ import pytest
 
 from sleepd.common import paths, wire
 from sleepd.common.wire import TOKEN_METADATA
+from sleepd.daemon.auth import Authorizer, Peer
+from sleepd.daemon.backends import host_backend
+from sleepd.daemon.errors import SleepdError
+from sleepd.daemon.registry import Registry
+from sleepd.daemon.sessions import Condition
 from sleepd.proto import sleepd_pb2 as pb
 from sleepd.proto import sleepd_pb2_grpc as pb_grpc
 from support import MiB, Daemon
@@ -174,3 +179,16 @@ def test_memory_handed_back_that_is_not_the_regions_is_refused_and_the_rank_hand
         os.close(memory)
         rank.close()
         again.stop()
+
+
+def test_an_attach_that_finds_its_session_ended_is_refused_not_taken_for_a_bug():
+    """A session whose handle connection closed has ended but is still known by its token (a stopping
+    daemon keeps it so for its state file): an attach with that token is refused, and the daemon serves on."""
+    registry = Registry(host_backend(1, 64 * MiB), Authorizer("sleepd-admin"), {})
+    session = registry.open_session(Peer(os.getpid(), 0, 0, frozenset()))
+    session.end("handle socket closed")
+    with pytest.raises(SleepdError) as refused:
+        registry.attach(session.token, "qwen", 0, 0)
+    assert refused.value.code is grpc.StatusCode.FAILED_PRECONDITION, refused.value.message
+    assert "ended" in refused.value.message and "\n" not in refused.value.message
+    assert registry.models() == [] and session.condition is Condition.LOST
