@@ -92,11 +92,14 @@ class Operations:
         """Ends a session at once and queues the reclaiming of every reference it held for its
         model (model_work.py), so that the caller never waits on the model's lock. Safe to call
         more than once."""
-        if not session.end(reason) or self._frozen:
+        if self._frozen:
+            session.end(reason)
             return
+        # Forgotten before it ends: an attach finds it either not at all, or whole and attached before this.
         model = self.registry.forget_session(session)
-        if model is not None:
-            self._model_work.submit(model, lambda: self._reclaim(model, session, reason))
+        if not session.end(reason) or model is None:
+            return
+        self._model_work.submit(model, lambda: self._reclaim(model, session, reason))
 
     def _reclaim(self, model: Model, session: Session, reason: str) -> None:
         # Waiters on this session have already failed, so any operation holding

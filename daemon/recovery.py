@@ -17,9 +17,11 @@ import os
 import threading
 import time
 
+from sleepd import _C
+
 from .auth import Peer
 from .backends import DaemonBackend
-from .errors import exhausted, precondition
+from .errors import exhausted, invalid, precondition
 from .model import Model, Policy
 from .pool import HostPool, Piece
 from .private_paths import PrivateDirectory
@@ -171,7 +173,12 @@ class Recovery:
         region = self._registry.owned_region(session, region_id)
         if session.condition is not Condition.HANDING_BACK or region.holds_memory:
             raise precondition(f"region {region_id} is not waiting to be handed back")
-        region.handed_back(self._backend.native.adopt_handle(fd, region.device, region.mapped_size))
+        try:
+            handle = self._backend.native.adopt_handle(fd, region.device, region.mapped_size)
+        except _C.BackendError as error:  # what the engine sent is no memory of the region's size
+            raise invalid(f"region {region_id}: what was handed back is not its memory ({error}); hand back "
+                          "the memory this process maps for it") from None
+        region.handed_back(handle)
 
     def replace(self, session: Session, region_id: int) -> Region:
         """On a token backend, where an engine cannot hand back what it maps: new memory
