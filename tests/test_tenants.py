@@ -18,7 +18,7 @@ import pytest
 
 from sleepd.daemon import admission
 from sleepd.daemon.handles import MAX_CONNECTIONS_PER_UID
-from support import HERE, OTHER, MiB, by_tag, ctl_as, second_tenant_unavailable, wait_for
+from support import HERE, OTHER, MiB, assert_refused, by_tag, ctl_as, second_tenant_unavailable, wait_for
 
 pytestmark = pytest.mark.skipif(second_tenant_unavailable() is not None, reason=str(second_tenant_unavailable()))
 
@@ -57,16 +57,6 @@ def holding(daemon, name: str, *args):
 def start_root_daemon(argv) -> subprocess.CompletedProcess:
     """Root's sleepd on `argv`, expected to refuse to start (a daemon that starts runs into the timeout)."""
     return subprocess.run(argv, capture_output=True, text=True, timeout=30)
-
-
-def assert_refused(result, path: str, found: str, advice: str = "remove it") -> None:
-    """Exit status 78 and one line that names the path, what was found and what to do; nothing else went wrong."""
-    assert result.returncode == 78, result.stderr
-    lines = [line for line in result.stderr.splitlines() if "CRITICAL" in line]
-    assert len(lines) == 1, result.stderr
-    for what in (path, found, advice):
-        assert what in lines[0], lines[0]
-    assert "Traceback" not in result.stderr
 
 
 def fingerprint(path) -> tuple:
