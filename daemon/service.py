@@ -58,11 +58,13 @@ class SleepdService(pb_grpc.SleepdServicer):
         return self._core.registry.caller(token) if token else None
 
     def _authorize(self, operation: str, context, models: list[str], policy_changes=None):
-        """The caller, if it has the right `operation` needs on `models` (auth.RIGHTS)."""
-        caller = self._identify(context)
-        visible = lambda owner: self._core.authorizer.sees(caller, owner)  # noqa: E731
-        owners = {name: self._core.registry.model(name, visible).owner_uid for name in dict.fromkeys(models)}
-        self._core.authorizer.require(caller, operation, owners, policy_changes)
+        """The caller, if it has the right `operation` needs on `models` (auth.RIGHTS); a model
+        it may not see is NOT_FOUND, as one that does not exist is."""
+        caller, authorizer = self._identify(context), self._core.authorizer
+        names = list(dict.fromkeys(models))
+        authorizer.require(caller, operation, names, policy_changes)
+        for name in names:
+            self._core.registry.model(name, lambda owner: authorizer.sees(caller, owner))
         return caller
 
     def Session(self, request_iterator, context):

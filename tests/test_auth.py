@@ -23,9 +23,9 @@ def test_a_uid_may_act_only_on_its_own_models(shared_daemon, start_engine):
     theirs = start_engine(daemon, "nobody-model", regions=[("weights", 4 * MiB)], as_uid=OTHER)
     before = daemon.status()
 
-    refused = ctl_as(daemon, OTHER, "sleep", "--model", "root-model")
-    assert refused.returncode != 0 and "PERMISSION_DENIED" in refused.stderr
-    assert f"uid {OTHER}" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    refused = ctl_as(daemon, OTHER, "sleep", "--model", "root-model")  # as if it did not exist
+    assert refused.returncode != 0 and "NOT_FOUND" in refused.stderr and "(attached: nobody-model)" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
     assert daemon.status() == before
 
     assert ctl_as(daemon, OTHER, "sleep", "--model", "nobody-model").returncode == 0

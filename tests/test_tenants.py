@@ -118,6 +118,33 @@ def test_a_hand_back_finished_without_a_daemon_restart_is_refused_and_the_daemon
     assert_untouched(daemon, engine, status, report)
 
 
+def test_a_tenant_cannot_tell_roots_model_from_one_that_does_not_exist_and_roots_model_is_untouched(
+        victim, start_engine):
+    daemon, engine = victim
+    start_engine(daemon, "mine", regions=[("weights", 1 * MiB)], as_uid=OTHER)
+    status, report = daemon.status(), engine.report()
+    for command in (["sleep", "--model", "{}"], ["wake", "--model", "{}"], ["policy", "--model", "{}",
+                    "--idle-seconds", "60"], ["swap", "--to", "mine", "--from", "{}"], ["swap", "--to", "{}"],
+                    ["status", "--model", "{}"]):
+        answers = {}
+        for name in ("victim", "absent"):
+            refused = ctl_as(daemon, OTHER, *[part.format(name) for part in command])
+            assert refused.returncode != 0 and "[NOT_FOUND]" in refused.stderr, refused.stderr
+            assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+            answers[name] = refused.stderr.replace(name, "NAME")
+        assert answers["victim"] == answers["absent"], command
+        assert "(attached: mine)" in answers["victim"], answers["victim"]
+    assert_untouched(daemon, engine, status, report)
+
+    # Only attaching tells that a name is taken, and not by whom.
+    refused = subprocess.run([sys.executable, os.path.join(HERE, "engine_process.py"), "--socket", daemon.socket,
+                              "--model", "victim", "--region", "weights:4096", "--as-uid", str(OTHER)],
+                             capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert refused.returncode != 0 and "PERMISSION_DENIED" in refused.stderr, refused.stderr
+    assert "belongs to another user" in refused.stderr and "uid 0" not in refused.stderr, refused.stderr
+    assert_untouched(daemon, engine, status, report)
+
+
 def test_a_name_another_uid_claimed_is_never_shared_nor_does_it_bring_the_configured_policy(shared_daemon,
                                                                                              start_engine, tmp_path):
     config = tmp_path / "sleepd.toml"
