@@ -156,6 +156,9 @@ class SleepdService(pb_grpc.SleepdServicer):
         for item in request.actions:
             if item.action == pb.ACTION_UNSPECIFIED:
                 raise invalid(f"tag {item.tag!r} has no action; use offload or discard")
+            if item.action not in pb.Action.values():  # proto3 enums are open: any number decodes
+                raise invalid(f"tag {item.tag!r} has action {item.action}, which does not exist; "
+                              "use offload or discard")
             actions[item.tag] = parse_action(pb.Action.Name(item.action))
         level = request.level if request.HasField("level") else 1
         return _reply(external.sleep(self._ops, request.model, level, list(request.tags), actions,
