@@ -7,7 +7,11 @@ caller's uid without trusting anything the caller says about itself.
 
 A model belongs to the uid of its first rank. A uid may act only on its own
 models; root and members of the admin group may act on all. RIGHTS says which
-right each request needs; Authorizer.require is where it is checked.
+right each request needs; Authorizer.require checks what it can before a lookup,
+and a lookup (Registry.model with Authorizer.sees) answers a model its caller may
+not see as it answers one that does not exist: NOT_FOUND, in the same words, so
+that no one learns who uses which name. Only attaching to a taken name tells
+that it is taken (registry.py), without saying whose it is.
 """
 
 import errno
@@ -105,29 +109,24 @@ class Authorizer:
         """Whether `viewer` may see a model of `owner_uid` at all: in status, events and refusals."""
         return viewer is not None and (viewer.uid == owner_uid or self.is_admin(viewer))
 
-    def require(self, peer: Peer | None, operation: str, owners: dict[str, int], policy_changes=None) -> None:
-        """Refuses `operation` on the models named in `owners` ({name: owner uid}) unless
-        `peer` has the right RIGHTS gives it; `policy_changes` are the policy settings a
-        SetPolicy request changes ({field: value})."""
-        right = RIGHTS[operation]
-        if right in (Right.SESSION, Right.ANYONE):
+    def require(self, peer: Peer | None, operation: str, models: list[str], policy_changes=None) -> None:
+        """Refuses `operation` on `models` unless `peer` has the right RIGHTS gives it, as far
+        as it can be told before the models are looked up: credentials first, so that no
+        answer to a caller without them depends on which models exist. `policy_changes`
+        are the policy settings a SetPolicy request changes ({field: value}). Whether the
+        peer owns the models is the lookup's to say (sees): another uid's model is as
+        missing to it as one that does not exist."""
+        if RIGHTS[operation] in (Right.SESSION, Right.ANYONE):
             return
-        for name, owner_uid in owners.items():
-            self.check(peer, owner_uid, f"{_VERBS.get(operation, operation)} {name}")
-        admin_only = _admin_only_policy(policy_changes or {})
-        if admin_only and not self.is_admin(peer):
-            what = " and ".join(admin_only) + f" of {', '.join(owners)} decide over other users' models"
-            raise denied(f"{what}; only root or group {self.admin_group!r} may set them")
-
-    def check(self, peer: Peer | None, owner_uid: int, what: str) -> None:
-        """Raises PERMISSION_DENIED unless `peer` owns the model or is an admin."""
         if peer is None:
             raise SleepdError(grpc.StatusCode.UNAUTHENTICATED,
-                              f"{what}: the request carries no credentials; connect through the handle socket "
-                              "to prove who you are (sleepctl and SleepClient do)")
-        if peer.uid != owner_uid and not self.is_admin(peer):
-            raise denied(f"{what}: {peer.describe()} may not act on a model uid {owner_uid} owns; "
-                         f"ask its owner, root, or a member of group {self.admin_group!r}")
+                              f"{_VERBS.get(operation, operation)} {', '.join(models)}: the request carries no "
+                              "credentials; connect through the handle socket to prove who you are (sleepctl and "
+                              "SleepClient do)")
+        admin_only = _admin_only_policy(policy_changes or {})
+        if admin_only and not self.is_admin(peer):
+            what = " and ".join(admin_only) + f" of {', '.join(models)} decide over other users' models"
+            raise denied(f"{what}; only root or group {self.admin_group!r} may set them")
 
 
 # How a refusal names each operation ("sleep qwen: ...").

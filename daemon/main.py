@@ -42,7 +42,7 @@ from .rules import SleepRules
 from .recovery import REATTACH_SECONDS, StateStore, backup_pieces
 from .regions import stop_on_bugs
 from .service import SleepdService
-from .tcp import serve_tcp
+from .tcp import TcpCredentials, serve_tcp
 
 log = logging.getLogger("sleepd")
 
@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     for note in cfg.notes(startup=True):
         log.warning("%s", note)
     log.info("configuration: %s", cfg.path or "no file; flags, environment and defaults")
+    tcp_credentials = _read_tcp_credentials(cfg) if cfg.tcp_enabled else None
     # A directory or file of ours that may not be this daemon's own stops it: another user could have
     # made it to read or replace tenants' memory, or to aim the daemon's writes at a file of theirs.
     try:
@@ -162,10 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     os.chmod(socket_path, 0o666)
     handles.start()
     tcp_server = None
-    if cfg.tcp_enabled:  # control from other hosts: TLS and the bearer token only (config checked all three files)
+    if tcp_credentials is not None:  # control from other hosts: TLS and the bearer token only
         try:
-            tcp_server, tcp_port = serve_tcp(core, cfg.tcp_address, cfg.tcp_cert, cfg.tcp_key,
-                                             cfg.tcp_token_file)
+            tcp_server, tcp_port = serve_tcp(core, cfg.tcp_address, tcp_credentials)
         except (OSError, ValueError, RuntimeError, grpc.RpcError) as error:
             log.critical("tcp.address %s: cannot serve: %s", cfg.tcp_address, error)
             sys.exit(f"sleepd: tcp.address {cfg.tcp_address}: cannot serve: {error}")
@@ -210,6 +210,18 @@ def main(argv: list[str] | None = None) -> None:
         pass
     state_dir.remove(RUNTIME_FILE)
     notifier.close()
+
+
+def _read_tcp_credentials(cfg: config.Config) -> TcpCredentials:
+    """Read before the daemon makes anything: a key or token that other users may read stops it."""
+    try:
+        return TcpCredentials.read(cfg.tcp_cert, cfg.tcp_key, cfg.tcp_token_file)
+    except (UnsafePath, ValueError) as error:
+        log.critical("%s", error)
+    except OSError as error:
+        log.critical("TCP listener: cannot read %s: %s; check the tcp settings and start sleepd again",
+                     error.filename, error.strerror)
+    sys.exit(config.EXIT_CONFIG)
 
 
 RUNTIME_FILE = "daemon.json"

@@ -1,5 +1,5 @@
 """The directories the daemon keeps for itself (host pool, state, sockets) and
-the files in them.
+the files in them, and the secrets it is given (read_secret).
 
 Their default names are predictable, and the host pool's lies in /dev/shm, which
 every user may write and which is wiped at boot while the state file survives. A
@@ -138,6 +138,26 @@ def _open_own_directory(path: str, role: str, mode: int) -> tuple[int, str]:
                          f"files in it; check what it holds, then chmod go-w {real} (or remove it), and start "
                          f"sleepd again")
     return fd, real
+
+
+def read_secret(path: str, setting: str) -> bytes:
+    """The contents of a file that holds a secret (a private key, a token). Symlinks are
+    followed: Kubernetes mounts secrets as links into a ..data directory, so the mode that
+    guards the secret is the final target's, read from the descriptor that reads it.
+    Raises UnsafePath unless only root or the daemon's uid may read it."""
+    with open(path, "rb") as file:
+        info = os.fstat(file.fileno())
+        target = os.path.realpath(path)
+        named = path if target == os.path.abspath(path) else f"{path} (a link to {target})"
+        if info.st_uid not in (0, os.geteuid()):
+            raise UnsafePath(f"{setting} {named} is owned by {_user(info.st_uid)}, who may read the secret it "
+                             f"holds; chown {os.geteuid()} {target}, chmod 600 {target} and "
+                             f"start sleepd again")
+        if info.st_mode & 0o077:
+            raise UnsafePath(f"{setting} {named} has mode {stat.S_IMODE(info.st_mode):04o}, so other users may "
+                             f"read the secret it holds; chmod 600 {target} (on Kubernetes: defaultMode: 0400 on "
+                             f"the secret's volume) and start sleepd again")
+        return file.read()
 
 
 def socket_directory(path: str) -> str:

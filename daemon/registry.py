@@ -238,11 +238,11 @@ class Registry:
             return self.backend.native.export_token(region.handle), region
 
     def _owned_region(self, session: Session, region_id: int) -> Region:
+        """Another session's region is as missing as one that does not exist: region ids are
+        handed out in order, so telling them apart would show other users' models to anyone counting."""
         region = self._regions.get(region_id)
-        if region is None:
-            raise not_found(f"region {region_id} does not exist")
-        if region.session is not session:
-            raise denied(f"region {region_id} belongs to {region.session.describe()}, not to this session")
+        if region is None or region.session is not session:
+            raise not_found(f"this session has no region {region_id}; it may fetch or free only its own")
         return region
 
     # ---- lookups ----
@@ -255,12 +255,13 @@ class Registry:
         return session
 
     def model(self, name: str, visible=None) -> Model:
-        """The model called `name`; NOT_FOUND names the models `visible(owner_uid)` allows
-        (none without it: a refusal must not show other users' models)."""
+        """The model called `name`. Given `visible(owner_uid)`, the caller's view: a model it does not
+        allow is NOT_FOUND in the very words a missing one gets, and NOT_FOUND names the models it
+        allows. Without it, every model is found, and NOT_FOUND names none."""
         with self.lock:
             model = self._models.get(name)
             known = sorted(m.name for m in self._models.values() if visible is not None and visible(m.owner_uid))
-        if model is None:
+        if model is None or (visible is not None and not visible(model.owner_uid)):
             raise not_found(f"model {name!r} is not attached (attached: {', '.join(known) or 'none you may see'})")
         return model
 

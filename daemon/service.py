@@ -58,11 +58,13 @@ class SleepdService(pb_grpc.SleepdServicer):
         return self._core.registry.caller(token) if token else None
 
     def _authorize(self, operation: str, context, models: list[str], policy_changes=None):
-        """The caller, if it has the right `operation` needs on `models` (auth.RIGHTS)."""
-        caller = self._identify(context)
-        visible = lambda owner: self._core.authorizer.sees(caller, owner)  # noqa: E731
-        owners = {name: self._core.registry.model(name, visible).owner_uid for name in dict.fromkeys(models)}
-        self._core.authorizer.require(caller, operation, owners, policy_changes)
+        """The caller, if it has the right `operation` needs on `models` (auth.RIGHTS); a model
+        it may not see is NOT_FOUND, as one that does not exist is."""
+        caller, authorizer = self._identify(context), self._core.authorizer
+        names = list(dict.fromkeys(models))
+        authorizer.require(caller, operation, names, policy_changes)
+        for name in names:
+            self._core.registry.model(name, lambda owner: authorizer.sees(caller, owner))
         return caller
 
     def Session(self, request_iterator, context):
@@ -154,6 +156,9 @@ class SleepdService(pb_grpc.SleepdServicer):
         for item in request.actions:
             if item.action == pb.ACTION_UNSPECIFIED:
                 raise invalid(f"tag {item.tag!r} has no action; use offload or discard")
+            if item.action not in pb.Action.values():  # proto3 enums are open: any number decodes
+                raise invalid(f"tag {item.tag!r} has action {item.action}, which does not exist; "
+                              "use offload or discard")
             actions[item.tag] = parse_action(pb.Action.Name(item.action))
         level = request.level if request.HasField("level") else 1
         return _reply(external.sleep(self._ops, request.model, level, list(request.tags), actions,

@@ -8,6 +8,7 @@ acts as an admin.
 
 import hmac
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 
@@ -15,6 +16,7 @@ from sleepd.proto import sleepd_pb2_grpc as pb_grpc
 
 from .admission import refusing
 from .auth import Peer
+from .private_paths import read_secret
 from .service import SleepdService
 
 # Who a TCP caller is, once its token checked out: an admin with no local uid.
@@ -35,20 +37,34 @@ class _RequireToken(grpc.ServerInterceptor):
         return self._refusal
 
 
-def serve_tcp(core, address: str, cert_path: str, key_path: str,
-              token_path: str) -> tuple[grpc.Server, int]:
+@dataclass(frozen=True)
+class TcpCredentials:
+    """What the listener serves with: its certificate chain, its private key and the token callers present."""
+    certificate: bytes
+    key: bytes
+    token: str
+
+    @classmethod
+    def read(cls, cert_path: str, key_path: str, token_path: str) -> "TcpCredentials":
+        """Raises UnsafePath for a key or token file that other users may read (the
+        certificate is public), ValueError for an empty token, OSError for a file it cannot read."""
+        with open(cert_path, "rb") as cert:
+            certificate = cert.read()
+        key = read_secret(key_path, "tcp.key")
+        token = read_secret(token_path, "tcp.token_file").decode().strip()
+        if not token:
+            raise ValueError(f"tcp.token_file {token_path} holds no token; write one into it")
+        return cls(certificate, key, token)
+
+
+def serve_tcp(core, address: str, credentials: TcpCredentials) -> tuple[grpc.Server, int]:
     """Starts a TLS-only server on `address`; returns it and the port it bound.
     It has a service of its own, so that being the TCP admin is decided by this
     listener alone: its callers got past _RequireToken."""
-    with open(cert_path, "rb") as cert, open(key_path, "rb") as key, open(token_path) as token:
-        credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
-        secret = token.read().strip()
-    if not secret:
-        raise ValueError(f"{token_path} holds no token")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="grpc-tcp"),
-                         interceptors=[_RequireToken(secret)])
+                         interceptors=[_RequireToken(credentials.token)])
     servicer = SleepdService(core, identify=lambda context: TCP_PEER)
     pb_grpc.add_SleepdServicer_to_server(servicer, server)
-    port = server.add_secure_port(address, credentials)
+    port = server.add_secure_port(address, grpc.ssl_server_credentials([(credentials.key, credentials.certificate)]))
     server.start()
     return server, port

@@ -16,6 +16,7 @@ on stdin with one-line JSON replies on stdout:
                                        with seeded bytes, still running until the device is
                                        synchronised; replies with the sha256 it will leave
     {"op": "touch"}                    mark the model active
+    {"op": "session"}                  its session id, for a test that sends requests in its name
     {"op": "ensure_awake"}             wake it (evicting as policy allows) if it sleeps; with "wake": false,
                                        wait for a wake ("timeout" seconds)
     {"op": "exit"}
@@ -154,6 +155,8 @@ def handle(client, hooks, command: dict) -> dict:
         if command["op"] == "touch":
             client.touch()
             return {}
+        if command["op"] == "session":
+            return {"session_id": client._session_id}
         if command["op"] == "ensure_awake":
             reply = client.ensure_awake(wake=command.get("wake"), timeout=command.get("timeout", 0.0))
             return {"sleeping": client.is_sleeping(), "woke": reply.woke}

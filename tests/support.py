@@ -57,6 +57,17 @@ def wait_for(predicate, timeout=20.0, interval=0.02, what="condition"):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def assert_refused(result, path: str, found: str, advice: str = "remove it") -> None:
+    """The daemon's start was refused: exit status 78 and one line that names the path, what was
+    found and what to do; nothing else went wrong."""
+    assert result.returncode == 78, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "CRITICAL" in line]
+    assert len(lines) == 1, result.stderr
+    for what in (path, found, advice):
+        assert what in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+
+
 def by_tag(report) -> dict:
     """An engine's report's regions by tag."""
     return {region["tag"]: region for region in report["regions"]}

@@ -20,10 +20,12 @@ from support import MiB, metrics_text
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
+TCP_COMPONENT = KUBERNETES / "tcp"
 RULES = ROOT / "deploy" / "prometheus" / "sleepd-rules.yml"
 RULE_TESTS = ROOT / "deploy" / "prometheus" / "sleepd-rules.test.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "sleepd.json"
 
+KUBECTL = shutil.which("kubectl")
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
     PROMTOOL is None, reason="promtool not found on PATH (Debian's prometheus package; .ci/run fetches it)")
@@ -243,6 +245,72 @@ def test_the_example_engine_mounts_the_daemons_socket_directory():
     assert container_env(daemon)["NVIDIA_VISIBLE_DEVICES"] == "all"
     assert container_env(engine)["NVIDIA_VISIBLE_DEVICES"]
     assert "compute" in container_env(engine)["NVIDIA_DRIVER_CAPABILITIES"]
+
+
+def secret_volumes(node) -> list[dict]:
+    """Every secret volume source in a parsed YAML document, however deep."""
+    if isinstance(node, list):
+        return [found for item in node for found in secret_volumes(item)]
+    if not isinstance(node, dict):
+        return []
+    own = [node["secret"]] if isinstance(node.get("secret"), dict) and "secretName" in node["secret"] else []
+    return own + [found for value in node.values() for found in secret_volumes(value)]
+
+
+def test_every_secret_the_deploy_files_mount_is_readable_by_its_owner_alone():
+    """sleepd refuses to start on a key or token other users may read, symlinks followed."""
+    found = []
+    for path in sorted(KUBERNETES.rglob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            for volume in secret_volumes(doc):
+                assert volume.get("defaultMode") == 0o400, f"{path.name}: secret {volume['secretName']}"
+                found.append(volume["secretName"])
+    assert "sleepd-tcp" in found
+
+
+def tcp_component_patch() -> dict:
+    component = yaml.safe_load((TCP_COMPONENT / "kustomization.yaml").read_text())
+    assert (component["apiVersion"], component["kind"]) == ("kustomize.config.k8s.io/v1alpha1", "Component")
+    (patch,) = component["patches"]
+    return yaml.safe_load((TCP_COMPONENT / patch["path"]).read_text())
+
+
+def test_the_tcp_component_gives_the_daemon_its_tls_files_and_token_from_one_secret():
+    from sleepd.daemon.config_model import SETTINGS
+
+    patch = tcp_component_patch()
+    assert (patch["kind"], patch["metadata"]["name"]) == ("DaemonSet", "sleepd")
+    spec = patch["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    assert container["name"] == "sleepd"
+    env = container_env(container)
+    settings = {setting.env: setting.key for setting in SETTINGS}
+    assert {settings.get(name) for name in env} == {"tcp.address", "tcp.cert", "tcp.key", "tcp.token_file"}
+    (mount,) = container["volumeMounts"]
+    (volume,) = [volume for volume in spec["volumes"] if volume["name"] == mount["name"]]
+    assert mount["readOnly"] and volume["secret"] == {"secretName": "sleepd-tcp", "defaultMode": 0o400}
+    for name in ("SLEEPD_TCP_CERT", "SLEEPD_TCP_KEY", "SLEEPD_TCP_TOKEN_FILE"):
+        assert os.path.dirname(env[name]) == mount["mountPath"], name
+    port = int(env["SLEEPD_TCP_ADDRESS"].rpartition(":")[2])
+    assert [p["containerPort"] for p in container["ports"]] == [port]
+    # No fsGroup: the kubelet would add group read to the secret's files, and the daemon would not start.
+    assert "fsGroup" not in resource("DaemonSet", "sleepd")["spec"]["template"]["spec"].get("securityContext", {})
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl not found on PATH")
+def test_the_daemonset_with_the_tcp_component_passes_the_kubernetes_schema(tmp_path):
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "resources": [os.path.relpath(KUBERNETES, tmp_path)],
+        "components": [os.path.relpath(TCP_COMPONENT, tmp_path)]}))
+    built = subprocess.run([KUBECTL, "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert built.returncode == 0, built.stderr
+    (daemonset,) = [doc for doc in yaml.safe_load_all(built.stdout) if doc and doc["kind"] == "DaemonSet"]
+    newest = max(set(kubernetes_validate.all_versions()), key=lambda v: tuple(map(int, v.split("."))))
+    kubernetes_validate.validate(daemonset, newest, strict=True)
+    (container,) = daemonset["spec"]["template"]["spec"]["containers"]
+    assert container_env(container).items() >= container_env(tcp_component_patch()["spec"]["template"]["spec"]
+                                                               ["containers"][0]).items()
+    assert {"SLEEPD_SOCKET", "NVIDIA_VISIBLE_DEVICES"} <= set(container_env(container))  # the base's, kept
 
 
 def probe_commands() -> list[list[str]]:

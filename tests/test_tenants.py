@@ -19,7 +19,8 @@ import pytest
 
 from sleepd.daemon import admission
 from sleepd.daemon.handles import MAX_CONNECTIONS_PER_UID
-from support import HERE, OTHER, MiB, by_tag, ctl_as, metrics_text, second_tenant_unavailable, sleeping, wait_for
+from support import (HERE, OTHER, MiB, assert_refused, by_tag, ctl_as, metrics_text, second_tenant_unavailable,
+                     sleeping, wait_for)
 
 pytestmark = pytest.mark.skipif(second_tenant_unavailable() is not None, reason=str(second_tenant_unavailable()))
 
@@ -58,16 +59,6 @@ def holding(daemon, name: str, *args):
 def start_root_daemon(argv) -> subprocess.CompletedProcess:
     """Root's sleepd on `argv`, expected to refuse to start (a daemon that starts runs into the timeout)."""
     return subprocess.run(argv, capture_output=True, text=True, timeout=30)
-
-
-def assert_refused(result, path: str, found: str, advice: str = "remove it") -> None:
-    """Exit status 78 and one line that names the path, what was found and what to do; nothing else went wrong."""
-    assert result.returncode == 78, result.stderr
-    lines = [line for line in result.stderr.splitlines() if "CRITICAL" in line]
-    assert len(lines) == 1, result.stderr
-    for what in (path, found, advice):
-        assert what in lines[0], lines[0]
-    assert "Traceback" not in result.stderr
 
 
 def fingerprint(path) -> tuple:
@@ -126,6 +117,33 @@ def test_a_hand_back_finished_without_a_daemon_restart_is_refused_and_the_daemon
         assert "not handing back" in answers[when]["details"], answers
     assert answers["bytes_kept"], answers
     assert daemon.process.poll() is None, daemon.log()
+    assert_untouched(daemon, engine, status, report)
+
+
+def test_a_tenant_cannot_tell_roots_model_from_one_that_does_not_exist_and_roots_model_is_untouched(
+        victim, start_engine):
+    daemon, engine = victim
+    start_engine(daemon, "mine", regions=[("weights", 1 * MiB)], as_uid=OTHER)
+    status, report = daemon.status(), engine.report()
+    for command in (["sleep", "--model", "{}"], ["wake", "--model", "{}"], ["policy", "--model", "{}",
+                    "--idle-seconds", "60"], ["swap", "--to", "mine", "--from", "{}"], ["swap", "--to", "{}"],
+                    ["status", "--model", "{}"]):
+        answers = {}
+        for name in ("victim", "absent"):
+            refused = ctl_as(daemon, OTHER, *[part.format(name) for part in command])
+            assert refused.returncode != 0 and "[NOT_FOUND]" in refused.stderr, refused.stderr
+            assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+            answers[name] = refused.stderr.replace(name, "NAME")
+        assert answers["victim"] == answers["absent"], command
+        assert "(attached: mine)" in answers["victim"], answers["victim"]
+    assert_untouched(daemon, engine, status, report)
+
+    # Only attaching tells that a name is taken, and not by whom.
+    refused = subprocess.run([sys.executable, os.path.join(HERE, "engine_process.py"), "--socket", daemon.socket,
+                              "--model", "victim", "--region", "weights:4096", "--as-uid", str(OTHER)],
+                             capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert refused.returncode != 0 and "PERMISSION_DENIED" in refused.stderr, refused.stderr
+    assert "belongs to another user" in refused.stderr and "uid 0" not in refused.stderr, refused.stderr
     assert_untouched(daemon, engine, status, report)
 
 
