@@ -30,6 +30,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from sleepd.common import paths
+from sleepd.common.shown import MAX_LINE, shown
 from sleepd.common.sizes import format_size
 from sleepd.daemon.limits import MAX_LEVEL
 from sleepd.proto import sleepd_pb2 as pb
@@ -148,7 +149,8 @@ def _console(stream=None):
     stream = stream or sys.stdout
     # Piped output never wraps (whatever $COLUMNS says): a table row stays one line, for grep and friends.
     width = None if stream.isatty() else 4096
-    return Console(file=stream, width=width, highlight=False, soft_wrap=False)
+    # No markup: a "[" in what the daemon sent is text, never a style.
+    return Console(file=stream, width=width, highlight=False, soft_wrap=False, markup=False)
 
 
 def _emit(renderable, console=None) -> None:
@@ -201,7 +203,7 @@ def _devices_table(reply: pb.StatusReply, bars: bool = False):
     if bars:
         table.add_column("")
     for device in reply.devices:
-        row = [device.name, format_size(device.used), format_size(device.free), format_size(device.budget),
+        row = [shown(device.name), format_size(device.used), format_size(device.free), format_size(device.budget),
                format_size(device.committed), format_size(device.capacity), format_size(device.reserve)]
         if driver:
             row.append(format_size(device.driver_used) if device.HasField("driver_used") else "-")
@@ -227,15 +229,15 @@ def _models_table(reply: pb.StatusReply):
                 entry = by_tag.setdefault((region.tag, _STATE_NAMES[region.state]), [0, 0])
                 entry[0] += 1
                 entry[1] += region.size
-            rows = [(tag, str(count), format_size(size), state)
+            rows = [(shown(tag), str(count), format_size(size), state)
                     for (tag, state), (count, size) in sorted(by_tag.items())] or [("-", "0", "0 B", "-")]
             for index, (tag, count, size, state) in enumerate(rows):
-                table.add_row(model.name if first else "", _model_state(model) if first else "",
+                table.add_row(shown(model.name) if first else "", _model_state(model) if first else "",
                               str(rank.rank) if index == 0 else "", devices.get(rank.device, str(rank.device))
                               if index == 0 else "", str(rank.pid) if index == 0 else "", tag, count, size, state)
                 first = False
         if first:  # a model with no ranks left (between a rank's loss and its removal)
-            table.add_row(model.name, _model_state(model), "", "", "", "-", "0", "0 B", "-")
+            table.add_row(shown(model.name), _model_state(model), "", "", "", "-", "0", "0 B", "-")
     return table
 
 
@@ -244,9 +246,10 @@ def _controller_lines(reply: pb.StatusReply) -> list[str]:
     lines = []
     for model in reply.models:
         if model.controller_pid:
-            lines.append(f"{model.name}: outside sleeps and wakes go through its controller, pid {model.controller_pid}")
+            lines.append(f"{shown(model.name)}: outside sleeps and wakes go through its controller, "
+                         f"pid {model.controller_pid}")
         elif model.needs_controller:
-            lines.append(f"{model.name}: its engine runs its own sleep and has no controller attached; "
+            lines.append(f"{shown(model.name)}: its engine runs its own sleep and has no controller attached; "
                          "outside sleeps are refused")
     return lines
 
@@ -256,8 +259,8 @@ def _print_status(reply: pb.StatusReply) -> None:
     from rich.text import Text
 
     controllers = [Text(line) for line in _controller_lines(reply)]
-    _emit(Group(Text(f"backend {reply.backend}; host pool {format_size(reply.pool.used)} used of "
-                     f"{format_size(reply.pool.budget)} ({reply.pool.directory})"), Text(""),
+    _emit(Group(Text(f"backend {shown(reply.backend)}; host pool {format_size(reply.pool.used)} used of "
+                     f"{format_size(reply.pool.budget)} ({shown(reply.pool.directory)})"), Text(""),
                 _devices_table(reply), Text(""), _models_table(reply) if reply.models else Text("no models"),
                 *([Text("")] + controllers if controllers else [])))
 
@@ -273,9 +276,9 @@ def _top_frame(reply: pb.StatusReply | None, error: str | None, events: deque, s
     now = datetime.now().strftime("%H:%M:%S")
     if reply is None:
         return Group(Text(f"sleepctl top · {socket_path} · {now}", style="bold"),
-                     Text(f"cannot reach sleepd: {error}; retrying", style="red"))
+                     Text(f"cannot reach sleepd: {shown(error, MAX_LINE)}; retrying", style="red"))
     header = Table.grid(padding=(0, 1))
-    header.add_row(Text(f"sleepctl top · backend {reply.backend} · {socket_path} · {now}", style="bold"))
+    header.add_row(Text(f"sleepctl top · backend {shown(reply.backend)} · {socket_path} · {now}", style="bold"))
     pool = Table.grid(padding=(0, 1))
     pool.add_row("host pool", ProgressBar(total=max(reply.pool.budget, 1), completed=reply.pool.used, width=24),
                  f"{format_size(reply.pool.used)} of {format_size(reply.pool.budget)}")
@@ -289,8 +292,8 @@ def _top_frame(reply: pb.StatusReply | None, error: str | None, events: deque, s
     for model in reply.models:
         totals = _region_summary(model)
         state = _model_state(model)
-        models.add_row(model.name, Text(state, style=colours.get(state, "")), str(len(model.ranks)),
-                       ",".join(sorted({devices.get(rank.device, str(rank.device)) for rank in model.ranks})),
+        models.add_row(shown(model.name), Text(state, style=colours.get(state, "")), str(len(model.ranks)),
+                       shown(",".join(sorted({devices.get(rank.device, str(rank.device)) for rank in model.ranks}))),
                        format_size(totals["mapped"]), format_size(totals["offloaded"]),
                        format_size(totals["discarded"]), format_size(totals["moving"]),
                        f"{model.idle_seconds:.0f} s", _policy_text(model.policy))
@@ -306,7 +309,7 @@ def _top_frame(reply: pb.StatusReply | None, error: str | None, events: deque, s
 def _event_line(event: pb.Event) -> str:
     stamp = datetime.fromtimestamp(event.time).strftime("%H:%M:%S.%f")[:-3]
     size = f" ({format_size(event.bytes)})" if event.bytes else ""
-    return f"{stamp} {event.kind:9} {event.model} {event.detail}{size}".rstrip()
+    return f"{stamp} {shown(event.kind):9} {shown(event.model)} {shown(event.detail, MAX_LINE)}{size}".rstrip()
 
 
 def _describe(verb: str, reply: pb.OperationReply) -> str:
@@ -316,7 +319,7 @@ def _describe(verb: str, reply: pb.OperationReply) -> str:
         if amount:
             parts.append(f"{format_size(amount)} {what}")
     state = "asleep" if reply.sleeping else "awake"
-    return f"{verb} {reply.model}: {', '.join(parts)} in {reply.seconds:.3f} s; now {state}"
+    return f"{verb} {shown(reply.model)}: {', '.join(parts)} in {reply.seconds:.3f} s; now {state}"
 
 
 def _describe_swap(reply: pb.SwapReply) -> str:
@@ -536,7 +539,7 @@ def _call(stub, args):
                                lambda before: _Tracker(before, set(), {args.model}, set(tags), args.evict))
         text = _describe("woke", reply)
         if reply.evicted:
-            text += f" (evicted {', '.join(reply.evicted)})"
+            text += f" (evicted {shown(', '.join(reply.evicted), MAX_LINE)})"
         return reply, text
     if args.command == "swap":
         request = pb.SwapRequest(to_model=args.to_model, from_models=args.from_models)
@@ -561,7 +564,7 @@ def _rpc_failure(error: grpc.RpcError, socket_path: str, timeout: float) -> str:
                 "for another daemon [UNAVAILABLE]")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED and details.lower() == "deadline exceeded":
         return f"sleepd did not answer within {timeout:g} s; raise --timeout [DEADLINE_EXCEEDED]"
-    return f"{' '.join(details.split())} [{code.name}]"
+    return f"{shown(' '.join(details.split()), MAX_LINE)} [{code.name}]"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -578,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         # The daemon authorises control requests by the uid it reads on the handle socket.
         channel, handles = control_channel(socket_path)
     except SleepdError as error:
-        print(f"sleepctl: {error.message} [{error.code.name}]", file=sys.stderr)
+        print(f"sleepctl: {shown(error.message, MAX_LINE)} [{error.code.name}]", file=sys.stderr)
         return 1
     stub = pb_grpc.SleepdStub(channel)
     try:

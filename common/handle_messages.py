@@ -10,7 +10,10 @@ bad arguments raises InvalidArguments, and the daemon refuses it and serves on.
 from dataclasses import dataclass
 from typing import ClassVar
 
+from sleepd.daemon.limits import TAG_NAME, TAG_NAME_RULE
+
 from . import wire
+from .shown import shown
 
 
 class InvalidArguments(wire.ProtocolError):
@@ -164,7 +167,10 @@ class Allocate:
     @classmethod
     def decode(cls, frame: dict, fds: list[int]) -> "Allocate":
         _no_descriptors(cls.OP, fds)
-        return cls(_integer(frame, "size", cls.OP), _string(frame, "tag", cls.OP), _optional_device_pid(frame, cls.OP))
+        tag = _string(frame, "tag", cls.OP)
+        if not TAG_NAME.match(tag):
+            raise InvalidArguments(f"{cls.OP}: tag '{shown(tag)}' is not valid; use {TAG_NAME_RULE}")
+        return cls(_integer(frame, "size", cls.OP), tag, _optional_device_pid(frame, cls.OP))
 
 
 Request = Hello | Fetch | HandBack | Replace | HandedBack | Allocate

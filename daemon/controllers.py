@@ -153,7 +153,7 @@ class Controllers:
             controller.busy.release()
         if not done.ok:
             raise SleepdError(grpc.StatusCode.ABORTED, f"{what}: {controller.describe()} answered that its engine "
-                              f"failed: {' '.join(done.error.split()) or 'no reason given'}")
+                              f"failed: {done.error or 'no reason given'}")
         states = [state for state, _, _ in after.values()]
         selected = [state for state, _, tag in after.values() if not tags or tag in tags]
         finished = (model.paused or any(s is not RegionState.MAPPED for s in states)) if asleep else \

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from sleepd.common import wire
 from sleepd.common.handle_messages import (Allocate, Allocated, Done, Fetch, Fetched, HandBack, HandedBack, Hello,
                                            InvalidArguments, Refused, Replace, Reply, Welcome, decode_request)
+from sleepd.common.shown import shown
 
 from .auth import Peer
 from .errors import SleepdError, aborted, exhausted, invalid
@@ -74,6 +75,7 @@ class _Connection:
 
 
 def _drop(connection: _Connection, why: str) -> None:
+    why = shown(why)  # it may quote the peer's malformed request
     log.warning("dropping handle connection of pid %d: %s", connection.session.pid, why)
     connection.closing = why
 

@@ -6,8 +6,13 @@ import threading
 import time
 
 from .errors import SleepdError
+from .logs import Throttled
 
 log = logging.getLogger(__name__)
+
+# A model whose idle sleep keeps failing is retried after each idle period, which may be a fraction of a
+# second: its failures are logged once a minute, each line counting those it stood for.
+FAILURES_LOGGED_EVERY = 60.0
 
 
 class IdleWatcher(threading.Thread):
@@ -16,6 +21,7 @@ class IdleWatcher(threading.Thread):
         self._ops = operations
         self._interval = interval
         self._stop = threading.Event()
+        self._failures = Throttled(log, FAILURES_LOGGED_EVERY)
 
     def stop(self) -> None:
         self._stop.set()
@@ -35,5 +41,5 @@ class IdleWatcher(threading.Thread):
                     if self._ops.reporter.metrics:
                         self._ops.reporter.metrics.evicted(model, "idle")
                 except SleepdError as error:
-                    log.warning("idle sleep of %s failed: %s", model.name, error.message)
+                    self._failures.warn(model.name, f"idle sleep of {model.name} failed: {error.message}")
                     model.touch()  # try again after another idle period, not at once

@@ -69,8 +69,8 @@ def setup(level: str, fmt: str, stream=None) -> None:
 
 
 class Throttled:
-    """Warnings of one kind (a caller's refusals during a flood), logged at most once per
-    `every` seconds per key, each line counting those it stood for."""
+    """Warnings of one kind (a caller's refusals during a flood, one model's failures over and
+    over), logged at most once per `every` seconds per key, each line counting those it stood for."""
 
     def __init__(self, logger: logging.Logger, every: float = 60.0):
         self._logger, self._every = logger, every

@@ -13,6 +13,8 @@ from typing import Callable
 
 import grpc
 
+from sleepd.common.shown import shown
+
 from .auth import Authorizer, Peer
 from .backends import DaemonBackend
 from .errors import SleepdError, denied, invalid, not_found, precondition
@@ -150,7 +152,7 @@ class Registry:
         by_uuid = {d.uuid: d.index for d in devices if d.uuid}
         if uuid and by_uuid:
             if uuid not in by_uuid:
-                raise precondition(f"this process's device {ordinal} is GPU {uuid}, which this daemon does not "
+                raise precondition(f"this process's device {ordinal} is GPU {shown(uuid)}, which this daemon does not "
                                    f"manage (it has {', '.join(f'{d.name} {d.uuid}' for d in devices)}); "
                                    "give the daemon that GPU, or attach to the daemon that has it")
             return by_uuid[uuid]
@@ -322,9 +324,9 @@ class Registry:
 
 def check_model_name(name: str) -> None:
     if not MODEL_NAME.match(name):
-        raise invalid(f"model name {name!r} is not valid; use {MODEL_NAME_RULE}")
+        raise invalid(f"model name '{shown(name)}' is not valid; use {MODEL_NAME_RULE}")
 
 
 def check_tag(tag: str) -> None:
     if not TAG_NAME.match(tag):
-        raise invalid(f"tag {tag!r} is not valid; use {TAG_NAME_RULE}")
+        raise invalid(f"tag '{shown(tag)}' is not valid; use {TAG_NAME_RULE}")

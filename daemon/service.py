@@ -7,6 +7,7 @@ import time
 
 import grpc
 
+from sleepd.common.shown import shown
 from sleepd.common.wire import TOKEN_METADATA
 from sleepd.proto import sleepd_pb2 as pb
 from sleepd.proto import sleepd_pb2_grpc as pb_grpc
@@ -16,6 +17,7 @@ from .core import Core
 from .errors import SleepdError, invalid, not_found
 from .fanout import attached_message, region_message
 from .model import OperationResult
+from .registry import check_model_name, check_tag
 from .rules import parse_action
 from .swap import swap
 
@@ -60,6 +62,8 @@ class SleepdService(pb_grpc.SleepdServicer):
     def _authorize(self, operation: str, context, models: list[str], policy_changes=None):
         """The caller, if it has the right `operation` needs on `models` (auth.RIGHTS); a model
         it may not see is NOT_FOUND, as one that does not exist is."""
+        for name in models:
+            check_model_name(name)
         caller, authorizer = self._identify(context), self._core.authorizer
         names = list(dict.fromkeys(models))
         authorizer.require(caller, operation, names, policy_changes)
@@ -83,7 +87,7 @@ class SleepdService(pb_grpc.SleepdServicer):
                 for message in request_iterator:
                     kind = message.WhichOneof("kind")
                     if kind == "ack":
-                        session.acknowledge(message.ack)
+                        session.acknowledge(_bounded_error(message.ack))
                     elif kind == "detach":
                         session.say_goodbye()
             except grpc.RpcError:
@@ -115,7 +119,7 @@ class SleepdService(pb_grpc.SleepdServicer):
             try:
                 for message in request_iterator:
                     if message.WhichOneof("kind") == "done":
-                        controller.answer(message.done)
+                        controller.answer(_bounded_error(message.done))
             except grpc.RpcError:
                 pass
             finally:
@@ -151,6 +155,7 @@ class SleepdService(pb_grpc.SleepdServicer):
 
     @_refusals
     def Sleep(self, request, context):
+        _check_tags([*request.tags, *(item.tag for item in request.actions)])
         self._authorize("Sleep", context, [request.model])
         actions = {}
         for item in request.actions:
@@ -166,6 +171,7 @@ class SleepdService(pb_grpc.SleepdServicer):
 
     @_refusals
     def Wake(self, request, context):
+        _check_tags(request.tags)
         caller = self._authorize("Wake", context, [request.model])
         return _reply(external.wake(self._ops, request.model, list(request.tags), request.evict, caller,
                                     self._from_rank(context, request.model)))
@@ -194,6 +200,11 @@ class SleepdService(pb_grpc.SleepdServicer):
 
     def Events(self, request, context):
         """Events of the models the caller may see: its own, or every model for an admin."""
+        if request.model:
+            try:
+                check_model_name(request.model)
+            except SleepdError as error:
+                context.abort(error.code, error.message)
         caller, authorizer = self._identify(context), self._core.authorizer
         subscription = self._core.events.subscribe(request.model, lambda owner: authorizer.sees(caller, owner))
         context.add_callback(subscription.close)
@@ -208,6 +219,8 @@ class SleepdService(pb_grpc.SleepdServicer):
     @_refusals
     def Status(self, request, context):
         """Devices and the pool for anyone; models only those the caller may see."""
+        if request.model:
+            check_model_name(request.model)
         core, caller = self._core, self._identify(context)
         visible = [model for model in core.registry.snapshot() if core.authorizer.sees(caller, model.owner_uid)]
         models = [model for model in visible if not request.model or model.name == request.model]
@@ -225,6 +238,18 @@ class SleepdService(pb_grpc.SleepdServicer):
                               regions=[region_message(region) for region in rank.regions])
                 for rank in model.ranks]) for model in models],
         )
+
+
+def _check_tags(tags) -> None:
+    for tag in tags:
+        check_tag(tag)
+
+
+def _bounded_error(answer):
+    """An engine's or controller's answer, its error text escaped and bounded before the daemon
+    keeps it: that text ends up in an admin's terminal and in the log."""
+    answer.error = shown(answer.error)
+    return answer
 
 
 def _device(core: Core, device) -> pb.DeviceStatus:

@@ -11,6 +11,10 @@ import pytest
 from sleepd.common.sizes import parse_size
 from support import HERE, ControllerProcess, Daemon, Engine, FakeAcl, FakeCuda
 
+# required_suites: --require-suites / $SLEEPD_REQUIRE_SUITES, the suites a run must run in full (CI's);
+# pytester: for that plugin's own tests.
+pytest_plugins = ["required_suites", "pytester"]
+
 # Every daemon the tests start checks its lock order (daemon/locks.py): a lock taken
 # out of order stops it, and the test that did it fails.
 os.environ.setdefault("SLEEPD_CHECK_LOCKS", "1")

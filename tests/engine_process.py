@@ -30,6 +30,7 @@ import argparse
 import ctypes
 import hashlib
 import json
+import logging
 import os
 import random
 import signal
@@ -79,6 +80,12 @@ class StopOnSecondMap:
                 raise RuntimeError(f"undoing the first map: {error}") from None
             raise
         return first + rest
+
+
+# What a hostile engine's sleep hook fails with (--sleep-hook hostile_error): a cleared screen, lines that
+# pass for sleepctl's and the daemon's own, a right-to-left override; from its second failure on, 3 MiB more.
+HOSTILE_ERROR = ("\x1b[2J\x1b[H\rwoke victim: 2 regions, 6.0 MiB restored in 0.001 s; now awake\n"
+                 "2030-01-01 00:00:00,000 INFO sleepd.daemon.reporting: forged line\n\u202e")
 
 
 def die_on(client, moment: str) -> None:
@@ -193,7 +200,7 @@ def main() -> None:
     parser.add_argument("--device", type=int, default=0)
     parser.add_argument("--region", action="append", default=[], help="TAG:BYTES")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sleep-hook", choices=["ok", "fail", "hang", "slow"], default="ok",
+    parser.add_argument("--sleep-hook", choices=["ok", "fail", "hang", "slow", "hostile_error"], default="ok",
                         help=f"slow: the hook returns after {SLOW_HOOK_SECONDS} s")
     parser.add_argument("--as-uid", type=int, help="drop to this uid (and its gid) before connecting")
     parser.add_argument("--persist", action="store_true", help="allocate persistent regions")
@@ -205,6 +212,8 @@ def main() -> None:
 
     if args.as_uid is not None:
         drop_privileges(args.as_uid)
+    if args.sleep_hook == "hostile_error":
+        logging.disable()  # its own log of each failure would be 3 MiB on the test's stderr
     hooks = {"sleep": 0, "wake": 0}
     client = SleepClient.connect(args.model, args.rank, args.device, socket=args.socket,
                                  needs_controller=args.needs_controller)
@@ -217,6 +226,8 @@ def main() -> None:
             threading.Event().wait()
         if args.sleep_hook == "slow":
             time.sleep(SLOW_HOOK_SECONDS)
+        if args.sleep_hook == "hostile_error":
+            raise RuntimeError(HOSTILE_ERROR + ("A" * (3 << 20) if hooks["sleep"] > 1 else ""))
 
     def on_wake():
         hooks["wake"] += 1

@@ -32,7 +32,7 @@ from sleepd.client.control import control_channel
 from sleepd.client.errors import SleepdError
 from sleepd.client.handles import HandleConnection
 from sleepd.common import paths, wire
-from sleepd.common.handle_messages import Hello, Refused, Welcome, decode_reply
+from sleepd.common.handle_messages import Allocate, Allocated, Hello, Refused, Welcome, decode_reply
 from sleepd.common.wire import TOKEN_METADATA
 from sleepd.proto import sleepd_pb2 as pb
 from sleepd.proto import sleepd_pb2_grpc as pb_grpc
@@ -501,12 +501,50 @@ def read_metrics(_daemon_socket: str, address: str) -> dict:
     return answers
 
 
+# Names and tags no rule allows: a good one with a newline after it (what a regex's $ lets through),
+# a terminal escape, a right-to-left override, one too long.
+BAD_NAMES = ["mine\n", "mine\x1b[2J", "\u202emine", "m" * 129]
+BAD_TAGS = ["weights\n", "kv\x1b[2J", "\u202eweights", "w" * 65]
+
+
+def bad_names(daemon_socket: str, model: str) -> dict:
+    """Every kind of message that carries a name or a tag, with each bad one: the handle socket's
+    allocate, a session's attach, and the gRPC calls, on this uid's own `model`. What each got."""
+    answers = {}
+    channel, handles = control_channel(daemon_socket)
+    stub = pb_grpc.SleepdStub(channel)
+    with SleepClient.connect(model=model, socket=daemon_socket) as client:
+        client.alloc(MiB, tag="weights")
+        for number, tag in enumerate(BAD_TAGS):
+            answers[f"handle allocate {number}"] = _handle_answer(
+                lambda: wire.close_all([client._handles._request(Allocate(MiB, tag), Allocated).fd]))
+            answers[f"allocate {number}"] = _handle_answer(lambda: client.alloc(MiB, tag=tag))
+            answers[f"sleep {number}"] = answer(lambda: stub.Sleep(pb.SleepRequest(model=model, tags=[tag]),
+                                                                   timeout=30))
+            answers[f"sleep action {number}"] = answer(lambda: stub.Sleep(pb.SleepRequest(
+                model=model, actions=[pb.TagAction(tag=tag, action=pb.DISCARD)]), timeout=30))
+            answers[f"wake {number}"] = answer(lambda: stub.Wake(pb.WakeRequest(model=model, tags=[tag]), timeout=30))
+        for number, name in enumerate(BAD_NAMES):
+            answers[f"attach {number}"] = _handle_answer(lambda: SleepClient.connect(model=name,
+                                                                                      socket=daemon_socket).close())
+            answers[f"status {number}"] = answer(lambda: stub.Status(pb.StatusRequest(model=name), timeout=30))
+            answers[f"events {number}"] = answer(lambda: next(stub.Events(pb.EventsRequest(model=name), timeout=30)))
+            answers[f"policy {number}"] = answer(lambda: stub.SetPolicy(
+                pb.PolicyRequest(model=name, idle_seconds=60), timeout=30))
+            answers[f"swap {number}"] = answer(lambda: stub.Swap(pb.SwapRequest(to_model=model, from_models=[name]),
+                                                                 timeout=30))
+    channel.close()
+    handles.close()
+    return answers
+
+
 ATTACKS = {"relay": relay_attack, "events": watch_events, "flood": flood_handle_socket, "plant_pool": plant_pool,
            "look_in": look_in, "make_directory": make_directory, "fake_daemon": fake_daemon,
            "stream_flood": stream_flood, "premature_hand_back": premature_hand_back,
            "quota_race": quota_race, "stall_device": stall_device,
            "churn_models": churn_models, "exceed_caps": exceed_caps,
-           "hold_metrics_connections": hold_metrics_connections, "read_metrics": read_metrics}
+           "hold_metrics_connections": hold_metrics_connections, "read_metrics": read_metrics,
+           "bad_names": bad_names}
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from sleepd.common.shown import MAX_LINE
 from sleepd.daemon import admission
 from sleepd.daemon.handles import MAX_CONNECTIONS_PER_UID
 from support import (HERE, OTHER, MiB, assert_refused, by_tag, ctl_as, metrics_text, second_tenant_unavailable,
@@ -605,3 +606,50 @@ def test_metrics_show_a_tenant_no_models_names_or_tags_and_the_operators_scraper
     operators = metrics_text(daemon)
     for name in ('model="victim"', 'model="theirs"', 'tag="secret_tag"', "sleepd_wake_duration_seconds_count"):
         assert name in operators, name
+
+
+def test_a_tenants_error_text_reaches_roots_terminal_and_the_log_escaped_bounded_and_rate_limited(victim,
+                                                                                                  start_engine):
+    """The tenant's sleep hook fails with a cleared screen, forged sleepctl and log lines (and from its
+    second failure on, 3 MiB more) when root sleeps its model, then four times a second by its idle policy."""
+    daemon, engine = victim
+    hostile = start_engine(daemon, "mine", regions=[("weights", 4 * MiB)], sleep_hook="hostile_error", as_uid=OTHER)
+    status, report = daemon.status("victim"), engine.report()
+    logged_before = os.path.getsize(daemon.log_path)
+
+    for bulk in (False, True):
+        refused = daemon.ctl("sleep", "--model", "mine", check=False)
+        assert refused.returncode == 1 and refused.stdout == "", refused
+        assert refused.stderr.count("\n") == 1 and len(refused.stderr) < MAX_LINE + 100, refused.stderr[:3000]
+        assert not set(refused.stderr) & {"\x1b", "\r", "\u202e"}, refused.stderr
+        assert "\\x1b[2J\\x1b[H\\rwoke victim" in refused.stderr, refused.stderr
+        assert ("more characters)" in refused.stderr) is bulk, refused.stderr
+
+    assert ctl_as(daemon, OTHER, "policy", "--model", "mine", "--idle-seconds", "0.1").returncode == 0
+    wait_for(lambda: hostile.report()["hooks"]["sleep"] >= 12, what="a dozen idle sleeps of the tenant's model")
+    assert ctl_as(daemon, OTHER, "policy", "--model", "mine", "--idle-seconds", "0").returncode == 0
+    with open(daemon.log_path, encoding="utf-8") as log:
+        log.seek(logged_before)
+        grown = log.read()
+    assert len(grown) < 16384, grown[:3000]
+    assert not set(grown) & {"\x1b", "\r", "\u202e"}
+    lines = grown.splitlines()
+    assert not [line for line in lines if line.startswith(("woke victim", "2030-01-01"))], grown
+    assert len([line for line in lines if "idle sleep of mine failed" in line]) == 1, grown
+    assert {m["name"]: m["sleeping"] for m in daemon.status()["models"]} == {"victim": False, "mine": False}
+    assert daemon.status("victim") == status
+    assert engine.report() == report
+
+
+def test_names_and_tags_no_rule_allows_are_refused_on_every_message_that_carries_one(victim):
+    daemon, engine = victim
+    status, report = daemon.status("victim"), engine.report()
+    answers = attack(daemon, "bad_names", "mine")
+    assert len(answers) == 40, answers  # 5 messages for each of 4 tags, 5 for each of 4 names
+    for what, answered in answers.items():
+        assert answered["code"] == "INVALID_ARGUMENT", (what, answered)
+        assert answered["details"].isprintable() and len(answered["details"]) < 500, (what, answered)
+    models = daemon.status()["models"]
+    assert [model["name"] for model in models] == ["victim"]  # the tenant's own went with its attacker
+    assert daemon.status("victim") == status
+    assert engine.report() == report
