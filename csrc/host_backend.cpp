@@ -19,6 +19,22 @@ std::string errno_text(const char* call) {
 
 size_t page_size() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
 
+// The seals of memory the daemon can take back: its size may shrink, never grow, and no
+// one (an engine holding a copy of the descriptor included) may add a seal.
+constexpr int kRevocable = F_SEAL_GROW | F_SEAL_SEAL;
+constexpr int kBlocking = F_SEAL_SHRINK | F_SEAL_WRITE | F_SEAL_FUTURE_WRITE;
+
+// Takes the memory behind `fd` back from everyone who holds it: a copy of the descriptor
+// or a mapping kept after the daemon let go reads nothing and faults, and cannot grow it back.
+void revoke(int fd, size_t size) {
+  struct stat st;
+  if (ftruncate(fd, 0) != 0 || fstat(fd, &st) != 0)
+    throw BackendError(errno_text("release: truncate"));
+  if (st.st_size != 0 || st.st_blocks != 0)
+    throw BackendError("release: " + std::to_string(st.st_blocks * 512) + " of " + std::to_string(size) +
+                       " bytes still held after truncating");
+}
+
 }  // namespace
 
 HostBackend::HostBackend(int devices, size_t capacity)
@@ -59,7 +75,7 @@ Handle HostBackend::create(int device, size_t size, const std::string& label) {
     std::lock_guard<std::mutex> lock(mutex_);
     used_[device] -= size;
   };
-  int fd = memfd_create(label.c_str(), MFD_CLOEXEC);
+  int fd = memfd_create(label.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING);
   if (fd < 0) {
     unclaim();
     throw BackendError(errno_text("memfd_create"));
@@ -73,6 +89,12 @@ Handle HostBackend::create(int device, size_t size, const std::string& label) {
     errno = rc;
     if (rc == ENOSPC || rc == ENOMEM) throw OutOfMemory(errno_text("fallocate"));
     throw BackendError(errno_text("fallocate"));
+  }
+  // Never to grow again, and no one else may seal it: release() can always shrink it to nothing.
+  if (fcntl(fd, F_ADD_SEALS, kRevocable) != 0) {
+    close(fd);
+    unclaim();
+    throw BackendError(errno_text("create: seal"));
   }
   std::lock_guard<std::mutex> lock(mutex_);
   Handle handle = next_handle_++;
@@ -93,6 +115,13 @@ Handle HostBackend::import_memory(const Shareable& shareable, int device, size_t
   if (shareable.fd < 0) throw BackendError("import: the host backend shares file descriptors");
   struct stat st;
   if (fstat(shareable.fd, &st) != 0) throw BackendError(errno_text("import: fstat"));
+  if (adopt) {
+    // Adopted memory becomes the daemon's to release: it must be memory the daemon can take back.
+    int seals = fcntl(shareable.fd, F_GET_SEALS);
+    if (seals < 0 || (seals & kRevocable) != kRevocable || (seals & kBlocking) != 0)
+      throw BackendError("import: this memory was not created by sleepd (its seals are " +
+                         std::to_string(seals) + ", " + std::to_string(kRevocable) + " expected)");
+  }
   if (static_cast<size_t>(st.st_size) < size)
     throw BackendError("import: memory holds " + std::to_string(st.st_size) + " bytes, " +
                        std::to_string(size) + " expected");
@@ -108,6 +137,9 @@ Handle HostBackend::import_memory(const Shareable& shareable, int device, size_t
 void HostBackend::release(Handle handle) {
   std::lock_guard<std::mutex> lock(mutex_);
   const Memory& memory = find_handle(memory_, handle);
+  // The daemon's own memory is gone when the kernel says so, whoever kept a descriptor or a
+  // mapping of it; imported memory (an engine's view, a mover's) is only let go of.
+  if (memory.device >= 0) revoke(memory.fd, memory.size);
   close(memory.fd);
   if (memory.device >= 0) used_[memory.device] -= memory.size;
   memory_.erase(handle);

@@ -501,7 +501,40 @@ def read_metrics(_daemon_socket: str, address: str) -> dict:
     return answers
 
 
-# Names and tags no rule allows: a good one with a newline after it (what a regex's $ lets through),
+def _what_is_left(fd: int) -> dict:
+    """What the kernel still holds behind a kept descriptor, and whether it can be grown back."""
+    held = os.fstat(fd)
+    answer = {"size": held.st_size, "blocks": held.st_blocks}
+    try:
+        os.ftruncate(fd, MiB)
+        answer["regrown"] = True
+    except OSError as error:
+        answer["regrown"] = error.strerror
+    os.close(fd)
+    return answer
+
+
+def keep_freed_memory(daemon_socket: str, times: str, size: str) -> dict:
+    """Allocates `size` bytes over the handle socket `times` times, keeps each descriptor, and
+    frees the region over gRPC; then sleeps and wakes an ordinary region of its own after
+    taking a second descriptor of it. What the kernel still holds behind every kept descriptor."""
+    answers = {"freed": []}
+    with SleepClient.connect(model="keeper", socket=daemon_socket) as client:
+        for _ in range(int(times)):
+            allocated = client._handles._request(Allocate(int(size), "kv_cache"), Allocated)
+            client._stub.Free(pb.FreeRequest(session_id=client._session_id, region_id=allocated.region), timeout=30)
+            answers["freed"].append(_what_is_left(allocated.fd))
+        region = client.alloc(4 * MiB, tag="weights")
+        region.write(b"kept" * MiB)
+        ((kept, _),) = client._fetch([region.id])
+        client.sleep(level=1)
+        answers["slept"] = _what_is_left(kept)
+        client.ensure_awake()
+        answers["woke_intact"] = region.read() == b"kept" * MiB
+    return answers
+
+
+: a good one with a newline after it (what a regex's $ lets through),
 # a terminal escape, a right-to-left override, one too long.
 BAD_NAMES = ["mine\n", "mine\x1b[2J", "\u202emine", "m" * 129]
 BAD_TAGS = ["weights\n", "kv\x1b[2J", "\u202eweights", "w" * 65]
@@ -544,7 +577,7 @@ ATTACKS = {"relay": relay_attack, "events": watch_events, "flood": flood_handle_
            "quota_race": quota_race, "stall_device": stall_device,
            "churn_models": churn_models, "exceed_caps": exceed_caps,
            "hold_metrics_connections": hold_metrics_connections, "read_metrics": read_metrics,
-           "bad_names": bad_names}
+           "bad_names": bad_names, "keep_freed_memory": keep_freed_memory}
 
 
 def main() -> None:

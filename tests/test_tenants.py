@@ -653,3 +653,16 @@ def test_names_and_tags_no_rule_allows_are_refused_on_every_message_that_carries
     assert [model["name"] for model in models] == ["victim"]  # the tenant's own went with its attacker
     assert daemon.status("victim") == status
     assert engine.report() == report
+
+
+def test_memory_the_daemon_let_go_of_is_gone_though_a_tenant_kept_its_descriptor(victim):
+    daemon, engine = victim
+    status, report = daemon.status(), engine.report()
+    answers = attack(daemon, "keep_freed_memory", "12", str(60 * MiB))
+    left = answers["freed"] + [answers["slept"]]
+    assert len(left) == 13
+    for kept in left:  # the kernel's view: no pages, and the descriptor cannot grow the memory again
+        assert kept == {"size": 0, "blocks": 0, "regrown": "Operation not permitted"}, answers
+    assert answers["woke_intact"]
+    assert daemon.status()["devices"] == status["devices"]
+    assert_untouched(daemon, engine, status, report)
