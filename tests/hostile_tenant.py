@@ -534,7 +534,7 @@ def keep_freed_memory(daemon_socket: str, times: str, size: str) -> dict:
     return answers
 
 
-: a good one with a newline after it (what a regex's $ lets through),
+# Names and tags no rule allows: a good one with a newline after it (what a regex's $ lets through),
 # a terminal escape, a right-to-left override, one too long.
 BAD_NAMES = ["mine\n", "mine\x1b[2J", "\u202emine", "m" * 129]
 BAD_TAGS = ["weights\n", "kv\x1b[2J", "\u202eweights", "w" * 65]
