@@ -171,29 +171,31 @@ class Recovery:
     def hand_back(self, session: Session, region_id: int, fd: int) -> None:
         """An engine hands back memory it maps, after a daemon restart."""
         region = self._registry.owned_region(session, region_id)
-        if session.condition is not Condition.HANDING_BACK or region.holds_memory:
-            raise precondition(f"region {region_id} is not waiting to be handed back")
-        try:
-            handle = self._backend.native.adopt_handle(fd, region.device, region.mapped_size)
-        except _C.BackendError as error:  # what the engine sent is no memory of the region's size
-            raise invalid(f"region {region_id}: what was handed back is not its memory ({error}); hand back "
-                          "the memory this process maps for it") from None
-        region.handed_back(handle)
+        with self._registry.model(session.model).lock:  # a second rank's HandedBack may be finishing meanwhile
+            if session.condition is not Condition.HANDING_BACK or region.holds_memory:
+                raise precondition(f"region {region_id} is not waiting to be handed back")
+            try:
+                handle = self._backend.native.adopt_handle(fd, region.device, region.mapped_size)
+            except _C.BackendError as error:  # what the engine sent is no memory of the region's size
+                raise invalid(f"region {region_id}: what was handed back is not its memory ({error}); hand back "
+                              "the memory this process maps for it") from None
+            region.handed_back(handle)
 
     def replace(self, session: Session, region_id: int) -> Region:
         """On a token backend, where an engine cannot hand back what it maps: new memory
         for the region, which the engine copies its bytes into."""
         region = self._registry.owned_region(session, region_id)
-        if session.condition is not Condition.HANDING_BACK or region.holds_memory:
-            raise precondition(f"region {region_id} is not waiting to be handed back")
-        label = f"sleepd:{region.model}:r{session.rank}:{region.tag}:{region.id}"
-        try:
-            handle = self._backend.native.create(region.device, region.mapped_size, label)
-        except MemoryError:  # the engine's copy still holds the old memory: it needs room for a second
-            raise exhausted(f"region {region_id} needs {region.mapped_size} more bytes on "
-                            f"{self._backend.devices[region.device].name} to be copied into memory of the "
-                            "restarted daemon's; free some and attach again") from None
-        region.handed_back(handle)
+        with self._registry.model(session.model).lock:
+            if session.condition is not Condition.HANDING_BACK or region.holds_memory:
+                raise precondition(f"region {region_id} is not waiting to be handed back")
+            label = f"sleepd:{region.model}:r{session.rank}:{region.tag}:{region.id}"
+            try:
+                handle = self._backend.native.create(region.device, region.mapped_size, label)
+            except MemoryError:  # the engine's copy still holds the old memory: it needs room for a second
+                raise exhausted(f"region {region_id} needs {region.mapped_size} more bytes on "
+                                f"{self._backend.devices[region.device].name} to be copied into memory of the "
+                                "restarted daemon's; free some and attach again") from None
+            region.handed_back(handle)
         return region
 
     def finish_hand_back(self, session: Session) -> None:
@@ -229,7 +231,9 @@ class Recovery:
         for model in self._registry.models():
             with model.lock:
                 for rank, session in list(model.orphans.items()):
-                    if session.condition is not Condition.RECOVERING:
+                    # Claimed first: an attach of that rank, which takes no model lock, cannot take it over meanwhile.
+                    if session.condition is not Condition.RECOVERING or not self._registry.claim_orphan(
+                            model, rank, session):
                         continue
                     for region in list(session.regions.values()):
                         if not (region.persist and region.backup is not None):
@@ -237,8 +241,9 @@ class Recovery:
                         elif region.state is RegionState.MAPPED:
                             region.unclaimed()
                     session.stop_waiting()
-                    if not session.regions:
-                        self._registry.remove_orphan(model, rank)
+                    if not self._registry.give_back_orphan(model, session):
+                        for region in list(session.regions.values()):  # a new process of the rank started afresh
+                            self._operations.drop_region(region)
                     log.warning("%s did not come back after the daemon restarted; released its regions",
                                 session.describe())
         self._operations.checkpoint()

@@ -180,10 +180,25 @@ class Registry:
                     model.orphans[session.rank] = session
             self._forget_if_empty(model)
 
-    def remove_orphan(self, model: Model, rank: int) -> None:
+    def claim_orphan(self, model: Model, rank: int, session: Session) -> bool:
+        """Takes `session` out of the model's orphans, if an attach has not taken it over first:
+        then the caller alone decides what becomes of it (give_back_orphan)."""
         with self.lock:
+            if model.orphans.get(rank) is not session:
+                return False
             del model.orphans[rank]
+            return True
+
+    def give_back_orphan(self, model: Model, session: Session) -> bool:
+        """A claimed orphan that still holds regions becomes the model's orphan again, unless a new
+        process has attached as its rank meanwhile (False: the caller drops what it holds). A
+        model left with neither ranks nor orphans is forgotten."""
+        with self.lock:
+            returned = bool(session.regions) and session.rank not in model.ranks
+            if returned:
+                model.orphans[session.rank] = session
             self._forget_if_empty(model)
+            return returned
 
     def _forget_if_empty(self, model: Model) -> None:
         if not model.ranks and not model.orphans and self._models.get(model.name) is model:

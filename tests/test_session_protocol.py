@@ -486,7 +486,9 @@ class Sessions(RuleBasedStateMachine):
             self.world.reached.add("another rank recovering")
         if as_an_engine:
             for region in answer.regions:
-                if region.state == pb.MAPPED and region.id in self.memory:
+                # A kept descriptor of memory the daemon let go of before the restart holds nothing now
+                # (it was taken back); an engine maps the region's current memory, which this one may not have fetched.
+                if region.state == pb.MAPPED and region.id in self.memory and os.fstat(self.memory[region.id]).st_size:
                     frame, _ = rank.request({"op": "hand_back", "region": region.id}, [self.memory[region.id]])
                     assert frame and frame["ok"], f"hand_back of region {region.id}: {frame}"
             frame, _ = rank.request({"op": "handed_back"})
