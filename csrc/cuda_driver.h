@@ -22,14 +22,24 @@ using CUstream = struct CUstream_st*;
 
 constexpr CUresult CUDA_SUCCESS = 0;
 constexpr CUresult CUDA_ERROR_OUT_OF_MEMORY = 2;
-// After these the process's contexts are unusable: every later call fails the same way.
+// After these the process's contexts are unusable: every later call fails the same way. cuda.h says
+// so of each ("leaves the process in an inconsistent state", "must be terminated and relaunched"),
+// except 214 and 999, which after an uncorrectable ECC error or an Xid behave the same in practice.
+constexpr CUresult CUDA_ERROR_ECC_UNCORRECTABLE = 214;
+constexpr CUresult CUDA_ERROR_CONTAINED = 226;
 constexpr CUresult CUDA_ERROR_ILLEGAL_ADDRESS = 700;
+constexpr CUresult CUDA_ERROR_LAUNCH_TIMEOUT = 702;
+constexpr CUresult CUDA_ERROR_ASSERT = 710;
 constexpr CUresult CUDA_ERROR_HARDWARE_STACK_ERROR = 714;
 constexpr CUresult CUDA_ERROR_ILLEGAL_INSTRUCTION = 715;
 constexpr CUresult CUDA_ERROR_MISALIGNED_ADDRESS = 716;
 constexpr CUresult CUDA_ERROR_INVALID_ADDRESS_SPACE = 717;
 constexpr CUresult CUDA_ERROR_INVALID_PC = 718;
 constexpr CUresult CUDA_ERROR_LAUNCH_FAILED = 719;
+constexpr CUresult CUDA_ERROR_TENSOR_MEMORY_LEAK = 721;
+constexpr CUresult CUDA_ERROR_MPS_CLIENT_TERMINATED = 810;
+constexpr CUresult CUDA_ERROR_EXTERNAL_DEVICE = 911;
+constexpr CUresult CUDA_ERROR_UNKNOWN = 999;
 
 constexpr int CU_MEM_ALLOCATION_TYPE_PINNED = 0x1;
 constexpr int CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR = 0x1;

@@ -183,6 +183,25 @@ def test_a_mover_whose_context_a_fault_broke_is_replaced_and_the_next_sleep_work
     assert len(movers - set(daemon.mover_pids())) == 1, "the broken mover is still running"
 
 
+# Every code after which cuda.h says the process must be relaunched, and 214 and 999, which behave so.
+STICKY_CODES = [214, 226, 700, 702, 710, 714, 715, 716, 717, 718, 719, 721, 810, 911, 999]
+
+
+def test_every_code_that_leaves_a_process_unusable_has_its_mover_replaced(daemon, fake, start_engine):
+    engine = start_engine(daemon, "qwen", regions=REGIONS)
+    awake, devices = daemon.status(), len(daemon.mover_pids())
+    for code in STICKY_CODES:  # each sleep starts the device's mover again, which the fault then breaks
+        fake.inject(sticky_fault=code)
+        result = daemon.ctl("sleep", "--model", "qwen", check=False)
+        fake.inject()
+        assert result.returncode != 0 and "lost its device context" in result.stderr, (code, result.stderr)
+        assert daemon.status() == awake, code
+        assert len(daemon.mover_pids()) == devices - 1, f"the mover broken by {code} is still running"
+    daemon.ctl("sleep", "--model", "qwen")
+    daemon.ctl("wake", "--model", "qwen")
+    assert weights_digests(engine.report()) == weights_digests(engine.initial)
+
+
 def daemon_states(daemon, model: str) -> list[str]:
     [entry] = daemon.status(model)["models"]
     return [region["state"] for rank in entry["ranks"] for region in rank["regions"]]
