@@ -131,7 +131,7 @@ Handle CudaBackend::import_memory(const Shareable& shareable, int device, size_t
     // The daemon has no context to import in: a descriptor of its own is as good a reference.
     memory.fd = duplicate(shareable.fd, "adopt");
   } else {
-    use_context(device);
+    auto scope = use_context(device);
     // The descriptor goes by value and stays ours: the caller closes it.
     driver_->check(driver_->cuMemImportFromShareableHandle(
                        &memory.handle, reinterpret_cast<void*>(static_cast<uintptr_t>(shareable.fd)),
@@ -161,7 +161,7 @@ void CudaBackend::release(Handle handle) {
     // Every copy through the staging mapping synchronised its own streams before
     // returning; a context-wide synchronise here would also wait for the copies
     // another thread runs in the other direction.
-    use_context(memory.device);
+    auto scope = use_context(memory.device);
     driver_->check(driver_->cuMemUnmap(memory.staging, memory.size), "cuMemUnmap");
     driver_->check(driver_->cuMemAddressFree(memory.staging, memory.size), "cuMemAddressFree");
   }
@@ -170,11 +170,22 @@ void CudaBackend::release(Handle handle) {
 
 void CudaBackend::set_device(int device) {
   check_device(device);
-  device_ = device;
-  use_context(device);
+  device_ = device;  // made current only inside each call: the caller's own context stays as it was
 }
 
-void CudaBackend::use_context(int device) {
+ContextScope::ContextScope(const cu::Driver& driver, cu::CUcontext context) : driver_(driver) {
+  driver_.check(driver_.cuCtxGetCurrent(&previous_), "cuCtxGetCurrent");
+  if (previous_ == context) return;
+  // The current context is per thread; setting it is cheap.
+  driver_.check(driver_.cuCtxSetCurrent(context), "cuCtxSetCurrent");
+  restore_ = true;
+}
+
+ContextScope::~ContextScope() {
+  if (restore_) driver_.cuCtxSetCurrent(previous_);
+}
+
+ContextScope CudaBackend::use_context(int device) {
   cu::CUcontext context;
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -182,25 +193,24 @@ void CudaBackend::use_context(int device) {
       driver_->check(driver_->cuDevicePrimaryCtxRetain(&contexts_[device], device), "cuDevicePrimaryCtxRetain");
     context = contexts_[device];
   }
-  // The current context is per thread; setting it is cheap.
-  driver_->check(driver_->cuCtxSetCurrent(context), "cuCtxSetCurrent");
+  return ContextScope(*driver_, context);
 }
 
 uintptr_t CudaBackend::reserve(size_t size) {
-  use_context(device_);
+  auto scope = use_context(device_);
   cu::CUdeviceptr address = 0;
   driver_->check(driver_->cuMemAddressReserve(&address, size, 0, 0, 0), "cuMemAddressReserve");
   return static_cast<uintptr_t>(address);
 }
 
 void CudaBackend::free_reservation(uintptr_t address, size_t size) {
-  use_context(device_);
+  auto scope = use_context(device_);
   driver_->check(driver_->cuMemAddressFree(address, size), "cuMemAddressFree");
 }
 
 void CudaBackend::map(uintptr_t address, size_t size, Handle handle, int device) {
   cu::CUmemGenericAllocationHandle native = driver_handle(handle);
-  use_context(device);
+  auto scope = use_context(device);
   driver_->check(driver_->cuMemMap(address, size, 0, native, 0), "cuMemMap");
   cu::CUmemAccessDesc access{};
   access.location.type = cu::CU_MEM_LOCATION_TYPE_DEVICE;
@@ -214,18 +224,19 @@ void CudaBackend::map(uintptr_t address, size_t size, Handle handle, int device)
 }
 
 void CudaBackend::unmap(uintptr_t address, size_t size) {
+  auto scope = use_context(device_);
   // Unmapping does not wait for work in flight on the memory: wait first.
-  synchronize();
+  driver_->check(driver_->cuCtxSynchronize(), "cuCtxSynchronize");
   driver_->check(driver_->cuMemUnmap(address, size), "cuMemUnmap");
 }
 
 void CudaBackend::synchronize() {
-  use_context(device_);
+  auto scope = use_context(device_);
   driver_->check(driver_->cuCtxSynchronize(), "cuCtxSynchronize");
 }
 
 void CudaBackend::copy(uintptr_t dst, uintptr_t src, size_t size) {
-  use_context(device_);
+  auto scope = use_context(device_);
   driver_->check(driver_->cuMemcpy(dst, src, size), "cuMemcpy");
 }
 
@@ -253,7 +264,7 @@ std::pair<cu::CUdeviceptr, int> CudaBackend::staging(Handle handle, size_t offse
 
 template <typename Issue>
 void CudaBackend::chunked(int device, size_t size, Issue issue) {
-  use_context(device);
+  auto scope = use_context(device);
   std::vector<cu::CUstream>* streams;
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -294,7 +305,7 @@ void CudaBackend::zero(Handle dst, size_t offset, size_t size) {
 }
 
 void CudaBackend::register_host(void* address, size_t size) {
-  use_context(device_);
+  auto scope = use_context(device_);
   driver_->check(driver_->cuMemHostRegister(address, size, cu::CU_MEMHOSTREGISTER_PORTABLE), "cuMemHostRegister");
 }
 

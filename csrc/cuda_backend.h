@@ -20,6 +20,22 @@
 
 namespace sleepd {
 
+// The calling thread's current context, set back when the scope ends. The CUDA runtime (and
+// so torch) follows the driver's current context: one left set here would send the caller's
+// next plain allocation to our device.
+class ContextScope {
+ public:
+  ContextScope(const cu::Driver& driver, cu::CUcontext context);
+  ~ContextScope();
+  ContextScope(const ContextScope&) = delete;
+  ContextScope& operator=(const ContextScope&) = delete;
+
+ private:
+  const cu::Driver& driver_;
+  cu::CUcontext previous_ = nullptr;
+  bool restore_ = false;
+};
+
 class CudaBackend : public Backend {
  public:
   CudaBackend(std::shared_ptr<cu::Driver> driver, unsigned streams);
@@ -69,7 +85,8 @@ class CudaBackend : public Backend {
   void check_device(int device) const;
   // The driver's handle for `handle`.
   cu::CUmemGenericAllocationHandle driver_handle(Handle handle) const;
-  void use_context(int device);
+  // Makes the device's primary context current on this thread until the scope it returns ends.
+  [[nodiscard]] ContextScope use_context(int device);
   // The handle mapped in this process for copies, and its device.
   std::pair<cu::CUdeviceptr, int> staging(Handle handle, size_t offset, size_t size, const char* call);
   template <typename Issue>

@@ -86,6 +86,7 @@ struct CUmemAccessDesc {
   X(cuDeviceTotalMem, cuDeviceTotalMem_v2, CUresult, size_t*, CUdevice)                               \
   X(cuDeviceGetUuid, cuDeviceGetUuid_v2, CUresult, CUuuid*, CUdevice)                                 \
   X(cuDevicePrimaryCtxRetain, cuDevicePrimaryCtxRetain, CUresult, CUcontext*, CUdevice)               \
+  X(cuCtxGetCurrent, cuCtxGetCurrent, CUresult, CUcontext*)                                           \
   X(cuCtxSetCurrent, cuCtxSetCurrent, CUresult, CUcontext)                                            \
   X(cuCtxSynchronize, cuCtxSynchronize, CUresult, void)                                               \
   X(cuMemGetAllocationGranularity, cuMemGetAllocationGranularity, CUresult, size_t*,                  \

@@ -120,9 +120,14 @@ def fill(region, seed: int) -> None:
 
 
 def kernel_write(region, seed: int) -> str:
-    """Launches the driver double's stand-in for a kernel writing the whole region."""
+    """Launches the driver double's stand-in for a kernel writing the whole region, on the
+    region's device's context, made current first as torch makes its device's."""
     data = random.Random(seed).randbytes(region.size)
-    launch = ctypes.CDLL(os.environ["SLEEPD_LIBCUDA"]).fakecuda_launch_write
+    driver = ctypes.CDLL(os.environ["SLEEPD_LIBCUDA"])
+    context = ctypes.c_void_p()
+    if driver.cuDevicePrimaryCtxRetain(ctypes.byref(context), region.device) or driver.cuCtxSetCurrent(context):
+        raise RuntimeError("the driver double gave no context")
+    launch = driver.fakecuda_launch_write
     launch.argtypes = [ctypes.c_uint64, ctypes.c_char_p, ctypes.c_size_t]
     if launch(region.address, data, len(data)) != 0:
         raise RuntimeError("the driver double refused the kernel launch")

@@ -77,8 +77,7 @@ namespace {
 using Handle = CUmemGenericAllocationHandle;
 
 constexpr CUresult SUCCESS = 0, INVALID_VALUE = 1, OUT_OF_MEMORY = 2, NOT_INITIALIZED = 3, INVALID_DEVICE = 101,
-                   INVALID_CONTEXT = 201, INVALID_HANDLE = 400, ILLEGAL_ADDRESS = 700, LAUNCH_FAILED = 719,
-                   UNKNOWN = 999;
+                   INVALID_CONTEXT = 201, INVALID_HANDLE = 400, ILLEGAL_ADDRESS = 700, LAUNCH_FAILED = 719;
 
 struct Allocation {
   int fd;
@@ -390,6 +389,11 @@ CUresult cuDevicePrimaryCtxRetain(CUcontext* context, CUdevice device) {
   return SUCCESS;
 }
 
+CUresult cuCtxGetCurrent(CUcontext* context) {
+  *context = current_context;
+  return SUCCESS;
+}
+
 CUresult cuCtxSetCurrent(CUcontext context) {
   current_context = context;
   return SUCCESS;
@@ -428,7 +432,7 @@ CUresult cuMemCreate(Handle* handle, size_t size, const CUmemAllocationProp* pro
   // Named by test and GPU, so that fakenvml.cpp and importers can tell where it lives.
   std::string name = "fakecuda:t" + env("FAKE_CUDA_TAG") + ":d" + std::to_string(visible[device]);
   int fd = memfd_create(name.c_str(), MFD_CLOEXEC);
-  if (fd < 0) return UNKNOWN;
+  if (fd < 0) return OUT_OF_MEMORY;
   if (posix_fallocate(fd, 0, static_cast<off_t>(size)) != 0) {
     close(fd);
     return OUT_OF_MEMORY;
@@ -461,7 +465,7 @@ CUresult cuMemExportToShareableHandle(void* out, Handle handle, int type, unsign
   if (type != 1) return INVALID_VALUE;
   std::lock_guard<std::mutex> lock(mutex);
   int fd = fcntl(allocation(handle)->fd, F_DUPFD_CLOEXEC, 0);
-  if (fd < 0) return UNKNOWN;
+  if (fd < 0) return OUT_OF_MEMORY;
   *static_cast<int*>(out) = fd;
   counters.exports++;
   write_counters();
@@ -515,13 +519,13 @@ CUresult cuMemAddressFree(CUdeviceptr address, size_t size) {
 CUresult cuMemMap(CUdeviceptr address, size_t size, size_t offset, Handle handle, unsigned long long) {
   if (CUresult error = context_error()) return error;
   std::lock_guard<std::mutex> lock(mutex);
-  if (control().count("fail_map")) return UNKNOWN;
+  if (control().count("fail_map")) return INVALID_VALUE;  // as a real failed map: 999 would count as a lost context
   Allocation* memory = allocation(handle);
   if (offset != 0 || size == 0 || size % kGranularity != 0 || size > memory->size) return INVALID_VALUE;
   if (!inside(reservations, address, size)) return INVALID_VALUE;
   // No access until cuMemSetAccess, as on a GPU.
   void* mapped = mmap(reinterpret_cast<void*>(address), size, PROT_NONE, MAP_SHARED | MAP_FIXED, memory->fd, 0);
-  if (mapped == MAP_FAILED) return UNKNOWN;
+  if (mapped == MAP_FAILED) return OUT_OF_MEMORY;
   mappings[address] = size;
   mapped_gpu[address] = memory->gpu;
   counters.maps++;
@@ -538,7 +542,7 @@ CUresult cuMemSetAccess(CUdeviceptr address, size_t size, const CUmemAccessDesc*
   auto mapped = --mapped_gpu.upper_bound(address);
   if (mapped->second != visible[desc->location.id]) return INVALID_DEVICE;
   int prot = desc->flags == 3 ? PROT_READ | PROT_WRITE : desc->flags == 1 ? PROT_READ : PROT_NONE;
-  return mprotect(reinterpret_cast<void*>(address), size, prot) == 0 ? SUCCESS : UNKNOWN;
+  return mprotect(reinterpret_cast<void*>(address), size, prot) == 0 ? SUCCESS : OUT_OF_MEMORY;
 }
 
 CUresult cuMemUnmap(CUdeviceptr address, size_t size) {
