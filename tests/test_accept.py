@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GPU = ROOT / "tests" / "gpu"
 sys.path.insert(0, str(GPU))
 
+import accept  # noqa: E402
 import figures  # noqa: E402
 import report  # noqa: E402
 
@@ -149,3 +150,15 @@ def test_the_report_judges_the_gpu_benchmark_against_the_targets():
     assert verdicts["gpu.first_sleep_vs_naive"] is True
     assert verdicts["gpu.daemon_asleep"] is True
     assert verdicts["swap.swap_vs_sequential"] is None  # not measured
+
+
+def test_the_vllm_stage_has_a_budget_of_its_own_and_skips_with_the_reason_where_vllm_is_missing(tmp_path):
+    run = accept.Run(tmp_path, tmp_path, tmp_path)
+    run.python = Path(sys.executable)  # the README's environment: no vLLM
+    run.started -= accept.BUDGET_SECONDS  # the default run's 8 minutes are spent; this stage's are its own
+    run.vllm()
+    run.log.close()
+    [stage] = run.stages
+    assert stage.status == "skipped" and stage.limit == accept.VLLM_SECONDS, stage.record()
+    assert stage.reason.startswith(f"vLLM is not installed in {sys.executable} (") and "vllm" in stage.reason
+    assert "-- skipped in" in (tmp_path / "accept.log").read_text()

@@ -16,8 +16,11 @@ all of them within 8 minutes:
               stops here, with one line that starts "no GPU:"
   smoke 1-4   tests/gpu/smoke.py: the driver, a round trip, the mover, torch;
               the first failure stops the run
-  pytest      tests/gpu, each test with its own time limit
+  pytest      tests/gpu but its vLLM tests, each test with its own time limit
   benchmarks  python -m sleepd.bench gpu, swap --backend cuda, and host (the control)
+  vllm        optional, with a budget of its own outside the 8 minutes: tests/gpu's vLLM
+              tests, where this Python has a CUDA build of vLLM; skipped with the reason
+              where it has none
 
 Exit status: 0 when every stage passed (the targets are reported, not
 enforced), 1 when something is missing or a stage failed, 2 without a GPU.
@@ -60,6 +63,8 @@ BENCHES = [("gpu", ["gpu", "--size", GPU_BENCH_SIZE], 180, parse.gpu),
            ("swap", ["swap", "--backend", "cuda", "--size", "4GiB", "--region-size", "256MiB"], 90, parse.swap),
            ("host", ["host"], 60, parse.host)]
 PYTEST_SECONDS_PER_TEST = 90
+VLLM_TESTS = HERE / "test_vllm_gpu.py"
+VLLM_SECONDS = 20 * 60  # its own budget: vLLM starts slowly, and the 8 minutes stay the default run's
 
 
 class Stop(Exception):
@@ -103,9 +108,10 @@ class Run:
             self.log.write(line + "\n")
             self.log.flush()
 
-    def stage(self, key: str, title: str, limit: int) -> Stage | None:
-        """A stage, given its limit or what is left of the run's budget; None when the budget is spent."""
-        left = int(self.started + BUDGET_SECONDS - time.monotonic())
+    def stage(self, key: str, title: str, limit: int, budgeted: bool = True) -> Stage | None:
+        """A stage, given its limit or what is left of the run's budget (unless it has one of its own,
+        not `budgeted`); None when the budget is spent."""
+        left = int(self.started + BUDGET_SECONDS - time.monotonic()) if budgeted else limit
         stage = Stage(key, title, min(limit, left))
         self.stages.append(stage)
         if left < 10:
@@ -226,12 +232,34 @@ class Run:
         stage = self.stage("pytest", "pytest tests/gpu", 150)
         if stage is None:
             return
-        code, lines = self.command([self.python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                                    "--timeout", str(PYTEST_SECONDS_PER_TEST), HERE], stage,
-                                   env=self.environment_for_stages(), cwd=ROOT)
+        self.run_pytest(stage, "pytest", ["--timeout", str(PYTEST_SECONDS_PER_TEST), "--ignore", VLLM_TESTS, HERE])
+
+    def vllm(self) -> None:
+        stage = self.stage("vllm", "pytest tests/gpu/test_vllm_gpu.py (optional: vLLM on this GPU)", VLLM_SECONDS,
+                           budgeted=False)
+        missing = self.vllm_missing()
+        if missing:
+            self.end(stage, "skipped", missing)
+            return
+        self.run_pytest(stage, "vllm", ["--timeout", str(VLLM_SECONDS), VLLM_TESTS])
+
+    def vllm_missing(self) -> str | None:
+        """Why this Python cannot run vLLM's GPU tests, or None when it can."""
+        probe = subprocess.run([self.python, "-c", "import vllm, torch; print(torch.version.cuda or '')"],
+                               capture_output=True, text=True, timeout=120, env=self.environment_for_stages())
+        if probe.returncode != 0:
+            why = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+            return f"vLLM is not installed in {self.python} ({why})"
+        if not probe.stdout.strip():
+            return "vLLM is installed, but beside a torch without CUDA"
+        return None
+
+    def run_pytest(self, stage: Stage, key: str, arguments: list) -> None:
+        code, lines = self.command([self.python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *arguments],
+                                   stage, env=self.environment_for_stages(), cwd=ROOT)
         counts = parse.pytest("\n".join(lines))
-        self.figures.update({f"pytest.{key}": value for key, value in counts.items()})
-        failed = sum(counts.get(key, {}).get("value", 0) for key in ("failed", "errors"))
+        self.figures.update({f"{key}.{name}": value for name, value in counts.items()})
+        failed = sum(counts.get(name, {}).get("value", 0) for name in ("failed", "errors"))
         if code == 0 and not failed:
             self.end(stage, "passed")
         else:
@@ -259,7 +287,8 @@ class Run:
         self.pytest()
         for key, argv, limit, parser in BENCHES:
             self.bench(key, argv, limit, parser)
-        failed = [stage.title for stage in self.stages if stage.status != "passed"]
+        self.vllm()
+        failed = [stage.title for stage in self.stages if stage.status not in ("passed", "skipped")]
         if failed:
             raise Stop("failed", f"failed: {len(failed)} stage(s) did not pass: {'; '.join(failed)}")
 
