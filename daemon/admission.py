@@ -3,8 +3,7 @@
 Every call holds one of the server's worker threads from the moment it arrives
 until its handler returns, and an Events or Session stream holds it for as long
 as the caller keeps it open. So that no caller can take them all and starve
-the rest, root's `sleepctl status` and engines' wakes included (issue 14,
-finding 6), each call counts against its caller until its handler returns:
+the rest, root's `sleepctl status` and engines' wakes included, each call counts against its caller until its handler returns:
 
 | caller | calls at once | of which Events streams | Session streams, apart |
 |---|---|---|---|

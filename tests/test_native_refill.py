@@ -1,4 +1,4 @@
-"""Pool refills allocate and map daemon regions in C++, without the GIL (issue 11, item 6).
+"""Pool refills allocate and map daemon regions in C++, without the GIL.
 
 torch calls its pluggable allocator's hooks holding its allocator lock, and a thread
 that frees a tensor holds the GIL while it waits for that lock. Here a small C

@@ -795,7 +795,7 @@ MACHINE_SETTINGS = settings(
     # No shrinking: a run replayed against live processes and a restarted daemon does not draw the same
     # way twice, so the failing run is reported as it happened (`recorded`).
     phases=(Phase.generate,))
-# The conditions issue 19 names, each of which a run must reach to prove something about it.
+# The conditions a session can be in, each of which a run must reach to prove something about it.
 CONDITIONS = {"mid-operation", "restart", "handing back", "another rank recovering", "handed_back",
               "handed_back refused"}
 
