@@ -175,6 +175,7 @@ class Allocate:
 
 Request = Hello | Fetch | HandBack | Replace | HandedBack | Allocate
 _REQUESTS = {kind.OP: kind for kind in (Hello, Fetch, HandBack, Replace, HandedBack, Allocate)}
+REQUEST_OPS = frozenset(_REQUESTS)
 
 
 def decode_request(frame: dict, fds: list[int]) -> Request:

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 
 from sleepd.common import wire
 from sleepd.common.handle_messages import (Allocate, Allocated, Done, Fetch, Fetched, HandBack, HandedBack, Hello,
-                                           InvalidArguments, Refused, Replace, Reply, Welcome, decode_request)
+                                           InvalidArguments, REQUEST_OPS, Refused, Replace, Reply, Welcome,
+                                           decode_request)
 from sleepd.common.shown import shown
 
 from .auth import Peer
@@ -266,7 +267,10 @@ class HandleServer:
             if frame is None:
                 connection.closing = "handle socket closed"
             else:
-                self._send(connection, self._reply(connection.session, frame, fds))
+                reply = self._reply(connection.session, frame, fds)
+                if isinstance(reply, Refused):
+                    self._count_refusal(frame, reply)
+                self._send(connection, reply)
         except BlockingIOError:
             pass  # woken with nothing to read: wait again
         except wire.ProtocolError as error:
@@ -280,6 +284,14 @@ class HandleServer:
             wire.close_all(fds)  # whatever we keep, we keep as our own handle, never this fd
             self._answered.put(connection)
             self._wake()
+
+    def _count_refusal(self, frame: dict, refused: Refused) -> None:
+        """Counts a refusal in /metrics beside the gRPC calls' (operation handle_OP); an op the
+        protocol does not have is counted as handle_unknown, so a client cannot add series."""
+        if self._core.metrics:
+            op = frame.get("op")
+            known = op if isinstance(op, str) and op in REQUEST_OPS else "unknown"
+            self._core.metrics.errors.labels(operation=f"handle_{known}", code=refused.code).inc()
 
     def _reply(self, session: Session, frame: dict, fds: list[int]) -> Reply:
         """The answer to one request: what it asked for, or why not."""

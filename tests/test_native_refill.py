@@ -19,7 +19,7 @@ import pytest
 from sleepd.client import SleepClient, SleepdError
 from sleepd.common.handle_messages import Allocate, Allocated
 
-from support import MiB
+from support import MiB, scrape, value, wait_for
 
 HELPER = r"""
 #include <pthread.h>
@@ -190,8 +190,11 @@ def test_refills_wait_out_a_busy_model_without_holding_the_daemons_handle_worker
             pool.deactivate()
             returned.append(time.monotonic())
 
+        def refusals() -> float:
+            return value(scrape(daemon), "sleepd_errors_total", operation="handle_allocate", code="ABORTED") or 0
+
         def attach_another():
-            time.sleep(2)  # every refill has been refused at least once by now
+            wait_for(lambda: refusals() >= WORKERS, what="as many refusals as refills")
             with SleepClient.connect("llama", socket=daemon.socket):
                 attached.append(time.monotonic())
 

@@ -119,7 +119,8 @@ class UsageSampler(threading.Thread):
 
 
 def test_swap_keeps_both_models_intact_and_never_exceeds_the_budget(start_daemon, start_engine):
-    daemon = start_daemon(devices=1, capacity="64MiB")
+    # A budget below the capacity: the backend itself would refuse past the capacity, never past the budget.
+    daemon = start_daemon("--device-reserve", "16MiB", devices=1, capacity="80MiB")
     regions = [("weights", 4 * MiB)] * 10 + [("kv_cache", 4 * MiB)] * 2
     a = start_engine(daemon, "a", regions=regions, seed=1)
     daemon.ctl("sleep", "--model", "a")
