@@ -44,6 +44,7 @@ class TorchPool:
         self.tag = native_pool.tag
         self.native = native_pool
         self._api, pluggable = _device_api(backend)
+        refuse_async_allocator(self._api)
         self._allocator = pluggable(_C.__file__, "sleepd_malloc", "sleepd_free")
         # A MemPool binds to the device current when it is made: made on another, the client's
         # allocations would fall back to plain cudaMalloc, bypass sleepd and never sleep.
@@ -78,6 +79,23 @@ _open_blocks = 0
 _expandable_was_on = False
 
 
+def _set_allocator_settings(settings: str) -> None:
+    import torch
+
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch.cuda's own is deprecated in 2.13
+    (setter or torch.cuda.memory._set_allocator_settings)(settings)
+
+
+def refuse_async_allocator(api) -> None:
+    """Refuses a process whose torch allocates with cudaMallocAsync: that backend takes no pluggable
+    allocator or MemPool, so nothing would land in sleepd."""
+    backend = getattr(getattr(api, "memory", None), "get_allocator_backend", None)
+    if backend is not None and backend() == "cudaMallocAsync":
+        raise RuntimeError("torch allocates with cudaMallocAsync (PYTORCH_ALLOC_CONF or PYTORCH_CUDA_ALLOC_CONF "
+                           "backend:cudaMallocAsync), which routes nothing to a pluggable allocator: sleepd's "
+                           "pool() needs torch's native allocator; remove that setting")
+
+
 def _expandable_segments_on() -> bool:
     """Whether torch's allocator uses expandable segments: the last value given wins."""
     import torch
@@ -95,14 +113,12 @@ def _expandable_segments_on() -> bool:
 
 @contextlib.contextmanager
 def _expandable_segments_off():
-    import torch
-
     global _open_blocks, _expandable_was_on
     with _settings_lock:
         if _open_blocks == 0:
             _expandable_was_on = _expandable_segments_on()
             if _expandable_was_on:
-                torch.cuda.memory._set_allocator_settings("expandable_segments:False")
+                _set_allocator_settings("expandable_segments:False")
         _open_blocks += 1
     try:
         yield
@@ -110,4 +126,4 @@ def _expandable_segments_off():
         with _settings_lock:
             _open_blocks -= 1
             if _open_blocks == 0 and _expandable_was_on:
-                torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+                _set_allocator_settings("expandable_segments:True")

@@ -62,8 +62,13 @@ def test_memory_another_thread_allocates_inside_pool_is_reported_not_silently_mi
         assert not in_regions(client, theirs[0]), "pool() routed another thread's allocation after all"
 
 
+def set_allocator_settings(settings: str) -> None:
+    """torch's allocator settings, through the call that torch 2.13 does not deprecate where it has it."""
+    (getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings)(settings)
+
+
 def test_pool_leaves_expandable_segments_on_for_the_rest_of_the_process(gpu_daemon):
-    torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    set_allocator_settings("expandable_segments:True")
     try:
         with SleepClient.connect("qwen", socket=gpu_daemon.socket) as client:
             with client.pool("weights"):
@@ -74,7 +79,7 @@ def test_pool_leaves_expandable_segments_on_for_the_rest_of_the_process(gpu_daem
                          if s["address"] <= outside.data_ptr() < s["address"] + s["total_size"]]
             assert segment.get("is_expandable"), "pool() left expandable segments off"
     finally:
-        torch.cuda.memory._set_allocator_settings("expandable_segments:False")
+        set_allocator_settings("expandable_segments:False")
 
 
 # A loader thread fills a pool, one refill (a daemon region) per tensor, while the main
@@ -214,3 +219,23 @@ def test_a_pool_routes_the_clients_device_whatever_device_torch_has_current(gpu_
             assert in_regions(client, weights), "the pool bound to torch's current device, not the client's"
     finally:
         torch.cuda.set_device(0)
+
+
+ASYNC_ALLOCATOR = """
+import sys, torch
+from sleepd.client import SleepClient
+
+with SleepClient.connect("async", socket=sys.argv[1]) as client:
+    try:
+        with client.pool("weights"):
+            torch.empty(1 << 20, device="cuda")
+    except RuntimeError as error:
+        print(error)
+"""
+
+
+def test_a_torch_on_cudamallocasync_is_refused_up_front_not_silently_unrouted(gpu_daemon):
+    result = subprocess.run([sys.executable, "-c", ASYNC_ALLOCATOR, gpu_daemon.socket], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "PYTORCH_ALLOC_CONF": "backend:cudaMallocAsync"})
+    assert result.returncode == 0, result.stderr
+    assert "torch allocates with cudaMallocAsync" in result.stdout, result.stdout + result.stderr
