@@ -32,11 +32,16 @@ def _two_models(args, room_for: int):
     region_size = parse_size(args.region_size)
     count = max(1, parse_size(args.size) // region_size)
     size = count * region_size
+    room = room_for * size + 4 * region_size
     flags = ["--backend", args.backend, "--host-pool-budget", str(3 * size), "--host-pool-prefault"]
     if args.backend == "host":
-        flags += ["--host-device-capacity", str(room_for * size + 4 * region_size)]
-    else:
-        flags += ["--device-reserve", "0"]
+        flags += ["--host-device-capacity", str(room)]
+    else:  # a GPU holds both models at once: a reserve leaves the budget at the room asked for
+        capacity = _device_capacity(args.backend)
+        if capacity < room:
+            raise SystemExit(f"the device has {format_size(capacity)}; two models of {format_size(size)} need "
+                             f"{format_size(room)}: choose a smaller --size")
+        flags += ["--device-reserve", str(capacity - room)]
     with LocalDaemon(None, *flags) as daemon, contextlib.ExitStack() as stack:
         a = stack.enter_context(SleepClient.connect("a", socket=daemon.socket))
         b = stack.enter_context(SleepClient.connect("b", socket=daemon.socket))
@@ -49,7 +54,18 @@ def _two_models(args, room_for: int):
                 region.write(b"\x5a" * region_size)
             if client is b:
                 client.sleep(level=1)
-        yield a, b, pb_grpc.SleepdStub(channel), count, region_size
+        stub = pb_grpc.SleepdStub(channel)
+        yield a, b, stub, count, region_size, stub.Status(pb.StatusRequest()).devices[0].budget
+
+
+def _device_capacity(backend: str) -> int:
+    """The first device's capacity as a daemon on `backend` counts it (NVML's total, or the driver's)."""
+    with LocalDaemon(None, "--backend", backend) as daemon:
+        channel, handles = control_channel(daemon.socket)
+        with channel:
+            capacity = pb_grpc.SleepdStub(channel).Status(pb.StatusRequest()).devices[0].capacity
+        handles.close()
+    return capacity
 
 
 def _timed(work) -> float:
@@ -91,16 +107,16 @@ def _against_one_by_one(rounds: int, a, b, together) -> tuple[float, float]:
 
 def run(args) -> int:
     # Room for one model: B can come in only as A goes out.
-    with _two_models(args, room_for=1) as (a, b, stub, count, region_size):
+    with _two_models(args, room_for=1) as (a, b, stub, count, region_size, budget):
         seq, swap = _against_one_by_one(args.rounds, a, b,
                                         lambda: stub.Swap(pb.SwapRequest(to_model="b", from_models=["a"])))
     # Room for both: a sleep of A and a wake of B, sent as two requests at once.
-    with _two_models(args, room_for=2) as (a, b, stub, count, region_size):
+    with _two_models(args, room_for=2) as (a, b, stub, count, region_size, _):
         apart, at_once = _against_one_by_one(args.rounds, a, b, lambda: _at_once(lambda: a.sleep(level=1), b.wake))
     size = count * region_size
     print(f"{args.backend} backend, two models of {count} x {format_size(region_size)} ({format_size(size)}), "
           f"{args.rounds} rounds, medians:")
-    print("  device room for one model:")
+    print(f"  device room for one model (a budget of {format_size(budget)}, {budget} bytes):")
     print(f"    sleep(A) then wake(B): {seq:.3f} s")
     print(f"    swap A -> B:           {swap:.3f} s")
     print(f"    swap / sequential:     {swap / seq:.2f}")

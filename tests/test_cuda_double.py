@@ -1,7 +1,9 @@
 """The CUDA backend's own promises, shown against the driver double: no context
 in the daemon, a pool pinned once, and clean rollback when the driver fails."""
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -389,3 +391,20 @@ def test_the_engine_side_leaves_the_callers_current_context_as_it_was(fake, monk
     result = subprocess.run([sys.executable, "-c", CALLERS_CONTEXT_KEPT], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["[True,", "True,", "True]"], result.stdout
+
+
+def test_the_cuda_swap_benchmark_gives_the_device_room_for_one_model(fake, monkeypatch):
+    monkeypatch.setenv("FAKE_CUDA_MEMORY", str(1 << 30))  # both models fit on it, as on a real GPU
+    size, region = 32 * MiB, 4 * MiB
+    result = subprocess.run([sys.executable, "-m", "sleepd.bench", "swap", "--backend", "cuda", "--size", str(size),
+                             "--region-size", str(region), "--rounds", "1"], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    budget = int(re.search(r"device room for one model \(a budget of .*, (\d+) bytes\)", result.stdout).group(1))
+    assert budget == size + 4 * region, result.stdout  # the daemon's own figure, not the bench's arithmetic
+    counted = {int(path.stem): json.loads(path.read_text()) for path in fake.counters_dir.glob("*.json")}
+    # The processes that created memory, in the order they started: the daemon with room for one model, then
+    # the one with room for both (the capacity probe created nothing). With room for one, B comes in only as
+    # A goes out, and the device never holds more than one model and the room the bench leaves beside it.
+    room_for_one, _ = [counted[pid]["peak_created_bytes"] for pid in sorted(counted) if counted[pid]["creates"]]
+    assert size <= room_for_one <= budget, counted

@@ -54,6 +54,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
@@ -88,8 +89,8 @@ struct Allocation {
 };
 
 struct Counters {
-  long contexts_retained = 0, creates = 0, live_handles = 0, live_created_bytes = 0, exports = 0, imports = 0,
-       maps = 0, live_mappings = 0, host_register_calls = 0, host_registered_bytes = 0, copies = 0;
+  long contexts_retained = 0, creates = 0, live_handles = 0, live_created_bytes = 0, peak_created_bytes = 0,
+       exports = 0, imports = 0, maps = 0, live_mappings = 0, host_register_calls = 0, host_registered_bytes = 0, copies = 0;
 };
 
 std::mutex mutex;
@@ -163,10 +164,11 @@ void write_counters() {
   char json[1024];
   std::snprintf(json, sizeof json,
                 "{\"contexts_retained\": %ld, \"creates\": %ld, \"live_handles\": %ld, \"live_created_bytes\": %ld, "
+                "\"peak_created_bytes\": %ld, "
                 "\"exports\": %ld, \"imports\": %ld, \"maps\": %ld, \"live_mappings\": %ld, "
                 "\"host_register_calls\": %ld, \"host_registered_bytes\": %ld, \"copies\": %ld}\n",
                 counters.contexts_retained, counters.creates, counters.live_handles, counters.live_created_bytes,
-                counters.exports, counters.imports, counters.maps, counters.live_mappings,
+                counters.peak_created_bytes, counters.exports, counters.imports, counters.maps, counters.live_mappings,
                 counters.host_register_calls, counters.host_registered_bytes, counters.copies);
   std::string path = dir + "/" + std::to_string(getpid()) + ".json";
   std::string tmp = path + ".tmp";
@@ -442,6 +444,7 @@ CUresult cuMemCreate(Handle* handle, size_t size, const CUmemAllocationProp* pro
   counters.creates++;
   counters.live_handles++;
   counters.live_created_bytes += static_cast<long>(size);
+  counters.peak_created_bytes = std::max(counters.peak_created_bytes, counters.live_created_bytes);
   write_counters();
   return SUCCESS;
 }
