@@ -8,8 +8,10 @@ instead of the private packed copies vLLM's CPU kernels make: sleepd could
 neither free those nor let a weight update reach them.
 """
 
+import contextlib
+
 from . import kv_cache, session
-from .patching import replace, run_after
+from .patching import replace, run_after, run_within
 
 # The host backend has no devices of its own: every CPU rank uses the daemon's first.
 HOST_DEVICE = 0
@@ -23,8 +25,11 @@ def _adopt_weights(worker) -> None:
     session.allocator().client.adopt(worker.model_runner.get_model(), tag="weights")
 
 
-def _adopt_kv_cache(worker) -> None:
-    kv_cache.move_into_sleepd(worker.model_runner, session.allocator().client)
+@contextlib.contextmanager
+def _kv_cache_in_sleepd(worker):
+    with kv_cache.allocated_in_sleepd(session.allocator().client) as regions:
+        yield
+    kv_cache.check_in_sleepd(worker.model_runner, regions)
 
 
 def _sleep(worker, level: int = 1) -> None:
@@ -71,7 +76,7 @@ def install() -> None:
     CpuPlatform.is_sleep_mode_available = lambda self: True
     run_after(CPUWorker, "init_device", _attach)
     run_after(CPUWorker, "load_model", _adopt_weights)
-    run_after(CPUWorker, "initialize_from_config", _adopt_kv_cache)
+    run_within(CPUWorker, "initialize_from_config", _kv_cache_in_sleepd)
     replace(CPUWorker, "sleep", _sleep)
     replace(CPUWorker, "wake_up", _wake_up)
     if hasattr(CPUWorker, "discard"):  # selective discard came after 0.24

@@ -1,14 +1,13 @@
-"""Moving a vLLM CPU worker's KV cache into sleepd regions tagged `kv_cache`.
+"""A vLLM CPU worker's KV cache, allocated in sleepd regions tagged `kv_cache` from the start.
 
-vLLM allocates the cache as one or a few raw buffers and hands out many views
-of them (per layer, per kernel block size). Each buffer is copied into a region
-and every tensor over it is pointed at the region with `set_`, so the views stay
-the same objects wherever vLLM keeps them. A buffer still referenced after that
-(by something that is not a Python tensor) would keep its memory outside sleepd:
-that is refused rather than left to double the cache.
+vLLM allocates the cache as one or a few raw int8 buffers (`torch.zeros`) and hands out
+many views of them (per layer, per kernel block size), some kept where no one can reach
+them afterwards. So the buffers are made in sleepd memory as vLLM asks for them, and no
+view ever needs re-pointing. A cache tensor that vLLM binds outside those regions would
+keep its memory outside sleepd: that is refused rather than left to double the cache.
 """
 
-import gc
+import contextlib
 
 
 def _tensors_in(value):
@@ -29,32 +28,51 @@ def cache_tensors(model_runner) -> list:
     return found
 
 
-def move_into_sleepd(model_runner, client) -> list:
-    """Returns the regions that now hold the cache."""
+def _raw_buffer_size(args, kwargs) -> int | None:
+    """The byte count of a `torch.zeros(n, dtype=torch.int8, device=cpu)` call, vLLM's raw cache
+    buffer; None for any other call."""
     import torch
 
-    buffers = {tensor.untyped_storage().data_ptr(): tensor.untyped_storage() for tensor in cache_tensors(model_runner)}
-    if not buffers:
-        return []
-    views = {pointer: [] for pointer in buffers}
-    for candidate in gc.get_objects():
-        # type(), not isinstance(): the latter asks deprecated module objects for __class__, and they warn.
-        if issubclass(type(candidate), torch.Tensor) and candidate.device.type == "cpu":
-            pointer = candidate.untyped_storage().data_ptr()
-            if pointer in views:
-                views[pointer].append(candidate)
+    if kwargs.get("dtype") is not torch.int8 or torch.device(kwargs.get("device", "cpu")).type != "cpu":
+        return None
+    if len(args) == 1 and isinstance(args[0], int):
+        return args[0]
+    return None
+
+
+@contextlib.contextmanager
+def allocated_in_sleepd(client):
+    """Inside this block, vLLM's raw KV cache buffers are made in new sleepd regions; yields the
+    list of those regions, filled as they are made."""
+    from torch.overrides import TorchFunctionMode
+
+    import torch
+
     regions = []
-    for pointer, old in buffers.items():
-        region = client.alloc(old.nbytes(), "kv_cache")
-        regions.append(region)
-        new = region.tensor(torch.uint8, (old.nbytes(),))
-        new.copy_(torch.empty(0, dtype=torch.uint8).set_(old))
-        for view in views.pop(pointer):
-            view.set_(new.untyped_storage(), view.storage_offset(), view.size(), view.stride())
-        # Our own `old` is one reference; any other keeps the buffer outside sleepd.
-        holders = torch._C._storage_Use_Count(old._cdata) - 1
-        if holders:
-            raise RuntimeError(f"vLLM's KV cache buffer of {old.nbytes()} bytes is still held in {holders} place(s) "
-                               "that are not Python tensors; sleepd cannot own it (this vLLM release keeps its "
-                               "cache where sleepd does not look)")
-    return regions
+
+    class CacheInSleepd(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            size = _raw_buffer_size(args, kwargs) if func is torch.zeros else None
+            if not size:
+                return func(*args, **kwargs)
+            region = client.alloc(size, "kv_cache")
+            regions.append(region)
+            return region.tensor(torch.int8, (size,)).zero_()
+
+    with CacheInSleepd():
+        yield regions
+
+
+def check_in_sleepd(model_runner, regions) -> None:
+    """Refuses a cache that vLLM bound outside `regions`: sleepd could neither free nor restore it."""
+    spans = [(region.address, region.address + region.mapped_size) for region in regions]
+    outside = {tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes()
+               for tensor in cache_tensors(model_runner)
+               if not any(start <= tensor.data_ptr() < end for start, end in spans)}
+    if outside:
+        from vllm import __version__
+
+        raise RuntimeError(f"vLLM {__version__} keeps {sum(outside.values())} bytes of its KV cache in "
+                           f"{len(outside)} buffer(s) that sleepd did not allocate (regions made: {len(regions)}); "
+                           "sleepd cannot own that cache")

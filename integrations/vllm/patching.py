@@ -30,3 +30,15 @@ def replace(cls, name: str, function) -> None:
     """`cls.name` becomes `function`, checking first that vLLM has it."""
     _original(cls, name)
     setattr(cls, name, function)
+
+
+def run_within(cls, name: str, context) -> None:
+    """`cls.name(...)` runs inside the context manager `context(self)`."""
+    original = _original(cls, name)
+
+    @functools.wraps(original)
+    def wrapper(self, *args, **kwargs):
+        with context(self):
+            return original(self, *args, **kwargs)
+
+    setattr(cls, name, wrapper)

@@ -30,7 +30,7 @@ async def run(checkpoint: str) -> dict:
 
     model = os.environ["SLEEPD_MODEL"]
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
-        model=checkpoint, enable_sleep_mode=True, dtype="float32", enforce_eager=True, max_num_seqs=4,
+        model=checkpoint, enable_sleep_mode=True, dtype="float32", max_num_seqs=4,
         max_model_len=256, kv_cache_memory_bytes=64 << 20))
     greedy = SamplingParams(temperature=0, max_tokens=16)
     try:

@@ -6,6 +6,7 @@ test here is skipped with the reason. (The folder is not called `vllm`: on the
 tests' import path it would pass for the vllm package where none is installed.)"""
 
 import importlib.util
+import os
 
 import pytest
 
@@ -27,3 +28,10 @@ def tiny_models(tmp_path_factory) -> dict:
 
     return {name: tiny_model.build(str(tmp_path_factory.mktemp(f"tiny-{name}")), seed)
             for name, seed in (("a", 0), ("b", 1))}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache(tmp_path_factory):
+    """One torch.compile cache for every vLLM this run starts: vLLM compiles by default, and a
+    second start of the same model loads what the first compiled."""
+    os.environ["VLLM_CACHE_ROOT"] = str(tmp_path_factory.mktemp("vllm-cache"))

@@ -38,7 +38,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     mode, checkpoint = sys.argv[1], sys.argv[2]
-    llm = LLM(checkpoint, enable_sleep_mode=True, dtype="float32", enforce_eager=True, max_num_seqs=4,
+    llm = LLM(checkpoint, enable_sleep_mode=True, dtype="float32", max_num_seqs=4,
               max_model_len=256, kv_cache_memory_bytes=64 << 20)
     greedy = SamplingParams(temperature=0, max_tokens=16)
 

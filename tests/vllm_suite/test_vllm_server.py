@@ -37,39 +37,50 @@ def server(node, tiny_models, tmp_path_factory):
     server.stop()
 
 
-def worker_pid(daemon) -> int:
-    (rank,) = model_status(daemon, MODEL)["ranks"]
+def worker_pid(daemon, model: str = MODEL) -> int:
+    (rank,) = model_status(daemon, model)["ranks"]
     return rank["pid"]
 
 
-def test_vllm_sleep_endpoint_goes_through_sleepd_frees_memory_and_answers_stay_the_same(node, server):
-    daemon = node["daemon"]
+def assert_a_sleep_frees_memory_and_answers_stay_the_same(daemon, server, model: str) -> None:
     before = server.answers()
-    prefix = daemon.memfd_prefix(MODEL)
-    worker = worker_pid(daemon)
-    assert tag_states(daemon, MODEL) == {"weights": "MAPPED", "kv_cache": "MAPPED"}
+    prefix = daemon.memfd_prefix(model)
+    worker = worker_pid(daemon, model)
+    assert tag_states(daemon, model) == {"weights": "MAPPED", "kv_cache": "MAPPED"}
     assert memfd_bytes([daemon.pid, worker], prefix) >= KV_CACHE_BYTES
     shmem_awake = shmem_bytes()
-    sleeps = value(scrape(daemon), "sleepd_sleep_duration_seconds_count", model=MODEL, level="1") or 0
+    sleeps = value(scrape(daemon), "sleepd_sleep_duration_seconds_count", model=model, level="1") or 0
 
     server.call("POST", "/sleep?level=1")  # a 200: 0.32 says {"status": "sleeping"}, 0.29 nothing
 
     assert server.is_sleeping() is True
-    assert model_status(daemon, MODEL)["sleeping"] is True
-    assert tag_states(daemon, MODEL) == {"weights": "OFFLOADED", "kv_cache": "DISCARDED"}
+    assert model_status(daemon, model)["sleeping"] is True
+    assert tag_states(daemon, model) == {"weights": "OFFLOADED", "kv_cache": "DISCARDED"}
     holders = [daemon.pid, worker, *daemon.mover_pids()]
     assert memfd_bytes(holders, prefix) == 0, "a process still holds the model's memory open"
     assert memfd_mappings(worker, prefix) == [], "the vLLM worker still maps the model's memory"
     # The KV cache is gone from the kernel's shared memory; the weights (1.5 MiB) moved to the host pool.
     assert shmem_awake - shmem_bytes() >= KV_CACHE_BYTES // 2
-    assert value(scrape(daemon), "sleepd_sleep_duration_seconds_count", model=MODEL, level="1") == sleeps + 1
+    assert value(scrape(daemon), "sleepd_sleep_duration_seconds_count", model=model, level="1") == sleeps + 1
 
     server.call("POST", "/wake_up")
 
     assert server.is_sleeping() is False
-    assert model_status(daemon, MODEL)["sleeping"] is False
-    assert tag_states(daemon, MODEL) == {"weights": "MAPPED", "kv_cache": "MAPPED"}
+    assert model_status(daemon, model)["sleeping"] is False
+    assert tag_states(daemon, model) == {"weights": "MAPPED", "kv_cache": "MAPPED"}
     assert server.answers() == before
+
+
+def test_vllm_sleep_endpoint_goes_through_sleepd_frees_memory_and_answers_stay_the_same(node, server):
+    assert_a_sleep_frees_memory_and_answers_stay_the_same(node["daemon"], server, MODEL)
+
+
+def test_with_enforce_eager_a_sleep_frees_memory_and_answers_stay_the_same(node, tiny_models, tmp_path):
+    eager = VllmServer(node["daemon"], "tiny-eager", tiny_models["a"], str(tmp_path / "vllm.log"), "--enforce-eager")
+    try:
+        assert_a_sleep_frees_memory_and_answers_stay_the_same(node["daemon"], eager, "tiny-eager")
+    finally:
+        eager.stop()
 
 
 def test_vllm_stays_asleep_until_its_last_tag_is_back_and_sleepctl_agrees(node, server):
