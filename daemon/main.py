@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     movers = {device.index: Mover(backend.native, backend.name, device.index, pool) for device in backend.devices}
     for mover in movers.values():
         mover.start()
-        if pool.prefault:
-            mover.register_pool()
+    if pool.prefault:
+        _pin_pool(movers, pool)
 
     metrics = Metrics()
     stop_on_bugs()  # a broken state machine stops the daemon; recovery runs when it is restarted
@@ -233,6 +233,17 @@ def _read_token(path: str) -> str:
         return ""
     with open(path) as file:
         return file.read().strip()
+
+
+def _pin_pool(movers: dict, pool) -> None:
+    """Every mover maps and pins the whole pool before the daemon is ready, all at once: one
+    after another, an 8-GPU node with a large pool could outlast systemd's start timeout."""
+    started = time.monotonic()
+    with futures.ThreadPoolExecutor(len(movers), thread_name_prefix="pin") as pinning:
+        for done in [pinning.submit(mover.register_pool) for mover in movers.values()]:
+            done.result()
+    log.info("host pool of %s pinned for %d device(s) in %.1f s", format_size(pool.budget), len(movers),
+             time.monotonic() - started)
 
 
 def _write_runtime_file(state_dir: PrivateDirectory, socket_path, handle_path, metrics_address, pool_dir,

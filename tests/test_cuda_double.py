@@ -408,3 +408,13 @@ def test_the_cuda_swap_benchmark_gives_the_device_room_for_one_model(fake, monke
     # A goes out, and the device never holds more than one model and the room the bench leaves beside it.
     room_for_one, _ = [counted[pid]["peak_created_bytes"] for pid in sorted(counted) if counted[pid]["creates"]]
     assert size <= room_for_one <= budget, counted
+
+
+def test_the_movers_of_eight_gpus_pin_the_pool_at_the_same_time_before_the_daemon_is_ready(start_daemon, fake):
+    fake.inject(register_ms_per_gib=8000)  # 64 MiB take half a second per mover
+    daemon = start_daemon("--host-pool-prefault", "--host-pool-budget", "64MiB", devices=8)
+    pinning = [fake.counters(mover) for mover in daemon.mover_pids()]
+    assert len(pinning) == 8 and all(c["host_registered_bytes"] == 64 * MiB for c in pinning), pinning
+    # Side by side, not one after another: every mover began before any had finished.
+    assert max(c["first_register_ms"] for c in pinning) < min(c["last_register_end_ms"] for c in pinning), pinning
+    assert "pinned for 8 device(s) in" in daemon.log()

@@ -37,6 +37,7 @@
 //                            fail_import_pid=P  cuMemImportFromShareableHandle fails in process P
 //                            hold_dtoh=1        device-to-host copies wait until this line is gone
 //                            sync_delay_ms=N    cuCtxSynchronize takes N ms, as with work in flight
+//                            register_ms_per_gib=N  cuMemHostRegister takes N ms per GiB it pins
 //                            sticky_fault=E     the next asynchronous copy a process issues fails with E
 //                                               (700: an illegal address), and so does every later call
 //                                               of that process that needs a context, as after a GPU fault
@@ -90,7 +91,8 @@ struct Allocation {
 
 struct Counters {
   long contexts_retained = 0, creates = 0, live_handles = 0, live_created_bytes = 0, peak_created_bytes = 0,
-       exports = 0, imports = 0, maps = 0, live_mappings = 0, host_register_calls = 0, host_registered_bytes = 0, copies = 0;
+       exports = 0, imports = 0, maps = 0, live_mappings = 0, host_register_calls = 0, host_registered_bytes = 0, copies = 0,
+       first_register_ms = 0, last_register_end_ms = 0;  // wall-clock times: processes' pinning, side by side
 };
 
 std::mutex mutex;
@@ -166,10 +168,12 @@ void write_counters() {
                 "{\"contexts_retained\": %ld, \"creates\": %ld, \"live_handles\": %ld, \"live_created_bytes\": %ld, "
                 "\"peak_created_bytes\": %ld, "
                 "\"exports\": %ld, \"imports\": %ld, \"maps\": %ld, \"live_mappings\": %ld, "
-                "\"host_register_calls\": %ld, \"host_registered_bytes\": %ld, \"copies\": %ld}\n",
+                "\"host_register_calls\": %ld, \"host_registered_bytes\": %ld, \"copies\": %ld, "
+                "\"first_register_ms\": %ld, \"last_register_end_ms\": %ld}\n",
                 counters.contexts_retained, counters.creates, counters.live_handles, counters.live_created_bytes,
                 counters.peak_created_bytes, counters.exports, counters.imports, counters.maps, counters.live_mappings,
-                counters.host_register_calls, counters.host_registered_bytes, counters.copies);
+                counters.host_register_calls, counters.host_registered_bytes, counters.copies,
+                counters.first_register_ms, counters.last_register_end_ms);
   std::string path = dir + "/" + std::to_string(getpid()) + ".json";
   std::string tmp = path + ".tmp";
   if (FILE* file = std::fopen(tmp.c_str(), "w")) {
@@ -185,6 +189,12 @@ long knob(const char* key) {
   std::lock_guard<std::mutex> lock(mutex);
   auto faults = control();
   return faults.count(key) ? faults[key] : 0;
+}
+
+long now_ms() {
+  timespec now;
+  clock_gettime(CLOCK_REALTIME, &now);
+  return now.tv_sec * 1000 + now.tv_nsec / 1000000;
 }
 
 // FAKE_CUDA_MIG, per GPU.
@@ -610,8 +620,13 @@ CUresult cuStreamSynchronize(CUstream stream) {
 
 CUresult cuMemHostRegister_v2(void* address, size_t size, unsigned) {
   if (CUresult error = context_error()) return error;
+  long started = now_ms();
+  // Pinning walks every page: on a real node it takes time in proportion to the size.
+  if (long per_gib = knob("register_ms_per_gib")) usleep(static_cast<useconds_t>(per_gib * 1000 * size >> 30));
   auto [file, offset] = backing_file(address);
   std::lock_guard<std::mutex> lock(mutex);
+  if (!counters.first_register_ms) counters.first_register_ms = started;
+  counters.last_register_end_ms = now_ms();
   registrations.push_back(new Registration{static_cast<char*>(address), size, file, offset,
                                            std::vector<bool>((size + kPage - 1) / kPage), {}});
   counters.host_register_calls++;

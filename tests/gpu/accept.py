@@ -168,6 +168,8 @@ class Run:
 
     def environment_for_stages(self) -> dict:
         environment = dict(os.environ, PYTHONUNBUFFERED="1")
+        # One GPU is all the stages use: the daemon's movers then pin the host pool for it alone.
+        environment.setdefault("CUDA_VISIBLE_DEVICES", "0")
         environment["PATH"] = f"{self.python.parent}{os.pathsep}{environment.get('PATH', '')}"
         return environment
 
