@@ -3,11 +3,13 @@ order tests/gpu/accept.sh runs them:
 
     python tests/gpu/smoke.py presence    a GPU, its driver and a CUDA build of torch are there
     python tests/gpu/smoke.py driver      the driver in a process with no context
-    python tests/gpu/smoke.py roundtrip   export, import on a fresh thread in another process, re-export
+    python tests/gpu/smoke.py roundtrip   export, import on a fresh thread in another process, re-export;
+                                          then memory that outlives the process that created it
     python tests/gpu/smoke.py mover       the mover pins a slab, then offloads, restores and zeroes
     python tests/gpu/smoke.py torch       torch allocations inside pool() land in daemon regions and sleep
 
-(`import` and `reimport` are the round trip's other processes.) Each prints
+(`import`, `reimport`, `create` and `hold` are the round trip's other processes;
+`create` exits before `hold` re-exports what it maps, as a daemon does before a restart.) Each prints
 what it does. Its last line is `figures: {json}` when it passed,
 `failed: <why>` (exit 1) when it did not, or, from presence only, `absent: <why>`
 (exit 2) where there is no GPU.
@@ -213,7 +215,95 @@ def roundtrip(args) -> dict:
     finally:
         os.close(fd)
         backend.release(handle)
-    return {"roundtrip_bytes": figure("round trip through two processes", ROUNDTRIP_BYTES // MiB, "MiB")}
+    outlived = outliving_its_creator()
+    return {"roundtrip_bytes": figure("round trip through two processes", ROUNDTRIP_BYTES // MiB, "MiB"),
+            "outlived_bytes": figure("memory that outlived its creator, read back whole", outlived // MiB, "MiB")}
+
+
+def outliving_its_creator() -> int:
+    """What a daemon restart relies on: a creator exports memory, an engine maps it, the creator
+    exits; the engine re-exports what it maps, and a third process reads every byte. Returns the size."""
+    report = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sleepd-smoke-outlive-{os.getpid()}")
+    try:
+        subprocess.run([sys.executable, __file__, "create", "--size", str(ROUNDTRIP_BYTES), "--report", report],
+                       check=True, timeout=60)
+        deadline = time.monotonic() + 60
+        while not (os.path.exists(report) and open(report).read().endswith("\n.\n")):
+            check(time.monotonic() < deadline, "the engine that outlived the creator did not finish in 60 s")
+            time.sleep(0.1)
+        lines = open(report).read().splitlines()[:-1]
+    finally:
+        if os.path.exists(report):
+            os.unlink(report)
+    for line in lines:
+        say(f"  {line}")
+    failed = [line for line in lines if line.startswith("failed: ")]
+    check(not failed, failed[-1][len("failed: "):] if failed else "")
+    return ROUNDTRIP_BYTES
+
+
+def creator(args) -> None:
+    """Creates and exports memory, starts the engine that maps it, and exits once it has."""
+    backend = _C.CudaBackend()
+    handle = backend.create(0, args.size)
+    fd = backend.export_handle(handle)
+    with open(args.report, "w") as report:
+        engine = subprocess.Popen([sys.executable, __file__, "hold", "--fd", str(fd), "--size", str(args.size)],
+                                  pass_fds=[fd], stdin=subprocess.PIPE, stdout=report, stderr=subprocess.STDOUT,
+                                  text=True, start_new_session=True)
+    check(wait_for_line(args.report, "mapped"), "the engine did not map the memory")
+    os.close(fd)
+    backend.release(handle)
+    engine.stdin.write(f"{os.getpid()}\n")  # this process's pid, to watch it go
+    engine.stdin.close()
+
+
+def wait_for_line(path: str, line: str, seconds: float = 60) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if line in open(path).read().splitlines():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def holder(args) -> None:
+    """The engine: maps and fills the memory, waits for its creator to exit, checks every byte, and
+    re-exports what it maps to a third process, which reads it all again. Ends its report with '.'."""
+    try:
+        backend = engine_backend("cuda", 0)
+        imported = backend.import_handle(args.fd, 0, args.size)
+        os.close(args.fd)
+        address = backend.reserve(args.size)
+        backend.map(address, args.size, imported, 0)
+        backend.write(address, pattern(0, args.size))
+        print("mapped", flush=True)
+        creator_pid = int(sys.stdin.readline())
+        while _alive(creator_pid):
+            time.sleep(0.05)
+        say(f"process {os.getpid()}: its creator {creator_pid} has exited; the memory it maps is still there")
+        check(backend.read(address, args.size) == pattern(0, args.size),
+              "the bytes changed once the process that created the memory exited")
+        again = backend.export_handle(imported)
+        try:
+            child("reimport", again, args.size)
+        finally:
+            os.close(again)
+        backend.unmap(address, args.size)
+        backend.free_reservation(address, args.size)
+        backend.release(imported)
+    except Exception as error:
+        say("failed: " + " ".join((str(error) if isinstance(error, Failed) else f"{type(error).__name__}: {error}")
+                                  .split()))
+    print(".", flush=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not open(f"/proc/{pid}/stat").read().split(") ")[-1].startswith("Z")
 
 
 def child(role: str, fd: int, size: int) -> None:
@@ -415,7 +505,7 @@ def other_device_routing(torch, daemon, client_class) -> str:
 
 
 STAGES = {"presence": presence, "driver": driver, "roundtrip": roundtrip, "mover": mover, "torch": torch_routing}
-ROLES = {"import": importer, "reimport": reimporter}
+ROLES = {"import": importer, "reimport": reimporter, "create": creator, "hold": holder}
 
 
 def main() -> int:
@@ -423,6 +513,7 @@ def main() -> int:
     parser.add_argument("stage", choices=[*STAGES, *ROLES])
     parser.add_argument("--size", type=int, default=512 * MiB, help="bytes the mover and torch stages move")
     parser.add_argument("--fd", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--report", help=argparse.SUPPRESS)
     args = parser.parse_args()
     try:
         figures = {**STAGES, **ROLES}[args.stage](args)

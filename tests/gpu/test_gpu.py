@@ -2,9 +2,11 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -239,3 +241,39 @@ def test_a_torch_on_cudamallocasync_is_refused_up_front_not_silently_unrouted(gp
                             text=True, timeout=120, env={**os.environ, "PYTORCH_ALLOC_CONF": "backend:cudaMallocAsync"})
     assert result.returncode == 0, result.stderr
     assert "torch allocates with cudaMallocAsync" in result.stdout, result.stdout + result.stderr
+
+
+def test_a_daemon_killed_under_an_attached_engine_comes_back_with_every_byte(tmp_path):
+    """Memory outlives the daemon that created it: the engine keeps computing on what it maps, hands
+    it back to the next daemon, and a sleep and wake through that daemon bring back every byte."""
+    from sleepd.bench.local import LocalDaemon
+
+    flags = ("--backend", "cuda", "--host-pool-budget", "4GiB")
+    first = LocalDaemon(str(tmp_path), *flags)
+    engine = start_engine(first, "kept", 512, 3)
+    again = None
+    try:
+        os.kill(first.pid, signal.SIGKILL)
+        first.process.wait()
+        assert ask(engine, "check") == {"weights_ok": True, "kv_sum": float(512 << 18)}
+        again = LocalDaemon(str(tmp_path), *flags)  # the same state directory and host pool
+        ctl = [sys.executable, "-m", "sleepd.client.ctl", "--socket", again.socket]
+        deadline = time.monotonic() + 60
+        while True:  # the engine's client reconnects and hands its memory back
+            status = json.loads(subprocess.run([*ctl, "--json", "status"], capture_output=True, text=True).stdout)
+            ranks = [rank for model in status["models"] if model["name"] == "kept" for rank in model["ranks"]]
+            if ranks and not ranks[0].get("detached") and all(region["state"] == "MAPPED"
+                                                              for region in ranks[0]["regions"]):
+                break
+            assert time.monotonic() < deadline, status
+            time.sleep(0.5)
+        assert ask(engine, "check")["weights_ok"]
+        subprocess.run([*ctl, "sleep", "--model", "kept"], check=True)
+        subprocess.run([*ctl, "wake", "--model", "kept"], check=True)
+        assert ask(engine, "check") == {"weights_ok": True, "kv_sum": 0.0}  # the KV cache was discarded
+    finally:
+        engine.stdin.write('{"op": "exit"}\n')
+        engine.stdin.flush()
+        engine.wait(timeout=60)
+        if again is not None:
+            again.stop()
