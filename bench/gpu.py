@@ -7,6 +7,7 @@ Needs an NVIDIA GPU, its driver and a CUDA build of torch."""
 
 import statistics
 import time
+from dataclasses import dataclass
 
 from sleepd import _C
 from sleepd.common.sizes import format_size, parse_size
@@ -69,6 +70,44 @@ def process_device_bytes(pid: int) -> int:
         pynvml.nvmlShutdown()
 
 
+@dataclass
+class Measured:
+    """One run's figures, as `lines` reports them."""
+    size: int
+    prefault: bool
+    dtoh: float  # raw pinned bandwidth, bytes/s
+    htod: float
+    sleeps: list[float]  # seconds, the first one first
+    wakes: list[float]
+    naive_down: float
+    naive_up: float
+    level2_sleep: float
+    level2_wake: float
+    engine_left: int  # device bytes while asleep
+    daemon_left: int
+
+
+def lines(measured: Measured) -> list[str]:
+    """The report: what tests/gpu/figures.py reads back and the acceptance run judges."""
+    m = measured
+    out = [f"raw pinned copy: DtoH {m.dtoh / GiB:.1f} GiB/s, HtoD {m.htod / GiB:.1f} GiB/s", "",
+           f"{format_size(m.size)} of weights in {m.size // TENSOR_BYTES} tensors, pool "
+           f"{'' if m.prefault else 'not '}pre-faulted:"]
+    rows = [("first sleep (DtoH)", m.sleeps[0], m.dtoh),
+            ("later sleeps, median", statistics.median(m.sleeps[1:]), m.dtoh),
+            ("first wake (HtoD)", m.wakes[0], m.htod),
+            ("later wakes, median", statistics.median(m.wakes[1:]), m.htod)]
+    for name, seconds, raw in rows:
+        out.append(f"  {name:22} {seconds:7.3f} s  {m.size / seconds / GiB:6.1f} GiB/s  "
+                   f"{m.size / seconds / raw:5.2f} x pinned")
+    out += [f"  naive per-tensor offload {m.naive_down:7.3f} s, restore {m.naive_up:.3f} s; "
+            f"first sleep is {m.naive_down / m.sleeps[0]:.1f} x faster, first wake {m.naive_up / m.wakes[0]:.1f} x",
+            f"  level 2: sleep {m.level2_sleep * 1000:.1f} ms, wake {m.level2_wake * 1000:.1f} ms",
+            f"  device memory left while asleep: engine {format_size(m.engine_left)} (its CUDA context and "
+            f"torch's own), daemon {format_size(m.daemon_left)}"]
+    return out
+
+
 def run(args) -> int:
     reason = _C.cuda_unavailable_reason()
     if reason:
@@ -82,7 +121,6 @@ def run(args) -> int:
 
     size = parse_size(args.size) // TENSOR_BYTES * TENSOR_BYTES
     dtoh, htod = pinned_bandwidth(min(size, 2 * GiB))
-    print(f"raw pinned copy: DtoH {dtoh / GiB:.1f} GiB/s, HtoD {htod / GiB:.1f} GiB/s")
 
     flags = ["--backend", "cuda", "--host-pool-budget", str(size + GiB)]
     if not args.no_prefault:
@@ -105,15 +143,6 @@ def run(args) -> int:
 
     naive_down, naive_up = naive_seconds([torch.empty(TENSOR_BYTES, dtype=torch.uint8, device="cuda")
                                           for _ in range(size // TENSOR_BYTES)])
-    print(f"\n{format_size(size)} of weights in {size // TENSOR_BYTES} tensors, pool "
-          f"{'not ' if args.no_prefault else ''}pre-faulted:")
-    rows = [("first sleep (DtoH)", sleeps[0], dtoh), ("later sleeps, median", statistics.median(sleeps[1:]), dtoh),
-            ("first wake (HtoD)", wakes[0], htod), ("later wakes, median", statistics.median(wakes[1:]), htod)]
-    for name, seconds, raw in rows:
-        print(f"  {name:22} {seconds:7.3f} s  {size / seconds / GiB:6.1f} GiB/s  {size / seconds / raw:5.2f} x pinned")
-    print(f"  naive per-tensor offload {naive_down:7.3f} s, restore {naive_up:.3f} s; "
-          f"first sleep is {naive_down / sleeps[0]:.1f} x faster, first wake {naive_up / wakes[0]:.1f} x")
-    print(f"  level 2: sleep {level2_sleep * 1000:.1f} ms, wake {level2_wake * 1000:.1f} ms")
-    print(f"  device memory left while asleep: engine {format_size(engine_left)} (its CUDA context and "
-          f"torch's own), daemon {format_size(daemon_left)}")
+    print("\n".join(lines(Measured(size, not args.no_prefault, dtoh, htod, sleeps, wakes, naive_down, naive_up,
+                                   level2_sleep, level2_wake, engine_left, daemon_left))))
     return 0

@@ -17,6 +17,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
+from sleepd.bench import gpu as bench_gpu
+
 ROOT = Path(__file__).resolve().parent.parent
 GPU = ROOT / "tests" / "gpu"
 sys.path.insert(0, str(GPU))
@@ -126,19 +128,11 @@ def test_the_smoke_checks_that_need_no_torch_pass_over_the_driver_double(stage, 
     assert result.stdout.splitlines()[-1].startswith("figures: {")
 
 
-# As `python -m sleepd.bench gpu` prints it (bench/gpu.py).
-GPU_BENCH_OUTPUT = """\
-raw pinned copy: DtoH 52.3 GiB/s, HtoD 53.1 GiB/s
-
-16.0 GiB of weights in 64 tensors, pool pre-faulted:
-  first sleep (DtoH)       0.345 s    46.4 GiB/s   0.89 x pinned
-  later sleeps, median     0.320 s    50.0 GiB/s   0.96 x pinned
-  first wake (HtoD)        0.330 s    48.5 GiB/s   0.91 x pinned
-  later wakes, median      0.318 s    50.3 GiB/s   0.95 x pinned
-  naive per-tensor offload   5.200 s, restore 0.400 s; first sleep is 15.1 x faster, first wake 1.2 x
-  level 2: sleep 12.5 ms, wake 30.1 ms
-  device memory left while asleep: engine 512.0 MiB (its CUDA context and torch's own), daemon 0 B
-"""
+# What `python -m sleepd.bench gpu` prints, from its own formatter, for a run whose first sleep is slow.
+GPU_BENCH_OUTPUT = "\n".join(bench_gpu.lines(bench_gpu.Measured(
+    size=16 << 30, prefault=True, dtoh=52.3 * (1 << 30), htod=53.1 * (1 << 30), sleeps=[0.345, 0.320, 0.318, 0.322],
+    wakes=[0.330, 0.318, 0.317, 0.319], naive_down=5.2, naive_up=0.4, level2_sleep=0.0125, level2_wake=0.0301,
+    engine_left=512 << 20, daemon_left=0)))
 
 
 def test_the_report_judges_the_gpu_benchmark_against_the_targets():

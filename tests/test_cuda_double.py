@@ -418,3 +418,11 @@ def test_the_movers_of_eight_gpus_pin_the_pool_at_the_same_time_before_the_daemo
     # Side by side, not one after another: every mover began before any had finished.
     assert max(c["first_register_ms"] for c in pinning) < min(c["last_register_end_ms"] for c in pinning), pinning
     assert "pinned for 8 device(s) in" in daemon.log()
+
+
+@pytest.mark.parametrize("mode, name", [(3, "EXCLUSIVE_PROCESS"), (2, "PROHIBITED")])
+def test_a_gpu_whose_compute_mode_leaves_no_room_for_the_movers_context_is_refused_at_start(start_daemon, fake,
+                                                                                              monkeypatch, mode, name):
+    monkeypatch.setenv("FAKE_CUDA_COMPUTE_MODE", str(mode))
+    with pytest.raises(RuntimeError, match=f"cuda:0 is in {name} compute mode, where sleepd's mover cannot have"):
+        start_daemon()

@@ -15,6 +15,10 @@
 //    never mixes imported and local handles, or two devices; aclrtUnmapMem and
 //    aclrtReleaseMemAddress take the start of a mapping / a bare reservation;
 //  * aclrtMemcpy, aclrtMemcpyAsync and aclrtMemsetAsync fail when count exceeds destMax;
+//    aclrtMemcpyAsync honours its kind: device to host reads a device mapping and
+//    writes host memory, host to device the other way round;
+//  * aclrtHostRegister gives the registered memory a device address of its own
+//    (another view of the same pages), not the host address;
 //  * calls that need a device fail on a thread that never called aclrtSetDevice;
 //    aclrtMallocPhysical, export, the allow-list and aclrtFreePhysical need only aclInit;
 //  * asynchronous copies run only when their stream or the device is synchronised;
@@ -471,6 +475,15 @@ aclError aclrtMemcpy(void* dst, size_t dest_max, const void* src, size_t count, 
   return SUCCESS;
 }
 
+// Whether [address, address + size) lies inside one device mapping of this process (the mutex held).
+bool on_device(const void* address, size_t size) {
+  auto start = reinterpret_cast<uintptr_t>(address);
+  auto it = mappings.upper_bound(start);
+  if (it == mappings.begin()) return false;
+  --it;
+  return start >= it->first && start + size <= it->first + it->second.first->size;
+}
+
 aclError aclrtMemcpyAsync(void* dst, size_t dest_max, const void* src, size_t count, aclrtMemcpyKind kind,
                           aclrtStream stream) {
   if (aclError error = device_error()) return error;
@@ -478,6 +491,9 @@ aclError aclrtMemcpyAsync(void* dst, size_t dest_max, const void* src, size_t co
   if (kind != ACL_MEMCPY_DEVICE_TO_HOST && kind != ACL_MEMCPY_HOST_TO_DEVICE && kind != ACL_MEMCPY_DEFAULT)
     return fail(PARAM_INVALID, "unexpected copy kind");
   std::lock_guard<std::mutex> lock(mutex);
+  if ((kind == ACL_MEMCPY_DEVICE_TO_HOST && (!on_device(src, count) || on_device(dst, count))) ||
+      (kind == ACL_MEMCPY_HOST_TO_DEVICE && (on_device(src, count) || !on_device(dst, count))))
+    return fail(PARAM_INVALID, "the addresses do not match the copy's kind");
   static_cast<Stream*>(stream)->work.push_back([=] { std::memcpy(dst, src, count); });
   counters.copies++;
   return SUCCESS;
@@ -517,11 +533,14 @@ aclError aclrtSynchronizeDevice() {
   return SUCCESS;
 }
 
-aclError aclrtHostRegister(void* address, uint64_t, aclrtHostRegisterType type, void** device_address) {
+aclError aclrtHostRegister(void* address, uint64_t size, aclrtHostRegisterType type, void** device_address) {
   if (aclError error = device_error()) return error;
   if (type != ACL_HOST_REGISTER_MAPPED) return fail(PARAM_INVALID, "unexpected register type");
   std::lock_guard<std::mutex> lock(mutex);
-  *device_address = address;
+  // A second view of the same pages, at an address of its own: what the device would use.
+  void* view = mremap(address, 0, size, MREMAP_MAYMOVE);
+  if (view == MAP_FAILED) return fail(PARAM_INVALID, "the memory cannot be registered (not a shared mapping)");
+  *device_address = view;
   counters.host_register_calls++;
   write_counters();
   return SUCCESS;

@@ -5,9 +5,10 @@
 // Like the real driver:
 //  * memory lives until its last reference is gone: the handle, every mapping
 //    and every exported descriptor (the kernel's own reference counting on the
-//    memfd gives exactly this);
-//  * cuMemMap maps with no access until cuMemSetAccess; cuMemUnmap must cover a
-//    whole earlier map; calls that need a context fail without one current on
+//    memfd gives exactly this), and until then it counts against the GPU's
+//    memory for every process's cuMemCreate (alive_memory.h);
+//  * cuMemMap maps with no access until cuMemSetAccess, only whole granules, and
+//    never over a range already mapped; cuMemUnmap must cover a whole earlier map; calls that need a context fail without one current on
 //    the calling thread (a new thread has none);
 //  * asynchronous copies and memsets run only when their stream, or its
 //    context, is synchronised: until then nothing says they have run;
@@ -27,6 +28,7 @@
 //   FAKE_CUDA_MIG          GPUs in MIG mode, as the machine numbers them (comma-separated):
 //                          CUDA sees each as one MIG instance, with a UUID of its own
 //   FAKE_CUDA_MEMORY       bytes per device (default 1 GiB)
+//   FAKE_CUDA_COMPUTE_MODE every device's compute mode (default 0, DEFAULT; 3 is EXCLUSIVE_PROCESS)
 //   FAKE_CUDA_COUNTERS     directory where each process writes <pid>.json counters
 //   FAKE_CUDA_TAG          names this test's memory, which fakenvml.cpp counts alone
 //   FAKE_CUDA_CONTROL      a file of key=value lines, re-read on every call, for
@@ -70,6 +72,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "alive_memory.h"
 #include "cuda_driver.h"
 
 using namespace sleepd::cu;
@@ -91,8 +94,8 @@ struct Allocation {
 
 struct Counters {
   long contexts_retained = 0, creates = 0, live_handles = 0, live_created_bytes = 0, peak_created_bytes = 0,
-       exports = 0, imports = 0, maps = 0, live_mappings = 0, host_register_calls = 0, host_registered_bytes = 0, copies = 0,
-       first_register_ms = 0, last_register_end_ms = 0;  // wall-clock times: processes' pinning, side by side
+       exports = 0, imports = 0, maps = 0, live_mappings = 0, host_register_calls = 0, host_registered_bytes = 0,
+       copies = 0, first_register_ms = 0, last_register_end_ms = 0;  // wall-clock times: processes' pinning, side by side
 };
 
 std::mutex mutex;
@@ -101,7 +104,6 @@ int devices = 1;
 std::vector<int> visible;  // ordinal -> GPU
 size_t memory_per_device = size_t(1) << 30;
 constexpr size_t kGranularity = 2u << 20;
-size_t used[64];
 std::map<CUdeviceptr, size_t> reservations;  // start -> size
 std::map<CUdeviceptr, size_t> mappings;      // start -> size
 std::map<CUdeviceptr, int> mapped_gpu;       // start -> the GPU of the memory mapped there
@@ -372,6 +374,14 @@ CUresult cuDeviceGetCount(int* count) {
   return SUCCESS;
 }
 
+CUresult cuDeviceGetAttribute(int* value, int attribute, CUdevice device) {
+  if (!initialised) return NOT_INITIALIZED;
+  if (device < 0 || device >= devices) return INVALID_DEVICE;
+  if (attribute != CU_DEVICE_ATTRIBUTE_COMPUTE_MODE) return INVALID_VALUE;  // the only one sleepd asks
+  *value = std::atoi(env("FAKE_CUDA_COMPUTE_MODE").c_str());
+  return SUCCESS;
+}
+
 CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice device) {
   if (device < 0 || device >= devices) return INVALID_DEVICE;
   *bytes = memory_per_device;
@@ -440,7 +450,12 @@ CUresult cuMemCreate(Handle* handle, size_t size, const CUmemAllocationProp* pro
   ++creates_since_control;
   if (faults.count("oom_at_create") && creates_since_control == faults["oom_at_create"]) return OUT_OF_MEMORY;
   if (faults.count("oom_from_create") && creates_since_control >= faults["oom_from_create"]) return OUT_OF_MEMORY;
-  if (used[device] + size > memory_per_device) return OUT_OF_MEMORY;
+  // What is alive on the GPU as the kernel sees it, every process's, and what the control file says
+  // processes outside sleepd hold: memory is freed at its last reference, not at cuMemRelease.
+  int gpu = visible[device];
+  std::string foreign_key = "foreign_used_" + std::to_string(gpu);
+  size_t foreign = faults.count(foreign_key) ? faults[foreign_key] : 0;
+  if (fake_memory::alive(gpu) + foreign + size > memory_per_device) return OUT_OF_MEMORY;
   // Named by test and GPU, so that fakenvml.cpp and importers can tell where it lives.
   std::string name = "fakecuda:t" + env("FAKE_CUDA_TAG") + ":d" + std::to_string(visible[device]);
   int fd = memfd_create(name.c_str(), MFD_CLOEXEC);
@@ -449,7 +464,6 @@ CUresult cuMemCreate(Handle* handle, size_t size, const CUmemAllocationProp* pro
     close(fd);
     return OUT_OF_MEMORY;
   }
-  used[device] += size;
   *handle = reinterpret_cast<Handle>(new Allocation{fd, size, device, true, visible[device]});
   counters.creates++;
   counters.live_handles++;
@@ -464,10 +478,7 @@ CUresult cuMemRelease(Handle handle) {
   Allocation* memory = allocation(handle);
   if (!memory) return INVALID_HANDLE;
   close(memory->fd);
-  if (memory->created) {
-    used[memory->device] -= memory->size;
-    counters.live_created_bytes -= static_cast<long>(memory->size);
-  }
+  if (memory->created) counters.live_created_bytes -= static_cast<long>(memory->size);
   counters.live_handles--;
   delete memory;
   write_counters();
@@ -535,7 +546,11 @@ CUresult cuMemMap(CUdeviceptr address, size_t size, size_t offset, Handle handle
   if (control().count("fail_map")) return INVALID_VALUE;  // as a real failed map: 999 would count as a lost context
   Allocation* memory = allocation(handle);
   if (offset != 0 || size == 0 || size % kGranularity != 0 || size > memory->size) return INVALID_VALUE;
-  if (!inside(reservations, address, size)) return INVALID_VALUE;
+  if (!inside(reservations, address, size) || address % kGranularity != 0) return INVALID_VALUE;
+  auto next = mappings.lower_bound(address);  // a mapping at or after the address, and the one before it
+  if ((next != mappings.end() && next->first < address + size) ||
+      (next != mappings.begin() && std::prev(next)->first + std::prev(next)->second > address))
+    return INVALID_VALUE;
   // No access until cuMemSetAccess, as on a GPU.
   void* mapped = mmap(reinterpret_cast<void*>(address), size, PROT_NONE, MAP_SHARED | MAP_FIXED, memory->fd, 0);
   if (mapped == MAP_FAILED) return OUT_OF_MEMORY;
