@@ -63,6 +63,14 @@ size_t CudaBackend::total_memory(int device) const {
   return bytes;
 }
 
+int CudaBackend::compute_mode(int device) const {
+  check_device(device);
+  int mode = 0;
+  driver_->check(driver_->cuDeviceGetAttribute(&mode, cu::CU_DEVICE_ATTRIBUTE_COMPUTE_MODE, device),
+                 "cuDeviceGetAttribute");
+  return mode;
+}
+
 std::string CudaBackend::uuid(int device) const {
   check_device(device);
   cu::CUuuid own{}, whole{};

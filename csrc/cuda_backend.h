@@ -65,6 +65,8 @@ class CudaBackend : public Backend {
   // As NVML and nvidia-smi name the device: "GPU-", or "MIG-" for a MIG
   // instance, then its 16 bytes in hex, 8-4-4-4-12.
   std::string uuid(int device) const;
+  // The device's compute mode (CU_COMPUTEMODE_*): whether processes beside the engines may have a context.
+  int compute_mode(int device) const;
   size_t used(int device) const;
   // The device whose context this process works in (engines, movers).
   void set_device(int device);

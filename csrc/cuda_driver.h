@@ -41,6 +41,10 @@ constexpr CUresult CUDA_ERROR_MPS_CLIENT_TERMINATED = 810;
 constexpr CUresult CUDA_ERROR_EXTERNAL_DEVICE = 911;
 constexpr CUresult CUDA_ERROR_UNKNOWN = 999;
 
+constexpr int CU_DEVICE_ATTRIBUTE_COMPUTE_MODE = 20;
+constexpr int CU_COMPUTEMODE_DEFAULT = 0;
+constexpr int CU_COMPUTEMODE_PROHIBITED = 2;
+constexpr int CU_COMPUTEMODE_EXCLUSIVE_PROCESS = 3;
 constexpr int CU_MEM_ALLOCATION_TYPE_PINNED = 0x1;
 constexpr int CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR = 0x1;
 constexpr int CU_MEM_LOCATION_TYPE_DEVICE = 0x1;
@@ -85,6 +89,7 @@ struct CUmemAccessDesc {
   X(cuDeviceGetCount, cuDeviceGetCount, CUresult, int*)                                               \
   X(cuDeviceTotalMem, cuDeviceTotalMem_v2, CUresult, size_t*, CUdevice)                               \
   X(cuDeviceGetUuid, cuDeviceGetUuid_v2, CUresult, CUuuid*, CUdevice)                                 \
+  X(cuDeviceGetAttribute, cuDeviceGetAttribute, CUresult, int*, int, CUdevice)                        \
   X(cuDevicePrimaryCtxRetain, cuDevicePrimaryCtxRetain, CUresult, CUcontext*, CUdevice)               \
   X(cuCtxGetCurrent, cuCtxGetCurrent, CUresult, CUcontext*)                                           \
   X(cuCtxSetCurrent, cuCtxSetCurrent, CUresult, CUcontext)                                            \

@@ -214,6 +214,8 @@ PYBIND11_MODULE(_C, m) {
       .def("total_memory", &CudaBackend::total_memory, py::arg("device"),
            py::call_guard<py::gil_scoped_release>())
       .def("uuid", &CudaBackend::uuid, py::arg("device"), py::call_guard<py::gil_scoped_release>())
+      .def("compute_mode", &CudaBackend::compute_mode, py::arg("device"),
+           "CU_COMPUTEMODE_*: 0 default, 2 prohibited, 3 exclusive-process.")
       .def("used", &CudaBackend::used, py::arg("device"))
       .def("set_device", &CudaBackend::set_device, py::arg("device"),
            py::call_guard<py::gil_scoped_release>());

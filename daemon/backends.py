@@ -82,8 +82,18 @@ def host_backend(devices: int, capacity: int, reserve: int = 0) -> DaemonBackend
     return DaemonBackend(native, [Device(i, f"host:{i}", capacity, reserve) for i in range(devices)])
 
 
+# The daemon's movers hold a context of their own on each device, beside the engines' contexts.
+_COMPUTE_MODES_REFUSED = {2: "PROHIBITED", 3: "EXCLUSIVE_PROCESS"}
+
+
 def cuda_backend(reserve: int = 0) -> DaemonBackend:
     native = _C.CudaBackend()
+    for device in range(native.device_count):
+        mode = _COMPUTE_MODES_REFUSED.get(native.compute_mode(device))
+        if mode:
+            raise SystemExit(f"sleepd: --backend cuda: cuda:{device} is in {mode} compute mode, where sleepd's mover "
+                             "cannot have a CUDA context beside the engine's; set the GPU to DEFAULT "
+                             "(nvidia-smi -i N -c DEFAULT), or run an MPS server, which sleepd does not support yet")
     uuids = [native.uuid(i) for i in range(native.device_count)]
     try:
         driver = Nvml.open(uuids)
