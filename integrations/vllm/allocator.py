@@ -55,6 +55,17 @@ class SleepdAllocator:
         raise NotImplementedError("sleepd keeps CUDA graph memory pools outside its regions, so it cannot offload "
                                   "them: turn sleep_mode_offload_cudagraph off (see docs/vllm.md, known limits)")
 
+    def held_bytes(self) -> int:
+        """Device bytes this rank's regions hold now (mapped ones; asleep ones hold none)."""
+        from sleepd.client.region import State
+
+        return sum(region.mapped_size for region in self.client.regions() if region.state is State.MAPPED)
+
+    def memory_info(self, total: int) -> tuple[int, int]:
+        """(free, total) of a device of `total` bytes as this rank alone sees it: what other processes
+        allocate or free meanwhile does not move it, so a sleep's change is this rank's own."""
+        return total - self.held_bytes(), total
+
     def get_current_usage(self) -> int:
         """Bytes of every region this rank holds, asleep or awake (as CuMemAllocator counts)."""
         return sum(region.size for region in self.client.regions())
