@@ -32,7 +32,7 @@ from google.protobuf.json_format import MessageToDict
 from sleepd.common import paths
 from sleepd.common.shown import MAX_LINE, shown
 from sleepd.common.sizes import format_size
-from sleepd.daemon.limits import MAX_LEVEL
+from sleepd.common.limits import MAX_LEVEL
 from sleepd.proto import sleepd_pb2 as pb
 from sleepd.proto import sleepd_pb2_grpc as pb_grpc
 

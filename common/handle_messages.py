@@ -10,7 +10,7 @@ bad arguments raises InvalidArguments, and the daemon refuses it and serves on.
 from dataclasses import dataclass
 from typing import ClassVar
 
-from sleepd.daemon.limits import TAG_NAME, TAG_NAME_RULE
+from sleepd.common.limits import TAG_NAME, TAG_NAME_RULE
 
 from . import wire
 from .shown import shown

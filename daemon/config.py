@@ -19,9 +19,10 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from sleepd.common.limits import MAX_LEVEL, MODEL_NAME, MODEL_NAME_RULE, TAG_NAME, TAG_NAME_RULE
+
 from .config_model import BY_KEY, DEFAULT_CAPS, MODEL_KEYS, QUOTA_KEYS, SETTINGS, TABLES, Config, group_id, user_id
 from .config_render import toml_key
-from .limits import MAX_LEVEL, MODEL_NAME, MODEL_NAME_RULE, TAG_NAME, TAG_NAME_RULE
 from .rules import DEFAULT_RULES, Action
 
 DEFAULT_PATH = "/etc/sleepd/sleepd.toml"

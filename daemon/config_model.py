@@ -12,9 +12,9 @@ from typing import Any, Callable, NewType
 import psutil
 
 from sleepd.common import paths
+from sleepd.common.limits import MAX_LEVEL, PRIORITY_MAX, PRIORITY_MIN
 from sleepd.common.sizes import parse_size
 
-from .limits import MAX_LEVEL, PRIORITY_MAX, PRIORITY_MIN
 from .rules import Action
 
 Size = NewType("Size", int)  # bytes, written "512MiB" or "4GiB" (or as an integer) and printed back so

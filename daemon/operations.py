@@ -27,6 +27,7 @@ import logging
 import time
 
 from sleepd import _C
+from sleepd.common.limits import MAX_LEVEL
 from sleepd.common.sizes import format_size
 
 from .auth import Peer
@@ -34,7 +35,6 @@ from .backends import ZEROED_ON_CREATE, DaemonBackend
 from .controllers import Controllers
 from .errors import aborted, exhausted, invalid, precondition
 from .fanout import Fanout, owners, rank_failure
-from .limits import MAX_LEVEL
 from .locks import DEVICE, OrderedLock
 from .model import Model, OperationResult, Policy
 from .model_work import ModelWork

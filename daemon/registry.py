@@ -13,12 +13,12 @@ from typing import Callable
 
 import grpc
 
+from sleepd.common.limits import MODEL_NAME, MODEL_NAME_RULE, TAG_NAME, TAG_NAME_RULE
 from sleepd.common.shown import shown
 
 from .auth import Authorizer, Peer
 from .backends import DaemonBackend
 from .errors import SleepdError, denied, invalid, not_found, precondition
-from .limits import MODEL_NAME, MODEL_NAME_RULE, TAG_NAME, TAG_NAME_RULE
 from .model import Model, ModelView, Policy, RankView, RegionView
 from .regions import Region
 from .sessions import Session

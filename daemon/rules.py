@@ -7,8 +7,9 @@ is discarded that nobody declared discardable.
 
 from enum import Enum
 
+from sleepd.common.limits import MAX_LEVEL
+
 from .errors import invalid
-from .limits import MAX_LEVEL
 
 
 class Action(str, Enum):
