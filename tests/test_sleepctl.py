@@ -222,3 +222,11 @@ def test_errors_are_one_line_with_a_non_zero_status(daemon, qwen, tmp_path):
         assert result.returncode != 0, args
         assert len(result.stderr.strip().splitlines()) == 1 and words in result.stderr, (args, result.stderr)
         assert result.stderr.startswith("sleepctl"), result.stderr
+
+
+def test_sleepctl_and_the_client_import_nothing_of_the_daemon():
+    code = ("import sys, sleepd.client, sleepd.client.ctl; "
+            "print(sorted(name for name in sys.modules if name.startswith('sleepd.daemon')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
