@@ -25,6 +25,12 @@ UNITS = [
     "tests/v1/worker/test_sleep_mode_backend.py",
     "tests/v1/engine/test_wake_up_contract.py",
     "tests/v1/worker/test_kv_cache_allocation_scope.py",
+    "tests/v1/worker/test_gpu_worker.py::test_sleep_preservation_restores_private_draft_not_shared_target",
+    "tests/v1/worker/test_gpu_worker.py::test_sleep_preservation_allows_empty_draft_but_rejects_target_typo",
+    "tests/v1/core/test_scheduler.py::test_kv_cache_release_after_keep_pause_preserves_requests",
+    "tests/v1/core/test_scheduler.py::test_kv_cache_release_rejects_nonresident_memory",  # reads opt-125m's config
+    "tests/v1/kv_connector/unit/test_config.py::test_kv_connector_allows_expandable_segments_with_sleep_mode",
+    "tests/v1/kv_connector/unit/test_config.py::test_kv_connector_allows_expandable_segments_with_cumem_allocator",
     *(f"{ROUTES}::{name}" for name in (
         "test_sleep_route_response_and_engine_arguments", "test_sleep_route_rejects_invalid_query_before_dispatch",
         "test_wake_route_maps_engine_result_without_state_query", "test_release_kv_cache_memory_route",
