@@ -49,11 +49,15 @@ END_TO_END = [
     "tests/models/language/generation/test_gdn_sleep_wake.py::test_gdn_sleep_wake_no_stale_state",  # hybrid
 ]
 REFUSAL = "Sleep mode is not supported on current platform"
-RUN_SECONDS = 3600
+RUN_SECONDS = 3600  # one run of them all; each of vLLM's tests may take up to TEST_SECONDS
+TEST_SECONDS = 1200
+# The first test of each run waits for the whole run.
+pytestmark = pytest.mark.timeout(RUN_SECONDS + 300)
 
 
 def _run(vllm_tests, hub_cache, compile_cache, report, ids, sleepd=None) -> dict:
-    """Runs vLLM's tests `ids`; returns {nodeid: [its reports]} and the run's output."""
+    """Runs vLLM's tests `ids`; returns {nodeid: [its reports]} and the run's output (also kept beside
+    `report`, as output.log)."""
     environment = {name: value for name, value in os.environ.items()
                    if not name.startswith(("SLEEPD_", "PYTEST_", "HF_", "VLLM_"))}
     environment.update({
@@ -67,8 +71,10 @@ def _run(vllm_tests, hub_cache, compile_cache, report, ids, sleepd=None) -> dict
                             "SLEEPD_VLLM_TESTS_MODEL": "vllm-own"})
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "pytest", "-p", "sleepd_vllm_layer", "-p", "no:cacheprovider",
-                             "-q", "-rA", *ids], cwd=vllm_tests, env=environment, capture_output=True, text=True,
-                            timeout=RUN_SECONDS)
+                             "-q", "-rA", "--timeout", str(TEST_SECONDS), *ids], cwd=vllm_tests, env=environment,
+                            capture_output=True, text=True, timeout=RUN_SECONDS)
+    with open(os.path.join(os.path.dirname(report), "output.log"), "w") as log:
+        log.write(result.stdout + result.stderr)
     reports = {}
     if os.path.exists(report):
         with open(report) as file:
