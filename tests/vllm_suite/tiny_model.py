@@ -57,6 +57,7 @@ def _save(model, directory: str, safetensors: bool = True) -> str:
     else:  # transformers 5 writes safetensors whatever it is asked
         import os
 
+        model.config.architectures = [type(model).__name__]  # save_pretrained would write it; vLLM needs it
         model.config.save_pretrained(directory)
         torch.save(model.state_dict(), os.path.join(directory, "pytorch_model.bin"))
     tokenizer.save_pretrained(directory)
@@ -94,7 +95,8 @@ def build_qwen3_next(directory: str) -> str:
     config = Qwen3NextConfig(
         vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=2048,
-        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32,
+        # vLLM's CPU gated-delta-rule kernel takes head dimensions of 128 (the real model's), not 32.
+        linear_num_key_heads=1, linear_num_value_heads=2, linear_key_head_dim=128, linear_value_head_dim=128,
         linear_conv_kernel_dim=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
         shared_expert_intermediate_size=64, full_attention_interval=4,
         layer_types=["linear_attention"] * 3 + ["full_attention"], tie_word_embeddings=False,

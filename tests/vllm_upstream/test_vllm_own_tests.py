@@ -61,6 +61,8 @@ def _run(vllm_tests, hub_cache, compile_cache, report, ids, sleepd=None) -> dict
     environment = {name: value for name, value in os.environ.items()
                    if not name.startswith(("SLEEPD_", "PYTEST_", "HF_", "VLLM_"))}
     environment.update({
+        # The environment's bin first, as if activated: vLLM's RemoteOpenAIServer runs `vllm serve` from PATH.
+        "PATH": os.pathsep.join([os.path.dirname(sys.executable), environment.get("PATH", "")]),
         "PYTHONPATH": LAYER, "SLEEPD_VLLM_TESTS_HOST_MEMORY": "1", "SLEEPD_VLLM_TESTS_REPORT": str(report),
         "HF_HUB_CACHE": hub_cache, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
         "VLLM_CACHE_ROOT": compile_cache,
@@ -100,6 +102,11 @@ def without_sleepd(vllm_tests, hub_cache, compile_cache, tmp_path_factory):
     return _run(vllm_tests, hub_cache, compile_cache, directory / "report.jsonl", UNITS + END_TO_END)
 
 
+def _ids(test_ids) -> list[str]:
+    """pytest would name a parameter with brackets test_id<n>; these keep vLLM's node id readable."""
+    return [test_id.replace("[", "(").replace("]", ")") for test_id in test_ids]
+
+
 def _outcomes(run, test_id) -> list:
     """The reports of the vLLM test (or tests, for a file or a parametrised function) `test_id`."""
     found = [entry for nodeid, entries in run["reports"].items()
@@ -116,17 +123,17 @@ def _assert_passed(run, test_id) -> None:
             f"{entry['output'][-6000:]}")
 
 
-@pytest.mark.parametrize("test_id", END_TO_END)
+@pytest.mark.parametrize("test_id", END_TO_END, ids=_ids(END_TO_END))
 def test_vllm_end_to_end_passes_on_sleepd(on_sleepd, test_id):
     _assert_passed(on_sleepd, test_id)
 
 
-@pytest.mark.parametrize("test_id", UNITS)
+@pytest.mark.parametrize("test_id", UNITS, ids=_ids(UNITS))
 def test_vllm_unit_passes_with_sleepd_model_set(on_sleepd, test_id):
     _assert_passed(on_sleepd, test_id)
 
 
-@pytest.mark.parametrize("test_id", END_TO_END)
+@pytest.mark.parametrize("test_id", END_TO_END, ids=_ids(END_TO_END))
 def test_vllm_end_to_end_is_refused_without_sleepd(without_sleepd, test_id):
     """The control: vLLM on a CPU refuses sleep mode by itself, so without SLEEPD_MODEL each fails."""
     for entry in _outcomes(without_sleepd, test_id):
@@ -136,6 +143,6 @@ def test_vllm_end_to_end_is_refused_without_sleepd(without_sleepd, test_id):
             f"{entry['longrepr'][-6000:]}")
 
 
-@pytest.mark.parametrize("test_id", UNITS)
+@pytest.mark.parametrize("test_id", UNITS, ids=_ids(UNITS))
 def test_vllm_unit_passes_without_sleepd(without_sleepd, test_id):
     _assert_passed(without_sleepd, test_id)
