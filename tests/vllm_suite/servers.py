@@ -15,7 +15,8 @@ import urllib.request
 
 # What vLLM needs on these machines: nothing downloaded, a small CPU KV cache, the dev endpoints.
 ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_SERVER_DEV_MODE": "1"}
-# vLLM's defaults otherwise: torch.compile on, as users run it (--enforce-eager is a second configuration).
+# vLLM's defaults otherwise: torch.compile on, as users run it (vLLM's own sleep tests, tests/vllm_upstream,
+# run with --enforce-eager where they set it).
 FLAGS = ("--host", "127.0.0.1", "--dtype", "float32", "--max-num-seqs", "4", "--max-model-len", "256")
 PROMPTS = ("hello world", "sleepd owns the memory", "a b c d")
 STARTUP_SECONDS = 600  # two cores shared with other work: vLLM's start has taken two minutes

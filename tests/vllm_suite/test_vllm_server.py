@@ -75,14 +75,6 @@ def test_vllm_sleep_endpoint_goes_through_sleepd_frees_memory_and_answers_stay_t
     assert_a_sleep_frees_memory_and_answers_stay_the_same(node["daemon"], server, MODEL)
 
 
-def test_with_enforce_eager_a_sleep_frees_memory_and_answers_stay_the_same(node, tiny_models, tmp_path):
-    eager = VllmServer(node["daemon"], "tiny-eager", tiny_models["a"], str(tmp_path / "vllm.log"), "--enforce-eager")
-    try:
-        assert_a_sleep_frees_memory_and_answers_stay_the_same(node["daemon"], eager, "tiny-eager")
-    finally:
-        eager.stop()
-
-
 def test_vllm_stays_asleep_until_its_last_tag_is_back_and_sleepctl_agrees(node, server):
     daemon = node["daemon"]
     before = server.answers()
