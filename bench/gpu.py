@@ -5,6 +5,7 @@ latency and the device memory left in use while asleep.
 
 Needs an NVIDIA GPU, its driver and a CUDA build of torch."""
 
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -85,6 +86,7 @@ class Measured:
     level2_wake: float
     engine_left: int  # device bytes while asleep
     daemon_left: int
+    pin_seconds: float | None = None  # the pool's pinning at the daemon's start, before any clock here
 
 
 def lines(measured: Measured) -> list[str]:
@@ -105,7 +107,15 @@ def lines(measured: Measured) -> list[str]:
             f"  level 2: sleep {m.level2_sleep * 1000:.1f} ms, wake {m.level2_wake * 1000:.1f} ms",
             f"  device memory left while asleep: engine {format_size(m.engine_left)} (its CUDA context and "
             f"torch's own), daemon {format_size(m.daemon_left)}"]
+    if m.pin_seconds is not None:  # the naive offload pins as it goes; sleepd's pool was pinned before
+        out.append(f"  the pool was pinned at the daemon's start, before these clocks: {m.pin_seconds:.1f} s")
     return out
+
+
+def pin_seconds(daemon_log: str) -> float | None:
+    """How long the daemon's movers took to pin the pool, as its log says."""
+    found = re.search(r"pinned for \d+ device\(s\) in ([0-9.]+) s", daemon_log)
+    return float(found[1]) if found else None
 
 
 def run(args) -> int:
@@ -140,9 +150,10 @@ def run(args) -> int:
         level2_sleep = client.sleep(level=2).seconds
         level2_wake = client.wake().seconds
         del tensors  # alive until here: the pool's memory is theirs
+        pinned = pin_seconds(daemon.log())
 
     naive_down, naive_up = naive_seconds([torch.empty(TENSOR_BYTES, dtype=torch.uint8, device="cuda")
                                           for _ in range(size // TENSOR_BYTES)])
     print("\n".join(lines(Measured(size, not args.no_prefault, dtoh, htod, sleeps, wakes, naive_down, naive_up,
-                                   level2_sleep, level2_wake, engine_left, daemon_left))))
+                                   level2_sleep, level2_wake, engine_left, daemon_left, pinned))))
     return 0

@@ -82,10 +82,10 @@ def test_pool_needs_the_cuda_backend(daemon):
 
 
 def test_pool_blocks_switch_expandable_segments_off_and_leave_them_as_they_found_them():
-    from sleepd.client.torch_pool import _expandable_segments_off, _expandable_segments_on
+    from sleepd.client.torch_pool import _expandable_segments_off, _expandable_segments_on, _set_allocator_settings
 
     for before in (True, False):
-        torch.cuda.memory._set_allocator_settings(f"expandable_segments:{before}")
+        _set_allocator_settings(f"expandable_segments:{before}")
         with _expandable_segments_off():
             with _expandable_segments_off():  # another thread's pool() block, say
                 assert not _expandable_segments_on()

@@ -6,6 +6,7 @@ import importlib.metadata
 import importlib.util
 import os
 import shutil
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -29,12 +30,14 @@ def _needs(wheelhouse: Path, Requirement) -> list[tuple]:
 
 
 def _packages(wheelhouse: Path) -> tuple[list[str], list[str]]:
+    # A node may not have packaging: the wheelhouse's own wheel of it, pure Python, imports as it is.
+    sys.path.extend(str(wheel) for wheel in wheelhouse.glob("packaging-*-py3-none-any.whl"))
     try:
         from packaging.requirements import Requirement
         from packaging.tags import sys_tags
         from packaging.utils import parse_wheel_filename
     except ImportError:
-        return [], ["packaging, to compare versions (pytest needs it too)"]
+        return [], ["packaging, to compare versions (pytest needs it too; the wheelhouse brings it)"]
     if not (wheelhouse / "needs.txt").is_file() or not list(wheelhouse.glob("sleepd-*.tar.gz")):
         return [], [f"a wheelhouse at {wheelhouse}: it has no needs.txt and sleepd sdist (build one with "
                     "deploy/wheelhouse)"]
