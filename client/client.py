@@ -27,6 +27,7 @@ from sleepd.common.native import engine_backend, gpu_uuid
 from sleepd.proto import sleepd_pb2 as pb
 from sleepd.proto import sleepd_pb2_grpc as pb_grpc
 
+from . import timing
 from .awake import ensure_awake_request
 from .errors import SleepdError
 from .control import control_channel
@@ -37,8 +38,6 @@ from .region import Region, State
 log = logging.getLogger(__name__)
 
 _STATES = {pb.OFFLOADED: State.OFFLOADED, pb.DISCARDED: State.DISCARDED}
-# How long a client keeps trying to attach again after the daemon went away.
-RECONNECT_SECONDS = 120
 # Chunks this large keep a model's handle count small (weights of 8 GiB: 16 handles).
 DEFAULT_CHUNK_BYTES = 512 << 20
 
@@ -52,9 +51,12 @@ def _rpc(call, *args, **kwargs):
 
 
 class SleepClient:
-    def __init__(self, model: str, rank: int, device: int, socket_path: str, needs_controller: bool = False):
+    def __init__(self, model: str, rank: int, device: int, socket_path: str, needs_controller: bool = False,
+                 reconnect_seconds: float | None = None, busy_seconds: float | None = None):
         self.model, self.rank, self.device = model, rank, device
         self.needs_controller = needs_controller
+        self.reconnect_seconds = timing.seconds(reconnect_seconds, timing.RECONNECT)
+        self.busy_seconds = timing.seconds(busy_seconds, timing.BUSY)
         self._regions: dict[int, Region] = {}
         # Guards _regions. Allocations in flight are counted, so that a command
         # naming a region the daemon has just created waits for it to be registered.
@@ -157,13 +159,18 @@ class SleepClient:
 
     @classmethod
     def connect(cls, model: str, rank: int = 0, device: int = 0, socket: str | None = None,
-                needs_controller: bool = False) -> "SleepClient":
+                needs_controller: bool = False, reconnect_seconds: float | None = None,
+                busy_seconds: float | None = None) -> "SleepClient":
         """Attaches this process as `rank` of `model` on `device`. The socket is
         `socket`, else $SLEEPD_SOCKET, else the system or per-user default. With
         `needs_controller`, the engine runs its own sleep: sleeps asked from outside
         it go through the model's controller (sleepd.client.Controller), and are
-        refused while none is attached."""
-        return cls(model, rank, device, paths.client_socket(socket), needs_controller)
+        refused while none is attached. `reconnect_seconds` ($SLEEPD_RECONNECT_SECONDS,
+        120): how long to try attaching again after the daemon went away;
+        `busy_seconds` ($SLEEPD_BUSY_SECONDS, 600): how long a pool refill keeps asking
+        while the model is busy with a sleep or wake."""
+        return cls(model, rank, device, paths.client_socket(socket), needs_controller, reconnect_seconds,
+                   busy_seconds)
 
     def __enter__(self) -> "SleepClient":
         return self
@@ -258,7 +265,8 @@ class SleepClient:
         when done allocating."""
         with self._regions_changed:
             if tag not in self._pools:
-                self._pools[tag] = NativePool(self._handles, self._backend, self.device, tag, chunk_bytes)
+                self._pools[tag] = NativePool(self._handles, self._backend, self.device, tag, chunk_bytes,
+                                              self.busy_seconds)
             return self._pools[tag]
 
     def settle_native_pool(self, pool: NativePool) -> None:
@@ -397,8 +405,8 @@ class SleepClient:
     def _reconnect(self) -> bool:
         """Attaches again after the daemon went away (a restart): our mappings stayed
         valid all along; the new daemon gets their memory back from us. Every step is
-        bounded: False, said in one line, once RECONNECT_SECONDS have passed."""
-        deadline = time.monotonic() + RECONNECT_SECONDS
+        bounded: False, said in one line, once reconnect_seconds have passed."""
+        deadline = time.monotonic() + self.reconnect_seconds
         why = ""
         while not self._closed and time.monotonic() < deadline:
             try:
@@ -428,8 +436,8 @@ class SleepClient:
                      " and handed its memory back" if attached.resuming else "")
             return True
         if not self._closed:
-            log.error("%s rank %d could not attach again within %d s (last: %s); carrying on without sleepd",
-                      self.model, self.rank, RECONNECT_SECONDS, why)
+            log.error("%s rank %d could not attach again within %g s (last: %s); carrying on without sleepd",
+                      self.model, self.rank, self.reconnect_seconds, why)
         return False
 
     def _quiesce(self, command: pb.Quiesce) -> None:

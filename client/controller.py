@@ -29,20 +29,20 @@ from sleepd.proto import sleepd_pb2_grpc as pb_grpc
 
 from .awake import ensure_awake_request
 from .control import control_channel
+from . import timing
 from .errors import SleepdError
 
 log = logging.getLogger(__name__)
-
-# How long a controller keeps trying to attach again after its stream broke (a daemon restart).
-RECONNECT_SECONDS = 120
 
 SleepCallback = Callable[[int, list[str], dict[str, str]], None]  # (level, tags, {tag: "offload" | "discard"})
 WakeCallback = Callable[[list[str]], None]                         # (tags; empty: all)
 
 
 class Controller:
-    def __init__(self, model: str, on_sleep: SleepCallback, on_wake: WakeCallback, socket_path: str):
+    def __init__(self, model: str, on_sleep: SleepCallback, on_wake: WakeCallback, socket_path: str,
+                 reconnect_seconds: float | None = None):
         self.model = model
+        self.reconnect_seconds = timing.seconds(reconnect_seconds, timing.RECONNECT)
         self._on_sleep, self._on_wake = on_sleep, on_wake
         self._socket_path = socket_path
         self._closed = False
@@ -55,10 +55,11 @@ class Controller:
 
     @classmethod
     def connect(cls, model: str, on_sleep: SleepCallback, on_wake: WakeCallback,
-                socket: str | None = None) -> "Controller":
+                socket: str | None = None, reconnect_seconds: float | None = None) -> "Controller":
         """Attaches this process as `model`'s controller (the model's owner uid or an admin only;
-        one per model; its ranks attach first)."""
-        return cls(model, on_sleep, on_wake, paths.client_socket(socket))
+        one per model; its ranks attach first). `reconnect_seconds` ($SLEEPD_RECONNECT_SECONDS, 120):
+        how long to try attaching again after the daemon went away."""
+        return cls(model, on_sleep, on_wake, paths.client_socket(socket), reconnect_seconds)
 
     def _open(self):
         channel, handles = control_channel(self._socket_path)
@@ -140,7 +141,7 @@ class Controller:
         return pb.ControlDone(request_id=request.request_id, ok=True)
 
     def _reconnect(self) -> bool:
-        deadline = time.monotonic() + RECONNECT_SECONDS
+        deadline = time.monotonic() + self.reconnect_seconds
         while not self._closed and time.monotonic() < deadline:
             try:
                 opened = self._open()
@@ -160,5 +161,5 @@ class Controller:
             old_channel.close()
             log.info("%s's controller attached again", self.model)
             return True
-        log.error("%s's controller could not attach again within %d s", self.model, RECONNECT_SECONDS)
+        log.error("%s's controller could not attach again within %g s", self.model, self.reconnect_seconds)
         return False

@@ -12,17 +12,14 @@ from sleepd import _C
 
 from .handles import ANSWER_SECONDS
 
-# How long a refill keeps asking while the model is busy with a sleep or wake (the daemon refuses an
-# allocate that would wait for one, so that it holds no worker meanwhile): as long as a wake may take.
-BUSY_SECONDS = 600.0
-
 
 class NativePool:
-    def __init__(self, handles, backend, device: int, tag: str, chunk_bytes: int):
+    def __init__(self, handles, backend, device: int, tag: str, chunk_bytes: int, busy_seconds: float):
+        """`busy_seconds`: how long a refill keeps asking while the model is busy with a sleep or wake."""
         self.tag = tag
         device_pid = backend.device_pid() if backend.shares_tokens else 0
         self.refill = _C.DaemonRefill(handles.channel, backend, device, tag, device_pid, ANSWER_SECONDS,
-                                      BUSY_SECONDS)
+                                      busy_seconds)
         self.chunks = _C.ChunkPool(self.refill, chunk_bytes)
 
     def activate(self) -> None:

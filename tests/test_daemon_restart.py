@@ -159,3 +159,20 @@ def test_a_client_of_a_stuck_daemon_gives_up_within_its_bound(tmp_path, monkeypa
         os.kill(daemon.pid, signal.SIGKILL)
         daemon.process.wait()
         daemon.stop()
+
+
+def test_a_client_tries_to_attach_again_for_its_reconnect_seconds_then_carries_on(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("SLEEPD_RECONNECT_SECONDS", "1.5")
+    with pytest.raises(ValueError, match="argument reconnect_seconds must be a positive number of seconds, got -1"):
+        SleepClient.connect("qwen", socket="/nowhere", reconnect_seconds=-1)
+    daemon = restart(tmp_path, "host")
+    client = SleepClient.connect("qwen", socket=daemon.socket)
+    assert (client.reconnect_seconds, client.busy_seconds) == (1.5, 600.0)
+    region = client.alloc(MiB, tag="weights")
+    region.write(b"kept" * (MiB // 4))
+    os.kill(daemon.pid, signal.SIGKILL)
+    daemon.process.wait()
+    daemon.stop()
+    wait_for(lambda: "could not attach again within 1.5 s" in caplog.text, what="the client to give up", timeout=30)
+    assert region.read() == b"kept" * (MiB // 4)  # carrying on without sleepd: its memory stays as it is
+    client.close()
