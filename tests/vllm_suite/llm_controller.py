@@ -32,7 +32,9 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     model = os.environ["SLEEPD_MODEL"]
-    llm = LLM(sys.argv[1], enable_sleep_mode=True, dtype="float32", max_num_seqs=4,
+    # Eager: the mid-batch sleep test counts on steps as slow as eager ones, which compiled ones are not
+    # (the LLM flow with vLLM's defaults, compile on, is rl_flow.py's and vLLM's own tests').
+    llm = LLM(sys.argv[1], enable_sleep_mode=True, dtype="float32", enforce_eager=True, max_num_seqs=4,
               max_model_len=256, kv_cache_memory_bytes=64 << 20)
     greedy = SamplingParams(temperature=0, max_tokens=16)
 
