@@ -1,6 +1,7 @@
 """The client's bounds that engine authors may set: a `connect` argument, else an
 environment variable, else the default."""
 
+import math
 import os
 
 # How long a client or a controller keeps trying to attach again after the daemon went away (a restart).
@@ -20,8 +21,8 @@ def seconds(given: float | None, setting: tuple[str, float]) -> float:
     try:
         number = float(value)
     except (TypeError, ValueError):
-        number = float("nan")
-    if not number > 0 or number == float("inf"):
+        number = math.nan
+    if not (math.isfinite(number) and number > 0):
         raise ValueError(f"{source} {variable.removeprefix('SLEEPD_').lower()} must be a positive number of "
                          f"seconds, got {value!r}")
     return number

@@ -1,5 +1,6 @@
 """Starting a real sleepd and real engine processes: what every test shares."""
 
+import importlib.util
 import json
 import os
 import secrets
@@ -9,6 +10,7 @@ import sys
 import time
 import urllib.request
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sleepd.bench.local import LocalDaemon
@@ -45,6 +47,15 @@ def ctl_as(daemon, uid, *args) -> subprocess.CompletedProcess:
     """sleepctl run by a process of `uid`, as the kernel will report it to the daemon."""
     return subprocess.run([sys.executable, "-c", AS_UID.format(uid=uid), "--socket", daemon.socket, *args],
                           capture_output=True, text=True, timeout=60)
+
+
+def skip_where_vllm_is_missing(items, folder: str, why: str) -> None:
+    """Marks the collected tests under `folder` skipped with `why` where vLLM is not installed
+    (the README's test command): the vLLM suites run in environments of their own."""
+    if importlib.util.find_spec("vllm") is None:
+        for item in items:
+            if f"{folder}/" in str(item.path):
+                item.add_marker(pytest.mark.skip(reason=why))
 
 
 def wait_for(predicate, timeout=20.0, interval=0.02, what="condition"):

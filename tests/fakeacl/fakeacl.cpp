@@ -40,7 +40,6 @@
 // aclrtGetMemInfo reports the memory the runtime holds on the current device:
 // every memfd this double made there for this test that any process still holds
 // open or mapped, each counted once.
-#include <dirent.h>
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -59,6 +58,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../fakecuda/alive_memory.h"
 #include "acl_runtime.h"
 
 using namespace sleepd::acl;
@@ -185,40 +185,11 @@ aclError device_error() {
 // Bytes this test's memory holds on `device`, as the runtime sees it: every memfd
 // any process holds open or mapped, each counted once.
 size_t held(int device) {
-  std::string name = "/memfd:" + memfd_name(device) + " ";
-  std::set<ino_t> seen;
-  size_t bytes = 0;
-  auto count = [&](const std::string& path) {
-    struct stat st;
-    if (stat(path.c_str(), &st) == 0 && seen.insert(st.st_ino).second) bytes += static_cast<size_t>(st.st_size);
-  };
-  DIR* proc = opendir("/proc");
-  if (!proc) return 0;
-  while (dirent* entry = readdir(proc)) {
-    if (entry->d_name[0] < '0' || entry->d_name[0] > '9') continue;
-    std::string base = std::string("/proc/") + entry->d_name;
-    if (DIR* fds = opendir((base + "/fd").c_str())) {
-      while (dirent* fd = readdir(fds)) {
-        std::string link = base + "/fd/" + fd->d_name;
-        char target[256];
-        ssize_t n = readlink(link.c_str(), target, sizeof target - 1);
-        if (n <= 0) continue;
-        target[n] = 0;
-        if (std::string(target).rfind(name, 0) == 0) count(link);
-      }
-      closedir(fds);
-    }
-    std::ifstream maps(base + "/maps");
-    std::string line;
-    while (std::getline(maps, line)) {
-      auto at = line.find(name);
-      if (at == std::string::npos) continue;
-      unsigned long start, end;
-      if (std::sscanf(line.c_str(), "%lx-%lx", &start, &end) == 2) count(base + "/map_files/" + line.substr(0, line.find(' ')));
-    }
-  }
-  closedir(proc);
-  return bytes;
+  // A link reads "/memfd:NAME (deleted)", a mapping "/memfd:NAME": never a name with more digits.
+  std::string name = "/memfd:" + memfd_name(device);
+  return fake_memory::alive_where([&name](const std::string& path) {
+    return path == name || path.rfind(name + " ", 0) == 0;
+  });
 }
 
 void drain(Stream* stream) {

@@ -1,10 +1,10 @@
-// Device memory as the kernel sees it: what both doubles count as used on a GPU.
+// Device memory as the kernel sees it: what the doubles (CUDA, NVML, ACL) count as used.
 //
-// The driver double makes each allocation a memfd named for the test and the GPU
-// (fakecuda:t<FAKE_CUDA_TAG>:d<gpu>); it is alive while any process holds it open
-// or mapped, whatever cuMemRelease was called on, as a driver frees memory only at
-// its last reference. Counting it here, from every process, makes the doubles'
-// memory device-wide, as a GPU's is.
+// Each double makes an allocation a memfd named for the test and the device (the CUDA
+// double: fakecuda:t<FAKE_CUDA_TAG>:d<gpu>); it is alive while any process holds it
+// open or mapped, whatever the runtime's release was called on, as a driver frees
+// memory only at its last reference. Counting it here, from every process, makes the
+// doubles' memory device-wide, as a device's is.
 #pragma once
 
 #include <dirent.h>
@@ -30,9 +30,11 @@ inline int device_of(const std::string& path) {
   return std::atoi(path.c_str() + prefix.size());
 }
 
-// Bytes of driver-double memory alive on `gpu`, from every process's open
-// descriptors and mappings, each memfd counted once at its largest extent.
-inline unsigned long long alive(int gpu) {
+// Bytes alive in the memfds whose /proc path (as an fd's link or a mapping names it)
+// `ours` accepts, from every process's open descriptors and mappings, each memfd
+// counted once at its largest extent.
+template <typename Ours>
+unsigned long long alive_where(Ours ours) {
   std::map<std::pair<unsigned long, unsigned long>, unsigned long long> extent;  // (dev, inode) -> bytes
   DIR* proc = opendir("/proc");
   if (!proc) return 0;
@@ -47,7 +49,7 @@ inline unsigned long long alive(int gpu) {
         if (length <= 0) continue;
         target[length] = '\0';
         struct stat info;
-        if (device_of(target) == gpu && stat(link.c_str(), &info) == 0) {
+        if (ours(std::string(target)) && stat(link.c_str(), &info) == 0) {
           auto& bytes = extent[{info.st_dev, info.st_ino}];
           bytes = std::max<unsigned long long>(bytes, info.st_size);
         }
@@ -62,7 +64,7 @@ inline unsigned long long alive(int gpu) {
       unsigned long inode;
       if (std::sscanf(line.c_str(), "%llx-%llx %*s %llx %15s %lu %255s", &start, &end, &offset, device, &inode,
                       path) < 6 ||
-          device_of(path) != gpu)
+          !ours(std::string(path)))
         continue;
       auto& bytes = extent[{0, inode}];  // mappings name the inode only; memfds share one device
       bytes = std::max(bytes, offset + (end - start));
@@ -75,6 +77,11 @@ inline unsigned long long alive(int gpu) {
   unsigned long long total = 0;
   for (const auto& [inode, bytes] : by_inode) total += bytes;
   return total;
+}
+
+// Bytes of CUDA-double memory alive on `gpu`.
+inline unsigned long long alive(int gpu) {
+  return alive_where([gpu](const std::string& path) { return device_of(path) == gpu; });
 }
 
 }  // namespace fake_memory

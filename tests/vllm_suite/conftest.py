@@ -5,20 +5,18 @@ inside it). Where vLLM is not installed, as in the README's test command, every
 test here is skipped with the reason. (The folder is not called `vllm`: on the
 tests' import path it would pass for the vllm package where none is installed.)"""
 
-import importlib.util
 import os
 
 import pytest
+
+from support import skip_where_vllm_is_missing
 
 WHY_SKIPPED = ("vLLM is not installed here: .ci/vllm-env VENV builds its environment, "
                "then VENV/bin/python -m pytest tests/vllm_suite")
 
 
 def pytest_collection_modifyitems(items):
-    if importlib.util.find_spec("vllm") is None:
-        for item in items:
-            if "tests/vllm_suite/" in str(item.path):
-                item.add_marker(pytest.mark.skip(reason=WHY_SKIPPED))
+    skip_where_vllm_is_missing(items, "tests/vllm_suite", WHY_SKIPPED)
 
 
 @pytest.fixture(scope="session")

@@ -7,12 +7,13 @@ Hugging Face cache under the same ids (HF_HUB_OFFLINE=1), and the accelerator me
 with the host's memory (layer/sitecustomize.py). Where vLLM is not installed (the README's test
 command), every test here is skipped with the reason, like tests/vllm_suite."""
 
-import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
+
+from support import skip_where_vllm_is_missing
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -21,10 +22,7 @@ WHY_SKIPPED = ("vLLM is not installed here: .ci/vllm-env VENV builds its environ
 
 
 def pytest_collection_modifyitems(items):
-    if importlib.util.find_spec("vllm") is None:
-        for item in items:
-            if "tests/vllm_upstream/" in str(item.path):
-                item.add_marker(pytest.mark.skip(reason=WHY_SKIPPED))
+    skip_where_vllm_is_missing(items, "tests/vllm_upstream", WHY_SKIPPED)
 
 
 # The checkpoints vLLM's tests name, and the generator of a stand-in of the same architecture.
