@@ -22,9 +22,7 @@ import struct
 from dataclasses import dataclass
 from enum import Enum
 
-import grpc
-
-from .errors import SleepdError, denied
+from .errors import Code, SleepdError, denied
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +117,7 @@ class Authorizer:
         if RIGHTS[operation] in (Right.SESSION, Right.ANYONE):
             return
         if peer is None:
-            raise SleepdError(grpc.StatusCode.UNAUTHENTICATED,
+            raise SleepdError(Code.UNAUTHENTICATED,
                               f"{_VERBS.get(operation, operation)} {', '.join(models)}: the request carries no "
                               "credentials; connect through the handle socket to prove who you are (sleepctl and "
                               "SleepClient do)")

@@ -25,18 +25,17 @@ import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
-import grpc
-
 from sleepd.proto import sleepd_pb2 as pb
 
 from .auth import Authorizer, Peer
-from .errors import SleepdError, precondition, unavailable
+from .errors import Code, SleepdError, precondition, unavailable
 from .events import EventBus
-from .model import Model, OperationResult
+from .model import Model
 from .regions import RegionState
 from .registry import Registry
 from .replies import Replies
 from .rules import Action
+from .views import ModelView, OperationResult
 
 
 class ControllerGone(Exception):
@@ -137,29 +136,28 @@ class Controllers:
             raise unavailable(f"{what}: {controller.describe()} is still running another request after "
                               f"{timeout:g} s; try again")
         try:
-            before = self._registry.region_states(model)
+            before = self._registry.view(model)
             request_id, future = controller.ask(request)
             try:
                 done = future.result(timeout=max(0.0, deadline - time.monotonic()))
             except FutureTimeout:
                 controller.forget(request_id)
-                raise SleepdError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                raise SleepdError(Code.DEADLINE_EXCEEDED,
                                   f"{what}: {controller.describe()} did not answer within {timeout:g} s "
                                   f"({setting}); its engine may still finish (see sleepctl status)") from None
             except ControllerGone as error:
                 raise unavailable(f"{what}: {error}") from None
-            after = self._registry.region_states(model)
+            after = self._registry.view(model)
         finally:
             controller.busy.release()
         if not done.ok:
-            raise SleepdError(grpc.StatusCode.ABORTED, f"{what}: {controller.describe()} answered that its engine "
+            raise SleepdError(Code.ABORTED, f"{what}: {controller.describe()} answered that its engine "
                               f"failed: {done.error or 'no reason given'}")
-        states = [state for state, _, _ in after.values()]
-        selected = [state for state, _, tag in after.values() if not tags or tag in tags]
-        finished = (model.paused or any(s is not RegionState.MAPPED for s in states)) if asleep else \
-            all(s is RegionState.MAPPED for s in selected) and (bool(tags) or not model.paused)
+        selected = [r.state for r in after.regions() if not tags or r.tag in tags]
+        finished = after.sleeping if asleep else \
+            all(s is RegionState.MAPPED for s in selected) and (bool(tags) or not after.paused)
         if not finished:
-            raise SleepdError(grpc.StatusCode.ABORTED,
+            raise SleepdError(Code.ABORTED,
                               f"{what}: {controller.describe()} answered done, but the model is still "
                               f"{'awake' if asleep else 'asleep'}: its engine did not run it through sleepd "
                               "(are its ranks attached with needs_controller?)")
@@ -175,12 +173,13 @@ _COUNTED = {
 }
 
 
-def _result(model: Model, before: dict, after: dict, seconds: float) -> OperationResult:
+def _result(model: Model, before: ModelView, after: ModelView, seconds: float) -> OperationResult:
     """What the engine's own operation changed, read from the regions' states."""
-    result = OperationResult(model.name, seconds=seconds, sleeping=model.sleeping)
-    for region_id, (state, size, _) in after.items():
-        field = _COUNTED.get((before.get(region_id, (None, 0))[0], state))
+    result = OperationResult(model.name, seconds=seconds, sleeping=after.sleeping)
+    was = {region.id: region.state for region in before.regions()}
+    for region in after.regions():
+        field = _COUNTED.get((was.get(region.id), region.state))
         if field:
-            setattr(result, field, getattr(result, field) + size)
+            setattr(result, field, getattr(result, field) + region.mapped_size)
             result.region_count += 1
     return result

@@ -39,11 +39,11 @@ def build(backend: DaemonBackend, pool: HostPool, movers: dict[int, Mover], rule
           controller_timeout: float = 300.0, eviction_answer_seconds: float = 5.0) -> Core:
     events = EventBus()
     registry = Registry(backend, authorizer, default_policies or {}, forgotten=metrics.forget)
-    room = Room(registry, backend, authorizer, events, metrics, eviction_answer_seconds)
+    room = Room(registry, backend, authorizer, events)
     checkpoints = Checkpoints(registry, backend.name, store)
     controllers = Controllers(registry, authorizer, events, controller_timeout)
     operations = Operations(registry, room, fanout, backend, pool, movers, rules,
                             Reporter(events, metrics), Quotas(quotas, registry, authorizer), checkpoints,
-                            controllers)
+                            controllers, authorizer, eviction_answer_seconds)
     recovery = Recovery(registry, backend, pool, operations)
     return Core(backend, pool, authorizer, events, metrics, registry, room, controllers, operations, recovery)

@@ -1,40 +1,55 @@
-"""The one exception the daemon raises for a refused request, carrying the gRPC
-status a caller would branch on and a one-line message."""
+"""The one exception the daemon raises for a refused request, carrying the status
+a caller would branch on and a one-line message. The statuses are the domain's own
+(`Code`, named as gRPC names them): the edges (service.py, the handle socket) turn
+them into gRPC's, so the planner and the state modules never import gRPC."""
 
-import grpc
+from enum import Enum, auto
+
+
+class Code(Enum):
+    INVALID_ARGUMENT = auto()
+    NOT_FOUND = auto()
+    ALREADY_EXISTS = auto()
+    PERMISSION_DENIED = auto()
+    UNAUTHENTICATED = auto()
+    RESOURCE_EXHAUSTED = auto()
+    FAILED_PRECONDITION = auto()
+    ABORTED = auto()
+    UNAVAILABLE = auto()
+    DEADLINE_EXCEEDED = auto()
 
 
 class SleepdError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: Code, message: str):
         super().__init__(message)
         self.code = code
         self.message = message
 
 
 def invalid(message: str) -> SleepdError:
-    return SleepdError(grpc.StatusCode.INVALID_ARGUMENT, message)
+    return SleepdError(Code.INVALID_ARGUMENT, message)
 
 
 def not_found(message: str) -> SleepdError:
-    return SleepdError(grpc.StatusCode.NOT_FOUND, message)
+    return SleepdError(Code.NOT_FOUND, message)
 
 
 def exhausted(message: str) -> SleepdError:
-    return SleepdError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+    return SleepdError(Code.RESOURCE_EXHAUSTED, message)
 
 
 def precondition(message: str) -> SleepdError:
-    return SleepdError(grpc.StatusCode.FAILED_PRECONDITION, message)
+    return SleepdError(Code.FAILED_PRECONDITION, message)
 
 
 def denied(message: str) -> SleepdError:
-    return SleepdError(grpc.StatusCode.PERMISSION_DENIED, message)
+    return SleepdError(Code.PERMISSION_DENIED, message)
 
 
 def unavailable(message: str) -> SleepdError:
-    return SleepdError(grpc.StatusCode.UNAVAILABLE, message)
+    return SleepdError(Code.UNAVAILABLE, message)
 
 
 def aborted(message: str) -> SleepdError:
     """A conflict with an operation in progress: the caller may try again."""
-    return SleepdError(grpc.StatusCode.ABORTED, message)
+    return SleepdError(Code.ABORTED, message)

@@ -6,15 +6,13 @@ request's wait for its model to be awake, which the wake-wait metric measures.
 
 import time
 
-import grpc
-
+from . import planner
 from .auth import Peer
-from .errors import SleepdError, not_found
-from .model import Model, OperationResult
+from .errors import Code, SleepdError
+from .model import Model
 from .operations import Operations
-from .regions import ASLEEP, RegionState
-from .room import needed_by_device
 from .rules import Action
+from .views import OperationResult
 
 # The longest an EnsureAwake request waits for someone else's wake.
 WAIT_LIMIT_SECONDS = 600.0
@@ -41,7 +39,7 @@ def wake(ops: Operations, model_name: str, tags: list[str], evict: bool, caller:
         return ops.wake(model_name, tags, evict, caller)
     _check(ops, model, 1, tags)
     # The engine's ranks wake without eviction (its API cannot ask for it): room is made first.
-    evicted = _make_room(ops, model, tags, caller) if evict else []
+    evicted = ops.make_room(model, tags, caller) if evict else []
     result = ops.controllers.wake(model, controller, tags, evict, what)
     result.evicted = evicted
     return result
@@ -73,7 +71,7 @@ def _wait_until_awake(ops: Operations, model: Model, limit: float) -> None:
         while _asleep(ops, ops.registry.model(model.name)):
             left = deadline - time.monotonic()
             if left <= 0:
-                raise SleepdError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                raise SleepdError(Code.DEADLINE_EXCEEDED,
                                   f"ensure {model.name} awake: still asleep after {limit:g} s, and this request "
                                   "waits for a wake instead of waking it (wake_on_request off); wake it with "
                                   f"sleepctl wake --model {model.name}")
@@ -84,22 +82,10 @@ def _wait_until_awake(ops: Operations, model: Model, limit: float) -> None:
 
 def _asleep(ops: Operations, model: Model) -> bool:
     """Whether the model sleeps, read without its lock (a wake may hold it for long)."""
-    return model.paused or any(state is not RegionState.MAPPED for state, _, _ in
-                               ops.registry.region_states(model).values())
+    return ops.registry.view(model).sleeping
 
 
 def _check(ops: Operations, model: Model, level: int, tags: list[str]) -> None:
     """Refuses what the engine's ranks would refuse, before the controller is asked."""
     ops.rules.plan(level, set(), {})
-    known = {tag for _, _, tag in ops.registry.region_states(model).values()}
-    for tag in tags:
-        if tag not in known:
-            raise not_found(f"model {model.name} has no region tagged {tag!r} "
-                            f"(its tags: {', '.join(sorted(known)) or 'none'})")
-
-
-def _make_room(ops: Operations, model: Model, tags: list[str], caller: Peer) -> list[str]:
-    with model.lock:
-        targets = [r for r in model.regions() if r.state in ASLEEP and (not tags or r.tag in tags)]
-        return ops.room.ensure(model, needed_by_device(targets), f"wake {model.name}", True, ops.put_to_sleep,
-                               caller)
+    planner.check_tags(ops.registry.view(model), tags)

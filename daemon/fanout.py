@@ -7,11 +7,9 @@ regions), so a step costs one round trip per rank, whatever the region count.
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 
-import grpc
-
 from sleepd.proto import sleepd_pb2 as pb
 
-from .errors import SleepdError
+from .errors import Code, SleepdError
 from .regions import Region, RegionState
 from .sessions import RankLost, Session
 
@@ -97,9 +95,9 @@ class Fanout:
 def rank_failure(what: str, failures: Failures) -> SleepdError:
     details = "; ".join(f"{session.describe()}: {error}" for session, error in failures)
     if any(isinstance(error, TimeoutError) for _, error in failures):
-        code = grpc.StatusCode.DEADLINE_EXCEEDED
+        code = Code.DEADLINE_EXCEEDED
     elif any(isinstance(error, RankLost) for _, error in failures):
-        code = grpc.StatusCode.UNAVAILABLE
+        code = Code.UNAVAILABLE
     else:
-        code = grpc.StatusCode.ABORTED
+        code = Code.ABORTED
     return SleepdError(code, f"{what} failed and was rolled back: {details}")

@@ -3,8 +3,8 @@ its eviction level by itself. Off unless a model's policy sets it."""
 
 import logging
 import threading
-import time
 
+from . import planner
 from .errors import SleepdError
 from .logs import Throttled
 
@@ -28,11 +28,9 @@ class IdleWatcher(threading.Thread):
 
     def run(self) -> None:
         while not self._stop.wait(self._interval):
-            now = time.monotonic()
-            for model in self._ops.registry.models():
-                idle = now - model.last_active
-                # Cheapest first: `sleeping` looks at every region of the model.
-                if not model.policy.idle_seconds or idle < model.policy.idle_seconds or model.sleeping:
+            for due in planner.idle_due(self._ops.registry.snapshot()):
+                model, idle = self._ops.registry.find(due.name), due.idle_seconds
+                if model is None:  # gone since the snapshot
                     continue
                 try:
                     # Through its controller where its engine runs its own sleep; refused where it has none.

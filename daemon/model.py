@@ -1,4 +1,5 @@
-"""A model's life, and the read-only views and results the daemon hands out.
+"""A model's life: its ranks and the orphans its dead ranks left, and the
+transitions that are the only code changing them.
 
 A model is a name, its ranks, and the orphans its dead ranks left. The one
 fact it stores is whether its engine is paused: the sleep hooks ran and the
@@ -7,7 +8,9 @@ from the regions). Whether it sleeps is derived:
 
     sleeping = paused, or some region is not mapped
 
-`pause` and `unpause` are the only code that changes it.
+`pause` and `unpause` are the only code that changes it; `add_rank`,
+`remove_rank`, `claim_orphan` and `add_orphan` the only code that changes who
+its ranks and orphans are.
 
 It also knows its controller (controllers.py), the process that runs its
 engine's own sleep for requests from outside the engine, while one is attached;
@@ -21,15 +24,7 @@ from dataclasses import dataclass, field
 from .locks import MODEL, OrderedLock
 from .regions import Region, RegionState, bug
 from .sessions import Session
-
-
-@dataclass
-class Policy:
-    """Eviction order: lower priority first, then least recently active; pinned: never."""
-    priority: int = 0
-    pinned: bool = False
-    eviction_level: int = 1
-    idle_seconds: float = 0.0  # 0: never sleeps by itself
+from .views import ModelView, Policy, RankView, RegionView
 
 
 @dataclass(eq=False)
@@ -74,6 +69,20 @@ class Model:
     def touch(self) -> None:
         self.last_active = time.monotonic()
 
+    def view(self, now: float | None = None) -> ModelView:
+        """A copy of the model as it is now, for status and for the planner; the caller holds the
+        model's lock or the registry's."""
+        now = time.monotonic() if now is None else now
+        return ModelView(self.name, self.owner_uid, self.sleeping, [
+            RankView(rank, session.device, session.pid, [
+                RegionView(r.id, r.tag, r.size, r.mapped_size, r.device, r.state, r.persist, r.backup is not None,
+                           r.holds_memory)
+                for r in sorted(session.regions.values(), key=lambda r: r.id)],
+                orphaned=session.ended is not None, returning=session.returning)
+            for rank, session in sorted({**self.ranks, **self.orphans}.items())], Policy(**vars(self.policy)),
+            now - self.last_active, self.needs_controller,
+            self.controller.pid if self.controller is not None else 0, self.paused)
+
     # ---- transitions ----
 
     def pause(self) -> None:
@@ -87,6 +96,35 @@ class Model:
         if not self.paused:
             bug(f"model {self.name}: unpaused while running")
         self.paused = False
+
+    def add_rank(self, session: Session) -> None:
+        """`session` became the rank it attached as, taking over that rank's orphan, if any."""
+        if session.rank in self.ranks:
+            bug(f"model {self.name}: rank {session.rank} attached twice")
+        self.orphans.pop(session.rank, None)
+        self.ranks[session.rank] = session
+
+    def remove_rank(self, session: Session, kept: dict) -> None:
+        """An ended rank leaves; with persistent regions `kept`, it stays an orphan."""
+        if self.ranks.get(session.rank) is not session:
+            return
+        del self.ranks[session.rank]
+        if kept:
+            session.keep_only(kept)
+            self.orphans[session.rank] = session
+
+    def add_orphan(self, session: Session) -> None:
+        """A rank whose engine is gone (or has not come back since a restart) keeps its regions."""
+        if session.rank in self.orphans:
+            bug(f"model {self.name}: a second orphan of rank {session.rank}")
+        self.orphans[session.rank] = session
+
+    def claim_orphan(self, rank: int, session: Session) -> bool:
+        """Takes `session` out of the orphans, unless an attach took it over first."""
+        if self.orphans.get(rank) is not session:
+            return False
+        del self.orphans[rank]
+        return True
 
     def take_controller(self, controller) -> None:
         if self.controller is not None:
@@ -102,56 +140,3 @@ class Model:
         for name, value in changes.items():
             if value is not None:
                 setattr(self.policy, name, value)
-
-
-@dataclass(frozen=True)
-class RegionView:
-    id: int
-    tag: str
-    size: int
-    mapped_size: int
-    device: int
-    state: RegionState
-    persist: bool = False
-
-
-@dataclass(frozen=True)
-class RankView:
-    rank: int
-    device: int
-    pid: int
-    regions: list[RegionView]
-    orphaned: bool = False  # its process is gone; its persistent regions wait for the rank to attach again
-
-
-@dataclass(frozen=True)
-class ModelView:
-    name: str
-    owner_uid: int
-    sleeping: bool
-    ranks: list[RankView]
-    policy: Policy
-    idle_seconds: float
-    needs_controller: bool = False
-    controller_pid: int = 0  # 0: no controller attached
-
-
-@dataclass
-class OperationResult:
-    model: str
-    bytes_offloaded: int = 0
-    bytes_discarded: int = 0
-    bytes_restored: int = 0
-    bytes_zeroed: int = 0
-    region_count: int = 0
-    seconds: float = 0.0
-    sleeping: bool = False
-    evicted: list[str] = field(default_factory=list)
-
-
-@dataclass
-class SwapResult:
-    slept: list[OperationResult]
-    woke: OperationResult
-    seconds: float
-    sequential_estimate_seconds: float

@@ -22,12 +22,14 @@ from sleepd import _C
 from .auth import Peer
 from .backends import DaemonBackend
 from .errors import exhausted, invalid, precondition
-from .model import Model, Policy
+from . import planner
+from .model import Model
 from .pool import HostPool, Piece
 from .private_paths import PrivateDirectory
-from .regions import ASLEEP, Region, RegionState
+from .regions import Region, RegionState
 from .registry import Registry
 from .sessions import Condition, Session
+from .views import Policy
 
 log = logging.getLogger(__name__)
 
@@ -159,11 +161,11 @@ class Recovery:
                 for saved in rank["regions"]:
                     backup = (self._pool.recovered([Piece(*piece) for piece in saved["backup"]])
                               if saved["backup"] else None)
-                    session.regions[saved["id"]] = Region.recovered(
+                    session.add_region(Region.recovered(
                         saved["id"], saved["tag"], saved["size"], saved["mapped_size"], saved["device"], session,
-                        saved["persist"], RegionState[saved["state"].upper()], backup)
+                        saved["persist"], RegionState[saved["state"].upper()], backup))
                     restored += 1
-                model.orphans[session.rank] = session
+                model.add_orphan(session)
             self._registry.add_recovered(model)
         log.info("recovered %d models with %d regions from the state file; waiting for their engines",
                  len(state["models"]), restored)
@@ -206,14 +208,7 @@ class Recovery:
         model = self._registry.model(session.model)
         with model.lock:
             self._require_handing_back(session)  # a second HandedBack may have finished it meanwhile
-            for region in session.regions.values():
-                if region.holds_memory:
-                    if region.backup is not None:  # copied out, but the engine kept it: it is awake
-                        self._pool.free(region.kept_backup())
-                elif region.state is RegionState.MAPPED:
-                    region.unclaimed()
-            if not model.paused and any(r.state in ASLEEP for r in session.regions.values()):
-                model.pause()  # its sleep hooks ran before the restart; a wake resumes it
+            self._operations.executor.run(planner.hand_back_finished(model.view(), session.rank))
             session.handed_back()
         self._operations.checkpoint()
 
@@ -231,19 +226,17 @@ class Recovery:
         for model in self._registry.models():
             with model.lock:
                 for rank, session in list(model.orphans.items()):
-                    # Claimed first: an attach of that rank, which takes no model lock, cannot take it over meanwhile.
-                    if session.condition is not Condition.RECOVERING or not self._registry.claim_orphan(
-                            model, rank, session):
+                    if session.condition is not Condition.RECOVERING:
                         continue
-                    for region in list(session.regions.values()):
-                        if not (region.persist and region.backup is not None):
-                            self._operations.drop_region(region)
-                        elif region.state is RegionState.MAPPED:
-                            region.unclaimed()
+                    plan = planner.expired(model.view(), rank)
+                    # Claimed first: an attach of that rank, which takes no model lock, cannot take it over meanwhile.
+                    if not self._registry.claim_orphan(model, rank, session):
+                        continue
+                    self._operations.executor.run(plan)
                     session.stop_waiting()
                     if not self._registry.give_back_orphan(model, session):
                         for region in list(session.regions.values()):  # a new process of the rank started afresh
-                            self._operations.drop_region(region)
+                            self._operations.executor.drop_region(region)
                     log.warning("%s did not come back after the daemon restarted; released its regions",
                                 session.describe())
         self._operations.checkpoint()

@@ -11,17 +11,16 @@ import threading
 import time
 from typing import Callable
 
-import grpc
-
 from sleepd.common.limits import MODEL_NAME, MODEL_NAME_RULE, TAG_NAME, TAG_NAME_RULE
 from sleepd.common.shown import shown
 
 from .auth import Authorizer, Peer
 from .backends import DaemonBackend
-from .errors import SleepdError, denied, invalid, not_found, precondition
-from .model import Model, ModelView, Policy, RankView, RegionView
+from .errors import Code, SleepdError, denied, invalid, not_found, precondition
+from .model import Model
 from .regions import Region
 from .sessions import Session
+from .views import ModelView, Policy
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +55,6 @@ class Registry:
             session = self._by_token.get(token)
         return session if session is not None and session.model == model_name and session.ended is None else None
 
-    def region_states(self, model: Model) -> dict[int, tuple]:
-        """{region id: (state, mapped size, tag)} of the model's regions now, read without its lock."""
-        with self.lock:
-            return {r.id: (r.state, r.mapped_size, r.tag) for r in model.regions()}
-
     def take_controller(self, model_name: str, controller) -> Model:
         """`controller` becomes the model's; one at a time."""
         with self.lock:
@@ -68,7 +62,7 @@ class Registry:
             if model is None:
                 raise not_found(f"model {model_name!r} is not attached; its ranks attach first")
             if model.controller is not None:
-                raise SleepdError(grpc.StatusCode.ALREADY_EXISTS, f"{model_name} already has a controller "
+                raise SleepdError(Code.ALREADY_EXISTS, f"{model_name} already has a controller "
                                   f"(pid {model.controller.pid}); a model has one at a time")
             model.take_controller(controller)
         return model
@@ -111,15 +105,14 @@ class Registry:
                              "never share a model; choose another name")
             holder = model.ranks.get(rank)
             if holder is not None:
-                raise SleepdError(grpc.StatusCode.ALREADY_EXISTS,
+                raise SleepdError(Code.ALREADY_EXISTS,
                                   f"{model_name} rank {rank} is already attached (pid {holder.pid})")
             orphan = model.orphans.get(rank)
             if orphan is not None and orphan.device != device:
                 raise invalid(f"{model_name} rank {rank} left persistent regions on "
                               f"{self.backend.devices[orphan.device].name}; attach it there")
             session.attach(model_name, rank, device, orphan, needs_controller)
-            model.orphans.pop(rank, None)
-            model.ranks[rank] = session
+            model.add_rank(session)
             model.touch()
             self._models[model_name] = model
             self._sessions[session.id] = session
@@ -173,21 +166,14 @@ class Registry:
         """An ended rank leaves its model; with persistent regions `kept`, it stays an orphan.
         A model with neither ranks nor orphans is forgotten."""
         with self.lock:
-            if model.ranks.get(session.rank) is session:
-                del model.ranks[session.rank]
-                if kept:
-                    session.keep_only(kept)
-                    model.orphans[session.rank] = session
+            model.remove_rank(session, kept)
             self._forget_if_empty(model)
 
     def claim_orphan(self, model: Model, rank: int, session: Session) -> bool:
         """Takes `session` out of the model's orphans, if an attach has not taken it over first:
         then the caller alone decides what becomes of it (give_back_orphan)."""
         with self.lock:
-            if model.orphans.get(rank) is not session:
-                return False
-            del model.orphans[rank]
-            return True
+            return model.claim_orphan(rank, session)
 
     def give_back_orphan(self, model: Model, session: Session) -> bool:
         """A claimed orphan that still holds regions becomes the model's orphan again, unless a new
@@ -196,7 +182,7 @@ class Registry:
         with self.lock:
             returned = bool(session.regions) and session.rank not in model.ranks
             if returned:
-                model.orphans[session.rank] = session
+                model.add_orphan(session)
             self._forget_if_empty(model)
             return returned
 
@@ -224,12 +210,17 @@ class Registry:
     def add_region(self, region: Region) -> None:
         with self.lock:
             self._regions[region.id] = region
-            region.session.regions[region.id] = region
+            region.session.add_region(region)
 
     def remove_region(self, region: Region) -> None:
         with self.lock:
             self._regions.pop(region.id, None)
-            region.session.regions.pop(region.id, None)
+            region.session.remove_region(region)
+
+    def regions(self, ids) -> list[Region]:
+        """The regions of `ids`, in that order; one gone meanwhile (its rank ended) is skipped."""
+        with self.lock:
+            return [self._regions[region_id] for region_id in ids if region_id in self._regions]
 
     def owned_region(self, session: Session, region_id: int) -> Region:
         """The region, if it exists and belongs to `session`."""
@@ -282,6 +273,10 @@ class Registry:
             raise not_found(f"model {name!r} is not attached (attached: {', '.join(known) or 'none you may see'})")
         return model
 
+    def find(self, name: str) -> Model | None:
+        with self.lock:
+            return self._models.get(name)
+
     def models(self) -> list[Model]:
         with self.lock:
             return self.models_locked()
@@ -324,18 +319,12 @@ class Registry:
         """A consistent copy of every model, for status and metrics."""
         now = time.monotonic()
         with self.lock:
-            models = sorted(self._models.values(), key=lambda model: model.name)
-            views = [ModelView(model.name, model.owner_uid, model.sleeping, [
-                RankView(rank, session.device, session.pid, [
-                    RegionView(r.id, r.tag, r.size, r.mapped_size, r.device, r.state, r.persist)
-                    for r in sorted(session.regions.values(), key=lambda r: r.id)],
-                    orphaned=session.ended is not None)
-                for rank, session in sorted({**model.ranks, **model.orphans}.items())], Policy(**vars(model.policy)),
-                now - model.last_active, model.needs_controller,
-                model.controller.pid if model.controller is not None else 0)
-                for model in models]
-        return views
+            return [model.view(now) for model in sorted(self._models.values(), key=lambda model: model.name)]
 
+    def view(self, model: Model) -> ModelView:
+        """A consistent copy of one model, read without its lock."""
+        with self.lock:
+            return model.view()
 
 def check_model_name(name: str) -> None:
     if not MODEL_NAME.match(name):

@@ -6,7 +6,8 @@ import logging
 from sleepd.common.sizes import format_size
 
 from .events import EventBus
-from .model import Model, OperationResult
+from .model import Model
+from .views import OperationResult
 
 log = logging.getLogger(__name__)
 

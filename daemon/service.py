@@ -16,7 +16,7 @@ from . import external
 from .core import Core
 from .errors import SleepdError, invalid, not_found
 from .fanout import attached_message, region_message
-from .model import OperationResult
+from .views import OperationResult
 from .registry import check_model_name, check_tag
 from .rules import parse_action
 from .swap import swap
@@ -24,6 +24,11 @@ from .swap import swap
 log = logging.getLogger(__name__)
 
 POLICY_FIELDS = ("priority", "pinned", "eviction_level", "idle_seconds")
+
+
+def grpc_status(error: SleepdError) -> grpc.StatusCode:
+    """The gRPC status of a refusal: the domain's codes are named as gRPC's."""
+    return grpc.StatusCode[error.code.name]
 
 
 def _refusals(method):
@@ -35,7 +40,7 @@ def _refusals(method):
         except SleepdError as error:
             if self._core.metrics:
                 self._core.metrics.errors.labels(operation=method.__name__, code=error.code.name).inc()
-            context.abort(error.code, error.message)
+            context.abort(grpc_status(error), error.message)
 
     wrapper.__name__ = method.__name__
     return wrapper
@@ -80,7 +85,7 @@ class SleepdService(pb_grpc.SleepdServicer):
             session = self._ops.attach(attach.token, attach.model, attach.rank, attach.device, attach.device_uuid,
                                        attach.needs_controller)
         except SleepdError as error:
-            context.abort(error.code, error.message)
+            context.abort(grpc_status(error), error.message)
 
         def read_acks():
             try:
@@ -113,7 +118,7 @@ class SleepdService(pb_grpc.SleepdServicer):
             caller = self._authorize("Control", context, [first.attach.model])
             controller = controllers.attach(caller, first.attach.model)
         except SleepdError as error:
-            context.abort(error.code, error.message)
+            context.abort(grpc_status(error), error.message)
 
         def read_answers():
             try:
@@ -204,7 +209,7 @@ class SleepdService(pb_grpc.SleepdServicer):
             try:
                 check_model_name(request.model)
             except SleepdError as error:
-                context.abort(error.code, error.message)
+                context.abort(grpc_status(error), error.message)
         caller, authorizer = self._identify(context), self._core.authorizer
         subscription = self._core.events.subscribe(request.model, lambda owner: authorizer.sees(caller, owner))
         context.add_callback(subscription.close)

@@ -15,7 +15,9 @@ lease, and its condition follows from them and from what the engine said.
     lost          ended otherwise (a crash, a broken connection, a timeout)
 
 A rank whose session ended with persistent regions stays in its model as an
-orphan until a process of the same rank attaches and takes them over.
+orphan until a process of the same rank attaches and takes them over. Which
+regions a rank owns changes only here too (`attach`, `keep_only`, `add_region`,
+`remove_region`).
 """
 
 import queue
@@ -131,6 +133,14 @@ class Session:
     def keep_only(self, regions: dict) -> None:
         """An ending rank keeps its persistent regions as an orphan."""
         self.regions = regions
+
+    def add_region(self, region) -> None:
+        if region.session is not self or region.id in self.regions:
+            bug(f"{self.describe()}: region {region.id} added twice or to the wrong rank")
+        self.regions[region.id] = region
+
+    def remove_region(self, region) -> None:
+        self.regions.pop(region.id, None)
 
     def end(self, reason: str) -> bool:
         """Marks the session ended and fails everything waiting on it; True the first time."""

@@ -3,11 +3,10 @@ and the checks on the directories and files the daemon keeps for itself."""
 
 import os
 
-import grpc
 import pytest
 
 from sleepd.common.sizes import format_size, parse_size
-from sleepd.daemon.errors import SleepdError
+from sleepd.daemon.errors import Code as ErrorCode, SleepdError
 from sleepd.daemon.pool import Backup, HostPool
 from sleepd.daemon.private_paths import PrivateDirectory, UnsafePath
 from sleepd.daemon.regions import IllegalTransition, Region, RegionState
@@ -45,7 +44,7 @@ def test_default_rules_follow_the_brief():
     assert rules.plan(2, {"weights"}, {"weights": Action.OFFLOAD}) == {"weights": Action.OFFLOAD}
     with pytest.raises(SleepdError) as error:
         rules.plan(7, tags, {})
-    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.code is ErrorCode.INVALID_ARGUMENT
 
 
 class Owner:
@@ -95,7 +94,7 @@ def test_pool_allocates_across_slabs_within_its_budget(pool):
     assert pool.used == 6 * MiB
     with pytest.raises(SleepdError) as error:
         pool.allocate(3 * MiB)
-    assert error.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.value.code is ErrorCode.RESOURCE_EXHAUSTED
     assert pool.used == 6 * MiB
     pool.free(a)
     c = pool.allocate(5 * MiB)  # fits in the freed extent plus the rest
