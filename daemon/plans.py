@@ -4,7 +4,9 @@ the compensation that undoes each. Plain data, built by the planner
 (executor.py); regions are named by id, engines by rank.
 
 A compensation undoes whatever part of its step happened, so it runs for the
-step that failed too, then for every step before it, latest first. A step that
+step that failed too, then for every step before it, latest first, back to the
+step that commits the operation (a sleep's release, a wake's freeing of its
+backups): once that step begins, nothing is undone. A step that
 ran beside others (a swap's restores, `Overlapped`) is undone before the steps
 it ran beside: the room its restores took is what the others need back.
 """
@@ -153,7 +155,7 @@ class Pause:
 class Step:
     do: object
     undo: tuple = ()
-    # Past this step the operation has happened: a later failure undoes nothing before it.
+    # Once this step begins the operation has happened: a failure from then on undoes nothing.
     commits: bool = False
 
 
@@ -192,7 +194,7 @@ class Plan:
         undos = []
         for index in range(failed, -1, -1):
             step = self.steps[index]
-            if step.commits and index < failed:
+            if step.commits:  # once begun, it happened: neither it nor anything before it is undone
                 break
             undos += step.undo
             if isinstance(step.do, Overlapped):

@@ -34,12 +34,16 @@ A transition the table does not allow is a bug, never a failed operation: see
 `IllegalTransition`.
 """
 
+from __future__ import annotations
+
 import logging
 import os
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
-from .pool import Backup
+if TYPE_CHECKING:  # a plain type here: the planner reads regions' states without the pool's threads
+    from .pool import Backup
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,9 @@ STATE_MODULES = {"regions.py", "sessions.py", "model.py"}
 # engine runs its own sleep; a model's pause and its controller.
 STATE_ATTRIBUTES = {"state", "handle", "backup", "session", "paused", "ended", "_goodbye", "_placeholder",
                     "_handing_back", "regions", "policy", "needs_controller", "controller"}
+# Membership: a model's ranks and orphans, a rank's regions. Changed in place only by their own transitions.
+MEMBERSHIP = {"ranks", "orphans", "regions"}
+CHANGING_IN_PLACE = {"pop", "popitem", "setdefault", "update", "clear", "__setitem__", "__delitem__"}
 
 
 def _assigned_attributes(tree):
@@ -35,15 +38,39 @@ def _assigned_attributes(tree):
                     yield part.lineno, part.attr
 
 
-def test_only_the_state_machine_modules_assign_region_rank_or_model_state():
+def _changed_members(tree):
+    """(line, attribute) for every `x.attr[k] = ...`, `del x.attr[k]` and `x.attr.pop(...)` (and the like)."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)):
+            targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
+            for target in targets:
+                if isinstance(target, ast.Subscript) and isinstance(target.value, ast.Attribute):
+                    yield target.lineno, target.value.attr
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr in CHANGING_IN_PLACE and isinstance(node.func.value, ast.Attribute)):
+            yield node.lineno, node.func.value.attr
+
+
+def _outside_the_state_modules(find, attributes):
     found = []
     for name in sorted(os.listdir(DAEMON)):
         if name.endswith(".py") and name not in STATE_MODULES:
             with open(os.path.join(DAEMON, name)) as source:
                 tree = ast.parse(source.read())
-            found += [f"daemon/{name}:{line} sets .{attribute}" for line, attribute in _assigned_attributes(tree)
-                      if attribute in STATE_ATTRIBUTES]
-    assert found == []
+            found += [f"daemon/{name}:{line} changes .{attribute}" for line, attribute in find(tree)
+                      if attribute in attributes]
+    return found
+
+
+def test_only_the_state_machine_modules_assign_region_rank_or_model_state():
+    assert _outside_the_state_modules(_assigned_attributes, STATE_ATTRIBUTES) == []
+
+
+def test_only_the_state_machine_modules_change_who_belongs_to_a_model_or_a_rank():
+    assert _outside_the_state_modules(_changed_members, MEMBERSHIP) == []
+    # The check sees each kind of change it claims to.
+    sample = ast.parse("m.ranks[0] = s\ndel m.orphans[1]\ns.regions.pop(2)\ns.regions.setdefault(3, r)\n")
+    assert [attribute for _, attribute in _changed_members(sample)] == ["ranks", "orphans", "regions", "regions"]
 
 
 def test_each_daemon_module_says_its_one_job_and_stays_small():
