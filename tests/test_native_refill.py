@@ -194,7 +194,9 @@ def test_refills_wait_out_a_busy_model_without_holding_the_daemons_handle_worker
             return value(scrape(daemon), "sleepd_errors_total", operation="handle_allocate", code="ABORTED") or 0
 
         def attach_another():
-            wait_for(lambda: refusals() >= WORKERS, what="as many refusals as refills")
+            # Every refill under way (one refill alone, asking again every 10 ms, soon has as many refusals).
+            wait_for(lambda: all(pool.refill.busy for pool in pools) and refusals() >= WORKERS,
+                     what="every refill under way and as many refusals as refills")
             with SleepClient.connect("llama", socket=daemon.socket):
                 attached.append(time.monotonic())
 

@@ -1,11 +1,9 @@
 """sleepctl as people use it: tables for people and JSON for scripts, a progress bar when an
-operation takes a while on a terminal, `top`, shell completion, and one-line errors."""
+operation takes a while on a terminal, `top`, and one-line errors. Shell completion: test_completion.py."""
 
-import functools
 import json
 import os
 import pty
-import shlex
 import subprocess
 import sys
 import time
@@ -149,64 +147,6 @@ def test_a_long_sleep_or_wake_shows_a_progress_bar_on_a_terminal_and_nowhere_els
     finally:
         slow.close()
         fast.close()
-
-
-@functools.cache
-def bash_script() -> str:
-    return sleepctl("completion", "bash").stdout
-
-
-def completions(line: str, env=None) -> list[str]:
-    """What bash offers for `line` (the cursor at its end), with the script sleepctl prints: the function
-    it registers for sleepctl is called with the variables and arguments bash's completion gives it."""
-    words = line.split(" ")
-    program = (f"{bash_script()}\n"
-               "[[ $(complete -p sleepctl) =~ -F\\ ([^ ]+)\\ sleepctl$ ]] || exit 3\n"
-               f"COMP_LINE={shlex.quote(line)} COMP_POINT={len(line)}\n"
-               f"COMP_WORDS=({' '.join(shlex.quote(word) for word in words)}) COMP_CWORD={len(words) - 1}\n"
-               '"${BASH_REMATCH[1]}" sleepctl "${COMP_WORDS[COMP_CWORD]}" "${COMP_WORDS[COMP_CWORD-1]}"\n'
-               "printf '%s\\n' \"${COMPREPLY[@]}\"\n")
-    environment = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
-                   **(env or {})}
-    result = subprocess.run(["bash", "--norc", "--noprofile"], input=program, capture_output=True, text=True,
-                            timeout=60, env=environment)
-    assert result.returncode == 0 and not result.stderr, result.stderr
-    # Outside a real completion `compopt` fails, so argcomplete itself ends a lone match with the space that
-    # bash would add.
-    return sorted(filter(None, (word.removesuffix(" ") for word in result.stdout.splitlines())))
-
-
-def test_bash_completion_offers_commands_options_values_and_the_daemons_models(daemon, qwen, start_engine):
-    start_engine(daemon, "llama", regions=[("weights", MiB)])
-    assert completions("sleepctl s") == ["sleep", "status", "swap"]
-    assert completions("sleepctl --json w") == ["wake"]
-    assert completions("sleepctl wake --") == ["--evict", "--help", "--json", "--model", "--socket", "--tags",
-                                               "--timeout"]
-    assert completions("sleepctl sleep --level ") == ["0", "1", "2"]
-    assert completions("sleepctl completion ") == ["bash", "zsh"]
-    # Names come from the daemon the command line (or $SLEEPD_SOCKET) names.
-    assert completions(f"sleepctl --socket {daemon.socket} sleep --model ") == ["llama", "qwen"]
-    assert completions("sleepctl wake --model q", env={"SLEEPD_SOCKET": daemon.socket}) == ["qwen"]
-    assert completions(f"sleepctl --socket {daemon.socket} sleep --model qwen --tags kv_cache w") == ["weights"]
-    # No daemon: nothing to offer, and no error on the terminal.
-    assert completions("sleepctl wake --model ", env={"SLEEPD_SOCKET": daemon.socket + ".gone"}) == []
-
-
-@pytest.mark.skipif(not os.path.exists("/bin/zsh") and not os.path.exists("/usr/bin/zsh"), reason="zsh not installed")
-def test_the_zsh_script_loads_in_zsh_and_offers_the_same_words():
-    script = sleepctl("completion", "zsh").stdout
-    # The function the script registers with compinit runs as a completion widget would run it, with
-    # `_describe` (which would show a menu) printing the "word:description" pairs it is handed instead.
-    probe = ("(( ${+_comps[sleepctl]} )) || exit 3\n"
-             "_describe() { print -rl -- \"${(@P)2}\" }\n"
-             "BUFFER='sleepctl completion '; CURSOR=${#BUFFER}; words=(${=BUFFER} ''); $_comps[sleepctl]\n"
-             "BUFFER='sleepctl wake --ev'; CURSOR=${#BUFFER}; words=(${=BUFFER}); $_comps[sleepctl]\n")
-    environment = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
-    result = subprocess.run(["zsh", "-f", "-c", "autoload -U compinit && compinit -u\n" + script + probe],
-                            capture_output=True, text=True, timeout=60, env=environment)
-    assert result.returncode == 0, result.stderr
-    lines = [line.partition(":")[0] for line in result.stdout.splitlines()]
-    assert lines[:2] == ["bash", "zsh"] and "--evict" in lines[2:]
 
 
 def test_errors_are_one_line_with_a_non_zero_status(daemon, qwen, tmp_path):
