@@ -239,7 +239,7 @@ class SleepdService(pb_grpc.SleepdServicer):
             models=[pb.ModelStatus(name=model.name, sleeping=model.sleeping, policy=_policy(model.policy),
                                    idle_seconds=model.idle_seconds, needs_controller=model.needs_controller,
                                    controller_pid=model.controller_pid, ranks=[
-                pb.RankStatus(rank=rank.rank, device=rank.device, pid=rank.pid, detached=rank.orphaned,
+                pb.RankStatus(rank=rank.rank, device=rank.device, pid=rank.pid, orphaned=rank.orphaned,
                               regions=[region_message(region) for region in rank.regions])
                 for rank in model.ranks]) for model in models],
         )

@@ -11,7 +11,7 @@ REGIONS = [("weights", 4 * MiB), ("kv_cache", 2 * MiB)]
 
 
 def ranks(daemon, model: str) -> list[tuple[int, bool]]:
-    return [(rank["rank"], rank.get("detached", False))
+    return [(rank["rank"], rank.get("orphaned", False))
             for entry in daemon.status()["models"] if entry["name"] == model for rank in entry["ranks"]]
 
 
@@ -70,7 +70,7 @@ def test_persistent_regions_outlive_their_engine_awake_or_asleep(daemon, start_e
     first = start_engine(daemon, "qwen", regions=REGIONS, persist=True)
     original = by_tag(first.initial)
     first.kill()
-    wait_for(lambda: ranks(daemon, "qwen") == [(0, True)], what="rank 0 to show as detached")
+    wait_for(lambda: ranks(daemon, "qwen") == [(0, True)], what="rank 0 to show as orphaned")
     assert int(daemon.status()["devices"][0]["used"]) == 6 * MiB, "persistent memory was released"
 
     # Awake: the next process of the rank maps the same memory, at an address of its own.
@@ -86,7 +86,7 @@ def test_persistent_regions_outlive_their_engine_awake_or_asleep(daemon, start_e
 
     # Asleep: the model sleeps while no process holds the rank, and wakes with the next one.
     second.kill()
-    wait_for(lambda: ranks(daemon, "qwen") == [(0, True)], what="rank 0 to show as detached")
+    wait_for(lambda: ranks(daemon, "qwen") == [(0, True)], what="rank 0 to show as orphaned")
     daemon.ctl("sleep", "--model", "qwen")
     assert int(daemon.status()["devices"][0]["used"]) == 0
     third = start_engine(daemon, "qwen", regions=())
@@ -98,7 +98,7 @@ def test_persistent_regions_outlive_their_engine_awake_or_asleep(daemon, start_e
 def test_a_persistent_rank_can_only_come_back_on_its_device(daemon, start_engine):
     first = start_engine(daemon, "qwen", device=1, regions=REGIONS, persist=True)
     first.kill()
-    wait_for(lambda: ranks(daemon, "qwen") == [(0, True)], what="rank 0 to show as detached")
+    wait_for(lambda: ranks(daemon, "qwen") == [(0, True)], what="rank 0 to show as orphaned")
     with pytest.raises(AssertionError, match="exited at start"):
         start_engine(daemon, "qwen", device=0, regions=())
     assert ranks(daemon, "qwen") == [(0, True)]

@@ -20,7 +20,7 @@ REGIONS = [("weights", 4 * MiB), ("kv_cache", 2 * MiB), ("buffers", 2 * MiB)]
 
 
 def attached(daemon) -> dict:
-    return {m["name"]: [(r["rank"], r.get("detached", False)) for r in m["ranks"]] for m in daemon.status()["models"]}
+    return {m["name"]: [(r["rank"], r.get("orphaned", False)) for r in m["ranks"]] for m in daemon.status()["models"]}
 
 
 @pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "stopped"])
@@ -93,7 +93,7 @@ def assert_wakes_whole(daemon, engine, states=ASLEEP) -> None:
     """After the restart the model sleeps, its regions in `states`; a wake brings
     back every offloaded byte and zeroes the rest."""
     wait_for(lambda: attached(daemon) == {"qwen": [(0, False)]}, timeout=30, what="the engine to come back")
-    wait_for(lambda: not any(r.get("detached") for r in daemon.status()["models"][0]["ranks"])
+    wait_for(lambda: not any(r.get("orphaned") for r in daemon.status()["models"][0]["ranks"])
              and daemon.status()["models"][0]["sleeping"], what="the resume to finish")
     assert {r["tag"]: r["state"] for r in engine.report()["regions"]} == states
     # Backups are kept for what is asleep with contents, and only for that.

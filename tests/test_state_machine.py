@@ -107,7 +107,7 @@ def test_an_illegal_transition_stops_the_daemon_and_a_restart_recovers_every_byt
 
     again = Daemon(tmp_path, "host", *flags)
     try:
-        wait_for(lambda: again.status()["models"] and not again.status()["models"][0]["ranks"][0].get("detached"),
+        wait_for(lambda: again.status()["models"] and not again.status()["models"][0]["ranks"][0].get("orphaned"),
                  what="the engine to hand its memory back")
         assert engine.report()["regions"] == engine.initial["regions"]
         again.ctl("sleep", "--model", "qwen")

@@ -169,7 +169,7 @@ def test_persistent_regions_of_a_dead_rank_go_back_only_to_its_uid(shared_daemon
     owner = start_engine(daemon, "store", regions=[("weights", 4 * MiB)], persist=True)
     weights = by_tag(owner.initial)["weights"]["sha256"]
     owner.kill()
-    wait_for(lambda: daemon.status()["models"][0]["ranks"][0].get("detached"), what="the rank to be orphaned")
+    wait_for(lambda: daemon.status()["models"][0]["ranks"][0].get("orphaned"), what="the rank to be orphaned")
     with pytest.raises(AssertionError, match="exited at start"):
         start_engine(daemon, "store", as_uid=OTHER)
     heir = start_engine(daemon, "store")
@@ -385,7 +385,7 @@ def test_a_pool_directory_planted_while_the_daemon_was_down_stops_it_and_nothing
     # The operator does what the line says; the victim attaches again with every byte.
     subprocess.run(["rm", "-rf", daemon.pool_dir], check=True)
     again = shared_daemon()
-    wait_for(lambda: [(m["name"], [r.get("detached", False) for r in m["ranks"]]) for m in again.status()["models"]]
+    wait_for(lambda: [(m["name"], [r.get("orphaned", False) for r in m["ranks"]]) for m in again.status()["models"]]
              == [("victim", [False])], timeout=30, what="the victim to attach to the restarted daemon")
     assert engine.report()["regions"] == before["regions"]
     # Its weights offloaded into the pool root's daemon made: the attacker cannot even list it.

@@ -262,7 +262,7 @@ def test_a_daemon_killed_under_an_attached_engine_comes_back_with_every_byte(tmp
         while True:  # the engine's client reconnects and hands its memory back
             status = json.loads(subprocess.run([*ctl, "--json", "status"], capture_output=True, text=True).stdout)
             ranks = [rank for model in status["models"] if model["name"] == "kept" for rank in model["ranks"]]
-            if ranks and not ranks[0].get("detached") and all(region["state"] == "MAPPED"
+            if ranks and not ranks[0].get("orphaned") and all(region["state"] == "MAPPED"
                                                               for region in ranks[0]["regions"]):
                 break
             assert time.monotonic() < deadline, status

@@ -99,7 +99,7 @@ def test_a_daemon_restarted_under_a_serving_vllm_gets_its_memory_back_and_vllm_k
 
     node["daemon"] = daemon = Daemon(node["directory"], "host")
 
-    wait_for(lambda: [(r["rank"], r.get("detached", False)) for m in daemon.status()["models"] if m["name"] == MODEL
+    wait_for(lambda: [(r["rank"], r.get("orphaned", False)) for m in daemon.status()["models"] if m["name"] == MODEL
                       for r in m["ranks"]] == [(0, False)], timeout=180, what="vLLM's worker to attach again")
     assert tag_states(daemon, MODEL) == {"weights": "MAPPED", "kv_cache": "MAPPED"}
     assert memfd_bytes([daemon.pid], daemon.memfd_prefix(MODEL)) >= KV_CACHE_BYTES, "the new daemon lacks the memory"
