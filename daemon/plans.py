@@ -21,6 +21,13 @@ Ids = tuple[int, ...]
 # ---- what the executor does ----
 
 @dataclass(frozen=True)
+class OnRegions:
+    """An action on some of a model's regions (each action below without fields of its own is one)."""
+    model: str
+    regions: Ids
+
+
+@dataclass(frozen=True)
 class Quiesce:
     """The model's ranks run their sleep hooks; then it is paused."""
     model: str
@@ -41,17 +48,12 @@ class ResumeIfAwake:
     model: str
 
 
-@dataclass(frozen=True)
-class Offload:
+class Offload(OnRegions):
     """Backups from the host pool, the regions copied into them, and the state file told."""
-    model: str
-    regions: Ids
 
 
-@dataclass(frozen=True)
-class CancelOffload:
-    model: str
-    regions: Ids
+class CancelOffload(OnRegions):
+    """Regions being offloaded stay mapped; their backups go back to the pool."""
 
 
 @dataclass(frozen=True)
@@ -64,18 +66,13 @@ class Unmap:
 
 
 @dataclass(frozen=True)
-class Remap:
+class Remap(OnRegions):
     """Each rank among `ranks` maps its regions among `regions` again."""
-    model: str
-    regions: Ids
     ranks: tuple[int, ...]
 
 
-@dataclass(frozen=True)
-class Release:
+class Release(OnRegions):
     """Every engine let go: the daemon drops its handles, and the device memory is gone."""
-    model: str
-    regions: Ids
 
 
 @dataclass(frozen=True)
@@ -86,63 +83,40 @@ class MakeRoom:
     evict: bool
 
 
-@dataclass(frozen=True)
-class Materialize:
+class Materialize(OnRegions):
     """New device memory for asleep regions, filled from their backups (or zeroed)."""
-    model: str
-    regions: Ids
 
 
-@dataclass(frozen=True)
-class CancelRestore:
+class CancelRestore(OnRegions):
     """Regions being restored go back to sleep, their backups intact; memory created for them is released."""
-    model: str
-    regions: Ids
 
 
 @dataclass(frozen=True)
-class TagsAwake:
+class TagsAwake(OnRegions):
     """Each rank runs the wake hooks of its regions' tags among `regions`, mapped again."""
-    model: str
-    regions: Ids
     ranks: tuple[int, ...]
 
 
-@dataclass(frozen=True)
-class FinishRestore:
+class FinishRestore(OnRegions):
     """The regions are mapped: their backups go back to the pool."""
-    model: str
-    regions: Ids
 
 
-@dataclass(frozen=True)
-class WakeAgain:
+class WakeAgain(OnRegions):
     """A swap's compensation: a victim's released regions are materialized, remapped and restored. One
     that cannot come back (the room went elsewhere) stays asleep with its backup, named in the error."""
-    model: str
-    regions: Ids
 
 
-@dataclass(frozen=True)
-class Drop:
+class Drop(OnRegions):
     """Regions nobody will map again: their memory and backups are released, and they are forgotten."""
-    model: str
-    regions: Ids
 
 
-@dataclass(frozen=True)
-class Unclaim:
+class Unclaim(OnRegions):
     """After a restart, regions recorded as mapped that no engine handed back: asleep."""
-    model: str
-    regions: Ids
 
 
-@dataclass(frozen=True)
-class KeepAwake:
+class KeepAwake(OnRegions):
     """After a restart, regions an engine handed back though they had been copied out: awake,
     their backups freed."""
-    model: str
-    regions: Ids
 
 
 @dataclass(frozen=True)
