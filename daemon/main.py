@@ -32,7 +32,7 @@ from . import admission, backends, config, core as control_plane, logs
 from .auth import Authorizer
 from .config_render import render
 from .fanout import Fanout
-from .handles import HandleServer
+from .handles import HandleLimits, HandleServer
 from .idle import IdleWatcher
 from .metrics import Metrics
 from .mover import Mover
@@ -40,7 +40,7 @@ from .notify import Notifier, StatusReporter, summary
 from .pool import HostPool
 from .private_paths import PrivateDirectory, UnsafePath, socket_directory
 from .rules import SleepRules
-from .recovery import REATTACH_SECONDS, StateStore, backup_pieces
+from .recovery import StateStore, backup_pieces
 from .regions import stop_on_bugs
 from .service import SleepdService
 from .tcp import TcpCredentials, serve_tcp
@@ -173,7 +173,7 @@ def _build_core(cfg: config.Config, claimed: _Claimed, movers: dict[int, Mover])
     if claimed.state is not None:
         core.recovery.recover(claimed.state)
         # Engines that do not come back in time lose what only they held.
-        expiry = threading.Timer(REATTACH_SECONDS, core.recovery.expire)
+        expiry = threading.Timer(cfg.reattach_seconds, core.recovery.expire)
         expiry.daemon = True
         expiry.start()
     metrics.watch(core)
@@ -192,8 +192,8 @@ class _Listeners:
 def _listen(cfg: config.Config, core: control_plane.Core, socket_path: str,
             tcp_credentials: TcpCredentials | None) -> _Listeners:
     """Binds and starts every listener; the health service says NOT_SERVING until _announce_ready."""
-    server, health_service = _grpc_server(core, socket_path)
-    handles = HandleServer(paths.handle_socket(socket_path), core)
+    server, health_service = _grpc_server(cfg, core, socket_path)
+    handles = HandleServer(paths.handle_socket(socket_path), core, HandleLimits(**cfg.table("handles")))
     metrics_address = None
     if cfg.metrics_address != "off":
         metrics_address = core.metrics.serve(cfg.metrics_address, _read_token(cfg.metrics_token_file))
@@ -207,13 +207,15 @@ def _listen(cfg: config.Config, core: control_plane.Core, socket_path: str,
     return _Listeners(server, health_service, handles, tcp_server, metrics_address)
 
 
-def _grpc_server(core: control_plane.Core, socket_path: str) -> tuple[grpc.Server, health.HealthServicer]:
+def _grpc_server(cfg: config.Config, core: control_plane.Core,
+                 socket_path: str) -> tuple[grpc.Server, health.HealthServicer]:
     """The Unix socket's gRPC server, bound, not started."""
+    limits = admission.CallLimits(**cfg.table("grpc"))
     # Each caller may hold only so many of the workers at once (admission.py), so no flood starves the rest.
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=admission.WORKERS, thread_name_prefix="grpc"),
-                         interceptors=[admission.Admission(core.registry.caller, core.authorizer)],
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="grpc"),
+                         interceptors=[admission.Admission(core.registry.caller, core.authorizer, limits)],
                          options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_SleepdServicer_to_server(SleepdService(core), server)
+    pb_grpc.add_SleepdServicer_to_server(SleepdService(core, cfg.wake_wait_limit, cfg.swap_batch), server)
     # The standard health service answers NOT_SERVING until both sockets are up,
     # and again from the moment the daemon starts stopping; reflection lets
     # grpcurl and friends discover the API without a copy of sleepd.proto.
@@ -229,7 +231,7 @@ def _grpc_server(core: control_plane.Core, socket_path: str) -> tuple[grpc.Serve
 def _serve_tcp(cfg: config.Config, core: control_plane.Core, credentials: TcpCredentials) -> grpc.Server:
     """Control from other hosts: TLS and the bearer token only. A listener that cannot start stops the daemon."""
     try:
-        tcp_server, tcp_port = serve_tcp(core, cfg.tcp_address, credentials)
+        tcp_server, tcp_port = serve_tcp(core, cfg.tcp_address, credentials, cfg.wake_wait_limit, cfg.swap_batch)
     except (OSError, ValueError, RuntimeError, grpc.RpcError) as error:
         log.critical("tcp.address %s: cannot serve: %s", cfg.tcp_address, error)
         sys.exit(f"sleepd: tcp.address {cfg.tcp_address}: cannot serve: {error}")

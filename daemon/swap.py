@@ -28,13 +28,12 @@ from .regions import ASLEEP, Region
 from .room import needed_by_device
 from .rules import Action
 
-# Offload batch size: small enough that restores start early, large enough to keep copies efficient.
-BATCH_BYTES = 64 << 20
 
-
-def swap(ops: Operations, to_name: str, from_names: list[str], caller: Peer) -> SwapResult:
+def swap(ops: Operations, to_name: str, from_names: list[str], caller: Peer, batch_bytes: int) -> SwapResult:
     """Puts `from_names` (or, without any, the models `caller` may evict, in eviction order)
-    to sleep and wakes `to_name` in their room."""
+    to sleep and wakes `to_name` in their room. The victims' memory goes out in batches of
+    `batch_bytes` (swap.batch): small enough that restores start early, large enough to keep
+    copies efficient and the engines' unmap rounds few."""
     started = time.perf_counter()
     if to_name in from_names:
         raise invalid(f"swap: {to_name} cannot be swapped out for itself")
@@ -64,7 +63,7 @@ def swap(ops: Operations, to_name: str, from_names: list[str], caller: Peer) -> 
                 held.enter_context(ops.quotas.reserve(
                     victim, "host_pool", sum(r.mapped_size for r, a in work if a is Action.OFFLOAD),
                     f"swap to {to_name}: sleep {victim.name}"))
-            result = _overlapped(ops, target, works, targets, caller)
+            result = _overlapped(ops, target, works, targets, caller, batch_bytes)
     result.seconds = time.perf_counter() - started
     for victim in victims:
         ops.reporter.events.publish("evicted", victim, f"swapped out for {to_name}")
@@ -125,12 +124,12 @@ def _check_enough(ops: Operations, target: Model, victims: list[Model], needed: 
         ops.room.refuse(target, message)
 
 
-def _batches(work):
+def _batches(work, batch_bytes: int):
     batch, size = [], 0
     for item in work:
         batch.append(item)
         size += item[0].mapped_size
-        if size >= BATCH_BYTES:
+        if size >= batch_bytes:
             yield batch
             batch, size = [], 0
     if batch:
@@ -178,7 +177,7 @@ class _Restorer(threading.Thread):
 
 
 def _overlapped(ops: Operations, target: Model, works: dict[Model, list], targets: list[Region],
-                caller: Peer) -> SwapResult:
+                caller: Peer, batch_bytes: int) -> SwapResult:
     victims = list(works)
     offload_bytes = sum(r.mapped_size for work in works.values() for r, a in work if a is Action.OFFLOAD)
     if offload_bytes > ops.pool.available:
@@ -199,7 +198,7 @@ def _overlapped(ops: Operations, target: Model, works: dict[Model, list], target
                     quiesced.append(victim)
             restorer.start()
             for victim, work in works.items():
-                for batch in _batches(work):
+                for batch in _batches(work, batch_bytes):
                     ops.offload_and_unmap(victim, batch)
                     with room:
                         room.notify_all()
