@@ -40,11 +40,10 @@ auto taking_fd(Handle (Backend::*take)(const Shareable&, int, size_t)) {
 
 void* as_pointer(uintptr_t address) { return reinterpret_cast<void*>(address); }
 
-}  // namespace
+using BackendClass = py::class_<Backend, std::shared_ptr<Backend>>;
 
-PYBIND11_MODULE(_C, m) {
-  m.doc() = "sleepd native core: memory backends and bulk copies";
-
+// Native failures as the Python exceptions callers catch.
+void bind_errors(py::module_& m) {
   auto backend_error = py::register_exception<BackendError>(m, "BackendError", PyExc_RuntimeError);
   // Registered after its base, so that its translation is tried first.
   py::register_exception<ContextLost>(m, "ContextLostError", backend_error);
@@ -57,9 +56,12 @@ PYBIND11_MODULE(_C, m) {
       PyErr_SetObject(PyExc_OSError, py::make_tuple(failure.code().value(), failure.what()).ptr());
     }
   });
+}
 
-  py::class_<Backend, std::shared_ptr<Backend>>(m, "Backend")
-      .def_property_readonly("name", &Backend::name)
+// The one backend interface: memory, how processes share it, and mappings.
+BackendClass bind_backend(py::module_& m) {
+  BackendClass backend(m, "Backend");
+  backend.def_property_readonly("name", &Backend::name)
       .def_property_readonly("pins_host_memory", &Backend::pins_host_memory)
       .def("granularity", &Backend::granularity, py::arg("device"), py::call_guard<py::gil_scoped_release>())
       .def("create", &Backend::create, py::arg("device"), py::arg("size"), py::arg("label") = "sleepd",
@@ -115,6 +117,16 @@ PYBIND11_MODULE(_C, m) {
       .def("synchronize", &Backend::synchronize, py::call_guard<py::gil_scoped_release>(),
            "Wait for this process's work in flight on its device (kernels, copies).")
       .def(
+          "register_host",
+          [](Backend& self, uintptr_t address, size_t size) { self.register_host(as_pointer(address), size); },
+          py::arg("address"), py::arg("size"), py::call_guard<py::gil_scoped_release>());
+  return backend;
+}
+
+// Copies between device and host memory, and a mapped address's bytes read and written.
+void bind_backend_copies(BackendClass& backend) {
+  backend
+      .def(
           "copy_to_host",
           [](Backend& self, Handle src, size_t offset, uintptr_t dst, size_t size) {
             self.copy_to_host(src, offset, as_pointer(dst), size);
@@ -149,7 +161,12 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("address"), py::arg("data"), "Copy a bytes-like object to a mapped address.")
       .def("zero", &Backend::zero, py::arg("dst"), py::arg("offset"), py::arg("size"),
-           py::call_guard<py::gil_scoped_release>())
+           py::call_guard<py::gil_scoped_release>());
+}
+
+// All-or-none batches of creations, mappings and unmappings, and releases of many handles (batches.h).
+void bind_backend_batches(BackendClass& backend) {
+  backend
       .def(
           "create_all",
           [](Backend& self, const std::vector<std::tuple<int, size_t, std::string>>& creations) {
@@ -189,17 +206,32 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("unmappings"),
           "Unmap and release [(address, size, imported handle)] in order, stopping at a failure: "
-          "(how many were done, why it stopped or '').")
-      .def(
-          "register_host", [](Backend& self, uintptr_t address, size_t size) { self.register_host(as_pointer(address), size); },
-          py::arg("address"), py::arg("size"), py::call_guard<py::gil_scoped_release>());
+          "(how many were done, why it stopped or '').");
+}
 
+void bind_host_backend(py::module_& m) {
   py::class_<HostBackend, Backend, std::shared_ptr<HostBackend>>(m, "HostBackend")
       .def(py::init<int, size_t>(), py::arg("devices") = 0, py::arg("capacity") = 0)
       .def_property_readonly("devices", &HostBackend::devices)
       .def_property_readonly("capacity", &HostBackend::capacity)
       .def("used", &HostBackend::used, py::arg("device"));
+}
 
+// name(library=""): why the backend over Loader's library (the CUDA driver, the ACL runtime) cannot run
+// here, or None when it can.
+template <typename Loader>
+void bind_unavailable_reason(py::module_& m, const char* name, const char* doc) {
+  m.def(
+      name,
+      [](const std::string& library) -> std::optional<std::string> {
+        std::string reason;
+        if (Loader::load(library, &reason)) return std::nullopt;
+        return reason;
+      },
+      py::arg("library") = "", py::call_guard<py::gil_scoped_release>(), doc);
+}
+
+void bind_cuda_backend(py::module_& m) {
   py::class_<CudaBackend, Backend, std::shared_ptr<CudaBackend>>(m, "CudaBackend")
       .def(py::init([](const std::string& library, unsigned streams) {
              py::gil_scoped_release release;  // cuInit may take seconds
@@ -220,6 +252,11 @@ PYBIND11_MODULE(_C, m) {
       .def("set_device", &CudaBackend::set_device, py::arg("device"),
            py::call_guard<py::gil_scoped_release>());
 
+  bind_unavailable_reason<cu::Driver>(m, "cuda_unavailable_reason",
+                                      "Why the CUDA backend cannot run here, or None when it can.");
+}
+
+void bind_acl_backend(py::module_& m) {
   py::class_<AclBackend, Backend, std::shared_ptr<AclBackend>>(m, "AclBackend")
       .def(py::init([](const std::string& library, unsigned streams) {
              py::gil_scoped_release release;
@@ -238,6 +275,11 @@ PYBIND11_MODULE(_C, m) {
       .def("device_pid", &AclBackend::device_pid, py::call_guard<py::gil_scoped_release>(),
            "The id the runtime knows this process by (aclrtDeviceGetBareTgid).");
 
+  bind_unavailable_reason<acl::Runtime>(m, "acl_unavailable_reason",
+                                        "Why the ACL backend cannot run here, or None when it can.");
+}
+
+void bind_handle_channel(py::module_& m) {
   py::class_<HandleChannel, std::shared_ptr<HandleChannel>>(
       m, "HandleChannel", "The engine's handle socket connection; one request in flight, any thread, no GIL.")
       .def(py::init<int>(), py::arg("fd"), "Takes ownership of a connected, blocking SOCK_SEQPACKET socket.")
@@ -255,9 +297,11 @@ PYBIND11_MODULE(_C, m) {
           py::arg("request"), py::arg("fds"), py::arg("timeout"),
           "(reply bytes, its descriptors, truncated); empty bytes and no descriptors: the daemon closed.")
       .def("close", &HandleChannel::close, py::call_guard<py::gil_scoped_release>());
+}
 
-  py::class_<DaemonRefill, std::shared_ptr<DaemonRefill>>(m, "DaemonRefill",
-                                                         "A ChunkPool's chunks, allocated over the handle socket in C++.")
+void bind_daemon_refill(py::module_& m) {
+  py::class_<DaemonRefill, std::shared_ptr<DaemonRefill>>(
+      m, "DaemonRefill", "A ChunkPool's chunks, allocated over the handle socket in C++.")
       .def(py::init<std::shared_ptr<HandleChannel>, std::shared_ptr<Backend>, int, std::string, int64_t, double,
                     double>(),
            py::arg("channel"), py::arg("backend"), py::arg("device"), py::arg("tag"), py::arg("device_pid"),
@@ -274,9 +318,11 @@ PYBIND11_MODULE(_C, m) {
           "(id, size, mapped size, address, handle) of each region mapped since the last call.")
       .def("take_unmapped", &DaemonRefill::take_unmapped, "Ids of regions allocated but not mapped here.")
       .def_property_readonly("busy", &DaemonRefill::busy);
+}
 
-  py::class_<ChunkPool, std::shared_ptr<ChunkPool>>(m, "ChunkPool",
-                                                   "Carves allocations out of large chunks from `refill`.")
+void bind_chunk_pool(py::module_& m) {
+  py::class_<ChunkPool, std::shared_ptr<ChunkPool>>(
+      m, "ChunkPool", "Carves allocations out of large chunks from `refill`.")
       .def(py::init([](std::shared_ptr<DaemonRefill> refill, size_t chunk_bytes, size_t alignment) {
              return std::make_shared<ChunkPool>([refill](size_t bytes) { return (*refill)(bytes); }, chunk_bytes,
                                                 alignment);
@@ -297,25 +343,10 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("bytes_in_use", &ChunkPool::bytes_in_use)
       .def("activate", &ChunkPool::activate, "Serve this thread's allocations through the C hooks.")
       .def("deactivate", &ChunkPool::deactivate);
+}
 
-  m.def(
-      "cuda_unavailable_reason",
-      [](const std::string& library) -> std::optional<std::string> {
-        std::string reason;
-        if (cu::Driver::load(library, &reason)) return std::nullopt;
-        return reason;
-      },
-      py::arg("library") = "", py::call_guard<py::gil_scoped_release>(),
-      "Why the CUDA backend cannot run here, or None when it can.");
-  m.def(
-      "acl_unavailable_reason",
-      [](const std::string& library) -> std::optional<std::string> {
-        std::string reason;
-        if (acl::Runtime::load(library, &reason)) return std::nullopt;
-        return reason;
-      },
-      py::arg("library") = "", py::call_guard<py::gil_scoped_release>(),
-      "Why the ACL backend cannot run here, or None when it can.");
+// Host memory mapped from files (the backup pool's slabs) and seen from Python.
+void bind_mapped_files(py::module_& m) {
   m.def(
       "map_file",
       [](int fd, size_t size, bool populate) {
@@ -340,6 +371,18 @@ PYBIND11_MODULE(_C, m) {
       py::arg("address"), py::arg("size"), py::arg("readonly") = false,
       "A memoryview over mapped memory; it does not keep the mapping alive.");
   m.def(
+      "punch_hole",
+      [](int fd, size_t offset, size_t length) {
+        if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
+                      static_cast<off_t>(length)) != 0)
+          throw BackendError(std::string("punch_hole: ") + std::strerror(errno));
+      },
+      py::arg("fd"), py::arg("offset"), py::arg("length"),
+      "Give a file range's pages back to the kernel, keeping the file's size.");
+}
+
+void bind_copy_engine(py::module_& m) {
+  m.def(
       "parallel_copy",
       [](uintptr_t dst, uintptr_t src, size_t size, unsigned threads) {
         parallel_copy(as_pointer(dst), as_pointer(src), size, threads);
@@ -351,13 +394,23 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t dst, uintptr_t src, size_t size) { std::memcpy(as_pointer(dst), as_pointer(src), size); },
       py::arg("dst"), py::arg("src"), py::arg("size"), py::call_guard<py::gil_scoped_release>(),
       "One single-threaded memcpy: the baseline benchmarks compare against.");
-  m.def(
-      "punch_hole",
-      [](int fd, size_t offset, size_t length) {
-        if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
-                      static_cast<off_t>(length)) != 0)
-          throw BackendError(std::string("punch_hole: ") + std::strerror(errno));
-      },
-      py::arg("fd"), py::arg("offset"), py::arg("length"),
-      "Give a file range's pages back to the kernel, keeping the file's size.");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "sleepd native core: memory backends and bulk copies";
+  bind_errors(m);
+  BackendClass backend = bind_backend(m);
+  bind_backend_copies(backend);
+  bind_backend_batches(backend);
+  // Each backend after the interface it derives from.
+  bind_host_backend(m);
+  bind_cuda_backend(m);
+  bind_acl_backend(m);
+  bind_handle_channel(m);
+  bind_daemon_refill(m);
+  bind_chunk_pool(m);
+  bind_mapped_files(m);
+  bind_copy_engine(m);
 }

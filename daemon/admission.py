@@ -7,11 +7,12 @@ the rest, root's `sleepctl status` and engines' wakes included, each call counts
 
 | caller | calls at once | of which Events streams | Session streams, apart |
 |---|---|---|---|
-| a non-admin uid (by the token in the call's metadata) | CALLS_PER_UID | EVENT_STREAMS_PER_UID | SESSIONS_PER_UID |
-| every caller without a valid token, together | ANONYMOUS_CALLS | ANONYMOUS_EVENT_STREAMS | (within the calls) |
+| a non-admin uid (by the token in the call's metadata) | calls_per_uid | event_streams_per_uid | sessions_per_uid |
+| every caller without a valid token, together | anonymous_calls | anonymous_event_streams | (within the calls) |
 | root and the admin group | no limit of their own | | |
 
-Besides, non-admin callers together never take the last ADMIN_RESERVE workers.
+Besides, non-admin callers together never take the last admin_reserve of the workers. The numbers are
+the [grpc] settings (CallLimits).
 The health service's Check (what probes call, with no token) is not counted: it
 answers at once and holds no worker, so a flood never makes a probe fail.
 A call over a limit is refused at once with RESOURCE_EXHAUSTED naming the
@@ -21,6 +22,7 @@ limit; it never waits for a worker.
 import logging
 import threading
 from collections import Counter
+from dataclasses import dataclass
 
 import grpc
 
@@ -32,14 +34,6 @@ from .logs import Throttled
 
 log = logging.getLogger(__name__)
 
-WORKERS = 1024  # the server's thread pool
-ADMIN_RESERVE = 64
-CALLS_PER_UID = 128
-EVENT_STREAMS_PER_UID = 16
-SESSIONS_PER_UID = 128  # one per engine process
-ANONYMOUS_CALLS = 16
-ANONYMOUS_EVENT_STREAMS = 4
-
 _SERVICE = sleepd_pb2.DESCRIPTOR.services_by_name["Sleepd"].full_name
 EVENTS, SESSION = f"/{_SERVICE}/Events", f"/{_SERVICE}/Session"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
@@ -47,11 +41,32 @@ ANONYMOUS = "anonymous"
 WARN_EVERY_SECONDS = 60.0  # a flood is logged, not every call of it
 
 
+@dataclass(frozen=True)
+class CallLimits:
+    """The [grpc] settings, named as there (docs/configuration.md)."""
+    workers: int  # the server's thread pool
+    admin_reserve: int
+    calls_per_uid: int
+    event_streams_per_uid: int
+    sessions_per_uid: int  # one per engine process
+    anonymous_calls: int
+    anonymous_event_streams: int
+
+    def most(self, key: tuple) -> int:
+        """How many calls of the kind `key` names its caller may have in progress at once. A Session
+        stream without a token is counted as one of the anonymous callers' calls (_keys)."""
+        who, kind = key
+        if who == ANONYMOUS:
+            return {"calls": self.anonymous_calls, "events": self.anonymous_event_streams}[kind]
+        return {"calls": self.calls_per_uid, "events": self.event_streams_per_uid,
+                "sessions": self.sessions_per_uid}[kind]
+
+
 class Admission(grpc.ServerInterceptor):
-    def __init__(self, identify, authorizer: Authorizer, workers: int = WORKERS):
+    def __init__(self, identify, authorizer: Authorizer, limits: CallLimits):
         self._identify = identify  # a token -> the Peer it was given to, or None
         self._authorizer = authorizer
-        self._workers = workers
+        self._limits = limits
         self._lock = threading.Lock()  # guards the counts only; nothing else is done under it
         self._held: Counter = Counter()  # (uid or ANONYMOUS, "calls" | "events" | "sessions") -> in progress
         self._busy = 0  # every admitted call in progress, admins' included
@@ -87,12 +102,12 @@ class Admission(grpc.ServerInterceptor):
         with self._lock:
             if not admin:
                 for key in keys:
-                    if self._held[key] >= _most(key):
+                    if self._held[key] >= self._limits.most(key):
                         return _refusal(key, self._held[key])
-                if self._busy >= self._workers - ADMIN_RESERVE:
-                    return (f"{self._busy} of the daemon's {self._workers} gRPC workers are busy and the last "
-                            f"{ADMIN_RESERVE} are kept for root and group {self._authorizer.admin_group!r}; "
-                            "try again shortly")
+                if self._busy >= self._limits.workers - self._limits.admin_reserve:
+                    return (f"{self._busy} of the daemon's {self._limits.workers} gRPC workers are busy and the "
+                            f"last {self._limits.admin_reserve} are kept for root and group "
+                            f"{self._authorizer.admin_group!r}; try again shortly")
             for key in keys:
                 self._held[key] += 1
             self._busy += 1
@@ -107,20 +122,9 @@ class Admission(grpc.ServerInterceptor):
             self._busy -= 1
 
 
-
-# The most in progress at once: (for a non-admin uid, for all callers without a token together).
-# A Session stream without a token is counted as one of their calls.
-_LIMITS = {"calls": (CALLS_PER_UID, ANONYMOUS_CALLS), "events": (EVENT_STREAMS_PER_UID, ANONYMOUS_EVENT_STREAMS),
-           "sessions": (SESSIONS_PER_UID, None)}
 _WHAT = {"calls": ("calls in progress (streams included)", "wait for some to end"),
          "events": ("Events streams open", "close some"),
          "sessions": ("engine sessions open", "end some of its engines first")}
-
-
-def _most(key: tuple) -> int:
-    who, kind = key
-    per_uid, anonymous = _LIMITS[kind]
-    return anonymous if who == ANONYMOUS else per_uid
 
 
 def _refusal(key: tuple, held: int) -> str:

@@ -88,6 +88,7 @@ def load(argv: list[str] | None = None, environ: dict[str, str] | None = None, d
             values[setting.key], sources[setting.key] = setting.default_value(values), "default"
 
     _check_tcp(values, sources, problems)
+    _check_below(values, sources, problems)
     _check_metrics_token(values["metrics.token_file"], sources["metrics.token_file"], problems)
     if problems:
         raise ConfigError(sorted(problems, key=_file_order))
@@ -284,6 +285,32 @@ def _check_tcp(values: dict[str, Any], sources: dict[str, str], problems: list[P
         elif values[key] and not os.access(values[key], os.R_OK):
             reason = "does not exist" if not os.path.exists(values[key]) else "is not readable"
             problems.append(Problem(_place(sources[key]), key, f"{values[key]} {reason}"))
+
+
+# Settings that only mean something below another: (key, the key it must stay below, or at most equal, why).
+_BELOW = [
+    ("handles.allocates_per_uid", "handles.workers", False,
+     "one uid's waiting allocates must leave the other uids a worker"),
+    ("grpc.admin_reserve", "grpc.workers", False, "the callers other than root and admin_group need a worker"),
+    ("grpc.event_streams_per_uid", "grpc.calls_per_uid", True, "each Events stream is one of its uid's calls"),
+    ("grpc.anonymous_event_streams", "grpc.anonymous_calls", True,
+     "each Events stream without a token is one of those callers' calls"),
+]
+
+
+def _check_below(values: dict[str, Any], sources: dict[str, str], problems: list[Problem]) -> None:
+    """Each pair of _BELOW in order, the problem named where the value that was set came from
+    (the first key's, where both were)."""
+    for low, high, equal_too, why in _BELOW:
+        if values[low] < values[high] or (equal_too and values[low] == values[high]):
+            continue
+        bound = "at most" if equal_too else "less than"
+        if sources[low] == "default" and sources[high] != "default":
+            problems.append(Problem(_place(sources[high]), high, f"{values[high]} is too few for {low} "
+                                    f"({values[low]} by default), which must be {bound} it: {why}"))
+        else:
+            problems.append(Problem(_place(sources[low]), low, f"{values[low]} must be {bound} {high} "
+                                    f"({values[high]}): {why}"))
 
 
 def _check_metrics_token(path: str, source: str, problems: list[Problem]) -> None:

@@ -3,6 +3,7 @@ help, declared once on the Config that holds the effective values. Where values 
 job; printing them is config_render.py's."""
 
 import grp
+import math
 import os
 import pwd
 import re
@@ -19,6 +20,11 @@ from .rules import Action
 
 Size = NewType("Size", int)  # bytes, written "512MiB" or "4GiB" (or as an integer) and printed back so
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# The longest the daemon's own waits may be set to: a day already means "never" to an operator, and a far
+# longer one overflows the timers that keep it.
+DAY = 86400.0
+# The most gRPC workers, and calls of one caller, that may be set: more threads than one process should run.
+GRPC_MOST = 1 << 14
 
 
 # ---- kinds of value: each turns a TOML value or a flag's or variable's string into a value, or raises ValueError ----
@@ -61,7 +67,7 @@ def integer(minimum: int, maximum: int) -> Callable[[Any], int]:
     return parse
 
 
-def seconds(positive: bool) -> Callable[[Any], float]:
+def seconds(positive: bool, maximum: float = math.inf) -> Callable[[Any], float]:
     def parse(value) -> float:
         try:
             number = float(value) if isinstance(value, str) else value
@@ -71,6 +77,8 @@ def seconds(positive: bool) -> Callable[[Any], float]:
             raise ValueError(f"{value!r} is not a number of seconds")
         if number < 0 or (positive and number == 0):
             raise ValueError(f"{value} must be {'positive' if positive else 'zero or positive'}")
+        if number > maximum:
+            raise ValueError(f"{value} is too long; it must be at most {maximum:g} seconds")
         return float(number)
     return parse
 
@@ -184,6 +192,14 @@ class Config:
         "eviction_answer_seconds", seconds(positive=True), 5.0,
         "seconds an eviction waits for a model's ranks, or its controller, to answer before it skips "
         "that model and tries the next", "SECONDS")
+    reattach_seconds: float = _setting(
+        "reattach_seconds", seconds(positive=True, maximum=DAY), 60.0,
+        "seconds a restarted daemon waits for the engines of the models it recovered to attach again and hand "
+        "back their memory; then what only an absent engine held is released", "SECONDS")
+    wake_wait_limit: float = _setting(
+        "wake_wait_limit", seconds(positive=True, maximum=DAY), 600.0,
+        "seconds an ensure-awake that waits for another's wake (wait_only) waits at most; a request's own "
+        "timeout is capped by it", "SECONDS")
     admin_group: str = _setting(
         "admin_group", group, "sleepd-admin",
         "members of this group (and root) may act on every model; others only on their uid's", "GROUP")
@@ -219,6 +235,48 @@ class Config:
     tcp_key: str = _setting("tcp.key", optional_fs_path, "", "TLS private key (PEM) for the TCP listener", "PATH")
     tcp_token_file: str = _setting(
         "tcp.token_file", optional_fs_path, "", "file holding the bearer token TCP clients must present", "PATH")
+    handles_connections_per_uid: int = _setting(
+        "handles.connections_per_uid", integer(1, 1 << 16), 256,
+        "connections to the handle socket one uid may hold at once, root's included", "N")
+    handles_connections: int = _setting(
+        "handles.connections", integer(1, 1 << 20), 4096,
+        "connections to the handle socket all uids but root may hold together", "N")
+    handles_workers: int = _setting(
+        "handles.workers", integer(2, 256), 8,
+        "threads that answer the handle socket's requests (an allocate may wait for its model)", "N")
+    handles_allocates_per_uid: int = _setting(
+        "handles.allocates_per_uid", integer(1, 255), 2,
+        "allocates (pool refills) of one uid the handle workers may hold at once; fewer than handles.workers",
+        "N")
+    handles_allocate_wait_seconds: float = _setting(
+        "handles.allocate_wait_seconds", seconds(positive=True, maximum=60.0), 1.0,
+        "seconds an allocate waits for its model's sleep or wake to end before it is refused ABORTED and the "
+        "engine asks again", "SECONDS")
+    grpc_workers: int = _setting(
+        "grpc.workers", integer(2, GRPC_MOST), 1024, "threads that serve gRPC calls on the Unix socket", "N")
+    grpc_admin_reserve: int = _setting(
+        "grpc.admin_reserve", integer(1, GRPC_MOST - 1), 64,
+        "of grpc.workers, how many callers other than root and admin_group never take together", "N")
+    grpc_calls_per_uid: int = _setting(
+        "grpc.calls_per_uid", integer(1, GRPC_MOST), 128,
+        "gRPC calls (streams included) one uid other than root and admin_group may have in progress", "N")
+    grpc_event_streams_per_uid: int = _setting(
+        "grpc.event_streams_per_uid", integer(1, GRPC_MOST), 16,
+        "of grpc.calls_per_uid, how many may be Events streams", "N")
+    grpc_sessions_per_uid: int = _setting(
+        "grpc.sessions_per_uid", integer(1, GRPC_MOST), 128,
+        "engine sessions (one per engine process) one uid other than root and admin_group may hold, "
+        "apart from its calls", "N")
+    grpc_anonymous_calls: int = _setting(
+        "grpc.anonymous_calls", integer(0, GRPC_MOST), 16,
+        "gRPC calls in progress that callers without a token may have together", "N")
+    grpc_anonymous_event_streams: int = _setting(
+        "grpc.anonymous_event_streams", integer(0, GRPC_MOST), 4,
+        "of grpc.anonymous_calls, how many may be Events streams", "N")
+    swap_batch: Size = _setting(
+        "swap.batch", size(1 << 20), parse_size("64MiB"),
+        "bytes a swap puts to sleep at a time: the incoming model's restore starts once the first batch is "
+        "out, and each batch is one unmap round with the engines", "SIZE")
 
     rules: dict[int, dict[str, Action]]       # [rules.LEVEL], merged over rules.DEFAULT_RULES
     models: dict[str, dict[str, Any]]         # [models.NAME]: the MODEL_KEYS the file gives
@@ -230,6 +288,11 @@ class Config:
     @property
     def tcp_enabled(self) -> bool:
         return bool(self.tcp_address)
+
+    def table(self, name: str) -> dict[str, Any]:
+        """The values of a table's settings by key within it: table("handles")["workers"]."""
+        return {setting.key.partition(".")[2]: getattr(self, setting.attr) for setting in SETTINGS
+                if setting.key.startswith(name + ".")}
 
     def notes(self, startup: bool = False) -> list[str]:
         """What is valid but worth a warning (at startup, less what the daemon's parts say themselves)."""

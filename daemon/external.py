@@ -14,9 +14,6 @@ from .operations import Operations
 from .rules import Action
 from .views import OperationResult
 
-# The longest an EnsureAwake request waits for someone else's wake.
-WAIT_LIMIT_SECONDS = 600.0
-
 
 def sleep(ops: Operations, model_name: str, level: int, tags: list[str], actions: dict[str, Action],
           from_rank: bool) -> OperationResult:
@@ -46,16 +43,17 @@ def wake(ops: Operations, model_name: str, tags: list[str], evict: bool, caller:
 
 
 def ensure_awake(ops: Operations, model_name: str, evict: bool, wait_only: bool, timeout: float, caller: Peer,
-                 from_rank: bool) -> tuple[float, bool]:
+                 from_rank: bool, wait_limit: float) -> tuple[float, bool]:
     """Returns once the model is awake: (seconds this request waited, whether it woke it). A
-    request that found it asleep is observed in sleepd_wake_wait_seconds, by how it got awake."""
+    request that found it asleep is observed in sleepd_wake_wait_seconds, by how it got awake.
+    `wait_limit` (wake_wait_limit) bounds a wait for someone else's wake, whatever `timeout` asks."""
     model = ops.registry.model(model_name)
     model.touch()
     if not _asleep(ops, model):
         return 0.0, False
     started = time.monotonic()
     if wait_only:
-        _wait_until_awake(ops, model, min(timeout or WAIT_LIMIT_SECONDS, WAIT_LIMIT_SECONDS))
+        _wait_until_awake(ops, model, min(timeout or wait_limit, wait_limit))
     else:
         wake(ops, model_name, [], evict, caller, from_rank)
     waited = time.monotonic() - started

@@ -10,15 +10,16 @@ Every local uid may connect, so:
   request that takes none) loses its connection; one whose request has bad
   arguments is refused; the daemon keeps running either way. Descriptors the
   daemon did not ask for are closed unread;
-- each uid may hold MAX_CONNECTIONS_PER_UID connections, and all uids but root
-  MAX_CONNECTIONS together; a connection over a cap is refused
+- each uid may hold connections_per_uid connections, and all uids but root
+  `connections` together; a connection over a cap is refused
   (RESOURCE_EXHAUSTED) and closed at once;
 - when accept() finds the daemon short of descriptors or memory, the socket
   stops accepting for a moment and tries again, until it can;
-- one thread waits on every connection and reads the requests; WORKERS threads
+- one thread waits on every connection and reads the requests; `workers` threads
   answer them, since the daemon's calls may wait for a model's lock. A
   connection has one request in flight at most, so its replies go out in order,
   and a peer that does not read them is dropped rather than waited for.
+The numbers are the [handles] settings (HandleLimits).
 """
 
 import contextlib
@@ -48,18 +49,24 @@ from .token_access import TokenAccess
 
 log = logging.getLogger(__name__)
 
-MAX_CONNECTIONS_PER_UID = 256
-# An allocate (a torch pool's refill) waits this long for its model's lock, then is refused ABORTED and
-# sent again by the engine: a worker is never held for a whole sleep or wake. Each uid may have this many
-# allocates in a worker at once, so one user's stalled model cannot take every worker from the others.
-ALLOCATE_WAIT_SECONDS = 1.0
-ALLOCATES_PER_UID = 2
-MAX_CONNECTIONS = 4096  # of every uid but root, which only its own cap limits
-WORKERS = 8
 # accept() calls per wakeup, so that a flood of connects cannot starve the open connections.
 _ACCEPTS_PER_ROUND = 64
 _FIRST_RETRY, _LAST_RETRY = 0.01, 1.0  # seconds before accept() is tried again, doubling
 _ARMED = select.EPOLLIN | select.EPOLLONESHOT
+
+
+@dataclass(frozen=True)
+class HandleLimits:
+    """The [handles] settings, named as there (docs/configuration.md)."""
+    connections_per_uid: int
+    connections: int  # of every uid but root, which only its own cap limits
+    workers: int
+    # An allocate (a torch pool's refill) waits allocate_wait_seconds for its model's lock, then is refused
+    # ABORTED and sent again by the engine: a worker is never held for a whole sleep or wake. Each uid may
+    # have allocates_per_uid allocates in a worker at once, so one user's stalled model cannot take every
+    # worker from the others.
+    allocates_per_uid: int
+    allocate_wait_seconds: float
 
 
 def _refused(error: SleepdError) -> Refused:
@@ -113,9 +120,9 @@ class _Caps:
 
 
 class HandleServer:
-    def __init__(self, path: str, core, mode: int = 0o666, max_per_uid: int = MAX_CONNECTIONS_PER_UID,
-                 max_total: int = MAX_CONNECTIONS):
+    def __init__(self, path: str, core, limits: HandleLimits, mode: int = 0o666):
         self._core = core
+        self._limits = limits
         native = core.backend.native
         self._token_access = TokenAccess(native) if native.shares_tokens else None
         self.path = path
@@ -126,7 +133,7 @@ class HandleServer:
         os.chmod(path, mode)
         self._listener.listen(128)
         self._listener.setblocking(False)
-        self._caps = _Caps(max_per_uid, max_total)
+        self._caps = _Caps(limits.connections_per_uid, limits.connections)
         self._allocating: Counter[int] = Counter()  # allocates in a worker, by uid
         self._allocating_lock = threading.Lock()
         self._epoll = select.epoll()
@@ -143,7 +150,7 @@ class HandleServer:
         self._stopping = False
         self._thread = threading.Thread(target=self._serve, name="handle-socket", daemon=True)
         self._workers = [threading.Thread(target=self._work, name="handle-worker", daemon=True)
-                         for _ in range(WORKERS)]
+                         for _ in range(limits.workers)]
 
     def start(self) -> None:
         self._thread.start()
@@ -327,12 +334,13 @@ class HandleServer:
     def _allocated(self, session: Session, size: int, tag: str, device_pid: int | None) -> Allocated:
         """A new region and its memory."""
         with self._allocating_lock:
-            if self._allocating[session.uid] >= ALLOCATES_PER_UID:
-                raise aborted(f"uid {session.uid} has {ALLOCATES_PER_UID} allocations waiting already; "
-                              "allocate again")
+            if self._allocating[session.uid] >= self._limits.allocates_per_uid:
+                raise aborted(f"uid {session.uid} has {self._limits.allocates_per_uid} allocations waiting "
+                              "already; allocate again")
             self._allocating[session.uid] += 1
         try:
-            region = self._core.operations.allocate(session.id, size, tag, wait_for_model=ALLOCATE_WAIT_SECONDS)
+            region = self._core.operations.allocate(session.id, size, tag,
+                                                    wait_for_model=self._limits.allocate_wait_seconds)
         finally:
             with self._allocating_lock:
                 self._allocating[session.uid] -= 1

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -31,7 +32,7 @@ from . import admission, backends, config, core as control_plane, logs
 from .auth import Authorizer
 from .config_render import render
 from .fanout import Fanout
-from .handles import HandleServer
+from .handles import HandleLimits, HandleServer
 from .idle import IdleWatcher
 from .metrics import Metrics
 from .mover import Mover
@@ -39,7 +40,7 @@ from .notify import Notifier, StatusReporter, summary
 from .pool import HostPool
 from .private_paths import PrivateDirectory, UnsafePath, socket_directory
 from .rules import SleepRules
-from .recovery import REATTACH_SECONDS, StateStore, backup_pieces
+from .recovery import StateStore, backup_pieces
 from .regions import stop_on_bugs
 from .service import SleepdService
 from .tcp import TcpCredentials, serve_tcp
@@ -84,22 +85,56 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.check_config:
         sys.stdout.write(render(cfg))
         return
+    notifier = _set_up_logging(cfg)
+    tcp_credentials = _read_tcp_credentials(cfg) if cfg.tcp_enabled else None
+    claimed = _claim(cfg)
+    movers = _start_movers(claimed.backend, claimed.pool)
+    core = _build_core(cfg, claimed, movers)
+    idle_watcher = IdleWatcher(core.operations)
+    idle_watcher.start()
+    listeners = _listen(cfg, core, claimed.socket_path, tcp_credentials)
+    _announce_ready(core, claimed, listeners, movers, notifier)
+    reporter = StatusReporter(notifier, lambda: summary(core))
+    reporter.start()
+
+    _wait_for_a_stop_signal()
+    log.info("sleepd stopping")
+    reporter.stop()
+    notifier.stopping(f"stopping; {summary(core)}")
+    _shut_down(core, listeners, idle_watcher, movers, claimed)
+    notifier.close()
+
+
+def _set_up_logging(cfg: config.Config) -> Notifier:
+    """Logging as configured, and systemd's notifier."""
     logs.setup(cfg.log_level, cfg.log_format)
     # Read (and removed from the environment) before any child process starts.
     notifier = Notifier.from_environment()
-
     for note in cfg.notes(startup=True):
         log.warning("%s", note)
     log.info("configuration: %s", cfg.path or "no file; flags, environment and defaults")
-    tcp_credentials = _read_tcp_credentials(cfg) if cfg.tcp_enabled else None
-    # A directory or file of ours that may not be this daemon's own stops it: another user could have
-    # made it to read or replace tenants' memory, or to aim the daemon's writes at a file of theirs.
+    return notifier
+
+
+@dataclass
+class _Claimed:
+    """What the daemon takes for its own before it serves anything."""
+    socket_path: str  # the directory's symlinks resolved: the one to bind, chmod and remove
+    state_dir: PrivateDirectory
+    backend: backends.DaemonBackend
+    store: StateStore
+    state: dict | None  # an earlier daemon's of this backend: models to recover, their backups in the pool
+    pool: HostPool
+
+
+def _claim(cfg: config.Config) -> _Claimed:
+    """The socket, the state directory, the backend and the host pool. A directory or file of ours that
+    may not be this daemon's own stops it: another user could have made it to read or replace tenants'
+    memory, or to aim the daemon's writes at a file of theirs."""
     try:
         socket_path = _claim_socket(cfg.socket)
         state_dir = PrivateDirectory(cfg.state_dir, "state directory")
         backend = backends.choose(cfg.backend, cfg.host_devices, cfg.host_device_capacity, cfg.device_reserve)
-        # A state file from an earlier daemon of this backend means models to recover,
-        # with their backups in the pool's slab files.
         store = StateStore(state_dir)
         state = store.load()
         if state is not None and state.get("backend") != backend.name:
@@ -111,37 +146,76 @@ def main(argv: list[str] | None = None) -> None:
     except UnsafePath as error:
         log.critical("%s", error)
         sys.exit(config.EXIT_CONFIG)
-    # Movers start before any gRPC object exists (and by exec, never by fork).
+    return _Claimed(socket_path, state_dir, backend, store, state, pool)
+
+
+def _start_movers(backend: backends.DaemonBackend, pool: HostPool) -> dict[int, Mover]:
+    """One mover per device. They start before any gRPC object exists (and by exec, never by fork)."""
     movers = {device.index: Mover(backend.native, backend.name, device.index, pool) for device in backend.devices}
     for mover in movers.values():
         mover.start()
     if pool.prefault:
         _pin_pool(movers, pool)
+    return movers
 
+
+def _build_core(cfg: config.Config, claimed: _Claimed, movers: dict[int, Mover]) -> control_plane.Core:
+    """The control plane, with the models of the state file recovered."""
     metrics = Metrics()
     stop_on_bugs()  # a broken state machine stops the daemon; recovery runs when it is restarted
     # [models.NAME] policies apply when a model first attaches.
-    core = control_plane.build(backend, pool, movers, SleepRules(cfg.rules),
+    core = control_plane.build(claimed.backend, claimed.pool, movers, SleepRules(cfg.rules),
                                Fanout(cfg.hook_timeout, cfg.device_step_timeout), metrics,
-                               authorizer=Authorizer(cfg.admin_group), store=store, default_policies=cfg.models,
-                               quotas=cfg.quotas, controller_timeout=cfg.controller_timeout,
+                               authorizer=Authorizer(cfg.admin_group), store=claimed.store,
+                               default_policies=cfg.models, quotas=cfg.quotas,
+                               controller_timeout=cfg.controller_timeout,
                                eviction_answer_seconds=cfg.eviction_answer_seconds)
-    if state is not None:
-        core.recovery.recover(state)
+    if claimed.state is not None:
+        core.recovery.recover(claimed.state)
         # Engines that do not come back in time lose what only they held.
-        expiry = threading.Timer(REATTACH_SECONDS, core.recovery.expire)
+        expiry = threading.Timer(cfg.reattach_seconds, core.recovery.expire)
         expiry.daemon = True
         expiry.start()
     metrics.watch(core)
-    idle_watcher = IdleWatcher(core.operations)
-    idle_watcher.start()
+    return core
 
+
+@dataclass
+class _Listeners:
+    server: grpc.Server  # the Unix socket's
+    health: health.HealthServicer
+    handles: HandleServer
+    tcp_server: grpc.Server | None
+    metrics_address: str | None  # None: off
+
+
+def _listen(cfg: config.Config, core: control_plane.Core, socket_path: str,
+            tcp_credentials: TcpCredentials | None) -> _Listeners:
+    """Binds and starts every listener; the health service says NOT_SERVING until _announce_ready."""
+    server, health_service = _grpc_server(cfg, core, socket_path)
+    handles = HandleServer(paths.handle_socket(socket_path), core, HandleLimits(**cfg.table("handles")))
+    metrics_address = None
+    if cfg.metrics_address != "off":
+        metrics_address = core.metrics.serve(cfg.metrics_address, _read_token(cfg.metrics_token_file))
+
+    server.start()
+    # Engines of any uid connect; what each may do is decided per request from the
+    # credentials the handle socket reads, not by the socket's mode.
+    os.chmod(socket_path, 0o666)
+    handles.start()
+    tcp_server = _serve_tcp(cfg, core, tcp_credentials) if tcp_credentials is not None else None
+    return _Listeners(server, health_service, handles, tcp_server, metrics_address)
+
+
+def _grpc_server(cfg: config.Config, core: control_plane.Core,
+                 socket_path: str) -> tuple[grpc.Server, health.HealthServicer]:
+    """The Unix socket's gRPC server, bound, not started."""
+    limits = admission.CallLimits(**cfg.table("grpc"))
     # Each caller may hold only so many of the workers at once (admission.py), so no flood starves the rest.
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=admission.WORKERS, thread_name_prefix="grpc"),
-                         interceptors=[admission.Admission(core.registry.caller, core.authorizer)],
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="grpc"),
+                         interceptors=[admission.Admission(core.registry.caller, core.authorizer, limits)],
                          options=[("grpc.so_reuseport", 0)])
-    service = SleepdService(core)
-    pb_grpc.add_SleepdServicer_to_server(service, server)
+    pb_grpc.add_SleepdServicer_to_server(SleepdService(core, cfg.wake_wait_limit, cfg.swap_batch), server)
     # The standard health service answers NOT_SERVING until both sockets are up,
     # and again from the moment the daemon starts stopping; reflection lets
     # grpcurl and friends discover the API without a copy of sleepd.proto.
@@ -151,65 +225,65 @@ def main(argv: list[str] | None = None) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     server.add_insecure_port(f"unix:{socket_path}")
-    handles = HandleServer(paths.handle_socket(socket_path), core)
+    return server, health_service
 
-    metrics_address = None
-    if cfg.metrics_address != "off":
-        metrics_address = metrics.serve(cfg.metrics_address, _read_token(cfg.metrics_token_file))
 
-    server.start()
-    # Engines of any uid connect; what each may do is decided per request from the
-    # credentials the handle socket reads, not by the socket's mode.
-    os.chmod(socket_path, 0o666)
-    handles.start()
-    tcp_server = None
-    if tcp_credentials is not None:  # control from other hosts: TLS and the bearer token only
-        try:
-            tcp_server, tcp_port = serve_tcp(core, cfg.tcp_address, tcp_credentials)
-        except (OSError, ValueError, RuntimeError, grpc.RpcError) as error:
-            log.critical("tcp.address %s: cannot serve: %s", cfg.tcp_address, error)
-            sys.exit(f"sleepd: tcp.address {cfg.tcp_address}: cannot serve: {error}")
-        log.info("TCP listener on %s:%d (TLS, bearer token from %s)", cfg.tcp_address.rpartition(":")[0], tcp_port,
-                 cfg.tcp_token_file)
+def _serve_tcp(cfg: config.Config, core: control_plane.Core, credentials: TcpCredentials) -> grpc.Server:
+    """Control from other hosts: TLS and the bearer token only. A listener that cannot start stops the daemon."""
+    try:
+        tcp_server, tcp_port = serve_tcp(core, cfg.tcp_address, credentials, cfg.wake_wait_limit, cfg.swap_batch)
+    except (OSError, ValueError, RuntimeError, grpc.RpcError) as error:
+        log.critical("tcp.address %s: cannot serve: %s", cfg.tcp_address, error)
+        sys.exit(f"sleepd: tcp.address {cfg.tcp_address}: cannot serve: {error}")
+    log.info("TCP listener on %s:%d (TLS, bearer token from %s)", cfg.tcp_address.rpartition(":")[0], tcp_port,
+             cfg.tcp_token_file)
+    return tcp_server
+
+
+def _announce_ready(core: control_plane.Core, claimed: _Claimed, listeners: _Listeners, movers: dict[int, Mover],
+                    notifier: Notifier) -> None:
+    """Both sockets accept from here on: the health service, daemon.json, the log and systemd (Type=notify) say so."""
     for name in ("", SERVICE_NAME):
-        health_service.set(name, health_pb2.HealthCheckResponse.SERVING)
-    _write_runtime_file(state_dir, socket_path, handles.path, metrics_address, pool.directory, movers)
+        listeners.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    _write_runtime_file(claimed.state_dir, claimed.socket_path, listeners.handles.path, listeners.metrics_address,
+                        claimed.pool.directory, movers)
+    backend, pool = claimed.backend, claimed.pool
     log.info("sleepd ready: backend %s (%s), socket %s, metrics %s, host pool %s (%s budget)", backend.name,
-             ", ".join(f"{d.name} {format_size(d.capacity)}" for d in backend.devices), socket_path,
-             metrics_address or "off", pool.directory, format_size(pool.budget))
-    # Both sockets accept from here on: tell systemd (Type=notify), then keep STATUS= and the watchdog going.
+             ", ".join(f"{d.name} {format_size(d.capacity)}" for d in backend.devices), claimed.socket_path,
+             listeners.metrics_address or "off", pool.directory, format_size(pool.budget))
     notifier.ready(summary(core))
-    reporter = StatusReporter(notifier, lambda: summary(core))
-    reporter.start()
 
-    # The handler only records the signal: one that took a lock (Event.set) could deadlock when the
-    # signal lands while the main thread holds that same lock.
+
+def _wait_for_a_stop_signal() -> None:
+    """Returns once SIGTERM or SIGINT came. The handler only records the signal: one that took a lock
+    (Event.set) could deadlock when the signal lands while the main thread holds that same lock."""
     stopping: list[int] = []
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda signum, _: stopping.append(signum))
     while not stopping:
         time.sleep(0.2)
-    log.info("sleepd stopping")
-    reporter.stop()
-    notifier.stopping(f"stopping; {summary(core)}")
-    health_service.enter_graceful_shutdown()  # every service NOT_SERVING, for good
+
+
+def _shut_down(core: control_plane.Core, listeners: _Listeners, idle_watcher: IdleWatcher,
+               movers: dict[int, Mover], claimed: _Claimed) -> None:
+    """Stops serving and leaves what the next daemon needs."""
+    listeners.health.enter_graceful_shutdown()  # every service NOT_SERVING, for good
     core.operations.freeze()  # engines outlive us: their sessions stay recorded for the next daemon
-    handles.stop()
-    if tcp_server is not None:
-        tcp_server.stop(grace=2)
-    server.stop(grace=2).wait()
+    listeners.handles.stop()
+    if listeners.tcp_server is not None:
+        listeners.tcp_server.stop(grace=2)
+    listeners.server.stop(grace=2).wait()
     idle_watcher.stop()
     for mover in movers.values():
         mover.close()
     # Engines keep running without us: the state file and the pool's slabs stay for the next daemon.
     core.operations.checkpoint()
-    pool.close(keep_files=True)
+    claimed.pool.close(keep_files=True)
     try:
-        os.unlink(socket_path)
+        os.unlink(claimed.socket_path)
     except FileNotFoundError:
         pass
-    state_dir.remove(RUNTIME_FILE)
-    notifier.close()
+    claimed.state_dir.remove(RUNTIME_FILE)
 
 
 def _read_tcp_credentials(cfg: config.Config) -> TcpCredentials:

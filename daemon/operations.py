@@ -19,8 +19,8 @@ Lock order, outermost first (locks.py checks it under SLEEPD_CHECK_LOCKS=1):
   3. the registry lock, held only to read or change its maps.
 A session's handle-socket requests take only the registry lock, so an engine
 can fetch memory while an operation waits on it; but `allocate` (a torch
-pool's refill) takes its model's lock, waiting briefly (ALLOCATE_WAIT_SECONDS
-in handles.py), and the engine tries again while a sleep or wake runs.
+pool's refill) takes its model's lock, waiting briefly (the setting
+handles.allocate_wait_seconds), and the engine tries again while a sleep or wake runs.
 """
 
 import contextlib

@@ -37,8 +37,6 @@ STATE_FILE = "state.json"
 VERSION = 1
 # How long the end of an operation may take to reach the state file (Checkpoints.save_soon).
 SOON_SECONDS = 0.2
-# How long a restarted daemon waits for engines to attach again and hand back their memory.
-REATTACH_SECONDS = 60
 
 
 class StateStore:

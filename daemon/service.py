@@ -51,11 +51,14 @@ class SleepdService(pb_grpc.SleepdServicer):
     listener knows that: the Unix socket's service looks up the token the handle
     socket gave the caller; the TCP listener's service (tcp.py), reached only
     through its bearer-token check, answers the TCP admin. A peer's address is
-    never evidence: any local process can choose the one gRPC reports."""
+    never evidence: any local process can choose the one gRPC reports.
+    `wake_wait_limit` and `swap_batch` are those settings, for EnsureAwake and Swap."""
 
-    def __init__(self, core: Core, identify=None):
+    def __init__(self, core: Core, wake_wait_limit: float, swap_batch: int, identify=None):
         self._core = core
         self._ops = core.operations
+        self._wake_wait_limit = wake_wait_limit
+        self._swap_batch = swap_batch
         self._identify = identify or self._token_holder
 
     def _token_holder(self, context):
@@ -187,13 +190,14 @@ class SleepdService(pb_grpc.SleepdServicer):
         if request.timeout_seconds < 0:
             raise invalid("timeout_seconds must be zero (the daemon's limit) or positive")
         waited, woke = external.ensure_awake(self._ops, request.model, request.evict, request.wait_only,
-                                             request.timeout_seconds, caller, self._from_rank(context, request.model))
+                                             request.timeout_seconds, caller, self._from_rank(context, request.model),
+                                             self._wake_wait_limit)
         return pb.EnsureAwakeReply(waited_seconds=waited, woke=woke)
 
     @_refusals
     def Swap(self, request, context):
         caller = self._authorize("Swap", context, [request.to_model, *request.from_models])
-        result = swap(self._ops, request.to_model, list(request.from_models), caller)
+        result = swap(self._ops, request.to_model, list(request.from_models), caller, self._swap_batch)
         return pb.SwapReply(slept=[_reply(r) for r in result.slept], woke=_reply(result.woke),
                             seconds=result.seconds, sequential_estimate_seconds=result.sequential_estimate_seconds)
 

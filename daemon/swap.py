@@ -18,13 +18,11 @@ from .mover import OFFLOAD, RESTORE
 from .operations import Operations
 from .views import OperationResult, SwapResult
 
-# Offload batch size: small enough that restores start early, large enough to keep copies efficient.
-BATCH_BYTES = 64 << 20
-
-
-def swap(ops: Operations, to_name: str, from_names: list[str], caller: Peer) -> SwapResult:
+def swap(ops: Operations, to_name: str, from_names: list[str], caller: Peer, batch_bytes: int) -> SwapResult:
     """Puts `from_names` (or, without any, the models `caller` may evict, in eviction order)
-    to sleep and wakes `to_name` in their room."""
+    to sleep and wakes `to_name` in their room. The victims' memory goes out in batches of
+    `batch_bytes` (swap.batch): small enough that restores start early, large enough to keep
+    copies efficient and the engines' unmap rounds few."""
     started = time.perf_counter()
     if to_name in from_names:
         raise invalid(f"swap: {to_name} cannot be swapped out for itself")
@@ -52,7 +50,7 @@ def swap(ops: Operations, to_name: str, from_names: list[str], caller: Peer) -> 
                     raise unavailable(f"swap to {to_name}: {victim.name} is busy with another operation; try again")
                 held.callback(victim.lock.release)
             plan = planner.swap(target.view(), [v.view() for v in victims], ops.rules,
-                                planner.PoolRoom(ops.pool.available, ops.pool.budget), BATCH_BYTES)
+                                planner.PoolRoom(ops.pool.available, ops.pool.budget), batch_bytes)
             with ops.reserved(plan):
                 results = ops.executor.run(plan, caller)
             woke = results[target.name]

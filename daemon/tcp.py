@@ -57,13 +57,14 @@ class TcpCredentials:
         return cls(certificate, key, token)
 
 
-def serve_tcp(core, address: str, credentials: TcpCredentials) -> tuple[grpc.Server, int]:
+def serve_tcp(core, address: str, credentials: TcpCredentials, wake_wait_limit: float,
+              swap_batch: int) -> tuple[grpc.Server, int]:
     """Starts a TLS-only server on `address`; returns it and the port it bound.
     It has a service of its own, so that being the TCP admin is decided by this
     listener alone: its callers got past _RequireToken."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="grpc-tcp"),
                          interceptors=[_RequireToken(credentials.token)])
-    servicer = SleepdService(core, identify=lambda context: TCP_PEER)
+    servicer = SleepdService(core, wake_wait_limit, swap_batch, identify=lambda context: TCP_PEER)
     pb_grpc.add_SleepdServicer_to_server(servicer, server)
     port = server.add_secure_port(address, grpc.ssl_server_credentials([(credentials.key, credentials.certificate)]))
     server.start()

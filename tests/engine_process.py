@@ -16,6 +16,7 @@ on stdin with one-line JSON replies on stdout:
                                        with seeded bytes, still running until the device is
                                        synchronised; replies with the sha256 it will leave
     {"op": "touch"}                    mark the model active
+    {"op": "unmaps"}                   how many regions each unmap the daemon sent named, in order
     {"op": "session"}                  its session id, for a test that sends requests in its name
     {"op": "ensure_awake"}             wake it (evicting as policy allows) if it sleeps; with "wake": false,
                                        wait for a wake ("timeout" seconds)
@@ -147,11 +148,26 @@ def report(client, hooks) -> dict:
     return {"pid": os.getpid(), "regions": regions, "hooks": dict(hooks)}
 
 
-def handle(client, hooks, command: dict) -> dict:
+def count_unmaps(client) -> list[int]:
+    """The number of regions of each unmap the daemon sends from now on (a swap sends one per batch)."""
+    counts = []
+    unmap = client._unmap
+
+    def counting(command):
+        counts.append(len(command.regions))
+        unmap(command)
+
+    client._unmap = counting
+    return counts
+
+
+def handle(client, hooks, command: dict, unmaps: list[int]) -> dict:
     """One command's reply."""
     try:
         if command["op"] == "report":
             return report(client, hooks)
+        if command["op"] == "unmaps":
+            return {"unmaps": unmaps}
         if command["op"] == "sleep":
             return {"sleeping": client.sleep(level=command.get("level", 1), tags=command.get("tags"),
                                              actions=command.get("actions")).sleeping}
@@ -177,7 +193,7 @@ def handle(client, hooks, command: dict) -> dict:
         return {"error": error.message, "code": error.code.name}
 
 
-def listen(path: str, client, hooks) -> None:
+def listen(path: str, client, hooks, unmaps: list[int]) -> None:
     """Serves commands on a Unix socket, each connection on its own thread."""
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
@@ -186,7 +202,7 @@ def listen(path: str, client, hooks) -> None:
     def serve(conn):
         with conn, conn.makefile("rw") as lines:
             for line in lines:
-                lines.write(json.dumps(handle(client, hooks, json.loads(line))) + "\n")
+                lines.write(json.dumps(handle(client, hooks, json.loads(line), unmaps)) + "\n")
                 lines.flush()
 
     def accept():
@@ -241,6 +257,7 @@ def main() -> None:
         if args.weights_hook == "fail":
             raise RuntimeError("the new weights did not load")
 
+    unmaps = count_unmaps(client)
     client.on_sleep(on_sleep)
     client.on_wake(on_wake)
     client.on_wake(on_weights, tag="weights")
@@ -248,13 +265,13 @@ def main() -> None:
         tag, size = spec.split(":")
         fill(client.alloc(int(size), tag, persist=args.persist), args.seed * 1000 + index)
     if args.listen:
-        listen(args.listen, client, hooks)
+        listen(args.listen, client, hooks, unmaps)
     print(json.dumps(report(client, hooks)), flush=True)
     for line in sys.stdin:
         command = json.loads(line)
         if command["op"] == "exit":
             break
-        print(json.dumps(handle(client, hooks, command)), flush=True)
+        print(json.dumps(handle(client, hooks, command, unmaps)), flush=True)
     client.close()
     time.sleep(0)
 

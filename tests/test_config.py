@@ -257,3 +257,62 @@ def test_a_metrics_token_that_others_may_read_stops_the_daemon_through_a_symlink
     assert sleepd("--check-config", "--metrics-token-file", str(link)).returncode == 0
     token.write_text("\n")
     assert "holds no token" in sleepd("--check-config", "--metrics-token-file", str(link)).stderr
+
+
+def test_the_daemons_caps_waits_and_swap_batch_are_read_from_the_file(tmp_path):
+    path = tmp_path / "sleepd.toml"
+    path.write_text("\n".join([
+        "reattach_seconds = 5", "wake_wait_limit = 30",
+        "[handles]", "connections_per_uid = 10", "connections = 100", "workers = 4", "allocates_per_uid = 3",
+        "allocate_wait_seconds = 0.5",
+        "[grpc]", "workers = 64", "admin_reserve = 8", "calls_per_uid = 20", "event_streams_per_uid = 5",
+        "sessions_per_uid = 10", "anonymous_calls = 0", "anonymous_event_streams = 0",
+        "[swap]", 'batch = "16MiB"',
+    ]) + "\n")
+    result = sleepd("--check-config", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    effective = tomllib.loads(result.stdout)
+    assert (effective["reattach_seconds"], effective["wake_wait_limit"]) == (5.0, 30.0)
+    assert effective["handles"] == {"connections_per_uid": 10, "connections": 100, "workers": 4,
+                                    "allocates_per_uid": 3, "allocate_wait_seconds": 0.5}
+    assert effective["grpc"] == {"workers": 64, "admin_reserve": 8, "calls_per_uid": 20, "event_streams_per_uid": 5,
+                                 "sessions_per_uid": 10, "anonymous_calls": 0, "anonymous_event_streams": 0}
+    assert effective["swap"] == {"batch": "16MiB"}
+    assert f"# file {path}:4" in result.stdout  # handles.connections_per_uid, under [handles] on line 3
+
+
+@pytest.mark.parametrize("file, flags, env, line", [
+    ("", ["--grpc-calls-per-uid", "0"], {},
+     "flag --grpc-calls-per-uid: grpc.calls_per_uid: 0 is out of range; it must be from 1 to 16384"),
+    ("", [], {"SLEEPD_HANDLES_ALLOCATE_WAIT_SECONDS": "120"},
+     "environment SLEEPD_HANDLES_ALLOCATE_WAIT_SECONDS: handles.allocate_wait_seconds: 120 is too long; "
+     "it must be at most 60 seconds"),
+    ("reattach_seconds = 0\n", [], {}, "{path}:1: reattach_seconds: 0 must be positive"),
+    ("wake_wait_limit = 1e9\n", [], {},
+     "{path}:1: wake_wait_limit: 1000000000.0 is too long; it must be at most 86400 seconds"),
+    ('[swap]\nbatch = "4KiB"\n', [], {},
+     "{path}:2: swap.batch: '4KiB' is too small; it must be at least 1048576 bytes"),
+    ("[handles]\nworkers = 2\n", [], {},
+     "{path}:2: handles.workers: 2 is too few for handles.allocates_per_uid (2 by default), which must be "
+     "less than it: one uid's waiting allocates must leave the other uids a worker"),
+    ("", ["--grpc-event-streams-per-uid", "200"], {},
+     "flag --grpc-event-streams-per-uid: grpc.event_streams_per_uid: 200 must be at most grpc.calls_per_uid "
+     "(128): each Events stream is one of its uid's calls"),
+], ids=["cap-zero", "wait-too-long", "reattach-zero", "limit-past-a-day", "batch-too-small", "workers-too-few",
+        "streams-past-calls"])
+def test_a_bad_cap_wait_or_batch_is_refused_in_one_line(tmp_path, file, flags, env, line):
+    path = tmp_path / "sleepd.toml"
+    path.write_text(file)
+    result = sleepd("--check-config", "--config", str(path), *flags, env=env)
+    assert result.returncode == config.EXIT_CONFIG
+    assert result.stderr.splitlines() == ["sleepd: " + line.format(path=path)]
+
+
+def test_a_daemon_whose_caps_contradict_each_other_stops_before_it_binds_anything(tmp_path):
+    socket_path = tmp_path / "sleepd.sock"
+    result = sleepd("--grpc-workers", "64", "--socket", str(socket_path), "--metrics-address", "off")
+    assert result.returncode == config.EXIT_CONFIG
+    assert result.stderr.splitlines() == [
+        "sleepd: flag --grpc-workers: grpc.workers: 64 is too few for grpc.admin_reserve (64 by default), which "
+        "must be less than it: the callers other than root and admin_group need a worker"]
+    assert not socket_path.exists()

@@ -229,6 +229,18 @@ def test_a_request_that_finds_its_model_asleep_wakes_it_or_waits_and_the_wait_is
     assert value(scrape(daemon), "sleepd_wake_wait_seconds_count", model="qwen", how="woke") == 1
 
 
+def test_a_request_that_waits_for_a_wake_gives_up_at_the_daemons_wake_wait_limit(start_daemon, start_engine):
+    daemon = start_daemon("--wake-wait-limit", "1.5")
+    waiter = start_engine(daemon, "plain", regions=[("weights", MiB)], env={"SLEEPD_WAKE_ON_REQUEST": "0"})
+    daemon.ctl("sleep", "--model", "plain")
+    for timeout in (0, 60):  # 0 asks for the daemon's limit; a longer timeout is capped by it
+        started = time.monotonic()
+        answer = waiter.request("ensure_awake", timeout=timeout)
+        assert answer["code"] == "DEADLINE_EXCEEDED" and "still asleep after 1.5 s" in answer["error"], answer
+        assert 1.5 <= time.monotonic() - started < 15
+    assert sleeping(daemon) == {"plain": True}
+
+
 def test_a_controller_whose_engine_ended_lets_go_of_the_model_for_the_next_engine_and_its_front_end(
         daemon, start_engine, start_controller, sockets):
     """The daemon ends a controller's lease when its model has no ranks left (the engine shut down); that

@@ -63,6 +63,26 @@ def test_a_restarted_daemon_comes_back_with_every_model_and_every_byte(stop, tmp
         again.stop()
 
 
+@pytest.mark.parametrize("backend", ["host"])  # recovery's bookkeeping is the same on every backend
+def test_a_restarted_daemon_releases_what_an_engine_that_never_came_back_held_after_reattach_seconds(
+        tmp_path, backend, start_daemon, start_engine):
+    daemon = start_daemon()
+    gone = start_engine(daemon, "gone", regions=REGIONS)
+    os.kill(daemon.pid, signal.SIGKILL)
+    daemon.process.wait(timeout=30)
+    gone.kill()  # it never attaches again
+
+    again = restart(tmp_path, backend, "--reattach-seconds", "1")  # 60 by default
+    try:
+        assert [model["name"] for model in again.status()["models"]] == ["gone"]
+        wait_for(lambda: "did not come back after the daemon restarted" in again.log(), timeout=20,
+                 what="the absent engine's rank to be released")
+        wait_for(lambda: again.status()["models"] == [], what="the model without ranks to go")
+        assert [device["used"] for device in again.status()["devices"]] == ["0", "0"]
+    finally:
+        again.stop()
+
+
 def process_state(pid: int, thread: str | None = None) -> str:
     with open(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat") as stat:
         return stat.read().rsplit(")", 1)[1].split()[0]
@@ -81,9 +101,9 @@ def kill_daemon_in_the_middle(daemon, engine, operation: str, moment: str) -> No
     caller.communicate(timeout=30)
 
 
-def restart(tmp_path, backend) -> Daemon:
-    return Daemon(tmp_path, backend, "--host-devices", "2", "--host-device-capacity", "256MiB") \
-        if backend == "host" else Daemon(tmp_path, backend)
+def restart(tmp_path, backend, *flags) -> Daemon:
+    return Daemon(tmp_path, backend, "--host-devices", "2", "--host-device-capacity", "256MiB", *flags) \
+        if backend == "host" else Daemon(tmp_path, backend, *flags)
 
 
 ASLEEP = {"weights": "offloaded", "kv_cache": "discarded", "buffers": "offloaded"}

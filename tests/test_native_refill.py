@@ -167,15 +167,16 @@ def test_refills_wait_out_a_busy_model_without_holding_the_daemons_handle_worker
     import time
 
     from sleepd import _C
-    from sleepd.daemon.handles import WORKERS
+    from sleepd.daemon.config import BY_KEY
 
     daemon = start_daemon("--hook-timeout", "6")
-    hung = start_engine(daemon, "qwen", rank=WORKERS, device=1, regions=[("weights", MiB)], sleep_hook="hang")
+    workers = BY_KEY["handles.workers"].default
+    hung = start_engine(daemon, "qwen", rank=workers, device=1, regions=[("weights", MiB)], sleep_hook="hang")
     hook = ctypes.CDLL(_C.__file__).sleepd_malloc
     hook.restype, hook.argtypes = ctypes.c_void_p, [ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p]
     with contextlib.ExitStack() as stack:
         clients = [stack.enter_context(SleepClient.connect("qwen", rank=rank, socket=daemon.socket))
-                   for rank in range(WORKERS)]
+                   for rank in range(workers)]
         quiesced = threading.Event()
         clients[0].on_sleep(quiesced.set)
         pools = [client.native_pool("weights", chunk_bytes=4 * MiB) for client in clients]
@@ -195,7 +196,7 @@ def test_refills_wait_out_a_busy_model_without_holding_the_daemons_handle_worker
 
         def attach_another():
             # Every refill under way (one refill alone, asking again every 10 ms, soon has as many refusals).
-            wait_for(lambda: all(pool.refill.busy for pool in pools) and refusals() >= WORKERS,
+            wait_for(lambda: all(pool.refill.busy for pool in pools) and refusals() >= workers,
                      what="every refill under way and as many refusals as refills")
             with SleepClient.connect("llama", socket=daemon.socket):
                 attached.append(time.monotonic())
@@ -208,7 +209,7 @@ def test_refills_wait_out_a_busy_model_without_holding_the_daemons_handle_worker
             thread.join(timeout=60)
         _, stderr = sleeper.communicate(timeout=30)
         assert sleeper.returncode != 0 and "DEADLINE_EXCEEDED" in stderr
-        assert len(addresses) == WORKERS and None not in addresses
+        assert len(addresses) == workers and None not in addresses
         assert attached and attached[0] < min(returned), "another engine could not attach while the refills waited"
         for client, pool in zip(clients, pools):
             client.settle_native_pool(pool)

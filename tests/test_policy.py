@@ -8,6 +8,7 @@ import threading
 import time
 
 import grpc
+import pytest
 
 from sleepd.proto import sleepd_pb2 as pb
 from sleepd.proto import sleepd_pb2_grpc as pb_grpc
@@ -146,6 +147,22 @@ def test_swap_keeps_both_models_intact_and_never_exceeds_the_budget(start_daemon
     a_regions = a.report()["regions"]
     assert [r.get("sha256") for r in a_regions if r["tag"] == "weights"] == \
         [r["sha256"] for r in a.initial["regions"] if r["tag"] == "weights"]
+
+
+@pytest.mark.parametrize("backend", ["host"])  # batching is the same on every backend
+@pytest.mark.parametrize("flags, unmaps", [((), [6]), (("--swap-batch", "8MiB"), [2, 2, 2])],
+                         ids=["default-64MiB", "8MiB"])
+def test_a_swap_puts_the_outgoing_model_to_sleep_one_batch_at_a_time(flags, unmaps, start_daemon, start_engine):
+    """swap.batch: each batch of the outgoing model's memory is one unmap its engine answers."""
+    daemon = start_daemon(*flags, devices=1, capacity="64MiB")
+    regions = [("weights", 4 * MiB)] * 6
+    b = start_engine(daemon, "b", regions=regions, seed=2)
+    daemon.ctl("sleep", "--model", "b")
+    a = start_engine(daemon, "a", regions=regions, seed=1)
+    daemon.ctl("swap", "--to", "b", "--from", "a")
+    assert a.request("unmaps") == {"unmaps": unmaps}
+    assert sleeping(daemon) == {"a": True, "b": False}
+    assert [r.get("sha256") for r in b.report()["regions"]] == [r["sha256"] for r in b.initial["regions"]]
 
 
 def test_a_failed_restore_in_a_swap_leaves_the_old_model_awake(start_daemon, start_engine):

@@ -39,8 +39,8 @@ from sleepd.common import paths, wire
 from sleepd.common.wire import TOKEN_METADATA
 from sleepd.daemon.auth import Authorizer, Peer
 from sleepd.daemon.backends import host_backend
+from sleepd.daemon.config import BY_KEY
 from sleepd.daemon.errors import SleepdError
-from sleepd.daemon.recovery import REATTACH_SECONDS
 from sleepd.daemon.registry import Registry
 from sleepd.daemon.sessions import Condition
 from sleepd.proto import sleepd_pb2 as pb
@@ -49,6 +49,7 @@ from support import MiB, Daemon, wait_for
 
 FLAGS = ("--host-devices", "2", "--host-device-capacity", "256MiB", "--hook-timeout", "1",
          "--controller-timeout", "1")
+REATTACH_SECONDS = BY_KEY["reattach_seconds"].default  # FLAGS leave it as it is
 # Every answer comes within this, or the daemon is stuck: the slowest is a sleep or wake whose ranks
 # never answer, a few hook timeouts.
 ANSWER_SECONDS = 15.0

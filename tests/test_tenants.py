@@ -18,8 +18,6 @@ import psutil
 import pytest
 
 from sleepd.common.shown import MAX_LINE
-from sleepd.daemon import admission
-from sleepd.daemon.handles import MAX_CONNECTIONS_PER_UID
 from support import (HERE, OTHER, MiB, assert_refused, by_tag, ctl_as, metrics_text, second_tenant_unavailable,
                      sleeping, wait_for)
 
@@ -88,11 +86,19 @@ def world_writable():
 
 
 @pytest.fixture
-def victim(shared_daemon, start_engine):
-    """Root's daemon and root's model, whose state and bytes every attack must leave alone."""
-    daemon = shared_daemon()
-    engine = start_engine(daemon, "victim", regions=[("weights", 4 * MiB), ("kv_cache", 2 * MiB)])
-    return daemon, engine
+def start_victim(shared_daemon, start_engine):
+    """Root's daemon (started with `flags`) and root's model, whose state and bytes every attack must leave alone."""
+    def start(*flags):
+        daemon = shared_daemon(*flags)
+        engine = start_engine(daemon, "victim", regions=[("weights", 4 * MiB), ("kv_cache", 2 * MiB)])
+        return daemon, engine
+
+    return start
+
+
+@pytest.fixture
+def victim(start_victim):
+    return start_victim()
 
 
 def assert_untouched(daemon, engine, status, report):
@@ -351,12 +357,13 @@ def test_a_descriptor_flood_stops_at_the_daemons_limit_and_root_attaches_once_it
     assert "accepting again" in log
 
 
-def test_one_uid_holding_all_its_connections_leaves_root_room_to_attach(victim, start_engine):
-    daemon, engine = victim
+def test_one_uid_holding_all_its_connections_leaves_root_room_to_attach(start_victim, start_engine):
+    cap = 24  # handles.connections_per_uid, configured below its default of 256
+    daemon, engine = start_victim("--handles-connections-per-uid", str(cap))
     status, report = daemon.status(), engine.report()
 
-    with holding(daemon, "flood", str(MAX_CONNECTIONS_PER_UID + 40)) as flood:
-        assert flood["welcomed"] == MAX_CONNECTIONS_PER_UID, flood
+    with holding(daemon, "flood", str(cap + 40)) as flood:
+        assert flood["welcomed"] == cap, flood
         assert flood["refused"] == {"RESOURCE_EXHAUSTED": 40}, flood
         late = start_engine(daemon, "late", regions=[("weights", 1 * MiB)])
         assert by_tag(late.report())["weights"]["state"] == "mapped"
@@ -365,7 +372,7 @@ def test_one_uid_holding_all_its_connections_leaves_root_room_to_attach(victim, 
     late.close()
     assert_untouched(daemon, engine, status, report)
     refusals = [line for line in daemon.log().splitlines() if "refused a connection" in line]
-    assert len(refusals) == 1 and f"uid {OTHER} has {MAX_CONNECTIONS_PER_UID} connections open" in refusals[0], refusals
+    assert len(refusals) == 1 and f"uid {OTHER} has {cap} connections open" in refusals[0], refusals
 
 
 def test_a_pool_directory_planted_while_the_daemon_was_down_stops_it_and_nothing_leaks(victim, shared_daemon,
@@ -470,12 +477,15 @@ def promptly(action, within: float = 5.0):
     return result
 
 
-def test_a_flood_of_streams_is_refused_past_its_caps_and_starves_no_one(victim, start_engine):
-    daemon, engine = victim
+def test_a_flood_of_streams_is_refused_past_its_caps_and_starves_no_one(start_victim, start_engine):
+    # The [grpc] caps, configured below their defaults (128, 16, 16, 4).
+    caps = {"calls_per_uid": 40, "event_streams_per_uid": 6, "anonymous_calls": 10, "anonymous_event_streams": 3}
+    daemon, engine = start_victim(*[part for key, cap in caps.items()
+                                    for part in (f"--grpc-{key.replace('_', '-')}", str(cap))])
     worker = start_engine(daemon, "worker", regions=[("weights", 2 * MiB)])
     status, report = daemon.status("victim"), engine.report()
     # Events streams without a token and with its own; then, of each, calls that never send their request.
-    asked = {"anonymous_events": 300, "own_events": 40, "anonymous_silent": 150, "own_silent": 150}
+    asked = {"anonymous_events": 30, "own_events": 20, "anonymous_silent": 30, "own_silent": 60}
     flood = subprocess.Popen([sys.executable, os.path.join(HERE, "hostile_tenant.py"), str(OTHER), daemon.socket,
                               "stream_flood", *map(str, asked.values())], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
@@ -500,17 +510,17 @@ def test_a_flood_of_streams_is_refused_past_its_caps_and_starves_no_one(victim, 
             flood.kill()
             flood.wait()
     assert flood.returncode == 0, err
-    let_in = {"anonymous_events": admission.ANONYMOUS_EVENT_STREAMS,
-              "anonymous_silent": admission.ANONYMOUS_CALLS - admission.ANONYMOUS_EVENT_STREAMS,
-              "own_events": admission.EVENT_STREAMS_PER_UID,
-              "own_silent": admission.CALLS_PER_UID - admission.EVENT_STREAMS_PER_UID}
+    let_in = {"anonymous_events": caps["anonymous_event_streams"],
+              "anonymous_silent": caps["anonymous_calls"] - caps["anonymous_event_streams"],
+              "own_events": caps["event_streams_per_uid"],
+              "own_silent": caps["calls_per_uid"] - caps["event_streams_per_uid"]}
     assert {kind: tally["open"] for kind, tally in held.items()} == let_in, held
     assert all(tally["refused"] == {"RESOURCE_EXHAUSTED": asked[kind] - let_in[kind]}
                for kind, tally in held.items()), held
     assert held["own_events"]["details"] == [
-        f"uid {OTHER} has {admission.EVENT_STREAMS_PER_UID} Events streams open, the most a non-admin may; close some"]
+        f"uid {OTHER} has {caps['event_streams_per_uid']} Events streams open, the most a non-admin may; close some"]
     assert held["anonymous_events"]["details"][0].startswith(
-        f"callers without a token have {admission.ANONYMOUS_EVENT_STREAMS} Events streams open"), held
+        f"callers without a token have {caps['anonymous_event_streams']} Events streams open"), held
     # Once closed, everything the flood held was given back: a second flood gets exactly as far.
     assert json.loads(out.splitlines()[-1]) == held
     wait_for(lambda: daemon.status("victim") == status, what="the victim's status as before")
