@@ -10,8 +10,8 @@ import grpc
 from sleepd.proto import sleepd_pb2 as pb
 from sleepd.proto import sleepd_pb2_grpc as pb_grpc
 
-from .control import control_channel
-from .errors import SleepdError
+from ..control import control_channel
+from ..errors import SleepdError
 
 # Someone is waiting at a prompt: a daemon slower than this offers nothing.
 ASK_SECONDS = 2.0
