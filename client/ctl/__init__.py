@@ -26,7 +26,6 @@ import argcomplete
 
 from . import completion
 from .arguments import parser
-from .commands import run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,4 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "completion":
         sys.stdout.write(completion.script(args.shell))
         return 0
+    # gRPC and the generated code load here, for the commands that talk to the daemon only: --help, usage
+    # errors and completion stay quick.
+    from .commands import run
+
     return run(args)
