@@ -16,21 +16,18 @@ engine of that name has its own front end.
 
 import atexit
 import logging
-import queue
 import threading
-import time
 from typing import Callable
 
 import grpc
 
 from sleepd.common import paths
 from sleepd.proto import sleepd_pb2 as pb
-from sleepd.proto import sleepd_pb2_grpc as pb_grpc
 
-from .awake import ensure_awake_request
-from .control import control_channel
 from . import timing
-from .errors import SleepdError
+from .awake import ensure_awake_request
+from .errors import as_sleepd_error
+from .lease import Lease, attach_again
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +43,8 @@ class Controller:
         self._on_sleep, self._on_wake = on_sleep, on_wake
         self._socket_path = socket_path
         self._closed = False
-        self._lease = threading.Lock()  # close() and a reconnect's swap of the connection, one at a time
-        self._channel, self._handles, self._stub, self._outgoing, self._stream = self._open()
+        self._swap = threading.Lock()  # close() and a reconnect's swap of the lease, one at a time
+        self._lease = self._attach()
         self._thread = threading.Thread(target=self._serve, name="sleepd-controller", daemon=True)
         self._thread.start()
         # Ended before the interpreter finalises, so its thread never opens a channel while gRPC shuts down.
@@ -61,19 +58,9 @@ class Controller:
         how long to try attaching again after the daemon went away."""
         return cls(model, on_sleep, on_wake, paths.client_socket(socket), reconnect_seconds)
 
-    def _open(self):
-        channel, handles = control_channel(self._socket_path)
-        stub = pb_grpc.SleepdStub(channel)
-        outgoing: "queue.Queue[pb.ControllerMessage | None]" = queue.Queue()
-        outgoing.put(pb.ControllerMessage(attach=pb.ControllerAttach(model=self.model)))
-        stream = stub.Control(iter(outgoing.get, None))
-        try:
-            next(stream)  # ControllerAttached
-        except grpc.RpcError as error:
-            handles.close()
-            channel.close()
-            raise SleepdError.from_rpc(error) from None
-        return channel, handles, stub, outgoing, stream
+    def _attach(self) -> Lease:
+        return Lease(self._socket_path, "Control",
+                     lambda handles: pb.ControllerMessage(attach=pb.ControllerAttach(model=self.model)))
 
     def __enter__(self) -> "Controller":
         return self
@@ -83,36 +70,31 @@ class Controller:
 
     def ensure_awake(self, evict: bool = True, wake: bool | None = None, timeout: float = 0.0) -> pb.EnsureAwakeReply:
         """As SleepClient.ensure_awake; a wake it starts comes back to this controller's on_wake."""
-        try:
-            return self._stub.EnsureAwake(ensure_awake_request(self.model, evict, wake, timeout))
-        except grpc.RpcError as error:
-            raise SleepdError.from_rpc(error) from None
+        with as_sleepd_error():
+            return self._lease.stub.EnsureAwake(ensure_awake_request(self.model, evict, wake, timeout))
 
     def status(self) -> pb.ModelStatus:
-        try:
-            return self._stub.Status(pb.StatusRequest(model=self.model)).models[0]
-        except grpc.RpcError as error:
-            raise SleepdError.from_rpc(error) from None
+        with as_sleepd_error():
+            return self._lease.stub.Status(pb.StatusRequest(model=self.model)).models[0]
 
     def close(self) -> None:
         """Ends the lease: outside sleeps of a model that needs a controller are refused again."""
-        with self._lease:
+        with self._swap:
             if self._closed:
                 return
             self._closed = True
             atexit.unregister(self.close)
-            self._outgoing.put(None)
-            self._stream.cancel()
+            self._lease.outgoing.put(None)
+            self._lease.stream.cancel()
         self._thread.join(timeout=5)
-        with self._lease:
-            self._handles.close()
-            self._channel.close()
+        with self._swap:
+            self._lease.close()
 
     def _serve(self) -> None:
         while True:
             try:
-                for request in self._stream:
-                    self._outgoing.put(pb.ControllerMessage(done=self._run(request)))
+                for request in self._lease.stream:
+                    self._lease.outgoing.put(pb.ControllerMessage(done=self._run(request)))
             except grpc.RpcError as error:
                 if self._closed:
                     return
@@ -141,25 +123,20 @@ class Controller:
         return pb.ControlDone(request_id=request.request_id, ok=True)
 
     def _reconnect(self) -> bool:
-        deadline = time.monotonic() + self.reconnect_seconds
-        while not self._closed and time.monotonic() < deadline:
-            try:
-                opened = self._open()
-            except (SleepdError, OSError):
-                time.sleep(0.2)
-                continue
-            channel, handles, _, _, stream = opened
-            with self._lease:
-                if self._closed:  # closed while this attached: the new lease ends at once
-                    stream.cancel()
-                    handles.close()
-                    channel.close()
-                    return False
-                old_channel, old_handles = self._channel, self._handles
-                self._channel, self._handles, self._stub, self._outgoing, self._stream = opened
-            old_handles.close()
-            old_channel.close()
-            log.info("%s's controller attached again", self.model)
-            return True
-        log.error("%s's controller could not attach again within %g s", self.model, self.reconnect_seconds)
-        return False
+        try:
+            lease = attach_again(self._attach, self.reconnect_seconds, lambda: self._closed)
+        except TimeoutError as error:
+            log.error("%s's controller could not attach again within %g s (last: %s)", self.model,
+                      self.reconnect_seconds, error)
+            return False
+        if lease is None:
+            return False
+        with self._swap:
+            if self._closed:  # closed while this attached: the new lease ends at once
+                lease.stream.cancel()
+                lease.close()
+                return False
+            old, self._lease = self._lease, lease
+        old.close()
+        log.info("%s's controller attached again", self.model)
+        return True

@@ -1,5 +1,7 @@
 """The client's one error type: what the daemon refused, and why."""
 
+import contextlib
+
 import grpc
 
 
@@ -14,3 +16,12 @@ class SleepdError(Exception):
     @classmethod
     def from_rpc(cls, error: grpc.RpcError) -> "SleepdError":
         return cls(error.code(), error.details() or str(error))
+
+
+@contextlib.contextmanager
+def as_sleepd_error():
+    """Inside it, a gRPC call the daemon refuses raises SleepdError, the client's one error type."""
+    try:
+        yield
+    except grpc.RpcError as error:
+        raise SleepdError.from_rpc(error) from None

@@ -19,7 +19,7 @@ from sleepd.proto import sleepd_pb2_grpc as pb_grpc
 
 from .awake import ensure_awake_request
 from .control import control_channel
-from .errors import SleepdError
+from .errors import SleepdError, as_sleepd_error
 
 # What a call meets when the connection outlived its daemon (its credentials died with it): it connects again once.
 STALE = (grpc.StatusCode.UNAUTHENTICATED,)
@@ -45,10 +45,8 @@ class Waker:
 
     @staticmethod
     def _call(stub, request: pb.EnsureAwakeRequest) -> pb.EnsureAwakeReply:
-        try:
+        with as_sleepd_error():
             return stub.EnsureAwake(request)
-        except grpc.RpcError as error:
-            raise SleepdError.from_rpc(error) from None
 
     def _stub(self, stale=None):
         """The current connection's stub; a new connection if there is none, or if `stale` is still the

@@ -364,8 +364,8 @@ def premature_hand_back(daemon_socket: str, model: str) -> dict:
     with SleepClient.connect(model=model, socket=daemon_socket) as client:
         region = client.alloc(MiB, tag="weights")
         region.write(b"mine" * (MiB // 4))
-        answers["attached"] = _handle_answer(client._handles.handed_back)
-        answers["twice"] = _handle_answer(client._handles.handed_back)
+        answers["attached"] = _handle_answer(client._lease.handles.handed_back)
+        answers["twice"] = _handle_answer(client._lease.handles.handed_back)
         answers["bytes_kept"] = region.read() == b"mine" * (MiB // 4)
     return answers
 
@@ -521,12 +521,12 @@ def keep_freed_memory(daemon_socket: str, times: str, size: str) -> dict:
     answers = {"freed": []}
     with SleepClient.connect(model="keeper", socket=daemon_socket) as client:
         for _ in range(int(times)):
-            allocated = client._handles._request(Allocate(int(size), "kv_cache"), Allocated)
-            client._stub.Free(pb.FreeRequest(session_id=client._session_id, region_id=allocated.region), timeout=30)
+            allocated = client._lease.handles._request(Allocate(int(size), "kv_cache"), Allocated)
+            client._lease.stub.Free(pb.FreeRequest(session_id=client._session_id, region_id=allocated.region), timeout=30)
             answers["freed"].append(_what_is_left(allocated.fd))
         region = client.alloc(4 * MiB, tag="weights")
         region.write(b"kept" * MiB)
-        ((kept, _),) = client._fetch([region.id])
+        ((kept, _),) = client._mappings.fetch(client._lease.handles, [region.id])
         client.sleep(level=1)
         answers["slept"] = _what_is_left(kept)
         client.ensure_awake()
@@ -550,7 +550,7 @@ def bad_names(daemon_socket: str, model: str) -> dict:
         client.alloc(MiB, tag="weights")
         for number, tag in enumerate(BAD_TAGS):
             answers[f"handle allocate {number}"] = _handle_answer(
-                lambda: wire.close_all([client._handles._request(Allocate(MiB, tag), Allocated).fd]))
+                lambda: wire.close_all([client._lease.handles._request(Allocate(MiB, tag), Allocated).fd]))
             answers[f"allocate {number}"] = _handle_answer(lambda: client.alloc(MiB, tag=tag))
             answers[f"sleep {number}"] = answer(lambda: stub.Sleep(pb.SleepRequest(model=model, tags=[tag]),
                                                                    timeout=30))

@@ -39,8 +39,8 @@ def second_tenant_unavailable() -> str | None:
 
 # Processes become the other tenant by dropping privileges after Python and sleepd
 # are loaded, so this works even where that uid cannot read the toolchain.
-AS_UID = ("import os, sys, shutil, gettext; import sleepd.client.ctl as ctl; ctl._parser(); "
-          "os.setgroups([]); os.setgid({uid}); os.setuid({uid}); sys.exit(ctl.main(sys.argv[1:]))")
+AS_UID = ("import os, sys, shutil, gettext; from sleepd.client.ctl import arguments, commands, main; "
+          "arguments.parser(); os.setgroups([]); os.setgid({uid}); os.setuid({uid}); sys.exit(main(sys.argv[1:]))")
 
 
 def ctl_as(daemon, uid, *args) -> subprocess.CompletedProcess:

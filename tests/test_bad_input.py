@@ -97,12 +97,12 @@ def test_a_region_that_is_not_yours_is_refused(daemon):
         # A hostile client asking for someone else's region by id, on both sockets: as if there were none,
         # so that counting region ids shows no other model.
         with pytest.raises(grpc.RpcError) as error:
-            other._stub.Free(pb.FreeRequest(session_id=other._session_id, region_id=region.id))
+            other._lease.stub.Free(pb.FreeRequest(session_id=other._session_id, region_id=region.id))
         assert error.value.code() == grpc.StatusCode.NOT_FOUND and "qwen" not in error.value.details()
         refusals = []
         for region_id in (region.id, 999_999):
             with pytest.raises(SleepdError) as error:
-                other._fetch([region_id])
+                other._mappings.fetch(other._lease.handles, [region_id])
             assert error.value.code == grpc.StatusCode.NOT_FOUND
             refusals.append(error.value.message.replace(str(region_id), "ID"))
         assert refusals[0] == refusals[1]

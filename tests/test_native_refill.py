@@ -139,7 +139,7 @@ def test_a_bad_allocate_on_the_handle_socket_is_refused_in_one_line(daemon, size
     with SleepClient.connect("qwen", socket=daemon.socket) as client:
         before = daemon.status()
         with pytest.raises(SleepdError) as error:
-            client._handles._request(Allocate(size, tag, _device_pid(daemon.backend)), Allocated)
+            client._lease.handles._request(Allocate(size, tag, _device_pid(daemon.backend)), Allocated)
         assert error.value.code.name == code and "\n" not in error.value.message
         assert daemon.status() == before
 

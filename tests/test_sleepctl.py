@@ -164,8 +164,39 @@ def test_errors_are_one_line_with_a_non_zero_status(daemon, qwen, tmp_path):
         assert result.stderr.startswith("sleepctl"), result.stderr
 
 
+def modules_loaded_by_sleepctl(*args, env=None) -> set[str]:
+    """The modules the installed `sleepctl` imports for `args`, as Python's own import log reports them."""
+    command = os.path.join(os.path.dirname(sys.executable), "sleepctl")
+    result = subprocess.run([command, *args], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1", **(env or {})})
+    assert result.returncode == 0, result.stderr
+    lines = [line.rpartition("|")[2].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
+    return set(lines[1:])  # after the header
+
+
+def rpc_modules(names: set[str]) -> list[str]:
+    return sorted(name for name in names if name.partition(".")[0] == "grpc" or name.endswith(("_pb2", "_pb2_grpc")))
+
+
+def test_help_and_completion_that_need_no_daemon_load_no_grpc(tmp_path):
+    """`sleepctl --help` and a shell's completion of commands and options answer at once: neither loads
+    gRPC nor the generated protobuf code, which only the commands that talk to the daemon need."""
+    loaded = modules_loaded_by_sleepctl("--help")
+    assert "argparse" in loaded and rpc_modules(loaded) == []
+    assert rpc_modules(modules_loaded_by_sleepctl("wake", "--help")) == []
+
+    offered = tmp_path / "offered"
+    for line in ("sleepctl s", "sleepctl wake --", "sleepctl sleep --level "):
+        # What bash's completion function sets before it runs sleepctl.
+        loaded = modules_loaded_by_sleepctl(env={"_ARGCOMPLETE": "1", "_ARGCOMPLETE_SHELL": "bash",
+                                                 "COMP_LINE": line, "COMP_POINT": str(len(line)),
+                                                 "_ARGCOMPLETE_STDOUT_FILENAME": str(offered)})
+        assert offered.read_text(), line  # completion ran, and offered something
+        assert rpc_modules(loaded) == [], line
+
+
 def test_sleepctl_and_the_client_import_nothing_of_the_daemon():
-    code = ("import sys, sleepd.client, sleepd.client.ctl; "
+    code = ("import sys, sleepd.client.ctl.commands; from sleepd.client import *; "
             "print(sorted(name for name in sys.modules if name.startswith('sleepd.daemon')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -6,7 +6,7 @@ import importlib.metadata
 import sysconfig
 
 import sleepd._C
-import sleepd.client  # noqa: F401
+from sleepd.client import Controller, SleepClient, Waker  # noqa: F401
 import sleepd.daemon.main  # noqa: F401
 import sleepd.proto.sleepd_pb2_grpc  # noqa: F401
 

@@ -5,13 +5,6 @@ completers for the words only the running daemon knows, its model and tag names.
 """
 
 import argcomplete
-import grpc
-
-from sleepd.proto import sleepd_pb2 as pb
-from sleepd.proto import sleepd_pb2_grpc as pb_grpc
-
-from .control import control_channel
-from .errors import SleepdError
 
 # Someone is waiting at a prompt: a daemon slower than this offers nothing.
 ASK_SECONDS = 2.0
@@ -22,9 +15,17 @@ def script(shell: str) -> str:
     return argcomplete.shellcode(["sleepctl"], shell=shell, use_defaults=False)
 
 
-def _status(parsed_args) -> pb.StatusReply | None:
-    """What the daemon the command line names (--socket, else $SLEEPD_SOCKET, ...) reports; None
-    if it does not answer."""
+def _status(parsed_args):
+    """The StatusReply of the daemon the command line names (--socket, else $SLEEPD_SOCKET, ...); None
+    if it does not answer. gRPC loads here, when a word only the daemon knows is asked for."""
+    import grpc
+
+    from sleepd.proto import sleepd_pb2 as pb
+    from sleepd.proto import sleepd_pb2_grpc as pb_grpc
+
+    from ..control import control_channel
+    from ..errors import SleepdError
+
     try:
         channel, handles = control_channel(parsed_args.socket)
     except SleepdError:
