@@ -28,7 +28,7 @@ from sleepd.common import paths
 from sleepd.common.sizes import format_size
 from sleepd.proto import sleepd_pb2, sleepd_pb2_grpc as pb_grpc
 
-from . import admission, backends, config, core as control_plane, logs
+from . import backends, call_caps, config, core as control_plane, logs
 from .auth import Authorizer
 from .config_render import render
 from .fanout import Fanout
@@ -210,10 +210,10 @@ def _listen(cfg: config.Config, core: control_plane.Core, socket_path: str,
 def _grpc_server(cfg: config.Config, core: control_plane.Core,
                  socket_path: str) -> tuple[grpc.Server, health.HealthServicer]:
     """The Unix socket's gRPC server, bound, not started."""
-    limits = admission.CallLimits(**cfg.table("grpc"))
-    # Each caller may hold only so many of the workers at once (admission.py), so no flood starves the rest.
+    limits = call_caps.CallLimits(**cfg.table("grpc"))
+    # Each caller may hold only so many of the workers at once (call_caps.py), so no flood starves the rest.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="grpc"),
-                         interceptors=[admission.Admission(core.registry.caller, core.authorizer, limits)],
+                         interceptors=[call_caps.CallCaps(core.registry.caller, core.authorizer, limits)],
                          options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_SleepdServicer_to_server(SleepdService(core, cfg.wake_wait_limit, cfg.swap_batch), server)
     # The standard health service answers NOT_SERVING until both sockets are up,

@@ -14,7 +14,7 @@ import grpc
 
 from sleepd.proto import sleepd_pb2_grpc as pb_grpc
 
-from .admission import refusing
+from .call_caps import refusing
 from .auth import Peer
 from .private_paths import read_secret
 from .service import SleepdService

@@ -91,7 +91,7 @@ def test_the_executor_and_the_operations_never_reach_back_up_to_the_edges():
 
 def test_protobuf_and_grpc_stay_at_the_edges_and_the_engine_stream():
     # The engine stream: fanout builds its commands, sessions queue them, controllers forward requests.
-    allowed = EDGES | {f"sleepd.daemon.{name}" for name in ("fanout", "sessions", "controllers", "admission")}
+    allowed = EDGES | {f"sleepd.daemon.{name}" for name in ("fanout", "sessions", "controllers", "call_caps")}
     speaking = sorted(m for m in daemon_modules() if m not in allowed
                       and any(i.startswith(("grpc", "sleepd.proto", "google.protobuf")) for i in imports(m)))
     assert speaking == []

@@ -62,7 +62,7 @@ class CallLimits:
                 "sessions": self.sessions_per_uid}[kind]
 
 
-class Admission(grpc.ServerInterceptor):
+class CallCaps(grpc.ServerInterceptor):
     def __init__(self, identify, authorizer: Authorizer, limits: CallLimits):
         self._identify = identify  # a token -> the Peer it was given to, or None
         self._authorizer = authorizer
