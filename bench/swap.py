@@ -45,8 +45,8 @@ def _two_models(args, room_for: int):
     with LocalDaemon(None, *flags) as daemon, contextlib.ExitStack() as stack:
         a = stack.enter_context(SleepClient.connect("a", socket=daemon.socket))
         b = stack.enter_context(SleepClient.connect("b", socket=daemon.socket))
-        channel, handles = control_channel(daemon.socket)  # Swap, like every request, carries our credentials
-        stack.callback(handles.close)
+        channel, fd_socket = control_channel(daemon.socket)  # Swap, like every request, carries our credentials
+        stack.callback(fd_socket.close)
         stack.enter_context(channel)
         for client in (b, a):
             for _ in range(count):
@@ -61,10 +61,10 @@ def _two_models(args, room_for: int):
 def _device_capacity(backend: str) -> int:
     """The first device's capacity as a daemon on `backend` counts it (NVML's total, or the driver's)."""
     with LocalDaemon(None, "--backend", backend) as daemon:
-        channel, handles = control_channel(daemon.socket)
+        channel, fd_socket = control_channel(daemon.socket)
         with channel:
             capacity = pb_grpc.SleepdStub(channel).Status(pb.StatusRequest()).devices[0].capacity
-        handles.close()
+        fd_socket.close()
     return capacity
 
 

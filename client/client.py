@@ -56,14 +56,14 @@ class SleepClient:
         attached = self._lease.answer.attached
         self._session_id = attached.session_id
         self._mappings = Mappings(engine_backend(attached.backend, device), device)
-        self._mappings.take_back(self._lease.handles, attached)
+        self._mappings.take_back(self._lease.fd_socket, attached)
         self._thread = threading.Thread(target=self._serve_commands, name="sleepd-session", daemon=True)
         self._thread.start()
 
     def _attach(self) -> Lease:
         """A lease whose stream is an attached session."""
-        return Lease(self._socket_path, "Session", lambda handles: pb.EngineMessage(attach=pb.Attach(
-            token=handles.token, model=self.model, rank=self.rank, device=self.device, device_uuid=self._device_uuid,
+        return Lease(self._socket_path, "Session", lambda fd_socket: pb.EngineMessage(attach=pb.Attach(
+            token=fd_socket.token, model=self.model, rank=self.rank, device=self.device, device_uuid=self._device_uuid,
             needs_controller=self.needs_controller)))
 
     @classmethod
@@ -99,7 +99,7 @@ class SleepClient:
                 info = self._lease.stub.Allocate(pb.AllocateRequest(session_id=self._session_id, size=nbytes,
                                                                     tag=tag, evict=evict, persist=persist))
             try:
-                return self._mappings.map_new(self._lease.handles, info)
+                return self._mappings.map_new(self._lease.fd_socket, info)
             except BaseException:
                 self._free(info.id)
                 raise
@@ -156,7 +156,7 @@ class SleepClient:
         size, device, stream) exported by sleepd._C are carved from regions tagged `tag`,
         which are allocated and mapped in C++ without the GIL. Call settle_native_pool()
         when done allocating."""
-        return self._mappings.native_pool(self._lease.handles, tag, chunk_bytes, self.busy_seconds)
+        return self._mappings.native_pool(self._lease.fd_socket, tag, chunk_bytes, self.busy_seconds)
 
     def settle_native_pool(self, pool: NativePool) -> None:
         """Records the regions the pool's refills mapped (as regions() would), and frees those the
@@ -284,14 +284,14 @@ class SleepClient:
         self._session_id = attached.session_id
         old.close()  # refills in flight on it fail, and torch reports out of memory
         try:
-            self._mappings.take_back(lease.handles, attached)
+            self._mappings.take_back(lease.fd_socket, attached)
         except Exception as error:  # a step the new daemon refused or never answered
             log.error("%s rank %d attached again but could not hand its memory back (%s: %s); carrying on "
                       "without sleepd: its regions stay as they are here and will not sleep",
                       self.model, self.rank, type(error).__name__, error)
             lease.close()  # ends the session: the daemon stops waiting for this rank
             return False
-        self._mappings.use_handles(lease.handles)  # refills go to the new daemon once it has our memory back
+        self._mappings.use_fd_socket(lease.fd_socket)  # refills go to the new daemon once it has our memory back
         log.info("%s rank %d attached again%s", self.model, self.rank,
                  " and handed its memory back" if attached.resuming else "")
         return True
@@ -306,7 +306,7 @@ class SleepClient:
         self._mappings.unmap(command)
 
     def _remap(self, command: pb.Remap) -> None:
-        self._mappings.remap(self._lease.handles, command)
+        self._mappings.remap(self._lease.fd_socket, command)
 
     def _tags_awake(self, command: pb.TagsAwake) -> None:
         for tag in command.tags:

@@ -1,9 +1,9 @@
 """A gRPC channel to sleepd that says who is calling.
 
-The daemon knows a caller's uid only from the handle socket, where the kernel
+The daemon knows a caller's uid only from the fd socket, where the kernel
 reports it; the token it hands out there travels with every request on this
 channel, so control requests are authorised as that uid (see daemon/auth.py).
-The handle connection must stay open while the channel is used.
+The fd socket connection must stay open while the channel is used.
 """
 
 import grpc
@@ -11,7 +11,7 @@ import grpc
 from sleepd.common import paths
 from sleepd.common.wire import TOKEN_METADATA
 
-from .handles import HandleConnection
+from .fd_socket import FdConnection
 
 
 
@@ -46,10 +46,10 @@ class _Details(grpc.ClientCallDetails):
         self.compression = getattr(details, "compression", None)
 
 
-def control_channel(socket: str | None = None) -> tuple[grpc.Channel, HandleConnection]:
-    """A channel whose requests carry this process's credentials, and the handle
-    connection that vouches for them (close both when done)."""
+def control_channel(socket: str | None = None) -> tuple[grpc.Channel, FdConnection]:
+    """A channel whose requests carry this process's credentials, and the fd
+    socket connection that vouches for them (close both when done)."""
     path = paths.client_socket(socket)
-    handles = HandleConnection(paths.handle_socket(path))
-    channel = grpc.intercept_channel(grpc.insecure_channel(f"unix:{path}"), _Credentials(handles.token))
-    return channel, handles
+    fd_socket = FdConnection(paths.fd_socket(path))
+    channel = grpc.intercept_channel(grpc.insecure_channel(f"unix:{path}"), _Credentials(fd_socket.token))
+    return channel, fd_socket

@@ -60,7 +60,7 @@ class Controller:
 
     def _attach(self) -> Lease:
         return Lease(self._socket_path, "Control",
-                     lambda handles: pb.ControllerMessage(attach=pb.ControllerAttach(model=self.model)))
+                     lambda fd_socket: pb.ControllerMessage(attach=pb.ControllerAttach(model=self.model)))
 
     def __enter__(self) -> "Controller":
         return self

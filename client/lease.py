@@ -13,24 +13,24 @@ from sleepd.proto import sleepd_pb2_grpc as pb_grpc
 
 from .control import control_channel
 from .errors import SleepdError, as_sleepd_error
-from .handles import ANSWER_SECONDS, HandleConnection
+from .fd_socket import ANSWER_SECONDS, FdConnection
 
 # Between two tries to attach again.
 RETRY_SECONDS = 0.2
 
 
 class Lease:
-    """One attach: the handle connection that vouches for this process, the channel whose requests
+    """One attach: the fd socket connection that vouches for this process, the channel whose requests
     carry its token, a stub on it, the queue of messages to send on the stream (None half-closes it),
     the stream, and `answer`, the daemon's first message on it, its answer to the attach."""
 
-    def __init__(self, socket_path: str, method: str, attach_message: Callable[[HandleConnection], object]):
+    def __init__(self, socket_path: str, method: str, attach_message: Callable[[FdConnection], object]):
         """Calls the stream method `method` (Session, Control), whose first message is `attach_message`
-        of the handle connection (which holds the token it may carry)."""
-        self.channel, self.handles = control_channel(socket_path)
+        of the fd socket connection (which holds the token it may carry)."""
+        self.channel, self.fd_socket = control_channel(socket_path)
         self.stub = pb_grpc.SleepdStub(self.channel)
         self.outgoing: queue.Queue = queue.Queue()
-        self.outgoing.put(attach_message(self.handles))
+        self.outgoing.put(attach_message(self.fd_socket))
         self.stream = getattr(self.stub, method)(iter(self.outgoing.get, None))
         # The stream lives as long as the lease, so no deadline bounds it: only the wait for the answer is.
         silent = threading.Timer(ANSWER_SECONDS, self.stream.cancel)
@@ -48,7 +48,7 @@ class Lease:
             silent.cancel()
 
     def close(self) -> None:
-        self.handles.close()
+        self.fd_socket.close()
         self.channel.close()
 
 

@@ -7,7 +7,7 @@ import logging
 import os
 import threading
 
-from sleepd.common.handle_messages import FETCH_BATCH
+from sleepd.common.fd_messages import FETCH_BATCH
 from sleepd.proto import sleepd_pb2 as pb
 
 from .errors import SleepdError
@@ -47,9 +47,9 @@ class Mappings:
                 self._allocating -= 1
                 self._changed.notify_all()
 
-    def map_new(self, handles, info: pb.Region) -> Region:
+    def map_new(self, fd_socket, info: pb.Region) -> Region:
         """Maps a region the daemon has just allocated, at a new address, and records it."""
-        ((shared, mapped_size),) = self.fetch(handles, [info.id])
+        ((shared, mapped_size),) = self.fetch(fd_socket, [info.id])
         address = self.backend.reserve(mapped_size)
         try:
             handle = self._map(shared, address, mapped_size)
@@ -81,11 +81,11 @@ class Mappings:
             self._collect_refills()
             return sorted(self._regions.values(), key=lambda region: region.id)
 
-    def native_pool(self, handles, tag: str, chunk_bytes: int, busy_seconds: float) -> NativePool:
+    def native_pool(self, fd_socket, tag: str, chunk_bytes: int, busy_seconds: float) -> NativePool:
         """The tag's pool, made at its first use."""
         with self._changed:
             if tag not in self._pools:
-                self._pools[tag] = NativePool(handles, self.backend, self.device, tag, chunk_bytes, busy_seconds)
+                self._pools[tag] = NativePool(fd_socket, self.backend, self.device, tag, chunk_bytes, busy_seconds)
             return self._pools[tag]
 
     def unmapped(self, pool: NativePool) -> list[int]:
@@ -104,11 +104,11 @@ class Mappings:
         with self._changed:
             return sum(pool.bytes_in_use for pool in self._pools.values())
 
-    def use_handles(self, handles) -> None:
+    def use_fd_socket(self, fd_socket) -> None:
         """After attaching again: refills go to the new daemon, once it has our memory back."""
         with self._changed:
             for pool in self._pools.values():
-                pool.refill.use_channel(handles.channel)
+                pool.refill.use_channel(fd_socket.channel)
 
     # ---- what the daemon commands ----
 
@@ -126,13 +126,13 @@ class Mappings:
         if error:
             raise RuntimeError(f"unmapping region {mapped[done].id}: {error}")
 
-    def remap(self, handles, command: pb.Remap) -> None:
+    def remap(self, fd_socket, command: pb.Remap) -> None:
         # Idempotent: a rollback may name regions that never went away.
         regions = [r for r in self._named(command.region_ids) if r.state is not State.MAPPED]
         # A batch at a time, so that the descriptors open at once stay few.
         for start in range(0, len(regions), FETCH_BATCH):
             batch = regions[start:start + FETCH_BATCH]
-            shared = [each for each, _ in self.fetch(handles, [region.id for region in batch])]
+            shared = [each for each, _ in self.fetch(fd_socket, [region.id for region in batch])]
             # All or none; every fd is closed either way.
             imported = self.backend.map_all([(each, r.address, r.mapped_size) for each, r in zip(shared, batch)],
                                             self.device)
@@ -140,7 +140,7 @@ class Mappings:
                 region.handle = handle
                 region.state = State.MAPPED
 
-    def take_back(self, handles, attached: pb.Attached) -> None:
+    def take_back(self, fd_socket, attached: pb.Attached) -> None:
         """Takes the regions the daemon hands this rank when it attaches: persistent ones an earlier
         process left, or, after a daemon restart, our own, whose memory we hand back."""
         with self._changed:
@@ -150,19 +150,19 @@ class Mappings:
             region = self._regions.get(info.id)
             if region is None:
                 try:
-                    self._take_over(handles, info)
+                    self._take_over(fd_socket, info)
                 except SleepdError as error:  # its memory died with an engine while the daemon was down
                     log.warning("region %d (%s) cannot be taken back: %s", info.id, info.tag, error.message)
             elif region.state is State.MAPPED and self.backend.shares_tokens:
-                self._move_to_new_memory(handles, region)
+                self._move_to_new_memory(fd_socket, region)
             elif region.state is State.MAPPED:
                 fd = self.backend.export_handle(region.handle)
                 try:
-                    handles.hand_back(region.id, fd)
+                    fd_socket.hand_back(region.id, fd)
                 finally:
                     os.close(fd)
         if attached.resuming:
-            handles.handed_back()
+            fd_socket.handed_back()
             known = {info.id for info in attached.regions}
             for region in self.regions():
                 if region.id not in known:
@@ -171,12 +171,12 @@ class Mappings:
 
     # ---- how ----
 
-    def fetch(self, handles, region_ids: list[int]) -> list[tuple[int, int]]:
+    def fetch(self, fd_socket, region_ids: list[int]) -> list[tuple[int, int]]:
         """For each region: what shares its memory (a descriptor, or on ACL a token this
         process has been authorised to import) and its mapped size."""
         if self.backend.shares_tokens:
-            return handles.fetch_tokens(region_ids, self.backend.device_pid())
-        return handles.fetch(region_ids)
+            return fd_socket.fetch_tokens(region_ids, self.backend.device_pid())
+        return fd_socket.fetch(region_ids)
 
     def _map(self, shared: int, address: int, size: int) -> int:
         """Imports the memory (from a token, or a descriptor it closes) and maps it. The
@@ -196,23 +196,23 @@ class Mappings:
             raise
         return handle
 
-    def _take_over(self, handles, info: pb.Region) -> None:
+    def _take_over(self, fd_socket, info: pb.Region) -> None:
         """Adopts a persistent region an earlier process of this rank left: a new
         address here, mapped now if the region is awake."""
         address = self.backend.reserve(info.mapped_size)
         region = Region(self.backend, info.id, info.tag, info.size, info.mapped_size, self.device, address,
                         info.persist)
         if info.state == pb.MAPPED:
-            ((shared, _),) = self.fetch(handles, [info.id])
+            ((shared, _),) = self.fetch(fd_socket, [info.id])
             region.handle = self._map(shared, address, info.mapped_size)
         else:
             region.state = _STATES[info.state]
         self._regions[region.id] = region
 
-    def _move_to_new_memory(self, handles, region: Region) -> None:
+    def _move_to_new_memory(self, fd_socket, region: Region) -> None:
         """After a daemon restart on ACL, where an imported handle cannot be exported again:
         copies the region into new memory the daemon made, and maps that at the same address."""
-        token, size = handles.replace(region.id, self.backend.device_pid())
+        token, size = fd_socket.replace(region.id, self.backend.device_pid())
         handle = self.backend.import_token(token, self.device, size)
         staging = self.backend.reserve(size)
         try:

@@ -30,7 +30,7 @@ class Waker:
         self.model = model
         self._socket_path = paths.client_socket(socket)
         self._lock = threading.Lock()
-        self._connection = None  # (channel, handle connection, stub), opened at the first call
+        self._connection = None  # (channel, fd socket connection, stub), opened at the first call
 
     def ensure_awake(self, evict: bool = True, wake: bool | None = None, timeout: float = 0.0) -> pb.EnsureAwakeReply:
         """As SleepClient.ensure_awake."""
@@ -54,8 +54,8 @@ class Waker:
         with self._lock:
             if self._connection is None or self._connection[2] is stale:
                 self._close()
-                channel, handles = control_channel(self._socket_path)
-                self._connection = channel, handles, pb_grpc.SleepdStub(channel)
+                channel, fd_socket = control_channel(self._socket_path)
+                self._connection = channel, fd_socket, pb_grpc.SleepdStub(channel)
             return self._connection[2]
 
     def close(self) -> None:
@@ -64,7 +64,7 @@ class Waker:
 
     def _close(self) -> None:
         if self._connection is not None:
-            channel, handles, _ = self._connection
+            channel, fd_socket, _ = self._connection
             self._connection = None
-            handles.close()
+            fd_socket.close()
             channel.close()

@@ -1,1 +1,1 @@
-"""Pieces both the daemon and its clients need: sizes, paths, the handle-socket wire format."""
+"""Pieces both the daemon and its clients need: sizes, paths, the fd-socket wire format."""

@@ -52,7 +52,7 @@ def client_socket(requested: str | None) -> str:
     return user_socket() or SYSTEM_SOCKET
 
 
-def handle_socket(grpc_socket: str) -> str:
+def fd_socket(grpc_socket: str) -> str:
     """The file-descriptor socket that lives beside a gRPC socket."""
     return grpc_socket + ".fds"
 

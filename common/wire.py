@@ -3,7 +3,7 @@ any file descriptors attached to that same packet (SCM_RIGHTS).
 
 SEQPACKET keeps message boundaries, so a descriptor can never arrive detached
 from the message that explains it. What each message holds is said in
-common/handle_messages.py (the handle socket) and daemon/mover_messages.py.
+common/fd_messages.py (the fd socket) and daemon/mover_messages.py.
 """
 
 import json
@@ -12,7 +12,7 @@ import socket
 
 MAX_MESSAGE = 64 * 1024
 # gRPC metadata key under which control requests carry the token a hello on the
-# handle socket returned: how the daemon learns the caller's uid (daemon/auth.py).
+# fd socket returned: how the daemon learns the caller's uid (daemon/auth.py).
 TOKEN_METADATA = "sleepd-token"
 MAX_FDS = 253  # the kernel's SCM_MAX_FD
 

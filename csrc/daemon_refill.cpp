@@ -11,7 +11,7 @@ namespace sleepd {
 namespace {
 
 // The daemon's replies as far as a refill reads them: one JSON object whose values
-// are strings, integers, booleans or null (common/handle_messages.py's Allocated
+// are strings, integers, booleans or null (common/fd_messages.py's Allocated
 // and Refused). Anything else is a protocol error.
 struct JsonValue {
   enum Kind { Null, Boolean, Integer, String } kind = Null;
@@ -40,7 +40,7 @@ class FlatObjectReader {
 
  private:
   [[noreturn]] void bad(const char* what) {
-    throw BackendError(std::string("sleepd's handle socket answered nonsense: ") + what);
+    throw BackendError(std::string("sleepd's fd socket answered nonsense: ") + what);
   }
   char peek() {
     while (at_ < text_.size() && (text_[at_] == ' ' || text_[at_] == '\n' || text_[at_] == '\t' || text_[at_] == '\r'))
@@ -142,13 +142,13 @@ std::string json_string(const std::string& text) {
 const JsonValue& field(const std::map<std::string, JsonValue>& reply, const std::string& key, JsonValue::Kind kind) {
   auto it = reply.find(key);
   if (it == reply.end() || it->second.kind != kind)
-    throw BackendError("sleepd's handle socket answered allocate without a valid " + key);
+    throw BackendError("sleepd's fd socket answered allocate without a valid " + key);
   return it->second;
 }
 
 uint64_t count(const std::map<std::string, JsonValue>& reply, const std::string& key) {
   const JsonValue& value = field(reply, key, JsonValue::Integer);
-  if (value.negative) throw BackendError("sleepd's handle socket answered allocate with a negative " + key);
+  if (value.negative) throw BackendError("sleepd's fd socket answered allocate with a negative " + key);
   return value.magnitude;
 }
 
@@ -158,7 +158,7 @@ void close_all(const std::vector<int>& fds) {
 
 }  // namespace
 
-DaemonRefill::DaemonRefill(std::shared_ptr<HandleChannel> channel, std::shared_ptr<Backend> backend, int device,
+DaemonRefill::DaemonRefill(std::shared_ptr<FdChannel> channel, std::shared_ptr<Backend> backend, int device,
                            std::string tag, int64_t device_pid, double answer_seconds, double busy_seconds)
     : channel_(std::move(channel)),
       backend_(std::move(backend)),
@@ -171,7 +171,7 @@ DaemonRefill::DaemonRefill(std::shared_ptr<HandleChannel> channel, std::shared_p
 }
 
 std::pair<uintptr_t, size_t> DaemonRefill::operator()(size_t bytes) {
-  std::shared_ptr<HandleChannel> channel;
+  std::shared_ptr<FdChannel> channel;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     ++in_flight_;
@@ -194,8 +194,8 @@ std::pair<uintptr_t, size_t> DaemonRefill::operator()(size_t bytes) {
       std::vector<int>& fds;
       ~CloseFds() { close_all(fds); }
     } close_fds{reply.fds};
-    if (reply.data.empty() && reply.fds.empty()) throw BackendError("sleepd closed the handle socket");
-    if (reply.truncated) throw BackendError("sleepd's handle socket answered allocate with a truncated message");
+    if (reply.data.empty() && reply.fds.empty()) throw BackendError("sleepd closed the fd socket");
+    if (reply.truncated) throw BackendError("sleepd's fd socket answered allocate with a truncated message");
     auto object = FlatObjectReader(reply.data).read();
     if (!field(object, "ok", JsonValue::Boolean).boolean) {
       std::string code = field(object, "code", JsonValue::String).text;
@@ -218,7 +218,7 @@ std::pair<uintptr_t, size_t> DaemonRefill::operator()(size_t bytes) {
       } else if (reply.fds.size() == 1) {
         memory.fd = reply.fds[0];
       } else {
-        throw BackendError("sleepd's handle socket answered allocate without the region's descriptor");
+        throw BackendError("sleepd's fd socket answered allocate without the region's descriptor");
       }
       auto chunk = map_allocated(id, size, mapped_size, memory);
       leave.left = true;
@@ -252,7 +252,7 @@ std::pair<uintptr_t, size_t> DaemonRefill::map_allocated(int64_t id, size_t size
   return {address, mapped_size};
 }
 
-void DaemonRefill::use_channel(std::shared_ptr<HandleChannel> channel) {
+void DaemonRefill::use_channel(std::shared_ptr<FdChannel> channel) {
   std::lock_guard<std::mutex> lock(mutex_);
   channel_ = std::move(channel);
 }

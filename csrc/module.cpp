@@ -25,7 +25,7 @@
 #include "copy_engine.h"
 #include "cuda_backend.h"
 #include "daemon_refill.h"
-#include "handle_channel.h"
+#include "fd_channel.h"
 #include "host_backend.h"
 
 namespace py = pybind11;
@@ -279,13 +279,13 @@ void bind_acl_backend(py::module_& m) {
                                         "Why the ACL backend cannot run here, or None when it can.");
 }
 
-void bind_handle_channel(py::module_& m) {
-  py::class_<HandleChannel, std::shared_ptr<HandleChannel>>(
-      m, "HandleChannel", "The engine's handle socket connection; one request in flight, any thread, no GIL.")
+void bind_fd_channel(py::module_& m) {
+  py::class_<FdChannel, std::shared_ptr<FdChannel>>(
+      m, "FdChannel", "The engine's fd socket connection; one request in flight, any thread, no GIL.")
       .def(py::init<int>(), py::arg("fd"), "Takes ownership of a connected, blocking SOCK_SEQPACKET socket.")
       .def(
           "exchange",
-          [](HandleChannel& self, py::bytes request, std::vector<int> fds, double timeout) {
+          [](FdChannel& self, py::bytes request, std::vector<int> fds, double timeout) {
             std::string data = request;
             Packet reply;
             {
@@ -296,13 +296,13 @@ void bind_handle_channel(py::module_& m) {
           },
           py::arg("request"), py::arg("fds"), py::arg("timeout"),
           "(reply bytes, its descriptors, truncated); empty bytes and no descriptors: the daemon closed.")
-      .def("close", &HandleChannel::close, py::call_guard<py::gil_scoped_release>());
+      .def("close", &FdChannel::close, py::call_guard<py::gil_scoped_release>());
 }
 
 void bind_daemon_refill(py::module_& m) {
   py::class_<DaemonRefill, std::shared_ptr<DaemonRefill>>(
-      m, "DaemonRefill", "A ChunkPool's chunks, allocated over the handle socket in C++.")
-      .def(py::init<std::shared_ptr<HandleChannel>, std::shared_ptr<Backend>, int, std::string, int64_t, double,
+      m, "DaemonRefill", "A ChunkPool's chunks, allocated over the fd socket in C++.")
+      .def(py::init<std::shared_ptr<FdChannel>, std::shared_ptr<Backend>, int, std::string, int64_t, double,
                     double>(),
            py::arg("channel"), py::arg("backend"), py::arg("device"), py::arg("tag"), py::arg("device_pid"),
            py::arg("answer_seconds"), py::arg("busy_seconds"))
@@ -408,7 +408,7 @@ PYBIND11_MODULE(_C, m) {
   bind_host_backend(m);
   bind_cuda_backend(m);
   bind_acl_backend(m);
-  bind_handle_channel(m);
+  bind_fd_channel(m);
   bind_daemon_refill(m);
   bind_chunk_pool(m);
   bind_mapped_files(m);

@@ -1,6 +1,6 @@
 """Who may act on what.
 
-Identity comes from the kernel: the handle socket reads each peer's pid, uid
+Identity comes from the kernel: the fd socket reads each peer's pid, uid
 and gid (SO_PEERCRED) and its supplementary groups (/proc/PID/status), and
 hands it a token. Control requests carry that token, so the daemon knows the
 caller's uid without trusting anything the caller says about itself.
@@ -119,7 +119,7 @@ class Authorizer:
         if peer is None:
             raise SleepdError(Code.UNAUTHENTICATED,
                               f"{_VERBS.get(operation, operation)} {', '.join(models)}: the request carries no "
-                              "credentials; connect through the handle socket to prove who you are (sleepctl and "
+                              "credentials; connect through the fd socket to prove who you are (sleepctl and "
                               "SleepClient do)")
         admin_only = _admin_only_policy(policy_changes or {})
         if admin_only and not self.is_admin(peer):

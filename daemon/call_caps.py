@@ -132,7 +132,7 @@ def _refusal(key: tuple, held: int) -> str:
     what, remedy = _WHAT[kind]
     if who == ANONYMOUS:
         return (f"callers without a token have {held} {what}, the most they may together; {remedy}, or call "
-                "with a token from the handle socket (sleepctl and SleepClient do) to count as your own uid")
+                "with a token from the fd socket (sleepctl and SleepClient do) to count as your own uid")
     return f"uid {who} has {held} {what}, the most a non-admin may; {remedy}"
 
 

@@ -289,7 +289,7 @@ def _check_tcp(values: dict[str, Any], sources: dict[str, str], problems: list[P
 
 # Settings that only mean something below another: (key, the key it must stay below, or at most equal, why).
 _BELOW = [
-    ("handles.allocates_per_uid", "handles.workers", False,
+    ("fd_socket.allocates_per_uid", "fd_socket.workers", False,
      "one uid's waiting allocates must leave the other uids a worker"),
     ("grpc.admin_reserve", "grpc.workers", False, "the callers other than root and admin_group need a worker"),
     ("grpc.event_streams_per_uid", "grpc.calls_per_uid", True, "each Events stream is one of its uid's calls"),

@@ -163,7 +163,7 @@ class Config:
         "{auto,host,cuda}")
     socket: str = _setting(
         "socket", fs_path, lambda _: paths.daemon_socket(None)[0],
-        "gRPC Unix socket; the handle socket is PATH.fds beside it "
+        "gRPC Unix socket; the fd socket is PATH.fds beside it "
         "(default /run/sleepd/sleepd.sock, else $XDG_RUNTIME_DIR/sleepd/sleepd.sock)", "PATH")
     metrics_address: str = _setting(
         "metrics.address", address("off"), "127.0.0.1:9464",
@@ -235,21 +235,21 @@ class Config:
     tcp_key: str = _setting("tcp.key", optional_fs_path, "", "TLS private key (PEM) for the TCP listener", "PATH")
     tcp_token_file: str = _setting(
         "tcp.token_file", optional_fs_path, "", "file holding the bearer token TCP clients must present", "PATH")
-    handles_connections_per_uid: int = _setting(
-        "handles.connections_per_uid", integer(1, 1 << 16), 256,
-        "connections to the handle socket one uid may hold at once, root's included", "N")
-    handles_connections: int = _setting(
-        "handles.connections", integer(1, 1 << 20), 4096,
-        "connections to the handle socket all uids but root may hold together", "N")
-    handles_workers: int = _setting(
-        "handles.workers", integer(2, 256), 8,
-        "threads that answer the handle socket's requests (an allocate may wait for its model)", "N")
-    handles_allocates_per_uid: int = _setting(
-        "handles.allocates_per_uid", integer(1, 255), 2,
-        "allocates (pool refills) of one uid the handle workers may hold at once; fewer than handles.workers",
+    fd_socket_connections_per_uid: int = _setting(
+        "fd_socket.connections_per_uid", integer(1, 1 << 16), 256,
+        "connections to the fd socket one uid may hold at once, root's included", "N")
+    fd_socket_connections: int = _setting(
+        "fd_socket.connections", integer(1, 1 << 20), 4096,
+        "connections to the fd socket all uids but root may hold together", "N")
+    fd_socket_workers: int = _setting(
+        "fd_socket.workers", integer(2, 256), 8,
+        "threads that answer the fd socket's requests (an allocate may wait for its model)", "N")
+    fd_socket_allocates_per_uid: int = _setting(
+        "fd_socket.allocates_per_uid", integer(1, 255), 2,
+        "allocates (pool refills) of one uid the fd socket's workers may hold at once; fewer than fd_socket.workers",
         "N")
-    handles_allocate_wait_seconds: float = _setting(
-        "handles.allocate_wait_seconds", seconds(positive=True, maximum=60.0), 1.0,
+    fd_socket_allocate_wait_seconds: float = _setting(
+        "fd_socket.allocate_wait_seconds", seconds(positive=True, maximum=60.0), 1.0,
         "seconds an allocate waits for its model's sleep or wake to end before it is refused ABORTED and the "
         "engine asks again", "SECONDS")
     grpc_workers: int = _setting(
@@ -290,7 +290,7 @@ class Config:
         return bool(self.tcp_address)
 
     def table(self, name: str) -> dict[str, Any]:
-        """The values of a table's settings by key within it: table("handles")["workers"]."""
+        """The values of a table's settings by key within it: table("fd_socket")["workers"]."""
         return {setting.key.partition(".")[2]: getattr(self, setting.attr) for setting in SETTINGS
                 if setting.key.startswith(name + ".")}
 

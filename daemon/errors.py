@@ -1,6 +1,6 @@
 """The one exception the daemon raises for a refused request, carrying the status
 a caller would branch on and a one-line message. The statuses are the domain's own
-(`Code`, named as gRPC names them): the edges (service.py, the handle socket) turn
+(`Code`, named as gRPC names them): the edges (service.py, the fd socket) turn
 them into gRPC's, so the planner and the state modules never import gRPC."""
 
 from enum import Enum, auto

@@ -32,7 +32,7 @@ from . import backends, call_caps, config, core as control_plane, logs
 from .auth import Authorizer
 from .config_render import render
 from .fanout import Fanout
-from .handles import HandleLimits, HandleServer
+from .fd_socket import FdSocketLimits, FdServer
 from .idle import IdleWatcher
 from .metrics import Metrics
 from .mover import Mover
@@ -184,7 +184,7 @@ def _build_core(cfg: config.Config, claimed: _Claimed, movers: dict[int, Mover])
 class _Listeners:
     server: grpc.Server  # the Unix socket's
     health: health.HealthServicer
-    handles: HandleServer
+    fd_socket: FdServer
     tcp_server: grpc.Server | None
     metrics_address: str | None  # None: off
 
@@ -193,18 +193,18 @@ def _listen(cfg: config.Config, core: control_plane.Core, socket_path: str,
             tcp_credentials: TcpCredentials | None) -> _Listeners:
     """Binds and starts every listener; the health service says NOT_SERVING until _announce_ready."""
     server, health_service = _grpc_server(cfg, core, socket_path)
-    handles = HandleServer(paths.handle_socket(socket_path), core, HandleLimits(**cfg.table("handles")))
+    fd_socket = FdServer(paths.fd_socket(socket_path), core, FdSocketLimits(**cfg.table("fd_socket")))
     metrics_address = None
     if cfg.metrics_address != "off":
         metrics_address = core.metrics.serve(cfg.metrics_address, _read_token(cfg.metrics_token_file))
 
     server.start()
     # Engines of any uid connect; what each may do is decided per request from the
-    # credentials the handle socket reads, not by the socket's mode.
+    # credentials the fd socket reads, not by the socket's mode.
     os.chmod(socket_path, 0o666)
-    handles.start()
+    fd_socket.start()
     tcp_server = _serve_tcp(cfg, core, tcp_credentials) if tcp_credentials is not None else None
-    return _Listeners(server, health_service, handles, tcp_server, metrics_address)
+    return _Listeners(server, health_service, fd_socket, tcp_server, metrics_address)
 
 
 def _grpc_server(cfg: config.Config, core: control_plane.Core,
@@ -245,7 +245,7 @@ def _announce_ready(core: control_plane.Core, claimed: _Claimed, listeners: _Lis
     """Both sockets accept from here on: the health service, daemon.json, the log and systemd (Type=notify) say so."""
     for name in ("", SERVICE_NAME):
         listeners.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    _write_runtime_file(claimed.state_dir, claimed.socket_path, listeners.handles.path, listeners.metrics_address,
+    _write_runtime_file(claimed.state_dir, claimed.socket_path, listeners.fd_socket.path, listeners.metrics_address,
                         claimed.pool.directory, movers)
     backend, pool = claimed.backend, claimed.pool
     log.info("sleepd ready: backend %s (%s), socket %s, metrics %s, host pool %s (%s budget)", backend.name,
@@ -269,7 +269,7 @@ def _shut_down(core: control_plane.Core, listeners: _Listeners, idle_watcher: Id
     """Stops serving and leaves what the next daemon needs."""
     listeners.health.enter_graceful_shutdown()  # every service NOT_SERVING, for good
     core.operations.freeze()  # engines outlive us: their sessions stay recorded for the next daemon
-    listeners.handles.stop()
+    listeners.fd_socket.stop()
     if listeners.tcp_server is not None:
         listeners.tcp_server.stop(grace=2)
     listeners.server.stop(grace=2).wait()
@@ -320,10 +320,11 @@ def _pin_pool(movers: dict, pool) -> None:
              time.monotonic() - started)
 
 
-def _write_runtime_file(state_dir: PrivateDirectory, socket_path, handle_path, metrics_address, pool_dir,
+def _write_runtime_file(state_dir: PrivateDirectory, socket_path, fd_socket_path, metrics_address, pool_dir,
                         movers) -> None:
     """Where this daemon's endpoints are, for tools and tests; replaced atomically."""
-    info = {"pid": os.getpid(), "socket": socket_path, "handle_socket": handle_path,
+    info = {"pid": os.getpid(), "socket": socket_path, "fd_socket": fd_socket_path,
+            "handle_socket": fd_socket_path,  # the earlier name, kept for tools on the node that read it
             "metrics_address": metrics_address, "host_pool_dir": pool_dir,
             "movers": {str(device): mover.pid for device, mover in movers.items()}}
     state_dir.replace(RUNTIME_FILE, json.dumps(info).encode())

@@ -1,7 +1,7 @@
 """Work that must wait for one model's lock, queued for that model alone.
 
 A session's end reclaims its memory under its model's lock, which a sleep may hold
-for several hook timeouts. Run on a shared worker (the handle socket's), it would
+for several hook timeouts. Run on a shared worker (the fd socket's), it would
 hold a thread that every other uid's hello, fetch and allocate need. Here each model
 with work pending has one thread of its own, which drains the model's queue in order
 and ends once it is empty: a stalled model delays only its own queue.

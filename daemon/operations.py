@@ -17,10 +17,10 @@ Lock order, outermost first (locks.py checks it under SLEEPD_CHECK_LOCKS=1):
      across hooks or copies: the mover has one channel per direction, so one
      model's offload and another's restore run at the same time;
   3. the registry lock, held only to read or change its maps.
-A session's handle-socket requests take only the registry lock, so an engine
+A session's fd-socket requests take only the registry lock, so an engine
 can fetch memory while an operation waits on it; but `allocate` (a torch
 pool's refill) takes its model's lock, waiting briefly (the setting
-handles.allocate_wait_seconds), and the engine tries again while a sleep or wake runs.
+fd_socket.allocate_wait_seconds), and the engine tries again while a sleep or wake runs.
 """
 
 import contextlib
@@ -131,7 +131,7 @@ class Operations:
 
     def allocate(self, session_id: str, size: int, tag: str, evict: bool = False, persist: bool = False,
                  wait_for_model: float = -1) -> Region:
-        """With `wait_for_model` seconds (the handle socket's: it must not hold its worker for a
+        """With `wait_for_model` seconds (the fd socket's: it must not hold its worker for a
         whole sleep), ABORTED if the model's lock stays taken that long."""
         session = self.registry.session(session_id)
         if size <= 0:

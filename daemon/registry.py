@@ -90,10 +90,10 @@ class Registry:
         with self.lock:
             session = self._by_token.get(token)
             if session is None or session.attached:
-                raise denied("unknown session token; connect to the handle socket first")
+                raise denied("unknown session token; connect to the fd socket first")
             if session.ended is not None:  # its end runs (or a stopping daemon keeps it for the state file)
                 raise precondition(f"attach {model_name} rank {rank}: the session of pid {session.pid} has ended "
-                                   f"({session.ended}); connect to the handle socket again")
+                                   f"({session.ended}); connect to the fd socket again")
             model = self._models.get(model_name)
             if model is None:
                 may_own(session.peer, sum(m.owner_uid == session.uid for m in self._models.values()), model_name)

@@ -48,7 +48,7 @@ def _refusals(method):
 
 class SleepdService(pb_grpc.SleepdServicer):
     """One instance per listener. `identify` says who a caller is, and only the
-    listener knows that: the Unix socket's service looks up the token the handle
+    listener knows that: the Unix socket's service looks up the token the fd
     socket gave the caller; the TCP listener's service (tcp.py), reached only
     through its bearer-token check, answers the TCP admin. A peer's address is
     never evidence: any local process can choose the one gRPC reports.
@@ -62,7 +62,7 @@ class SleepdService(pb_grpc.SleepdServicer):
         self._identify = identify or self._token_holder
 
     def _token_holder(self, context):
-        """The Unix socket's callers: whoever the handle socket gave the request's
+        """The Unix socket's callers: whoever the fd socket gave the request's
         token to, or None (unauthenticated) without a valid one."""
         token = dict(context.invocation_metadata()).get(TOKEN_METADATA)
         return self._core.registry.caller(token) if token else None

@@ -1,13 +1,13 @@
-"""A rank's life: an engine process's session, from the handle socket's
+"""A rank's life: an engine process's session, from the fd socket's
 connection to its end, and the transitions that are the only code changing it.
 
-A session begins when the process connects to the handle socket (where the
+A session begins when the process connects to the fd socket (where the
 kernel tells us its pid and uid), becomes a rank of a model when its gRPC stream
 attaches, and ends when either connection breaks: the two connections are its
 lease, and its condition follows from them and from what the engine said.
 
     condition     how it comes about
-    connected     handle socket open, no stream attached yet
+    connected     fd socket open, no stream attached yet
     attached      a rank of a model
     handing_back  attached after a daemon restart, handing back the memory it maps
     recovering    a placeholder from the state file: the rank's engine has not come back
@@ -49,7 +49,7 @@ class Session:
     def __init__(self, peer):
         self.peer = peer                    # who the kernel says is at the other end (auth.Peer)
         self.pid, self.uid = peer.pid, peer.uid
-        self.token = secrets.token_hex(16)  # proves the stream and the handle socket are one process
+        self.token = secrets.token_hex(16)  # proves the stream and the fd socket are one process
         self.id = secrets.token_hex(16)     # names the session in region requests
         self.model: str | None = None
         self.rank: int | None = None

@@ -97,7 +97,7 @@ def die_on(client, moment: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     if moment == "fetch":
-        client._lease.handles.fetch = client._lease.handles.fetch_tokens = die  # descriptors, or tokens on ACL
+        client._lease.fd_socket.fetch = client._lease.fd_socket.fetch_tokens = die  # descriptors, or tokens on ACL
     elif moment == "stop_on_second_map":  # a remap that has mapped its first region freezes before the next
         client._mappings.backend = StopOnSecondMap(client._mappings.backend)
     elif moment.startswith("stop_before_"):  # freeze (SIGSTOP) on that command once, and carry on when continued

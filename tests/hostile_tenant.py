@@ -30,9 +30,9 @@ import grpc
 from sleepd.client import SleepClient
 from sleepd.client.control import control_channel
 from sleepd.client.errors import SleepdError
-from sleepd.client.handles import HandleConnection
+from sleepd.client.fd_socket import FdConnection
 from sleepd.common import paths, wire
-from sleepd.common.handle_messages import Allocate, Allocated, Hello, Refused, Welcome, decode_reply
+from sleepd.common.fd_messages import Allocate, Allocated, Hello, Refused, Welcome, decode_reply
 from sleepd.common.wire import TOKEN_METADATA
 from sleepd.proto import sleepd_pb2 as pb
 from sleepd.proto import sleepd_pb2_grpc as pb_grpc
@@ -102,7 +102,7 @@ def relay_attack(daemon_socket: str, victim: str) -> dict:
 def watch_events(daemon_socket: str, seconds: str) -> dict:
     """With its own token: every event the daemon shows this uid for a while. Says
     'ready' on a line of its own once subscribed, so the test knows when to act."""
-    channel, handles = control_channel(daemon_socket)
+    channel, fd_socket = control_channel(daemon_socket)
     seen = []
     stream = pb_grpc.SleepdStub(channel).Events(pb.EventsRequest(), timeout=float(seconds))
     try:
@@ -116,7 +116,7 @@ def watch_events(daemon_socket: str, seconds: str) -> dict:
             raise
     finally:
         channel.close()
-        handles.close()
+        fd_socket.close()
     return {"events": seen}
 
 
@@ -157,11 +157,11 @@ def census(socks: list[socket.socket]) -> dict:
     return counts
 
 
-def flood_handle_socket(daemon_socket: str, most: str) -> dict:
-    """Opens up to `most` connections to the handle socket, within 30 s, until
+def flood_fd_socket(daemon_socket: str, most: str) -> dict:
+    """Opens up to `most` connections to the fd socket, within 30 s, until
     the daemon's backlog has stayed full for 3 s; holds them, and reports how many
     it opened, why it stopped and what the daemon answered on each."""
-    path, stopped, deadline = paths.handle_socket(daemon_socket), None, time.monotonic() + 30
+    path, stopped, deadline = paths.fd_socket(daemon_socket), None, time.monotonic() + 30
     full_since = None
     while len(HELD) < int(most) and time.monotonic() < deadline:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -231,11 +231,11 @@ def make_directory(_daemon_socket: str, path: str) -> dict:
 
 def fake_daemon(daemon_socket: str, seconds: str) -> dict:
     """A fake sleepd in a directory of this uid's: says 'ready PATH' (its gRPC socket path),
-    accepts on the handle socket for a while, and reports how many bytes clients sent it."""
+    accepts on the fd socket for a while, and reports how many bytes clients sent it."""
     directory = tempfile.mkdtemp(prefix="sleepd-")
     path = os.path.join(directory, "sleepd.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    listener.bind(paths.handle_socket(path))
+    listener.bind(paths.fd_socket(path))
     listener.listen(8)
     listener.settimeout(float(seconds))
     print(f"ready {path}", flush=True)
@@ -340,32 +340,32 @@ def stream_flood(daemon_socket: str, *counts: str) -> dict:
     daemon has given back everything the first flood held. Returns the second tally.
     `counts`: as flood_round takes them."""
     counts = [int(count) for count in counts]
-    handles = HandleConnection(paths.handle_socket(daemon_socket))  # this uid's token, as any engine gets one
-    flood, first = flood_round(daemon_socket, handles.token, *counts)
+    fd_socket = FdConnection(paths.fd_socket(daemon_socket))  # this uid's token, as any engine gets one
+    flood, first = flood_round(daemon_socket, fd_socket.token, *counts)
     print(json.dumps(first), flush=True)
     sys.stdin.readline()
     flood.close()
     deadline = time.monotonic() + 30
     while True:
-        flood, again = flood_round(daemon_socket, handles.token, *counts)
+        flood, again = flood_round(daemon_socket, fd_socket.token, *counts)
         flood.close()
         if again == first or time.monotonic() > deadline:
-            handles.close()
+            fd_socket.close()
             return again
         time.sleep(0.5)
 
 
 def premature_hand_back(daemon_socket: str, model: str) -> dict:
     """Says it has handed back everything after a daemon restart, when there was none: first on a
-    handle connection that never attached, then as an attached rank of its own model with memory."""
-    unattached = HandleConnection(paths.handle_socket(daemon_socket))
-    answers = {"unattached": _handle_answer(unattached.handed_back)}
+    fd socket connection that never attached, then as an attached rank of its own model with memory."""
+    unattached = FdConnection(paths.fd_socket(daemon_socket))
+    answers = {"unattached": _client_answer(unattached.handed_back)}
     unattached.close()
     with SleepClient.connect(model=model, socket=daemon_socket) as client:
         region = client.alloc(MiB, tag="weights")
         region.write(b"mine" * (MiB // 4))
-        answers["attached"] = _handle_answer(client._lease.handles.handed_back)
-        answers["twice"] = _handle_answer(client._lease.handles.handed_back)
+        answers["attached"] = _client_answer(client._lease.fd_socket.handed_back)
+        answers["twice"] = _client_answer(client._lease.fd_socket.handed_back)
         answers["bytes_kept"] = region.read() == b"mine" * (MiB // 4)
     return answers
 
@@ -397,17 +397,17 @@ def quota_race(daemon_socket: str, models: str, size: str) -> dict:
 def stall_device(daemon_socket: str, model: str, ranks: str) -> dict:
     """Attaches `ranks` ranks of its own model, each with a region, that acknowledge a sleep's
     quiesce and then never answer; sleeps that model, and once the sleep waits on them, closes
-    the handle connections of all ranks but the first. Says 'ready' and holds until stdin closes."""
+    the fd socket connections of all ranks but the first. Says 'ready' and holds until stdin closes."""
     stub, streams = None, []
     for rank in range(int(ranks)):
-        channel, handles = control_channel(daemon_socket)
+        channel, fd_socket = control_channel(daemon_socket)
         stub = pb_grpc.SleepdStub(channel)
         outgoing: "queue.Queue[pb.EngineMessage]" = queue.Queue()
-        outgoing.put(pb.EngineMessage(attach=pb.Attach(token=handles.token, model=model, rank=rank)))
+        outgoing.put(pb.EngineMessage(attach=pb.Attach(token=fd_socket.token, model=model, rank=rank)))
         stream = stub.Session(iter(outgoing.get, None))
         session_id = next(stream).attached.session_id
         stub.Allocate(pb.AllocateRequest(session_id=session_id, size=MiB, tag="weights"), timeout=30)
-        streams.append((handles, stream, outgoing))
+        streams.append((fd_socket, stream, outgoing))
     quiesced = threading.Semaphore(0)
 
     def answer_quiesce_only(stream, outgoing):
@@ -424,14 +424,15 @@ def stall_device(daemon_socket: str, model: str, ranks: str) -> dict:
     for _ in streams:
         quiesced.acquire()
     time.sleep(0.5)  # the daemon has sent the unmaps, holding the device, and waits for the answers
-    for handles, _, _ in streams[1:]:
-        handles.close()
+    for fd_socket, _, _ in streams[1:]:
+        fd_socket.close()
     HELD.extend(streams)
     return {"ready": True}
 
 
-def _handle_answer(request) -> dict:
-    """{'code', 'details'} of a handle-socket request, as answer() gives them for gRPC calls."""
+def _client_answer(request) -> dict:
+    """{'code', 'details'} of a client call (a request on the fd socket, or SleepClient's), as answer()
+    gives them for gRPC calls."""
     try:
         request()
     except SleepdError as error:
@@ -515,18 +516,18 @@ def _what_is_left(fd: int) -> dict:
 
 
 def keep_freed_memory(daemon_socket: str, times: str, size: str) -> dict:
-    """Allocates `size` bytes over the handle socket `times` times, keeps each descriptor, and
+    """Allocates `size` bytes over the fd socket `times` times, keeps each descriptor, and
     frees the region over gRPC; then sleeps and wakes an ordinary region of its own after
     taking a second descriptor of it. What the kernel still holds behind every kept descriptor."""
     answers = {"freed": []}
     with SleepClient.connect(model="keeper", socket=daemon_socket) as client:
         for _ in range(int(times)):
-            allocated = client._lease.handles._request(Allocate(int(size), "kv_cache"), Allocated)
+            allocated = client._lease.fd_socket._request(Allocate(int(size), "kv_cache"), Allocated)
             client._lease.stub.Free(pb.FreeRequest(session_id=client._session_id, region_id=allocated.region), timeout=30)
             answers["freed"].append(_what_is_left(allocated.fd))
         region = client.alloc(4 * MiB, tag="weights")
         region.write(b"kept" * MiB)
-        ((kept, _),) = client._mappings.fetch(client._lease.handles, [region.id])
+        ((kept, _),) = client._mappings.fetch(client._lease.fd_socket, [region.id])
         client.sleep(level=1)
         answers["slept"] = _what_is_left(kept)
         client.ensure_awake()
@@ -541,24 +542,24 @@ BAD_TAGS = ["weights\n", "kv\x1b[2J", "\u202eweights", "w" * 65]
 
 
 def bad_names(daemon_socket: str, model: str) -> dict:
-    """Every kind of message that carries a name or a tag, with each bad one: the handle socket's
+    """Every kind of message that carries a name or a tag, with each bad one: the fd socket's
     allocate, a session's attach, and the gRPC calls, on this uid's own `model`. What each got."""
     answers = {}
-    channel, handles = control_channel(daemon_socket)
+    channel, fd_socket = control_channel(daemon_socket)
     stub = pb_grpc.SleepdStub(channel)
     with SleepClient.connect(model=model, socket=daemon_socket) as client:
         client.alloc(MiB, tag="weights")
         for number, tag in enumerate(BAD_TAGS):
-            answers[f"handle allocate {number}"] = _handle_answer(
-                lambda: wire.close_all([client._lease.handles._request(Allocate(MiB, tag), Allocated).fd]))
-            answers[f"allocate {number}"] = _handle_answer(lambda: client.alloc(MiB, tag=tag))
+            answers[f"fd socket allocate {number}"] = _client_answer(
+                lambda: wire.close_all([client._lease.fd_socket._request(Allocate(MiB, tag), Allocated).fd]))
+            answers[f"allocate {number}"] = _client_answer(lambda: client.alloc(MiB, tag=tag))
             answers[f"sleep {number}"] = answer(lambda: stub.Sleep(pb.SleepRequest(model=model, tags=[tag]),
                                                                    timeout=30))
             answers[f"sleep action {number}"] = answer(lambda: stub.Sleep(pb.SleepRequest(
                 model=model, actions=[pb.TagAction(tag=tag, action=pb.DISCARD)]), timeout=30))
             answers[f"wake {number}"] = answer(lambda: stub.Wake(pb.WakeRequest(model=model, tags=[tag]), timeout=30))
         for number, name in enumerate(BAD_NAMES):
-            answers[f"attach {number}"] = _handle_answer(lambda: SleepClient.connect(model=name,
+            answers[f"attach {number}"] = _client_answer(lambda: SleepClient.connect(model=name,
                                                                                       socket=daemon_socket).close())
             answers[f"status {number}"] = answer(lambda: stub.Status(pb.StatusRequest(model=name), timeout=30))
             answers[f"events {number}"] = answer(lambda: next(stub.Events(pb.EventsRequest(model=name), timeout=30)))
@@ -567,11 +568,11 @@ def bad_names(daemon_socket: str, model: str) -> dict:
             answers[f"swap {number}"] = answer(lambda: stub.Swap(pb.SwapRequest(to_model=model, from_models=[name]),
                                                                  timeout=30))
     channel.close()
-    handles.close()
+    fd_socket.close()
     return answers
 
 
-ATTACKS = {"relay": relay_attack, "events": watch_events, "flood": flood_handle_socket, "plant_pool": plant_pool,
+ATTACKS = {"relay": relay_attack, "events": watch_events, "flood": flood_fd_socket, "plant_pool": plant_pool,
            "look_in": look_in, "make_directory": make_directory, "fake_daemon": fake_daemon,
            "stream_flood": stream_flood, "premature_hand_back": premature_hand_back,
            "quota_race": quota_race, "stall_device": stall_device,

@@ -166,7 +166,7 @@ def test_a_token_fetch_that_names_no_device_pid_is_invalid_and_changes_nothing(d
         region = client.alloc(MiB, "weights")
         before, pid_sets = daemon.status(), fake.counters(daemon.pid)["pid_sets"]
         with pytest.raises(SleepdError) as error:
-            client._lease.handles.fetch([region.id])  # the descriptor-backend request, without a device pid
+            client._lease.fd_socket.fetch([region.id])  # the descriptor-backend request, without a device pid
         assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT and "device_pid" in error.value.message
         assert daemon.status() == before
         assert fake.counters(daemon.pid)["pid_sets"] == pid_sets

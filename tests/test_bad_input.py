@@ -55,10 +55,10 @@ def test_invalid_action_is_refused(daemon, qwen):
     from sleepd.client.control import control_channel
 
     before = daemon.status()
-    channel, handles = control_channel(daemon.socket)
+    channel, fd_socket = control_channel(daemon.socket)
     with channel, pytest.raises(grpc.RpcError) as error:
         pb_grpc.SleepdStub(channel).Sleep(pb.SleepRequest(model="qwen", actions=[pb.TagAction(tag="weights")]))
-    handles.close()
+    fd_socket.close()
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert daemon.status() == before
 
@@ -102,7 +102,7 @@ def test_a_region_that_is_not_yours_is_refused(daemon):
         refusals = []
         for region_id in (region.id, 999_999):
             with pytest.raises(SleepdError) as error:
-                other._mappings.fetch(other._lease.handles, [region_id])
+                other._mappings.fetch(other._lease.fd_socket, [region_id])
             assert error.value.code == grpc.StatusCode.NOT_FOUND
             refusals.append(error.value.message.replace(str(region_id), "ID"))
         assert refusals[0] == refusals[1]
@@ -136,10 +136,10 @@ def test_a_missing_device_or_bad_model_name_is_invalid(daemon):
     assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_garbage_on_the_handle_socket_drops_only_that_connection(daemon, qwen):
+def test_garbage_on_the_fd_socket_drops_only_that_connection(daemon, qwen):
     for garbage in (b"\xff\x00not json", b"[1, 2]", b'{"op": "format_disk"}'):
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
-            sock.connect(paths.handle_socket(daemon.socket))
+            sock.connect(paths.fd_socket(daemon.socket))
             sock.send(garbage)
             assert wire.recv(sock) == (None, [])  # the daemon hung up
     assert qwen.report()["regions"][0]["state"] == "mapped"

@@ -236,6 +236,8 @@ def test_check_config_prints_the_socket_and_pool_directory_the_daemon_then_uses(
         wait_for(lambda: runtime.exists() or daemon.poll() is not None, what="daemon.json")
         used = json.loads(runtime.read_text())
         assert used["socket"] == effective["socket"]
+        # The fd socket beside it, under its name and, for tools that read daemon.json, its earlier one.
+        assert used["fd_socket"] == used["handle_socket"] == effective["socket"] + ".fds"
         assert used["host_pool_dir"] == effective["host_pool"]["dir"]
     finally:
         daemon.terminate()
@@ -263,7 +265,7 @@ def test_the_daemons_caps_waits_and_swap_batch_are_read_from_the_file(tmp_path):
     path = tmp_path / "sleepd.toml"
     path.write_text("\n".join([
         "reattach_seconds = 5", "wake_wait_limit = 30",
-        "[handles]", "connections_per_uid = 10", "connections = 100", "workers = 4", "allocates_per_uid = 3",
+        "[fd_socket]", "connections_per_uid = 10", "connections = 100", "workers = 4", "allocates_per_uid = 3",
         "allocate_wait_seconds = 0.5",
         "[grpc]", "workers = 64", "admin_reserve = 8", "calls_per_uid = 20", "event_streams_per_uid = 5",
         "sessions_per_uid = 10", "anonymous_calls = 0", "anonymous_event_streams = 0",
@@ -273,27 +275,27 @@ def test_the_daemons_caps_waits_and_swap_batch_are_read_from_the_file(tmp_path):
     assert result.returncode == 0, result.stderr
     effective = tomllib.loads(result.stdout)
     assert (effective["reattach_seconds"], effective["wake_wait_limit"]) == (5.0, 30.0)
-    assert effective["handles"] == {"connections_per_uid": 10, "connections": 100, "workers": 4,
+    assert effective["fd_socket"] == {"connections_per_uid": 10, "connections": 100, "workers": 4,
                                     "allocates_per_uid": 3, "allocate_wait_seconds": 0.5}
     assert effective["grpc"] == {"workers": 64, "admin_reserve": 8, "calls_per_uid": 20, "event_streams_per_uid": 5,
                                  "sessions_per_uid": 10, "anonymous_calls": 0, "anonymous_event_streams": 0}
     assert effective["swap"] == {"batch": "16MiB"}
-    assert f"# file {path}:4" in result.stdout  # handles.connections_per_uid, under [handles] on line 3
+    assert f"# file {path}:4" in result.stdout  # fd_socket.connections_per_uid, under [fd_socket] on line 3
 
 
 @pytest.mark.parametrize("file, flags, env, line", [
     ("", ["--grpc-calls-per-uid", "0"], {},
      "flag --grpc-calls-per-uid: grpc.calls_per_uid: 0 is out of range; it must be from 1 to 16384"),
-    ("", [], {"SLEEPD_HANDLES_ALLOCATE_WAIT_SECONDS": "120"},
-     "environment SLEEPD_HANDLES_ALLOCATE_WAIT_SECONDS: handles.allocate_wait_seconds: 120 is too long; "
+    ("", [], {"SLEEPD_FD_SOCKET_ALLOCATE_WAIT_SECONDS": "120"},
+     "environment SLEEPD_FD_SOCKET_ALLOCATE_WAIT_SECONDS: fd_socket.allocate_wait_seconds: 120 is too long; "
      "it must be at most 60 seconds"),
     ("reattach_seconds = 0\n", [], {}, "{path}:1: reattach_seconds: 0 must be positive"),
     ("wake_wait_limit = 1e9\n", [], {},
      "{path}:1: wake_wait_limit: 1000000000.0 is too long; it must be at most 86400 seconds"),
     ('[swap]\nbatch = "4KiB"\n', [], {},
      "{path}:2: swap.batch: '4KiB' is too small; it must be at least 1048576 bytes"),
-    ("[handles]\nworkers = 2\n", [], {},
-     "{path}:2: handles.workers: 2 is too few for handles.allocates_per_uid (2 by default), which must be "
+    ("[fd_socket]\nworkers = 2\n", [], {},
+     "{path}:2: fd_socket.workers: 2 is too few for fd_socket.allocates_per_uid (2 by default), which must be "
      "less than it: one uid's waiting allocates must leave the other uids a worker"),
     ("", ["--grpc-event-streams-per-uid", "200"], {},
      "flag --grpc-event-streams-per-uid: grpc.event_streams_per_uid: 200 must be at most grpc.calls_per_uid "

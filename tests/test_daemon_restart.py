@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from sleepd.client import SleepClient, SleepdError
-from sleepd.client import handles
+from sleepd.client import fd_socket
 
 from kernel import memfd_mappings
 from support import MiB, Daemon, by_tag, wait_for
@@ -162,7 +162,7 @@ def test_a_daemon_killed_in_the_middle_of_an_operation_loses_no_byte(operation, 
 def test_a_client_of_a_stuck_daemon_gives_up_within_its_bound(tmp_path, monkeypatch):
     """A daemon that takes the connection but never answers (stopped here, as a wedged one
     would be) costs an engine attaching, or attaching again, ANSWER_SECONDS, not forever."""
-    monkeypatch.setattr(handles, "ANSWER_SECONDS", 1.0)
+    monkeypatch.setattr(fd_socket, "ANSWER_SECONDS", 1.0)
     daemon = restart(tmp_path, "host")
     os.kill(daemon.pid, signal.SIGSTOP)
     # kill() returns before every thread has stopped: a busy machine lets the daemon answer a hello meanwhile.

@@ -112,7 +112,7 @@ def test_random_and_malformed_grpc_requests_are_refused_cleanly(daemon, victim, 
     fuzzed = start_engine(daemon, FUZZED, device=1, regions=[("weights", 4 * MiB), ("kv_cache", 2 * MiB)])
     session_id = fuzzed.request("session")["session_id"]
     region_ids = [region["id"] for region in fuzzed.report()["regions"]]
-    channel, handles = control_channel(daemon.socket)
+    channel, fd_socket = control_channel(daemon.socket)
     stub = pb_grpc.SleepdStub(channel)
     raw = {name: channel.unary_unary(f"/sleepd.v1.Sleepd/{name}", request_serializer=None,
                                      response_deserializer=None) for name in ("Sleep", "Wake", "Allocate")}
@@ -146,7 +146,7 @@ def test_random_and_malformed_grpc_requests_are_refused_cleanly(daemon, victim, 
         garbage()
     finally:
         channel.close()
-        handles.close()
+        fd_socket.close()
         # Its engine gone, the fuzzed model and whatever the fuzz allocated in its name go too.
         fuzzed.close()
         wait_for(lambda: [m["name"] for m in daemon.status()["models"]] == ["victim"], what="the fuzzed model to go")
@@ -154,8 +154,8 @@ def test_random_and_malformed_grpc_requests_are_refused_cleanly(daemon, victim, 
     assert reached == {"Sleep", "Wake", "Swap", "SetPolicy", "Allocate", "Free", "Touch", "Status"}, reached
 
 
-def test_garbage_truncated_and_oversized_frames_with_stray_fds_on_the_handle_socket(daemon, victim, unchanged):
-    path = paths.handle_socket(daemon.socket)
+def test_garbage_truncated_and_oversized_frames_with_stray_fds_on_the_fd_socket(daemon, victim, unchanged):
+    path = paths.fd_socket(daemon.socket)
 
     @FUZZ
     @given(st.one_of(st.binary(max_size=2048), st.binary(min_size=wire.MAX_MESSAGE, max_size=wire.MAX_MESSAGE + 4096),
@@ -184,7 +184,7 @@ def test_garbage_truncated_and_oversized_frames_with_stray_fds_on_the_handle_soc
 
 
 def test_thousands_of_connections_opened_and_dropped(daemon, victim, unchanged):
-    path = paths.handle_socket(daemon.socket)
+    path = paths.fd_socket(daemon.socket)
     for index in range(2000):
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
             sock.connect(path)
@@ -216,7 +216,7 @@ def test_a_client_that_never_acks_costs_a_timeout_and_nothing_else(start_daemon,
 
 def test_a_peer_that_never_reads_its_replies_is_dropped(daemon, victim, unchanged):
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as greedy:
-        greedy.connect(paths.handle_socket(daemon.socket))
+        greedy.connect(paths.fd_socket(daemon.socket))
         greedy.settimeout(30)
         with pytest.raises((BrokenPipeError, ConnectionResetError)):
             for _ in range(100_000):

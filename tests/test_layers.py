@@ -1,5 +1,5 @@
 """The daemon's layers, read from its imports: a request goes one way down, from the edges (gRPC, the
-handle socket) through the operations to the planner and the executor, and on to the state. The planner
+fd socket) through the operations to the planner and the executor, and on to the state. The planner
 takes no lock and starts no thread, and knows no transport; the state knows nobody above it."""
 
 import ast
@@ -10,7 +10,8 @@ DAEMON = os.path.join(ROOT, "daemon")
 
 PLANNER = "sleepd.daemon.planner"
 STATE = {f"sleepd.daemon.{name}" for name in ("regions", "sessions", "model", "views", "registry")}
-EDGES = {f"sleepd.daemon.{name}" for name in ("service", "handles", "tcp", "main", "external", "swap", "idle", "core")}
+EDGES = {f"sleepd.daemon.{name}"
+         for name in ("service", "fd_socket", "tcp", "main", "external", "swap", "idle", "core")}
 # What a planner has no use for: locks, threads, transports, the native extension.
 NOT_FOR_THE_PLANNER = ("threading", "queue", "concurrent", "socket", "select", "grpc", "google.protobuf", "sleepd.proto",
                        "sleepd._C", "sleepd.daemon.locks")

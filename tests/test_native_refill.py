@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from sleepd.client import SleepClient, SleepdError
-from sleepd.common.handle_messages import Allocate, Allocated
+from sleepd.common.fd_messages import Allocate, Allocated
 
 from support import MiB, scrape, value, wait_for
 
@@ -135,31 +135,31 @@ def _device_pid(backend) -> int | None:
 
 @pytest.mark.parametrize("size, tag, code", [(-1, "weights", "INVALID_ARGUMENT"), (MiB, "no spaces", "INVALID_ARGUMENT"),
                                              (1 << 40, "weights", "RESOURCE_EXHAUSTED")])
-def test_a_bad_allocate_on_the_handle_socket_is_refused_in_one_line(daemon, size, tag, code):
+def test_a_bad_allocate_on_the_fd_socket_is_refused_in_one_line(daemon, size, tag, code):
     with SleepClient.connect("qwen", socket=daemon.socket) as client:
         before = daemon.status()
         with pytest.raises(SleepdError) as error:
-            client._lease.handles._request(Allocate(size, tag, _device_pid(daemon.backend)), Allocated)
+            client._lease.fd_socket._request(Allocate(size, tag, _device_pid(daemon.backend)), Allocated)
         assert error.value.code.name == code and "\n" not in error.value.message
         assert daemon.status() == before
 
 
 def test_allocate_before_attaching_is_refused(daemon):
-    from sleepd.client.handles import HandleConnection
+    from sleepd.client.fd_socket import FdConnection
     from sleepd.common import paths
 
-    handles = HandleConnection(paths.handle_socket(daemon.socket))
+    fd_socket = FdConnection(paths.fd_socket(daemon.socket))
     try:
         with pytest.raises(SleepdError) as error:
-            handles._request(Allocate(MiB, "weights", _device_pid(daemon.backend)), Allocated)
+            fd_socket._request(Allocate(MiB, "weights", _device_pid(daemon.backend)), Allocated)
         assert error.value.code == grpc.StatusCode.NOT_FOUND and "attach" in error.value.message
     finally:
-        handles.close()
+        fd_socket.close()
 
 
-def test_refills_wait_out_a_busy_model_without_holding_the_daemons_handle_workers(start_daemon, start_engine):
+def test_refills_wait_out_a_busy_model_without_holding_the_daemons_fd_socket_workers(start_daemon, start_engine):
     """The daemon refuses an allocate whose model is in a sleep (ABORTED, after a moment) and the refill asks
-    again. Here the sleep hangs in one rank's hook until the hook timeout while as many ranks as the handle
+    again. Here the sleep hangs in one rank's hook until the hook timeout while as many ranks as the fd
     socket has workers refill at once; meanwhile another engine attaches, which needs a worker."""
     import contextlib
     import ctypes
@@ -170,7 +170,7 @@ def test_refills_wait_out_a_busy_model_without_holding_the_daemons_handle_worker
     from sleepd.daemon.config import BY_KEY
 
     daemon = start_daemon("--hook-timeout", "6")
-    workers = BY_KEY["handles.workers"].default
+    workers = BY_KEY["fd_socket.workers"].default
     hung = start_engine(daemon, "qwen", rank=workers, device=1, regions=[("weights", MiB)], sleep_hook="hang")
     hook = ctypes.CDLL(_C.__file__).sleepd_malloc
     hook.restype, hook.argtypes = ctypes.c_void_p, [ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p]
@@ -192,7 +192,7 @@ def test_refills_wait_out_a_busy_model_without_holding_the_daemons_handle_worker
             returned.append(time.monotonic())
 
         def refusals() -> float:
-            return value(scrape(daemon), "sleepd_errors_total", operation="handle_allocate", code="ABORTED") or 0
+            return value(scrape(daemon), "sleepd_errors_total", operation="fd_socket_allocate", code="ABORTED") or 0
 
         def attach_another():
             # Every refill under way (one refill alone, asking again every 10 ms, soon has as many refusals).

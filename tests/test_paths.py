@@ -39,8 +39,8 @@ def test_state_directory_follows_systemd_then_the_user(monkeypatch, tmp_path):
     assert paths.default_state_dir() == "/var/lib/sleepd"
 
 
-def test_the_handle_socket_sits_beside_the_grpc_socket():
-    assert paths.handle_socket("/run/sleepd/sleepd.sock") == "/run/sleepd/sleepd.sock.fds"
+def test_the_fd_socket_sits_beside_the_grpc_socket():
+    assert paths.fd_socket("/run/sleepd/sleepd.sock") == "/run/sleepd/sleepd.sock.fds"
 
 
 def test_the_daemon_logs_its_fallback(tmp_path):

@@ -1,10 +1,10 @@
 """Whatever an engine's sessions send, in whatever condition they are, the daemon serves on.
 
-What a session sends on the handle socket and its session stream is checked against the session's
+What a session sends on the fd socket and its session stream is checked against the session's
 condition at the edge: wrong for it, it is refused with a status a caller branches on, in one line,
 and changes nothing. The focused tests below pin what the state machine at the end of this file
 found. That machine drives its own engine sessions through the real sockets of a real daemon: raw
-handle-socket connections that send every request (hello, fetch, hand_back, replace, handed_back,
+fd-socket connections that send every request (hello, fetch, hand_back, replace, handed_back,
 allocate) with their own, foreign and made-up region ids, descriptors and garbage, and every gRPC
 call an engine or its owner makes (the Session stream and its messages, Allocate, Free, Touch, Sleep,
 Wake, EnsureAwake, Swap, SetPolicy, Status, a controller's Control stream), from sessions attached or
@@ -12,7 +12,7 @@ not, while the model is awake, asleep or mid-sleep (ranks that answer late, refu
 and, after the daemon is killed and started again on its state, while ranks hand their memory back
 and others are still recovering. After every step: the daemon is up (a bug() a client reached would
 have stopped it with 70), every refusal is a status a caller can branch on in one line (never
-INTERNAL or UNKNOWN), a request the handle socket understood is answered (never a dropped
+INTERNAL or UNKNOWN), a request the fd socket understood is answered (never a dropped
 connection), and root's victim model is as it was, its bytes too.
 """
 
@@ -74,13 +74,13 @@ def backend():
 
 
 class Rank:
-    """One in-process engine session: a raw handle-socket connection and, once attached, a
+    """One in-process engine session: a raw fd-socket connection and, once attached, a
     Session stream whose commands it answers as `answers` says (late, never, or with a refusal)."""
 
     def __init__(self, daemon_socket: str, stub: pb_grpc.SleepdStub, answers: str = "ack"):
         self.stub, self.answers = stub, answers
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.sock.connect(paths.handle_socket(daemon_socket))
+        self.sock.connect(paths.fd_socket(daemon_socket))
         self.sock.settimeout(ANSWER_SECONDS)
         self.token = ""
         self.model = self.rank = self.device = None
@@ -91,7 +91,7 @@ class Rank:
         self.stream = None
         self.stream_open = False
 
-    # ---- the handle socket ----
+    # ---- the fd socket ----
 
     def exchange(self, data: bytes, fds=()) -> tuple[dict | None, list[int]]:
         """Sends one packet and reads the answer; (None, []) once the daemon hung up."""
@@ -103,9 +103,9 @@ class Rank:
         except (ConnectionResetError, BrokenPipeError):
             frame, received = None, []
         except socket.timeout:
-            raise AssertionError(f"the handle socket did not answer {data[:80]!r} within {ANSWER_SECONDS:g} s")
+            raise AssertionError(f"the fd socket did not answer {data[:80]!r} within {ANSWER_SECONDS:g} s")
         if frame is None:
-            self.close_handle()
+            self.close_fd_socket()
         return frame, received
 
     def request(self, message: dict, fds=()) -> tuple[dict | None, list[int]]:
@@ -116,7 +116,7 @@ class Rank:
         assert frame and frame["ok"], frame
         self.token = frame["token"]
 
-    def close_handle(self) -> None:
+    def close_fd_socket(self) -> None:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
@@ -166,14 +166,14 @@ class Rank:
             self.outgoing.put(message)
 
     def close(self) -> None:
-        self.close_handle()
+        self.close_fd_socket()
         if self.stream is not None:
             self.stream.cancel()
         self.stream_open = False
 
 
 def handing_back_after_a_restart(tmp_path, daemon: Daemon) -> tuple[Daemon, Rank, int, int]:
-    """A rank that allocated a region over the handle socket, kept its memory, and attached again
+    """A rank that allocated a region over the fd socket, kept its memory, and attached again
     to a daemon restarted on the same state: (the new daemon, the rank handing back, the region,
     the descriptor of its memory)."""
     stub = pb_grpc.SleepdStub(grpc.insecure_channel(f"unix:{daemon.socket}"))
@@ -221,11 +221,11 @@ def test_memory_handed_back_that_is_not_the_regions_is_refused_and_the_rank_hand
 
 
 def test_an_attach_that_finds_its_session_ended_is_refused_not_taken_for_a_bug():
-    """A session whose handle connection closed has ended but is still known by its token (a stopping
+    """A session whose fd socket connection closed has ended but is still known by its token (a stopping
     daemon keeps it so for its state file): an attach with that token is refused, and the daemon serves on."""
     registry = Registry(host_backend(1, 64 * MiB), Authorizer("sleepd-admin"), {})
     session = registry.open_session(Peer(os.getpid(), 0, 0, frozenset()))
-    session.end("handle socket closed")
+    session.end("fd socket closed")
     with pytest.raises(SleepdError) as refused:
         registry.attach(session.token, "qwen", 0, 0)
     assert refused.value.code.name == "FAILED_PRECONDITION", refused.value.message
@@ -281,7 +281,7 @@ class World:
         self.channel = grpc.insecure_channel(f"unix:{self.daemon.socket}")
         self.stub = pb_grpc.SleepdStub(self.channel)
         self.admin_sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.admin_sock.connect(paths.handle_socket(self.daemon.socket))
+        self.admin_sock.connect(paths.fd_socket(self.daemon.socket))
         wire.send(self.admin_sock, {"op": "hello"})
         self.admin = [(TOKEN_METADATA, wire.recv(self.admin_sock)[0]["token"])]  # root's: an admin's
 
@@ -378,7 +378,7 @@ class Sessions(RuleBasedStateMachine):
         return {region: rank for rank in self.ranks for region in rank.regions}
 
     def expect_refusal_or_ok(self, what: str, frame: dict | None) -> None:
-        """A request the handle socket understood is answered: done, or refused by a status and one line."""
+        """A request the fd socket understood is answered: done, or refused by a status and one line."""
         assert frame is not None, f"{what}: the daemon hung up on a well-formed request:\n{self.new_log()}"
         if not frame["ok"]:
             assert Code[frame["code"]] in REFUSALS, f"{what}: {frame}"
@@ -424,7 +424,7 @@ class Sessions(RuleBasedStateMachine):
             self.connect(answers if rank else "ack")
             session = self.ranks[-1]
             assert isinstance(session.attach(session.token, self.models["a"], rank, rank), pb.Attached)
-            self.handle_allocate(len(self.ranks) - 1, MiB, "weights")
+            self.fd_socket_allocate(len(self.ranks) - 1, MiB, "weights")
         if asleep:
             self.call("Sleep", self.world.stub.Sleep, pb.SleepRequest(model=self.models["a"]), self.world.admin)
         if returning is not None:
@@ -515,10 +515,10 @@ class Sessions(RuleBasedStateMachine):
 
     @rule(index=st.integers(0, 7))
     @recorded
-    def close_the_handle_connection(self, index):
-        self.pick(index).close_handle()
+    def close_the_fd_socket(self, index):
+        self.pick(index).close_fd_socket()
 
-    # ---- the handle socket ----
+    # ---- the fd socket ----
 
     @rule(index=st.integers(0, 7), choices=st.lists(st.integers(0, 40), min_size=1, max_size=3),
           shape=st.sampled_from(["ids", "none", "too many", "strings"]))
@@ -544,7 +544,7 @@ class Sessions(RuleBasedStateMachine):
 
     @rule(index=st.integers(0, 7), size=SIZES, tag=TAGS)
     @recorded
-    def handle_allocate(self, index, size, tag):
+    def fd_socket_allocate(self, index, size, tag):
         rank = self.pick(index)
         if rank.sock is None:
             return

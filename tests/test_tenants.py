@@ -358,8 +358,8 @@ def test_a_descriptor_flood_stops_at_the_daemons_limit_and_root_attaches_once_it
 
 
 def test_one_uid_holding_all_its_connections_leaves_root_room_to_attach(start_victim, start_engine):
-    cap = 24  # handles.connections_per_uid, configured below its default of 256
-    daemon, engine = start_victim("--handles-connections-per-uid", str(cap))
+    cap = 24  # fd_socket.connections_per_uid, configured below its default of 256
+    daemon, engine = start_victim("--fd-socket-connections-per-uid", str(cap))
     status, report = daemon.status(), engine.report()
 
     with holding(daemon, "flood", str(cap + 40)) as flood:

@@ -97,8 +97,8 @@ def run(args) -> int:
     """Runs the parsed command line's command against the daemon it names; the exit status."""
     socket_path = paths.client_socket(args.socket)
     try:
-        # The daemon authorises control requests by the uid it reads on the handle socket.
-        channel, handles = control_channel(socket_path)
+        # The daemon authorises control requests by the uid it reads on the fd socket.
+        channel, fd_socket = control_channel(socket_path)
     except SleepdError as error:
         print(f"sleepctl: {shown(error.message, MAX_LINE)} [{error.code.name}]", file=sys.stderr)
         return 1
@@ -116,7 +116,7 @@ def run(args) -> int:
         return 0 if args.command in ("top", "events") else 130
     finally:
         channel.close()
-        handles.close()
+        fd_socket.close()
     if args.json:
         print(as_json(reply, indent=2))
     elif text is None:

@@ -27,7 +27,7 @@ def _status(parsed_args):
     from ..errors import SleepdError
 
     try:
-        channel, handles = control_channel(parsed_args.socket)
+        channel, fd_socket = control_channel(parsed_args.socket)
     except SleepdError:
         return None
     try:
@@ -36,7 +36,7 @@ def _status(parsed_args):
         return None
     finally:
         channel.close()
-        handles.close()
+        fd_socket.close()
 
 
 def models(parsed_args, **_) -> list[str]:

@@ -1,9 +1,9 @@
-"""The handle socket: where engines get file descriptors for their regions.
+"""The fd socket: where engines get file descriptors for their regions.
 
 It sits beside the gRPC socket. The kernel tells us each peer's pid and uid
 (SO_PEERCRED); a connection becomes a session, and the token it is given here is
 what ties the engine's gRPC stream to these credentials. The requests and their
-replies are common/handle_messages.py's.
+replies are common/fd_messages.py's.
 
 Every local uid may connect, so:
 - a peer that sends something that is no request (or a descriptor with a
@@ -19,7 +19,7 @@ Every local uid may connect, so:
   answer them, since the daemon's calls may wait for a model's lock. A
   connection has one request in flight at most, so its replies go out in order,
   and a peer that does not read them is dropped rather than waited for.
-The numbers are the [handles] settings (HandleLimits).
+The numbers are the [fd_socket] settings (FdSocketLimits).
 """
 
 import contextlib
@@ -36,7 +36,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from sleepd.common import wire
-from sleepd.common.handle_messages import (Allocate, Allocated, Done, Fetch, Fetched, HandBack, HandedBack, Hello,
+from sleepd.common.fd_messages import (Allocate, Allocated, Done, Fetch, Fetched, HandBack, HandedBack, Hello,
                                            InvalidArguments, REQUEST_OPS, Refused, Replace, Reply, Welcome,
                                            decode_request)
 from sleepd.common.shown import shown
@@ -56,8 +56,8 @@ _ARMED = select.EPOLLIN | select.EPOLLONESHOT
 
 
 @dataclass(frozen=True)
-class HandleLimits:
-    """The [handles] settings, named as there (docs/configuration.md)."""
+class FdSocketLimits:
+    """The [fd_socket] settings, named as there (docs/configuration.md)."""
     connections_per_uid: int
     connections: int  # of every uid but root, which only its own cap limits
     workers: int
@@ -84,7 +84,7 @@ class _Connection:
 
 def _drop(connection: _Connection, why: str) -> None:
     why = shown(why)  # it may quote the peer's malformed request
-    log.warning("dropping handle connection of pid %d: %s", connection.session.pid, why)
+    log.warning("dropping fd socket connection of pid %d: %s", connection.session.pid, why)
     connection.closing = why
 
 
@@ -100,16 +100,16 @@ class _Caps:
 
     def admit(self, uid: int) -> SleepdError | None:
         if self._open[uid] >= self._per_uid:
-            why = (f"uid {uid} has {self._open[uid]} connections open to sleepd's handle socket, the most one uid "
+            why = (f"uid {uid} has {self._open[uid]} connections open to sleepd's fd socket, the most one uid "
                    "may have; close some")
         elif uid != 0 and self._unprivileged >= self._total:
-            why = (f"sleepd's handle socket has {self._unprivileged} connections open, the most it takes from "
+            why = (f"sleepd's fd socket has {self._unprivileged} connections open, the most it takes from "
                    "uids other than root; try again later")
         else:
             self._open[uid] += 1
             self._unprivileged += uid != 0
             return None
-        self._refusals.warn(uid, f"handle socket: refused a connection: {why}")
+        self._refusals.warn(uid, f"fd socket: refused a connection: {why}")
         return exhausted(why)
 
     def release(self, uid: int) -> None:
@@ -119,8 +119,8 @@ class _Caps:
         self._unprivileged -= uid != 0
 
 
-class HandleServer:
-    def __init__(self, path: str, core, limits: HandleLimits, mode: int = 0o666):
+class FdServer:
+    def __init__(self, path: str, core, limits: FdSocketLimits, mode: int = 0o666):
         self._core = core
         self._limits = limits
         native = core.backend.native
@@ -148,8 +148,8 @@ class HandleServer:
         self._retry_at: float | None = None
         self._retry_delay = _FIRST_RETRY
         self._stopping = False
-        self._thread = threading.Thread(target=self._serve, name="handle-socket", daemon=True)
-        self._workers = [threading.Thread(target=self._work, name="handle-worker", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="fd-socket", daemon=True)
+        self._workers = [threading.Thread(target=self._work, name="fd-worker", daemon=True)
                          for _ in range(limits.workers)]
 
     def start(self) -> None:
@@ -194,7 +194,7 @@ class HandleServer:
             except BlockingIOError:  # the backlog is empty: whatever stopped us is over
                 if self._accept_failing_since is not None:
                     failed_for = time.monotonic() - self._accept_failing_since
-                    log.warning("handle socket: accepting again after %.1f s", failed_for)
+                    log.warning("fd socket: accepting again after %.1f s", failed_for)
                     self._accept_failing_since = None
                 return
             except ConnectionAbortedError:  # the peer gave up while it waited in the backlog
@@ -207,7 +207,7 @@ class HandleServer:
 
     def _pause_accepting(self, error: OSError) -> None:
         if self._accept_failing_since is None:
-            log.warning("handle socket: cannot accept connections (%s: %s); retrying until it can",
+            log.warning("fd socket: cannot accept connections (%s: %s); retrying until it can",
                         errno.errorcode.get(error.errno, error.errno), error.strerror)
             self._accept_failing_since = time.monotonic()
         self._epoll.modify(self._listener.fileno(), 0)
@@ -265,14 +265,14 @@ class HandleServer:
             try:
                 job()
             except Exception:  # a worker outlives any one request
-                log.exception("handle socket: a request failed")
+                log.exception("fd socket: a request failed")
 
     def _answer(self, connection: _Connection) -> None:
         fds: list[int] = []
         try:
             frame, fds = wire.recv(connection.sock)
             if frame is None:
-                connection.closing = "handle socket closed"
+                connection.closing = "fd socket closed"
             else:
                 reply = self._reply(connection.session, frame, fds)
                 if isinstance(reply, Refused):
@@ -281,24 +281,24 @@ class HandleServer:
         except BlockingIOError:
             pass  # woken with nothing to read: wait again
         except wire.ProtocolError as error:
-            _drop(connection, f"malformed request on the handle socket: {error}")
+            _drop(connection, f"malformed request on the fd socket: {error}")
         except OSError as error:
-            connection.closing = f"handle socket error: {error}"
+            connection.closing = f"fd socket error: {error}"
         except Exception:
-            log.exception("handle socket: answering pid %d failed", connection.session.pid)
-            connection.closing = "sleepd failed to answer a request on the handle socket"
+            log.exception("fd socket: answering pid %d failed", connection.session.pid)
+            connection.closing = "sleepd failed to answer a request on the fd socket"
         finally:
             wire.close_all(fds)  # whatever we keep, we keep as our own handle, never this fd
             self._answered.put(connection)
             self._wake()
 
     def _count_refusal(self, frame: dict, refused: Refused) -> None:
-        """Counts a refusal in /metrics beside the gRPC calls' (operation handle_OP); an op the
-        protocol does not have is counted as handle_unknown, so a client cannot add series."""
+        """Counts a refusal in /metrics beside the gRPC calls' (operation fd_socket_OP); an op the
+        protocol does not have is counted as fd_socket_unknown, so a client cannot add series."""
         if self._core.metrics:
             op = frame.get("op")
             known = op if isinstance(op, str) and op in REQUEST_OPS else "unknown"
-            self._core.metrics.errors.labels(operation=f"handle_{known}", code=refused.code).inc()
+            self._core.metrics.errors.labels(operation=f"fd_socket_{known}", code=refused.code).inc()
 
     def _reply(self, session: Session, frame: dict, fds: list[int]) -> Reply:
         """The answer to one request: what it asked for, or why not."""
@@ -385,7 +385,7 @@ class HandleServer:
         try:
             wire.send(connection.sock, *reply.encode())
         except BlockingIOError:
-            _drop(connection, "it does not read its replies on the handle socket")
+            _drop(connection, "it does not read its replies on the fd socket")
         finally:
             if isinstance(reply, Fetched):
                 wire.close_all(reply.fds)  # the sender's copies must not pin memory

@@ -1,4 +1,4 @@
-// The engine's end of the handle socket, as one request-reply channel that any
+// The engine's end of the fd socket, as one request-reply channel that any
 // thread may use without the GIL.
 //
 // Python's client and the native pool refill (daemon_refill.h) share the one
@@ -27,13 +27,13 @@ struct Packet {
   bool truncated = false;
 };
 
-class HandleChannel {
+class FdChannel {
  public:
   // Takes ownership of `fd`, a connected SOCK_SEQPACKET socket.
-  explicit HandleChannel(int fd);
-  ~HandleChannel();
-  HandleChannel(const HandleChannel&) = delete;
-  HandleChannel& operator=(const HandleChannel&) = delete;
+  explicit FdChannel(int fd);
+  ~FdChannel();
+  FdChannel(const FdChannel&) = delete;
+  FdChannel& operator=(const FdChannel&) = delete;
 
   // Sends `request` (with `fds`, which stay the caller's) and returns the reply,
   // waiting at most `timeout_seconds` for it.

@@ -1,4 +1,4 @@
-#include "handle_channel.h"
+#include "fd_channel.h"
 
 #include <poll.h>
 #include <sys/socket.h>
@@ -36,7 +36,7 @@ void send_packet(int fd, const std::string& data, const std::vector<int>& fds) {
   }
   while (sendmsg(fd, &message, MSG_NOSIGNAL) < 0) {
     if (errno == EPIPE) return;  // the daemon refused us and closed; its reason waits to be read
-    if (errno != EINTR) fail("sendmsg on the handle socket");
+    if (errno != EINTR) fail("sendmsg on the fd socket");
   }
 }
 
@@ -53,7 +53,7 @@ Packet receive_packet(int fd) {
   ssize_t received;
   while ((received = recvmsg(fd, &message, MSG_CMSG_CLOEXEC)) < 0) {
     if (errno == ECONNRESET) continue;  // our request was unread when it closed: its reason comes next
-    if (errno != EINTR) fail("recvmsg on the handle socket");
+    if (errno != EINTR) fail("recvmsg on the fd socket");
   }
   for (cmsghdr* header = CMSG_FIRSTHDR(&message); header; header = CMSG_NXTHDR(&message, header)) {
     if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS) continue;
@@ -68,13 +68,13 @@ Packet receive_packet(int fd) {
 
 }  // namespace
 
-HandleChannel::HandleChannel(int fd) : fd_(fd) {}
+FdChannel::FdChannel(int fd) : fd_(fd) {}
 
-HandleChannel::~HandleChannel() {
+FdChannel::~FdChannel() {
   if (fd_ >= 0) ::close(fd_);
 }
 
-Packet HandleChannel::exchange(const std::string& request, const std::vector<int>& fds, double timeout_seconds) {
+Packet FdChannel::exchange(const std::string& request, const std::vector<int>& fds, double timeout_seconds) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (fd_ < 0 || broken_) return Packet{};  // closed: read as the daemon having gone
   send_packet(fd_, request, fds);
@@ -84,18 +84,18 @@ Packet HandleChannel::exchange(const std::string& request, const std::vector<int
     pollfd ready{fd_, POLLIN, 0};
     int polled = poll(&ready, 1, static_cast<int>(std::max<int64_t>(left.count(), 0)));
     if (polled < 0 && errno == EINTR) continue;
-    if (polled < 0) fail("poll on the handle socket");
+    if (polled < 0) fail("poll on the fd socket");
     if (polled == 0) {
       // Shut down, not closed: close() may be reading the number, and a closed one can be reused at once.
       shutdown(fd_, SHUT_RDWR);
       broken_ = true;
-      throw ChannelTimeout("no answer on the handle socket");
+      throw ChannelTimeout("no answer on the fd socket");
     }
     return receive_packet(fd_);
   }
 }
 
-void HandleChannel::close() {
+void FdChannel::close() {
   if (closing_.exchange(true)) return;  // once: a second caller could shut down a reused descriptor
   int fd = fd_.load();
   if (fd >= 0) shutdown(fd, SHUT_RDWR);  // wakes a thread in exchange(), which then reads a closed connection

@@ -1,4 +1,4 @@
-"""The messages of the handle socket (daemon/handles.py and client/handles.py):
+"""The messages of the fd socket (daemon/fd_socket.py and client/fd_socket.py):
 one dataclass each, and the one function that decodes and checks it.
 
 Requests carry "op"; replies carry "ok". A frame that is no request at all

@@ -1,8 +1,8 @@
-"""The engine's end of the handle socket: says hello (the daemon reads our
+"""The engine's end of the fd socket: says hello (the daemon reads our
 credentials there), fetches region memory as file descriptors (or tokens, on ACL) and, after a
 daemon restart, hands back the memory this process maps.
 
-The connection is a native HandleChannel, which torch pools' refills (csrc/daemon_refill.cpp)
+The connection is a native FdChannel, which torch pools' refills (csrc/daemon_refill.cpp)
 share from C++: the connection is the session, and the channel's lock keeps one request in
 flight whichever side sends it."""
 
@@ -14,7 +14,7 @@ import grpc
 
 from sleepd import _C
 from sleepd.common import wire
-from sleepd.common.handle_messages import (FETCH_BATCH, Done, Fetch, Fetched, HandBack, HandedBack, Hello, Refused, Replace,
+from sleepd.common.fd_messages import (FETCH_BATCH, Done, Fetch, Fetched, HandBack, HandedBack, Hello, Refused, Replace,
                                            Welcome, decode_reply)
 
 from .errors import SleepdError
@@ -22,7 +22,7 @@ from .errors import SleepdError
 
 # A uid the user trusts to run sleepd, besides root and itself (a daemon run by a service account).
 TRUSTED_UID_ENV = "SLEEPD_DAEMON_UID"
-# How long a request on the handle socket waits for the daemon's answer: every one is a short step
+# How long a request on the fd socket waits for the daemon's answer: every one is a short step
 # under the registry lock, so a daemon silent this long is stuck (or stopped), and waiting on hangs the engine.
 ANSWER_SECONDS = 30.0
 
@@ -52,7 +52,7 @@ def check_server(sock: socket.socket, path: str) -> None:
                       f"set {TRUSTED_UID_ENV}={uid if uid not in trusted else directory.st_uid}")
 
 
-class HandleConnection:
+class FdConnection:
     def __init__(self, path: str):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # Blocking, with a send timeout: a connect that finds the daemon's backlog full (a flood of
@@ -65,11 +65,11 @@ class HandleConnection:
         except OSError as error:
             sock.close()
             raise SleepdError(grpc.StatusCode.UNAVAILABLE,
-                              f"cannot reach sleepd's handle socket {path}: {error.strerror}; is sleepd running?") from None
+                              f"cannot reach sleepd's fd socket {path}: {error.strerror}; is sleepd running?") from None
         except SleepdError:
             sock.close()
             raise
-        self.channel = _C.HandleChannel(sock.detach())
+        self.channel = _C.FdChannel(sock.detach())
         self.token = self._request(Hello(), Welcome).token
 
     def fetch(self, region_ids: list[int]) -> list[tuple[int, int]]:
@@ -116,7 +116,7 @@ class HandleConnection:
         try:
             frame, fds = wire.decode(*self.channel.exchange(wire.encode(frame, fds), fds, ANSWER_SECONDS))
             if frame is None:
-                raise SleepdError(grpc.StatusCode.UNAVAILABLE, "sleepd closed the handle socket")
+                raise SleepdError(grpc.StatusCode.UNAVAILABLE, "sleepd closed the fd socket")
             try:
                 reply = decode_reply(frame, fds, expected)
             except wire.ProtocolError:
@@ -124,10 +124,10 @@ class HandleConnection:
                 raise
         except _C.ChannelTimeout:  # the channel closed itself: a late answer would be taken for the next's
             raise SleepdError(grpc.StatusCode.DEADLINE_EXCEEDED, f"sleepd did not answer {request.OP} on its "
-                              f"handle socket within {ANSWER_SECONDS:g} s; closed the connection") from None
+                              f"fd socket within {ANSWER_SECONDS:g} s; closed the connection") from None
         except wire.ProtocolError as error:
             raise SleepdError(grpc.StatusCode.INTERNAL,
-                              f"sleepd's handle socket answered {request.OP} with nonsense: {error}") from None
+                              f"sleepd's fd socket answered {request.OP} with nonsense: {error}") from None
         if isinstance(reply, Refused):
             raise SleepdError(grpc.StatusCode.__members__.get(reply.code, grpc.StatusCode.UNKNOWN), reply.error)
         return reply
