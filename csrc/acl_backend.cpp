@@ -1,4 +1,5 @@
 #include "acl_backend.h"
+#include "copy_engine.h"
 #include "stream_chunks.h"
 
 #include <algorithm>
@@ -228,8 +229,8 @@ std::pair<char*, int> AclBackend::staging(Handle handle, size_t offset, size_t s
   return {static_cast<char*>(address) + offset, memory->device};
 }
 
-template <typename Issue>
-void AclBackend::chunked(int device, size_t size, Issue issue) {
+template <typename Issue, typename Before, typename Landed>
+void AclBackend::chunked(int device, size_t size, Issue issue, Before before, Landed landed) {
   use_device(device);
   std::vector<acl::aclrtStream>* streams;
   {
@@ -241,37 +242,56 @@ void AclBackend::chunked(int device, size_t size, Issue issue) {
       streams->push_back(stream);
     }
   }
-  issue_in_chunks(*streams, size, issue, [&](acl::aclrtStream stream, bool check) {
-    auto result = runtime_->aclrtSynchronizeStream(stream);
-    if (check) runtime_->check(result, "aclrtSynchronizeStream");
-  });
+  issue_in_chunks(
+      *streams, size, issue,
+      [&](acl::aclrtStream stream, bool check) {
+        auto result = runtime_->aclrtSynchronizeStream(stream);
+        if (check) runtime_->check(result, "aclrtSynchronizeStream");
+      },
+      before, landed);
 }
 
-void AclBackend::copy_to_host(Handle src, size_t offset, void* dst, size_t size) {
+Checksums AclBackend::copy_to_host(Handle src, size_t offset, void* dst, size_t size) {
   auto [device_address, device] = staging(src, offset, size, "copy_to_host");
   auto* host = static_cast<char*>(dst);
-  chunked(device, size, [&](size_t at, size_t length, acl::aclrtStream stream) {
-    runtime_->check(runtime_->aclrtMemcpyAsync(host + at, length, device_address + at, length,
-                                               acl::ACL_MEMCPY_DEVICE_TO_HOST, stream),
-                    "aclrtMemcpyAsync");
-  });
+  Checksums checksums(checksum_count(size));
+  chunked(
+      device, size,
+      [&](size_t at, size_t length, acl::aclrtStream stream) {
+        runtime_->check(runtime_->aclrtMemcpyAsync(host + at, length, device_address + at, length,
+                                                   acl::ACL_MEMCPY_DEVICE_TO_HOST, stream),
+                        "aclrtMemcpyAsync");
+      },
+      kNoHostWork,
+      [&](size_t at, size_t length) { take_checksums(host + at, length, &checksums[at / kChecksumBlock]); });
+  return checksums;
 }
 
-void AclBackend::copy_from_host(Handle dst, size_t offset, const void* src, size_t size) {
+void AclBackend::copy_from_host(Handle dst, size_t offset, const void* src, size_t size, const Checksums* checksums) {
   auto [device_address, device] = staging(dst, offset, size, "copy_from_host");
   const auto* host = static_cast<const char*>(src);
-  chunked(device, size, [&](size_t at, size_t length, acl::aclrtStream stream) {
-    runtime_->check(runtime_->aclrtMemcpyAsync(device_address + at, length, host + at, length,
-                                               acl::ACL_MEMCPY_HOST_TO_DEVICE, stream),
-                    "aclrtMemcpyAsync");
-  });
+  chunked(
+      device, size,
+      [&](size_t at, size_t length, acl::aclrtStream stream) {
+        runtime_->check(runtime_->aclrtMemcpyAsync(device_address + at, length, host + at, length,
+                                                   acl::ACL_MEMCPY_HOST_TO_DEVICE, stream),
+                        "aclrtMemcpyAsync");
+      },
+      [&](size_t at, size_t length) {
+        if (checksums) check_checksums(host + at, length, *checksums, at / kChecksumBlock);
+      },
+      kNoHostWork);
 }
 
 void AclBackend::zero(Handle dst, size_t offset, size_t size) {
   auto [device_address, device] = staging(dst, offset, size, "zero");
-  chunked(device, size, [&](size_t at, size_t length, acl::aclrtStream stream) {
-    runtime_->check(runtime_->aclrtMemsetAsync(device_address + at, length, 0, length, stream), "aclrtMemsetAsync");
-  });
+  chunked(
+      device, size,
+      [&](size_t at, size_t length, acl::aclrtStream stream) {
+        runtime_->check(runtime_->aclrtMemsetAsync(device_address + at, length, 0, length, stream),
+                        "aclrtMemsetAsync");
+      },
+      kNoHostWork, kNoHostWork);
 }
 
 void AclBackend::register_host(void* address, size_t size) {

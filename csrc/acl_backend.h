@@ -46,8 +46,8 @@ class AclBackend : public Backend {
   void synchronize() override;
 
   void copy(uintptr_t dst, uintptr_t src, size_t size) override;
-  void copy_to_host(Handle src, size_t offset, void* dst, size_t size) override;
-  void copy_from_host(Handle dst, size_t offset, const void* src, size_t size) override;
+  Checksums copy_to_host(Handle src, size_t offset, void* dst, size_t size) override;
+  void copy_from_host(Handle dst, size_t offset, const void* src, size_t size, const Checksums* checksums) override;
   void zero(Handle dst, size_t offset, size_t size) override;
   void register_host(void* address, size_t size) override;
   bool pins_host_memory() const override { return true; }
@@ -80,8 +80,9 @@ class AclBackend : public Backend {
   // Makes `device` current on the calling thread, once per thread.
   void use_device(int device);
   std::pair<char*, int> staging(Handle handle, size_t offset, size_t size, const char* call);
-  template <typename Issue>
-  void chunked(int device, size_t size, Issue issue);
+  // Issues a transfer in chunks over this thread's streams (stream_chunks.h), with host work before and after each.
+  template <typename Issue, typename Before, typename Landed>
+  void chunked(int device, size_t size, Issue issue, Before before, Landed landed);
 
   std::shared_ptr<acl::Runtime> runtime_;
   unsigned stream_count_;

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace sleepd {
 
@@ -39,6 +40,9 @@ struct Shareable {
 };
 
 using Handle = uint64_t;
+
+// The checksums of bytes in host memory, one per block (checksum.h).
+using Checksums = std::vector<uint32_t>;
 
 // A backend's record of `handle` in `table` (handle -> record); the caller holds
 // the lock that guards the table.
@@ -100,8 +104,13 @@ class Backend {
   // Bulk movement between a handle's memory (from `offset`) and host memory of
   // this process, such as a backup pool slab. Large transfers are split across
   // threads (host) or streams (GPU); each call returns when its bytes have moved.
-  virtual void copy_to_host(Handle src, size_t offset, void* dst, size_t size) = 0;
-  virtual void copy_from_host(Handle dst, size_t offset, const void* src, size_t size) = 0;
+  // copy_to_host returns the checksums of the bytes it wrote at `dst`; copy_from_host,
+  // given `checksums`, checks the bytes at `src` against them as it copies, and raises
+  // ChecksumMismatch at the first block that differs (checksum.h). Either computes
+  // them on the way, while the bytes are in the CPU's cache or other chunks in flight.
+  virtual Checksums copy_to_host(Handle src, size_t offset, void* dst, size_t size) = 0;
+  virtual void copy_from_host(Handle dst, size_t offset, const void* src, size_t size,
+                              const Checksums* checksums) = 0;
   virtual void zero(Handle dst, size_t offset, size_t size) = 0;
   // Prepares host memory for fast copies once (a GPU pins it); a no-op elsewhere.
   virtual void register_host(void* /*address*/, size_t /*size*/) {}

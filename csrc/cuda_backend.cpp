@@ -1,4 +1,5 @@
 #include "cuda_backend.h"
+#include "copy_engine.h"
 #include "stream_chunks.h"
 
 #include <fcntl.h>
@@ -270,8 +271,8 @@ std::pair<cu::CUdeviceptr, int> CudaBackend::staging(Handle handle, size_t offse
   return {address + offset, memory->device};
 }
 
-template <typename Issue>
-void CudaBackend::chunked(int device, size_t size, Issue issue) {
+template <typename Issue, typename Before, typename Landed>
+void CudaBackend::chunked(int device, size_t size, Issue issue, Before before, Landed landed) {
   auto scope = use_context(device);
   std::vector<cu::CUstream>* streams;
   {
@@ -283,33 +284,53 @@ void CudaBackend::chunked(int device, size_t size, Issue issue) {
       streams->push_back(stream);
     }
   }
-  issue_in_chunks(*streams, size, issue, [&](cu::CUstream stream, bool check) {
-    auto result = driver_->cuStreamSynchronize(stream);
-    if (check) driver_->check(result, "cuStreamSynchronize");
-  });
+  issue_in_chunks(
+      *streams, size, issue,
+      [&](cu::CUstream stream, bool check) {
+        auto result = driver_->cuStreamSynchronize(stream);
+        if (check) driver_->check(result, "cuStreamSynchronize");
+      },
+      before, landed);
 }
 
-void CudaBackend::copy_to_host(Handle src, size_t offset, void* dst, size_t size) {
+Checksums CudaBackend::copy_to_host(Handle src, size_t offset, void* dst, size_t size) {
   auto [device_address, device] = staging(src, offset, size, "copy_to_host");
   auto* host = static_cast<char*>(dst);
-  chunked(device, size, [&](size_t at, size_t length, cu::CUstream stream) {
-    driver_->check(driver_->cuMemcpyDtoHAsync(host + at, device_address + at, length, stream), "cuMemcpyDtoHAsync");
-  });
+  Checksums checksums(checksum_count(size));
+  chunked(
+      device, size,
+      [&](size_t at, size_t length, cu::CUstream stream) {
+        driver_->check(driver_->cuMemcpyDtoHAsync(host + at, device_address + at, length, stream),
+                       "cuMemcpyDtoHAsync");
+      },
+      kNoHostWork,
+      [&](size_t at, size_t length) { take_checksums(host + at, length, &checksums[at / kChecksumBlock]); });
+  return checksums;
 }
 
-void CudaBackend::copy_from_host(Handle dst, size_t offset, const void* src, size_t size) {
+void CudaBackend::copy_from_host(Handle dst, size_t offset, const void* src, size_t size, const Checksums* checksums) {
   auto [device_address, device] = staging(dst, offset, size, "copy_from_host");
   const auto* host = static_cast<const char*>(src);
-  chunked(device, size, [&](size_t at, size_t length, cu::CUstream stream) {
-    driver_->check(driver_->cuMemcpyHtoDAsync(device_address + at, host + at, length, stream), "cuMemcpyHtoDAsync");
-  });
+  chunked(
+      device, size,
+      [&](size_t at, size_t length, cu::CUstream stream) {
+        driver_->check(driver_->cuMemcpyHtoDAsync(device_address + at, host + at, length, stream),
+                       "cuMemcpyHtoDAsync");
+      },
+      [&](size_t at, size_t length) {
+        if (checksums) check_checksums(host + at, length, *checksums, at / kChecksumBlock);
+      },
+      kNoHostWork);
 }
 
 void CudaBackend::zero(Handle dst, size_t offset, size_t size) {
   auto [device_address, device] = staging(dst, offset, size, "zero");
-  chunked(device, size, [&](size_t at, size_t length, cu::CUstream stream) {
-    driver_->check(driver_->cuMemsetD8Async(device_address + at, 0, length, stream), "cuMemsetD8Async");
-  });
+  chunked(
+      device, size,
+      [&](size_t at, size_t length, cu::CUstream stream) {
+        driver_->check(driver_->cuMemsetD8Async(device_address + at, 0, length, stream), "cuMemsetD8Async");
+      },
+      kNoHostWork, kNoHostWork);
 }
 
 void CudaBackend::register_host(void* address, size_t size) {

@@ -54,8 +54,8 @@ class CudaBackend : public Backend {
   void synchronize() override;
 
   void copy(uintptr_t dst, uintptr_t src, size_t size) override;
-  void copy_to_host(Handle src, size_t offset, void* dst, size_t size) override;
-  void copy_from_host(Handle dst, size_t offset, const void* src, size_t size) override;
+  Checksums copy_to_host(Handle src, size_t offset, void* dst, size_t size) override;
+  void copy_from_host(Handle dst, size_t offset, const void* src, size_t size, const Checksums* checksums) override;
   void zero(Handle dst, size_t offset, size_t size) override;
   void register_host(void* address, size_t size) override;
   bool pins_host_memory() const override { return true; }
@@ -91,8 +91,9 @@ class CudaBackend : public Backend {
   [[nodiscard]] ContextScope use_context(int device);
   // The handle mapped in this process for copies, and its device.
   std::pair<cu::CUdeviceptr, int> staging(Handle handle, size_t offset, size_t size, const char* call);
-  template <typename Issue>
-  void chunked(int device, size_t size, Issue issue);
+  // Issues a transfer in chunks over this thread's streams (stream_chunks.h), with host work before and after each.
+  template <typename Issue, typename Before, typename Landed>
+  void chunked(int device, size_t size, Issue issue, Before before, Landed landed);
 
   std::shared_ptr<cu::Driver> driver_;
   unsigned stream_count_;

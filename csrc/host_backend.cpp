@@ -194,12 +194,12 @@ int HostBackend::fd_for(Handle handle, size_t offset, size_t size, const char* c
 
 // Through the file rather than a mapping: the kernel copies straight from the
 // page cache, so no page tables are built for memory we touch only once.
-void HostBackend::copy_to_host(Handle src, size_t offset, void* dst, size_t size) {
-  parallel_pread(fd_for(src, offset, size, "copy_to_host"), offset, dst, size);
+Checksums HostBackend::copy_to_host(Handle src, size_t offset, void* dst, size_t size) {
+  return parallel_pread(fd_for(src, offset, size, "copy_to_host"), offset, dst, size);
 }
 
-void HostBackend::copy_from_host(Handle dst, size_t offset, const void* src, size_t size) {
-  pwrite_all(fd_for(dst, offset, size, "copy_from_host"), offset, src, size);
+void HostBackend::copy_from_host(Handle dst, size_t offset, const void* src, size_t size, const Checksums* checksums) {
+  pwrite_all(fd_for(dst, offset, size, "copy_from_host"), offset, src, size, checksums);
 }
 
 void HostBackend::zero(Handle dst, size_t offset, size_t size) {

@@ -30,8 +30,8 @@ class HostBackend : public Backend {
   void unmap(uintptr_t address, size_t size) override;
 
   void copy(uintptr_t dst, uintptr_t src, size_t size) override;
-  void copy_to_host(Handle src, size_t offset, void* dst, size_t size) override;
-  void copy_from_host(Handle dst, size_t offset, const void* src, size_t size) override;
+  Checksums copy_to_host(Handle src, size_t offset, void* dst, size_t size) override;
+  void copy_from_host(Handle dst, size_t offset, const void* src, size_t size, const Checksums* checksums) override;
   void zero(Handle dst, size_t offset, size_t size) override;
 
   int devices() const { return static_cast<int>(used_.size()); }

@@ -21,6 +21,7 @@
 #include "acl_backend.h"
 #include "backend.h"
 #include "batches.h"
+#include "checksum.h"
 #include "chunk_pool.h"
 #include "copy_engine.h"
 #include "cuda_backend.h"
@@ -47,6 +48,17 @@ void bind_errors(py::module_& m) {
   auto backend_error = py::register_exception<BackendError>(m, "BackendError", PyExc_RuntimeError);
   // Registered after its base, so that its translation is tried first.
   py::register_exception<ContextLost>(m, "ContextLostError", backend_error);
+  // With the block it names as an attribute, so that the mover can say where the backup went bad.
+  static py::handle mismatch = py::exception<ChecksumMismatch>(m, "ChecksumMismatch", backend_error).release();
+  py::register_exception_translator([](std::exception_ptr error) {
+    try {
+      if (error) std::rethrow_exception(error);
+    } catch (const ChecksumMismatch& failure) {
+      py::object instance = py::reinterpret_borrow<py::object>(mismatch)(failure.what());
+      instance.attr("block") = failure.block;
+      PyErr_SetObject(mismatch.ptr(), instance.ptr());
+    }
+  });
   py::register_exception<OutOfMemory>(m, "OutOfMemoryError", PyExc_MemoryError);
   py::register_exception<ChannelTimeout>(m, "ChannelTimeout", PyExc_TimeoutError);
   py::register_exception_translator([](std::exception_ptr error) {
@@ -129,15 +141,20 @@ void bind_backend_copies(BackendClass& backend) {
       .def(
           "copy_to_host",
           [](Backend& self, Handle src, size_t offset, uintptr_t dst, size_t size) {
-            self.copy_to_host(src, offset, as_pointer(dst), size);
+            return self.copy_to_host(src, offset, as_pointer(dst), size);
           },
-          py::arg("src"), py::arg("offset"), py::arg("dst"), py::arg("size"), py::call_guard<py::gil_scoped_release>())
+          py::arg("src"), py::arg("offset"), py::arg("dst"), py::arg("size"), py::call_guard<py::gil_scoped_release>(),
+          "Copies device memory to host memory; returns the checksums of what it wrote there.")
       .def(
           "copy_from_host",
-          [](Backend& self, Handle dst, size_t offset, uintptr_t src, size_t size) {
-            self.copy_from_host(dst, offset, as_pointer(src), size);
+          [](Backend& self, Handle dst, size_t offset, uintptr_t src, size_t size,
+             const std::optional<Checksums>& checksums) {
+            self.copy_from_host(dst, offset, as_pointer(src), size, checksums ? &*checksums : nullptr);
           },
-          py::arg("dst"), py::arg("offset"), py::arg("src"), py::arg("size"), py::call_guard<py::gil_scoped_release>())
+          py::arg("dst"), py::arg("offset"), py::arg("src"), py::arg("size"), py::arg("checksums") = std::nullopt,
+          py::call_guard<py::gil_scoped_release>(),
+          "Copies host memory to device memory; with checksums, checks the host bytes against them on the way "
+          "(ChecksumMismatch names the first block that differs).")
       .def("copy", &Backend::copy, py::arg("dst"), py::arg("src"), py::arg("size"),
            py::call_guard<py::gil_scoped_release>(), "Copy between addresses mapped in this process.")
       .def(
@@ -381,6 +398,21 @@ void bind_mapped_files(py::module_& m) {
       "Give a file range's pages back to the kernel, keeping the file's size.");
 }
 
+void bind_checksums(py::module_& m) {
+  m.attr("CHECKSUM_BLOCK") = kChecksumBlock;
+  m.def(
+      "crc32c",
+      [](const py::buffer& data, bool portable) {
+        py::buffer_info info = data.request();
+        size_t size = static_cast<size_t>(info.size * info.itemsize);
+        py::gil_scoped_release release;
+        return portable ? crc32c_portable(info.ptr, size) : crc32c(info.ptr, size);
+      },
+      py::arg("data"), py::arg("portable") = false,
+      "The CRC32C of a bytes-like object, as backups are checksummed (portable: without the CPU's instructions).");
+  m.def("crc32c_in_hardware", &crc32c_in_hardware, "Whether checksums run on the CPU's CRC32 instructions here.");
+}
+
 void bind_copy_engine(py::module_& m) {
   m.def(
       "parallel_copy",
@@ -412,5 +444,6 @@ PYBIND11_MODULE(_C, m) {
   bind_daemon_refill(m);
   bind_chunk_pool(m);
   bind_mapped_files(m);
+  bind_checksums(m);
   bind_copy_engine(m);
 }

@@ -1,12 +1,14 @@
 """The host backend in sleepd._C, checked against what the kernel reports."""
 
 import os
+import random
 
 import pytest
 
 from sleepd import _C
 
 MiB = 1 << 20
+BLOCK = _C.CHECKSUM_BLOCK
 
 
 def memfd_blocks(backend, handle) -> int:
@@ -100,9 +102,10 @@ def test_copies_between_a_handle_and_host_memory_are_exact(size):
     os.pwrite(fd, payload, 0)
     os.close(fd)
 
-    backend.copy_to_host(source, 0, host, size)
+    checksums = backend.copy_to_host(source, 0, host, size)
     assert bytes(_C.memoryview(host, size)) == payload
-    backend.copy_from_host(target, 0, host, size)
+    assert checksums == [_C.crc32c(payload[at:at + BLOCK]) for at in range(0, size, BLOCK)]
+    backend.copy_from_host(target, 0, host, size, checksums)
     fd = backend.export_handle(target)
     assert os.pread(fd, size, 0) == payload
     backend.zero(target, 4096, size - 4096)
@@ -112,6 +115,49 @@ def test_copies_between_a_handle_and_host_memory_are_exact(size):
         backend.copy_to_host(source, 4096, host, size)
     _C.unmap_file(host, size)
     os.close(host_fd)
+
+
+def test_a_copy_back_that_finds_a_byte_changed_names_its_block_and_stops_there():
+    size = 3 * BLOCK + 5 * MiB
+    backend = _C.HostBackend(1, 2 * size)
+    source, target = backend.create(0, size), backend.create(0, size)
+    host_fd = os.memfd_create("host")
+    os.ftruncate(host_fd, size)
+    host = _C.map_file(host_fd, size)
+    fd = backend.export_handle(source)
+    os.pwrite(fd, os.urandom(size), 0)
+    os.close(fd)
+    checksums = backend.copy_to_host(source, 0, host, size)
+
+    _C.memoryview(host, size)[2 * BLOCK + 12345] ^= 1
+    with pytest.raises(_C.ChecksumMismatch, match="block 2 has CRC32C") as mismatch:
+        backend.copy_from_host(target, 0, host, size, checksums)
+    assert mismatch.value.block == 2 and isinstance(mismatch.value, _C.BackendError)
+    fd = backend.export_handle(target)
+    assert os.pread(fd, MiB, 3 * BLOCK) == bytes(MiB), "nothing after the damaged block is copied"
+    os.close(fd)
+    with pytest.raises(_C.BackendError, match="checksums do not cover"):
+        backend.copy_from_host(target, 0, host, size, checksums[:1])
+    backend.copy_from_host(target, 0, host, size)  # without checksums: unchecked, as for a backup from before them
+    _C.unmap_file(host, size)
+    os.close(host_fd)
+
+
+# RFC 3720's CRC32C examples (iSCSI), and the check value of "123456789".
+@pytest.mark.parametrize("data, crc", [(b"123456789", 0xE3069283), (bytes(32), 0x8A9136AA), (b"\xff" * 32, 0x62A8AB43),
+                                       (bytes(range(32)), 0x46DD794E), (bytes(range(31, -1, -1)), 0x113FDB5C)])
+def test_checksums_are_crc32c(data, crc):
+    assert _C.crc32c(data) == crc
+    assert _C.crc32c(data, portable=True) == crc
+
+
+def test_the_cpus_crc32_instructions_and_the_portable_loop_agree_at_every_size_and_alignment():
+    data = os.urandom(200_000)
+    rng = random.Random(7)
+    for _ in range(300):
+        start = rng.randrange(64)
+        end = start + rng.choice([rng.randrange(64), rng.randrange(30_000), rng.randrange(len(data) - 64)])
+        assert _C.crc32c(data[start:end]) == _C.crc32c(data[start:end], portable=True), (start, end)
 
 
 @pytest.mark.parametrize("size", [1, 4095, 3 * MiB + 17, 64 * MiB])
