@@ -17,6 +17,7 @@ class Code(Enum):
     ABORTED = auto()
     UNAVAILABLE = auto()
     DEADLINE_EXCEEDED = auto()
+    DATA_LOSS = auto()
 
 
 class SleepdError(Exception):
@@ -48,6 +49,11 @@ def denied(message: str) -> SleepdError:
 
 def unavailable(message: str) -> SleepdError:
     return SleepdError(Code.UNAVAILABLE, message)
+
+
+def data_loss(message: str) -> SleepdError:
+    """Bytes sleepd kept are not as it wrote them (a backup that fails its checksum)."""
+    return SleepdError(Code.DATA_LOSS, message)
 
 
 def aborted(message: str) -> SleepdError:

@@ -19,11 +19,11 @@ from sleepd.common.sizes import format_size
 from . import planner
 from .auth import DAEMON, Peer
 from .backends import ZEROED_ON_CREATE, DaemonBackend
-from .errors import SleepdError, exhausted
+from .errors import SleepdError, data_loss, exhausted
 from .fanout import Fanout, rank_failure
 from .locks import DEVICE, OrderedLock
 from .model import Model
-from .mover import OFFLOAD, RESTORE, ZERO, CopyJob, Mover
+from .mover import OFFLOAD, RESTORE, ZERO, BackupDamaged, CopyJob, Mover
 from .plans import (CancelOffload, CancelRestore, Drop, FinishRestore, KeepAwake, MakeRoom, Materialize, Offload,
                     Overlapped, Pause, Plan, Quiesce, Release, Remap, Resume, ResumeIfAwake, TagsAwake, Unclaim,
                     Unmap, WakeAgain)
@@ -226,9 +226,22 @@ class Executor:
             raise exhausted(f"wake {model.name}: out of device memory midway ({error}); "
                             "it is asleep as before, its backups intact") from None
         jobs = [CopyJob(RESTORE, r.device, r.handle, r.mapped_size, r.backup) for r in regions if r.backup]
+        for region in regions:
+            if region.backup and not region.backup.checksums:
+                log.warning("wake %s: %s has a backup recorded before backups had checksums; it is restored "
+                            "unchecked", model.name, region.describe())
         if self._backend.name not in ZEROED_ON_CREATE:
             jobs += [CopyJob(ZERO, r.device, r.handle, r.mapped_size) for r in regions if r.backup is None]
-        self.copy(jobs)
+        try:
+            self.copy(jobs)
+        except BackupDamaged as damaged:  # rolled back: the region stays asleep, its backup kept as it is
+            region = next(region for region in regions if region.handle == damaged.job.handle)
+            if self._metrics:
+                self._metrics.damaged_backups.inc()
+            error = data_loss(f"wake {model.name}: {region.describe()}: its backup {damaged.what}; it stays "
+                              "asleep with the backup kept for inspection")
+            log.error("%s", error.message)
+            raise error from None
 
     def _overlapped(self, overlapped: Overlapped, run: "_Run") -> None:
         """The outgoing steps in order, while a restorer thread materializes the incoming regions as
@@ -344,6 +357,8 @@ class Executor:
         if self._metrics:
             for job in jobs:
                 self._metrics.bytes_moved.labels(direction=job.direction).inc(job.size)
+                if job.direction == RESTORE and job.backup.checksums:
+                    self._metrics.verified_bytes.inc(job.size)
 
 
 class _Run:

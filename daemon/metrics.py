@@ -35,6 +35,11 @@ class Metrics:
                                    "waited (for another's wake).", ["model", "how"], buckets=_DURATION_BUCKETS,
                                    registry=None)
         self.bytes_moved = Counter("sleepd_moved_bytes", "Bytes copied by the movers.", ["direction"], registry=None)
+        self.verified_bytes = Counter("sleepd_verified_bytes", "Bytes of backups checked against the checksums "
+                                      "taken when they were written, as a wake copied them back.", registry=None)
+        self.damaged_backups = Counter("sleepd_damaged_backups", "Backups a wake found not as they were written "
+                                       "(a checksum mismatch, a truncated slab): the wake failed, the backup kept.",
+                                       registry=None)
         self.errors = Counter("sleepd_errors", "Requests refused or failed, by operation and gRPC code.",
                               ["operation", "code"], registry=None)
         self.evictions = Counter("sleepd_evictions", "Models put to sleep by the daemon, by reason.",
@@ -44,7 +49,7 @@ class Metrics:
 
         self.node = CollectorRegistry()       # for anyone
         self.everything = CollectorRegistry()  # for the token's bearer
-        for metric in (self.bytes_moved, self.errors):
+        for metric in (self.bytes_moved, self.verified_bytes, self.damaged_backups, self.errors):
             self.node.register(metric)
             self.everything.register(metric)
         for metric in (self.sleep_seconds, self.wake_seconds, self.wake_wait, self.evictions, self.ranks_lost):

@@ -28,14 +28,16 @@ from sleepd.common import wire
 from sleepd.common.native import engine_backend
 
 from .errors import unavailable
-from .mover_messages import (OFFLOAD, RESTORE, ZERO, AddSlab, Copy, Done, Failed, Identified, Identify, RegionCopy,
-                             decode_reply, decode_request)
+from .mover_messages import (OFFLOAD, RESTORE, ZERO, AddSlab, Copy, Done, Failed, Identified, Identify, Mismatch,
+                             RegionCopy, decode_reply, decode_request)
 from .pool import Backup, HostPool
 
 log = logging.getLogger(__name__)
 
-# Descriptors per message stay well under the kernel's limit of 253.
+# Descriptors per message stay well under the kernel's limit of 253, and checksums (8 hex digits per
+# CHECKSUM_BLOCK, 64 GiB in all) within half of a message's 64 KiB; a larger region goes alone.
 _BATCH = 128
+_BATCH_BLOCKS = 4096
 # A mover's exit status once its device context broke for good (a GPU fault).
 EXIT_CONTEXT_LOST = 3
 
@@ -46,7 +48,17 @@ class CopyJob:
     device: int
     handle: int  # the daemon's backend handle of the region's device memory
     size: int
+    # An offload's gets the checksums of what the mover wrote into it; a restore checks them.
     backup: Backup | None = None
+
+
+class BackupDamaged(Exception):
+    """A restore found `job`'s backup not as its offload wrote it, from byte `offset` of the region;
+    `what` says how and where in the pool. The copy stopped there."""
+
+    def __init__(self, job: CopyJob, offset: int, what: str):
+        super().__init__(what)
+        self.job, self.offset, self.what = job, offset, what
 
 
 class _Refused(Exception):
@@ -56,6 +68,7 @@ class _Refused(Exception):
     def __init__(self, failed: Failed):
         super().__init__(failed.error)
         self.context_lost = failed.context_lost
+        self.mismatch = failed.mismatch
 
 
 class _Channel:
@@ -103,7 +116,12 @@ class Mover:
         self._registered = {direction: set() for direction in self._channels}
 
     def run(self, jobs: list[CopyJob]) -> None:
-        """Runs the copies, raising SleepdError(UNAVAILABLE) if the mover fails or dies."""
+        """Runs the copies, raising SleepdError(UNAVAILABLE) if the mover fails or dies, and
+        BackupDamaged if a backup to restore is not as it was written."""
+        for job in jobs:
+            cut = self._pool.cut_short(job.backup) if job.direction == RESTORE else None
+            if cut:  # the mover would fault reading past the end of the file
+                raise BackupDamaged(job, cut[0], f"was cut short: {cut[1]}")
         for direction in (OFFLOAD, RESTORE):
             batch = [job for job in jobs if (job.direction == OFFLOAD) == (direction == OFFLOAD)]
             if batch:
@@ -171,8 +189,17 @@ class Mover:
 
     def _copy(self, channel: _Channel, jobs: list[CopyJob]) -> None:
         started = time.perf_counter()
-        for first in range(0, len(jobs), _BATCH):
-            self._run_batch(channel, jobs[first:first + _BATCH])
+        batch, blocks = [], 0
+        for job in jobs:
+            # At most one checksum per CHECKSUM_BLOCK of the region, plus one per piece for the piece's last.
+            count = job.size // _C.CHECKSUM_BLOCK + (len(job.backup.pieces) if job.backup else 0)
+            if batch and (len(batch) == _BATCH or blocks + count > _BATCH_BLOCKS):
+                self._run_batch(channel, batch)
+                batch, blocks = [], 0
+            batch.append(job)
+            blocks += count
+        if batch:
+            self._run_batch(channel, batch)
         elapsed = time.perf_counter() - started
         moved = sum(job.size for job in jobs)
         if elapsed > 0 and moved >= 16 << 20:  # small copies say more about latency than throughput
@@ -182,21 +209,37 @@ class Mover:
             self.throughput[direction] = rate if not previous else 0.5 * previous + 0.5 * rate
 
     def _run_batch(self, channel: _Channel, jobs: list[CopyJob]) -> None:
-        if self._backend.shares_tokens:
-            for job in jobs:
-                self._backend.authorize(job.handle, self._device_pid, mover=True)
-            self._request(channel, Copy(tuple(
-                RegionCopy(job.direction, job.size, tuple(job.backup.pieces if job.backup else ()),
-                           token=self._backend.export_token(job.handle)) for job in jobs)))
-            return
-        fds = [self._backend.export_handle(job.handle) for job in jobs]
+        def region_copy(job: CopyJob, **memory) -> RegionCopy:
+            return RegionCopy(job.direction, job.size, tuple(job.backup.pieces if job.backup else ()), **memory,
+                              checksums=job.backup.checksums if job.direction == RESTORE else ())
+
+        fds = []
         try:
-            self._request(channel, Copy(tuple(
-                RegionCopy(job.direction, job.size, tuple(job.backup.pieces if job.backup else ()), fd=fd)
-                for job, fd in zip(jobs, fds))))
+            if self._backend.shares_tokens:
+                for job in jobs:
+                    self._backend.authorize(job.handle, self._device_pid, mover=True)
+                copy = Copy(tuple(region_copy(job, token=self._backend.export_token(job.handle)) for job in jobs))
+            else:
+                fds = [self._backend.export_handle(job.handle) for job in jobs]
+                copy = Copy(tuple(region_copy(job, fd=fd) for job, fd in zip(jobs, fds)))
+            done = self._request(channel, copy)
+        except _Refused as refused:
+            if refused.mismatch is None:
+                raise
+            job, mismatch = jobs[refused.mismatch.region], refused.mismatch
+            piece, at = job.backup.locate(mismatch.offset)
+            raise BackupDamaged(job, mismatch.offset, (
+                f"does not match the checksums taken when it was written, in bytes [{mismatch.offset}, "
+                f"{mismatch.offset + mismatch.length}) of the region ({self._pool.slab_path(piece.slab)} "
+                f"at offset {at})")) from None
         finally:
             # Our copies must not outlive the request: an open fd pins memory.
             wire.close_all(fds)
+        if len(done.checksums) != len(jobs):
+            raise wire.ProtocolError(f"the mover answered {len(done.checksums)} regions' checksums for {len(jobs)}")
+        for job, checksums in zip(jobs, done.checksums):
+            if job.direction == OFFLOAD:
+                job.backup.checksums = checksums
 
     def _request(self, channel: _Channel, request: AddSlab | Identify | Copy) -> Done | Identified:
         wire.send(channel.socket, *request.encode())
@@ -233,30 +276,55 @@ class _MoverProcess:
     def device_pid(self) -> int:
         return self._backend.device_pid()
 
-    def copy(self, request: Copy) -> None:
-        for region in request.regions:
+    def copy(self, request: Copy) -> tuple[tuple[int, ...], ...]:
+        """Copies each region; returns, per region, the checksums an offload took of what it wrote."""
+        taken = []
+        for index, region in enumerate(request.regions):
             handle = (self._backend.import_token(region.token, self._device, region.size) if region.token
                       else self._backend.import_handle(region.fd, self._device, region.size))
             try:
-                self._move(region, handle)
+                taken.append(self._move(index, region, handle))
             finally:
                 self._backend.release(handle)
+        return tuple(taken)
 
-    def _move(self, region: RegionCopy, handle: int) -> None:
+    def _move(self, index: int, region: RegionCopy, handle: int) -> tuple[int, ...]:
         if region.direction == ZERO:
             self._backend.zero(handle, 0, region.size)
-            return
-        offset = 0
+            return ()
+        # Per piece: its offset in the region, its bytes in use, its checksums' place; checked before anything moves.
+        parts, offset, blocks = [], 0, 0
         for piece in region.pieces:
             length = min(piece.length, region.size - offset)
-            host = self._slabs[piece.slab] + piece.offset
-            if region.direction == OFFLOAD:
-                self._backend.copy_to_host(handle, offset, host, length)
-            else:
-                self._backend.copy_from_host(handle, offset, host, length)
+            count = -(-length // _C.CHECKSUM_BLOCK)
+            parts.append((piece, offset, length, slice(blocks, blocks + count)))
             offset += length
+            blocks += count
         if offset != region.size:
             raise RuntimeError(f"backup pieces cover {offset} of {region.size} bytes")
+        if region.checksums and len(region.checksums) != blocks:
+            raise RuntimeError(f"a backup of {blocks} checksum blocks came with {len(region.checksums)} checksums")
+        taken: list[int] = []
+        for piece, offset, length, checksums in parts:
+            host = self._slabs[piece.slab] + piece.offset
+            if region.direction == OFFLOAD:
+                taken += self._backend.copy_to_host(handle, offset, host, length)
+                continue
+            expected = region.checksums[checksums] if region.checksums else None
+            try:
+                self._backend.copy_from_host(handle, offset, host, length, expected)
+            except _C.ChecksumMismatch as mismatch:
+                start = offset + mismatch.block * _C.CHECKSUM_BLOCK
+                raise _Damaged(str(mismatch), Mismatch(index, start, min(_C.CHECKSUM_BLOCK, offset + length - start)))
+        return tuple(taken)
+
+
+class _Damaged(Exception):
+    """A backup to restore did not match its checksums: the copy stopped there."""
+
+    def __init__(self, error: str, mismatch: Mismatch):
+        super().__init__(error)
+        self.mismatch = mismatch
 
 
 def _serve(sock: socket.socket, process: _MoverProcess) -> None:
@@ -276,10 +344,12 @@ def _serve(sock: socket.socket, process: _MoverProcess) -> None:
                 case Identify():
                     reply = Identified(process.device_pid())
                 case Copy() as request:
-                    process.copy(request)
-                    reply = Done(time.perf_counter() - started)
+                    checksums = process.copy(request)
+                    reply = Done(time.perf_counter() - started, checksums)
         except _C.ContextLostError as error:  # a GPU fault: no later call in this process can succeed
             reply = Failed(f"{type(error).__name__}: {error}", context_lost=True)
+        except _Damaged as damaged:
+            reply = Failed(str(damaged), mismatch=damaged.mismatch)
         except Exception as error:  # reported to the daemon, which fails the operation
             reply = Failed(f"{type(error).__name__}: {error}")
         finally:

@@ -9,7 +9,7 @@ from typing import ClassVar
 
 from sleepd.common import wire
 
-from .pool import Piece
+from .pool import Piece, checksums_text, parse_checksums
 
 OFFLOAD, RESTORE, ZERO = "offload", "restore", "zero"
 
@@ -19,6 +19,13 @@ def _integer(frame: dict, key: str, what: str) -> int:
     if type(value) is not int or value < 0:
         raise wire.ProtocolError(f"{what} needs a non-negative integer {key}")
     return value
+
+
+def _checksums(text, what: str) -> tuple[int, ...]:
+    try:
+        return parse_checksums(text)
+    except ValueError as error:
+        raise wire.ProtocolError(f"{what}: {error}") from None
 
 
 def _descriptors(what: str, fds: list[int], count: int) -> list[int]:
@@ -79,12 +86,17 @@ class RegionCopy:
     pieces: tuple[Piece, ...]  # of the host pool, in order, covering `size` bytes; none for ZERO
     fd: int = -1  # the region's device memory
     token: int = 0  # or its token
+    # RESTORE: the checksums the offload took (pool.Backup), for the copy to check; none for a
+    # backup recorded before checksums, copied unchecked.
+    checksums: tuple[int, ...] = ()
 
     def encode(self) -> dict:
         entry = {"direction": self.direction, "size": self.size,
                  "pieces": [[p.slab, p.offset, p.length] for p in self.pieces]}
         if self.token:
             entry["token"] = self.token
+        if self.checksums:
+            entry["checksums"] = checksums_text(self.checksums)
         return entry
 
     @classmethod
@@ -97,9 +109,11 @@ class RegionCopy:
             raise wire.ProtocolError("a region's copy needs a list of pieces")
         size = _integer(value, "size", "a region's copy")
         pieces = tuple(_piece(piece) for piece in pieces)
+        checksums = _checksums(value.get("checksums", ""), "a region's copy")
         if "token" in value:
-            return cls(value["direction"], size, pieces, token=_integer(value, "token", "a region's copy"))
-        return cls(value["direction"], size, pieces, fd=fds.pop(0))
+            return cls(value["direction"], size, pieces, token=_integer(value, "token", "a region's copy"),
+                       checksums=checksums)
+        return cls(value["direction"], size, pieces, fd=fds.pop(0), checksums=checksums)
 
 
 @dataclass(frozen=True)
@@ -134,16 +148,20 @@ def decode_request(frame: dict, fds: list[int]) -> Request:
 @dataclass(frozen=True)
 class Done:
     seconds: float  # how long the mover took
+    # A Copy's: per region, in order, the checksums of what an offload wrote into the pool (else none).
+    checksums: tuple[tuple[int, ...], ...] = ()
 
     def encode(self) -> tuple[dict, list[int]]:
-        return {"ok": True, "seconds": self.seconds}, []
+        return {"ok": True, "seconds": self.seconds, "checksums": [checksums_text(c) for c in self.checksums]}, []
 
     @classmethod
     def decode(cls, frame: dict) -> "Done":
-        seconds = frame.get("seconds")
+        seconds, checksums = frame.get("seconds"), frame.get("checksums")
         if type(seconds) not in (int, float):
             raise wire.ProtocolError("a mover's done needs its seconds")
-        return cls(seconds)
+        if not isinstance(checksums, list):
+            raise wire.ProtocolError("a mover's done needs a list of checksums")
+        return cls(seconds, tuple(_checksums(text, "a mover's done") for text in checksums))
 
 
 @dataclass(frozen=True)
@@ -155,12 +173,25 @@ class Identified:
 
 
 @dataclass(frozen=True)
+class Mismatch:
+    """Where a restore found a backup's bytes not matching their checksum: the region (its place
+    in the Copy), and the bytes [offset, offset + length) of that region."""
+    region: int
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
 class Failed:
     error: str  # what the driver or the mover said
     context_lost: bool = False  # the device's context broke for good: the mover exits after this reply
+    mismatch: Mismatch | None = None  # the copy stopped at a backup that is not as it was written
 
     def encode(self) -> tuple[dict, list[int]]:
-        return {"ok": False, "error": self.error, "context_lost": self.context_lost}, []
+        frame = {"ok": False, "error": self.error, "context_lost": self.context_lost}
+        if self.mismatch:
+            frame["mismatch"] = [self.mismatch.region, self.mismatch.offset, self.mismatch.length]
+        return frame, []
 
     @classmethod
     def decode(cls, frame: dict) -> "Failed":
@@ -168,7 +199,11 @@ class Failed:
             raise wire.ProtocolError("a mover's failure needs its error")
         if not isinstance(frame.get("context_lost"), bool):
             raise wire.ProtocolError("a mover's failure needs a boolean context_lost")
-        return cls(frame["error"], frame["context_lost"])
+        mismatch = frame.get("mismatch")
+        if mismatch is not None and not (isinstance(mismatch, list) and len(mismatch) == 3
+                                         and all(type(n) is int and n >= 0 for n in mismatch)):
+            raise wire.ProtocolError("a mover's mismatch is [region, offset, length]")
+        return cls(frame["error"], frame["context_lost"], Mismatch(*mismatch) if mismatch else None)
 
 
 def decode_reply(frame: dict, fds: list[int]) -> Done | Identified | Failed:

@@ -3,7 +3,9 @@ memory files under a tmpfs directory, within a byte budget.
 
 The pool is a few large slab files rather than a file per backup, so that a
 mover maps (and on a GPU, pins) each slab once and reuses it for every sleep.
-A backup is a list of pieces of slabs. Freed pieces give their pages back to
+A backup is a list of pieces of slabs, with the checksums the mover took of
+what it wrote there (CRC32C, one per CHECKSUM_BLOCK bytes of each piece), which
+the restore checks before any engine uses the bytes. Freed pieces give their pages back to
 the kernel unless the pool is pre-faulted, in which case it keeps them so the
 next sleep runs without page faults, or a mover has pinned their slab: a pin
 holds the pages it found until the mover exits, so a range punched out of the
@@ -13,6 +15,7 @@ mover or daemon would read zeros), and would return no memory anyway.
 
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 
@@ -26,6 +29,7 @@ log = logging.getLogger(__name__)
 
 PAGE = os.sysconf("SC_PAGESIZE")
 SLAB_PREFIX = "slab-"
+_CHECKSUMS = re.compile("(?:[0-9a-f]{8})*")
 
 
 def _round_up(size: int, unit: int) -> int:
@@ -43,6 +47,30 @@ class Piece:
 class Backup:
     size: int
     pieces: list[Piece]
+    # CRC32C of each CHECKSUM_BLOCK of each piece's bytes in use, in order, as the mover wrote them
+    # (the mover's end records them); empty until then, or for a backup recorded before checksums.
+    checksums: tuple[int, ...] = ()
+
+    def locate(self, offset: int) -> tuple[Piece, int]:
+        """The piece holding byte `offset` of the region, and that byte's offset in the piece's slab."""
+        start = 0
+        for piece in self.pieces:
+            if offset < start + piece.length:
+                return piece, piece.offset + offset - start
+            start += piece.length
+        raise ValueError(f"byte {offset} is beyond the backup's {start} bytes")
+
+
+def checksums_text(checksums: tuple[int, ...]) -> str:
+    """Checksums as they are written in messages and the state file: 8 hex digits each."""
+    return "".join(f"{checksum:08x}" for checksum in checksums)
+
+
+def parse_checksums(text: str) -> tuple[int, ...]:
+    """The checksums of checksums_text(); raises ValueError for anything else."""
+    if not isinstance(text, str) or not _CHECKSUMS.fullmatch(text):
+        raise ValueError("checksums are 8 lower-case hex digits each")
+    return tuple(int(text[at:at + 8], 16) for at in range(0, len(text), 8))
 
 
 @dataclass
@@ -120,6 +148,23 @@ class HostPool:
         with self._lock:
             return list(self._slabs)
 
+    def slab_path(self, index: int) -> str:
+        with self._lock:
+            return os.path.join(self.directory, self._slabs[index].name)
+
+    def cut_short(self, backup: Backup) -> tuple[int, str] | None:
+        """Where in the region the first piece of `backup` that its slab file no longer holds whole
+        begins (someone truncated the file), and what the file holds instead; None when all are there."""
+        start = 0
+        for piece in backup.pieces:
+            with self._lock:
+                size = os.fstat(self._slabs[piece.slab].fd).st_size
+            if piece.offset + piece.length > size:
+                return start, (f"{self.slab_path(piece.slab)} holds {size} bytes, not the {piece.length} "
+                               f"at its offset {piece.offset}")
+            start += piece.length
+        return None
+
     def pin(self, index: int) -> None:
         """Says that a mover has pinned slab `index`: its freed pieces are never punched out from now on."""
         with self._lock:
@@ -183,9 +228,9 @@ class HostPool:
         self._slabs.append(slab)
         return slab
 
-    def recovered(self, pieces: list[Piece]) -> Backup:
+    def recovered(self, pieces: list[Piece], checksums: tuple[int, ...]) -> Backup:
         """The Backup object for pieces recovered at start (their bytes are already in use)."""
-        return Backup(size=sum(piece.length for piece in pieces), pieces=list(pieces))
+        return Backup(size=sum(piece.length for piece in pieces), pieces=list(pieces), checksums=checksums)
 
     def _reopen_slabs(self, keep: list[list[Piece]]) -> None:
         names = sorted(name for name in self._directory.names() if name.startswith(SLAB_PREFIX))

@@ -24,7 +24,7 @@ from .backends import DaemonBackend
 from .errors import exhausted, invalid, precondition
 from . import planner
 from .model import Model
-from .pool import HostPool, Piece
+from .pool import HostPool, Piece, checksums_text, parse_checksums
 from .private_paths import PrivateDirectory
 from .regions import Region, RegionState
 from .registry import Registry
@@ -132,7 +132,9 @@ class Checkpoints:
                       "regions": [{"id": r.id, "tag": r.tag, "size": r.size, "mapped_size": r.mapped_size,
                                    "device": r.device, "state": r.state.label, "persist": r.persist,
                                    "backup": [[p.slab, p.offset, p.length] for p in r.backup.pieces]
-                                   if r.backup else None} for r in session.regions.values()]}
+                                   if r.backup else None,
+                                   "checksums": checksums_text(r.backup.checksums) if r.backup else ""}
+                                  for r in session.regions.values()]}
                      for rank, session in {**model.ranks, **model.orphans}.items()]}
                 for model in self._registry.models_locked()]}
         return state, sequence
@@ -157,7 +159,9 @@ class Recovery:
                 session = Session.recovered(Peer(rank["pid"], rank["uid"], rank["uid"], frozenset()), model.name,
                                             rank["rank"], rank["device"])
                 for saved in rank["regions"]:
-                    backup = (self._pool.recovered([Piece(*piece) for piece in saved["backup"]])
+                    # A file of a daemon before checksums has none: its backups are restored unchecked.
+                    backup = (self._pool.recovered([Piece(*piece) for piece in saved["backup"]],
+                                                   parse_checksums(saved.get("checksums", "")))
                               if saved["backup"] else None)
                     session.add_region(Region.recovered(
                         saved["id"], saved["tag"], saved["size"], saved["mapped_size"], saved["device"], session,
