@@ -6,6 +6,8 @@ import json
 import os
 import signal
 
+import pytest
+
 from sleepd import _C
 
 from support import MiB, Daemon, by_tag, scrape, value, wait_for
@@ -171,5 +173,33 @@ def test_a_restarted_daemon_still_checks_the_backups_it_recovered(tmp_path, back
         flip(again, slab, at)
         again.ctl("wake", "--model", "qwen")
         assert_back_bit_identical(engine)
+    finally:
+        again.stop()
+
+
+@pytest.mark.parametrize("backend", ["host"])  # the state file is the same on every backend
+def test_a_state_file_from_before_checksums_still_loads_and_its_backups_wake_unchecked(tmp_path, backend,
+                                                                                         start_daemon, start_engine):
+    daemon = start_daemon()
+    engine = start_engine(daemon, "qwen", regions=REGIONS)
+    daemon.ctl("sleep", "--model", "qwen", "--level", "1")
+    os.kill(daemon.pid, signal.SIGKILL)
+    daemon.process.wait(timeout=30)
+    path = os.path.join(daemon.state_dir, "state.json")
+    with open(path) as file:
+        state = json.load(file)
+    for region in (region for model in state["models"] for rank in model["ranks"] for region in rank["regions"]):
+        del region["checksums"]  # as the daemon before checksums wrote it
+    with open(path, "w") as file:
+        json.dump(state, file)
+
+    again = Daemon(tmp_path, backend, "--host-devices", "2", "--host-device-capacity", "256MiB")
+    try:
+        wait_for(lambda: again.status()["models"] and not again.status()["models"][0]["ranks"][0].get("orphaned"),
+                 timeout=30, what="the engine to attach to the new daemon")
+        again.ctl("wake", "--model", "qwen")
+        assert_back_bit_identical(engine)
+        assert "restored unchecked" in again.log()
+        assert value(scrape(again), "sleepd_verified_bytes_total") == 0
     finally:
         again.stop()
