@@ -1,5 +1,4 @@
 #include "acl_backend.h"
-#include "copy_engine.h"
 #include "stream_chunks.h"
 
 #include <algorithm>
@@ -242,13 +241,10 @@ void AclBackend::chunked(int device, size_t size, Issue issue, Before before, La
       streams->push_back(stream);
     }
   }
-  issue_in_chunks(
-      *streams, size, issue,
-      [&](acl::aclrtStream stream, bool check) {
-        auto result = runtime_->aclrtSynchronizeStream(stream);
-        if (check) runtime_->check(result, "aclrtSynchronizeStream");
-      },
-      before, landed);
+  issue_in_chunks(*streams, size, issue, [&](acl::aclrtStream stream, bool check) {
+    auto result = runtime_->aclrtSynchronizeStream(stream);
+    if (check) runtime_->check(result, "aclrtSynchronizeStream");
+  }, before, landed);
 }
 
 Checksums AclBackend::copy_to_host(Handle src, size_t offset, void* dst, size_t size) {
@@ -262,8 +258,7 @@ Checksums AclBackend::copy_to_host(Handle src, size_t offset, void* dst, size_t 
                                                    acl::ACL_MEMCPY_DEVICE_TO_HOST, stream),
                         "aclrtMemcpyAsync");
       },
-      kNoHostWork,
-      [&](size_t at, size_t length) { take_checksums(host + at, length, &checksums[at / kChecksumBlock]); });
+      kNoHostWork, taking_checksums(host, checksums));
   return checksums;
 }
 
@@ -277,10 +272,7 @@ void AclBackend::copy_from_host(Handle dst, size_t offset, const void* src, size
                                                    acl::ACL_MEMCPY_HOST_TO_DEVICE, stream),
                         "aclrtMemcpyAsync");
       },
-      [&](size_t at, size_t length) {
-        if (checksums) check_checksums(host + at, length, *checksums, at / kChecksumBlock);
-      },
-      kNoHostWork);
+      checking_checksums(host, checksums), kNoHostWork);
 }
 
 void AclBackend::zero(Handle dst, size_t offset, size_t size) {

@@ -1,5 +1,4 @@
 #include "cuda_backend.h"
-#include "copy_engine.h"
 #include "stream_chunks.h"
 
 #include <fcntl.h>
@@ -284,13 +283,10 @@ void CudaBackend::chunked(int device, size_t size, Issue issue, Before before, L
       streams->push_back(stream);
     }
   }
-  issue_in_chunks(
-      *streams, size, issue,
-      [&](cu::CUstream stream, bool check) {
-        auto result = driver_->cuStreamSynchronize(stream);
-        if (check) driver_->check(result, "cuStreamSynchronize");
-      },
-      before, landed);
+  issue_in_chunks(*streams, size, issue, [&](cu::CUstream stream, bool check) {
+    auto result = driver_->cuStreamSynchronize(stream);
+    if (check) driver_->check(result, "cuStreamSynchronize");
+  }, before, landed);
 }
 
 Checksums CudaBackend::copy_to_host(Handle src, size_t offset, void* dst, size_t size) {
@@ -303,8 +299,7 @@ Checksums CudaBackend::copy_to_host(Handle src, size_t offset, void* dst, size_t
         driver_->check(driver_->cuMemcpyDtoHAsync(host + at, device_address + at, length, stream),
                        "cuMemcpyDtoHAsync");
       },
-      kNoHostWork,
-      [&](size_t at, size_t length) { take_checksums(host + at, length, &checksums[at / kChecksumBlock]); });
+      kNoHostWork, taking_checksums(host, checksums));
   return checksums;
 }
 
@@ -317,10 +312,7 @@ void CudaBackend::copy_from_host(Handle dst, size_t offset, const void* src, siz
         driver_->check(driver_->cuMemcpyHtoDAsync(device_address + at, host + at, length, stream),
                        "cuMemcpyHtoDAsync");
       },
-      [&](size_t at, size_t length) {
-        if (checksums) check_checksums(host + at, length, *checksums, at / kChecksumBlock);
-      },
-      kNoHostWork);
+      checking_checksums(host, checksums), kNoHostWork);
 }
 
 void CudaBackend::zero(Handle dst, size_t offset, size_t size) {

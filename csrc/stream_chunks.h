@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "checksum.h"
+#include "copy_engine.h"
 
 namespace sleepd {
 
@@ -16,6 +17,20 @@ static_assert(kStreamChunk % kChecksumBlock == 0, "a chunk holds whole checksum 
 
 // A chunk's host work where there is none (before or after a chunk of a zero-fill).
 constexpr auto kNoHostWork = [](size_t, size_t) {};
+
+// The host work after each chunk of a copy to `host` has landed: its checksums, into `checksums`.
+inline auto taking_checksums(const char* host, Checksums& checksums) {
+  return [host, &checksums](size_t at, size_t length) {
+    take_checksums(host + at, length, &checksums[at / kChecksumBlock]);
+  };
+}
+
+// The host work before each chunk of a copy from `host` is issued: checking it against `checksums`, if any.
+inline auto checking_checksums(const char* host, const Checksums* checksums) {
+  return [host, checksums](size_t at, size_t length) {
+    if (checksums) check_checksums(host + at, length, *checksums, at / kChecksumBlock);
+  };
+}
 
 // Calls issue(offset, length, stream) for each chunk of `size` bytes, with one chunk in
 // flight on each stream: before(offset, length) runs just before its chunk is issued, and

@@ -1,5 +1,6 @@
 """The host backend in sleepd._C, checked against what the kernel reports."""
 
+import contextlib
 import os
 import random
 
@@ -90,9 +91,11 @@ def test_import_checks_the_size_and_does_not_take_the_fd():
         backend.release(imported)
 
 
-@pytest.mark.parametrize("size", [4096, 3 * MiB + 4096, 64 * MiB])
-def test_copies_between_a_handle_and_host_memory_are_exact(size):
-    backend = _C.HostBackend(1, 256 * MiB)
+@contextlib.contextmanager
+def memory_and_a_slab(size: int):
+    """(backend, source, target, host, payload): device memory `source` holding random `payload`, an
+    empty `target`, and `size` bytes of host memory mapped from a file, as a mover maps a pool slab."""
+    backend = _C.HostBackend(1, 2 * size)
     source, target = backend.create(0, size), backend.create(0, size)
     host_fd = os.memfd_create("host")
     os.ftruncate(host_fd, size)
@@ -101,46 +104,43 @@ def test_copies_between_a_handle_and_host_memory_are_exact(size):
     fd = backend.export_handle(source)
     os.pwrite(fd, payload, 0)
     os.close(fd)
+    try:
+        yield backend, source, target, host, payload
+    finally:
+        _C.unmap_file(host, size)
+        os.close(host_fd)
 
-    checksums = backend.copy_to_host(source, 0, host, size)
-    assert bytes(_C.memoryview(host, size)) == payload
-    assert checksums == [_C.crc32c(payload[at:at + BLOCK]) for at in range(0, size, BLOCK)]
-    backend.copy_from_host(target, 0, host, size, checksums)
-    fd = backend.export_handle(target)
-    assert os.pread(fd, size, 0) == payload
-    backend.zero(target, 4096, size - 4096)
-    assert os.pread(fd, size, 0) == payload[:4096] + bytes(size - 4096)
-    os.close(fd)
-    with pytest.raises(_C.BackendError, match="outside"):
-        backend.copy_to_host(source, 4096, host, size)
-    _C.unmap_file(host, size)
-    os.close(host_fd)
+
+@pytest.mark.parametrize("size", [4096, 3 * MiB + 4096, 64 * MiB])
+def test_copies_between_a_handle_and_host_memory_are_exact(size):
+    with memory_and_a_slab(size) as (backend, source, target, host, payload):
+        checksums = backend.copy_to_host(source, 0, host, size)
+        assert bytes(_C.memoryview(host, size)) == payload
+        assert checksums == [_C.crc32c(payload[at:at + BLOCK]) for at in range(0, size, BLOCK)]
+        backend.copy_from_host(target, 0, host, size, checksums)
+        fd = backend.export_handle(target)
+        assert os.pread(fd, size, 0) == payload
+        backend.zero(target, 4096, size - 4096)
+        assert os.pread(fd, size, 0) == payload[:4096] + bytes(size - 4096)
+        os.close(fd)
+        with pytest.raises(_C.BackendError, match="outside"):
+            backend.copy_to_host(source, 4096, host, size)
 
 
 def test_a_copy_back_that_finds_a_byte_changed_names_its_block_and_stops_there():
     size = 3 * BLOCK + 5 * MiB
-    backend = _C.HostBackend(1, 2 * size)
-    source, target = backend.create(0, size), backend.create(0, size)
-    host_fd = os.memfd_create("host")
-    os.ftruncate(host_fd, size)
-    host = _C.map_file(host_fd, size)
-    fd = backend.export_handle(source)
-    os.pwrite(fd, os.urandom(size), 0)
-    os.close(fd)
-    checksums = backend.copy_to_host(source, 0, host, size)
-
-    _C.memoryview(host, size)[2 * BLOCK + 12345] ^= 1
-    with pytest.raises(_C.ChecksumMismatch, match="block 2 has CRC32C") as mismatch:
-        backend.copy_from_host(target, 0, host, size, checksums)
-    assert mismatch.value.block == 2 and isinstance(mismatch.value, _C.BackendError)
-    fd = backend.export_handle(target)
-    assert os.pread(fd, MiB, 3 * BLOCK) == bytes(MiB), "nothing after the damaged block is copied"
-    os.close(fd)
-    with pytest.raises(_C.BackendError, match="checksums do not cover"):
-        backend.copy_from_host(target, 0, host, size, checksums[:1])
-    backend.copy_from_host(target, 0, host, size)  # without checksums: unchecked, as for a backup from before them
-    _C.unmap_file(host, size)
-    os.close(host_fd)
+    with memory_and_a_slab(size) as (backend, source, target, host, _):
+        checksums = backend.copy_to_host(source, 0, host, size)
+        _C.memoryview(host, size)[2 * BLOCK + 12345] ^= 1
+        with pytest.raises(_C.ChecksumMismatch, match="block 2 has CRC32C") as mismatch:
+            backend.copy_from_host(target, 0, host, size, checksums)
+        assert mismatch.value.block == 2 and isinstance(mismatch.value, _C.BackendError)
+        fd = backend.export_handle(target)
+        assert os.pread(fd, MiB, 3 * BLOCK) == bytes(MiB), "nothing after the damaged block is copied"
+        os.close(fd)
+        with pytest.raises(_C.BackendError, match="checksums do not cover"):
+            backend.copy_from_host(target, 0, host, size, checksums[:1])
+        backend.copy_from_host(target, 0, host, size)  # without checksums: unchecked, as a backup from before them
 
 
 # RFC 3720's CRC32C examples (iSCSI), and the check value of "123456789".
