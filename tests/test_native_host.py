@@ -106,7 +106,8 @@ def memory_and_a_slab(size: int):
     os.close(fd)
     try:
         yield backend, source, target, host, payload
-    finally:
+    finally:  # every descriptor closed now, not when a traceback's frames are collected
+        backend.release_all([source, target])
         _C.unmap_file(host, size)
         os.close(host_fd)
 
