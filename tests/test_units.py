@@ -1,13 +1,16 @@
-"""The daemon's pure parts: sizes, rules, the region state machine, the pool allocator,
-and the checks on the directories and files the daemon keeps for itself."""
+"""The daemon's pure parts: sizes, rules, the region state machine, the pool allocator, backups'
+checksums on the mover's socket, and the checks on the directories and files the daemon keeps for itself."""
 
 import os
 
 import pytest
 
+from sleepd.common import wire
 from sleepd.common.sizes import format_size, parse_size
 from sleepd.daemon.errors import Code as ErrorCode, SleepdError
-from sleepd.daemon.pool import Backup, HostPool
+from sleepd.daemon.mover_messages import (RESTORE, Copy, Done, Failed, Mismatch, RegionCopy, decode_reply,
+                                          decode_request)
+from sleepd.daemon.pool import Backup, HostPool, Piece, checksums_text, parse_checksums
 from sleepd.daemon.private_paths import PrivateDirectory, UnsafePath
 from sleepd.daemon.regions import IllegalTransition, Region, RegionState
 from sleepd.daemon.replies import Replies
@@ -112,6 +115,37 @@ def test_pool_returns_freed_pages_to_the_kernel(pool):
     assert os.fstat(slab.fd).st_blocks * 512 >= 4 * MiB
     pool.free(backup)
     assert os.fstat(slab.fd).st_blocks == 0
+
+
+def test_a_backup_says_where_each_byte_of_its_region_lies_and_which_slab_lost_it(pool):
+    pool.allocate(MiB)
+    backup = pool.allocate(5 * MiB)  # 3 MiB at the end of slab 0, 2 MiB at the start of slab 1
+    assert backup.locate(0) == (Piece(0, MiB, 3 * MiB), MiB)
+    assert backup.locate(4 * MiB + 7) == (Piece(1, 0, 2 * MiB), MiB + 7)
+    with pytest.raises(ValueError):
+        backup.locate(5 * MiB)
+    assert pool.cut_short(backup) is None
+    os.ftruncate(pool.slabs()[1].fd, MiB)
+    assert pool.cut_short(backup) == (3 * MiB, f"{pool.slab_path(1)} holds {MiB} bytes, not the {2 * MiB} at its "
+                                               "offset 0")
+
+
+def test_checksums_cross_the_movers_socket_and_the_state_file_as_they_were_taken():
+    checksums = (0, 0xE3069283, 0xFFFFFFFF)
+    assert parse_checksums(checksums_text(checksums)) == checksums
+    copy = Copy((RegionCopy(RESTORE, 3 * MiB, (Piece(0, 0, 3 * MiB),), token=7, checksums=checksums),))
+    assert decode_request(*copy.encode()) == copy
+    done = Done(0.5, ((1, 2), ()))
+    assert decode_reply(*done.encode()) == done
+    failed = Failed("block 1 differs", mismatch=Mismatch(0, 16 * MiB, MiB))
+    assert decode_reply(*failed.encode()) == failed
+    for text in ("e306928", "E3069283", "e306928g", 7):
+        with pytest.raises(ValueError):
+            parse_checksums(text)
+        frame, fds = copy.encode()
+        frame["regions"][0]["checksums"] = text
+        with pytest.raises(wire.ProtocolError, match="checksums"):
+            decode_request(frame, fds)
 
 
 def test_prefaulted_pool_keeps_its_pages(tmp_path):
