@@ -40,6 +40,39 @@ def test_pool_tensors_come_back_bit_identical_after_a_level_1_sleep(gpu_daemon):
         assert kv.abs().sum().item() == 0  # discarded: zero-filled
 
 
+def test_a_byte_flipped_in_the_pinned_pool_fails_the_wake_and_once_put_right_wakes_bit_identical(gpu_daemon):
+    from sleepd.client import SleepdError
+
+    with SleepClient.connect("qwen", socket=gpu_daemon.socket) as client:
+        with client.pool("weights"):
+            weights = torch.randn(96 * MiB // 4, device="cuda")
+        saved = weights.cpu()
+        client.sleep(level=1)
+        with open(os.path.join(gpu_daemon.state_dir, "state.json")) as file:
+            state = json.load(file)
+        backup = next(region["backup"] for model in state["models"] for rank in model["ranks"]
+                      for region in rank["regions"] if region["backup"])
+        slab, offset, length = backup[0]
+        path = os.path.join(gpu_daemon.pool_dir, f"slab-{slab:04d}")
+        at = offset + min(length - 1, 20 * MiB + 3)  # the mover's pinned pages are the file's pages
+
+        def flip():
+            with open(path, "r+b") as slab_file:
+                slab_file.seek(at)
+                byte = slab_file.read(1)[0]
+                slab_file.seek(at)
+                slab_file.write(bytes([byte ^ 0x01]))
+
+        flip()
+        with pytest.raises(SleepdError) as error:
+            client.wake()
+        assert error.value.code.name == "DATA_LOSS" and path in error.value.message, error.value.message
+        assert client.is_sleeping()
+        flip()
+        client.wake()
+        assert torch.equal(weights.cpu(), saved)
+
+
 def in_regions(client, tensor) -> bool:
     return any(r.address <= tensor.data_ptr() < r.address + r.size for r in client.regions())
 
