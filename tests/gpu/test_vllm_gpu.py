@@ -12,7 +12,7 @@ pytest.importorskip("vllm", reason="needs vLLM (a CUDA build) installed beside s
 
 from support import Daemon  # noqa: E402
 from vllm_suite import tiny_model  # noqa: E402
-from vllm_suite.servers import VllmServer, model_status, rl_flow_result, start_rl_flow, tag_states  # noqa: E402
+from vllm_suite.servers import VllmServer, model_status, script_result, start_rl_flow, tag_states  # noqa: E402
 
 from sleepd import _C  # noqa: E402
 from sleepd.daemon.nvml import Nvml  # noqa: E402
@@ -72,11 +72,11 @@ def test_vllm_sleep_endpoint_frees_device_memory_through_sleepd_and_answers_stay
 
 
 def test_level_2_sleep_then_new_weights_into_the_same_tensors_give_the_new_models_answers(daemon, checkpoints):
-    flow = start_rl_flow(daemon, "policy", "flow", checkpoints["a"], checkpoints["b"])
-    reference = start_rl_flow(daemon, "reference", "reference", checkpoints["b"])
-    seen, expected = rl_flow_result(flow, 900), rl_flow_result(reference, 900)
-    assert seen["weights_back"]["vllm"] is True
-    assert seen["weights_back"]["sleepd"]["sleeping"] is True
-    assert seen["awake"]["vllm"] is False and seen["awake"]["sleepd"]["sleeping"] is False
-    assert seen["before"] != expected["before"]
-    assert seen["after"] == expected["before"]
+    seen = script_result(start_rl_flow(daemon, "policy", checkpoints["a"], checkpoints["b"]), 900)
+    for update in seen["updates"]:
+        assert update["weights_back"]["vllm"] is True
+        assert update["weights_back"]["sleepd"]["sleeping"] is True
+        assert update["awake"]["vllm"] is False and update["awake"]["sleepd"]["sleeping"] is False
+    to_new, back = seen["updates"]
+    assert to_new["answers"] != seen["before"]
+    assert back["answers"] == seen["before"]

@@ -2,8 +2,12 @@
 run by test_vllm_weight_update.py in a process of its own (vLLM spawns processes, so the
 `__main__` guard is needed). Prints one JSON line of what it saw.
 
-    python rl_flow.py flow CHECKPOINT NEW_CHECKPOINT   # level 2, new weights into the same tensors
-    python rl_flow.py reference CHECKPOINT             # answers of CHECKPOINT loaded from disk
+    python rl_flow.py CHECKPOINT NEW_CHECKPOINT
+
+The engine loads CHECKPOINT from disk and answers. Then two rounds of the flow, each a level-2
+sleep, the weights back, a checkpoint loaded into the same tensors, the KV cache back: the first
+loads NEW_CHECKPOINT, the second CHECKPOINT again, so that its answers are those the engine gave
+when it loaded CHECKPOINT from disk, with no second engine to ask.
 """
 
 import json
@@ -37,7 +41,8 @@ def main() -> None:
 
     from vllm import LLM, SamplingParams
 
-    mode, checkpoint = sys.argv[1], sys.argv[2]
+    checkpoint, new_checkpoint = sys.argv[1], sys.argv[2]
+    model = os.environ["SLEEPD_MODEL"]
     llm = LLM(checkpoint, enable_sleep_mode=True, dtype="float32", max_num_seqs=4,
               max_model_len=256, kv_cache_memory_bytes=64 << 20)
     greedy = SamplingParams(temperature=0, max_tokens=16)
@@ -45,17 +50,20 @@ def main() -> None:
     def answers():
         return [list(output.outputs[0].token_ids) for output in llm.generate(PROMPTS, greedy, use_tqdm=False)]
 
-    seen = {"before": answers()}
-    if mode == "flow":
-        model = os.environ["SLEEPD_MODEL"]
+    def states():
+        return {"vllm": llm.llm_engine.is_sleeping(), "sleepd": sleepd_status(model)}
+
+    seen = {"before": answers(), "updates": []}
+    for directory in (new_checkpoint, checkpoint):
         llm.sleep(level=2)
-        seen["asleep"] = {"vllm": llm.llm_engine.is_sleeping(), "sleepd": sleepd_status(model)}
+        update = {"asleep": states()}
         llm.wake_up(tags=["weights"])
-        seen["weights_back"] = {"vllm": llm.llm_engine.is_sleeping(), "sleepd": sleepd_status(model)}
-        seen["loaded"] = llm.collective_rpc(load_checkpoint, args=(sys.argv[3],))
+        update["weights_back"] = states()
+        update["loaded"] = llm.collective_rpc(load_checkpoint, args=(directory,))
         llm.wake_up(tags=["kv_cache"])
-        seen["awake"] = {"vllm": llm.llm_engine.is_sleeping(), "sleepd": sleepd_status(model)}
-        seen["after"] = answers()
+        update["awake"] = states()
+        update["answers"] = answers()
+        seen["updates"].append(update)
     print("RESULT " + json.dumps(seen), flush=True)
 
 

@@ -154,6 +154,18 @@ def tag_states(daemon, model: str) -> dict:
     return {tag: "/".join(sorted(found)) for tag, found in states.items()}
 
 
+ASLEEP = {"weights": "OFFLOADED", "kv_cache": "DISCARDED"}  # at level 1
+AWAKE = {"weights": "MAPPED", "kv_cache": "MAPPED"}
+
+
+def asleep(daemon, server: VllmServer) -> bool:
+    """Whether vLLM and sleepd both say the server's model sleeps (at level 1); fails where they disagree."""
+    vllm, sleepd = server.is_sleeping(), model_status(daemon, server.model)["sleeping"]
+    assert vllm == sleepd, f"{server.model}: vLLM says sleeping={vllm}, sleepctl says sleeping={sleepd}"
+    assert tag_states(daemon, server.model) == (ASLEEP if sleepd else AWAKE)
+    return sleepd
+
+
 def start_script(daemon, model: str, script: str, *args: str, environment: dict | None = None) -> subprocess.Popen:
     """One of this folder's vLLM scripts, attached as `model`; it prints its findings as a RESULT line."""
     env = {**vllm_environment(daemon, model), **(environment or {})}

@@ -1,12 +1,14 @@
-"""Sleeps and wakes from outside vLLM go through vLLM's engine: `vllm serve`'s API
-server attaches as the model's controller, so `sleepctl sleep`, `wake` and `swap`,
-and idle sleep, run vLLM's own sleep and wake, and a request that reaches a sleeping vLLM wakes
-it (or, with SLEEPD_WAKE_ON_REQUEST=0, waits for a wake).
+"""Sleeps and wakes from outside vLLM go through vLLM's engine, with several vLLM
+engines on one device: `sleepctl swap` and eviction run each one's own sleep and
+wake through the process that is its controller (what one `vllm serve` shows alone,
+its API server as the controller, is in test_vllm_server.py). A request that reaches a
+sleeping vLLM wakes it (or, with SLEEPD_WAKE_ON_REQUEST=0, waits for a wake), through
+either of two API servers; an `LLM` or `AsyncLLM` script's process is its controller.
 
 Servers on a device that fits one of them awake (each holds a 1 GiB KV
-cache): A is up for the whole module; B starts once A sleeps, for the swap
-tests; C, with two API server processes, once A and B sleep. The tests run in
-order and each leaves the state the next one expects.
+cache): A, with two API server processes, is up for the whole module; B
+starts once A sleeps. The tests run in order and each leaves the state the
+next one expects.
 """
 
 import os
@@ -18,15 +20,13 @@ import threading
 import pytest
 
 from kernel import memfd_bytes
-from servers import PROMPTS, VllmServer, model_status, script_result, start_script, tag_states
-from support import Daemon, scrape, value, wait_for
+from servers import ASLEEP, AWAKE, PROMPTS, VllmServer, asleep, model_status, script_result, start_script, tag_states
+from support import MiB, Daemon, Engine, scrape, value, wait_for
 
 # The first test also waits for vLLM to start (minutes on two shared cores).
 pytestmark = pytest.mark.timeout(900)
 
-A, B, C = "ctl-a", "ctl-b", "ctl-c"
-ASLEEP = {"weights": "OFFLOADED", "kv_cache": "DISCARDED"}
-AWAKE = {"weights": "MAPPED", "kv_cache": "MAPPED"}
+A, B = "ctl-a", "ctl-b"
 # One server awake (1 GiB of KV cache and some MiB of weights) fits; two do not.
 CAPACITY = "1536MiB"
 SCRIPT_SECONDS = 600  # a vLLM script's start, its checks and its exit
@@ -46,7 +46,8 @@ def logs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server_a(daemon, tiny_models, logs):
-    server = VllmServer(daemon, A, tiny_models["a"], str(logs / "a.log"))
+    """A runs two API server processes (--api-server-count 2)."""
+    server = VllmServer(daemon, A, tiny_models["a"], str(logs / "a.log"), "--api-server-count", "2")
     server.before = server.answers()
     yield server
     server.stop()
@@ -62,105 +63,19 @@ def server_b(daemon, tiny_models, logs, server_a):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def server_c(daemon, tiny_models, logs, server_a, server_b):
-    """C runs two API server processes (--api-server-count 2); A and B sleep to make room."""
-    for other in (server_a, server_b):
-        if not asleep(daemon, other):
-            daemon.ctl("sleep", "--model", other.model, "--level", "1")
-    server = VllmServer(daemon, C, tiny_models["a"], str(logs / "c.log"), "--api-server-count", "2")
-    server.before = [server.complete(PROMPTS[0])]
-    yield server
-    server.stop()
-
-
-def asleep(daemon, server) -> bool:
-    """Whether vLLM and sleepd both say the server's model sleeps; fails where they disagree."""
-    vllm, sleepd = server.is_sleeping(), model_status(daemon, server.model)["sleeping"]
-    assert vllm == sleepd, f"{server.model}: vLLM says sleeping={vllm}, sleepctl says sleeping={sleepd}"
-    assert tag_states(daemon, server.model) == (ASLEEP if sleepd else AWAKE)
-    return sleepd
-
-
-def test_the_api_server_is_the_controller_and_sleepctl_sleep_runs_vllms_own_sleep(daemon, server_a):
-    status = model_status(daemon, A)
-    assert status["needsController"] is True
-    assert status["controllerPid"] == server_a.process.pid
-
-    daemon.ctl("sleep", "--model", A, "--level", "1")
-    assert asleep(daemon, server_a) is True
-
-    daemon.ctl("wake", "--model", A)
-    assert asleep(daemon, server_a) is False
-    assert server_a.answers() == server_a.before
-
-
-def test_idle_sleep_runs_vllms_own_sleep_through_the_controller(daemon, server_a):
-    idle_sleeps = value(scrape(daemon), "sleepd_evictions_total", model=A, reason="idle") or 0
-    daemon.ctl("policy", "--model", A, "--idle-seconds", "2")
-    try:
-        wait_for(lambda: model_status(daemon, A)["sleeping"], timeout=60, what=f"{A} to sleep once idle")
-    finally:
-        daemon.ctl("policy", "--model", A, "--idle-seconds", "0")
-    assert asleep(daemon, server_a) is True  # vLLM says so too: its own sleep ran
-    assert value(scrape(daemon), "sleepd_evictions_total", model=A, reason="idle") == idle_sleeps + 1
-
-    daemon.ctl("wake", "--model", A)
-    assert asleep(daemon, server_a) is False
-    assert server_a.answers() == server_a.before
-
-
-def test_a_request_to_a_sleeping_vllm_wakes_it_and_is_answered(daemon, server_a):
-    woke = value(scrape(daemon), "sleepd_wake_wait_seconds_count", model=A, how="woke") or 0
-    daemon.ctl("sleep", "--model", A, "--level", "1")
-    assert asleep(daemon, server_a) is True
-
-    assert server_a.complete(PROMPTS[0]) == server_a.before[0]
-
-    assert asleep(daemon, server_a) is False
-    assert value(scrape(daemon), "sleepd_wake_wait_seconds_count", model=A, how="woke") == woke + 1
-    assert server_a.answers() == server_a.before
-
-
-def test_requests_in_flight_or_arriving_while_sleepctl_sleeps_vllm_are_all_answered(daemon, server_a):
-    """vLLM's own /sleep aborts requests in flight by default; the controller's sleep lets them finish.
-    Requests that reach vLLM after its scheduler paused are woken for, not left queued. (Whether one
-    was running as the pause began is up to timing; here they mostly wait in their EnsureAwake.)"""
-    tokens = 200
-    replies, sent = [], []
-
-    def request(prompt):
-        return server_a.call("POST", "/v1/completions", {"model": server_a.checkpoint, "prompt": prompt,
-                                                          "max_tokens": tokens, "temperature": 0, "ignore_eos": True})
-
-    def client(prompt):
-        # Back to back until sleepctl has returned (so some run as the sleep begins and some arrive while
-        # it runs), then once more: that one finds the model asleep.
-        for _ in range(200):
-            last = sleep.poll() is not None
-            sent.append(prompt)
-            replies.append(request(prompt))
-            if last:
-                return
-
-    sleep = subprocess.Popen([sys.executable, "-m", "sleepd.client.ctl", "--socket", daemon.socket, "sleep",
-                              "--model", A, "--level", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
-    clients = [threading.Thread(target=client, args=(prompt,)) for prompt in PROMPTS]
-    for thread in clients:
-        thread.start()
-    output, _ = sleep.communicate(timeout=300)
-    for thread in clients:
-        thread.join(timeout=120)
-
-    assert sleep.returncode == 0, output
-    assert not any(thread.is_alive() for thread in clients), "a request was still unanswered after 2 minutes"
-    assert len(replies) == len(sent)
-    assert replies and all(reply["choices"][0]["finish_reason"] == "length" for reply in replies), replies
-    assert all(reply["usage"]["completion_tokens"] == tokens for reply in replies)
-    if asleep(daemon, server_a):
-        daemon.ctl("wake", "--model", A)
-    assert asleep(daemon, server_a) is False
+def test_with_two_api_servers_a_request_to_either_wakes_the_model(daemon, server_a):
+    """`vllm serve --api-server-count 2`: two API server processes share one engine core. The first to
+    attach is the controller; the other is a second front end, whose requests wake the model through the
+    daemon (and so through the controller)."""
+    connections = server_a.connection_to_each_api_server(2)
+    assert model_status(daemon, A)["controllerPid"] in connections and len(connections) == 2
+    for pid, connection in connections.items():
+        daemon.ctl("sleep", "--model", A, "--level", "1")
+        assert asleep(daemon, server_a)
+        assert server_a.complete(PROMPTS[0], connection=connection) == server_a.before[0], f"API server {pid}"
+        assert asleep(daemon, server_a) is False
+    for connection in connections.values():
+        connection.close()
 
 
 def test_two_vllm_servers_swap_through_their_controllers_and_answer_as_before(daemon, server_a, server_b):
@@ -248,67 +163,56 @@ def test_an_async_llm_used_directly_is_its_own_controller_too(daemon, server_b, 
                              "vllm_sleeping": False}
 
 
-def test_with_two_api_servers_a_request_to_either_wakes_the_model(daemon, server_c):
-    """`vllm serve --api-server-count 2`: two API server processes share one engine core. The first to
-    attach is the controller; the other is a second front end, whose requests wake the model through the
-    daemon (and so through the controller)."""
-    connections = server_c.connection_to_each_api_server(2)
-    assert model_status(daemon, C)["controllerPid"] in connections and len(connections) == 2
-    for pid, connection in connections.items():
-        daemon.ctl("sleep", "--model", C, "--level", "1")
-        assert asleep(daemon, server_c)
-        assert server_c.complete(PROMPTS[0], connection=connection) == server_c.before[0], f"API server {pid}"
-        assert asleep(daemon, server_c) is False
-    for connection in connections.values():
-        connection.close()
+def test_a_vllm_worker_killed_while_awake_leaves_the_daemon_serving_and_the_other_server_untouched(daemon, server_a,
+                                                                                                   server_b):
+    """It ends server B. (The asleep case is in test_vllm_server.py.)"""
+    if not asleep(daemon, server_a):
+        daemon.ctl("sleep", "--model", A, "--level", "1")
+    if asleep(daemon, server_b):
+        daemon.ctl("wake", "--model", B)
+    (rank,) = model_status(daemon, B)["ranks"]
+    assert memfd_bytes([daemon.pid, rank["pid"]], daemon.memfd_prefix(B)) > 0
+    a_before = tag_states(daemon, A), model_status(daemon, A)["ranks"]
+
+    os.kill(rank["pid"], signal.SIGKILL)
+
+    wait_for(lambda: B not in {m["name"] for m in daemon.status()["models"]} or not model_status(daemon, B)["ranks"],
+             timeout=60, what="the daemon to reclaim the killed worker")
+    assert memfd_bytes([daemon.pid, *daemon.mover_pids()], daemon.memfd_prefix(B)) == 0
+    assert daemon.process.poll() is None
+    assert (tag_states(daemon, A), model_status(daemon, A)["ranks"]) == a_before
+    daemon.ctl("wake", "--model", A)
+    assert asleep(daemon, server_a) is False
+    assert server_a.answers() == server_a.before
 
 
 def test_a_vllm_worker_killed_in_the_middle_of_an_outside_sleep_fails_it_and_leaves_the_daemon_serving(
-        daemon, server_b, server_c):
+        daemon, server_a):
     """The worker is stopped, so the sleep sleepctl asks for waits in vLLM's own sleep, and is killed
-    there. It ends server C."""
-    (rank,) = model_status(daemon, C)["ranks"]
-    assert memfd_bytes([daemon.pid, rank["pid"]], daemon.memfd_prefix(C)) > 0
-    b_before = tag_states(daemon, B), model_status(daemon, B)["ranks"]
-    os.kill(rank["pid"], signal.SIGSTOP)
-    sleeping = subprocess.Popen([sys.executable, "-m", "sleepd.client.ctl", "--socket", daemon.socket, "sleep",
-                                 "--model", C, "--level", "1"], stderr=subprocess.PIPE, text=True)
+    there. Last: it ends server A."""
+    other = Engine(daemon, "other", regions=[("weights", 4 * MiB), ("kv_cache", 4 * MiB)])
     try:
-        sleeping.wait(timeout=10)
-        raise AssertionError(f"the sleep ended while vLLM's worker was stopped: {sleeping.stderr.read()}")
-    except subprocess.TimeoutExpired:
-        pass  # in the middle of it: the daemon waits for vLLM's own sleep
+        (rank,) = model_status(daemon, A)["ranks"]
+        assert memfd_bytes([daemon.pid, rank["pid"]], daemon.memfd_prefix(A)) > 0
+        other_before = other.report()
+        os.kill(rank["pid"], signal.SIGSTOP)
+        sleeping = subprocess.Popen([sys.executable, "-m", "sleepd.client.ctl", "--socket", daemon.socket, "sleep",
+                                     "--model", A, "--level", "1"], stderr=subprocess.PIPE, text=True)
+        try:
+            sleeping.wait(timeout=10)
+            raise AssertionError(f"the sleep ended while vLLM's worker was stopped: {sleeping.stderr.read()}")
+        except subprocess.TimeoutExpired:
+            pass  # in the middle of it: the daemon waits for vLLM's own sleep
 
-    os.kill(rank["pid"], signal.SIGKILL)
+        os.kill(rank["pid"], signal.SIGKILL)
 
-    _, error = sleeping.communicate(timeout=120)
-    assert sleeping.returncode != 0 and len(error.strip().splitlines()) == 1, error
-    assert C in error, error
-    wait_for(lambda: C not in {m["name"] for m in daemon.status()["models"]} or not model_status(daemon, C)["ranks"],
-             timeout=60, what="the daemon to reclaim the killed worker")
-    assert memfd_bytes([daemon.pid, *daemon.mover_pids()], daemon.memfd_prefix(C)) == 0
-    assert daemon.process.poll() is None
-    assert (tag_states(daemon, B), model_status(daemon, B)["ranks"]) == b_before
-
-
-def test_a_vllm_worker_killed_while_awake_leaves_the_daemon_serving_and_the_other_server_untouched(daemon, server_a,
-                                                                                                   server_b):
-    """Last: it ends server A. (The asleep case is in test_vllm_server.py.)"""
-    if not asleep(daemon, server_b):
-        daemon.ctl("sleep", "--model", B, "--level", "1")
-    if asleep(daemon, server_a):
-        daemon.ctl("wake", "--model", A)
-    (rank,) = model_status(daemon, A)["ranks"]
-    assert memfd_bytes([daemon.pid, rank["pid"]], daemon.memfd_prefix(A)) > 0
-    b_before = tag_states(daemon, B), model_status(daemon, B)["ranks"]
-
-    os.kill(rank["pid"], signal.SIGKILL)
-
-    wait_for(lambda: A not in {m["name"] for m in daemon.status()["models"]} or not model_status(daemon, A)["ranks"],
-             timeout=60, what="the daemon to reclaim the killed worker")
-    assert memfd_bytes([daemon.pid, *daemon.mover_pids()], daemon.memfd_prefix(A)) == 0
-    assert daemon.process.poll() is None
-    assert (tag_states(daemon, B), model_status(daemon, B)["ranks"]) == b_before
-    daemon.ctl("wake", "--model", B)
-    assert asleep(daemon, server_b) is False
-    assert server_b.answers() == server_b.before
+        _, error = sleeping.communicate(timeout=120)
+        assert sleeping.returncode != 0 and len(error.strip().splitlines()) == 1, error
+        assert A in error, error
+        wait_for(lambda: A not in {m["name"] for m in daemon.status()["models"]}
+                 or not model_status(daemon, A)["ranks"], timeout=60, what="the daemon to reclaim the killed worker")
+        assert memfd_bytes([daemon.pid, *daemon.mover_pids()], daemon.memfd_prefix(A)) == 0
+        assert daemon.process.poll() is None
+        assert other.report() == other_before
+    finally:
+        other.close()

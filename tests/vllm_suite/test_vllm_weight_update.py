@@ -1,6 +1,7 @@
-"""vLLM's RL weight update on sleepd: sleep at level 2 (weights and KV cache discarded),
+"""vLLM's RL weight-update flow on sleepd: sleep at level 2 (weights and KV cache discarded),
 bring the weights back, load new ones into the same tensors, bring the KV cache back,
-and vLLM answers as the new model does."""
+and vLLM answers as the new model does. Two rounds in one engine: to the second checkpoint
+and back to the first, whose answers the engine gave when it loaded it from disk."""
 
 import pytest
 
@@ -21,17 +22,18 @@ def daemon(tmp_path_factory):
 
 
 def test_level_2_sleep_then_new_weights_into_the_same_tensors_give_the_new_models_answers(daemon, tiny_models):
-    # The reference (the new checkpoint loaded from disk) runs beside the flow, as another model.
-    flow = start_rl_flow(daemon, "policy", "flow", tiny_models["a"], tiny_models["b"])
-    reference = start_rl_flow(daemon, "reference", "reference", tiny_models["b"])
-    seen, expected = script_result(flow, TIMEOUT), script_result(reference, TIMEOUT)
+    seen = script_result(start_rl_flow(daemon, "policy", tiny_models["a"], tiny_models["b"]), TIMEOUT)
 
-    assert seen["asleep"]["vllm"] is True
-    assert seen["asleep"]["sleepd"] == {"sleeping": True, "tags": {"weights": "DISCARDED", "kv_cache": "DISCARDED"}}
-    assert seen["weights_back"]["vllm"] is True, "vLLM said awake before the KV cache was back"
-    assert seen["weights_back"]["sleepd"] == {"sleeping": True, "tags": {"weights": "MAPPED", "kv_cache": "DISCARDED"}}
-    assert seen["loaded"] and seen["loaded"][0] > 0
-    assert seen["awake"] == {"vllm": False, "sleepd": {"sleeping": False,
-                                                       "tags": {"weights": "MAPPED", "kv_cache": "MAPPED"}}}
-    assert seen["before"] != expected["before"], "the two checkpoints answer alike: the test proves nothing"
-    assert seen["after"] == expected["before"]
+    for update in seen["updates"]:
+        assert update["asleep"]["vllm"] is True
+        assert update["asleep"]["sleepd"] == {"sleeping": True,
+                                              "tags": {"weights": "DISCARDED", "kv_cache": "DISCARDED"}}
+        assert update["weights_back"]["vllm"] is True, "vLLM said awake before the KV cache was back"
+        assert update["weights_back"]["sleepd"] == {"sleeping": True,
+                                                    "tags": {"weights": "MAPPED", "kv_cache": "DISCARDED"}}
+        assert update["loaded"] and update["loaded"][0] > 0
+        assert update["awake"] == {"vllm": False, "sleepd": {"sleeping": False,
+                                                             "tags": {"weights": "MAPPED", "kv_cache": "MAPPED"}}}
+    to_new, back = seen["updates"]
+    assert to_new["answers"] != seen["before"], "the two checkpoints answer alike: the test proves nothing"
+    assert back["answers"] == seen["before"]
