@@ -28,7 +28,10 @@ class IdleWatcher(threading.Thread):
 
     def run(self) -> None:
         while not self._stop.wait(self._interval):
-            for due in planner.idle_due(self._ops.registry.snapshot()):
+            # Only models with an idle policy are copied: this runs four times a second, and a copy reads
+            # every region of its model.
+            watched = [model for model in self._ops.registry.models() if model.policy.idle_seconds]
+            for due in planner.idle_due([self._ops.registry.view(model) for model in watched]):
                 model, idle = self._ops.registry.find(due.name), due.idle_seconds
                 if model is None:  # gone since the snapshot
                     continue
