@@ -28,7 +28,9 @@ from .errors import SleepdError, as_sleepd_error
 from .lease import Lease, attach_again
 from .mappings import Mappings
 from .native_pool import NativePool
+from . import weight_sets
 from .region import Region, State
+from .weight_sets import WeightSet
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +174,51 @@ class SleepClient:
 
     def regions(self) -> list[Region]:
         return self._mappings.regions()
+
+    # ---- weight sets (docs/client-api.md) ----
+
+    def commit_weights(self, regions: list[Region], key, tensors: dict | None = None) -> WeightSet:
+        """Makes `regions`, which hold loaded weights, a weight set keyed `key` (str or bytes: everything that
+        decides their bytes), with the place of each of `tensors` ({name: tensor in those regions}) as its
+        manifest. The set outlives this process; from now on this engine maps it read-only, like every engine
+        that joins it. ALREADY_EXISTS where this uid has a set of that key on the device: join it instead."""
+        key = weight_sets.key_bytes(key)
+        places = weight_sets.places_of(tensors or {}, regions)
+        with as_sleepd_error():
+            info = self._lease.stub.CommitWeights(pb.CommitWeightsRequest(
+                session_id=self._session_id, region_ids=[r.id for r in regions], key=key,
+                manifest=weight_sets.encode(places)))
+        self._mappings.map_anew(self._lease.fd_socket, regions, info.id)
+        return WeightSet(info.id, key, regions, places)
+
+    def join_weights(self, key) -> WeightSet | None:
+        """The newest weight set of `key` this engine may use on its device, mapped read-only at new addresses;
+        None where there is none (load, then commit_weights)."""
+        key = weight_sets.key_bytes(key)
+        with self._mappings.allocating():
+            with as_sleepd_error():
+                reply = self._lease.stub.JoinWeights(pb.JoinWeightsRequest(session_id=self._session_id, key=key))
+            if not reply.found:
+                return None
+            regions = []
+            try:
+                for info in reply.regions:
+                    regions.append(self._mappings.map_new(self._lease.fd_socket, info))
+            except BaseException:
+                for region in regions:
+                    self._mappings.free(region)
+                for info in reply.regions:
+                    self._free(info.id)
+                raise
+        return WeightSet(reply.weight_set.id, key, regions, weight_sets.decode(reply.manifest))
+
+    def leave_weights(self, weight_set: WeightSet) -> None:
+        """The write step, before this engine writes its weights: its regions of the set become memory of its
+        own, a copy, at the same addresses (tensors over them stay valid). Other engines keep the set."""
+        with as_sleepd_error():
+            self._lease.stub.LeaveWeights(pb.LeaveWeightsRequest(session_id=self._session_id,
+                                                                 weight_set=weight_set.id))
+        self._mappings.map_anew(self._lease.fd_socket, weight_set.regions, "")
 
     # ---- hooks ----
 

@@ -32,6 +32,7 @@ class Mappings:
         # Regions the daemon allocated for a refill that this process could not map, and their tags:
         # commands that name them are answered for the rest.
         self._unmapped: dict[int, str] = {}
+        self._said_read_write = False  # the device refused a read-only mapping, and we said so
 
     # ---- what SleepClient asks ----
 
@@ -48,19 +49,33 @@ class Mappings:
                 self._changed.notify_all()
 
     def map_new(self, fd_socket, info: pb.Region) -> Region:
-        """Maps a region the daemon has just allocated, at a new address, and records it."""
+        """Maps a region the daemon has just allocated (or a view of a weight set just joined, read-only),
+        at a new address, and records it."""
         ((shared, mapped_size),) = self.fetch(fd_socket, [info.id])
         address = self.backend.reserve(mapped_size)
         try:
-            handle = self._map(shared, address, mapped_size)
+            handle = self._map(shared, address, mapped_size, bool(info.weight_set))
         except BaseException:
             self.backend.free_reservation(address, mapped_size)
             raise
-        region = Region(self.backend, info.id, info.tag, info.size, mapped_size, self.device, address, info.persist)
+        region = Region(self.backend, info.id, info.tag, info.size, mapped_size, self.device, address, info.persist,
+                        info.weight_set)
         region.handle = handle
         with self._changed:
             self._regions[region.id] = region
         return region
+
+    def map_anew(self, fd_socket, regions: list[Region], weight_set: str) -> None:
+        """After a commit (`weight_set`: the set's id) or the write step (""): the regions' memory, or
+        only its protection, changed in the daemon; each is mapped again at its address, read-only
+        while it is a weight set's."""
+        for region in regions:
+            ((shared, _),) = self.fetch(fd_socket, [region.id])
+            self._unmap_region(region)
+            region.state = State.OFFLOADED  # a bare reservation, until mapped below
+            region.handle = self._map(shared, region.address, region.mapped_size, bool(weight_set))
+            region.weight_set = weight_set
+            region.state = State.MAPPED
 
     def free(self, region: Region) -> None:
         """Forgets the region, and unmaps and releases its address."""
@@ -123,19 +138,25 @@ class Mappings:
         for region in named:
             if region.handle is None:
                 region.state = new_states[region.id]
+                if region.state is State.DISCARDED:  # a view discarded left its weight set: it wakes as our own
+                    region.weight_set = ""
         if error:
             raise RuntimeError(f"unmapping region {mapped[done].id}: {error}")
 
     def remap(self, fd_socket, command: pb.Remap) -> None:
         # Idempotent: a rollback may name regions that never went away.
         regions = [r for r in self._named(command.region_ids) if r.state is not State.MAPPED]
+        for read_only in (False, True):  # a weight set's views, read-only, in batches of their own
+            self._remap_batches(fd_socket, [r for r in regions if r.read_only is read_only], read_only)
+
+    def _remap_batches(self, fd_socket, regions: list[Region], read_only: bool) -> None:
         # A batch at a time, so that the descriptors open at once stay few.
         for start in range(0, len(regions), FETCH_BATCH):
             batch = regions[start:start + FETCH_BATCH]
             shared = [each for each, _ in self.fetch(fd_socket, [region.id for region in batch])]
             # All or none; every fd is closed either way.
             imported = self.backend.map_all([(each, r.address, r.mapped_size) for each, r in zip(shared, batch)],
-                                            self.device)
+                                            self.device, read_only)
             for region, handle in zip(batch, imported):
                 region.handle = handle
                 region.state = State.MAPPED
@@ -178,10 +199,10 @@ class Mappings:
             return fd_socket.fetch_tokens(region_ids, self.backend.device_pid())
         return fd_socket.fetch(region_ids)
 
-    def _map(self, shared: int, address: int, size: int) -> int:
-        """Imports the memory (from a token, or a descriptor it closes) and maps it. The
-        imported handle is kept while mapped (released on unmap): after a daemon restart
-        it is what this process hands back."""
+    def _map(self, shared: int, address: int, size: int, read_only: bool = False) -> int:
+        """Imports the memory (from a token, or a descriptor it closes) and maps it, read-only where
+        asked (a weight set's). The imported handle is kept while mapped (released on unmap): after a
+        daemon restart it is what this process hands back."""
         if self.backend.shares_tokens:
             handle = self.backend.import_token(shared, self.device, size)
         else:
@@ -190,7 +211,12 @@ class Mappings:
             finally:
                 os.close(shared)
         try:
-            self.backend.map(address, size, handle, self.device)
+            if not read_only:
+                self.backend.map(address, size, handle, self.device)
+            elif not self.backend.map_read_only(address, size, handle, self.device) and not self._said_read_write:
+                self._said_read_write = True
+                log.warning("%s refused a read-only mapping: this engine maps its weight sets read-write, so a stray "
+                            "write would change the weights of every engine that joined them", self.backend.name)
         except BaseException:
             self.backend.release(handle)
             raise
@@ -201,10 +227,10 @@ class Mappings:
         address here, mapped now if the region is awake."""
         address = self.backend.reserve(info.mapped_size)
         region = Region(self.backend, info.id, info.tag, info.size, info.mapped_size, self.device, address,
-                        info.persist)
+                        info.persist, info.weight_set)
         if info.state == pb.MAPPED:
             ((shared, _),) = self.fetch(fd_socket, [info.id])
-            region.handle = self._map(shared, address, info.mapped_size)
+            region.handle = self._map(shared, address, info.mapped_size, bool(info.weight_set))
         else:
             region.state = _STATES[info.state]
         self._regions[region.id] = region

@@ -26,7 +26,7 @@ class Region:
     model sleeps faults, exactly as device memory would."""
 
     def __init__(self, backend, region_id: int, tag: str, size: int, mapped_size: int, device: int, address: int,
-                 persist: bool = False):
+                 persist: bool = False, weight_set: str = ""):
         self._backend = backend
         self.id = region_id
         self.tag = tag
@@ -35,6 +35,8 @@ class Region:
         self.device = device
         self.address = address
         self.persist = persist  # outlives this process (SleepClient.alloc(persist=True))
+        # A view of this weight set's memory, mapped read-only; "" once the region is memory of its own.
+        self.weight_set = weight_set
         self.state = State.MAPPED
         self.handle: int | None = None  # the imported handle behind the mapping, while mapped
 
@@ -52,7 +54,7 @@ class Region:
         self._check_mapped()
         if not self.on_host:
             raise TypeError(f"region {self.id} is device memory; use read() and write(), or tensor()")
-        return _C.memoryview(self.address, self.size)
+        return _C.memoryview(self.address, self.size, readonly=self.read_only)
 
     def read(self, offset: int = 0, size: int | None = None) -> bytes:
         """A copy of the region's bytes, on any backend."""
@@ -60,8 +62,17 @@ class Region:
         self._check_range(offset, size)
         return self._backend.read(self.address + offset, size)
 
+    @property
+    def read_only(self) -> bool:
+        """A weight set's memory, shared with other engines: writing it faults. Leave the set first
+        (SleepClient.leave_weights) to write."""
+        return bool(self.weight_set)
+
     def write(self, data, offset: int = 0) -> None:
         """Copies a bytes-like object into the region, on any backend."""
+        if self.read_only:
+            raise PermissionError(f"region {self.id} ({self.tag}) is weight set {self.weight_set}'s memory, "
+                                  "read-only; leave the set first (SleepClient.leave_weights)")
         self._check_range(offset, memoryview(data).nbytes)
         self._backend.write(self.address + offset, data)
 

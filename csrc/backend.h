@@ -94,6 +94,13 @@ class Backend {
   virtual uintptr_t reserve(size_t size) = 0;
   virtual void free_reservation(uintptr_t address, size_t size) = 0;
   virtual void map(uintptr_t address, size_t size, Handle handle, int device) = 0;
+  // Maps for reading only (a weight set's memory, shared between engines), so that one
+  // engine's stray write faults instead of changing what the others compute with. Returns
+  // false where the device refuses read-only access: then it is mapped read-write.
+  virtual bool map_read_only(uintptr_t address, size_t size, Handle handle, int device) {
+    map(address, size, handle, device);
+    return false;
+  }
   virtual void unmap(uintptr_t address, size_t size) = 0;
   // Waits until the work this process queued on its device (kernels, copies) has
   // finished, so that another process reads what it wrote. A no-op on the host.

@@ -104,7 +104,10 @@ std::vector<Handle> map_all(Backend& backend, const std::vector<Mapping>& mappin
       close_descriptor(mapping.shared);
       ++closed;
       try {
-        backend.map(mapping.address, mapping.size, handle, device);
+        if (mapping.read_only)
+          backend.map_read_only(mapping.address, mapping.size, handle, device);
+        else
+          backend.map(mapping.address, mapping.size, handle, device);
       } catch (...) {
         backend.release(handle);
         throw;

@@ -29,6 +29,7 @@ struct Mapping {
   Shareable shared;  // a descriptor is closed by map_all, whatever happens
   uintptr_t address;
   size_t size;
+  bool read_only = false;  // Backend::map_read_only
 };
 
 // Imports each shareable's memory and maps it at its address (a reservation of

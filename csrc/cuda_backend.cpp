@@ -217,18 +217,30 @@ void CudaBackend::free_reservation(uintptr_t address, size_t size) {
 }
 
 void CudaBackend::map(uintptr_t address, size_t size, Handle handle, int device) {
+  driver_->check(map_with(address, size, handle, device, cu::CU_MEM_ACCESS_FLAGS_PROT_READWRITE), "cuMemSetAccess");
+}
+
+// cuda.h documents PROT_READ for cuMemSetAccess without saying whether device mappings
+// honour it: where the driver refuses it, the memory is mapped read-write and the
+// refusal recorded, for the client to say so.
+bool CudaBackend::map_read_only(uintptr_t address, size_t size, Handle handle, int device) {
+  if (map_with(address, size, handle, device, cu::CU_MEM_ACCESS_FLAGS_PROT_READ) == cu::CUDA_SUCCESS) return true;
+  read_only_refused_ = true;
+  map(address, size, handle, device);
+  return false;
+}
+
+cu::CUresult CudaBackend::map_with(uintptr_t address, size_t size, Handle handle, int device, int flags) {
   cu::CUmemGenericAllocationHandle native = driver_handle(handle);
   auto scope = use_context(device);
   driver_->check(driver_->cuMemMap(address, size, 0, native, 0), "cuMemMap");
   cu::CUmemAccessDesc access{};
   access.location.type = cu::CU_MEM_LOCATION_TYPE_DEVICE;
   access.location.id = device;
-  access.flags = cu::CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+  access.flags = flags;
   cu::CUresult result = driver_->cuMemSetAccess(address, size, &access, 1);
-  if (result != cu::CUDA_SUCCESS) {
-    driver_->cuMemUnmap(address, size);
-    driver_->check(result, "cuMemSetAccess");
-  }
+  if (result != cu::CUDA_SUCCESS) driver_->cuMemUnmap(address, size);
+  return result;
 }
 
 void CudaBackend::unmap(uintptr_t address, size_t size) {

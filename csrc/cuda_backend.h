@@ -9,6 +9,7 @@
 // thread first: a thread starts with none.
 #pragma once
 
+#include <atomic>
 #include <map>
 #include <mutex>
 #include <thread>
@@ -50,6 +51,7 @@ class CudaBackend : public Backend {
   uintptr_t reserve(size_t size) override;
   void free_reservation(uintptr_t address, size_t size) override;
   void map(uintptr_t address, size_t size, Handle handle, int device) override;
+  bool map_read_only(uintptr_t address, size_t size, Handle handle, int device) override;
   void unmap(uintptr_t address, size_t size) override;
   void synchronize() override;
 
@@ -70,11 +72,17 @@ class CudaBackend : public Backend {
   size_t used(int device) const;
   // The device whose context this process works in (engines, movers).
   void set_device(int device);
+  // Whether the driver refused a read-only mapping here (map_read_only then mapped read-write).
+  bool read_only_refused() const { return read_only_refused_; }
 
  protected:
   Handle import_memory(const Shareable& shareable, int device, size_t size, bool adopt) override;
 
  private:
+  // Maps with `flags` (CU_MEM_ACCESS_FLAGS_*); the driver's result of cuMemSetAccess, unmapped again on a failure.
+  cu::CUresult map_with(uintptr_t address, size_t size, Handle handle, int device, int flags);
+
+  std::atomic<bool> read_only_refused_{false};
   struct Memory {
     cu::CUmemGenericAllocationHandle handle;  // none for adopted memory, which `fd` holds
     int device;

@@ -157,6 +157,15 @@ void HostBackend::free_reservation(uintptr_t address, size_t size) {
 }
 
 void HostBackend::map(uintptr_t address, size_t size, Handle handle, int) {
+  map_with(address, size, handle, PROT_READ | PROT_WRITE);
+}
+
+bool HostBackend::map_read_only(uintptr_t address, size_t size, Handle handle, int) {
+  map_with(address, size, handle, PROT_READ);
+  return true;
+}
+
+void HostBackend::map_with(uintptr_t address, size_t size, Handle handle, int protection) {
   int fd;
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -167,7 +176,7 @@ void HostBackend::map(uintptr_t address, size_t size, Handle handle, int) {
     fd = memory.fd;
   }
   // MAP_FIXED replaces the PROT_NONE reservation in place.
-  void* mapped = mmap(reinterpret_cast<void*>(address), size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0);
+  void* mapped = mmap(reinterpret_cast<void*>(address), size, protection, MAP_SHARED | MAP_FIXED, fd, 0);
   if (mapped == MAP_FAILED) throw BackendError(errno_text("map: mmap"));
 }
 

@@ -27,6 +27,7 @@ class HostBackend : public Backend {
   uintptr_t reserve(size_t size) override;
   void free_reservation(uintptr_t address, size_t size) override;
   void map(uintptr_t address, size_t size, Handle handle, int device) override;
+  bool map_read_only(uintptr_t address, size_t size, Handle handle, int device) override;
   void unmap(uintptr_t address, size_t size) override;
 
   void copy(uintptr_t dst, uintptr_t src, size_t size) override;
@@ -50,6 +51,7 @@ class HostBackend : public Backend {
   // The handle's fd, after checking that [offset, offset + size) lies inside it.
   int fd_for(Handle handle, size_t offset, size_t size, const char* call) const;
   void check_device(int device) const;
+  void map_with(uintptr_t address, size_t size, Handle handle, int protection);
 
   size_t capacity_;
   mutable std::mutex mutex_;

@@ -125,6 +125,9 @@ BackendClass bind_backend(py::module_& m) {
            py::call_guard<py::gil_scoped_release>())
       .def("map", &Backend::map, py::arg("address"), py::arg("size"), py::arg("handle"), py::arg("device"),
            py::call_guard<py::gil_scoped_release>())
+      .def("map_read_only", &Backend::map_read_only, py::arg("address"), py::arg("size"), py::arg("handle"),
+           py::arg("device"), py::call_guard<py::gil_scoped_release>(),
+           "Map for reading only; False where the device refused that and it is mapped read-write.")
       .def("unmap", &Backend::unmap, py::arg("address"), py::arg("size"), py::call_guard<py::gil_scoped_release>())
       .def("synchronize", &Backend::synchronize, py::call_guard<py::gil_scoped_release>(),
            "Wait for this process's work in flight on its device (kernels, copies).")
@@ -197,7 +200,8 @@ void bind_backend_batches(BackendClass& backend) {
            "Release every handle, then raise the first failure, if any.")
       .def(
           "map_all",
-          [](Backend& self, const std::vector<std::tuple<uint64_t, uintptr_t, size_t>>& mappings, int device) {
+          [](Backend& self, const std::vector<std::tuple<uint64_t, uintptr_t, size_t>>& mappings, int device,
+             bool read_only) {
             std::vector<Mapping> batch;
             for (const auto& [shared, address, size] : mappings) {
               Shareable shareable;
@@ -205,14 +209,14 @@ void bind_backend_batches(BackendClass& backend) {
                 shareable.token = shared;
               else
                 shareable.fd = static_cast<int>(shared);
-              batch.push_back({shareable, address, size});
+              batch.push_back({shareable, address, size, read_only});
             }
             py::gil_scoped_release release;
             return map_all(self, batch, device);
           },
-          py::arg("mappings"), py::arg("device"),
+          py::arg("mappings"), py::arg("device"), py::arg("read_only") = false,
           "Import and map [(fd or token, address, size)], closing every fd: all mapped (their imported "
-          "handles returned), or none and the error raised.")
+          "handles returned), or none and the error raised. With read_only, as map_read_only does.")
       .def(
           "unmap_all",
           [](Backend& self, const std::vector<std::tuple<uintptr_t, size_t, Handle>>& unmappings) {
@@ -266,6 +270,7 @@ void bind_cuda_backend(py::module_& m) {
       .def("compute_mode", &CudaBackend::compute_mode, py::arg("device"),
            "CU_COMPUTEMODE_*: 0 default, 2 prohibited, 3 exclusive-process.")
       .def("used", &CudaBackend::used, py::arg("device"))
+      .def_property_readonly("read_only_refused", &CudaBackend::read_only_refused)
       .def("set_device", &CudaBackend::set_device, py::arg("device"),
            py::call_guard<py::gil_scoped_release>());
 

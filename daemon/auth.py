@@ -38,6 +38,8 @@ RIGHTS = {
     "Sleep": Right.OWNER, "Wake": Right.OWNER, "Swap": Right.OWNER, "SetPolicy": Right.OWNER,
     "EnsureAwake": Right.OWNER, "Control": Right.OWNER,
     "Status": Right.ANYONE, "Events": Right.ANYONE,
+    "CommitWeights": Right.SESSION, "JoinWeights": Right.SESSION, "LeaveWeights": Right.SESSION,
+    "ListWeightSets": Right.ANYONE, "DropWeightSet": Right.ANYONE,  # a set the caller may not see is not found
 }
 
 

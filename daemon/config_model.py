@@ -273,6 +273,16 @@ class Config:
     grpc_anonymous_event_streams: int = _setting(
         "grpc.anonymous_event_streams", integer(0, GRPC_MOST), 4,
         "of grpc.anonymous_calls, how many may be Events streams", "N")
+    weight_sets_kept_budget: Size = _setting(
+        "weight_sets.kept_budget", size(0), 0,
+        "device bytes per device that weight sets no engine has joined may keep (least recently used leave "
+        "first, to the host pool, else dropped); 0: no limit of their own, they give way to any allocation "
+        "or wake that needs the room", "SIZE")
+    weight_sets_shared_with: tuple = _setting(
+        "weight_sets.shared_with", lambda value: sharing_pairs(value), (),
+        "who may join whose weight sets besides the owner: OWNER:USER pairs, users by name or uid, separated "
+        "by spaces or commas (\"alice:bob alice:carol\"); joining engines trust the owner's keys",
+        "OWNER:USER ...")
     swap_batch: Size = _setting(
         "swap.batch", size(1 << 20), parse_size("64MiB"),
         "bytes a swap puts to sleep at a time: the incoming model's restore starts once the first batch is "
@@ -335,6 +345,20 @@ def _account(kind: str, lookup: Callable[[str], int]) -> Callable[[Any], int]:
 
 user_id = _account("user", lambda name: pwd.getpwnam(name).pw_uid)
 group_id = _account("group", lambda name: grp.getgrnam(name).gr_gid)
+
+
+def sharing_pairs(value) -> tuple[tuple[int, int], ...]:
+    """weight_sets.shared_with: "OWNER:USER ..." (or a TOML list of such strings) as (owner uid, user uid) pairs."""
+    words = value if isinstance(value, list) else re.split(r"[\s,]+", value.strip()) if isinstance(value, str) else None
+    if words is None:
+        raise ValueError(f"{value!r} is not a list of OWNER:USER pairs")
+    pairs = []
+    for word in filter(None, words):
+        owner, colon, user = word.partition(":") if isinstance(word, str) else ("", "", "")
+        if not colon:
+            raise ValueError(f"{word!r} is not OWNER:USER")
+        pairs.append((user_id(int(owner) if owner.isdigit() else owner), user_id(int(user) if user.isdigit() else user)))
+    return tuple(pairs)
 
 
 # [models.NAME]: a policy, and the owner it is for (see registry.py: a policy is no prize for a name's first claimant).

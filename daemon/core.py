@@ -36,7 +36,9 @@ class Core:
 def build(backend: DaemonBackend, pool: HostPool, movers: dict[int, Mover], rules: SleepRules, fanout: Fanout,
           metrics, authorizer: Authorizer, store: StateStore | None = None,
           default_policies: dict[str, dict] | None = None, quotas: dict | None = None,
-          controller_timeout: float = 300.0, eviction_answer_seconds: float = 5.0) -> Core:
+          controller_timeout: float = 300.0, eviction_answer_seconds: float = 5.0,
+          weight_sets: dict | None = None) -> Core:
+    """`weight_sets`: the [weight_sets] table (kept_budget, shared_with)."""
     events = EventBus()
     registry = Registry(backend, authorizer, default_policies or {}, forgotten=metrics.forget)
     room = Room(registry, backend, authorizer, events)
@@ -44,6 +46,6 @@ def build(backend: DaemonBackend, pool: HostPool, movers: dict[int, Mover], rule
     controllers = Controllers(registry, authorizer, events, controller_timeout)
     operations = Operations(registry, room, fanout, backend, pool, movers, rules,
                             Reporter(events, metrics), Quotas(quotas, registry, authorizer), checkpoints,
-                            controllers, authorizer, eviction_answer_seconds)
+                            controllers, authorizer, eviction_answer_seconds, weight_sets or {})
     recovery = Recovery(registry, backend, pool, operations)
     return Core(backend, pool, authorizer, events, metrics, registry, room, controllers, operations, recovery)

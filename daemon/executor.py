@@ -65,6 +65,8 @@ class Executor:
         # that model: one slow or hostile engine delays only itself.
         self._answer_seconds = eviction_answer_seconds
         self._device_locks = {device.index: OrderedLock(DEVICE, device.index) for device in backend.devices}
+        # evict_kept(device) -> the name of a kept weight set it moved off the device, or None (operations.py sets it)
+        self.evict_kept = lambda device: None
 
     # ---- a plan ----
 
@@ -113,7 +115,7 @@ class Executor:
 
     def _apply(self, action, run: "_Run", undoing: bool = False) -> None:
         """One action; `undoing`: as a compensation, where an engine step's failures are not the error."""
-        model = self._registry.model(action.model)
+        model = self._registry.holder(action.model)
         timeout = run.answer_within
         match action:
             case Quiesce(level=level):
@@ -154,11 +156,14 @@ class Executor:
                     failures, _ = self.fanout.remap(_asked(model, ranks), regions, timeout)
                 if failures and not undoing:
                     raise rank_failure(f"wake {model.name}", failures)
-            case Release(regions=ids):
+            case Release(regions=ids, leaving=leaving):
                 regions = self._registry.regions(ids)
-                with self.devices_locked(_devices(regions)):
+                own = [region for region in regions if not region.shared]
+                for view in (region for region in regions if region.shared):
+                    self._let_go_of_shared(view, view.id in leaving)
+                with self.devices_locked(_devices(own)):
                     # Every engine has dropped its references; the daemon's handle is the last one.
-                    self._backend.native.release_all([region.release() for region in regions])
+                    self._backend.native.release_all([region.release() for region in own])
                 self.checkpoint_soon()
             case MakeRoom(needed=needed, evict=evict):
                 run.result(model).evicted += self.make_room(model, dict(needed), f"wake {model.name}", evict,
@@ -180,6 +185,10 @@ class Executor:
             case FinishRestore(regions=ids):
                 result = run.result(model)
                 for region in self._registry.regions(ids):
+                    if region.shared:
+                        region.view_mapped()
+                        result.region_count += 1
+                        continue
                     backup = region.restored()
                     if backup is not None:
                         result.bytes_restored += region.mapped_size
@@ -205,6 +214,15 @@ class Executor:
                 raise TypeError(f"no such step: {action!r}")
 
     # ---- the steps that take more than a few lines ----
+
+    def _let_go_of_shared(self, view: Region, leaving: bool) -> None:
+        """Its engine unmapped a weight set's memory: the set keeps it, or, `leaving`, the view leaves the set."""
+        if not leaving:
+            view.view_unmapped()
+            return
+        weight_set = view.shares.session
+        view.leave_asleep()
+        self._registry.left(weight_set, view)
 
     def _quiesce(self, model: Model, level: int, timeout: float | None) -> None:
         failures, done = self.fanout.quiesce(model.ranks.values(), level, timeout)
@@ -278,6 +296,10 @@ class Executor:
                 return evicted
             device, missing = min(short.items())
             name = self._backend.devices[device].name
+            kept = self.evict_kept(device)  # weight sets no engine joined give way first, evict or not
+            if kept is not None:
+                evicted.append(kept)
+                continue
             if not evict:
                 self._room.refuse(model, f"{what}: needs {format_size(needed[device])} on {name}, "
                                   f"{format_size(missing)} more than its {self._room.describe(device, caller)}; put a "
@@ -339,6 +361,30 @@ class Executor:
                 (r.device, r.mapped_size, f"sleepd:{r.model}:r{r.session.rank}:{r.tag}:{r.id}") for r in regions])
             for region, handle in zip(regions, handles):
                 region.created(handle)
+
+    def copy_into_own_memory(self, model: Model, views: list[Region], what: str, caller: Peer) -> None:
+        """The write step: new memory for each of a weight set's views, a copy of the set's memory (through
+        the host pool, checked on the way), which the views then hold as their own."""
+        needed = planner.needed_by_device(views)
+        self.make_room(model, needed, what, True, caller)
+        with self.devices_locked(set(needed)):
+            self._room.check_created_fit(model.name, views, what, caller)
+            handles = self._backend.native.create_all([
+                (v.device, v.mapped_size, f"sleepd:{v.model}:r{v.session.rank}:{v.tag}:{v.id}") for v in views])
+        backups = []
+        try:
+            for view in views:
+                backups.append(self._pool.allocate(view.mapped_size))
+            self.copy([CopyJob(OFFLOAD, v.device, v.shares.handle, v.mapped_size, b) for v, b in zip(views, backups)])
+            self.copy([CopyJob(RESTORE, v.device, h, v.mapped_size, b) for v, h, b in zip(views, handles, backups)])
+        except BaseException:
+            self._backend.native.release_all(handles)
+            raise
+        finally:
+            for backup in backups:
+                self._pool.free(backup)
+        for view, handle in zip(views, handles):
+            view.leave(handle)
 
     def drop_region(self, region: Region) -> None:
         self._registry.remove_region(region)

@@ -18,7 +18,7 @@ Failures = list[tuple[Session, Exception]]
 
 def region_message(region: Region) -> pb.Region:
     return pb.Region(id=region.id, tag=region.tag, size=region.size, device=region.device, state=int(region.state),
-                     persist=region.persist, mapped_size=region.mapped_size)
+                     persist=region.persist, mapped_size=region.mapped_size, weight_set=region.weight_set)
 
 
 def attached_message(session: Session, backend_name: str) -> pb.DaemonCommand:

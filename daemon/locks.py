@@ -13,8 +13,8 @@ import threading
 
 from .regions import bug
 
-MODEL, DEVICE, REGISTRY = 1, 2, 3
-_NAMES = {MODEL: "model", DEVICE: "device", REGISTRY: "registry"}
+MODEL, WEIGHT_SET, DEVICE, REGISTRY = 1, 2, 3, 4
+_NAMES = {MODEL: "model", WEIGHT_SET: "weight set", DEVICE: "device", REGISTRY: "registry"}
 _held = threading.local()
 
 

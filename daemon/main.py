@@ -169,7 +169,8 @@ def _build_core(cfg: config.Config, claimed: _Claimed, movers: dict[int, Mover])
                                authorizer=Authorizer(cfg.admin_group), store=claimed.store,
                                default_policies=cfg.models, quotas=cfg.quotas,
                                controller_timeout=cfg.controller_timeout,
-                               eviction_answer_seconds=cfg.eviction_answer_seconds)
+                               eviction_answer_seconds=cfg.eviction_answer_seconds,
+                               weight_sets=cfg.table("weight_sets"))
     if claimed.state is not None:
         core.recovery.recover(claimed.state)
         # Engines that do not come back in time lose what only they held.

@@ -46,10 +46,16 @@ class Metrics:
                                  ["model", "reason"], registry=None)
         self.ranks_lost = Counter("sleepd_ranks_lost", "Engine processes whose lease broke without a goodbye.",
                                   ["model"], registry=None)
+        self.weight_set_joins = Counter("sleepd_weight_set_joins", "Engines that joined a weight set instead of "
+                                        "loading their weights.", registry=None)
+        self.weight_set_evictions = Counter("sleepd_weight_set_evictions", "Kept weight sets moved off their "
+                                            "device (to the host pool, or dropped) for room or their budget.",
+                                            registry=None)
 
         self.node = CollectorRegistry()       # for anyone
         self.everything = CollectorRegistry()  # for the token's bearer
-        for metric in (self.bytes_moved, self.verified_bytes, self.damaged_backups, self.errors):
+        for metric in (self.bytes_moved, self.verified_bytes, self.damaged_backups, self.errors, self.weight_set_joins,
+                       self.weight_set_evictions):
             self.node.register(metric)
             self.everything.register(metric)
         for metric in (self.sleep_seconds, self.wake_seconds, self.wake_wait, self.evictions, self.ranks_lost):
@@ -170,3 +176,15 @@ class _NodeCollector:
         yield GaugeMetricFamily("sleepd_host_pool_budget_bytes", "Host backup pool budget.",
                                 value=core.pool.budget)
         yield GaugeMetricFamily("sleepd_sessions", "Engine processes attached.", value=core.registry.session_count())
+
+        weight_sets = GaugeMetricFamily("sleepd_weight_set_bytes", "Bytes of weight sets, by state (joined: some "
+                                        "engine maps it; kept: none) and where their memory is (device, host).",
+                                        labels=["state", "where"])
+        totals = {(state, where): 0 for state in ("joined", "kept") for where in ("device", "host")}
+        for weight_set in core.registry.weight_sets():
+            where = weight_set.where()
+            if where in ("device", "host"):
+                totals["kept" if weight_set.kept else "joined", where] += weight_set.size
+        for labels, value in totals.items():
+            weight_sets.add_metric(list(labels), value)
+        yield weight_sets

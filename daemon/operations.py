@@ -10,13 +10,15 @@ Lock order, outermost first (locks.py checks it under SLEEPD_CHECK_LOCKS=1):
   1. a model's lock: one operation per model at a time. Eviction and swap take
      other models' locks only with a timeout, skipping or refusing a busy one,
      so two operations evicting each other cannot deadlock;
-  2. the locks of the devices a step touches, in index order (executor.py). A device's
+  2. the lock of each weight set a step maps, wakes or puts to sleep (weight_sets.py),
+     in id order; eviction takes a kept set's lock only with a timeout;
+  3. the locks of the devices a step touches, in index order (executor.py). A device's
      lock serialises the daemon's creating and releasing of device memory and the
      rounds in which engines map or unmap it (concurrent VMM calls from several
      processes on one GPU are a known source of driver crashes). It is not held
      across hooks or copies: the mover has one channel per direction, so one
      model's offload and another's restore run at the same time;
-  3. the registry lock, held only to read or change its maps.
+  4. the registry lock, held only to read or change its maps.
 A session's fd-socket requests take only the registry lock, so an engine
 can fetch memory while an operation waits on it; but `allocate` (a torch
 pool's refill) takes its model's lock, waiting briefly (the setting
@@ -51,6 +53,7 @@ from .room import Room
 from .rules import Action, SleepRules
 from .sessions import Condition, Session
 from .views import OperationResult, Policy
+from .weight_set_operations import WeightSetOperations
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,8 @@ VICTIM_LOCK_SECONDS = 0.5
 class Operations:
     def __init__(self, registry: Registry, room: Room, fanout: Fanout, backend: DaemonBackend, pool: HostPool,
                  movers: dict[int, Mover], rules: SleepRules, reporter: Reporter, quotas: Quotas, checkpoints,
-                 controllers: Controllers, authorizer, eviction_answer_seconds: float = 5.0):
+                 controllers: Controllers, authorizer, eviction_answer_seconds: float = 5.0,
+                 weight_sets: dict | None = None):
         self.registry = registry
         self.room = room
         self.backend = backend
@@ -73,6 +77,16 @@ class Operations:
         self.executor = Executor(registry, room, fanout, backend, pool, movers, checkpoints, authorizer,
                                  reporter.events, reporter.metrics, self.put_to_sleep, eviction_answer_seconds)
         self.checkpoint = checkpoints.save
+        settings = weight_sets or {}
+        shared_with: dict[int, set[int]] = {}
+        for owner, user in settings.get("shared_with", ()):
+            shared_with.setdefault(owner, set()).add(user)
+        budget = settings.get("kept_budget") or 0
+        self.weight_sets = WeightSetOperations(registry, self.executor, pool, authorizer, shared_with,
+                                               {d.index: budget for d in backend.devices} if budget else {},
+                                               self.checkpoint, reporter.metrics)
+        self.executor.evict_kept = self.weight_sets.evict_kept
+        quotas.evict_kept_of = self.weight_sets.evict_kept_of
         self._frozen = False
         self._model_work = ModelWork()
 
@@ -112,8 +126,11 @@ class Operations:
             if self._frozen:  # stopping since the session ended: the state file keeps it
                 return
             freed = sum(r.mapped_size for r in session.regions.values() if r.holds_memory and not r.persist)
+            joined = any(region.shared for region in session.regions.values())
             self.executor.run(planner.reclaim(model.view(), session.rank))
             self.registry.remove_rank(model, session, dict(session.regions))
+        if joined:  # its weight sets may now be kept: within their budget
+            self.weight_sets.keep_within_budget(session.device)
         self.checkpoint()
         log.info("session of %s ended (%s); reclaimed %s", session.describe(), reason, format_size(freed))
         detail = f"rank {session.rank} pid {session.pid}"
@@ -207,6 +224,7 @@ class Operations:
             return OperationResult(model.name, sleeping=True)  # already asleep: sleeping again is a no-op
         with self.reserved(plan):
             result = self.executor.run(plan, answer_within=answer_within)[model.name]
+        self.weight_sets.settle(planner.weight_sets_of(region for region, _ in work))
         result.sleeping = True
         result.seconds = time.perf_counter() - started
         self.reporter.slept(model, level, result, reason)
@@ -237,8 +255,10 @@ class Operations:
         model = self.registry.model(model_name)
         with model.lock:
             model.touch()
-            plan = planner.wake(model.view(), tags, evict)
-            with self.reserved(plan):
+            view = model.view()
+            plan = planner.wake(view, tags, evict)
+            with self.reserved(plan), self.weight_sets.awake(planner.weight_sets_of(planner.asleep_regions(view, tags)),
+                                                             caller):
                 result = self.executor.run(plan, caller)[model.name]
             result.sleeping = model.sleeping
         result.seconds = time.perf_counter() - started

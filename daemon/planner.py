@@ -76,7 +76,7 @@ def sleep_work(model: ModelView, level: int, tags, actions: dict[str, Action], r
     offload_bytes = _offload_bytes(work)
     if offload_bytes <= pool.available:
         return work
-    fallback = sorted(((r, a) for r, a in work if a is Action.OFFLOAD and rules.discardable(r.tag)
+    fallback = sorted(((r, a) for r, a in work if a is Action.OFFLOAD and rules.discardable(r.tag) and not r.shared
                        and r.tag not in actions and discard_if_short), key=lambda item: -item[0].mapped_size)
     demoted = set()
     for region, _ in fallback:
@@ -112,27 +112,35 @@ def sleep(model: ModelView, level: int, work: Work) -> Plan | None:
 
 def _going_out(model: ModelView, work: Work, released_undo: bool = False) -> tuple[Step, ...]:
     """Copy the offloads out, have every rank unmap, release. Until the release, each step's
-    compensation puts things back as they were; a swap undoes a release by waking the regions again."""
+    compensation puts things back as they were; a swap undoes a release by waking the regions again.
+    A weight set's views move nothing: offloaded, the engine lets go of the set's memory (the set
+    offloads once no engine maps it); discarded, the view leaves the set, never its memory."""
     if not work:
         return ()
     ids = tuple(r.id for r, _ in work)
-    offloads = tuple(r.id for r, action in work if action is Action.OFFLOAD)
+    offloads = tuple(r.id for r, action in work if action is Action.OFFLOAD and not r.shared)
+    leaving = tuple(r.id for r, action in work if action is Action.DISCARD and r.shared)
     ranks = model.live_ranks(ids)
     after = tuple((r.id, RegionState.OFFLOADED if action is Action.OFFLOAD else RegionState.DISCARDED)
                   for r, action in work)
     steps = (Step(Offload(model.name, offloads), (CancelOffload(model.name, offloads),)),) if offloads else ()
     release_undo = (WakeAgain(model.name, ids),) if released_undo else ()
     return steps + (Step(Unmap(model.name, after, ranks), (Remap(model.name, ids, ranks),)),
-                    Step(Release(model.name, ids), release_undo, commits=not released_undo))
+                    Step(Release(model.name, ids, leaving), release_undo, commits=not released_undo))
 
 
 def _offload_bytes(work: Work) -> int:
-    return sum(r.mapped_size for r, action in work if action is Action.OFFLOAD)
+    return sum(r.mapped_size for r, action in work if action is Action.OFFLOAD and not r.shared)
 
 
 def _sleep_counts(work: Work) -> dict:
     return {"bytes_offloaded": _offload_bytes(work), "region_count": len(work),
-            "bytes_discarded": sum(r.mapped_size for r, action in work if action is Action.DISCARD)}
+            "bytes_discarded": sum(r.mapped_size for r, action in work if action is Action.DISCARD and not r.shared)}
+
+
+def weight_sets_of(regions) -> set[str]:
+    """The weight sets these regions view."""
+    return {r.weight_set for r in regions if r.shared}
 
 
 # ---- wake ----
@@ -143,9 +151,10 @@ def wake(model: ModelView, tags, evict: bool) -> Plan:
     check_ready(model, "wake")
     check_tags(model, tags)
     targets = asleep_regions(model, tags)
-    room = (Step(MakeRoom(model.name, tuple(sorted(needed_by_device(targets).items())), evict)),) if targets else ()
+    own = [r for r in targets if not r.shared]  # views need the set's memory, which the set's own wake brings
+    room = (Step(MakeRoom(model.name, tuple(sorted(needed_by_device(own).items())), evict)),) if own else ()
     return Plan(f"wake {model.name}", room + _coming_in(model, targets) + (Step(ResumeIfAwake(model.name)),),
-                reserve=(Reserve(model.name, "device", sum(r.mapped_size for r in targets)),),
+                reserve=(Reserve(model.name, "device", sum(r.mapped_size for r in own)),),
                 counts={model.name: {}})
 
 
@@ -155,9 +164,11 @@ def _coming_in(model: ModelView, targets: list[RegionView], materialized: bool =
     if not targets:
         return ()
     ids = tuple(r.id for r in targets)
+    own = tuple(r.id for r in targets if not r.shared)
     ranks = model.live_ranks(ids)
-    asleep = tuple((r.id, RegionState.OFFLOADED if r.backed_up else RegionState.DISCARDED) for r in targets)
-    create = () if materialized else (Step(Materialize(model.name, ids), (CancelRestore(model.name, ids),)),)
+    asleep = tuple((r.id, RegionState.OFFLOADED if r.backed_up or r.shared else RegionState.DISCARDED)
+                   for r in targets)
+    create = () if materialized or not own else (Step(Materialize(model.name, own), (CancelRestore(model.name, own),)),)
     return create + (Step(Remap(model.name, ids, ranks), (Unmap(model.name, asleep, ranks),)),
                      Step(TagsAwake(model.name, ids, ranks)),
                      Step(FinishRestore(model.name, ids), commits=True))
@@ -167,6 +178,29 @@ def wake_again(model: ModelView, ids) -> Plan:
     """A swap's compensation for a victim: the regions of `ids` it released come back."""
     wanted = set(ids)
     return Plan(f"wake {model.name}", _coming_in(model, [r for r in asleep_regions(model, []) if r.id in wanted]))
+
+
+# ---- weight sets ----
+
+def wake_weight_set(name: str, regions: list[RegionView]) -> Plan:
+    """A set's memory back on the device (room made as the waking engine may evict), before an engine maps it."""
+    asleep = [r for r in regions if not r.holds_memory]
+    ids = tuple(r.id for r in asleep)
+    return Plan(f"wake {name}", (Step(MakeRoom(name, tuple(sorted(needed_by_device(asleep).items())), True)),
+                                 Step(Materialize(name, ids), (CancelRestore(name, ids),)),
+                                 Step(FinishRestore(name, ids), commits=True)))
+
+
+def offload_weight_set(name: str, regions: list[RegionView]) -> Plan:
+    """A set no engine maps, to the host pool: there is no engine to ask."""
+    ids = tuple(r.id for r in regions if r.holds_memory)
+    return Plan(f"offload {name}", (Step(Offload(name, ids), (CancelOffload(name, ids),)),
+                                    Step(Release(name, ids), commits=True)))
+
+
+def drop_weight_set(name: str, regions: list[RegionView]) -> Plan:
+    """A set nobody joined goes, memory, backups and all."""
+    return Plan(f"drop {name}", (Step(Drop(name, tuple(r.id for r in regions))),))
 
 
 # ---- swap and eviction ----
@@ -232,9 +266,10 @@ def swap(target: ModelView, victims: list[ModelView], rules: SleepRules, pool: P
                     works[v.name])),)) for v in victims if not v.paused)
     outgoing = tuple(step for victim in victims for batch in _batches(works[victim.name], batch_bytes)
                      for step in _going_out(victim, batch, released_undo=True))
-    ids = tuple(r.id for r in targets)
+    own = [r for r in targets if not r.shared]  # the target's weight sets are awake before the swap runs
+    ids = tuple(r.id for r in own)
     overlapped = Step(Overlapped(outgoing, Materialize(target.name, ids)), (CancelRestore(target.name, ids),))
-    needed = needed_by_device(targets)
+    needed = needed_by_device(own)
     freed_for_owner = sum(v.held_on(d) for v in victims if v.owner_uid == target.owner_uid for d in needed)
     reserve = (Reserve(target.name, "device", max(0, sum(needed.values()) - freed_for_owner)),
                *(Reserve(v.name, "host_pool", _offload_bytes(works[v.name])) for v in victims))

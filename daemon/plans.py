@@ -71,8 +71,12 @@ class Remap(OnRegions):
     ranks: tuple[int, ...]
 
 
+@dataclass(frozen=True)
 class Release(OnRegions):
-    """Every engine let go: the daemon drops its handles, and the device memory is gone."""
+    """Every engine let go: the daemon drops its handles, and the device memory is gone. Views of
+    a weight set hold none: they are unmapped while the set keeps its memory, or, among `leaving`,
+    leave the set."""
+    leaving: Ids = ()
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,7 @@ class TagsAwake(OnRegions):
 
 
 class FinishRestore(OnRegions):
-    """The regions are mapped: their backups go back to the pool."""
+    """The regions are mapped: their backups go back to the pool (views: mapped again)."""
 
 
 class WakeAgain(OnRegions):

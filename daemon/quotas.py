@@ -38,6 +38,9 @@ class Quotas:
         self._authorizer = authorizer
         self._lock = threading.Lock()  # taken before the registry lock, never while waiting on anything else
         self._reserved: Counter[tuple[int, str]] = Counter()  # (uid, kind) -> bytes of requests under way
+        # evict_kept_of(uid) -> whether one of the uid's kept weight sets left the device (operations.py sets it):
+        # what a uid's sets keep yields before that uid's own request is refused.
+        self.evict_kept_of = lambda uid: False
 
     def limit(self, owner: Peer, kind: str) -> Limit | None:
         users, groups = self._configured["users"], self._configured["groups"]
@@ -65,14 +68,17 @@ class Quotas:
             yield
             return
         key = (owner.uid, kind)
-        with self._lock:
-            held, pending = self._registry.usage(owner.uid)[kind], self._reserved[key]
-            if held + pending + extra > limit.bytes:
+        while True:
+            with self._lock:
+                held, pending = self._registry.usage(owner.uid)[kind], self._reserved[key]
+                if held + pending + extra <= limit.bytes:
+                    self._reserved[key] += extra
+                    break
+            if kind != "device" or not self.evict_kept_of(owner.uid):
                 in_flight = f" (and {format_size(pending)} more is being taken)" if pending else ""
                 raise exhausted(f"{what}: uid {owner.uid}'s {KINDS[kind]} quota is {format_size(limit.bytes)} "
                                 f"({limit.source}); its models hold {format_size(held)}{in_flight} and this needs "
                                 f"{format_size(extra)} more; free some, or put a model to sleep")
-            self._reserved[key] += extra
         try:
             yield
         finally:

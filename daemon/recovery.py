@@ -134,7 +134,8 @@ class Checkpoints:
                                    "backup": [[p.slab, p.offset, p.length] for p in r.backup.pieces]
                                    if r.backup else None,
                                    "checksums": checksums_text(r.backup.checksums) if r.backup else ""}
-                                  for r in session.regions.values()]}
+                                  for r in session.regions.values()
+                                  if not r.shared]}  # views: weight sets are not recorded yet
                      for rank, session in {**model.ranks, **model.orphans}.items()]}
                 for model in self._registry.models_locked()]}
         return state, sequence

@@ -30,6 +30,20 @@ with no handle: the engine hands back the memory of each region it still maps
 before the old daemon could record so), and a region recorded as mapped that
 the engine does not hand back is asleep (`unclaimed`).
 
+A region of a weight set (weight_sets.py) belongs to the set. Each engine that
+joined the set maps it through a view: a region of its own rank, with its own id
+and address there, that holds no memory of its own but shares the set's
+(`shares`). A view is mapped or not as that engine is awake or asleep, whatever
+the set's memory does:
+
+    from        event            to           shares
+    MAPPED      share            MAPPED       the set's region (a commit: its memory went to the set)
+    MAPPED      view_unmapped    OFFLOADED    kept (the engine sleeps; the set's memory stays)
+    OFFLOADED   view_mapped      MAPPED       kept
+    MAPPED      leave            MAPPED       none: memory of its own, a copy (the write step)
+    MAPPED or
+    OFFLOADED   leave_asleep     DISCARDED    none: it wakes as a private region (a level-2 sleep)
+
 A transition the table does not allow is a bug, never a failed operation: see
 `IllegalTransition`.
 """
@@ -83,6 +97,13 @@ TRANSITIONS = {
     (RegionState.OFFLOADED, "handed_back"): RegionState.MAPPED,
     (RegionState.DISCARDED, "handed_back"): RegionState.MAPPED,
     (RegionState.MAPPED, "unclaimed"): None,
+    # Views of a weight set's regions.
+    (RegionState.MAPPED, "share"): RegionState.MAPPED,
+    (RegionState.MAPPED, "view_unmapped"): RegionState.OFFLOADED,
+    (RegionState.OFFLOADED, "view_mapped"): RegionState.MAPPED,
+    (RegionState.MAPPED, "leave"): RegionState.MAPPED,
+    (RegionState.MAPPED, "leave_asleep"): RegionState.DISCARDED,
+    (RegionState.OFFLOADED, "leave_asleep"): RegionState.DISCARDED,
 }
 
 
@@ -123,12 +144,13 @@ class Region:
     size: int          # what the engine asked for
     mapped_size: int   # rounded up to the device's granularity
     device: int
-    session: "object"  # the owning rank's sessions.Session
+    session: "object"  # the owner: a rank's sessions.Session, or a weight_sets.WeightSet
     persist: bool = False  # outlives its engine process; see Model.orphans
     # The state and the data that goes with it: written only by the transitions below.
     state: RegionState = field(default=RegionState.RESTORING)
     handle: int | None = None
     backup: Backup | None = None
+    shares: "Region | None" = None  # a view: the weight set's region whose memory it maps
 
     @classmethod
     def new(cls, region_id: int, tag: str, size: int, mapped_size: int, device: int, session,
@@ -147,6 +169,28 @@ class Region:
         elif state is RegionState.RESTORING:
             state = RegionState.OFFLOADED if backup else RegionState.DISCARDED
         return cls(region_id, tag, size, mapped_size, device, session, persist, state, None, backup)
+
+    @classmethod
+    def view_of(cls, region_id: int, shared: "Region", session) -> "Region":
+        """A view an engine joining a weight set maps `shared` through: mapped, as the set's memory is."""
+        return cls(region_id, shared.tag, shared.size, shared.mapped_size, shared.device, session,
+                   state=RegionState.MAPPED, shares=shared)
+
+    @classmethod
+    def committed(cls, region_id: int, view: "Region", owner, handle: int) -> "Region":
+        """A weight set's region, holding the memory its committing engine loaded into `view`."""
+        return cls(region_id, view.tag, view.size, view.mapped_size, view.device, owner,
+                   state=RegionState.MAPPED, handle=handle)
+
+    @property
+    def shared(self) -> bool:
+        """A view of a weight set's region: its memory is the set's, never its own."""
+        return self.shares is not None
+
+    @property
+    def weight_set(self) -> str:
+        """The id of the weight set a view's memory is, or ""."""
+        return self.shares.session.id if self.shared else ""
 
     @property
     def holds_memory(self) -> bool:
@@ -231,6 +275,45 @@ class Region:
         the old daemon's word): asleep, with its backup if one was recorded, else discarded."""
         self._require("unclaimed", holds=False)
         self._move("unclaimed", RegionState.OFFLOADED if self.backup else RegionState.DISCARDED)
+
+    # ---- a view's transitions ----
+
+    def _require_view(self, event: str, view: bool) -> None:
+        if self.shared is not view:
+            bug(f"{self.describe()}: {event} on a region that is {'not ' if view else ''}a weight set's view")
+
+    def share(self, shared: "Region") -> None:
+        """Committed: its memory, handle and all, is now `shared`'s, the set's region."""
+        self._require_view("share", False)
+        self._require("share", holds=True)
+        if self.backup is not None or self.persist or shared.handle != self.handle:
+            bug(f"{self.describe()}: shared with a backup, as a persistent region or into other memory")
+        self._move("share")
+        self.handle, self.shares = None, shared
+
+    def view_unmapped(self) -> None:
+        """Its engine let go of the set's memory (it sleeps); the set keeps it."""
+        self._require_view("view_unmapped", True)
+        self._move("view_unmapped")
+
+    def view_mapped(self) -> None:
+        """Its engine maps the set's memory again."""
+        self._require_view("view_mapped", True)
+        if not self.shares.holds_memory:
+            bug(f"{self.describe()}: mapped while its weight set's region {self.shares.id} has no memory")
+        self._move("view_mapped")
+
+    def leave(self, handle: int) -> None:
+        """The write step: it now maps `handle`, memory of its own holding a copy of the set's."""
+        self._require_view("leave", True)
+        self._move("leave")
+        self.handle, self.shares = handle, None
+
+    def leave_asleep(self) -> None:
+        """A level-2 sleep: it leaves the set and wakes later as a private region, zeroed."""
+        self._require_view("leave_asleep", True)
+        self._move("leave_asleep")
+        self.shares = None
 
     def dropped(self) -> tuple[int | None, Backup | None]:
         """The region goes away: returns its handle and backup, for the daemon to release and free."""

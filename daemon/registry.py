@@ -7,6 +7,7 @@ an engine, a copy or another lock.
 """
 
 import logging
+import os
 import threading
 import time
 from typing import Callable
@@ -18,9 +19,10 @@ from .auth import Authorizer, Peer
 from .backends import DaemonBackend
 from .errors import Code, SleepdError, denied, invalid, not_found, precondition
 from .model import Model
-from .regions import Region
+from .regions import Region, bug
 from .sessions import Session
 from .views import ModelView, Policy
+from .weight_sets import WeightSet
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ class Registry:
         self._sessions: dict[str, Session] = {}          # by session id, once attached
         self._models: dict[str, Model] = {}
         self._regions: dict[int, Region] = {}
+        self._weight_sets: dict[str, WeightSet] = {}
         self.next_region_id = 1
         # Per-model policy from the configuration, applied when the model first attaches.
         self._default_policies = default_policies
@@ -203,8 +206,11 @@ class Registry:
 
     def new_region_id(self) -> int:
         with self.lock:
-            region_id = self.next_region_id
-            self.next_region_id += 1
+            return self._next_region_id()
+
+    def _next_region_id(self) -> int:
+        region_id = self.next_region_id
+        self.next_region_id += 1
         return region_id
 
     def add_region(self, region: Region) -> None:
@@ -216,6 +222,67 @@ class Registry:
         with self.lock:
             self._regions.pop(region.id, None)
             region.session.remove_region(region)
+            if region.shared:
+                region.shares.session.view_gone(region)
+
+    # ---- weight sets ----
+
+    def commit(self, session: Session, regions: list[Region], key: bytes, manifest: bytes) -> WeightSet:
+        """`regions` (the session's, checked by the caller under the model's lock) become a new
+        weight set's memory, and the session's views of it."""
+        with self.lock:
+            weight_set = WeightSet(key, manifest, session.uid, session.device)
+            for view in regions:
+                shared = Region.committed(self._next_region_id(), view, weight_set, view.handle)
+                view.share(shared)
+                weight_set.add_region(shared)
+                self._regions[shared.id] = shared
+            weight_set.joined(regions)
+            self._weight_sets[weight_set.id] = weight_set
+        return weight_set
+
+    def join(self, session: Session, weight_set: WeightSet) -> list[Region]:
+        """New views of every region of the set, for `session`; the set's memory is on the device."""
+        with self.lock:
+            views = [Region.view_of(self._next_region_id(), shared, session)
+                     for shared in weight_set.regions.values()]
+            for view in views:
+                self._regions[view.id] = view
+                session.add_region(view)
+            weight_set.joined(views)
+        return views
+
+    def left(self, weight_set: WeightSet, view: Region) -> None:
+        """`view` no longer shares the set's memory (a transition on the view did it)."""
+        with self.lock:
+            weight_set.view_gone(view)
+
+    def find_weight_set(self, key: bytes, device: int, may_use: Callable[[int], bool]) -> WeightSet | None:
+        """The newest set committed with `key` on `device` that `may_use(owner_uid)` allows."""
+        with self.lock:
+            found = [s for s in self._weight_sets.values() if s.key == key and s.device == device
+                     and may_use(s.owner_uid)]
+        return max(found, key=lambda s: s.last_used, default=None)
+
+    def weight_set(self, set_id: str, visible: Callable[[int], bool]) -> WeightSet:
+        with self.lock:
+            weight_set = self._weight_sets.get(set_id)
+        if weight_set is None or not visible(weight_set.owner_uid):
+            raise not_found(f"no weight set {shown(set_id)!r} that you may see; `sleepctl sets` lists them")
+        return weight_set
+
+    def weight_sets(self) -> list[WeightSet]:
+        with self.lock:
+            return sorted(self._weight_sets.values(), key=lambda s: s.id)
+
+    def forget_weight_set(self, weight_set: WeightSet) -> None:
+        """A kept set whose memory is gone leaves the registry."""
+        with self.lock:
+            if weight_set.views or any(r.holds_memory or r.backup for r in weight_set.regions.values()):
+                bug(f"{weight_set.name}: forgotten while joined or holding memory")
+            for region in weight_set.regions.values():
+                self._regions.pop(region.id, None)
+            self._weight_sets.pop(weight_set.id, None)
 
     def regions(self, ids) -> list[Region]:
         """The regions of `ids`, in that order; one gone meanwhile (its rank ended) is skipped."""
@@ -228,19 +295,22 @@ class Registry:
             return self._owned_region(session, region_id)
 
     def export(self, session: Session, region_id: int) -> tuple[int, Region]:
-        """A new descriptor for a region's memory, for the session that owns it."""
+        """A new descriptor for a region's memory, for the session that owns it; for a view, the
+        weight set's memory, read-only where the backend can say so in the descriptor."""
         with self.lock:
             region = self._owned_region(session, region_id)
-            if not region.holds_memory:
+            memory = region.shares or region
+            if not memory.holds_memory:
                 raise precondition(f"region {region_id} is {region.state.label}; wake the model first")
-            return self.backend.native.export_handle(region.handle), region
+            fd = self.backend.native.export_handle(memory.handle)
+            return (read_only(fd) if region.shared and self.backend.name == "host" else fd), region
 
     def export_token(self, session: Session, region_id: int, device_pid: int) -> tuple[int, Region]:
         """A region's token (token backends), once the process the runtime knows as
         `device_pid` is on its allow-list, for the session that owns it."""
         with self.lock:
             region = self._owned_region(session, region_id)
-            if not region.holds_memory:
+            if not region.holds_memory:  # a view holds none: token backends share no weight sets
                 raise precondition(f"region {region_id} is {region.state.label}; wake the model first")
             self.backend.native.authorize(region.handle, device_pid)
             return self.backend.native.export_token(region.handle), region
@@ -273,6 +343,14 @@ class Registry:
             raise not_found(f"model {name!r} is not attached (attached: {', '.join(known) or 'none you may see'})")
         return model
 
+    def holder(self, name: str) -> Model | WeightSet:
+        """What a plan's steps name: a model, or a weight set (its name has a space, which no model's may)."""
+        with self.lock:
+            found = self._models.get(name) or next((s for s in self._weight_sets.values() if s.name == name), None)
+        if found is None:
+            raise not_found(f"{shown(name)} is gone")
+        return found
+
     def find(self, name: str) -> Model | None:
         with self.lock:
             return self._models.get(name)
@@ -290,8 +368,9 @@ class Registry:
             return len(self._sessions)
 
     def regions_on(self, device: int) -> list[Region]:
+        """The regions whose memory is on `device`, or is to come back there: views, which hold none, left out."""
         with self.lock:
-            return [region for region in self._regions.values() if region.device == device]
+            return [region for region in self._regions.values() if region.device == device and not region.shared]
 
     def holders(self, device: int) -> dict[tuple[str, int], int]:
         """{(model, its owner's uid): device bytes it holds on `device`}."""
@@ -306,6 +385,7 @@ class Registry:
         """What the models `uid` owns hold: {"device": bytes of device memory, "host_pool": bytes of backups}."""
         with self.lock:
             regions = [r for model in self._models.values() if model.owner_uid == uid for r in model.regions()]
+            regions += [r for s in self._weight_sets.values() if s.owner_uid == uid for r in s.regions.values()]
         return {"device": sum(r.mapped_size for r in regions if r.holds_memory),
                 "host_pool": sum(r.backup.size for r in regions if r.backup is not None)}
 
@@ -325,6 +405,15 @@ class Registry:
         """A consistent copy of one model, read without its lock."""
         with self.lock:
             return model.view()
+
+def read_only(fd: int) -> int:
+    """A descriptor of the same memory open for reading only, in place of `fd`: whoever
+    receives it can map it PROT_READ and never for writing (the kernel refuses, EACCES)."""
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(fd)
+
 
 def check_model_name(name: str) -> None:
     if not MODEL_NAME.match(name):

@@ -18,6 +18,7 @@ from .errors import SleepdError, invalid, not_found
 from .fanout import attached_message, region_message
 from .views import OperationResult
 from .registry import check_model_name, check_tag
+from .regions import RegionState
 from .rules import parse_action
 from .swap import swap
 
@@ -225,6 +226,44 @@ class SleepdService(pb_grpc.SleepdServicer):
                 yield pb.Event(time=event.time, kind=event.kind, model=event.model, detail=event.detail,
                                bytes=event.bytes)
 
+    # ---- weight sets ----
+
+    def _session(self, session_id: str):
+        session = self._core.registry.session(session_id)
+        return session, self._core.registry.model(session.model)
+
+    @_refusals
+    def CommitWeights(self, request, context):
+        session, model = self._session(request.session_id)
+        weight_set = self._ops.weight_sets.commit(session, model, list(request.region_ids), request.key,
+                                                  request.manifest)
+        return _weight_set(weight_set)
+
+    @_refusals
+    def JoinWeights(self, request, context):
+        session, model = self._session(request.session_id)
+        joined = self._ops.weight_sets.join(session, model, request.key)
+        if joined is None:
+            return pb.JoinWeightsReply(found=False)
+        weight_set, views = joined
+        return pb.JoinWeightsReply(found=True, weight_set=_weight_set(weight_set), manifest=weight_set.manifest,
+                                   regions=[region_message(view) for view in views])
+
+    @_refusals
+    def LeaveWeights(self, request, context):
+        session, model = self._session(request.session_id)
+        views = self._ops.weight_sets.leave(session, model, request.weight_set)
+        return pb.LeaveWeightsReply(regions=[region_message(view) for view in views])
+
+    @_refusals
+    def ListWeightSets(self, request, context):
+        caller = self._identify(context)
+        return pb.ListWeightSetsReply(weight_sets=[_weight_set(s) for s in self._ops.weight_sets.listed(caller)])
+
+    @_refusals
+    def DropWeightSet(self, request, context):
+        return _weight_set(self._ops.weight_sets.drop(request.weight_set, self._identify(context)))
+
     @_refusals
     def Status(self, request, context):
         """Devices and the pool for anyone; models only those the caller may see."""
@@ -276,6 +315,20 @@ def _reply(result: OperationResult) -> pb.OperationReply:
         model=result.model, bytes_offloaded=result.bytes_offloaded, bytes_discarded=result.bytes_discarded,
         bytes_restored=result.bytes_restored, bytes_zeroed=result.bytes_zeroed, regions=result.region_count,
         seconds=result.seconds, sleeping=result.sleeping, evicted=result.evicted)
+
+
+def _weight_set(weight_set) -> pb.WeightSet:
+    # Read without the set's lock: a listing may be a moment old, never inconsistent in one field.
+    views = list(weight_set.views.values())
+    engines = {}
+    for view in views:
+        session = view.session
+        engine = engines.setdefault(id(session), pb.WeightSetEngine(model=session.model, rank=session.rank,
+                                                                     pid=session.pid, awake=True))
+        engine.awake &= view.state is RegionState.MAPPED
+    return pb.WeightSet(id=weight_set.id, key=weight_set.key, bytes=weight_set.size, where=weight_set.where(),
+                        device=weight_set.device, owner_uid=weight_set.owner_uid, regions=len(weight_set.regions),
+                        engines=list(engines.values()), idle_seconds=time.monotonic() - weight_set.last_used)
 
 
 def _policy(policy) -> pb.ModelPolicy:

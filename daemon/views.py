@@ -27,6 +27,11 @@ class RegionView:
     persist: bool = False
     backed_up: bool = False  # a backup in the host pool holds its contents
     holds_memory: bool = False  # device memory exists for it now (the daemon holds its handle)
+    weight_set: str = ""  # a view of this weight set's region (its memory is the set's): see regions.py
+
+    @property
+    def shared(self) -> bool:
+        return bool(self.weight_set)
 
 
 @dataclass(frozen=True)

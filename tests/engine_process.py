@@ -20,6 +20,11 @@ on stdin with one-line JSON replies on stdout:
     {"op": "session"}                  its session id, for a test that sends requests in its name
     {"op": "ensure_awake"}             wake it (evicting as policy allows) if it sleeps; with "wake": false,
                                        wait for a wake ("timeout" seconds)
+    {"op": "commit", "key": k}         commit its regions (those of "tags", all without) as a weight set keyed k
+    {"op": "join", "key": k}           join the weight set keyed k: {"found", "weight_set", "regions"}
+    {"op": "leave"}                    the write step: leave every weight set it committed or joined
+    {"op": "write", "index": i, "seed": s}  write region i through the client (refused while read-only)
+    {"op": "poke", "index": i}         write one byte at region i's address, as a stray kernel would
     {"op": "exit"}
 
 With --listen PATH it answers the same commands on a Unix socket too, one
@@ -41,6 +46,7 @@ import threading
 import time
 
 from sleepd.client import SleepClient, SleepdError, State
+from sleepd.client.weight_sets import TensorPlace
 
 SLOW_HOOK_SECONDS = 4
 
@@ -139,7 +145,7 @@ def report(client, hooks) -> dict:
     regions = []
     for region in client.regions():
         entry = {"id": region.id, "tag": region.tag, "size": region.size, "address": region.address,
-                 "state": region.state.value}
+                 "state": region.state.value, "weight_set": region.weight_set}
         if region.state is State.MAPPED:
             data = region.read()
             entry["sha256"] = hashlib.sha256(data).hexdigest()
@@ -161,9 +167,45 @@ def count_unmaps(client) -> list[int]:
     return counts
 
 
-def handle(client, hooks, command: dict, unmaps: list[int]) -> dict:
+def weight_set_command(client, command: dict, weight_sets: list):
+    """commit, join, leave, write and poke: a reply, or None for a command of another kind."""
+    op = command["op"]
+    if op == "commit":
+        regions = [r for r in client.regions() if not command.get("tags") or r.tag in command["tags"]]
+        # One byte tensor per region, placed by hand: over the CUDA double torch has no device to make tensors on.
+        places = {f"r{r.id}": TensorPlace(f"r{r.id}", index, 0, (r.size,), "uint8", (1,))
+                  for index, r in enumerate(regions)}
+        weight_sets.append(client.commit_weights(regions, command["key"], places))
+        return {"weight_set": weight_sets[-1].id}
+    if op == "join":
+        joined = client.join_weights(command["key"])
+        if joined is None:
+            return {"found": False}
+        weight_sets.append(joined)
+        return {"found": True, "weight_set": joined.id, "regions": [r.id for r in joined.regions],
+                "tensors": sorted(place.name for place in joined.places)}
+    if op == "leave":
+        for weight_set in [s for s in weight_sets if s.joined]:
+            client.leave_weights(weight_set)
+        return {}
+    if op == "write":
+        try:
+            fill(client.regions()[command["index"]], command["seed"])
+        except PermissionError as error:
+            return {"refused": str(error)}
+        return {}
+    if op == "poke":
+        ctypes.memset(client.regions()[command["index"]].address, 0xA5, 1)
+        return {}
+    return None
+
+
+def handle(client, hooks, command: dict, unmaps: list[int], weight_sets: list | None = None) -> dict:
     """One command's reply."""
     try:
+        reply = weight_set_command(client, command, weight_sets if weight_sets is not None else [])
+        if reply is not None:
+            return reply
         if command["op"] == "report":
             return report(client, hooks)
         if command["op"] == "unmaps":
@@ -267,11 +309,12 @@ def main() -> None:
     if args.listen:
         listen(args.listen, client, hooks, unmaps)
     print(json.dumps(report(client, hooks)), flush=True)
+    weight_sets = []
     for line in sys.stdin:
         command = json.loads(line)
         if command["op"] == "exit":
             break
-        print(json.dumps(handle(client, hooks, command, unmaps)), flush=True)
+        print(json.dumps(handle(client, hooks, command, unmaps, weight_sets)), flush=True)
     client.close()
     time.sleep(0)
 

@@ -71,6 +71,10 @@ def parser() -> argparse.ArgumentParser:
     eviction_level.completer = levels
     policy.add_argument("--idle-seconds", type=float, help="sleep by itself after this long idle (0: never)")
 
+    command("sets", "weight sets: key, bytes, where their memory is, and the engines that joined each")
+    drop_set = command("drop-set", "drop a weight set no engine has joined")
+    drop_set.add_argument("--set", required=True, dest="weight_set", help="its id, as `sleepctl sets` shows it")
+
     events = command("events", "stream state changes as they happen")
     events.add_argument("--model", default="", help="only this model").completer = completion.models
     events.add_argument("--count", type=int, help="stop after this many events")

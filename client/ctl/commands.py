@@ -7,13 +7,14 @@ import grpc
 
 from sleepd.common import paths
 from sleepd.common.shown import MAX_LINE, shown
+from sleepd.common.sizes import format_size
 from sleepd.proto import sleepd_pb2 as pb
 from sleepd.proto import sleepd_pb2_grpc as pb_grpc
 
 from ..control import control_channel
 from ..errors import SleepdError
 from .progress import Tracker, with_progress
-from .render import as_json, describe, describe_policy, describe_swap, event_line, print_status
+from .render import as_json, describe, describe_policy, describe_swap, event_line, print_status, print_weight_sets
 from .top import top
 
 
@@ -67,6 +68,11 @@ def _call(stub, args):
         if reply.evicted:
             text += f" (evicted {shown(', '.join(reply.evicted), MAX_LINE)})"
         return reply, text
+    if args.command == "sets":
+        return stub.ListWeightSets(pb.ListWeightSetsRequest(), timeout=args.timeout), None
+    if args.command == "drop-set":
+        reply = stub.DropWeightSet(pb.DropWeightSetRequest(weight_set=args.weight_set), timeout=args.timeout)
+        return reply, f"dropped weight set {shown(reply.id)} ({format_size(reply.bytes)})"
     if args.command == "swap":
         request = pb.SwapRequest(to_model=args.to_model, from_models=args.from_models)
         title = f"swap {', '.join(args.from_models) or '(eviction picks)'} -> {args.to_model}"
@@ -119,6 +125,8 @@ def run(args) -> int:
         fd_socket.close()
     if args.json:
         print(as_json(reply, indent=2))
+    elif args.command == "sets":
+        print_weight_sets(reply)
     elif text is None:
         print_status(reply)
     else:

@@ -99,7 +99,8 @@ def _models_table(reply: pb.StatusReply):
         for rank in model.ranks:
             by_tag: dict[tuple[str, str], list[int]] = {}
             for region in rank.regions:
-                entry = by_tag.setdefault((region.tag, _STATE_NAMES[region.state]), [0, 0])
+                state = _STATE_NAMES[region.state] + (f" (set {region.weight_set})" if region.weight_set else "")
+                entry = by_tag.setdefault((region.tag, state), [0, 0])
                 entry[0] += 1
                 entry[1] += region.size
             rows = [(shown(tag), str(count), format_size(size), state)
@@ -136,6 +137,33 @@ def print_status(reply: pb.StatusReply) -> None:
                     f"{format_size(reply.pool.budget)} ({shown(reply.pool.directory)})"), Text(""),
                devices_table(reply), Text(""), _models_table(reply) if reply.models else Text("no models"),
                *([Text("")] + controllers if controllers else [])))
+
+
+def key_text(key: bytes, width: int = 48) -> str:
+    """What a weight set's key says: its text where it is text (escaped), else its bytes in hex; cut to `width`."""
+    try:
+        text = shown(key.decode())
+    except UnicodeDecodeError:
+        text = key.hex()
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def print_weight_sets(reply: pb.ListWeightSetsReply) -> None:
+    from rich import box
+    from rich.table import Table
+
+    if not reply.weight_sets:
+        emit("no weight sets")
+        return
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for header in ("SET", "KEY", "BYTES", "WHERE", "DEVICE", "OWNER", "ENGINES", "IDLE"):
+        table.add_column(header, justify="right" if header in ("BYTES", "DEVICE", "OWNER", "IDLE") else "left")
+    for weight_set in reply.weight_sets:
+        engines = ", ".join(f"{shown(e.model)} rank {e.rank} (pid {e.pid}{'' if e.awake else ', asleep'})"
+                            for e in weight_set.engines) or "none: kept"
+        table.add_row(weight_set.id, key_text(weight_set.key), format_size(weight_set.bytes), weight_set.where,
+                      str(weight_set.device), str(weight_set.owner_uid), engines, f"{weight_set.idle_seconds:.0f} s")
+    emit(table)
 
 
 def event_line(event: pb.Event) -> str:

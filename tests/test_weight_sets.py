@@ -1,0 +1,189 @@
+"""Weight sets with real engine processes, on the host backend and over the CUDA
+driver double: committed weights outlive their engine, later engines join them
+read-only and hold their bytes once, a write needs the write step first, and
+sleep, wake, eviction and a dead engine each leave the bytes right."""
+
+import json
+import signal
+
+import pytest
+
+from kernel import memfd_bytes, shmem_bytes
+from support import MiB, by_tag, wait_for
+
+WEIGHTS = 3 * MiB + 123
+KEY = '{"model": "qwen", "revision": "abc123", "dtype": "bfloat16", "tp": 1, "rank": 0}'
+
+
+@pytest.fixture(params=["host", "cuda"])
+def backend(request) -> str:
+    """Weight sets share descriptors: the host backend and CUDA (ACL's tokens refuse them; see below)."""
+    return request.param
+
+
+def weight_sets(daemon) -> list[dict]:
+    return json.loads(daemon.ctl("--json", "sets").stdout).get("weightSets", [])
+
+
+def device_used(daemon) -> int:
+    return int(daemon.status()["devices"][0]["used"])
+
+
+def own_bytes(daemon) -> int:
+    """Bytes of the models' regions that are memory of their own (not a weight set's views)."""
+    return sum(int(r["mappedSize"]) for model in daemon.status()["models"] for rank in model["ranks"]
+               for r in rank["regions"] if not r["weightSet"] and r["state"] == "MAPPED")
+
+
+def committed(daemon, start_engine, model="qwen", seed=1):
+    """An engine that loaded weights and a kv cache, and committed its weights: (engine, set id, weights' sha256)."""
+    engine = start_engine(daemon, model, regions=[("weights", WEIGHTS), ("kv_cache", 2 * MiB)], seed=seed)
+    set_id = engine.request("commit", key=KEY, tags=["weights"])["weight_set"]
+    return engine, set_id, by_tag(engine.initial)["weights"]["sha256"]
+
+
+def test_an_engine_joins_committed_weights_read_only_and_they_are_held_once(daemon, start_engine):
+    writer, set_id, weights = committed(daemon, start_engine)
+    after_commit = by_tag(writer.report())["weights"]
+    assert after_commit["sha256"] == weights and after_commit["weight_set"] == set_id
+    assert after_commit["address"] == by_tag(writer.initial)["weights"]["address"], "a commit keeps the address"
+    shmem_before = shmem_bytes()
+
+    reader = start_engine(daemon, "qwen-b", regions=[("kv_cache", MiB)], seed=2)
+    joined = reader.request("join", key=KEY)
+    assert joined["found"] and joined["weight_set"] == set_id
+    assert joined["tensors"] == [f"r{after_commit['id']}"], "the manifest names the committer's tensors"
+    assert by_tag(reader.report())["weights"]["sha256"] == weights
+
+    # Held once: the join made no device memory, as the daemon and the kernel count it.
+    assert device_used(daemon) == own_bytes(daemon) + int(weight_sets(daemon)[0]["bytes"])
+    if daemon.backend == "host":
+        holders = [daemon.pid, writer.pid, reader.pid, *daemon.mover_pids()]
+        assert memfd_bytes(holders, "/memfd:sleepd:") == own_bytes(daemon) + int(weight_sets(daemon)[0]["bytes"])
+        assert shmem_bytes() - shmem_before < 2 * MiB  # the reader's 1 MiB kv cache, not 3 MiB more of weights
+
+    (listed,) = weight_sets(daemon)
+    assert listed["id"] == set_id and listed["where"] == "device"
+    assert sorted(e["model"] for e in listed["engines"]) == ["qwen", "qwen-b"]
+
+    assert reader.request("join", key="another key") == {"found": False}
+
+
+def test_a_set_outlives_its_engine_and_a_dead_writer_leaves_no_half_set(daemon, start_engine):
+    writer, set_id, weights = committed(daemon, start_engine)
+    half = start_engine(daemon, "half", regions=[("weights", MiB)], seed=5)
+    half.kill()  # died loading, before its commit
+    writer.kill()  # a crash, after its commit
+    wait_for(lambda: not [e for s in weight_sets(daemon) for e in s["engines"]], what="the writer's end")
+    (kept,) = weight_sets(daemon)
+    assert kept["id"] == set_id and kept["where"] == "device" and not kept["engines"]
+
+    again = start_engine(daemon, "qwen", regions=[("kv_cache", MiB)], seed=3)
+    used = device_used(daemon)
+    assert again.request("join", key=KEY)["weight_set"] == set_id
+    assert device_used(daemon) == used, "joining a kept set makes no memory"
+    assert by_tag(again.report())["weights"]["sha256"] == weights
+
+
+def test_a_write_needs_the_write_step_and_then_changes_only_that_engine(daemon, start_engine):
+    writer, set_id, weights = committed(daemon, start_engine)
+    reader = start_engine(daemon, "qwen-b", regions=[("kv_cache", MiB)], seed=2)
+    reader.request("join", key=KEY)
+    index = [r["tag"] for r in reader.report()["regions"]].index("weights")
+
+    assert "read-only" in reader.request("write", index=index, seed=9)["refused"]
+    reader.send("poke", index=index)  # a stray kernel's write, past the client's check
+    assert reader.process.wait(timeout=30) == -signal.SIGSEGV
+    assert by_tag(writer.report())["weights"]["sha256"] == weights, "the fault left the set unchanged"
+
+    updater = start_engine(daemon, "qwen-c", regions=[("kv_cache", MiB)], seed=4)
+    updater.request("join", key=KEY)
+    address = by_tag(updater.report())["weights"]["address"]
+    assert updater.request("leave") == {}
+    own = by_tag(updater.report())["weights"]
+    assert own["weight_set"] == "" and own["address"] == address and own["sha256"] == weights
+    assert updater.request("write", index=index, seed=9) == {}
+    assert by_tag(updater.report())["weights"]["sha256"] != weights
+    assert by_tag(writer.report())["weights"]["sha256"] == weights, "the update stayed the updater's"
+    (listed,) = weight_sets(daemon)
+    assert [e["model"] for e in listed["engines"]] == ["qwen"]
+
+
+def test_a_set_sleeps_once_no_engine_that_joined_it_is_awake(daemon, start_engine):
+    first, set_id, weights = committed(daemon, start_engine)
+    second = start_engine(daemon, "qwen-b", regions=[("kv_cache", MiB)], seed=2)
+    second.request("join", key=KEY)
+
+    daemon.ctl("sleep", "--model", "qwen", "--level", "1")
+    assert by_tag(first.report())["weights"]["state"] == "offloaded"
+    assert weight_sets(daemon)[0]["where"] == "device", "the other engine still computes with it"
+    assert by_tag(second.report())["weights"]["sha256"] == weights
+
+    daemon.ctl("sleep", "--model", "qwen-b", "--level", "1")
+    assert weight_sets(daemon)[0]["where"] == "host"
+    assert device_used(daemon) == 0, "every byte of both models left the device"
+    if daemon.backend == "host":
+        assert memfd_bytes([daemon.pid, first.pid, second.pid, *daemon.mover_pids()], "/memfd:sleepd:") == 0
+
+    daemon.ctl("wake", "--model", "qwen")
+    assert weight_sets(daemon)[0]["where"] == "device"
+    assert by_tag(first.report())["weights"]["sha256"] == weights
+    assert by_tag(second.report())["weights"]["state"] == "offloaded", "the other engine sleeps on"
+    daemon.ctl("wake", "--model", "qwen-b")
+    assert by_tag(second.report())["weights"]["sha256"] == weights
+
+
+def test_a_level_2_sleep_leaves_the_set_and_wakes_ready_for_a_weight_update(daemon, start_engine):
+    first, set_id, weights = committed(daemon, start_engine)
+    second = start_engine(daemon, "qwen-b", regions=[("kv_cache", MiB)], seed=2)
+    second.request("join", key=KEY)
+
+    daemon.ctl("sleep", "--model", "qwen-b", "--level", "2")
+    assert by_tag(second.report())["weights"] == {**by_tag(second.report())["weights"], "state": "discarded",
+                                                  "weight_set": ""}
+    assert [e["model"] for e in weight_sets(daemon)[0]["engines"]] == ["qwen"]
+    daemon.ctl("wake", "--model", "qwen-b")
+    woken = by_tag(second.report())["weights"]
+    assert woken["zero"] and woken["weight_set"] == ""
+    index = [r["tag"] for r in second.report()["regions"]].index("weights")
+    assert second.request("write", index=index, seed=7) == {}, "the new weights go into memory of its own"
+    assert by_tag(first.report())["weights"]["sha256"] == weights
+
+
+def test_a_kept_set_gives_way_first_to_the_host_pool_then_is_dropped(start_daemon, start_engine):
+    daemon = start_daemon("--host-pool-budget", "4MiB", devices=1, capacity="12MiB")
+    writer, set_id, weights = committed(daemon, start_engine)
+    writer.close()
+    wait_for(lambda: not weight_sets(daemon)[0]["engines"], what="the set kept")
+
+    big = start_engine(daemon, "big", regions=[("kv_cache", 9 * MiB)], seed=6)  # too many beside the set
+    assert big.report()["regions"][0]["state"] == "mapped"
+    (evicted,) = weight_sets(daemon)
+    assert evicted["where"] == "host"
+
+    reader = start_engine(daemon, "reader", regions=[], seed=7)
+    big.close()
+    assert reader.request("join", key=KEY)["weight_set"] == set_id
+    assert by_tag(reader.report())["weights"]["sha256"] == weights, "it came back from the pool intact"
+    reader.close()
+    wait_for(lambda: not weight_sets(daemon)[0]["engines"], what="the set kept again")
+
+    # The pool full, eviction drops it: nothing is lost that the key cannot load again.
+    hog = start_engine(daemon, "hog", regions=[("weights", 3 * MiB)], seed=8)
+    daemon.ctl("sleep", "--model", "hog")  # fills the pool
+    start_engine(daemon, "big", regions=[("kv_cache", 10 * MiB)], seed=6)
+    assert weight_sets(daemon) == []
+    assert hog.request("join", key=KEY) == {"found": False}
+
+
+def test_sleepctl_drops_a_kept_set_and_refuses_a_joined_one(daemon, start_engine):
+    writer, set_id, _ = committed(daemon, start_engine)
+    refused = daemon.ctl("drop-set", "--set", set_id, check=False)
+    assert refused.returncode == 1 and "FAILED_PRECONDITION" in refused.stderr and "qwen rank 0" in refused.stderr
+    missing = daemon.ctl("drop-set", "--set", "\x1b[2Jnope", check=False)
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr and "\x1b" not in missing.stderr
+    assert "none: kept" not in daemon.ctl("sets").stdout
+    writer.close()
+    wait_for(lambda: "none: kept" in daemon.ctl("sets").stdout, what="the set kept")
+    assert daemon.ctl("drop-set", "--set", set_id).stdout.startswith(f"dropped weight set {set_id}")
+    assert weight_sets(daemon) == [] and device_used(daemon) == 0
