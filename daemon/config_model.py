@@ -278,8 +278,8 @@ class Config:
         "device bytes per device that weight sets no engine has joined may keep (least recently used leave "
         "first, to the host pool, else dropped); 0: no limit of their own, they give way to any allocation "
         "or wake that needs the room", "SIZE")
-    weight_sets_shared_with: tuple = _setting(
-        "weight_sets.shared_with", lambda value: sharing_pairs(value), (),
+    weight_sets_shared_with: str = _setting(
+        "weight_sets.shared_with", lambda value: sharing_text(value), "",
         "who may join whose weight sets besides the owner: OWNER:USER pairs, users by name or uid, separated "
         "by spaces or commas (\"alice:bob alice:carol\"); joining engines trust the owner's keys",
         "OWNER:USER ...")
@@ -347,18 +347,22 @@ user_id = _account("user", lambda name: pwd.getpwnam(name).pw_uid)
 group_id = _account("group", lambda name: grp.getgrnam(name).gr_gid)
 
 
-def sharing_pairs(value) -> tuple[tuple[int, int], ...]:
-    """weight_sets.shared_with: "OWNER:USER ..." (or a TOML list of such strings) as (owner uid, user uid) pairs."""
-    words = value if isinstance(value, list) else re.split(r"[\s,]+", value.strip()) if isinstance(value, str) else None
-    if words is None:
-        raise ValueError(f"{value!r} is not a list of OWNER:USER pairs")
+def sharing_text(value) -> str:
+    """weight_sets.shared_with: "OWNER:USER ..." (users by name or uid), written back with uids."""
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a string of OWNER:USER pairs")
+    return " ".join(f"{owner}:{user}" for owner, user in sharing_pairs(value))
+
+
+def sharing_pairs(text: str) -> list[tuple[int, int]]:
+    """(owner uid, user uid) for each OWNER:USER of weight_sets.shared_with."""
     pairs = []
-    for word in filter(None, words):
-        owner, colon, user = word.partition(":") if isinstance(word, str) else ("", "", "")
+    for word in filter(None, re.split(r"[\s,]+", text.strip())):
+        owner, colon, user = word.partition(":")
         if not colon:
             raise ValueError(f"{word!r} is not OWNER:USER")
         pairs.append((user_id(int(owner) if owner.isdigit() else owner), user_id(int(user) if user.isdigit() else user)))
-    return tuple(pairs)
+    return pairs
 
 
 # [models.NAME]: a policy, and the owner it is for (see registry.py: a policy is no prize for a name's first claimant).

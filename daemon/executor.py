@@ -10,7 +10,6 @@ each model a plan changes (operations.py); see there for the lock order.
 
 import contextlib
 import logging
-import threading
 import time
 
 from sleepd import _C
@@ -30,6 +29,7 @@ from .plans import (CancelOffload, CancelRestore, Drop, FinishRestore, KeepAwake
 from .pool import HostPool
 from .regions import Region, RegionState
 from .registry import Registry
+from .restorer import Restorer
 from .room import Room
 from .views import OperationResult
 
@@ -169,7 +169,7 @@ class Executor:
                 run.result(model).evicted += self.make_room(model, dict(needed), f"wake {model.name}", evict,
                                                             run.caller)
             case Materialize(regions=ids):
-                self._materialize(model, self._registry.regions(ids), run.caller)
+                self.materialize(model, self._registry.regions(ids), run.caller)
             case CancelRestore(regions=ids):
                 regions = self._registry.regions(ids)
                 with self.devices_locked(_devices(regions)):
@@ -234,7 +234,7 @@ class Executor:
             raise rank_failure(f"sleep {model.name}", failures)
         model.pause()
 
-    def _materialize(self, model: Model, regions: list[Region], caller: Peer) -> None:
+    def materialize(self, model: Model, regions: list[Region], caller: Peer) -> None:
         """Creates device memory for asleep regions and fills it (backup or zeros)."""
         for region in regions:
             region.begin_restore()
@@ -265,7 +265,8 @@ class Executor:
         """The outgoing steps in order, while a restorer thread materializes the incoming regions as
         the released bytes make room for them."""
         target = self._registry.model(overlapped.incoming.model)
-        restorer = _Restorer(self, target, self._registry.regions(overlapped.incoming.regions), run.caller)
+        restorer = Restorer(self.materialize, self._room, target, self._registry.regions(overlapped.incoming.regions),
+                            run.caller)
         restorer.start()
         within = None
         try:
@@ -416,55 +417,6 @@ class _Run:
 
     def result(self, model: Model) -> OperationResult:
         return self.results.setdefault(model.name, OperationResult(model.name))
-
-
-class _Restorer(threading.Thread):
-    """A swap's incoming side: creates and fills the target's regions as room appears."""
-
-    def __init__(self, executor: Executor, target: Model, regions: list[Region], caller: Peer):
-        super().__init__(name=f"swap-restore-{target.name}", daemon=True)
-        self._executor, self._target, self._pending, self._caller = executor, target, list(regions), caller
-        self._room = threading.Condition()
-        self._senders_done = False
-        self.error: Exception | None = None
-
-    def room_changed(self) -> None:
-        with self._room:
-            self._room.notify_all()
-
-    def finish(self) -> None:
-        """Nothing more goes out: restore what fits, or fail; returns once the thread has ended."""
-        with self._room:
-            self._senders_done = True
-            self._room.notify_all()
-        self.join()
-
-    def run(self) -> None:
-        try:
-            while self._pending:
-                with self._room:
-                    self._room.wait_for(lambda: self._fitting() or self._senders_done)
-                    batch = self._fitting()
-                    if not batch:
-                        raise exhausted(f"swap to {self._target.name}: no room for region {self._pending[0].id} "
-                                        "after the other models slept")
-                # Everything that fits now goes in one request: fewer round trips to the mover.
-                self._executor._materialize(self._target, batch, self._caller)
-                self._pending = self._pending[len(batch):]
-        except Exception as error:  # reported by the swap, which rolls back
-            self.error = error
-
-    def _fitting(self) -> list[Region]:
-        """The longest prefix of what is pending that fits in the room there is now."""
-        room = self._executor._room
-        free = {device: room.room_for(self._target.name, device) for device in {r.device for r in self._pending}}
-        batch = []
-        for region in self._pending:
-            if free[region.device] < region.mapped_size:
-                break
-            free[region.device] -= region.mapped_size
-            batch.append(region)
-        return batch
 
 
 def _asked(model: Model, ranks) -> list:

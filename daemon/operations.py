@@ -36,6 +36,7 @@ from sleepd.common.sizes import format_size
 from . import planner
 from .auth import Peer
 from .backends import DaemonBackend
+from .config_model import sharing_pairs
 from .controllers import Controllers
 from .errors import aborted, exhausted, invalid
 from .executor import Executor
@@ -79,7 +80,7 @@ class Operations:
         self.checkpoint = checkpoints.save
         settings = weight_sets or {}
         shared_with: dict[int, set[int]] = {}
-        for owner, user in settings.get("shared_with", ()):
+        for owner, user in sharing_pairs(settings.get("shared_with", "")):
             shared_with.setdefault(owner, set()).add(user)
         budget = settings.get("kept_budget") or 0
         self.weight_sets = WeightSetOperations(registry, self.executor, pool, authorizer, shared_with,

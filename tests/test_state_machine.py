@@ -10,7 +10,7 @@ import pytest
 from support import MiB, Daemon, by_tag, wait_for
 
 DAEMON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "daemon")
-STATE_MODULES = {"regions.py", "sessions.py", "model.py"}
+STATE_MODULES = {"regions.py", "sessions.py", "model.py", "weight_sets.py"}
 # What the state machines own: a region's state, memory and owner; a rank's condition and whether its
 # engine runs its own sleep; a model's pause and its controller.
 STATE_ATTRIBUTES = {"state", "handle", "backup", "session", "paused", "ended", "_goodbye", "_placeholder",
