@@ -53,6 +53,7 @@ class WeightSetOperations:
             raise invalid(f"a manifest of {len(manifest)} bytes is larger than the {MAX_MANIFEST_BYTES} allowed")
         if not region_ids or len(set(region_ids)) != len(region_ids):
             raise invalid("commit names no regions, or one region twice")
+        self._check_backend()
         with model.lock:
             regions = [self._registry.owned_region(session, region_id) for region_id in region_ids]
             for region in regions:
@@ -76,9 +77,7 @@ class WeightSetOperations:
                                                     lambda owner: self.may_join(session.peer, owner))
         if weight_set is None:
             return None
-        if self._registry.backend.native.shares_tokens:
-            raise precondition(f"{self._registry.backend.name} shares memory by tokens, one process each: weight "
-                               "sets need a backend that shares descriptors")
+        self._check_backend()
         with model.lock, weight_set.lock:
             self._bring_back(weight_set, session.peer)
             views = self._registry.join(session, weight_set)
@@ -90,7 +89,7 @@ class WeightSetOperations:
     def leave(self, session, model, set_id: str) -> list[Region]:
         """The write step: the session's views of the set get memory of their own, a copy of the set's, at
         the same ids; the set keeps its memory for the engines still joined, or as a kept set."""
-        weight_set = self._registry.weight_set(set_id, lambda owner: True)
+        weight_set = self._registry.weight_set(set_id, lambda owner: self.may_join(session.peer, owner))
         with model.lock, weight_set.lock:
             views = [v for v in weight_set.views.values() if v.session is session]
             if not views:
@@ -179,6 +178,12 @@ class WeightSetOperations:
         return None
 
     # ---- how ----
+
+    def _check_backend(self) -> None:
+        backend = self._registry.backend
+        if backend.native.shares_tokens:
+            raise precondition(f"{backend.name} shares memory by tokens, each for one process: weight sets, which "
+                               "several engines map, need a backend that shares descriptors (host, cuda)")
 
     def _kept_on(self, device: int) -> list[WeightSet]:
         return sorted((s for s in self._registry.weight_sets() if s.kept and s.device == device and s.on_device),

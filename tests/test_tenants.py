@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -676,3 +677,52 @@ def test_memory_the_daemon_let_go_of_is_gone_though_a_tenant_kept_its_descriptor
     assert answers["woke_intact"]
     assert daemon.status()["devices"] == status["devices"]
     assert_untouched(daemon, engine, status, report)
+
+
+KEY = "victim's weights: revision abc123, bfloat16, tp 1, rank 0"
+
+
+def test_a_tenant_neither_sees_nor_joins_nor_drops_another_uids_weight_set(victim, start_engine):
+    daemon, engine = victim
+    set_id = engine.request("commit", key=KEY, tags=["weights"])["weight_set"]
+    weights = by_tag(engine.initial)["weights"]["sha256"]
+    tenant = start_engine(daemon, "theirs", regions=[("kv_cache", MiB)], as_uid=OTHER)
+    assert tenant.request("join", key=KEY) == {"found": False}  # as if there were none: nothing to learn
+    assert "no weight sets" in ctl_as(daemon, OTHER, "sets").stdout
+    dropped = ctl_as(daemon, OTHER, "drop-set", "--set", set_id)
+    assert dropped.returncode == 1 and "NOT_FOUND" in dropped.stderr
+    assert by_tag(engine.report())["weights"]["sha256"] == weights
+    assert set_id in daemon.ctl("sets").stdout
+
+
+def test_an_owner_shares_weight_sets_with_a_uid_the_operator_names(shared_daemon, start_engine):
+    daemon = shared_daemon("--weight-sets-shared-with", f"0:{OTHER}")
+    engine = start_engine(daemon, "victim", regions=[("weights", 4 * MiB), ("kv_cache", 2 * MiB)])
+    set_id = engine.request("commit", key=KEY, tags=["weights"])["weight_set"]
+    tenant = start_engine(daemon, "theirs", regions=[("kv_cache", MiB)], as_uid=OTHER)
+    joined = tenant.request("join", key=KEY)
+    assert joined["found"] and joined["weight_set"] == set_id
+    assert by_tag(tenant.report())["weights"]["sha256"] == by_tag(engine.initial)["weights"]["sha256"]
+    # Still root's: counted against root, listed to the tenant only as far as it joined it.
+    assert "no weight sets" in ctl_as(daemon, OTHER, "sets").stdout
+    assert "theirs rank 0" in daemon.ctl("sets").stdout
+    index = [r["tag"] for r in tenant.report()["regions"]].index("weights")
+    tenant.send("poke", index=index)
+    assert tenant.process.wait(timeout=30) == -signal.SIGSEGV, "the tenant maps root's weights read-only"
+    assert by_tag(engine.report())["weights"]["sha256"] == by_tag(engine.initial)["weights"]["sha256"]
+
+
+def test_a_tenants_kept_weight_sets_give_way_before_its_own_allocation_is_refused(shared_daemon, start_engine,
+                                                                                   tmp_path):
+    config = tmp_path / "sleepd.toml"
+    config.write_text('[quotas.default]\ndevice = "8MiB"\n')
+    config.chmod(0o644)
+    daemon = shared_daemon("--config", str(config))
+    loader = start_engine(daemon, "loader", regions=[("weights", 4 * MiB)], as_uid=OTHER)
+    loader.request("commit", key=KEY, tags=["weights"])
+    loader.close()
+    wait_for(lambda: "none: kept" in daemon.ctl("sets").stdout, what="the tenant's set kept")
+    # 4 MiB kept + 6 MiB asked > its 8 MiB: its kept set goes to the host pool instead of a refusal.
+    server = start_engine(daemon, "server", regions=[("kv_cache", 6 * MiB)], as_uid=OTHER)
+    assert server.report()["regions"][0]["state"] == "mapped"
+    assert json.loads(daemon.ctl("--json", "sets").stdout)["weightSets"][0]["where"] == "host"

@@ -187,3 +187,79 @@ def test_sleepctl_drops_a_kept_set_and_refuses_a_joined_one(daemon, start_engine
     wait_for(lambda: "none: kept" in daemon.ctl("sets").stdout, what="the set kept")
     assert daemon.ctl("drop-set", "--set", set_id).stdout.startswith(f"dropped weight set {set_id}")
     assert weight_sets(daemon) == [] and device_used(daemon) == 0
+
+
+def test_bad_commits_and_joins_are_refused_in_one_line_and_change_nothing(daemon, start_engine):
+    engine = start_engine(daemon, "qwen", regions=[("weights", WEIGHTS), ("kv_cache", 2 * MiB)], seed=1)
+    other = start_engine(daemon, "other", regions=[("weights", MiB)], seed=2)
+    client = engine_stub(daemon, engine)
+    ids = [r["id"] for r in engine.initial["regions"]]
+    refusals = {
+        "a key too long": client.commit(ids[:1], b"k" * 4097, b""),
+        "no key": client.commit(ids[:1], b"", b""),
+        "a manifest too large": client.commit(ids[:1], b"key", b"m" * ((1 << 20) + 1)),
+        "no regions": client.commit([], b"key", b""),
+        "a region twice": client.commit([ids[0], ids[0]], b"key", b""),
+        "another engine's region": client.commit([other.initial["regions"][0]["id"]], b"key", b""),
+        "a region that does not exist": client.commit([10 ** 9], b"key", b""),
+        "a join with a key too long": client.join(b"k" * 4097),
+        "a leave of a set that does not exist": client.leave("\x1b[2Jnope"),
+    }
+    for what, (code, message) in refusals.items():
+        assert code in ("INVALID_ARGUMENT", "NOT_FOUND"), (what, code, message)
+        assert "\n" not in message and "\x1b" not in message and len(message) < 300, (what, message)
+    assert weight_sets(daemon) == []
+    assert engine.report()["regions"] == engine.initial["regions"]
+
+    daemon.ctl("sleep", "--model", "qwen")
+    code, message = client.commit(ids[:1], b"key", b"")
+    assert code == "FAILED_PRECONDITION" and "awake" in message, "an asleep region cannot go into a set"
+    daemon.ctl("wake", "--model", "qwen")
+    engine.request("commit", key=KEY, tags=["weights"])
+    again = start_engine(daemon, "again", regions=[("weights", WEIGHTS)], seed=1)
+    code, message = engine_stub(daemon, again).commit([again.initial["regions"][0]["id"]], KEY.encode(), b"")
+    assert code == "ALREADY_EXISTS" and "join it instead" in message
+
+
+class engine_stub:
+    """Requests in an engine's name (its session id, over the daemon's socket), as a buggy or hostile
+    engine would send them past the client's checks: each returns (status code name, details)."""
+
+    def __init__(self, daemon, engine):
+        import grpc
+
+        from sleepd.client.control import control_channel
+        from sleepd.proto import sleepd_pb2 as pb
+        from sleepd.proto import sleepd_pb2_grpc as pb_grpc
+
+        self._grpc, self._pb = grpc, pb
+        self._session = engine.request("session")["session_id"]
+        channel, self._fd_socket = control_channel(daemon.socket)
+        self._stub = pb_grpc.SleepdStub(channel)
+
+    def _call(self, method, request):
+        try:
+            getattr(self._stub, method)(request, timeout=30)
+        except self._grpc.RpcError as error:
+            return error.code().name, error.details()
+        return "OK", ""
+
+    def commit(self, region_ids, key, manifest):
+        return self._call("CommitWeights", self._pb.CommitWeightsRequest(
+            session_id=self._session, region_ids=region_ids, key=key, manifest=manifest))
+
+    def join(self, key):
+        return self._call("JoinWeights", self._pb.JoinWeightsRequest(session_id=self._session, key=key))
+
+    def leave(self, set_id):
+        return self._call("LeaveWeights", self._pb.LeaveWeightsRequest(session_id=self._session, weight_set=set_id))
+
+
+@pytest.mark.parametrize("backend", ["acl"], indirect=True)
+def test_a_token_backend_refuses_to_share_weights_and_keeps_the_engines_own(daemon, start_engine):
+    """ACL shares memory by tokens, each for one process: a set cannot be mapped by several."""
+    writer = start_engine(daemon, "qwen", regions=[("weights", WEIGHTS)], seed=1)
+    for refused in (writer.request("commit", key=KEY), writer.request("join", key=KEY)):
+        assert refused["code"] == "FAILED_PRECONDITION" and "tokens" in refused["error"], refused
+    assert writer.report()["regions"] == writer.initial["regions"]
+    assert writer.request("write", index=0, seed=3) == {}, "its weights stayed its own"
