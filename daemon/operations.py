@@ -258,9 +258,10 @@ class Operations:
             model.touch()
             view = model.view()
             plan = planner.wake(view, tags, evict)
-            with self.reserved(plan), self.weight_sets.awake(planner.weight_sets_of(planner.asleep_regions(view, tags)),
-                                                             caller):
+            shared = planner.weight_sets_of(planner.asleep_regions(view, tags))
+            with self.reserved(plan), self.weight_sets.awake(shared, caller) as restored_for_it:
                 result = self.executor.run(plan, caller)[model.name]
+            result.bytes_restored += restored_for_it
             result.sleeping = model.sleeping
         result.seconds = time.perf_counter() - started
         self.reporter.woke(model, tags, result)

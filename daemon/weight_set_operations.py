@@ -73,11 +73,11 @@ class WeightSetOperations:
         """The session's new views of the newest set keyed `key` it may use on its device; None where there
         is none. A set whose memory is in the host pool comes back to the device first."""
         _check_key(key)
+        self._check_backend()
         weight_set = self._registry.find_weight_set(key, session.device,
                                                     lambda owner: self.may_join(session.peer, owner))
         if weight_set is None:
             return None
-        self._check_backend()
         with model.lock, weight_set.lock:
             self._bring_back(weight_set, session.peer)
             views = self._registry.join(session, weight_set)
@@ -123,13 +123,15 @@ class WeightSetOperations:
 
     @contextlib.contextmanager
     def awake(self, set_ids, caller: Peer):
-        """While the block runs (a wake of engines that joined them), the sets are on the device and stay there."""
+        """While the block runs (a wake of engines that joined them), the sets are on the device and stay there.
+        Yields the bytes brought back from the host pool for it."""
         sets = [s for s in self._registry.weight_sets() if s.id in set_ids]
         with contextlib.ExitStack() as stack:
+            restored = 0
             for weight_set in sets:
                 stack.enter_context(weight_set.lock)
-                self._bring_back(weight_set, caller)
-            yield
+                restored += self._bring_back(weight_set, caller)
+            yield restored
 
     def settle(self, set_ids) -> None:
         """After engines slept: each set none of its engines maps any longer goes to the host pool. One that
@@ -189,12 +191,13 @@ class WeightSetOperations:
         return sorted((s for s in self._registry.weight_sets() if s.kept and s.device == device and s.on_device),
                       key=lambda s: s.last_used)
 
-    def _bring_back(self, weight_set: WeightSet, caller: Peer) -> None:
-        """The set's memory on the device again (the caller holds its lock)."""
+    def _bring_back(self, weight_set: WeightSet, caller: Peer) -> int:
+        """The set's memory on the device again (the caller holds its lock); returns the bytes restored."""
         regions = _snapshot(weight_set)
         if all(region.holds_memory for region in regions):
-            return
-        self._executor.run(planner.wake_weight_set(weight_set.name, regions), caller)
+            return 0
+        results = self._executor.run(planner.wake_weight_set(weight_set.name, regions), caller)
+        return results[weight_set.name].bytes_restored
 
     def _offload(self, weight_set: WeightSet, why: str) -> bool:
         """To the host pool (the caller holds its lock); False where the pool has no room."""

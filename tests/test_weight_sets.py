@@ -9,7 +9,7 @@ import signal
 import pytest
 
 from kernel import memfd_bytes, shmem_bytes
-from support import MiB, by_tag, wait_for
+from support import MiB, by_tag, scrape, value, wait_for
 
 WEIGHTS = 3 * MiB + 123
 KEY = '{"model": "qwen", "revision": "abc123", "dtype": "bfloat16", "tp": 1, "rank": 0}'
@@ -260,6 +260,27 @@ def test_a_token_backend_refuses_to_share_weights_and_keeps_the_engines_own(daem
     """ACL shares memory by tokens, each for one process: a set cannot be mapped by several."""
     writer = start_engine(daemon, "qwen", regions=[("weights", WEIGHTS)], seed=1)
     for refused in (writer.request("commit", key=KEY), writer.request("join", key=KEY)):
-        assert refused["code"] == "FAILED_PRECONDITION" and "tokens" in refused["error"], refused
+        assert refused.get("code") == "FAILED_PRECONDITION" and "tokens" in refused["error"], refused
     assert writer.report()["regions"] == writer.initial["regions"]
     assert writer.request("write", index=0, seed=3) == {}, "its weights stayed its own"
+
+
+def test_metrics_give_weight_set_bytes_by_state_and_where_and_the_joins(daemon, start_engine):
+    first, set_id, _ = committed(daemon, start_engine)
+    second = start_engine(daemon, "qwen-b", regions=[], seed=2)
+    second.request("join", key=KEY)
+    size = int(weight_sets(daemon)[0]["bytes"])
+    samples = scrape(daemon)
+    assert value(samples, "sleepd_weight_set_bytes", state="joined", where="device") == size
+    assert value(samples, "sleepd_weight_set_bytes", state="kept", where="device") == 0
+    assert value(samples, "sleepd_weight_set_joins_total") == 1
+
+    daemon.ctl("sleep", "--model", "qwen")
+    daemon.ctl("sleep", "--model", "qwen-b")
+    assert value(scrape(daemon), "sleepd_weight_set_bytes", state="joined", where="host") == size
+    first.kill()  # an engine killed while joined: one fewer, the other wakes on the set as before
+    daemon.ctl("wake", "--model", "qwen-b")
+    assert by_tag(second.report())["weights"]["sha256"] == by_tag(first.initial)["weights"]["sha256"]
+    second.close()
+    wait_for(lambda: value(scrape(daemon), "sleepd_weight_set_bytes", state="kept", where="device") == size,
+             what="the set kept")

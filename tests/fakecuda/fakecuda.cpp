@@ -19,6 +19,9 @@
 //  * an imported handle does not take ownership of the descriptor;
 //  * CUDA_VISIBLE_DEVICES picks and renumbers the GPUs a process sees, and
 //    UUIDs name the GPU whatever its ordinal.
+//  * a copy or memset that would write memory mapped with read access only
+//    (cuMemSetAccess PROT_READ) faults: ILLEGAL_ADDRESS, and every later call of
+//    the process fails the same way, as after a GPU fault.
 // Stricter than the driver: cuMemSetAccess refuses to open memory to a device
 // other than the GPU it lives on (a driver with peer access would allow it,
 // and the engine would silently compute on another GPU's memory).
@@ -295,10 +298,18 @@ CUresult context_error() {
   return current_context ? SUCCESS : INVALID_CONTEXT;
 }
 
-// Injects the fault the control file asks for, before a copy is issued.
-CUresult fault_before_copy() {
+// Mappings whose access is read-only (cuMemSetAccess with PROT_READ): address -> size.
+std::map<CUdeviceptr, size_t> read_only;
+
+// Injects the fault the control file asks for, before a copy is issued; a copy that would write
+// memory mapped read-only faults as a GPU's would: an illegal address, and the context broken for good.
+CUresult fault_before_copy(CUdeviceptr written = 0, size_t size = 0) {
   if (long error = knob("sticky_fault")) sticky_error = static_cast<CUresult>(error);
-  return context_error();
+  if (CUresult error = context_error()) return error;
+  std::lock_guard<std::mutex> lock(mutex);
+  for (const auto& [start, length] : read_only)
+    if (written < start + length && start < written + size) return sticky_error = ILLEGAL_ADDRESS;
+  return SUCCESS;
 }
 
 // The caller holds `mutex`.
@@ -570,6 +581,10 @@ CUresult cuMemSetAccess(CUdeviceptr address, size_t size, const CUmemAccessDesc*
   auto mapped = --mapped_gpu.upper_bound(address);
   if (mapped->second != visible[desc->location.id]) return INVALID_DEVICE;
   int prot = desc->flags == 3 ? PROT_READ | PROT_WRITE : desc->flags == 1 ? PROT_READ : PROT_NONE;
+  if (desc->flags == 1)
+    read_only[address] = size;
+  else
+    read_only.erase(address);
   return mprotect(reinterpret_cast<void*>(address), size, prot) == 0 ? SUCCESS : OUT_OF_MEMORY;
 }
 
@@ -582,13 +597,14 @@ CUresult cuMemUnmap(CUdeviceptr address, size_t size) {
        -1, 0);
   mappings.erase(it);
   mapped_gpu.erase(address);
+  read_only.erase(address);
   counters.live_mappings--;
   write_counters();
   return SUCCESS;
 }
 
 CUresult cuMemcpy(CUdeviceptr dst, CUdeviceptr src, size_t size) {
-  if (CUresult error = context_error()) return error;
+  if (CUresult error = fault_before_copy(dst, size)) return error;
   std::memcpy(reinterpret_cast<void*>(dst), reinterpret_cast<void*>(src), size);
   return SUCCESS;
 }
@@ -605,7 +621,7 @@ CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t size, CUstream 
 }
 
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t size, CUstream stream) {
-  if (CUresult error = fault_before_copy()) return error;
+  if (CUresult error = fault_before_copy(dst, size)) return error;
   enqueue(reinterpret_cast<Stream*>(stream), [=] {
     host_copy(static_cast<char*>(const_cast<void*>(src)), reinterpret_cast<char*>(dst), size, false);
   });
@@ -615,7 +631,7 @@ CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t size, CUs
 }
 
 CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t size, CUstream stream) {
-  if (CUresult error = fault_before_copy()) return error;
+  if (CUresult error = fault_before_copy(dst, size)) return error;
   enqueue(reinterpret_cast<Stream*>(stream), [=] { std::memset(reinterpret_cast<void*>(dst), value, size); });
   return SUCCESS;
 }

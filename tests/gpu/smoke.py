@@ -212,12 +212,15 @@ def roundtrip(args) -> dict:
     say(f"process {os.getpid()} (no context): created and exported {ROUNDTRIP_BYTES // MiB} MiB")
     try:
         child("import", fd, ROUNDTRIP_BYTES)
+        read_only = any(line.startswith(READ_ONLY_HONOURED) for line in child("readonly", fd, ROUNDTRIP_BYTES))
     finally:
         os.close(fd)
         backend.release(handle)
     outlived = outliving_its_creator()
     return {"roundtrip_bytes": figure("round trip through two processes", ROUNDTRIP_BYTES // MiB, "MiB"),
-            "outlived_bytes": figure("memory that outlived its creator, read back whole", outlived // MiB, "MiB")}
+            "outlived_bytes": figure("memory that outlived its creator, read back whole", outlived // MiB, "MiB"),
+            "read_only_mapping": figure("a weight set's read-only mapping refuses a write (1) or the driver "
+                                        "maps read-write (0)", int(read_only))}
 
 
 def outliving_its_creator() -> int:
@@ -306,8 +309,8 @@ def _alive(pid: int) -> bool:
     return not open(f"/proc/{pid}/stat").read().split(") ")[-1].startswith("Z")
 
 
-def child(role: str, fd: int, size: int) -> None:
-    """Runs this file as `role` with `fd`; its failure becomes ours."""
+def child(role: str, fd: int, size: int) -> list[str]:
+    """Runs this file as `role` with `fd`; its failure becomes ours. Returns the lines it said."""
     process = subprocess.run([sys.executable, __file__, role, "--fd", str(fd), "--size", str(size)], pass_fds=[fd],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
     lines = process.stdout.splitlines()
@@ -316,6 +319,7 @@ def child(role: str, fd: int, size: int) -> None:
     if process.returncode != 0:
         failed = [line for line in lines if line.startswith("failed: ")]
         raise Failed(failed[-1][len("failed: "):] if failed else f"the {role} process exited {process.returncode}")
+    return lines
 
 
 def importer(args) -> None:
@@ -360,6 +364,29 @@ def reimporter(args) -> None:
     backend.free_reservation(address, args.size)
     backend.release(imported)
     say(f"process {os.getpid()}: imported the re-exported handle and read the same bytes")
+
+
+READ_ONLY_HONOURED = "read-only mapping honoured"
+
+
+def read_only_mapper(args) -> None:
+    """How a weight set's engine maps it (issue 22): cuMemSetAccess with read access only. cuda.h documents
+    the flag without saying device mappings honour it; this says which, reads back the bytes, and tries a
+    write, which must fail. Last in its process: a refused write may leave the context unusable."""
+    backend = engine_backend("cuda", 0)
+    imported = backend.import_handle(args.fd, 0, args.size)
+    address = backend.reserve(args.size)
+    if not backend.map_read_only(address, args.size, imported, 0):
+        say("the driver refused a read-only mapping: weight sets are mapped read-write on this node")
+        return
+    check(backend.read(address, 4096) == pattern(0, 4096), "a read-only mapping reads other bytes")
+    try:
+        backend.write(address, b"\xa5" * 4096)
+        backend.synchronize()
+    except Exception as error:
+        say(f"{READ_ONLY_HONOURED}: a write was refused ({type(error).__name__}: {error})")
+        return
+    raise Failed("a write into a read-only mapping succeeded: weight sets are not protected on this node")
 
 
 # ---- 3: the mover ----
@@ -505,7 +532,7 @@ def other_device_routing(torch, daemon, client_class) -> str:
 
 
 STAGES = {"presence": presence, "driver": driver, "roundtrip": roundtrip, "mover": mover, "torch": torch_routing}
-ROLES = {"import": importer, "reimport": reimporter, "create": creator, "hold": holder}
+ROLES = {"import": importer, "reimport": reimporter, "create": creator, "hold": holder, "readonly": read_only_mapper}
 
 
 def main() -> int:
