@@ -157,7 +157,7 @@ def test_checksums_cross_the_movers_socket_and_the_state_file_as_they_were_taken
     assert parse_checksums(checksums_text(checksums)) == checksums
     copy = Copy((RegionCopy(RESTORE, 3 * MiB, (Piece(0, 0, 3 * MiB),), token=7, checksums=checksums),))
     assert decode_request(*copy.encode()) == copy
-    done = Done(0.5, ((1, 2), ()))
+    done = Done(0.5, ((1, 2), ()), checking_seconds=0.25)
     assert decode_reply(*done.encode()) == done
     failed = Failed("block 1 differs", mismatch=Mismatch(0, 16 * MiB, MiB))
     assert decode_reply(*failed.encode()) == failed
