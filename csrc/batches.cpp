@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <exception>
 #include <thread>
 
@@ -10,30 +11,43 @@ namespace sleepd {
 
 namespace {
 
-// Creating and releasing memory is mostly the kernel's or the driver's work, which
-// runs in parallel; a batch this large is split across a few threads.
-constexpr size_t kParallelFrom = 64;
+// Creating and releasing memory is mostly the kernel's or the driver's work, which runs in
+// parallel: a few large regions gain as much as many small ones (on a host backend, committing or
+// freeing 1 GiB of pages is several times a memcpy of it), so any batch of two or more is shared out.
 constexpr unsigned kMaxThreads = 4;
 
-// Runs work(begin, end) over slices of [0, count), in parallel for large counts;
-// rethrows the first failure once every slice has finished.
+// Runs work(i) for each i in [0, count), on a few threads that each take the next index left, so
+// that one large item does not leave the others idle; rethrows the first failure once all have finished.
+// After a failure, items not yet started are tried only if `keep_going`.
 template <typename Work>
-void in_slices(size_t count, Work work) {
-  unsigned threads = std::min(kMaxThreads, std::max(1u, std::thread::hardware_concurrency()));
-  if (count < kParallelFrom || threads == 1) {
-    work(size_t{0}, count);
+void in_parallel(size_t count, bool keep_going, Work work) {
+  unsigned threads = static_cast<unsigned>(
+      std::min<size_t>({kMaxThreads, std::max(1u, std::thread::hardware_concurrency()), count}));
+  if (threads <= 1) {
+    std::exception_ptr first;
+    for (size_t i = 0; i < count && (keep_going || !first); ++i) {
+      try {
+        work(i);
+      } catch (...) {
+        if (!first) first = std::current_exception();
+      }
+    }
+    if (first) std::rethrow_exception(first);
     return;
   }
+  std::atomic<size_t> next{0};
+  std::atomic<bool> failed{false};
   std::vector<std::exception_ptr> failures(threads);
   std::vector<std::thread> workers;
-  size_t slice = (count + threads - 1) / threads;
   for (unsigned t = 0; t < threads; ++t) {
-    size_t begin = std::min(count, t * slice), end = std::min(count, begin + slice);
-    workers.emplace_back([&, t, begin, end] {
-      try {
-        work(begin, end);
-      } catch (...) {
-        failures[t] = std::current_exception();
+    workers.emplace_back([&, t] {
+      for (size_t i = next++; i < count && (keep_going || !failed); i = next++) {
+        try {
+          work(i);
+        } catch (...) {
+          if (!failures[t]) failures[t] = std::current_exception();
+          failed = true;
+        }
       }
     });
   }
@@ -46,13 +60,11 @@ void in_slices(size_t count, Work work) {
 
 std::vector<Handle> create_all(Backend& backend, const std::vector<Creation>& creations) {
   std::vector<Handle> handles(creations.size());
-  std::vector<char> created(creations.size(), 0);  // not vector<bool>: slices write it from several threads
+  std::vector<char> created(creations.size(), 0);  // not vector<bool>: several threads write it
   try {
-    in_slices(creations.size(), [&](size_t begin, size_t end) {
-      for (size_t i = begin; i < end; ++i) {
-        handles[i] = backend.create(creations[i].device, creations[i].size, creations[i].label);
-        created[i] = 1;
-      }
+    in_parallel(creations.size(), /*keep_going=*/false, [&](size_t i) {
+      handles[i] = backend.create(creations[i].device, creations[i].size, creations[i].label);
+      created[i] = 1;
     });
   } catch (...) {
     std::vector<Handle> made;
@@ -65,18 +77,7 @@ std::vector<Handle> create_all(Backend& backend, const std::vector<Creation>& cr
 }
 
 void release_all(Backend& backend, const std::vector<Handle>& handles) {
-  // Each slice releases all of its handles before it reports its first failure.
-  in_slices(handles.size(), [&](size_t begin, size_t end) {
-    std::exception_ptr first;
-    for (size_t i = begin; i < end; ++i) {
-      try {
-        backend.release(handles[i]);
-      } catch (...) {
-        if (!first) first = std::current_exception();
-      }
-    }
-    if (first) std::rethrow_exception(first);
-  });
+  in_parallel(handles.size(), /*keep_going=*/true, [&](size_t i) { backend.release(handles[i]); });
 }
 
 namespace {

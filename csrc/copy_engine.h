@@ -26,5 +26,7 @@ void take_checksums(const void* data, size_t size, uint32_t* out);
 // Checks the blocks of `size` bytes at `data` against checksums[first...], split across threads;
 // ChecksumMismatch names the first block that differs, counted from checksums[0].
 void check_checksums(const void* data, size_t size, const Checksums& checksums, size_t first);
+// Seconds this process has spent checking checksums (pwrite_all's and check_checksums'), all threads added up.
+double checking_seconds();
 
 }  // namespace sleepd

@@ -416,6 +416,8 @@ void bind_checksums(py::module_& m) {
       py::arg("data"), py::arg("portable") = false,
       "The CRC32C of a bytes-like object, as backups are checksummed (portable: without the CPU's instructions).");
   m.def("crc32c_in_hardware", &crc32c_in_hardware, "Whether checksums run on the CPU's CRC32 instructions here.");
+  m.def("checksum_checking_seconds", &checking_seconds,
+        "Seconds this process has spent checking backups against their checksums, all threads added up.");
 }
 
 void bind_copy_engine(py::module_& m) {

@@ -399,9 +399,11 @@ class Executor:
         by_device: dict[int, list[CopyJob]] = {}
         for job in jobs:
             by_device.setdefault(job.device, []).append(job)
+        checking = 0.0
         for device, device_jobs in sorted(by_device.items()):
-            self.movers[device].run(device_jobs)
+            checking += self.movers[device].run(device_jobs)
         if self._metrics:
+            self._metrics.verify_seconds.inc(checking)
             for job in jobs:
                 self._metrics.bytes_moved.labels(direction=job.direction).inc(job.size)
                 if job.direction == RESTORE and job.backup.checksums:

@@ -142,7 +142,8 @@ def _claim(cfg: config.Config) -> _Claimed:
                         state.get("backend"), backend.name)
             state = None
         pool = HostPool(cfg.host_pool_dir, cfg.host_pool_budget, prefault=cfg.host_pool_prefault,
-                        keep=backup_pieces(state) if state else None)
+                        keep=backup_pieces(state) if state else None,
+                        keep_freed_seconds=cfg.host_pool_keep_freed_seconds)
     except UnsafePath as error:
         log.critical("%s", error)
         sys.exit(config.EXIT_CONFIG)

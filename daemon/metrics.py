@@ -40,6 +40,9 @@ class Metrics:
         self.damaged_backups = Counter("sleepd_damaged_backups", "Backups a wake found not as they were written "
                                        "(a checksum mismatch, a truncated slab): the wake failed, the backup kept.",
                                        registry=None)
+        self.verify_seconds = Counter("sleepd_verify_seconds", "Time the movers spent checking backups against "
+                                      "their checksums, the threads of a copy added up: what verification costs, "
+                                      "beside sleepd_verified_bytes_total.", registry=None)
         self.errors = Counter("sleepd_errors", "Requests refused or failed, by operation and gRPC code.",
                               ["operation", "code"], registry=None)
         self.evictions = Counter("sleepd_evictions", "Models put to sleep by the daemon, by reason.",
@@ -54,8 +57,8 @@ class Metrics:
 
         self.node = CollectorRegistry()       # for anyone
         self.everything = CollectorRegistry()  # for the token's bearer
-        for metric in (self.bytes_moved, self.verified_bytes, self.damaged_backups, self.errors, self.weight_set_joins,
-                       self.weight_set_evictions):
+        for metric in (self.bytes_moved, self.verified_bytes, self.verify_seconds, self.damaged_backups, self.errors,
+                       self.weight_set_joins, self.weight_set_evictions):
             self.node.register(metric)
             self.everything.register(metric)
         for metric in (self.sleep_seconds, self.wake_seconds, self.wake_wait, self.evictions, self.ranks_lost):

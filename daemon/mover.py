@@ -115,17 +115,20 @@ class Mover:
             self._channels[direction].socket = ours
         self._registered = {direction: set() for direction in self._channels}
 
-    def run(self, jobs: list[CopyJob]) -> None:
+    def run(self, jobs: list[CopyJob]) -> float:
         """Runs the copies, raising SleepdError(UNAVAILABLE) if the mover fails or dies, and
-        BackupDamaged if a backup to restore is not as it was written."""
+        BackupDamaged if a backup to restore is not as it was written. Returns the seconds the
+        mover spent checking backups against their checksums."""
         for job in jobs:
             cut = self._pool.cut_short(job.backup) if job.direction == RESTORE else None
             if cut:  # the mover would fault reading past the end of the file
                 raise BackupDamaged(job, cut[0], f"was cut short: {cut[1]}")
+        checking = []
         for direction in (OFFLOAD, RESTORE):
             batch = [job for job in jobs if (job.direction == OFFLOAD) == (direction == OFFLOAD)]
             if batch:
-                self._call(direction, lambda channel, batch=batch: self._copy(channel, batch))
+                self._call(direction, lambda channel, batch=batch: checking.append(self._copy(channel, batch)))
+        return sum(checking)
 
     def register_pool(self) -> None:
         """Hands the mover every pool slab now (it maps and pins each once), rather than at the first sleep."""
@@ -187,19 +190,20 @@ class Mover:
                 self._request(self._channels[direction], AddSlab(slab.index, slab.size, self._pool.prefault, slab.fd))
                 self._registered[direction].add(slab.index)
 
-    def _copy(self, channel: _Channel, jobs: list[CopyJob]) -> None:
+    def _copy(self, channel: _Channel, jobs: list[CopyJob]) -> float:
+        """Returns the seconds spent checking checksums."""
         started = time.perf_counter()
-        batch, blocks = [], 0
+        batch, blocks, checking = [], 0, 0.0
         for job in jobs:
             # At most one checksum per CHECKSUM_BLOCK of the region, plus one per piece for the piece's last.
             count = job.size // _C.CHECKSUM_BLOCK + (len(job.backup.pieces) if job.backup else 0)
             if batch and (len(batch) == _BATCH or blocks + count > _BATCH_BLOCKS):
-                self._run_batch(channel, batch)
+                checking += self._run_batch(channel, batch)
                 batch, blocks = [], 0
             batch.append(job)
             blocks += count
         if batch:
-            self._run_batch(channel, batch)
+            checking += self._run_batch(channel, batch)
         elapsed = time.perf_counter() - started
         moved = sum(job.size for job in jobs)
         if elapsed > 0 and moved >= 16 << 20:  # small copies say more about latency than throughput
@@ -207,8 +211,9 @@ class Mover:
             rate = moved / elapsed
             previous = self.throughput[direction]
             self.throughput[direction] = rate if not previous else 0.5 * previous + 0.5 * rate
+        return checking
 
-    def _run_batch(self, channel: _Channel, jobs: list[CopyJob]) -> None:
+    def _run_batch(self, channel: _Channel, jobs: list[CopyJob]) -> float:
         def region_copy(job: CopyJob, **memory) -> RegionCopy:
             return RegionCopy(job.direction, job.size, tuple(job.backup.pieces if job.backup else ()), **memory,
                               checksums=job.backup.checksums if job.direction == RESTORE else ())
@@ -240,6 +245,7 @@ class Mover:
         for job, checksums in zip(jobs, done.checksums):
             if job.direction == OFFLOAD:
                 job.backup.checksums = checksums
+        return done.checking_seconds
 
     def _request(self, channel: _Channel, request: AddSlab | Identify | Copy) -> Done | Identified:
         wire.send(channel.socket, *request.encode())
@@ -344,8 +350,11 @@ def _serve(sock: socket.socket, process: _MoverProcess) -> None:
                 case Identify():
                     reply = Identified(process.device_pid())
                 case Copy() as request:
+                    # Only restores check, one at a time: what this process's counter gained is theirs.
+                    checked_before = _C.checksum_checking_seconds()
                     checksums = process.copy(request)
-                    reply = Done(time.perf_counter() - started, checksums)
+                    reply = Done(time.perf_counter() - started, checksums,
+                                 _C.checksum_checking_seconds() - checked_before)
         except _C.ContextLostError as error:  # a GPU fault: no later call in this process can succeed
             reply = Failed(f"{type(error).__name__}: {error}", context_lost=True)
         except _Damaged as damaged:

@@ -150,18 +150,21 @@ class Done:
     seconds: float  # how long the mover took
     # A Copy's: per region, in order, the checksums of what an offload wrote into the pool (else none).
     checksums: tuple[tuple[int, ...], ...] = ()
+    checking_seconds: float = 0.0  # a restore's: time its threads spent checking checksums, added up
 
     def encode(self) -> tuple[dict, list[int]]:
-        return {"ok": True, "seconds": self.seconds, "checksums": [checksums_text(c) for c in self.checksums]}, []
+        return {"ok": True, "seconds": self.seconds, "checksums": [checksums_text(c) for c in self.checksums],
+                "checking_seconds": self.checking_seconds}, []
 
     @classmethod
     def decode(cls, frame: dict) -> "Done":
         seconds, checksums = frame.get("seconds"), frame.get("checksums")
-        if type(seconds) not in (int, float):
-            raise wire.ProtocolError("a mover's done needs its seconds")
+        checking = frame.get("checking_seconds", 0.0)
+        if type(seconds) not in (int, float) or type(checking) not in (int, float) or checking < 0:
+            raise wire.ProtocolError("a mover's done needs its seconds, and checking seconds of 0 or more")
         if not isinstance(checksums, list):
             raise wire.ProtocolError("a mover's done needs a list of checksums")
-        return cls(seconds, tuple(_checksums(text, "a mover's done") for text in checksums))
+        return cls(seconds, tuple(_checksums(text, "a mover's done") for text in checksums), float(checking))
 
 
 @dataclass(frozen=True)

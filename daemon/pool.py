@@ -5,18 +5,23 @@ The pool is a few large slab files rather than a file per backup, so that a
 mover maps (and on a GPU, pins) each slab once and reuses it for every sleep.
 A backup is a list of pieces of slabs, with the checksums the mover took of
 what it wrote there (CRC32C, one per CHECKSUM_BLOCK bytes of each piece), which
-the restore checks before any engine uses the bytes. Freed pieces give their pages back to
-the kernel unless the pool is pre-faulted, in which case it keeps them so the
-next sleep runs without page faults, or a mover has pinned their slab: a pin
-holds the pages it found until the mover exits, so a range punched out of the
-file would leave later copies landing on pages the file no longer has (a new
-mover or daemon would read zeros), and would return no memory anyway.
+the restore checks before any engine uses the bytes.
+
+Freed pieces keep their pages for `keep_freed_seconds` after the last free, then
+give them back to the kernel: a sleep that follows a wake (a training loop's
+step) then copies into pages that exist, which on a 4 KiB-page host costs a
+fraction of faulting fresh ones in. They keep them for good if the pool is
+pre-faulted, or if a mover has pinned their slab: a pin holds the pages it found
+until the mover exits, so a range punched out of the file would leave later
+copies landing on pages the file no longer has (a new mover or daemon would read
+zeros), and would return no memory anyway.
 """
 
 import logging
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 
 from sleepd import _C
@@ -112,7 +117,7 @@ class Slab:
 
 class HostPool:
     def __init__(self, directory: str, budget: int, slab_size: int = 1 << 30, prefault: bool = False,
-                 keep: list[list[Piece]] | None = None):
+                 keep: list[list[Piece]] | None = None, keep_freed_seconds: float = 0.0):
         """`keep`: the pieces of backups a restarted daemon recovers; the slab files
         holding them are reopened. Without it, slabs left by an earlier daemon are removed.
         Raises UnsafePath when the directory or a slab there may not be the daemon's own."""
@@ -121,9 +126,15 @@ class HostPool:
         self.budget = budget
         self.prefault = prefault
         self._slab_size = _round_up(min(slab_size, max(budget, PAGE)), PAGE)
+        self.keep_freed_seconds = keep_freed_seconds
         self._lock = threading.Lock()
         self._slabs: list[Slab] = []
         self._used = 0
+        # Freed pages not yet given back: since when the last piece was freed, and who gives them back.
+        self._freed = threading.Condition(self._lock)
+        self._last_freed: float | None = None
+        self._closing = False
+        self._returner: threading.Thread | None = None
         try:
             if keep is None:
                 self._remove_stale_slabs()
@@ -198,13 +209,47 @@ class HostPool:
             for piece in backup.pieces:
                 slab = self._slabs[piece.slab]
                 if not (self.prefault or slab.pinned):
-                    _C.punch_hole(slab.fd, piece.offset, piece.length)
+                    if self.keep_freed_seconds:
+                        self._last_freed = time.monotonic()
+                    else:
+                        _C.punch_hole(slab.fd, piece.offset, piece.length)
                 slab.release_extent(piece.offset, piece.length)
                 self._used -= piece.length
+            if self._last_freed is not None:
+                self._start_returner()
+                self._freed.notify()
         backup.pieces = []
+
+    def _start_returner(self) -> None:
+        if self._returner is None:
+            self._returner = threading.Thread(target=self._return_freed_pages, name="pool-returner", daemon=True)
+            self._returner.start()
+
+    def _return_freed_pages(self) -> None:
+        """Gives the pages of every free extent back to the kernel once keep_freed_seconds have passed
+        since the last free. Under the lock, so no piece is allocated from an extent while it is punched."""
+        with self._freed:
+            while not self._closing:
+                if self._last_freed is None:
+                    self._freed.wait()
+                    continue
+                due = self._last_freed + self.keep_freed_seconds - time.monotonic()
+                if due > 0:
+                    self._freed.wait(due)
+                    continue
+                for slab in self._slabs:
+                    if not slab.pinned:
+                        for offset, length in slab.free:
+                            _C.punch_hole(slab.fd, offset, length)
+                self._last_freed = None
 
     def close(self, keep_files: bool = False) -> None:
         """Closes the slabs; `keep_files` leaves them for the next daemon to recover."""
+        with self._lock:
+            self._closing = True
+            self._freed.notify()
+        if self._returner is not None:
+            self._returner.join()
         with self._lock:
             for slab in self._slabs:
                 os.close(slab.fd)

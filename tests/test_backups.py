@@ -91,6 +91,7 @@ def test_the_checksums_recorded_with_a_backup_are_those_of_its_bytes_in_the_pool
     assert_back_bit_identical(engine)
     samples = scrape(daemon)
     assert value(samples, "sleepd_verified_bytes_total") == 40 * MiB
+    assert value(samples, "sleepd_verify_seconds_total") > 0
     assert value(samples, "sleepd_damaged_backups_total") == 0
 
 

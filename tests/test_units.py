@@ -2,6 +2,7 @@
 checksums on the mover's socket, and the checks on the directories and files the daemon keeps for itself."""
 
 import os
+import time
 
 import pytest
 
@@ -117,6 +118,27 @@ def test_pool_returns_freed_pages_to_the_kernel(pool):
     assert os.fstat(slab.fd).st_blocks == 0
 
 
+def test_freed_pages_wait_for_the_next_sleep_then_go_back_to_the_kernel(tmp_path):
+    pool = HostPool(str(tmp_path / "pool"), budget=8 * MiB, slab_size=8 * MiB, keep_freed_seconds=0.5)
+    first = pool.allocate(4 * MiB)
+    slab = pool.slabs()[0]
+    os.pwrite(slab.fd, b"x" * (4 * MiB), 0)
+    pool.free(first)
+    assert os.fstat(slab.fd).st_blocks * 512 >= 4 * MiB  # kept for the next sleep
+    # The next sleep's backup reuses the kept pages; they are in use, and must outlive the return of the rest.
+    second = pool.allocate(2 * MiB)
+    assert second.pieces == [Piece(0, 0, 2 * MiB)]
+    os.pwrite(slab.fd, b"y" * (2 * MiB), 0)
+    pool.free(pool.allocate(MiB))
+    deadline = time.monotonic() + 10
+    while os.fstat(slab.fd).st_blocks * 512 > 2 * MiB and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert os.fstat(slab.fd).st_blocks * 512 == 2 * MiB  # only the piece in use keeps its pages
+    assert os.pread(slab.fd, 2 * MiB, 0) == b"y" * (2 * MiB)
+    assert os.pread(slab.fd, MiB, 2 * MiB) == bytes(MiB)
+    pool.close()
+
+
 def test_a_backup_says_where_each_byte_of_its_region_lies_and_which_slab_lost_it(pool):
     pool.allocate(MiB)
     backup = pool.allocate(5 * MiB)  # 3 MiB at the end of slab 0, 2 MiB at the start of slab 1
@@ -135,7 +157,7 @@ def test_checksums_cross_the_movers_socket_and_the_state_file_as_they_were_taken
     assert parse_checksums(checksums_text(checksums)) == checksums
     copy = Copy((RegionCopy(RESTORE, 3 * MiB, (Piece(0, 0, 3 * MiB),), token=7, checksums=checksums),))
     assert decode_request(*copy.encode()) == copy
-    done = Done(0.5, ((1, 2), ()))
+    done = Done(0.5, ((1, 2), ()), checking_seconds=0.25)
     assert decode_reply(*done.encode()) == done
     failed = Failed("block 1 differs", mismatch=Mismatch(0, 16 * MiB, MiB))
     assert decode_reply(*failed.encode()) == failed
