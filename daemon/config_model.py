@@ -287,6 +287,11 @@ class Config:
         "who may join whose weight sets besides the owner: OWNER:USER pairs, users by name or uid, separated "
         "by spaces or commas (\"alice:bob alice:carol\"); joining engines trust the owner's keys",
         "OWNER:USER ...")
+    weight_sets_stop_offload_seconds: float = _setting(
+        "weight_sets.stop_offload_seconds", seconds(positive=False, maximum=DAY), 30.0,
+        "seconds a clean stop spends moving kept weight sets that are only on the device to the host pool, so "
+        "that the restarted daemon has them; keep it well under the service's stop timeout (TimeoutStopSec)",
+        "SECONDS")
     swap_batch: Size = _setting(
         "swap.batch", size(1 << 20), parse_size("64MiB"),
         "bytes a swap puts to sleep at a time: the incoming model's restore starts once the first batch is "

@@ -32,6 +32,7 @@ from .registry import Registry
 from .restorer import Restorer
 from .room import Room
 from .views import OperationResult
+from .weight_sets import WeightSet
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,7 @@ class Executor:
                     raise rank_failure(f"wake {model.name}", failures)
             case FinishRestore(regions=ids):
                 result = run.result(model)
+                restored = []
                 for region in self._registry.regions(ids):
                     if region.shared:
                         region.view_mapped()
@@ -192,10 +194,16 @@ class Executor:
                     backup = region.restored()
                     if backup is not None:
                         result.bytes_restored += region.mapped_size
-                        self._pool.free(backup)
+                        restored.append(backup)
                     else:
                         result.bytes_zeroed += region.mapped_size
                     result.region_count += 1
+                if isinstance(model, WeightSet):
+                    # The state file forgets a set's backups before the pool frees them: no engine hands a
+                    # set's memory back after a crash, so a file that still named them would be believed.
+                    self.checkpoint()
+                for backup in restored:
+                    self._pool.free(backup)
                 self.checkpoint_soon()
             case WakeAgain(regions=ids):
                 self.run(planner.wake_again(model.view(), ids))

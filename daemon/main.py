@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     log.info("sleepd stopping")
     reporter.stop()
     notifier.stopping(f"stopping; {summary(core)}")
-    _shut_down(core, listeners, idle_watcher, movers, claimed)
+    _shut_down(core, listeners, idle_watcher, movers, claimed, cfg.weight_sets_stop_offload_seconds)
     notifier.close()
 
 
@@ -267,8 +267,9 @@ def _wait_for_a_stop_signal() -> None:
 
 
 def _shut_down(core: control_plane.Core, listeners: _Listeners, idle_watcher: IdleWatcher,
-               movers: dict[int, Mover], claimed: _Claimed) -> None:
-    """Stops serving and leaves what the next daemon needs."""
+               movers: dict[int, Mover], claimed: _Claimed, offload_seconds: float) -> None:
+    """Stops serving and leaves what the next daemon needs: the state file, the pool's slabs, and in them the
+    kept weight sets that were only on the device, for up to `offload_seconds`."""
     listeners.health.enter_graceful_shutdown()  # every service NOT_SERVING, for good
     core.operations.freeze()  # engines outlive us: their sessions stay recorded for the next daemon
     listeners.fd_socket.stop()
@@ -276,6 +277,8 @@ def _shut_down(core: control_plane.Core, listeners: _Listeners, idle_watcher: Id
         listeners.tcp_server.stop(grace=2)
     listeners.server.stop(grace=2).wait()
     idle_watcher.stop()
+    # Nothing joins a set any longer; the movers still copy. The checkpoint below records the sets moved.
+    core.operations.weight_sets.save_kept_for_restart(offload_seconds)
     for mover in movers.values():
         mover.close()
     # Engines keep running without us: the state file and the pool's slabs stay for the next daemon.

@@ -2,7 +2,21 @@
 models rebuilt from it, and the engines handing back the memory they still map.
 
 The state is one JSON file under the state directory, replaced atomically
-(write, rename) after every change that matters. Backups are recorded
+(write, rename) after every change that matters:
+
+    {"version": 1, "backend": NAME, "next_region_id": N,
+     "models": [{"name", "owner_uid", "sleeping", "policy",
+                 "ranks": [{"rank", "device", "pid", "uid", "regions": [REGION, ...]}]}],
+     "weight_sets": [{"id", "key": BASE64, "manifest": BASE64, "owner_uid", "device",
+                      "regions": [REGION, ...]}]}
+    REGION: {"id", "tag", "size", "mapped_size", "device", "state", "persist",
+             "backup": [[slab, offset, length], ...] or null, "checksums": HEX}
+
+A rank's views of weight sets are not recorded, and a weight set only once every
+one of its regions is offloaded: only its backups outlive the daemon, since no
+engine hands a set's device memory back. The next daemon has it as a kept set in
+the host pool; the engines that had joined it keep, unknown to the new daemon,
+whatever views they map. Backups are recorded
 before engines are told to unmap, so a crash at any point leaves a file that
 names every backup whose region an engine may no longer hold. The last step of
 a sleep or a wake reaches the file within SOON_SECONDS, from a background
@@ -10,6 +24,7 @@ thread: a file that misses it still names every backup, and recovery settles
 each region by what its engine hands back.
 """
 
+import base64
 import itertools
 import json
 import logging
@@ -30,6 +45,7 @@ from .regions import Region, RegionState
 from .registry import Registry
 from .sessions import Condition, Session
 from .views import Policy
+from .weight_sets import WeightSet
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +91,31 @@ class StateStore:
 
 
 def backup_pieces(state: dict) -> list[list[tuple[int, int, int]]]:
-    """The (slab, offset, length) pieces of every backup the state records."""
-    return [[tuple(piece) for piece in region["backup"]]
-            for model in state["models"] for rank in model["ranks"] for region in rank["regions"]
-            if region["backup"]]
+    """The (slab, offset, length) pieces of every backup the state records, models' and weight sets' alike:
+    the pool keeps these and nothing else of an earlier daemon's slabs."""
+    regions = [region for model in state["models"] for rank in model["ranks"] for region in rank["regions"]]
+    regions += [region for weight_set in state.get("weight_sets", []) for region in weight_set["regions"]]
+    return [[tuple(piece) for piece in region["backup"]] for region in regions if region["backup"]]
+
+
+def _recorded_region(region: Region) -> dict:
+    backup = region.backup
+    return {"id": region.id, "tag": region.tag, "size": region.size, "mapped_size": region.mapped_size,
+            "device": region.device, "state": region.state.label, "persist": region.persist,
+            "backup": [[p.slab, p.offset, p.length] for p in backup.pieces] if backup else None,
+            "checksums": checksums_text(backup.checksums) if backup else ""}
+
+
+def _recorded_weight_set(weight_set: WeightSet) -> dict:
+    return {"id": weight_set.id, "owner_uid": weight_set.owner_uid, "device": weight_set.device,
+            "key": base64.b64encode(weight_set.key).decode(),
+            "manifest": base64.b64encode(weight_set.manifest).decode(),
+            "regions": [_recorded_region(r) for r in weight_set.regions.values()]}
+
+
+def _in_the_pool(weight_set: WeightSet) -> bool:
+    """Every region of the set is offloaded: its bytes are whole in the host pool, checksums and all."""
+    return all(r.state is RegionState.OFFLOADED and r.backup is not None for r in weight_set.regions.values())
 
 
 class Checkpoints:
@@ -129,15 +166,11 @@ class Checkpoints:
                 {"name": model.name, "owner_uid": model.owner_uid, "sleeping": model.sleeping,
                  "policy": vars(model.policy), "ranks": [
                      {"rank": rank, "device": session.device, "pid": session.pid, "uid": session.uid,
-                      "regions": [{"id": r.id, "tag": r.tag, "size": r.size, "mapped_size": r.mapped_size,
-                                   "device": r.device, "state": r.state.label, "persist": r.persist,
-                                   "backup": [[p.slab, p.offset, p.length] for p in r.backup.pieces]
-                                   if r.backup else None,
-                                   "checksums": checksums_text(r.backup.checksums) if r.backup else ""}
-                                  for r in session.regions.values()
-                                  if not r.shared]}  # views: weight sets are not recorded yet
+                      "regions": [_recorded_region(r) for r in session.regions.values() if not r.shared]}
                      for rank, session in {**model.ranks, **model.orphans}.items()]}
-                for model in self._registry.models_locked()]}
+                for model in self._registry.models_locked()],
+                "weight_sets": [_recorded_weight_set(s) for s in self._registry.weight_sets_locked()
+                                if _in_the_pool(s)]}
         return state, sequence
 
 
@@ -170,8 +203,22 @@ class Recovery:
                     restored += 1
                 model.add_orphan(session)
             self._registry.add_recovered(model)
-        log.info("recovered %d models with %d regions from the state file; waiting for their engines",
-                 len(state["models"]), restored)
+        for entry in state.get("weight_sets", []):  # a file of a daemon before weight sets has none
+            self._registry.add_recovered_weight_set(self._weight_set(entry))
+        log.info("recovered %d models with %d regions and %d weight sets in the host pool from the state file; "
+                 "waiting for the models' engines", len(state["models"]), restored, len(state.get("weight_sets", [])))
+
+    def _weight_set(self, entry: dict) -> WeightSet:
+        """A set the state file records: kept, in the host pool, as no engine has joined it in this daemon."""
+        weight_set = WeightSet.recovered(entry["id"], base64.b64decode(entry["key"]),
+                                         base64.b64decode(entry["manifest"]), entry["owner_uid"], entry["device"])
+        for saved in entry["regions"]:
+            backup = self._pool.recovered([Piece(*piece) for piece in saved["backup"]],
+                                          parse_checksums(saved["checksums"]))
+            weight_set.add_region(Region.recovered(saved["id"], saved["tag"], saved["size"], saved["mapped_size"],
+                                                   saved["device"], weight_set, False, RegionState.OFFLOADED,
+                                                   backup))
+        return weight_set
 
     def hand_back(self, session: Session, region_id: int, fd: int) -> None:
         """An engine hands back memory it maps, after a daemon restart."""

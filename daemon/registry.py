@@ -273,7 +273,18 @@ class Registry:
 
     def weight_sets(self) -> list[WeightSet]:
         with self.lock:
-            return sorted(self._weight_sets.values(), key=lambda s: s.id)
+            return self.weight_sets_locked()
+
+    def weight_sets_locked(self) -> list[WeightSet]:
+        """The weight sets, by id, for a caller that holds the registry lock."""
+        return sorted(self._weight_sets.values(), key=lambda s: s.id)
+
+    def add_recovered_weight_set(self, weight_set: WeightSet) -> None:
+        """A kept set from the state file of the daemon before a restart."""
+        with self.lock:
+            self._weight_sets[weight_set.id] = weight_set
+            for region in weight_set.regions.values():
+                self._regions[region.id] = region
 
     def forget_weight_set(self, weight_set: WeightSet) -> None:
         """A kept set whose memory is gone leaves the registry."""

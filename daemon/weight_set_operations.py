@@ -8,6 +8,7 @@ model's, then the set's), has the planner decide and the executor carry out.
 
 import contextlib
 import logging
+import time
 
 from sleepd.common.sizes import format_size
 
@@ -178,6 +179,29 @@ class WeightSetOperations:
             finally:
                 weight_set.lock.release()
         return None
+
+    def save_kept_for_restart(self, seconds: float) -> None:
+        """A clean stop: kept sets that are only on the device go to the host pool, where the next daemon finds
+        them (device memory dies with this one), the most recently used first. One whose turn comes after
+        `seconds`, or that does not fit the pool, is lost; a copy begun in time is finished."""
+        deadline = time.monotonic() + seconds
+        kept = sorted((s for s in self._registry.weight_sets() if s.kept and s.on_device),
+                      key=lambda s: s.last_used, reverse=True)
+        for at, weight_set in enumerate(kept):
+            if time.monotonic() >= deadline:
+                log.warning("stopping: %d kept weight sets stay on the device and are lost, %s spent moving the "
+                            "others to the host pool", len(kept) - at, f"{seconds:g} s")
+                return
+            if not weight_set.lock.acquire(timeout=KEPT_LOCK_SECONDS):
+                continue
+            try:
+                if weight_set.kept and weight_set.on_device:
+                    self._offload(weight_set, "the daemon is stopping; the next one has it")
+            except SleepdError as error:  # rolled back: it stays on the device; the others may still go
+                log.warning("%s could not go to the host pool as the daemon stops: %s", weight_set.name,
+                            error.message)
+            finally:
+                weight_set.lock.release()
 
     # ---- how ----
 

@@ -17,6 +17,11 @@ set first, and its views become memory of its own with the same bytes.
 
 A set's memory is on the device while any engine that joined it is awake, and
 may go to the host pool once none is; it comes back when the first wakes.
+
+A set in the host pool outlives the daemon (recovery.py records it): the next
+daemon has it as a kept set, under the same id, in the pool. A clean stop first
+moves kept sets that are only on the device there (WeightSetOperations.
+save_kept_for_restart); a set only on the device when the daemon dies is gone.
 """
 
 import secrets
@@ -27,8 +32,8 @@ from .regions import Region, RegionState, bug
 
 
 class WeightSet:
-    def __init__(self, key: bytes, manifest: bytes, owner_uid: int, device: int):
-        self.id = secrets.token_hex(6)  # short: what sleepctl shows and drops
+    def __init__(self, key: bytes, manifest: bytes, owner_uid: int, device: int, set_id: str = ""):
+        self.id = set_id or secrets.token_hex(6)  # short: what sleepctl shows and drops
         self.key = key
         self.manifest = manifest
         self.owner_uid = owner_uid
@@ -37,6 +42,11 @@ class WeightSet:
         self.views: dict[int, Region] = {}    # the views of the engines that joined: view id -> Region
         self.lock = OrderedLock(WEIGHT_SET, self.id)
         self.last_used = time.monotonic()
+
+    @classmethod
+    def recovered(cls, set_id: str, key: bytes, manifest: bytes, owner_uid: int, device: int) -> "WeightSet":
+        """As the state file of the daemon before a restart recorded it, without its regions yet."""
+        return cls(key, manifest, owner_uid, device, set_id)
 
     # What a Region asks of its owner.
     @property

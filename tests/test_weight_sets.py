@@ -1,9 +1,11 @@
 """Weight sets with real engine processes, on the host backend and over the CUDA
 driver double: committed weights outlive their engine, later engines join them
-read-only and hold their bytes once, a write needs the write step first, and
-sleep, wake, eviction and a dead engine each leave the bytes right."""
+read-only and hold their bytes once, a write needs the write step first,
+sleep, wake, eviction and a dead engine each leave the bytes right, and a set in
+the host pool outlives the daemon."""
 
 import json
+import os
 import signal
 
 import pytest
@@ -13,6 +15,7 @@ from support import MiB, by_tag, scrape, value, wait_for
 
 WEIGHTS = 3 * MiB + 123
 KEY = '{"model": "qwen", "revision": "abc123", "dtype": "bfloat16", "tp": 1, "rank": 0}'
+OTHER_KEY = '{"model": "llama", "revision": "def456", "dtype": "bfloat16", "tp": 1, "rank": 0}'
 
 
 @pytest.fixture(params=["host", "cuda"])
@@ -284,3 +287,66 @@ def test_metrics_give_weight_set_bytes_by_state_and_where_and_the_joins(daemon, 
     second.close()
     wait_for(lambda: value(scrape(daemon), "sleepd_weight_set_bytes", state="kept", where="device") == size,
              what="the set kept")
+
+
+def pooled_and_on_device(daemon, start_engine) -> dict[str, tuple[str, str, str]]:
+    """Two kept sets: one the host pool holds (its engine slept, then exited), one only on the device.
+    {key: (set id, its tensor's name in the manifest, the weights' sha256)}."""
+    sets = {}
+    for key, model, seed in ((KEY, "qwen", 1), (OTHER_KEY, "llama", 2)):
+        engine = start_engine(daemon, model, regions=[("weights", WEIGHTS)], seed=seed)
+        set_id = engine.request("commit", key=key, tags=["weights"])["weight_set"]
+        weights = by_tag(engine.initial)["weights"]
+        sets[key] = (set_id, f"r{weights['id']}", weights["sha256"])
+        if key == KEY:
+            daemon.ctl("sleep", "--model", model, "--level", "1")  # its set goes to the host pool
+        engine.close()
+    wait_for(lambda: {s["id"]: (s["where"], s["engines"]) for s in weight_sets(daemon)}
+             == {sets[KEY][0]: ("host", []), sets[OTHER_KEY][0]: ("device", [])}, what="both sets kept")
+    return sets
+
+
+def restarted(daemon, start_daemon, stop: signal.Signals):
+    """The daemon stopped by `stop`, and a new one on the same state directory and host pool."""
+    os.kill(daemon.pid, stop)
+    assert daemon.process.wait(timeout=30) == (0 if stop == signal.SIGTERM else -stop)
+    return start_daemon()
+
+
+def assert_joins_intact(daemon, start_engine, key: str, recorded: tuple[str, str, str], model: str) -> None:
+    set_id, tensor, weights = recorded
+    engine = start_engine(daemon, model, regions=[("kv_cache", MiB)], seed=9)
+    joined = engine.request("join", key=key)
+    assert joined["weight_set"] == set_id and joined["tensors"] == [tensor], "the same set, manifest and all"
+    assert by_tag(engine.report())["weights"]["sha256"] == weights
+
+
+def test_kept_sets_survive_a_clean_restart_and_the_stop_moves_those_only_on_the_device_to_the_pool(
+        start_daemon, start_engine):
+    daemon = start_daemon()
+    sets = pooled_and_on_device(daemon, start_engine)
+
+    again = restarted(daemon, start_daemon, signal.SIGTERM)
+    listed = weight_sets(again)
+    assert {s["id"]: (s["where"], s["engines"]) for s in listed} == {set_id: ("host", []) for set_id, _, _ in
+                                                                      sets.values()}
+    assert again.status()["pool"]["used"] == str(sum(int(s["bytes"]) for s in listed)), "both sets' backups kept"
+    assert device_used(again) == 0
+    assert_joins_intact(again, start_engine, KEY, sets[KEY], "qwen")
+    assert_joins_intact(again, start_engine, OTHER_KEY, sets[OTHER_KEY], "llama")
+    assert again.status()["pool"]["used"] == "0", "their backups were freed once they were back on the device"
+
+
+def test_a_killed_daemon_keeps_the_sets_in_the_pool_and_loses_those_only_on_the_device_leaking_nothing(
+        start_daemon, start_engine):
+    daemon = start_daemon()
+    sets = pooled_and_on_device(daemon, start_engine)
+
+    again = restarted(daemon, start_daemon, signal.SIGKILL)
+    (listed,) = weight_sets(again)
+    assert listed["id"] == sets[KEY][0] and listed["where"] == "host"
+    assert again.status()["pool"]["used"] == listed["bytes"], "the lost set left no backup behind"
+    assert device_used(again) == 0
+    assert start_engine(again, "llama", regions=[], seed=3).request("join", key=OTHER_KEY) == {"found": False}
+    assert_joins_intact(again, start_engine, KEY, sets[KEY], "qwen")
+    assert again.status()["pool"]["used"] == "0"
