@@ -10,13 +10,14 @@ The state is one JSON file under the state directory, replaced atomically
      "weight_sets": [{"id", "key": BASE64, "manifest": BASE64, "owner_uid", "device",
                       "regions": [REGION, ...]}]}
     REGION: {"id", "tag", "size", "mapped_size", "device", "state", "persist",
-             "backup": [[slab, offset, length], ...] or null, "checksums": HEX}
+             "backup": [[slab, offset, length], ...] or null, "checksums": HEX,
+             "shares": the id of a weight set's region, for a view (absent otherwise)}
 
-A rank's views of weight sets are not recorded, and a weight set only once every
-one of its regions is offloaded: only its backups outlive the daemon, since no
-engine hands a set's device memory back. The next daemon has it as a kept set in
-the host pool; the engines that had joined it keep, unknown to the new daemon,
-whatever views they map. Backups are recorded
+A weight set is recorded only once every one of its regions is offloaded: only
+its backups outlive the daemon, since no engine hands a set's device memory back.
+Its views are recorded with it (all asleep then, since no engine maps a set in
+the pool); the views of a set that is not recorded are not either, and their
+engines keep mapping them, unknown to the next daemon. Backups are recorded
 before engines are told to unmap, so a crash at any point leaves a file that
 names every backup whose region an engine may no longer hold. The last step of
 a sleep or a wake reaches the file within SOON_SECONDS, from a background
@@ -100,10 +101,13 @@ def backup_pieces(state: dict) -> list[list[tuple[int, int, int]]]:
 
 def _recorded_region(region: Region) -> dict:
     backup = region.backup
-    return {"id": region.id, "tag": region.tag, "size": region.size, "mapped_size": region.mapped_size,
-            "device": region.device, "state": region.state.label, "persist": region.persist,
-            "backup": [[p.slab, p.offset, p.length] for p in backup.pieces] if backup else None,
-            "checksums": checksums_text(backup.checksums) if backup else ""}
+    recorded = {"id": region.id, "tag": region.tag, "size": region.size, "mapped_size": region.mapped_size,
+                "device": region.device, "state": region.state.label, "persist": region.persist,
+                "backup": [[p.slab, p.offset, p.length] for p in backup.pieces] if backup else None,
+                "checksums": checksums_text(backup.checksums) if backup else ""}
+    if region.shared:
+        recorded["shares"] = region.shares.id
+    return recorded
 
 
 def _recorded_weight_set(weight_set: WeightSet) -> dict:
@@ -162,15 +166,17 @@ class Checkpoints:
     def _snapshot(self) -> tuple[dict, int]:
         with self._registry.lock:
             sequence = next(self._sequence)
+            pooled = [s for s in self._registry.weight_sets_locked() if _in_the_pool(s)]
+            recorded = {id(s) for s in pooled}
             state = {"backend": self._backend_name, "next_region_id": self._registry.next_region_id, "models": [
                 {"name": model.name, "owner_uid": model.owner_uid, "sleeping": model.sleeping,
                  "policy": vars(model.policy), "ranks": [
                      {"rank": rank, "device": session.device, "pid": session.pid, "uid": session.uid,
-                      "regions": [_recorded_region(r) for r in session.regions.values() if not r.shared]}
+                      "regions": [_recorded_region(r) for r in session.regions.values()
+                                  if not r.shared or id(r.shares.session) in recorded]}
                      for rank, session in {**model.ranks, **model.orphans}.items()]}
                 for model in self._registry.models_locked()],
-                "weight_sets": [_recorded_weight_set(s) for s in self._registry.weight_sets_locked()
-                                if _in_the_pool(s)]}
+                "weight_sets": [_recorded_weight_set(s) for s in pooled]}
         return state, sequence
 
 
@@ -186,6 +192,8 @@ class Recovery:
         its engine (a recovering orphan) until it attaches again or expire() runs."""
         restored = 0
         self._registry.next_region_id = state["next_region_id"]
+        weight_sets = [self._weight_set(entry) for entry in state.get("weight_sets", [])]  # none before sets
+        shared = {region.id: region for weight_set in weight_sets for region in weight_set.regions.values()}
         for entry in state["models"]:
             model = Model(entry["name"], owner_uid=entry["owner_uid"], paused=entry["sleeping"],
                           policy=Policy(**entry["policy"]))
@@ -193,23 +201,31 @@ class Recovery:
                 session = Session.recovered(Peer(rank["pid"], rank["uid"], rank["uid"], frozenset()), model.name,
                                             rank["rank"], rank["device"])
                 for saved in rank["regions"]:
-                    # A file of a daemon before checksums has none: its backups are restored unchecked.
-                    backup = (self._pool.recovered([Piece(*piece) for piece in saved["backup"]],
-                                                   parse_checksums(saved.get("checksums", "")))
-                              if saved["backup"] else None)
-                    session.add_region(Region.recovered(
-                        saved["id"], saved["tag"], saved["size"], saved["mapped_size"], saved["device"], session,
-                        saved["persist"], RegionState[saved["state"].upper()], backup))
+                    region = self._region(saved, session, shared)
+                    session.add_region(region)
+                    if region.shared:
+                        region.shares.session.view_recovered(region)
                     restored += 1
                 model.add_orphan(session)
             self._registry.add_recovered(model)
-        for entry in state.get("weight_sets", []):  # a file of a daemon before weight sets has none
-            self._registry.add_recovered_weight_set(self._weight_set(entry))
+        for weight_set in weight_sets:
+            self._registry.add_recovered_weight_set(weight_set)
         log.info("recovered %d models with %d regions and %d weight sets in the host pool from the state file; "
-                 "waiting for the models' engines", len(state["models"]), restored, len(state.get("weight_sets", [])))
+                 "waiting for the models' engines", len(state["models"]), restored, len(weight_sets))
+
+    def _region(self, saved: dict, session: Session, shared: dict[int, Region]) -> Region:
+        if "shares" in saved:
+            return Region.recovered_view(saved["id"], shared[saved["shares"]], session)
+        # A file of a daemon before checksums has none: its backups are restored unchecked.
+        backup = (self._pool.recovered([Piece(*piece) for piece in saved["backup"]],
+                                       parse_checksums(saved.get("checksums", "")))
+                  if saved["backup"] else None)
+        return Region.recovered(saved["id"], saved["tag"], saved["size"], saved["mapped_size"], saved["device"],
+                                session, saved["persist"], RegionState[saved["state"].upper()], backup)
 
     def _weight_set(self, entry: dict) -> WeightSet:
-        """A set the state file records: kept, in the host pool, as no engine has joined it in this daemon."""
+        """A set the state file records, in the host pool; the views of engines that joined it come with their
+        ranks."""
         weight_set = WeightSet.recovered(entry["id"], base64.b64decode(entry["key"]),
                                          base64.b64decode(entry["manifest"]), entry["owner_uid"], entry["device"])
         for saved in entry["regions"]:
@@ -224,8 +240,7 @@ class Recovery:
         """An engine hands back memory it maps, after a daemon restart."""
         region = self._registry.owned_region(session, region_id)
         with self._registry.model(session.model).lock:  # a second rank's HandedBack may be finishing meanwhile
-            if session.condition is not Condition.HANDING_BACK or region.holds_memory:
-                raise precondition(f"region {region_id} is not waiting to be handed back")
+            self._require_waiting(session, region)
             try:
                 handle = self._backend.native.adopt_handle(fd, region.device, region.mapped_size)
             except _C.BackendError as error:  # what the engine sent is no memory of the region's size
@@ -238,8 +253,7 @@ class Recovery:
         for the region, which the engine copies its bytes into."""
         region = self._registry.owned_region(session, region_id)
         with self._registry.model(session.model).lock:
-            if session.condition is not Condition.HANDING_BACK or region.holds_memory:
-                raise precondition(f"region {region_id} is not waiting to be handed back")
+            self._require_waiting(session, region)
             label = f"sleepd:{region.model}:r{session.rank}:{region.tag}:{region.id}"
             try:
                 handle = self._backend.native.create(region.device, region.mapped_size, label)
@@ -261,6 +275,14 @@ class Recovery:
             self._operations.executor.run(planner.hand_back_finished(model.view(), session.rank))
             session.handed_back()
         self._operations.checkpoint()
+
+    @staticmethod
+    def _require_waiting(session: Session, region: Region) -> None:
+        if session.condition is not Condition.HANDING_BACK or region.holds_memory:
+            raise precondition(f"region {region.id} is not waiting to be handed back")
+        if region.shared:  # its memory is the set's, in the host pool: what an engine sends is not it
+            raise precondition(f"region {region.id} is a view of weight set {region.weight_set}, whose memory the "
+                               "daemon holds; hand back only memory of the engine's own regions")
 
     @staticmethod
     def _require_handing_back(session: Session) -> None:

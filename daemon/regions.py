@@ -34,7 +34,8 @@ A region of a weight set (weight_sets.py) belongs to the set. Each engine that
 joined the set maps it through a view: a region of its own rank, with its own id
 and address there, that holds no memory of its own but shares the set's
 (`shares`). A view is mapped or not as that engine is awake or asleep, whatever
-the set's memory does:
+the set's memory does (after a restart, the views of a set the state file
+recorded come back asleep: `recovered_view`):
 
     from        event            to           shares
     MAPPED      share            MAPPED       the set's region (a commit: its memory went to the set)
@@ -175,6 +176,13 @@ class Region:
         """A view an engine joining a weight set maps `shared` through: mapped, as the set's memory is."""
         return cls(region_id, shared.tag, shared.size, shared.mapped_size, shared.device, session,
                    state=RegionState.MAPPED, shares=shared)
+
+    @classmethod
+    def recovered_view(cls, region_id: int, shared: "Region", session) -> "Region":
+        """After a restart, a view the state file recorded: of a set in the host pool, so asleep, as its
+        engine had unmapped it before the set could go there."""
+        return cls(region_id, shared.tag, shared.size, shared.mapped_size, shared.device, session,
+                   state=RegionState.OFFLOADED, shares=shared)
 
     @classmethod
     def committed(cls, region_id: int, view: "Region", owner, handle: int) -> "Region":

@@ -19,9 +19,11 @@ A set's memory is on the device while any engine that joined it is awake, and
 may go to the host pool once none is; it comes back when the first wakes.
 
 A set in the host pool outlives the daemon (recovery.py records it): the next
-daemon has it as a kept set, under the same id, in the pool. A clean stop first
-moves kept sets that are only on the device there (WeightSetOperations.
-save_kept_for_restart); a set only on the device when the daemon dies is gone.
+daemon has it under the same id, in the pool, with the views of the engines that
+had joined it, all asleep (kept, if none had). A clean stop first moves kept sets
+that are only on the device there (WeightSetOperations.save_kept_for_restart); a
+set only on the device when the daemon dies is gone, though engines that map it
+keep mapping it, unknown to the next daemon.
 """
 
 import secrets
@@ -108,6 +110,12 @@ class WeightSet:
         for view in views:
             self.views[view.id] = view
         self.last_used = time.monotonic()
+
+    def view_recovered(self, view: Region) -> None:
+        """After a restart: a view the state file recorded, of an engine that had joined the set before."""
+        if view.shares is None or view.shares.session is not self:
+            bug(f"{self.name}: recovered a view of another set's region")
+        self.views[view.id] = view
 
     def view_gone(self, view: Region) -> None:
         """A view left the set (the write step, a level-2 sleep) or went with its engine."""

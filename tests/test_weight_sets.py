@@ -350,3 +350,29 @@ def test_a_killed_daemon_keeps_the_sets_in_the_pool_and_loses_those_only_on_the_
     assert start_engine(again, "llama", regions=[], seed=3).request("join", key=OTHER_KEY) == {"found": False}
     assert_joins_intact(again, start_engine, KEY, sets[KEY], "qwen")
     assert again.status()["pool"]["used"] == "0"
+
+
+def test_engines_asleep_on_a_set_in_the_pool_attach_again_after_a_restart_and_wake_with_its_bytes(
+        start_daemon, start_engine):
+    daemon = start_daemon()
+    first, set_id, weights = committed(daemon, start_engine)
+    second = start_engine(daemon, "qwen-b", regions=[("kv_cache", MiB)], seed=2)
+    second.request("join", key=KEY)
+    for model in ("qwen", "qwen-b"):
+        daemon.ctl("sleep", "--model", model, "--level", "1")
+    assert weight_sets(daemon)[0]["where"] == "host"
+
+    again = restarted(daemon, start_daemon, signal.SIGTERM)
+    wait_for(lambda: {m["name"]: [r.get("orphaned", False) for r in m["ranks"]] for m in again.status()["models"]}
+             == {"qwen": [False], "qwen-b": [False]}, timeout=30, what="both engines to attach again")
+    (listed,) = weight_sets(again)
+    assert listed["id"] == set_id and listed["where"] == "host"
+    assert sorted(e["model"] for e in listed["engines"]) == ["qwen", "qwen-b"], "still joined, asleep"
+
+    again.ctl("wake", "--model", "qwen-b")
+    assert by_tag(second.report())["weights"]["sha256"] == weights
+    assert weight_sets(again)[0]["where"] == "device"
+    again.ctl("wake", "--model", "qwen")
+    assert by_tag(first.report())["weights"]["sha256"] == weights
+    assert device_used(again) == own_bytes(again) + int(listed["bytes"]), "held once, as before the restart"
+    assert again.status()["pool"]["used"] == "0"
