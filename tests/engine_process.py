@@ -71,14 +71,14 @@ class StopOnSecondMap:
     def __getattr__(self, name):
         return getattr(self._backend, name)
 
-    def map_all(self, mappings, device):
+    def map_all(self, mappings, device, read_only=False):
         if self._stopped or len(mappings) < 2:
-            return self._backend.map_all(mappings, device)
-        first = self._backend.map_all(mappings[:1], device)
+            return self._backend.map_all(mappings, device, read_only)
+        first = self._backend.map_all(mappings[:1], device, read_only)
         self._stopped = True
         signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
         try:
-            rest = self._backend.map_all(mappings[1:], device)
+            rest = self._backend.map_all(mappings[1:], device, read_only)
         except BaseException:
             # map_all is all or none: what the first call mapped goes too, as the native call would undo it.
             _, address, size = mappings[0]
