@@ -49,8 +49,8 @@ class Metrics:
                                  ["model", "reason"], registry=None)
         self.ranks_lost = Counter("sleepd_ranks_lost", "Engine processes whose lease broke without a goodbye.",
                                   ["model"], registry=None)
-        self.weight_set_joins = Counter("sleepd_weight_set_joins", "Engines that joined a weight set instead of "
-                                        "loading their weights.", registry=None)
+        self.weight_set_joins = Counter("sleepd_weight_set_joins", "Engines that joined a weight set rather than "
+                                        "load what it holds again.", registry=None)
         self.weight_set_evictions = Counter("sleepd_weight_set_evictions", "Kept weight sets moved off their "
                                             "device (to the host pool, or dropped) for room or their budget.",
                                             registry=None)

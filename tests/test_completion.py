@@ -55,7 +55,7 @@ def completions(line: str, env=None) -> list[str]:
 def test_bash_completion_offers_commands_options_values_and_the_daemons_models(daemon, start_engine):
     start_engine(daemon, "qwen", regions=[("weights", 4 * MiB), ("kv_cache", 2 * MiB)])
     start_engine(daemon, "llama", regions=[("weights", MiB)])
-    assert completions("sleepctl s") == ["sleep", "status", "swap"]
+    assert completions("sleepctl s") == ["sets", "sleep", "status", "swap"]
     assert completions("sleepctl --json w") == ["wake"]
     assert completions("sleepctl wake --") == ["--evict", "--help", "--json", "--model", "--socket", "--tags",
                                                "--timeout"]

@@ -688,7 +688,7 @@ def test_a_tenant_neither_sees_nor_joins_nor_drops_another_uids_weight_set(victi
     weights = by_tag(engine.initial)["weights"]["sha256"]
     tenant = start_engine(daemon, "theirs", regions=[("kv_cache", MiB)], as_uid=OTHER)
     assert tenant.request("join", key=KEY) == {"found": False}  # as if there were none: nothing to learn
-    assert "no weight sets" in ctl_as(daemon, OTHER, "sets").stdout
+    assert json.loads(ctl_as(daemon, OTHER, "--json", "sets").stdout).get("weightSets", []) == []
     dropped = ctl_as(daemon, OTHER, "drop-set", "--set", set_id)
     assert dropped.returncode == 1 and "NOT_FOUND" in dropped.stderr
     assert by_tag(engine.report())["weights"]["sha256"] == weights
@@ -704,7 +704,7 @@ def test_an_owner_shares_weight_sets_with_a_uid_the_operator_names(shared_daemon
     assert joined["found"] and joined["weight_set"] == set_id
     assert by_tag(tenant.report())["weights"]["sha256"] == by_tag(engine.initial)["weights"]["sha256"]
     # Still root's: counted against root, listed to the tenant only as far as it joined it.
-    assert "no weight sets" in ctl_as(daemon, OTHER, "sets").stdout
+    assert json.loads(ctl_as(daemon, OTHER, "--json", "sets").stdout).get("weightSets", []) == []
     assert "theirs rank 0" in daemon.ctl("sets").stdout
     index = [r["tag"] for r in tenant.report()["regions"]].index("weights")
     tenant.send("poke", index=index)
