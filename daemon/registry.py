@@ -286,6 +286,11 @@ class Registry:
             for region in weight_set.regions.values():
                 self._regions[region.id] = region
 
+    def knows(self, weight_set: WeightSet) -> bool:
+        """Whether the set is still the registry's: one dropped while a request waited for its lock is not."""
+        with self.lock:
+            return self._weight_sets.get(weight_set.id) is weight_set
+
     def forget_weight_set(self, weight_set: WeightSet) -> None:
         """A kept set whose memory is gone leaves the registry."""
         with self.lock:

@@ -51,8 +51,13 @@ def swap(ops: Operations, to_name: str, from_names: list[str], caller: Peer, bat
                 held.callback(victim.lock.release)
             plan = planner.swap(target.view(), [v.view() for v in victims], ops.rules,
                                 planner.PoolRoom(ops.pool.available, ops.pool.budget), batch_bytes)
-            with ops.reserved(plan):
+            # The target's weight sets come back first; the victims' go to the pool after, if no one maps them.
+            shared = planner.weight_sets_of(planner.asleep_regions(target.view(), []))
+            theirs = planner.weight_sets_of(r for v in victims for r in v.view().regions())
+            with ops.reserved(plan), ops.weight_sets.awake(shared, caller) as restored_for_it:
                 results = ops.executor.run(plan, caller)
+            results[target.name].bytes_restored += restored_for_it
+            ops.weight_sets.settle(theirs)
             woke = results[target.name]
             woke.sleeping = target.sleeping
             slept = [results[victim.name] for victim in victims]

@@ -80,6 +80,8 @@ class WeightSetOperations:
         if weight_set is None:
             return None
         with model.lock, weight_set.lock:
+            if not self._registry.knows(weight_set):  # dropped or evicted away while this waited
+                return None
             self._bring_back(weight_set, session.peer)
             views = self._registry.join(session, weight_set)
             if self._metrics:
@@ -111,6 +113,8 @@ class WeightSetOperations:
     def drop(self, set_id: str, caller: Peer) -> WeightSet:
         weight_set = self._registry.weight_set(set_id, lambda owner: self._authorizer.sees(caller, owner))
         with weight_set.lock:
+            if not self._registry.knows(weight_set):
+                raise not_found(f"{weight_set.name} was dropped meanwhile")
             if not weight_set.kept:
                 raise precondition(f"{weight_set.name} is joined by {_engines(weight_set)}; a set is dropped only "
                                    "once no engine has joined it")

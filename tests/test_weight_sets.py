@@ -376,3 +376,35 @@ def test_engines_asleep_on_a_set_in_the_pool_attach_again_after_a_restart_and_wa
     assert by_tag(first.report())["weights"]["sha256"] == weights
     assert device_used(again) == own_bytes(again) + int(listed["bytes"]), "held once, as before the restart"
     assert again.status()["pool"]["used"] == "0"
+
+
+def test_kept_sets_stay_within_their_budget_least_recently_used_out_first(start_daemon, start_engine):
+    daemon = start_daemon("--weight-sets-kept-budget", "6MiB", devices=1, capacity="64MiB")
+    older = start_engine(daemon, "older", regions=[("weights", WEIGHTS)], seed=1)
+    older_id = older.request("commit", key="older")["weight_set"]
+    newer = start_engine(daemon, "newer", regions=[("weights", WEIGHTS)], seed=2)
+    newer_id = newer.request("commit", key="newer")["weight_set"]
+    older.close()  # one kept set: within the budget, it stays on the device
+    wait_for(lambda: not {s["id"]: s for s in weight_sets(daemon)}[older_id]["engines"], what="older kept")
+    assert {s["id"]: s["where"] for s in weight_sets(daemon)} == {older_id: "device", newer_id: "device"}
+    newer.close()  # two: over 6 MiB, the one kept longest leaves for the host pool
+    wait_for(lambda: {s["id"]: s["where"] for s in weight_sets(daemon)} == {older_id: "host", newer_id: "device"},
+             what="the older set in the pool")
+    reader = start_engine(daemon, "reader", regions=[], seed=3)
+    assert reader.request("join", key="older")["weight_set"] == older_id
+    assert by_tag(reader.report())["weights"]["sha256"] == by_tag(older.initial)["weights"]["sha256"]
+
+
+def test_a_swap_brings_the_targets_weight_set_back_and_sends_the_victims_to_the_pool(daemon, start_engine):
+    first, set_id, weights = committed(daemon, start_engine)
+    other = start_engine(daemon, "other", regions=[("weights", 2 * MiB)], seed=4)
+    other_set = other.request("commit", key="other's")["weight_set"]
+    daemon.ctl("sleep", "--model", "qwen")
+    assert {s["id"]: s["where"] for s in weight_sets(daemon)} == {set_id: "host", other_set: "device"}
+
+    daemon.ctl("swap", "--to", "qwen", "--from", "other")
+    assert {s["id"]: s["where"] for s in weight_sets(daemon)} == {set_id: "device", other_set: "host"}
+    assert by_tag(first.report())["weights"]["sha256"] == weights
+    assert by_tag(other.report())["weights"]["state"] == "offloaded"
+    daemon.ctl("wake", "--model", "other")
+    assert by_tag(other.report())["weights"]["sha256"] == by_tag(other.initial)["weights"]["sha256"]
