@@ -20,6 +20,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="sleep/wake cycles to time")
     parser.add_argument("--small-regions", type=int, default=1000, help="regions of the many-small-regions model")
     parser.add_argument("--prefault", action="store_true", help="start the daemon with --host-pool-prefault")
+    parser.add_argument("--keep-freed-seconds", type=float, default=0.0,
+                        help="start the daemon with --host-pool-keep-freed-seconds (default 0, the daemon's default)")
 
 
 def plain_memcpy_seconds(size: int) -> float:
@@ -49,6 +51,8 @@ def run(args) -> int:
     flags = ["--host-device-capacity", str(size + 256 * (1 << 20)), "--host-pool-budget", str(size + GiB)]
     if args.prefault:
         flags.append("--host-pool-prefault")
+    if args.keep_freed_seconds:
+        flags += ["--host-pool-keep-freed-seconds", str(args.keep_freed_seconds)]
 
     memcpy_seconds = plain_memcpy_seconds(size)
     memcpy_rate = size / memcpy_seconds

@@ -221,7 +221,7 @@ class Config:
         "host_pool.prefault", boolean, False,
         "commit the whole pool at start and keep its pages, so even the first sleep runs at full speed")
     host_pool_keep_freed_seconds: float = _setting(
-        "host_pool.keep_freed_seconds", seconds(positive=False, maximum=DAY), 30.0,
+        "host_pool.keep_freed_seconds", seconds(positive=False, maximum=DAY), 0.0,
         "seconds the pool keeps the pages of freed backups for the next sleep before giving them back "
         "to the kernel (0: at once)", "SECONDS")
     log_level: str = _setting(
