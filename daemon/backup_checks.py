@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from sleepd import _C
 from sleepd.common.sizes import format_size
 
+from .mover import RESTORE, CopyJob
 from .pool import Backup, HostPool
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,12 @@ class _Pending:
     woke: float = field(default_factory=time.time)
 
 
-class BackupChecker:
-    """One thread that checks the backups of resumed models against their checksums, then frees them."""
+class BackupChecks:
+    """What becomes of a restored backup: before_resume, the restore's copy checked it and it is freed at
+    once; after_resume, one thread checks it against its checksums, then frees it."""
 
-    def __init__(self, pool: HostPool, metrics, events):
+    def __init__(self, pool: HostPool, metrics, events, when: str = BEFORE_RESUME):
+        self.in_the_copy = when == BEFORE_RESUME  # whether a restore's copy checks its backup
         self._pool = pool
         self._metrics = metrics
         self._events = events
@@ -65,9 +68,20 @@ class BackupChecker:
             pending = list(self._queue) + ([self._current] if self._current else [])
         return sum(piece.length for entry in pending for piece in entry.backup.pieces)
 
-    def check_then_free(self, owner, region: str, size: int, backup: Backup) -> None:
-        """Takes a restored backup: it is checked, then freed. One recorded before checksums is freed at once."""
-        if not backup.checksums:
+    def restore_jobs(self, what: str, regions) -> list[CopyJob]:
+        """The copies that bring the backups of `regions` back: checked as they copy before_resume, else
+        unchecked (the backup comes here, to restored(), once the model runs on it)."""
+        for region in regions:
+            if region.backup and not region.backup.checksums:
+                log.warning("%s: %s has a backup recorded before backups had checksums; it is restored "
+                            "unchecked", what, region.describe())
+        return [CopyJob(RESTORE, r.device, r.handle, r.mapped_size, r.backup, self.in_the_copy)
+                for r in regions if r.backup]
+
+    def restored(self, owner, region: str, size: int, backup: Backup) -> None:
+        """Takes a restored backup: freed at once if its copy checked it (or it has no checksums, recorded
+        before them), else checked, then freed."""
+        if self.in_the_copy or not backup.checksums:
             self._pool.free(backup)
             return
         with self._lock:
@@ -87,7 +101,7 @@ class BackupChecker:
 
     def stop(self) -> None:
         """Abandons the checks not yet done (the one under way after its current piece) and frees their
-        backups unchecked. Call before the pool closes."""
+        backups unchecked. Call before the pool closes; a backup restored later is freed at once."""
         with self._lock:
             self._stopping = True
             self._lock.notify()

@@ -4,7 +4,7 @@ visible here. No part reaches into another's internals."""
 from dataclasses import dataclass
 
 from .auth import Authorizer
-from .backup_checks import AFTER_RESUME, BEFORE_RESUME, BackupChecker
+from .backup_checks import BEFORE_RESUME, BackupChecks
 from .backends import DaemonBackend
 from .events import EventBus
 from .controllers import Controllers
@@ -32,7 +32,7 @@ class Core:
     controllers: Controllers
     operations: Operations
     recovery: Recovery
-    checker: BackupChecker | None  # host_pool.check_backups = "after_resume"; stopped before the pool closes
+    backup_checks: BackupChecks  # host_pool.check_backups; stopped before the pool closes
 
 
 def build(backend: DaemonBackend, pool: HostPool, movers: dict[int, Mover], rules: SleepRules, fanout: Fanout,
@@ -42,13 +42,14 @@ def build(backend: DaemonBackend, pool: HostPool, movers: dict[int, Mover], rule
           weight_sets: dict | None = None, check_backups: str = BEFORE_RESUME) -> Core:
     """`weight_sets`: the [weight_sets] table (kept_budget, shared_with); `check_backups`: host_pool.check_backups."""
     events = EventBus()
-    checker = BackupChecker(pool, metrics, events) if check_backups == AFTER_RESUME else None
+    backup_checks = BackupChecks(pool, metrics, events, check_backups)
     registry = Registry(backend, authorizer, default_policies or {}, forgotten=metrics.forget)
     room = Room(registry, backend, authorizer, events)
     checkpoints = Checkpoints(registry, backend.name, store)
     controllers = Controllers(registry, authorizer, events, controller_timeout)
     operations = Operations(registry, room, fanout, backend, pool, movers, rules,
                             Reporter(events, metrics), Quotas(quotas, registry, authorizer), checkpoints,
-                            controllers, authorizer, eviction_answer_seconds, weight_sets or {}, checker)
+                            controllers, authorizer, eviction_answer_seconds, weight_sets or {}, backup_checks)
     recovery = Recovery(registry, backend, pool, operations)
-    return Core(backend, pool, authorizer, events, metrics, registry, room, controllers, operations, recovery, checker)
+    return Core(backend, pool, authorizer, events, metrics, registry, room, controllers, operations, recovery,
+                backup_checks)

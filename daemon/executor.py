@@ -17,7 +17,7 @@ from sleepd.common.sizes import format_size
 
 from . import planner
 from .auth import DAEMON, Peer
-from .backup_checks import BackupChecker
+from .backup_checks import BackupChecks
 from .backends import ZEROED_ON_CREATE, DaemonBackend
 from .errors import SleepdError, data_loss, exhausted
 from .fanout import Fanout, rank_failure
@@ -49,11 +49,10 @@ class _Failed(Exception):
 class Executor:
     def __init__(self, registry: Registry, room: Room, fanout: Fanout, backend: DaemonBackend, pool: HostPool,
                  movers: dict[int, Mover], checkpoints, authorizer, events, metrics, put_to_sleep,
-                 eviction_answer_seconds: float = 5.0, checker: BackupChecker | None = None):
-        """`checker`: where restored backups go to be checked after their model resumed
-        (host_pool.check_backups = "after_resume"); None: a wake checks them as it copies them back."""
+                 eviction_answer_seconds: float = 5.0, backup_checks: BackupChecks | None = None):
         self._registry = registry
-        self.checker = checker
+        # host_pool.check_backups: whether a restore's copy checks a backup, or the daemon after the resume
+        self.backup_checks = backup_checks or BackupChecks(pool, metrics, events)
         self._room = room
         self.fanout = fanout
         self._backend = backend
@@ -206,11 +205,8 @@ class Executor:
                     # The state file forgets a set's backups before the pool frees them: no engine hands a
                     # set's memory back after a crash, so a file that still named them would be believed.
                     self.checkpoint()
-                for region, backup in restored:
-                    if self.checker is not None:  # checked now that the model runs on it, then freed
-                        self.checker.check_then_free(model, region.describe(), region.mapped_size, backup)
-                    else:
-                        self._pool.free(backup)
+                for region, backup in restored:  # freed, after_resume once checked now that the model runs
+                    self.backup_checks.restored(model, region.describe(), region.mapped_size, backup)
                 self.checkpoint_soon()
             case WakeAgain(regions=ids):
                 self.run(planner.wake_again(model.view(), ids))
@@ -258,13 +254,7 @@ class Executor:
         except _C.OutOfMemoryError as error:
             raise exhausted(f"wake {model.name}: out of device memory midway ({error}); "
                             "it is asleep as before, its backups intact") from None
-        # After resume: copied back unchecked, then checked by the daemon once the model runs (FinishRestore).
-        check = self.checker is None
-        jobs = [CopyJob(RESTORE, r.device, r.handle, r.mapped_size, r.backup, check) for r in regions if r.backup]
-        for region in regions:
-            if region.backup and not region.backup.checksums:
-                log.warning("wake %s: %s has a backup recorded before backups had checksums; it is restored "
-                            "unchecked", model.name, region.describe())
+        jobs = self.backup_checks.restore_jobs(f"wake {model.name}", regions)
         if self._backend.name not in ZEROED_ON_CREATE:
             jobs += [CopyJob(ZERO, r.device, r.handle, r.mapped_size) for r in regions if r.backup is None]
         try:

@@ -281,8 +281,7 @@ def _shut_down(core: control_plane.Core, listeners: _Listeners, idle_watcher: Id
     core.operations.weight_sets.save_kept_for_restart(offload_seconds)
     for mover in movers.values():
         mover.close()
-    if core.checker is not None:  # before the pool closes: what it did not check is freed, never left half-owned
-        core.checker.stop()
+    core.backup_checks.stop()  # before the pool closes: what it did not check is freed, never left half-owned
     # Engines keep running without us: the state file and the pool's slabs stay for the next daemon.
     core.operations.checkpoint()
     claimed.pool.close(keep_files=True)

@@ -1,5 +1,6 @@
 """The daemon's pure parts: sizes, rules, the region state machine, the pool allocator, backups'
-checksums on the mover's socket and checked after resume, and the checks on the directories and files the daemon keeps for itself."""
+checksums on the mover's socket and checked after resume, and the checks on the directories and files the
+daemon keeps for itself."""
 
 import os
 import threading
@@ -10,7 +11,7 @@ import pytest
 from sleepd import _C
 from sleepd.common import wire
 from sleepd.common.sizes import format_size, parse_size
-from sleepd.daemon.backup_checks import BackupChecker
+from sleepd.daemon.backup_checks import BackupChecks
 from sleepd.daemon.errors import Code as ErrorCode, SleepdError
 from sleepd.daemon.events import EventBus
 from sleepd.daemon.mover_messages import (RESTORE, Copy, Done, Failed, Mismatch, RegionCopy, decode_reply,
@@ -188,17 +189,17 @@ def _written_backup(pool, size: int) -> Backup:
 def test_a_backup_checked_after_resume_is_freed_and_a_damaged_one_reported_with_its_slab_and_offset(pool):
     events, metrics = EventBus(), _Metrics()
     seen = events.subscribe()
-    checker = BackupChecker(pool, metrics, events)
+    checker = BackupChecks(pool, metrics, events, "after_resume")
     pool.allocate(MiB)
     damaged = _written_backup(pool, 5 * MiB)  # 3 MiB at the end of slab 0, 2 MiB at the start of slab 1
     intact = _written_backup(pool, 2 * MiB)
     os.pwrite(pool.slabs()[1].fd, bytes([os.pread(pool.slabs()[1].fd, 1, 7)[0] ^ 1]), 7)
-    checker.check_then_free(_Owner(), "region 1 (weights) of qwen rank 0", 5 * MiB, damaged)
-    checker.check_then_free(_Owner(), "region 2 (kv) of qwen rank 0", 2 * MiB, intact)
+    checker.restored(_Owner(), "region 1 (weights) of qwen rank 0", 5 * MiB, damaged)
+    checker.restored(_Owner(), "region 2 (kv) of qwen rank 0", 2 * MiB, intact)
     event = seen.get(timeout=10)
     assert event.kind == "backup_damaged" and event.model == "qwen" and event.bytes == 5 * MiB
-    for what in ("region 1 (weights)", f"bytes [{3 * MiB}, {5 * MiB}) of the region", f"{pool.slab_path(1)} at offset 0",
-                 "has run on these bytes"):
+    for what in ("region 1 (weights)", f"bytes [{3 * MiB}, {5 * MiB}) of the region",
+                 f"{pool.slab_path(1)} at offset 0", "has run on these bytes"):
         assert what in event.detail, event.detail
     deadline = time.monotonic() + 10
     while pool.used != MiB and time.monotonic() < deadline:
@@ -209,7 +210,7 @@ def test_a_backup_checked_after_resume_is_freed_and_a_damaged_one_reported_with_
 
 
 def test_backups_awaiting_their_check_hold_pool_space_and_a_stop_frees_them_unchecked(pool, monkeypatch):
-    checker = BackupChecker(pool, _Metrics(), EventBus())
+    checker = BackupChecks(pool, _Metrics(), EventBus(), "after_resume")
     going_on, checking = threading.Event(), threading.Event()
     real = pool.check_piece
 
@@ -221,8 +222,8 @@ def test_backups_awaiting_their_check_hold_pool_space_and_a_stop_frees_them_unch
     monkeypatch.setattr(pool, "check_piece", slow)
     first = _written_backup(pool, 5 * MiB)  # two pieces: the stop comes between them
     second = _written_backup(pool, 2 * MiB)
-    checker.check_then_free(_Owner(), "region 1", 5 * MiB, first)
-    checker.check_then_free(_Owner(), "region 2", 2 * MiB, second)
+    checker.restored(_Owner(), "region 1", 5 * MiB, first)
+    checker.restored(_Owner(), "region 2", 2 * MiB, second)
     assert checking.wait(10)
     assert pool.used == 7 * MiB and checker.waiting_bytes == 7 * MiB
     stopping = threading.Thread(target=checker.stop)
@@ -232,7 +233,7 @@ def test_backups_awaiting_their_check_hold_pool_space_and_a_stop_frees_them_unch
     assert not stopping.is_alive()
     assert pool.used == 0 and checker.waiting_bytes == 0
     third = _written_backup(pool, MiB)  # a wake that ends as the daemon stops: freed, not left half-owned
-    checker.check_then_free(_Owner(), "region 3", MiB, third)
+    checker.restored(_Owner(), "region 3", MiB, third)
     assert pool.used == 0
 
 
