@@ -1,8 +1,14 @@
 #include "checksum.h"
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <array>
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <memory>
+#include <string>
 
 #if defined(__x86_64__)
 #include <nmmintrin.h>
@@ -122,6 +128,29 @@ uint32_t crc32c(const void* data, size_t size, uint32_t crc) {
 }
 
 bool crc32c_in_hardware() { return hardware(); }
+
+std::vector<uint32_t> checksum_file(int fd, size_t offset, size_t length) {
+  // A buffer that stays in the cache between the read and the checksum.
+  constexpr size_t kBuffer = 1u << 20;
+  std::unique_ptr<unsigned char[]> buffer(new unsigned char[kBuffer]);
+  std::vector<uint32_t> checksums;
+  checksums.reserve(checksum_count(length));
+  uint32_t crc = 0;
+  for (size_t at = 0; at < length;) {
+    // Never past the end of a checksum block, even after a short read.
+    size_t part = std::min({kBuffer, length - at, kChecksumBlock - at % kChecksumBlock});
+    ssize_t got = pread(fd, buffer.get(), part, static_cast<off_t>(offset + at));
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0) throw BackendError(std::string("checksum_file: pread: ") + std::strerror(errno));
+    if (got == 0)
+      throw BackendError("checksum_file: the file ends at byte " + std::to_string(offset + at) + ", before the " +
+                         std::to_string(length) + " bytes from " + std::to_string(offset));
+    crc = crc32c(buffer.get(), static_cast<size_t>(got), at % kChecksumBlock == 0 ? 0 : crc);
+    at += static_cast<size_t>(got);
+    if (at % kChecksumBlock == 0 || at == length) checksums.push_back(crc);
+  }
+  return checksums;
+}
 
 namespace {
 

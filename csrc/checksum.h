@@ -10,6 +10,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "backend.h"
 
@@ -27,6 +28,12 @@ uint32_t crc32c(const void* data, size_t size, uint32_t crc = 0);
 uint32_t crc32c_portable(const void* data, size_t size, uint32_t crc = 0);
 // Whether crc32c() runs on the CPU's instructions here.
 bool crc32c_in_hardware();
+
+// The CRC32C of each kChecksumBlock of `length` bytes of file `fd` from `offset` (the last block
+// shorter), as a copy into the host pool takes them: what the daemon checks a backup with after a
+// resume. Reads with pread, never a mapping, so a file cut short meanwhile raises BackendError
+// instead of faulting the caller.
+std::vector<uint32_t> checksum_file(int fd, size_t offset, size_t length);
 
 // Raised by a copy that checks a backup: the bytes of block `block` (from the copy's
 // start) do not match the checksum taken when they were written.

@@ -415,6 +415,10 @@ void bind_checksums(py::module_& m) {
       },
       py::arg("data"), py::arg("portable") = false,
       "The CRC32C of a bytes-like object, as backups are checksummed (portable: without the CPU's instructions).");
+  m.def("checksum_file", &checksum_file, py::arg("fd"), py::arg("offset"), py::arg("length"),
+        py::call_guard<py::gil_scoped_release>(),
+        "The CRC32C of each CHECKSUM_BLOCK of a file's bytes [offset, offset + length), as an offload takes them "
+        "(read with pread: a file cut short raises BackendError, it never faults).");
   m.def("crc32c_in_hardware", &crc32c_in_hardware, "Whether checksums run on the CPU's CRC32 instructions here.");
   m.def("checksum_checking_seconds", &checking_seconds,
         "Seconds this process has spent checking backups against their checksums, all threads added up.");

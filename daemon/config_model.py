@@ -224,6 +224,11 @@ class Config:
         "host_pool.keep_freed_seconds", seconds(positive=False, maximum=DAY), 0.0,
         "seconds the pool keeps the pages of freed backups for the next sleep before giving them back "
         "to the kernel (0: at once)", "SECONDS")
+    host_pool_check_backups: str = _setting(
+        "host_pool.check_backups", choice("before_resume", "after_resume"), "before_resume",
+        "when a wake checks a backup against its checksums: before_resume (as it copies it back; a damaged "
+        "backup fails the wake) or after_resume (the daemon checks the pool's copy once the model runs, then "
+        "frees it; a model runs on bad bytes until that check flags them)", "{before_resume,after_resume}")
     log_level: str = _setting(
         "log.level", choice(*LOG_LEVELS, fold=str.upper), "INFO", "DEBUG, INFO, WARNING or ERROR",
         "{DEBUG,INFO,WARNING,ERROR}")

@@ -16,7 +16,7 @@ MAX_QUEUED = 1000
 @dataclass(frozen=True)
 class Event:
     time: float
-    kind: str      # slept, woke, evicted, refused, rank_lost, attached
+    kind: str      # slept, woke, evicted, refused, rank_lost, attached, backup_damaged
     model: str
     owner_uid: int
     detail: str = ""

@@ -17,6 +17,7 @@ from sleepd.common.sizes import format_size
 
 from . import planner
 from .auth import DAEMON, Peer
+from .backup_checks import BackupChecks
 from .backends import ZEROED_ON_CREATE, DaemonBackend
 from .errors import SleepdError, data_loss, exhausted
 from .fanout import Fanout, rank_failure
@@ -48,8 +49,10 @@ class _Failed(Exception):
 class Executor:
     def __init__(self, registry: Registry, room: Room, fanout: Fanout, backend: DaemonBackend, pool: HostPool,
                  movers: dict[int, Mover], checkpoints, authorizer, events, metrics, put_to_sleep,
-                 eviction_answer_seconds: float = 5.0):
+                 eviction_answer_seconds: float = 5.0, backup_checks: BackupChecks | None = None):
         self._registry = registry
+        # host_pool.check_backups: whether a restore's copy checks a backup, or the daemon after the resume
+        self.backup_checks = backup_checks or BackupChecks(pool, metrics, events)
         self._room = room
         self.fanout = fanout
         self._backend = backend
@@ -194,7 +197,7 @@ class Executor:
                     backup = region.restored()
                     if backup is not None:
                         result.bytes_restored += region.mapped_size
-                        restored.append(backup)
+                        restored.append((region, backup))
                     else:
                         result.bytes_zeroed += region.mapped_size
                     result.region_count += 1
@@ -202,8 +205,8 @@ class Executor:
                     # The state file forgets a set's backups before the pool frees them: no engine hands a
                     # set's memory back after a crash, so a file that still named them would be believed.
                     self.checkpoint()
-                for backup in restored:
-                    self._pool.free(backup)
+                for region, backup in restored:  # freed, after_resume once checked now that the model runs
+                    self.backup_checks.restored(model, region.describe(), region.mapped_size, backup)
                 self.checkpoint_soon()
             case WakeAgain(regions=ids):
                 self.run(planner.wake_again(model.view(), ids))
@@ -251,11 +254,7 @@ class Executor:
         except _C.OutOfMemoryError as error:
             raise exhausted(f"wake {model.name}: out of device memory midway ({error}); "
                             "it is asleep as before, its backups intact") from None
-        jobs = [CopyJob(RESTORE, r.device, r.handle, r.mapped_size, r.backup) for r in regions if r.backup]
-        for region in regions:
-            if region.backup and not region.backup.checksums:
-                log.warning("wake %s: %s has a backup recorded before backups had checksums; it is restored "
-                            "unchecked", model.name, region.describe())
+        jobs = self.backup_checks.restore_jobs(f"wake {model.name}", regions)
         if self._backend.name not in ZEROED_ON_CREATE:
             jobs += [CopyJob(ZERO, r.device, r.handle, r.mapped_size) for r in regions if r.backup is None]
         try:
@@ -414,7 +413,7 @@ class Executor:
             self._metrics.verify_seconds.inc(checking)
             for job in jobs:
                 self._metrics.bytes_moved.labels(direction=job.direction).inc(job.size)
-                if job.direction == RESTORE and job.backup.checksums:
+                if job.direction == RESTORE and job.check and job.backup.checksums:
                     self._metrics.verified_bytes.inc(job.size)
 
 

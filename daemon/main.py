@@ -171,7 +171,7 @@ def _build_core(cfg: config.Config, claimed: _Claimed, movers: dict[int, Mover])
                                default_policies=cfg.models, quotas=cfg.quotas,
                                controller_timeout=cfg.controller_timeout,
                                eviction_answer_seconds=cfg.eviction_answer_seconds,
-                               weight_sets=cfg.table("weight_sets"))
+                               weight_sets=cfg.table("weight_sets"), check_backups=cfg.host_pool_check_backups)
     if claimed.state is not None:
         core.recovery.recover(claimed.state)
         # Engines that do not come back in time lose what only they held.
@@ -281,6 +281,7 @@ def _shut_down(core: control_plane.Core, listeners: _Listeners, idle_watcher: Id
     core.operations.weight_sets.save_kept_for_restart(offload_seconds)
     for mover in movers.values():
         mover.close()
+    core.backup_checks.stop()  # before the pool closes: what it did not check is freed, never left half-owned
     # Engines keep running without us: the state file and the pool's slabs stay for the next daemon.
     core.operations.checkpoint()
     claimed.pool.close(keep_files=True)

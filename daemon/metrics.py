@@ -36,13 +36,16 @@ class Metrics:
                                    registry=None)
         self.bytes_moved = Counter("sleepd_moved_bytes", "Bytes copied by the movers.", ["direction"], registry=None)
         self.verified_bytes = Counter("sleepd_verified_bytes", "Bytes of backups checked against the checksums "
-                                      "taken when they were written, as a wake copied them back.", registry=None)
+                                      "taken when they were written, as a wake copied them back (or, with "
+                                      "host_pool.check_backups = after_resume, after the model resumed).",
+                                      registry=None)
         self.damaged_backups = Counter("sleepd_damaged_backups", "Backups a wake found not as they were written "
-                                       "(a checksum mismatch, a truncated slab): the wake failed, the backup kept.",
+                                       "(a checksum mismatch, a truncated slab): the wake failed, the backup kept; "
+                                       "or an after-resume check did, once the model ran on them.",
                                        registry=None)
-        self.verify_seconds = Counter("sleepd_verify_seconds", "Time the movers spent checking backups against "
-                                      "their checksums, the threads of a copy added up: what verification costs, "
-                                      "beside sleepd_verified_bytes_total.", registry=None)
+        self.verify_seconds = Counter("sleepd_verify_seconds", "Time the movers (and after-resume checks) spent "
+                                      "checking backups against their checksums, the threads of a copy added up: "
+                                      "what verification costs, beside sleepd_verified_bytes_total.", registry=None)
         self.errors = Counter("sleepd_errors", "Requests refused or failed, by operation and gRPC code.",
                               ["operation", "code"], registry=None)
         self.evictions = Counter("sleepd_evictions", "Models put to sleep by the daemon, by reason.",

@@ -48,8 +48,10 @@ class CopyJob:
     device: int
     handle: int  # the daemon's backend handle of the region's device memory
     size: int
-    # An offload's gets the checksums of what the mover wrote into it; a restore checks them.
+    # An offload's gets the checksums of what the mover wrote into it; a restore checks them,
     backup: Backup | None = None
+    # unless told not to (the daemon checks the pool's copy after the model resumed).
+    check: bool = True
 
 
 class BackupDamaged(Exception):
@@ -216,7 +218,7 @@ class Mover:
     def _run_batch(self, channel: _Channel, jobs: list[CopyJob]) -> float:
         def region_copy(job: CopyJob, **memory) -> RegionCopy:
             return RegionCopy(job.direction, job.size, tuple(job.backup.pieces if job.backup else ()), **memory,
-                              checksums=job.backup.checksums if job.direction == RESTORE else ())
+                              checksums=job.backup.checksums if job.direction == RESTORE and job.check else ())
 
         fds = []
         try:

@@ -66,7 +66,8 @@ class Operations:
     def __init__(self, registry: Registry, room: Room, fanout: Fanout, backend: DaemonBackend, pool: HostPool,
                  movers: dict[int, Mover], rules: SleepRules, reporter: Reporter, quotas: Quotas, checkpoints,
                  controllers: Controllers, authorizer, eviction_answer_seconds: float = 5.0,
-                 weight_sets: dict | None = None):
+                 weight_sets: dict | None = None, backup_checks=None):
+        """`backup_checks`: what becomes of restored backups (host_pool.check_backups), backup_checks.py."""
         self.registry = registry
         self.room = room
         self.backend = backend
@@ -76,7 +77,8 @@ class Operations:
         self.quotas = quotas
         self.controllers = controllers
         self.executor = Executor(registry, room, fanout, backend, pool, movers, checkpoints, authorizer,
-                                 reporter.events, reporter.metrics, self.put_to_sleep, eviction_answer_seconds)
+                                 reporter.events, reporter.metrics, self.put_to_sleep, eviction_answer_seconds,
+                                 backup_checks)
         self.checkpoint = checkpoints.save
         settings = weight_sets or {}
         shared_with: dict[int, set[int]] = {}

@@ -176,6 +176,23 @@ class HostPool:
             start += piece.length
         return None
 
+    def check_piece(self, piece: Piece, length: int, expected: tuple[int, ...]) -> tuple[int, str] | None:
+        """Checks the first `length` bytes of `piece` in its slab file against `expected` (its checksums,
+        one per CHECKSUM_BLOCK) in C++, the GIL released. Returns where in the piece the first block that
+        differs starts and what differs there, or None when all match."""
+        with self._lock:
+            fd = self._slabs[piece.slab].fd
+        try:
+            found = _C.checksum_file(fd, piece.offset, length)
+        except _C.BackendError as error:  # cut short: read with pread, so it raises, never faults
+            return 0, f"could not be read whole ({error})"
+        for block, (want, got) in enumerate(zip(expected, found)):
+            if want != got:
+                start = block * _C.CHECKSUM_BLOCK
+                return start, (f"does not match the checksums taken when it was written: block {block} of the "
+                               f"piece has CRC32C {got:08x}, not {want:08x}")
+        return None
+
     def pin(self, index: int) -> None:
         """Says that a mover has pinned slab `index`: its freed pieces are never punched out from now on."""
         with self._lock:

@@ -204,3 +204,70 @@ def test_a_state_file_from_before_checksums_still_loads_and_its_backups_wake_unc
         assert value(scrape(again), "sleepd_verified_bytes_total") == 0
     finally:
         again.stop()
+
+
+# ---- host_pool.check_backups = "after_resume": the wake copies unchecked, the daemon checks once the model runs ----
+
+AFTER_RESUME = ("--host-pool-check-backups", "after_resume")
+
+
+def test_checked_after_resume_a_flipped_byte_lets_the_wake_succeed_then_is_counted_and_logged(start_daemon,
+                                                                                                start_engine):
+    daemon = start_daemon(*AFTER_RESUME)
+    engine = start_engine(daemon, "qwen", regions=REGIONS)
+    weights = by_tag(engine.initial)["weights"]
+    daemon.ctl("sleep", "--model", "qwen", "--level", "1")
+    recorded = recorded_backup(daemon, weights["id"])
+    slab, at, block = in_pool(recorded, FLIPPED)
+    flip(daemon, slab, at)
+
+    daemon.ctl("wake", "--model", "qwen")  # not slowed, not refused: the model runs on the flipped byte
+    now = by_tag(engine.report())
+    assert now["weights"]["state"] == "mapped"
+    assert now["weights"]["sha256"] != by_tag(engine.initial)["weights"]["sha256"]
+
+    wait_for(lambda: value(scrape(daemon), "sleepd_damaged_backups_total") == 1, timeout=10,
+             what="the after-resume check to count the damage")
+    lines = [line for line in daemon.log().splitlines() if "after-resume check" in line]
+    assert len(lines) == 1, lines
+    block_in_slab = at - (FLIPPED - block)
+    for what in ("ERROR", "qwen", f"region {weights['id']} (weights) of qwen rank 0",
+                 f"bytes [{block}, {min(block + BLOCK, 40 * MiB)}) of the region",
+                 f"{slab_path(daemon, slab)} at offset {block_in_slab}", "has run on these bytes since its wake"):
+        assert what in lines[0], lines[0]
+    samples = scrape(daemon)
+    assert value(samples, "sleepd_verified_bytes_total") == 0
+    assert value(samples, "sleepd_verify_seconds_total") > 0
+    wait_for(lambda: int(daemon.status()["pool"]["used"]) == 0, timeout=10, what="the checked backup to be freed")
+    wait_for(lambda: not recorded_backup(daemon, weights["id"]).get("backup"), timeout=10,
+             what="the state file to forget the freed backup")
+
+
+def test_checked_after_resume_an_intact_backup_counts_its_bytes_verified_and_no_damage(start_daemon, start_engine):
+    daemon = start_daemon(*AFTER_RESUME)
+    engine = start_engine(daemon, "qwen", regions=REGIONS)
+    daemon.ctl("sleep", "--model", "qwen", "--level", "1")
+    daemon.ctl("wake", "--model", "qwen")
+    assert_back_bit_identical(engine)
+
+    wait_for(lambda: value(scrape(daemon), "sleepd_verified_bytes_total") == 40 * MiB, timeout=10,
+             what="the after-resume check to count the verified bytes")
+    samples = scrape(daemon)
+    assert value(samples, "sleepd_verify_seconds_total") > 0
+    assert value(samples, "sleepd_damaged_backups_total") == 0
+    wait_for(lambda: int(daemon.status()["pool"]["used"]) == 0, timeout=10, what="the checked backup to be freed")
+    assert "after-resume check" not in daemon.log()
+
+
+@pytest.mark.parametrize("backend", ["host"])  # the setting is the daemon's; the copy is tested on each backend above
+def test_checked_after_resume_a_truncated_slab_still_fails_the_wake(start_daemon, start_engine):
+    daemon = start_daemon(*AFTER_RESUME)
+    engine = start_engine(daemon, "qwen", regions=REGIONS)
+    weights = by_tag(engine.initial)["weights"]
+    daemon.ctl("sleep", "--model", "qwen", "--level", "1")
+    recorded = recorded_backup(daemon, weights["id"])
+    slab, at, _ = in_pool(recorded, 0)
+    os.truncate(slab_path(daemon, slab), at + MiB)
+    error = refused_wake(daemon, "qwen")
+    assert error.endswith("[DATA_LOSS]") and "cut short" in error, error
+    assert_asleep_with_its_backup(daemon, engine, weights["id"], recorded)

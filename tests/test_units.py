@@ -1,14 +1,19 @@
 """The daemon's pure parts: sizes, rules, the region state machine, the pool allocator, backups'
-checksums on the mover's socket, and the checks on the directories and files the daemon keeps for itself."""
+checksums on the mover's socket and checked after resume, and the checks on the directories and files the
+daemon keeps for itself."""
 
 import os
+import threading
 import time
 
 import pytest
 
+from sleepd import _C
 from sleepd.common import wire
 from sleepd.common.sizes import format_size, parse_size
+from sleepd.daemon.backup_checks import BackupChecks
 from sleepd.daemon.errors import Code as ErrorCode, SleepdError
+from sleepd.daemon.events import EventBus
 from sleepd.daemon.mover_messages import (RESTORE, Copy, Done, Failed, Mismatch, RegionCopy, decode_reply,
                                           decode_request)
 from sleepd.daemon.pool import Backup, HostPool, Piece, checksums_text, parse_checksums
@@ -150,6 +155,86 @@ def test_a_backup_says_where_each_byte_of_its_region_lies_and_which_slab_lost_it
     os.ftruncate(pool.slabs()[1].fd, MiB)
     assert pool.cut_short(backup) == (3 * MiB, f"{pool.slab_path(1)} holds {MiB} bytes, not the {2 * MiB} at its "
                                                "offset 0")
+
+
+class _Count:
+    def __init__(self):
+        self.value = 0.0
+
+    def inc(self, amount=1):
+        self.value += amount
+
+
+class _Metrics:
+    def __init__(self):
+        self.verified_bytes, self.verify_seconds, self.damaged_backups = _Count(), _Count(), _Count()
+
+
+class _Owner:
+    name, owner_uid = "qwen", os.getuid()
+
+
+def _written_backup(pool, size: int) -> Backup:
+    """A backup of `size` bytes of its own pattern in the pool, with the checksums an offload takes."""
+    backup = pool.allocate(size)
+    checksums = []
+    for piece in backup.pieces:
+        data = os.urandom(piece.length)
+        os.pwrite(pool.slabs()[piece.slab].fd, data, piece.offset)
+        checksums.append(_C.crc32c(data))  # one block each: pieces here are under CHECKSUM_BLOCK
+    backup.checksums = tuple(checksums)
+    return backup
+
+
+def test_a_backup_checked_after_resume_is_freed_and_a_damaged_one_reported_with_its_slab_and_offset(pool):
+    events, metrics = EventBus(), _Metrics()
+    seen = events.subscribe()
+    checker = BackupChecks(pool, metrics, events, "after_resume")
+    pool.allocate(MiB)
+    damaged = _written_backup(pool, 5 * MiB)  # 3 MiB at the end of slab 0, 2 MiB at the start of slab 1
+    intact = _written_backup(pool, 2 * MiB)
+    os.pwrite(pool.slabs()[1].fd, bytes([os.pread(pool.slabs()[1].fd, 1, 7)[0] ^ 1]), 7)
+    checker.restored(_Owner(), "region 1 (weights) of qwen rank 0", 5 * MiB, damaged)
+    checker.restored(_Owner(), "region 2 (kv) of qwen rank 0", 2 * MiB, intact)
+    event = seen.get(timeout=10)
+    assert event.kind == "backup_damaged" and event.model == "qwen" and event.bytes == 5 * MiB
+    for what in ("region 1 (weights)", f"bytes [{3 * MiB}, {5 * MiB}) of the region",
+                 f"{pool.slab_path(1)} at offset 0", "has run on these bytes"):
+        assert what in event.detail, event.detail
+    deadline = time.monotonic() + 10
+    while pool.used != MiB and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pool.used == MiB  # both freed, the damaged one too
+    assert metrics.damaged_backups.value == 1 and metrics.verified_bytes.value == 2 * MiB
+    checker.stop()
+
+
+def test_backups_awaiting_their_check_hold_pool_space_and_a_stop_frees_them_unchecked(pool, monkeypatch):
+    checker = BackupChecks(pool, _Metrics(), EventBus(), "after_resume")
+    going_on, checking = threading.Event(), threading.Event()
+    real = pool.check_piece
+
+    def slow(*args):
+        checking.set()
+        going_on.wait()
+        return real(*args)
+
+    monkeypatch.setattr(pool, "check_piece", slow)
+    first = _written_backup(pool, 5 * MiB)  # two pieces: the stop comes between them
+    second = _written_backup(pool, 2 * MiB)
+    checker.restored(_Owner(), "region 1", 5 * MiB, first)
+    checker.restored(_Owner(), "region 2", 2 * MiB, second)
+    assert checking.wait(10)
+    assert pool.used == 7 * MiB and checker.waiting_bytes == 7 * MiB
+    stopping = threading.Thread(target=checker.stop)
+    stopping.start()
+    going_on.set()
+    stopping.join(10)
+    assert not stopping.is_alive()
+    assert pool.used == 0 and checker.waiting_bytes == 0
+    third = _written_backup(pool, MiB)  # a wake that ends as the daemon stops: freed, not left half-owned
+    checker.restored(_Owner(), "region 3", MiB, third)
+    assert pool.used == 0
 
 
 def test_checksums_cross_the_movers_socket_and_the_state_file_as_they_were_taken():
