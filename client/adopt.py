@@ -4,6 +4,8 @@
 Tensors are packed into a few large regions (not one per tensor), each tensor
 at an aligned offset, and the module is repointed at views of those regions.
 Tied weights stay tied: a tensor shared by several modules is moved once.
+A tensor that already lies in one of the client's regions (adopted before, or a
+weight set's memory) stays where it is.
 """
 
 # Offsets are aligned for vectorised kernels; packs stay large so a model has few handles.
@@ -43,7 +45,9 @@ def _packs(tensors):
 def adopt(client, module, tag: str):
     import torch
 
-    slots = list(_slots(module))
+    spans = [(region.address, region.address + region.mapped_size) for region in client.regions()]
+    slots = [(table, name, tensor) for table, name, tensor in _slots(module)
+             if not any(start <= tensor.data_ptr() < end for start, end in spans)]
     unique = list({id(tensor): tensor for _, _, tensor in slots}.values())
     moved, regions = {}, []
     try:

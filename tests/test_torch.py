@@ -57,6 +57,19 @@ def test_an_adopted_transformer_gives_the_same_outputs_after_a_level_1_sleep(dae
             assert torch.equal(model(tokens), expected)
 
 
+def test_adopting_again_moves_only_what_is_new(daemon):
+    torch.manual_seed(0)
+    model = TinyTransformer().eval()
+    with SleepClient.connect("tiny", socket=daemon.socket) as client:
+        client.adopt(model, tag="weights")
+        where = {name: tensor.data_ptr() for name, tensor in model.state_dict().items()}
+        assert client.adopt(model, tag="weights") == [], "tensors already in sleepd were moved again"
+        model.extra = torch.nn.Linear(4, 4)  # added after the first adopt (as LoRA's layers are)
+        (added,) = client.adopt(model, tag="weights")
+        assert added.address <= model.extra.weight.data_ptr() < added.address + added.size
+        assert all(model.state_dict()[name].data_ptr() == address for name, address in where.items())
+
+
 def test_region_tensors_are_views_without_a_copy(daemon):
     with SleepClient.connect("views", socket=daemon.socket) as client:
         region = client.alloc(1 << 20, tag="kv_cache")

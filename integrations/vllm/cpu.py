@@ -10,7 +10,7 @@ neither free those nor let a weight update reach them.
 
 import contextlib
 
-from . import kv_cache, session
+from . import kv_cache, session, weight_sets
 from .patching import replace, run_after, run_within
 
 # The host backend has no devices of its own: every CPU rank uses the daemon's first.
@@ -21,7 +21,16 @@ def _attach(worker) -> None:
     session.attach(worker, device=HOST_DEVICE)
 
 
+@contextlib.contextmanager
+def _loading(worker):
+    """The model loads with this rank's weight set in reach: joined, or loaded, adopted and committed."""
+    client = session.allocator().client
+    with weight_sets.serving(worker, client, own=lambda model: client.adopt(model, tag="weights")):
+        yield
+
+
 def _adopt_weights(worker) -> None:
+    # What the loader did not put in sleepd already (all of it where weight sets are off; LoRA's tensors).
     session.allocator().client.adopt(worker.model_runner.get_model(), tag="weights")
 
 
@@ -75,6 +84,8 @@ def install() -> None:
 
     CpuPlatform.is_sleep_mode_available = lambda self: True
     run_after(CPUWorker, "init_device", _attach)
+    weight_sets.install()
+    run_within(CPUWorker, "load_model", _loading)
     run_after(CPUWorker, "load_model", _adopt_weights)
     run_within(CPUWorker, "initialize_from_config", _kv_cache_in_sleepd)
     replace(CPUWorker, "sleep", _sleep)

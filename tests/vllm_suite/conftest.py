@@ -33,3 +33,5 @@ def compile_cache(tmp_path_factory):
     """One torch.compile cache for every vLLM this run starts: vLLM compiles by default, and a
     second start of the same model loads what the first compiled."""
     os.environ["VLLM_CACHE_ROOT"] = str(tmp_path_factory.mktemp("vllm-cache"))
+    # The plugin's checkpoint hashes and last keys (weight sets), away from the user's own cache.
+    os.environ["SLEEPD_CACHE_DIR"] = str(tmp_path_factory.mktemp("sleepd-cache"))

@@ -10,6 +10,7 @@ One server serves the whole module (vLLM takes a minute or two to start here); t
 test that restarts the daemon puts the new one in `node`, and the test that kills
 vLLM's worker comes last."""
 
+import json
 import os
 import signal
 import subprocess
@@ -40,10 +41,21 @@ def node(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def server(node, tiny_models, tmp_path_factory):
-    server = VllmServer(node["daemon"], MODEL, tiny_models["a"], str(tmp_path_factory.mktemp("vllm") / "vllm.log"))
+    # Weight sets off (SLEEPD_WEIGHT_CACHE=0): these tests count the model's own memory, and one restarts the
+    # daemon, which does not keep weight sets yet (test_vllm_weight_sets.py tests them).
+    server = VllmServer(node["daemon"], MODEL, tiny_models["a"], str(tmp_path_factory.mktemp("vllm") / "vllm.log"),
+                        environment={"SLEEPD_WEIGHT_CACHE": "0"})
     server.before = server.answers()
     yield server
     server.stop()
+
+
+def test_with_SLEEPD_WEIGHT_CACHE_0_the_server_loads_as_before_and_commits_no_weight_set(node, server):
+    assert json.loads(node["daemon"].ctl("--json", "sets").stdout).get("weightSets", []) == []
+    regions = [r for rank in model_status(node["daemon"], MODEL)["ranks"] for r in rank["regions"]]
+    assert regions and not any(r["weightSet"] for r in regions)
+    with open(server.log_path) as log:
+        assert "weight set" not in log.read()
 
 
 def worker_pid(daemon, model: str = MODEL) -> int:
