@@ -10,7 +10,7 @@ import signal
 
 import pytest
 
-from kernel import memfd_bytes, shmem_bytes
+from kernel import memfd_bytes
 from support import MiB, by_tag, scrape, value, wait_for
 
 WEIGHTS = 3 * MiB + 123
@@ -50,7 +50,6 @@ def test_an_engine_joins_committed_weights_read_only_and_they_are_held_once(daem
     after_commit = by_tag(writer.report())["weights"]
     assert after_commit["sha256"] == weights and after_commit["weight_set"] == set_id
     assert after_commit["address"] == by_tag(writer.initial)["weights"]["address"], "a commit keeps the address"
-    shmem_before = shmem_bytes()
 
     reader = start_engine(daemon, "qwen-b", regions=[("kv_cache", MiB)], seed=2)
     joined = reader.request("join", key=KEY)
@@ -63,7 +62,6 @@ def test_an_engine_joins_committed_weights_read_only_and_they_are_held_once(daem
     if daemon.backend == "host":
         holders = [daemon.pid, writer.pid, reader.pid, *daemon.mover_pids()]
         assert memfd_bytes(holders, "/memfd:sleepd:") == own_bytes(daemon) + int(weight_sets(daemon)[0]["bytes"])
-        assert shmem_bytes() - shmem_before < 2 * MiB  # the reader's 1 MiB kv cache, not 3 MiB more of weights
 
     (listed,) = weight_sets(daemon)
     assert listed["id"] == set_id and listed["where"] == "device"
