@@ -90,6 +90,13 @@ Handle HostBackend::create(int device, size_t size, const std::string& label) {
     if (rc == ENOSPC || rc == ENOMEM) throw OutOfMemory(errno_text("fallocate"));
     throw BackendError(errno_text("fallocate"));
   }
+  // Only the daemon's uid may open it again through /proc: an engine of another uid that was handed a
+  // read-only descriptor (a weight set's) cannot reopen it for writing.
+  if (fchmod(fd, 0600) != 0) {
+    close(fd);
+    unclaim();
+    throw BackendError(errno_text("create: fchmod"));
+  }
   // Never to grow again, and no one else may seal it: release() can always shrink it to nothing.
   if (fcntl(fd, F_ADD_SEALS, kRevocable) != 0) {
     close(fd);

@@ -323,7 +323,7 @@ class Executor:
 
     def eviction_order(self, requester: Model, devices, caller: Peer) -> list[Model]:
         views = self._registry.snapshot()
-        mine = next((view for view in views if view.name == requester.name), requester.view())
+        mine = next((view for view in views if view.name == requester.name), None) or requester.view()
         names = planner.eviction_order(mine, views, devices, lambda owner: self._authorizer.sees(caller, owner))
         return [model for model in (self._registry.find(name) for name in names) if model is not None]
 

@@ -319,7 +319,7 @@ def hand_back_finished(model: ModelView, rank: int) -> Plan:
     its sleep hooks ran before the restart, and a wake resumes it."""
     regions = _rank(model, rank).regions
     kept = tuple(r.id for r in regions if r.holds_memory and r.backed_up)
-    unclaimed = tuple(r.id for r in regions if not r.holds_memory and r.state is RegionState.MAPPED)
+    unclaimed = tuple(r.id for r in regions if not r.holds_memory and r.state is RegionState.MAPPED and not r.shared)
     asleep = any(not r.holds_memory for r in regions)
     steps = (Step(KeepAwake(model.name, kept)), Step(Unclaim(model.name, unclaimed)))
     return Plan(f"hand back {model.name} rank {rank}",

@@ -56,9 +56,11 @@ class WeightSetOperations:
             raise invalid("commit names no regions, or one region twice")
         self._check_backend()
         with model.lock:
+            self._check_attached(session, "commit weights")
             regions = [self._registry.owned_region(session, region_id) for region_id in region_ids]
             for region in regions:
-                if region.shared or region.persist or region.state is not RegionState.MAPPED or region.backup:
+                if (region.shared or region.persist or region.state is not RegionState.MAPPED or region.backup
+                        or not region.holds_memory):
                     raise precondition(f"region {region.id} ({region.tag}) cannot go into a weight set: only "
                                        "awake regions of the engine's own, not persistent, can")
             existing = self._registry.find_weight_set(key, session.device, lambda owner: owner == session.uid)
@@ -80,6 +82,7 @@ class WeightSetOperations:
         if weight_set is None:
             return None
         with model.lock, weight_set.lock:
+            self._check_attached(session, "join weights")
             if not self._registry.knows(weight_set):  # dropped or evicted away while this waited
                 return None
             self._bring_back(weight_set, session.peer)
@@ -94,7 +97,8 @@ class WeightSetOperations:
         the same ids; the set keeps its memory for the engines still joined, or as a kept set."""
         weight_set = self._registry.weight_set(set_id, lambda owner: self.may_join(session.peer, owner))
         with model.lock, weight_set.lock:
-            views = [v for v in weight_set.views.values() if v.session is session]
+            self._check_attached(session, "leave weights")
+            views = [v for v in list(weight_set.views.values()) if v.session is session]
             if not views:
                 raise not_found(f"this engine has not joined {weight_set.name}")
             if any(view.state is not RegionState.MAPPED for view in views):
@@ -105,7 +109,7 @@ class WeightSetOperations:
                 self._registry.left(weight_set, view)
         self._checkpoint()
         log.info("%s left %s: its weights are its own", session.describe(), weight_set.name)
-        self.keep_within_budget(weight_set.device)
+        self.keep_within_budget(weight_set.device)  # best effort: the leave has happened
         return views
 
     # ---- an operator's requests ----
@@ -140,11 +144,20 @@ class WeightSetOperations:
 
     def settle(self, set_ids) -> None:
         """After engines slept: each set none of its engines maps any longer goes to the host pool. One that
-        does not fit stays on the device (nothing is lost; eviction drops it if it must)."""
+        does not fit stays on the device (nothing is lost). Best effort, and it never waits: the set's lock
+        may be held by this very thread (a wake that evicted the sleeper) or by a join."""
         for weight_set in [s for s in self._registry.weight_sets() if s.id in set_ids]:
-            with weight_set.lock:
-                if weight_set.views and not weight_set.awake_views and weight_set.on_device:
+            if not weight_set.lock.acquire(blocking=False):
+                log.info("%s stays where it is for now: another operation holds it", weight_set.name)
+                continue
+            try:
+                if (self._registry.knows(weight_set) and weight_set.views and not weight_set.awake_views
+                        and weight_set.on_device):
                     self._offload(weight_set, "no engine that joined it is awake")
+            except Exception:  # the sleep happened; the set merely stays on the device
+                log.exception("%s could not go to the host pool; it stays on the device", weight_set.name)
+            finally:
+                weight_set.lock.release()
 
     def keep_within_budget(self, device: int) -> None:
         """Kept sets over the device's kept budget leave the device, least recently used first."""
@@ -157,8 +170,11 @@ class WeightSetOperations:
                 return
             if weight_set.lock.acquire(timeout=KEPT_LOCK_SECONDS):
                 try:
-                    self._evict(weight_set, f"kept sets hold {format_size(held)}, over their budget of "
-                                            f"{format_size(budget)}")
+                    if self._still_kept(weight_set):  # a join may have taken it while this waited
+                        self._evict(weight_set, f"kept sets hold {format_size(held)}, over their budget of "
+                                                f"{format_size(budget)}")
+                except Exception:  # best effort: what called this has happened already
+                    log.exception("%s could not leave the device for the kept budget", weight_set.name)
                 finally:
                     weight_set.lock.release()
 
@@ -177,12 +193,16 @@ class WeightSetOperations:
             if not weight_set.lock.acquire(timeout=KEPT_LOCK_SECONDS):
                 continue
             try:
-                if weight_set.kept and weight_set.on_device:
+                if self._still_kept(weight_set):
                     self._evict(weight_set, "room for an allocation or a wake")
                     return weight_set.name
             finally:
                 weight_set.lock.release()
         return None
+
+    def _still_kept(self, weight_set: WeightSet) -> bool:
+        """Under its lock: still the registry's, joined by no engine, and on the device."""
+        return self._registry.knows(weight_set) and weight_set.kept and weight_set.on_device
 
     def save_kept_for_restart(self, seconds: float) -> None:
         """A clean stop: kept sets that are only on the device go to the host pool, where the next daemon finds
@@ -208,6 +228,14 @@ class WeightSetOperations:
                 weight_set.lock.release()
 
     # ---- how ----
+
+    @staticmethod
+    def _check_attached(session, what: str) -> None:
+        """Under the model's lock: the session is a live rank that has handed back what it maps after a
+        restart (until then its regions' memory is not the daemon's to share), and has not ended."""
+        if session.ended is not None or session.returning:
+            raise precondition(f"{what}: {session.describe()} is "
+                               f"{'gone' if session.ended else 'still handing its memory back after a restart'}")
 
     def _check_backend(self) -> None:
         backend = self._registry.backend

@@ -31,6 +31,7 @@ import time
 
 from .locks import WEIGHT_SET, OrderedLock
 from .regions import Region, RegionState, bug
+from .views import ModelView, Policy
 
 
 class WeightSet:
@@ -66,6 +67,10 @@ class WeightSet:
     def describe(self) -> str:
         return self.name
 
+    def view(self) -> ModelView:
+        """As eviction sees whoever asks for room: a holder of no model's regions, owned by its uid."""
+        return ModelView(self.name, self.owner_uid, False, [], Policy(), 0.0)
+
     # ---- what it is ----
 
     @property
@@ -74,11 +79,11 @@ class WeightSet:
 
     @property
     def awake_views(self) -> list[Region]:
-        return [view for view in self.views.values() if view.state is RegionState.MAPPED]
+        return [view for view in list(self.views.values()) if view.state is RegionState.MAPPED]
 
     @property
     def on_device(self) -> bool:
-        return all(region.holds_memory for region in self.regions.values())
+        return bool(self.regions) and all(region.holds_memory for region in self.regions.values())
 
     @property
     def size(self) -> int:
@@ -91,7 +96,7 @@ class WeightSet:
 
     def sessions(self) -> list:
         """The live engines that joined it, once each."""
-        return list({id(view.session): view.session for view in self.views.values()}.values())
+        return list({id(view.session): view.session for view in list(self.views.values())}.values())
 
     # ---- transitions ----
 
