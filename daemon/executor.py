@@ -366,7 +366,7 @@ class Executor:
         with self.devices_locked(_devices(regions)):
             self._room.check_created_fit(model_name, regions, what, caller)
             handles = self._backend.native.create_all([
-                (r.device, r.mapped_size, f"sleepd:{r.model}:r{r.session.rank}:{r.tag}:{r.id}") for r in regions])
+                (r.device, r.mapped_size, r.label) for r in regions])
             for region, handle in zip(regions, handles):
                 region.created(handle)
 
@@ -378,7 +378,7 @@ class Executor:
         with self.devices_locked(set(needed)):
             self._room.check_created_fit(model.name, views, what, caller)
             handles = self._backend.native.create_all([
-                (v.device, v.mapped_size, f"sleepd:{v.model}:r{v.session.rank}:{v.tag}:{v.id}") for v in views])
+                (v.device, v.mapped_size, v.label) for v in views])
         backups = []
         try:
             for view in views:

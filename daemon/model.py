@@ -75,9 +75,7 @@ class Model:
         now = time.monotonic() if now is None else now
         return ModelView(self.name, self.owner_uid, self.sleeping, [
             RankView(rank, session.device, session.pid, [
-                RegionView(r.id, r.tag, r.size, r.mapped_size, r.device, r.state, r.persist, r.backup is not None,
-                           r.holds_memory, r.weight_set)
-                for r in sorted(session.regions.values(), key=lambda r: r.id)],
+                RegionView.of(r) for r in sorted(session.regions.values(), key=lambda r: r.id)],
                 orphaned=session.ended is not None, returning=session.returning)
             for rank, session in sorted({**self.ranks, **self.orphans}.items())], Policy(**vars(self.policy)),
             now - self.last_active, self.needs_controller,

@@ -254,9 +254,8 @@ class Recovery:
         region = self._registry.owned_region(session, region_id)
         with self._registry.model(session.model).lock:
             self._require_waiting(session, region)
-            label = f"sleepd:{region.model}:r{session.rank}:{region.tag}:{region.id}"
             try:
-                handle = self._backend.native.create(region.device, region.mapped_size, label)
+                handle = self._backend.native.create(region.device, region.mapped_size, region.label)
             except MemoryError:  # the engine's copy still holds the old memory: it needs room for a second
                 raise exhausted(f"region {region_id} needs {region.mapped_size} more bytes on "
                                 f"{self._backend.devices[region.device].name} to be copied into memory of the "

@@ -212,6 +212,11 @@ class Region:
     def describe(self) -> str:
         return f"region {self.id} ({self.tag}) of {self.session.describe()}"
 
+    @property
+    def label(self) -> str:
+        """What new memory for it is called where the system shows it (memfd names): its model's."""
+        return f"sleepd:{self.model}:r{self.session.rank}:{self.tag}:{self.id}"
+
     # ---- transitions ----
 
     def _move(self, event: str, after: RegionState | None = None) -> None:

@@ -33,6 +33,12 @@ class RegionView:
     def shared(self) -> bool:
         return bool(self.weight_set)
 
+    @classmethod
+    def of(cls, r) -> "RegionView":
+        """A copy of regions.Region `r` as it is now."""
+        return cls(r.id, r.tag, r.size, r.mapped_size, r.device, r.state, r.persist, r.backup is not None,
+                   r.holds_memory, r.weight_set)
+
 
 @dataclass(frozen=True)
 class RankView:

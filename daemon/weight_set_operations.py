@@ -289,5 +289,4 @@ def _engines(weight_set: WeightSet) -> str:
 
 
 def _snapshot(weight_set: WeightSet) -> list[RegionView]:
-    return [RegionView(r.id, r.tag, r.size, r.mapped_size, r.device, r.state, False, r.backup is not None,
-                       r.holds_memory) for r in weight_set.regions.values()]
+    return [RegionView.of(r) for r in weight_set.regions.values()]
